@@ -1,0 +1,39 @@
+# memcr-py: build the parasite, install into .venv, demo, test, bench.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+all: parasite
+
+parasite:
+	$(MAKE) -C parasite
+
+system:
+	sh scripts/setup-system.sh
+
+$(STAMP): pyproject.toml setup.py
+	sh scripts/setup-system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# memcr and memcr-client into .venv/bin (an editable install of this tree)
+install: $(STAMP) parasite
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/ruff check memcr memcr_client tests bench scripts
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/bench.py
+
+clean:
+	$(MAKE) -C parasite clean
+	rm -rf build dist *.egg-info
+
+.PHONY: all parasite system install demo test bench clean

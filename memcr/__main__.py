@@ -1,0 +1,3 @@
+from memcr.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""The architecture interface: registers, syscall numbers and blobs.
+
+Everything that differs between CPUs lives in one module per architecture;
+the rest of memcr talks to it only through `Arch`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Protocol
+
+from memcr.errors import MemcrError
+
+
+class Arch(Protocol):
+    name: str
+    SYS_MMAP: int
+    SYS_MPROTECT: int
+    SYS_MUNMAP: int
+    SYS_CLONE: int
+    SYS_EXIT: int
+
+    def new_regs(self) -> Any: ...
+    def copy_regs(self, regs: Any) -> Any: ...
+    def pc(self, regs: Any) -> int: ...
+    def prepare_syscall(self, regs: Any, pc: int, nr: int, args: tuple[int, ...]) -> Any: ...
+    def syscall_result(self, regs: Any) -> int: ...
+
+
+@dataclass(frozen=True)
+class Blobs:
+    """The compiled parasite and syscall blob with their symbol offsets."""
+
+    parasite: bytes
+    syscall: bytes
+    offsets: dict[str, int]
+
+
+@cache
+def current() -> Arch:
+    machine = platform.machine()
+    try:
+        return importlib.import_module(f"memcr.arch.{machine}")  # type: ignore[return-value]
+    except ModuleNotFoundError:
+        raise MemcrError(f"memcr does not support the {machine} architecture yet") from None
+
+
+@cache
+def blobs() -> Blobs:
+    name = current().name
+    folder = resources.files("memcr") / "_blobs" / name
+    try:
+        return Blobs(
+            parasite=(folder / "parasite.bin").read_bytes(),
+            syscall=(folder / "syscall.bin").read_bytes(),
+            offsets=json.loads((folder / "offsets.json").read_text()),
+        )
+    except FileNotFoundError:
+        raise MemcrError(
+            f"the parasite for {name} is not built: run `make` in the source tree "
+            "(needs gcc and binutils) or reinstall memcr"
+        ) from None

@@ -1,0 +1,310 @@
+"""Checkpoint and restore of one target: scan -> plan -> stream -> file, and back.
+
+The order keeps the cardinal rule: a page is dropped only after its bytes
+are in the dump file; any failure before the target is released either
+writes the dropped pages back (rollback) or, when that is impossible, kills
+the target. A Session must be driven from a single thread (the ptrace rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import groupby
+from pathlib import Path
+
+from memcr import arch, procfs, scan
+from memcr.dumpfile import DumpFile, check_directory
+from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetKilled
+from memcr.infect import Infection
+from memcr.parasite import Nonces, ParasiteChannel, SocketSpec, pack_args
+from memcr.procfs import Vma, memory_kb
+from memcr.scan import Plan
+from memcr.tracer import FrozenProcess
+
+PAGE = mmap.PAGESIZE
+CHUNK = 1 << 20  # bytes moved per read/write while streaming
+PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    dump_dir: Path = Path("/tmp")
+    socket_dir: Path | None = None
+    socket_gid: int | None = None
+    netns: bool = False
+    proc_mem: bool = False
+    rss_file: bool = False
+
+
+@dataclass
+class Report:
+    """Figures for the log lines."""
+
+    threads: int = 0
+    vmas: int = 0
+    pages: int = 0
+    download_ms: float = 0.0
+    upload_ms: float = 0.0
+    rss_before: dict[str, int] = field(default_factory=dict)
+    rss_after: dict[str, int] = field(default_factory=dict)
+
+
+RSS_KEYS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def _rss(status: dict[str, str]) -> dict[str, int]:
+    return {key: memory_kb(status, key) for key in RSS_KEYS}
+
+
+@cache
+def _zero_pfn() -> int:
+    return scan.zero_pfn()
+
+
+def preflight(pid: int, options: Options) -> dict[str, str]:
+    """Every check that needs no change to the target; returns its status."""
+    status = procfs.check_target(pid)
+    check_directory(options.dump_dir)
+    if options.socket_dir is not None and not options.socket_dir.is_dir():
+        raise StorageError(f"parasite socket directory {options.socket_dir} is not an existing directory")
+    if options.proc_mem and os.geteuid() != 0:
+        raise RightsError("-m/--proc-mem reads /proc/<pid>/mem directly and needs root")
+    procfs.require_page_monitor()
+    arch.blobs()
+    return status
+
+
+class Session:
+    """One target from freeze to release."""
+
+    def __init__(self, pid: int, options: Options, log: Log, abort: threading.Event | None = None):
+        self.pid = pid
+        self.options = options
+        self.log = log
+        self.abort = abort or threading.Event()
+        self.report = Report()
+        self.frozen: FrozenProcess | None = None
+        self.infection: Infection | None = None
+        self.channel: ParasiteChannel | None = None
+        self.dump: DumpFile | None = None
+        self.spec = SocketSpec(pid, options.socket_dir, options.socket_gid)
+
+    # -- checkpoint ---------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Freeze the target, dump and drop its private pages; it stays frozen."""
+        status = preflight(self.pid, self.options)
+        self.report.rss_before = _rss(status)
+        self.frozen = FrozenProcess.freeze(self.pid, arch.current())
+        self.report.threads = len(self.frozen.tids)
+        self.log(f"seized {self.report.threads} threads of pid {self.pid}")
+        try:
+            self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE)
+            self._start_parasite()
+            plan = self._plan()
+            started = time.monotonic()
+            self._stream(plan)
+            self.report.download_ms = (time.monotonic() - started) * 1000
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self.report.rss_after = _rss(procfs.read_status(self.pid))
+
+    def _start_parasite(self) -> None:
+        assert self.frozen is not None
+        self.infection = Infection(self.frozen, arch.blobs())
+        nonces = Nonces.fresh()
+        self.spec.remove_stale()
+        tid = self.infection.inject(pack_args(self.spec, nonces))
+        self.channel = ParasiteChannel.connect(self.infection, self.spec, nonces, self.options.netns)
+        self.log(f"parasite ready (tid {tid})")
+
+    def _plan(self) -> Plan:
+        assert self.infection is not None and self.channel is not None
+        fd = procfs.open_pagemap(self.pid)
+        if fd is None:
+            channel = self.channel
+
+            def read_pagemap(addr: int, npages: int) -> bytes:
+                return channel.pagemap(addr, npages, PAGE)
+        else:
+
+            def read_pagemap(addr: int, npages: int) -> bytes:
+                return os.pread(fd, npages * 8, addr // PAGE * 8)
+
+        try:
+            plan = scan.build_plan(
+                procfs.read_maps(self.pid),
+                read_pagemap,
+                self.infection.mapping,
+                self.options.rss_file,
+                _zero_pfn(),
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self.report.vmas = len(plan.vmas)
+        self.report.pages = plan.dump_bytes // PAGE
+        self.log(
+            f"{len(plan.vmas)} candidate VMAs, {self.report.pages} pages "
+            f"({plan.dump_bytes / 2**20:.1f} MiB) to dump"
+        )
+        if plan.locked_vmas:
+            self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")
+        return plan
+
+    def _stream(self, plan: Plan) -> None:
+        assert self.channel is not None and self.dump is not None
+        buf = memoryview(bytearray(CHUNK))
+        for vma, extents in groupby(plan.dump, key=lambda e: e.vma):
+            with self._accessible(vma, PROT_READ):
+                for extent in extents:
+                    if self.abort.is_set():
+                        raise Aborted(f"checkpoint of pid {self.pid} aborted")
+                    record = self.dump.begin_pages(extent.start, extent.length)
+                    if self.options.proc_mem:
+                        self._copy_from_mem(extent.start, extent.length, buf)
+                    else:
+                        self._copy_from_parasite(extent.start, extent.length, buf)
+                    # only now that the bytes are in the file may the page go
+                    record.dropped = self.channel.drop(extent.start, extent.length)
+        for extent in plan.drop_only:
+            self.channel.drop(extent.start, extent.length)
+        self.dump.finish()
+
+    def _copy_from_parasite(self, addr: int, length: int, buf: memoryview) -> None:
+        assert self.channel is not None and self.dump is not None
+        self.channel.request_pages(addr, length)
+        failure: StorageError | None = None
+        for offset in range(0, length, CHUNK):
+            piece = buf[: min(CHUNK, length - offset)]
+            self.channel.recv_into(piece)
+            if failure is None:
+                try:
+                    self.dump.write_payload(piece)
+                except StorageError as e:
+                    # keep draining: the channel must stay usable for the rollback
+                    failure = e
+        if failure is not None:
+            raise failure
+
+    def _copy_from_mem(self, addr: int, length: int, buf: memoryview) -> None:
+        assert self.frozen is not None and self.dump is not None
+        for offset in range(0, length, CHUNK):
+            piece = buf[: min(CHUNK, length - offset)]
+            if os.preadv(self.frozen.mem_fd, [piece], addr + offset) != len(piece):
+                raise MemcrError(f"short read of /proc/{self.pid}/mem at {addr + offset:#x}")
+            self.dump.write_payload(piece)
+
+    @contextlib.contextmanager
+    def _accessible(self, vma: Vma, need: int) -> Iterator[None]:
+        """Give a mapping the access the parasite needs, and put its protection back."""
+        assert self.infection is not None
+        if vma.prot & need == need:
+            yield
+            return
+        self.infection.mprotect(vma.start, vma.size, vma.prot | need)
+        try:
+            yield
+        finally:
+            self.infection.mprotect(vma.start, vma.size, vma.prot)
+
+    # -- restore ------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Put every dropped page back and let the target run on."""
+        started = time.monotonic()
+        try:
+            self._put_back()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self.report.upload_ms = (time.monotonic() - started) * 1000
+        self._release()
+
+    def _put_back(self) -> None:
+        """Write every dropped page back from the dump, checked before use."""
+        assert self.channel is not None and self.dump is not None
+        records = [r for r in self.dump.verified_records() if r.dropped]
+        vmas = {e.start: e for e in procfs.read_maps(self.pid)}
+        by_vma = groupby(records, key=lambda r: _containing(vmas, r.addr))
+        for vma, group in by_vma:
+            with self._accessible(vma, PROT_WRITE):
+                for record in group:
+                    self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
+
+    # -- teardown -----------------------------------------------------------
+
+    def _release(self) -> None:
+        """End the parasite, remove every trace of memcr and let the target run."""
+        assert self.frozen is not None
+        try:
+            if self.channel is not None:
+                self.channel.end()
+        finally:
+            self._close_channel()
+        if self.infection is not None:
+            self.infection.cure()
+        self.frozen.release()
+        self._remove_files()
+
+    def _fail(self, error: BaseException) -> None:
+        """Undo a failed operation: roll back, else kill the target."""
+        if self.frozen is None or not procfs.proc_path(self.pid).exists():
+            # nothing frozen yet, or the target died: nothing left to protect
+            self._close_channel()
+            self._remove_files()
+            return
+        dropped = self.dump is not None and any(r.dropped for r in self.dump.records)
+        try:
+            if dropped:
+                self._put_back()
+            self._release()
+        except BaseException as cleanup:
+            self._kill()
+            if dropped:
+                raise TargetKilled(
+                    f"pid {self.pid} was killed: its memory could not be put back ({cleanup}) "
+                    f"after: {error}"
+                ) from error
+            raise TargetKilled(f"pid {self.pid} was killed: memcr could not release it ({cleanup})") from error
+
+    def _kill(self) -> None:
+        self._close_channel()
+        if self.frozen is not None:
+            self.frozen.kill()
+        self._remove_files()
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def _remove_files(self) -> None:
+        if self.dump is not None:
+            self.dump.remove()
+        path = self.spec.path
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_socket():
+                    path.unlink()
+
+    @property
+    def dump_path(self) -> Path | None:
+        return self.dump.path if self.dump else None
+
+
+def _containing(vmas: dict[int, Vma], addr: int) -> Vma:
+    for vma in vmas.values():
+        if vma.start <= addr < vma.end:
+            return vma
+    raise MemcrError(f"no mapping holds {addr:#x} any more")

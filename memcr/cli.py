@@ -1,0 +1,126 @@
+"""The `memcr` command line. Failures become messages and exit codes here only."""
+
+from __future__ import annotations
+
+import os
+import platform
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from memcr import __version__
+from memcr.checkpoint import Options, Session
+from memcr.errors import MemcrError, UsageError
+
+NOT_YET = "is not available yet in this version of memcr"
+
+
+def log(message: str) -> None:
+    click.echo(f"memcr: {message}")
+
+
+def _not_yet(**given: object) -> None:
+    for name, value in given.items():
+        if value not in (None, False):
+            raise UsageError(f"option {name} {NOT_YET}")
+
+
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"memcr {__version__} ({platform.machine()}, Linux {platform.release()})")
+        ctx.exit(0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "--pid", type=int, help="Process to checkpoint (interactive mode).")
+@click.option("-d", "--dir", "dump_dir", type=click.Path(path_type=Path), default=Path("/tmp"),
+              show_default=True, help="Directory for the dump pages-<pid>.img.")
+@click.option("-S", "--parasite-socket-dir", type=click.Path(path_type=Path),
+              help="Parasite socket is DIR/memcr<pid> instead of an abstract socket.")
+@click.option("-G", "--parasite-socket-gid", type=int, help="With -S: socket group GID, mode 0660.")
+@click.option("-N", "--parasite-socket-netns", is_flag=True,
+              help="Connect to the parasite from the target's network namespace.")
+@click.option("-l", "--listen", help="Service mode on a TCP PORT or UNIX socket PATH.")
+@click.option("-g", "--listen-gid", type=int, help="Group of the UNIX listen socket (mode 0660).")
+@click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
+@click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
+@click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
+@click.option("-z", "--compress", is_flag=False, flag_value="lz4", help="Compress the dump: lz4 or zstd.")
+@click.option("-c", "--checksum", is_flag=True, help="MD5 over the dump, checked on restore.")
+@click.option("-e", "--encrypt", is_flag=False, flag_value="default", help="Encrypt the dump.")
+@click.option("-t", "--timeout", type=int, help="Service mode: time limit per operation, seconds.")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Print version, architecture and kernel.")
+def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
+            parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
+            listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
+            compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None) -> None:  # fmt: skip
+    """Checkpoint the memory of a running process to a file and restore it."""
+    _not_yet(**{"-l/--listen": listen, "-g/--listen-gid": listen_gid, "-z/--compress": compress,
+                "-c/--checksum": checksum, "-e/--encrypt": encrypt, "-t/--timeout": timeout})  # fmt: skip
+    if pid is None:
+        raise UsageError("give the process to checkpoint with -p PID (see memcr -h)")
+    if pid <= 0:
+        raise UsageError(f"-p/--pid must be a positive process id, not {pid}")
+    if parasite_socket_gid is not None and parasite_socket_dir is None:
+        raise UsageError("-G/--parasite-socket-gid needs -S/--parasite-socket-dir")
+    options = Options(
+        dump_dir=dump_dir,
+        socket_dir=parasite_socket_dir,
+        socket_gid=parasite_socket_gid,
+        netns=parasite_socket_netns,
+        proc_mem=proc_mem,
+        rss_file=rss_file,
+    )
+    interactive(pid, options, wait=not no_wait)
+
+
+def interactive(pid: int, options: Options, wait: bool) -> None:
+    abort = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: abort.set())
+    session = Session(pid, options, log, abort)
+    session.checkpoint()
+    r = session.report
+    log(f"download took {r.download_ms:.0f} ms ({_rate(r.pages, r.download_ms)} MiB/s)")
+    before, after = r.rss_before, r.rss_after
+    log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
+    log(f"dump {session.dump_path} ({session.dump.size if session.dump else 0} bytes)")
+    if wait:
+        log(f"pid {pid} checkpointed, press enter to restore")
+        _wait_for_enter(abort)
+    session.restore()
+    log(f"upload took {r.upload_ms:.0f} ms ({_rate(r.pages, r.upload_ms)} MiB/s)")
+    log(f"pid {pid} restored")
+
+
+def _rate(pages: int, ms: float) -> str:
+    return f"{pages * os.sysconf('SC_PAGE_SIZE') / 2**20 / max(ms / 1000, 1e-6):.0f}"
+
+
+def _wait_for_enter(abort: threading.Event) -> None:
+    """Return on a line (or end) of stdin, or on SIGINT/SIGTERM."""
+    while not abort.is_set():
+        ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+        if ready:
+            sys.stdin.readline()
+            return
+
+
+def main() -> None:
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"memcr: error: {e.format_message()}", err=True)
+        sys.exit(UsageError.exit_code)
+    except click.Abort:
+        sys.exit(1)
+    except MemcrError as e:
+        click.echo(f"memcr: error: {e}", err=True)
+        sys.exit(e.exit_code)

@@ -1,0 +1,181 @@
+"""The dump file: a header, one record per run of pages, an end record.
+
+Layout (little-endian, see docs/dump-format.md):
+
+    header  magic "MEMCRPY\\0", u16 version, u16 header size, u32 page size,
+            u32 pid, u32 flags, u64 reserved                      (32 bytes)
+    record  u32 kind, u32 flags, u64 addr, u64 length, u64 stored (32 bytes)
+            followed by `stored` payload bytes
+    end     a record of kind END: addr 0, length = page bytes, stored 0
+
+A dump never outlives the memcr process that wrote it: memcr keeps the
+index of what it wrote and checks every record against it before a byte
+reaches the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memcr.errors import DumpError, StorageError
+
+MAGIC = b"MEMCRPY\0"
+VERSION = 1
+HEADER = struct.Struct("<8sHHIIIQ")
+RECORD = struct.Struct("<IIQQQ")
+KIND_PAGES = 1
+KIND_END = 2
+
+
+@dataclass
+class Record:
+    """One run of pages: where it lives in the target and in the file."""
+
+    addr: int
+    length: int
+    offset: int  # of the payload in the file
+    dropped: bool = False
+
+
+def dump_path(directory: Path, pid: int) -> Path:
+    return directory / f"pages-{pid}.img"
+
+
+def storage_error(path: Path, e: OSError) -> StorageError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left for the dump {path}: free space or use -d on a larger filesystem")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"cannot write the dump {path}: {e.strerror}; choose a writable directory with -d")
+    return StorageError(f"dump file {path}: {e.strerror}")
+
+
+def check_directory(directory: Path) -> None:
+    """The dump directory must exist, be a directory and be writable."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise StorageError(f"dump directory {directory} does not exist: create it or choose another with -d") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"dump directory {directory} is not a directory: choose a directory with -d")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        reason = "is on a read-only filesystem" if _read_only(directory) else "is not writable"
+        raise StorageError(f"dump directory {directory} {reason}: choose a writable directory with -d")
+
+
+def _read_only(directory: Path) -> bool:
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+
+
+def _create(path: Path) -> int:
+    """Create the dump 0600, never through a symlink, never over a stranger's file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise storage_error(path, e) from None
+    st = os.lstat(path)
+    ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+    if not ours or not _looks_like_dump(path):
+        raise StorageError(
+            f"{path} already exists and is not a dump memcr left behind: move it away and retry"
+        )
+    # a dump whose memcr died (and whose target the kernel killed): stale
+    os.unlink(path)
+    return _create(path)
+
+
+def _looks_like_dump(path: Path) -> bool:
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+        head = f.read(len(MAGIC))
+    return head in (b"", MAGIC)
+
+
+@dataclass
+class DumpFile:
+    """A dump being written, then read back, by one memcr process."""
+
+    path: Path
+    pid: int
+    page_size: int
+    fd: int = -1
+    records: list[Record] = field(default_factory=list)
+    size: int = 0
+    page_bytes: int = 0
+
+    @classmethod
+    def create(cls, directory: Path, pid: int, page_size: int) -> DumpFile:
+        path = dump_path(directory, pid)
+        dump = cls(path, pid, page_size, _create(path))
+        dump._write(HEADER.pack(MAGIC, VERSION, HEADER.size, page_size, pid, 0, 0))
+        return dump
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+
+    def begin_pages(self, addr: int, length: int) -> Record:
+        self._write(RECORD.pack(KIND_PAGES, 0, addr, length, length))
+        record = Record(addr, length, self.size)
+        self.records.append(record)
+        return record
+
+    def write_payload(self, data: memoryview) -> None:
+        self._write(data)
+        self.page_bytes += len(data)
+
+    def finish(self) -> None:
+        self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
+
+    def verified_records(self) -> list[Record]:
+        """Every record, after checking the whole file still says what we wrote."""
+        try:
+            size = os.fstat(self.fd).st_size
+            if size != self.size:
+                raise DumpError(f"the dump {self.path} is {size} bytes, memcr wrote {self.size}: it was modified")
+            if os.pread(self.fd, HEADER.size, 0) != HEADER.pack(
+                MAGIC, VERSION, HEADER.size, self.page_size, self.pid, 0, 0
+            ):
+                raise DumpError(f"the dump {self.path} has a damaged header")
+            for record in self.records:
+                head = os.pread(self.fd, RECORD.size, record.offset - RECORD.size)
+                if head != RECORD.pack(KIND_PAGES, 0, record.addr, record.length, record.length):
+                    raise DumpError(f"the dump {self.path} has a damaged record at offset {record.offset}")
+            if os.pread(self.fd, RECORD.size, self.size - RECORD.size) != RECORD.pack(
+                KIND_END, 0, 0, self.page_bytes, 0
+            ):
+                raise DumpError(f"the dump {self.path} has a damaged end record")
+        except OSError as e:
+            raise DumpError(f"cannot read the dump {self.path}: {e.strerror}") from None
+        return self.records
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        """Close and delete the dump; it is never needed once the target runs."""
+        if self.fd < 0:
+            return
+        ours = os.fstat(self.fd)
+        self.close()
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        # someone may have replaced the file: delete only the one we wrote
+        if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+            os.unlink(self.path)

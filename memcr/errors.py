@@ -1,0 +1,55 @@
+"""Typed failures. Each carries the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+
+class MemcrError(Exception):
+    """Base of every failure memcr reports; the message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(MemcrError):
+    """A bad option or option value."""
+
+    exit_code = 2
+
+
+class TargetError(MemcrError):
+    """The pid is not something memcr may or can freeze."""
+
+    exit_code = 3
+
+
+class TargetGone(TargetError):
+    """The target exited while memcr was working on it."""
+
+
+class RightsError(MemcrError):
+    """A permission, capability or kernel feature memcr needs is missing."""
+
+    exit_code = 4
+
+
+class StorageError(MemcrError):
+    """The dump directory or file failed: missing, not writable, full."""
+
+    exit_code = 5
+
+
+class ParasiteError(MemcrError):
+    """The parasite could not be started or stopped answering."""
+
+
+class DumpError(MemcrError):
+    """The dump file is damaged or does not match the frozen target."""
+
+
+class Aborted(MemcrError):
+    """The operation was cancelled (signal, restore request, timeout)."""
+
+
+class TargetKilled(MemcrError):
+    """Restoring was impossible, so the target was killed (the cardinal rule)."""
+
+    exit_code = 6

@@ -1,0 +1,143 @@
+"""Infection as a library: put the parasite thread into a frozen process and take it out.
+
+What the parasite does once it runs is memcr.parasite's business; this
+module only maps it, starts it as a thread and, at the end, waits for it to
+exit and removes every trace of it (the compel split).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+from memcr import procfs
+from memcr.arch import Blobs
+from memcr.errors import MemcrError, ParasiteError
+from memcr.tracer import ALL_SIGNALS, FrozenProcess
+
+PAGE = mmap.PAGESIZE
+STACK_SIZE = 64 * 1024
+CLONE_FLAGS = (
+    0x00000100  # CLONE_VM
+    | 0x00000200  # CLONE_FS
+    | 0x00000400  # CLONE_FILES
+    | 0x00000800  # CLONE_SIGHAND
+    | 0x00010000  # CLONE_THREAD
+    | 0x00040000  # CLONE_SYSVSEM
+    | 0x80000000  # CLONE_IO
+)
+PROT_RWX = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+
+
+def _page_down(addr: int) -> int:
+    return addr & ~(PAGE - 1)
+
+
+def _page_up(size: int) -> int:
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass
+class Infection:
+    """The parasite's mapping and thread inside a FrozenProcess."""
+
+    frozen: FrozenProcess
+    blobs: Blobs
+    base: int = 0
+    size: int = 0
+    tid: int = 0
+    _sigmask: int | None = None
+
+    def syscall(self, nr: int, *args: int) -> int:
+        """Run one system call in the target through the syscall blob."""
+        f, tid = self.frozen, self.frozen.leader
+        regs = f.get_regs(tid)
+        at = _page_down(f.arch.pc(regs))
+        code = self.blobs.syscall
+        original = f.read(at, len(code))
+        f.write(at, code)
+        try:
+            call = f.arch.prepare_syscall(regs, at, nr, args)
+            trap = at + self.blobs.offsets["syscall_trap"] + 1
+            done = f.run_until_trap(tid, call, trap)
+        finally:
+            f.write(at, original)
+        return f.arch.syscall_result(done)
+
+    @property
+    def mapping(self) -> tuple[int, int]:
+        return self.base, self.base + self.size
+
+    def inject(self, args: bytes) -> int:
+        """Map the parasite with `args` in place, start its thread, return its tid."""
+        f, tid = self.frozen, self.frozen.leader
+        self._sigmask = f.get_sigmask(tid)
+        # the parasite inherits this mask: no signal handler of the target may run on it
+        f.set_sigmask(tid, ALL_SIGNALS)
+        code_size = _page_up(self.blobs.offsets["parasite_end"])
+        size = code_size + STACK_SIZE
+        base = self.syscall(f.arch.SYS_MMAP, 0, size, PROT_RWX, MAP_PRIVATE_ANON, 2**64 - 1, 0)
+        if base < 0:
+            raise ParasiteError(f"could not map the parasite in process {f.pid}: {os.strerror(-base)}")
+        self.base, self.size = base, size
+        f.write(base, self.blobs.parasite)
+        f.write(base + self.blobs.offsets["parasite_args"], args)
+        regs = f.get_regs(tid)
+        call = f.arch.prepare_syscall(
+            regs,
+            base + self.blobs.offsets["clone_trampoline"],
+            f.arch.SYS_CLONE,
+            (CLONE_FLAGS, base + size, 0, 0, 0),
+        )
+        done = f.run_until_trap(tid, call, base + self.blobs.offsets["clone_trap"] + 1)
+        ns_tid = f.arch.syscall_result(done)
+        if ns_tid <= 0:
+            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-ns_tid)}")
+        self.tid = procfs.global_tid(f.pid, ns_tid)
+        return self.tid
+
+    def read_args(self, size: int) -> bytes:
+        return self.frozen.read(self.base + self.blobs.offsets["parasite_args"], size)
+
+    def parasite_alive(self) -> bool:
+        return procfs.proc_path(self.frozen.pid, "task", str(self.tid)).exists()
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        result = self.syscall(self.frozen.arch.SYS_MPROTECT, addr, length, prot)
+        if result < 0:
+            raise MemcrError(f"mprotect {addr:#x}+{length:#x} failed in the target: {os.strerror(-result)}")
+
+    def cure(self, timeout: float = 2.0) -> None:
+        """Make sure the parasite thread is gone, unmap it, restore the signal mask."""
+        f = self.frozen
+        if self.tid:
+            deadline = time.monotonic() + timeout
+            while self.parasite_alive() and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            if self.parasite_alive():
+                self._force_exit()
+            self.tid = 0
+        if self.base:
+            result = self.syscall(f.arch.SYS_MUNMAP, self.base, self.size)
+            if result < 0:
+                raise MemcrError(f"could not unmap the parasite: {os.strerror(-result)}")
+            self.base = self.size = 0
+        if self._sigmask is not None:
+            f.set_sigmask(f.leader, self._sigmask)
+            self._sigmask = None
+
+    def _force_exit(self) -> None:
+        """Stop a parasite that cannot be told to end: trace it and make it call exit()."""
+        f = self.frozen
+        if not f.adopt(self.tid):
+            return  # it exited meanwhile
+        regs = f.get_regs(self.tid)
+        # the parasite's own code page is ours to overwrite
+        f.write(self.base, self.blobs.syscall)
+        f.set_regs(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
+        f.cont(self.tid)
+        if not f.wait(self.tid).exited:
+            raise ParasiteError(f"the parasite in process {f.pid} would not exit")

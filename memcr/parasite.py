@@ -1,0 +1,254 @@
+"""The parasite driver: its start-up arguments, its socket and its commands.
+
+The numbers mirror parasite/protocol.h; parasite/README.md documents the
+protocol and tests/test_protocol.py checks that both sides agree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from memcr.errors import ParasiteError, RightsError
+from memcr.infect import Infection
+
+ARGS_MAGIC = 0x4D435031
+STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
+STEP_NAMES = {1: "socket", 2: "bind", 3: "chmod/chown", 4: "listen", 5: "accept"}
+NONCE_LEN = 16
+SUN_PATH_LEN = 108
+PAGEMAP_MAX = 65536
+
+OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END = 1, 2, 3, 4, 5
+
+ARGS = struct.Struct(f"<IiiiIIiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
+ARGS_STATUS = struct.Struct("<Iiii")
+CMD = struct.Struct("<IIQQ")
+REPLY = struct.Struct("<q")
+
+CONNECT_TIMEOUT = 5.0
+IO_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """Where the parasite listens: abstract `\\0memcr<pid>` or `DIR/memcr<pid>`."""
+
+    pid: int
+    directory: Path | None = None
+    gid: int | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / f"memcr{self.pid}" if self.directory else None
+
+    @property
+    def address(self) -> bytes:
+        path = self.path
+        return os.fsencode(path) if path else b"\0memcr%d" % self.pid
+
+    @property
+    def display(self) -> str:
+        return str(self.path) if self.path else f"@memcr{self.pid}"
+
+    def remove_stale(self) -> None:
+        """A socket file left by a parasite that was killed would block bind()."""
+        path = self.path
+        if path and path.is_socket():
+            path.unlink()
+
+
+@dataclass(frozen=True)
+class Nonces:
+    to_parasite: bytes
+    from_parasite: bytes
+
+    @classmethod
+    def fresh(cls) -> Nonces:
+        return cls(secrets.token_bytes(NONCE_LEN), secrets.token_bytes(NONCE_LEN))
+
+
+def pack_args(spec: SocketSpec, nonces: Nonces) -> bytes:
+    address = spec.address
+    if len(address) >= SUN_PATH_LEN:
+        raise ParasiteError(f"socket path too long for a UNIX socket: {spec.display}")
+    named = spec.path is not None
+    mode = (0o660 if spec.gid is not None else 0o600) if named else 0
+    gid = spec.gid if spec.gid is not None else -1
+    addrlen = 2 + len(address) + (1 if named else 0)
+    return ARGS.pack(
+        ARGS_MAGIC, STATUS_STARTING, 0, 0, addrlen, mode, gid, 0,
+        nonces.to_parasite, nonces.from_parasite, socket.AF_UNIX, address,
+    )  # fmt: skip
+
+
+def _netns_socket(pid: int) -> socket.socket:
+    """A UNIX socket created inside the target's network namespace.
+
+    Abstract socket names are per network namespace; a socket belongs to
+    the namespace it was created in, so a helper thread enters the target's
+    namespace just long enough to create it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                    err = ctypes.get_errno()
+                    raise RightsError(
+                        f"cannot enter the network namespace of process {pid}: "
+                        f"{os.strerror(err)} (needs CAP_SYS_ADMIN)"
+                    )
+            finally:
+                os.close(fd)
+            result.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        except BaseException as e:  # handed to the caller's thread
+            result.append(e)
+
+    worker = threading.Thread(target=make, name=f"netns-{pid}")
+    worker.start()
+    worker.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+class ParasiteChannel:
+    """The authenticated connection to a running parasite."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._cmd = bytearray(CMD.size)
+        self._reply = bytearray(REPLY.size)
+
+    @classmethod
+    def connect(
+        cls, infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool = False
+    ) -> ParasiteChannel:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
+            if status == STATUS_FAILED:
+                raise ParasiteError(
+                    f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket "
+                    f"{spec.display}: {os.strerror(err)}"
+                )
+            if status == STATUS_LISTENING:
+                break
+            if not infection.parasite_alive() or time.monotonic() > deadline:
+                raise ParasiteError("the parasite did not start listening on its socket")
+            time.sleep(0.0002)
+        sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            try:
+                sock.connect(spec.address)
+            except PermissionError:
+                raise RightsError(
+                    f"permission denied connecting to the parasite socket {spec.display}"
+                ) from None
+            except OSError as e:
+                raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
+            sock.sendall(nonces.to_parasite)
+            channel = cls(sock)
+            proof = bytearray(NONCE_LEN)
+            channel.recv_into(memoryview(proof))
+            if bytes(proof) != nonces.from_parasite:
+                raise ParasiteError(f"{spec.display} is not our parasite (wrong proof)")
+            sock.settimeout(IO_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        return channel
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill `view` completely from the parasite."""
+        got, total = 0, len(view)
+        try:
+            while got < total:
+                n = self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
+                if n == 0:
+                    raise ParasiteError("the parasite closed its connection unexpectedly")
+                got += n
+        except TimeoutError:
+            raise ParasiteError("the parasite stopped answering") from None
+        except ConnectionError as e:
+            raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
+    def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
+        CMD.pack_into(self._cmd, 0, op, arg, addr, length)
+        try:
+            self.sock.sendall(self._cmd)
+        except OSError as e:
+            raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
+    def _result(self) -> int:
+        self.recv_into(memoryview(self._reply))
+        return REPLY.unpack(self._reply)[0]
+
+    def _call(self, what: str, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> int:
+        self._send(op, addr, length, arg)
+        result = self._result()
+        if result < 0:
+            raise ParasiteError(f"{what} {addr:#x}+{length:#x} failed in the target: {os.strerror(-result)}")
+        return result
+
+    def drop(self, addr: int, length: int) -> bool:
+        """madvise(MADV_DONTNEED); False where the kernel refuses (locked pages)."""
+        self._send(OP_DROP, addr, length)
+        return self._result() == 0
+
+    def request_pages(self, addr: int, length: int) -> None:
+        """Ask for `length` bytes at addr; the caller reads them with recv_into."""
+        self._send(OP_SEND, addr, length)
+
+    def pagemap(self, addr: int, npages: int, page_size: int) -> bytes:
+        """The target's pagemap entries, read by the parasite from /proc/self/pagemap."""
+        out = bytearray()
+        per_call = PAGEMAP_MAX // 8
+        for first in range(0, npages, per_call):
+            count = min(per_call, npages - first)
+            got = self._call("pagemap", OP_PAGEMAP, addr + first * page_size, count * 8)
+            chunk = bytearray(got)
+            self.recv_into(memoryview(chunk))
+            out += chunk
+        return bytes(out)
+
+    def store_pages(self, addr: int, length: int, fd: int, offset: int) -> None:
+        """Send `length` bytes of file `fd` at `offset` into the target at addr."""
+        self._send(OP_RECV, addr, length)
+        sent, out = 0, self.sock.fileno()
+        try:
+            while sent < length:
+                try:
+                    n = os.sendfile(out, fd, offset + sent, length - sent)
+                except BlockingIOError:
+                    # the socket has a timeout, so it is non-blocking underneath
+                    if not select.select([], [out], [], IO_TIMEOUT)[1]:
+                        raise ParasiteError("the parasite stopped taking pages") from None
+                    continue
+                if n == 0:
+                    raise ParasiteError("the dump file ended early")
+                sent += n
+        except (BrokenPipeError, ConnectionError) as e:
+            raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+        result = self._result()
+        if result < 0:
+            raise ParasiteError(f"storing pages at {addr:#x} failed: {os.strerror(-result)}")
+
+    def end(self) -> None:
+        self._call("end", OP_END)

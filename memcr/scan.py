@@ -1,0 +1,163 @@
+"""The memory map scan: which pages of a frozen target to dump and drop.
+
+scan -> plan: the plan lists runs of pages ("extents") that hold data only
+the target has (anonymous, heap, stack, copy-on-write copies of file pages)
+and, with -f, runs of clean file pages that can simply be dropped because
+the kernel re-reads them from their files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from memcr.procfs import Vma
+
+PAGE = mmap.PAGESIZE
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_FILE = 1 << 61  # file page or shared anonymous page
+PM_PFN = (1 << 55) - 1
+
+SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+# VmFlags of mappings memcr must leave alone: device memory (io, pf), locked
+# memory that madvise refuses to drop (lo), userfaultfd-managed ranges (um, uw)
+UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw"})
+MAX_EXTENT = 8 << 20  # bytes per dump record: bounds memcr's buffers
+WINDOW = 65536  # pagemap entries read at once (512 KiB)
+
+PagemapReader = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    vma: Vma
+
+
+@dataclass
+class Plan:
+    vmas: list[Vma] = field(default_factory=list)
+    dump: list[Extent] = field(default_factory=list)
+    drop_only: list[Extent] = field(default_factory=list)
+    locked_vmas: int = 0
+
+    @property
+    def dump_bytes(self) -> int:
+        return sum(e.length for e in self.dump)
+
+
+def zero_pfn() -> int:
+    """The frame of the kernel's shared zero page (0 when PFNs are hidden from us)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    try:
+        ctypes.string_at(addr, 1)  # a read fault maps the zero page
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            entry = int.from_bytes(os.pread(fd, 8, addr // PAGE * 8), "little")
+        finally:
+            os.close(fd)
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE))
+    return entry & PM_PFN if entry & PM_PRESENT else 0
+
+
+def is_candidate(vma: Vma, exclude: tuple[int, int]) -> bool:
+    """Private memory memcr may dump; the parasite's own mapping excluded."""
+    if not vma.private or vma.path in SPECIAL:
+        return False
+    if vma.start < exclude[1] and exclude[0] < vma.end:
+        return False
+    return not (vma.flags & UNTOUCHABLE)
+
+
+def build_plan(
+    vmas: list[Vma],
+    read_pagemap: PagemapReader,
+    exclude: tuple[int, int],
+    rss_file: bool,
+    zero: int,
+) -> Plan:
+    plan = Plan()
+    for vma in vmas:
+        if "lo" in vma.flags and vma.private:
+            plan.locked_vmas += 1
+        if not is_candidate(vma, exclude):
+            continue
+        plan.vmas.append(vma)
+        dump, drop = _scan_vma(vma, read_pagemap, zero)
+        plan.dump += _extents(dump, vma, MAX_EXTENT)
+        if rss_file:
+            plan.drop_only += _extents(drop, vma, vma.size)
+    return plan
+
+
+def _class_table(anonymous: bool) -> bytes:
+    """Map the top byte of a pagemap entry to d (dump), f (file page) or . (skip)."""
+    present, swapped, file = PM_PRESENT >> 56, PM_SWAPPED >> 56, PM_FILE >> 56
+    table = bytearray(b"." * 256)
+    for top in range(256):
+        if top & swapped or (top & present and (anonymous or not top & file)):
+            table[top] = ord("d")
+        elif top & present:
+            table[top] = ord("f")
+    return bytes(table)
+
+
+_CLASSES = {True: _class_table(True), False: _class_table(False)}
+_RUNS = {b"d": re.compile(rb"d+"), b"f": re.compile(rb"f+")}
+
+
+def _scan_vma(vma: Vma, read_pagemap: PagemapReader, zero: int) -> tuple[list[range], list[range]]:
+    """Runs of page indexes to dump and, for file mappings, to drop only."""
+    npages = vma.size // PAGE
+    dump: list[range] = []
+    drop: list[range] = []
+    table = _CLASSES[vma.anonymous]
+    for first in range(0, npages, WINDOW):
+        entries = read_pagemap(vma.start + first * PAGE, min(WINDOW, npages - first))
+        # the flag bits sit in the top byte of each little-endian entry
+        classes = bytearray(entries[7::8].translate(table))
+        if zero:
+            _skip_zero_pages(entries, classes, zero)
+        _add_runs(dump, classes, b"d", first)
+        if not vma.anonymous:
+            _add_runs(drop, classes, b"f", first)
+    return dump, drop
+
+
+def _skip_zero_pages(entries: bytes, classes: bytearray, zero: int) -> None:
+    """Pages still mapped to the shared zero page hold nothing worth saving."""
+    needle = zero.to_bytes(6, "little")
+    pos = entries.find(needle)
+    while pos >= 0:
+        if pos % 8 == 0 and entries[pos + 6] & 0x7F == 0 and entries[pos + 7] & (PM_PRESENT >> 56):
+            classes[pos // 8] = ord(".")
+        pos = entries.find(needle, pos + 1)
+
+
+def _add_runs(runs: list[range], classes: bytearray, kind: bytes, first: int) -> None:
+    for match in _RUNS[kind].finditer(classes):
+        start, stop = first + match.start(), first + match.end()
+        if runs and runs[-1].stop == start:
+            runs[-1] = range(runs[-1].start, stop)
+        else:
+            runs.append(range(start, stop))
+
+
+def _extents(runs: list[range], vma: Vma, limit: int) -> list[Extent]:
+    """Cut runs of page indexes into extents of at most `limit` bytes."""
+    step = max(1, limit // PAGE)
+    return [
+        Extent(vma.start + i * PAGE, (min(i + step, run.stop) - i) * PAGE, vma)
+        for run in runs
+        for i in range(run.start, run.stop, step)
+    ]

@@ -1,0 +1,219 @@
+/*
+ * The parasite: a freestanding thread inside the frozen target. It listens
+ * on a UNIX socket, lets in only the memcr that knows the nonce, and then
+ * serves the commands of protocol.h on the target's own memory. No libc:
+ * it shares the address space of a process whose libc state is unknown.
+ */
+#include "protocol.h"
+#include "syscall.h"
+
+#define AF_UNIX 1
+#define SOCK_STREAM 1
+#define SOCK_CLOEXEC 02000000
+#define O_RDONLY 0
+#define O_CLOEXEC 02000000
+#define AT_FDCWD (-100)
+#define MADV_DONTNEED 4
+#define MADV_POPULATE_WRITE 23
+#define EINTR 4
+#define EINVAL 22
+#define EPIPE 32
+
+struct parasite_args parasite_args __attribute__((visibility("hidden")));
+
+static unsigned char pagemap_buf[PARASITE_PAGEMAP_MAX];
+
+static long write_all(int fd, const void *buf, unsigned long len)
+{
+	const char *p = buf;
+
+	while (len) {
+		long n = sys3(__NR_write, fd, p, len);
+		if (n == -EINTR)
+			continue;
+		if (n <= 0)
+			return n ? n : -EPIPE;
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static long read_all(int fd, void *buf, unsigned long len)
+{
+	char *p = buf;
+
+	while (len) {
+		long n = sys3(__NR_read, fd, p, len);
+		if (n == -EINTR)
+			continue;
+		if (n <= 0)
+			return n ? n : -EPIPE;
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int same_bytes(const unsigned char *a, const unsigned char *b, int len)
+{
+	int diff = 0;
+
+	for (int i = 0; i < len; i++)
+		diff |= a[i] ^ b[i];
+	return diff == 0;
+}
+
+static long reply(int fd, long result)
+{
+	long long r = result;
+
+	return write_all(fd, &r, sizeof(r));
+}
+
+static int fail(struct parasite_args *a, int step, long err)
+{
+	a->failed_step = step;
+	a->failed_errno = (int)-err;
+	a->status = PARASITE_STATUS_FAILED;
+	return 1;
+}
+
+static long send_pagemap(int cfd, int *pagemap_fd, const struct parasite_cmd *c)
+{
+	long n, r;
+
+	if (c->len > PARASITE_PAGEMAP_MAX || c->len % 8)
+		return reply(cfd, -EINVAL);
+	if (*pagemap_fd < 0) {
+		long fd = sys4(__NR_openat, AT_FDCWD, "/proc/self/pagemap", O_RDONLY | O_CLOEXEC, 0);
+		if (fd < 0)
+			return reply(cfd, fd);
+		*pagemap_fd = (int)fd;
+	}
+	/* pagemap holds one 8-byte entry per page, indexed by page number */
+	n = sys4(__NR_pread64, *pagemap_fd, pagemap_buf, c->len, (c->addr / 4096) * 8);
+	r = reply(cfd, n);
+	if (r < 0 || n <= 0)
+		return r;
+	return write_all(cfd, pagemap_buf, n);
+}
+
+/* Serve one authenticated connection until END; < 0 when the stream broke. */
+static long serve(int cfd)
+{
+	struct parasite_cmd c;
+	int pagemap_fd = -1;
+	long r;
+
+	for (;;) {
+		r = read_all(cfd, &c, sizeof(c));
+		if (r < 0)
+			break;
+		switch (c.op) {
+		case PARASITE_OP_SEND:
+			r = write_all(cfd, (const void *)c.addr, c.len);
+			break;
+		case PARASITE_OP_PAGEMAP:
+			r = send_pagemap(cfd, &pagemap_fd, &c);
+			break;
+		case PARASITE_OP_DROP:
+			r = reply(cfd, sys3(__NR_madvise, c.addr, c.len, MADV_DONTNEED));
+			break;
+		case PARASITE_OP_RECV:
+			/* one call faults the range in instead of a fault per page */
+			sys3(__NR_madvise, c.addr, c.len, MADV_POPULATE_WRITE);
+			r = read_all(cfd, (void *)c.addr, c.len);
+			if (r == 0)
+				r = reply(cfd, 0);
+			break;
+		case PARASITE_OP_END:
+			reply(cfd, 0);
+			r = 1;
+			break;
+		default:
+			r = reply(cfd, -EINVAL);
+			break;
+		}
+		if (r)
+			break;
+	}
+	if (pagemap_fd >= 0)
+		sys3(__NR_close, pagemap_fd, 0, 0);
+	return r;
+}
+
+static int named_socket(const struct parasite_args *a)
+{
+	return a->sun_path[0] != '\0';
+}
+
+/* Accept connections until one proves it knows nonce_in. */
+static int accept_memcr(struct parasite_args *a, int lfd)
+{
+	unsigned char nonce[PARASITE_NONCE_LEN];
+
+	for (;;) {
+		long cfd = sys4(__NR_accept4, lfd, 0, 0, SOCK_CLOEXEC);
+		if (cfd == -EINTR)
+			continue;
+		if (cfd < 0) {
+			fail(a, PARASITE_STEP_ACCEPT, cfd);
+			return -1;
+		}
+		if (read_all(cfd, nonce, sizeof(nonce)) == 0 &&
+		    same_bytes(nonce, a->nonce_in, sizeof(nonce)) &&
+		    write_all(cfd, a->nonce_out, sizeof(a->nonce_out)) == 0)
+			return (int)cfd;
+		sys3(__NR_close, cfd, 0, 0);
+	}
+}
+
+int parasite_main(struct parasite_args *a) __attribute__((visibility("hidden")));
+
+int parasite_main(struct parasite_args *a)
+{
+	long lfd, r;
+	int cfd;
+
+	if (a->magic != PARASITE_ARGS_MAGIC)
+		return fail(a, PARASITE_STEP_SOCKET, -EINVAL);
+	lfd = sys3(__NR_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (lfd < 0)
+		return fail(a, PARASITE_STEP_SOCKET, lfd);
+	if (named_socket(a)) {
+		/* the inode mode of an unbound socket becomes the file's mode */
+		r = sys3(__NR_fchmod, lfd, a->sock_mode, 0);
+		if (r < 0)
+			return fail(a, PARASITE_STEP_CHMOD, r);
+	}
+	r = sys3(__NR_bind, lfd, &a->sun_family, a->addrlen);
+	if (r < 0)
+		return fail(a, PARASITE_STEP_BIND, r);
+	if (named_socket(a)) {
+		/* bind() applied the target's umask: set the exact mode and group */
+		r = sys4(__NR_fchmodat, AT_FDCWD, a->sun_path, a->sock_mode, 0);
+		if (r == 0 && a->sock_gid >= 0)
+			r = sys6(__NR_fchownat, AT_FDCWD, (long)a->sun_path, -1, a->sock_gid,
+				 0x100 /* AT_SYMLINK_NOFOLLOW */, 0);
+		if (r < 0) {
+			sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
+			return fail(a, PARASITE_STEP_CHMOD, r);
+		}
+	}
+	r = sys3(__NR_listen, lfd, 1, 0);
+	if (r < 0)
+		return fail(a, PARASITE_STEP_LISTEN, r);
+	a->status = PARASITE_STATUS_LISTENING;
+
+	cfd = accept_memcr(a, (int)lfd);
+	if (cfd >= 0) {
+		a->status = PARASITE_STATUS_SERVING;
+		serve(cfd);
+		sys3(__NR_close, cfd, 0, 0);
+	}
+	if (named_socket(a))
+		sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
+	sys3(__NR_close, lfd, 0, 0);
+	return 0;
+}

@@ -1,0 +1,60 @@
+/*
+ * Wire protocol between memcr and its parasite. See README.md beside this
+ * file; memcr/parasite.py mirrors these numbers and a test checks that the
+ * two agree.
+ */
+#ifndef MEMCR_PARASITE_PROTOCOL_H
+#define MEMCR_PARASITE_PROTOCOL_H
+
+#define PARASITE_ARGS_MAGIC 0x4d435031u /* "MCP1" */
+
+/* Values the parasite stores in parasite_args.status. */
+#define PARASITE_STATUS_STARTING 0
+#define PARASITE_STATUS_LISTENING 1
+#define PARASITE_STATUS_SERVING 2
+#define PARASITE_STATUS_FAILED 3
+
+/* Step that failed, stored in parasite_args.failed_step with the errno. */
+#define PARASITE_STEP_SOCKET 1
+#define PARASITE_STEP_BIND 2
+#define PARASITE_STEP_CHMOD 3
+#define PARASITE_STEP_LISTEN 4
+#define PARASITE_STEP_ACCEPT 5
+
+#define PARASITE_NONCE_LEN 16
+#define PARASITE_SUN_PATH_LEN 108
+
+/* Filled in by memcr before the parasite thread starts. */
+struct parasite_args {
+	unsigned int magic;
+	volatile int status;
+	int failed_step;
+	int failed_errno;
+	unsigned int addrlen;     /* bytes of addr in use, as bind() wants it */
+	unsigned int sock_mode;   /* mode bits for a named socket, 0 for abstract */
+	int sock_gid;             /* group for a named socket, -1 to keep */
+	unsigned int reserved;
+	unsigned char nonce_in[PARASITE_NONCE_LEN];  /* memcr proves itself */
+	unsigned char nonce_out[PARASITE_NONCE_LEN]; /* parasite proves itself */
+	unsigned short sun_family;
+	char sun_path[PARASITE_SUN_PATH_LEN];
+};
+
+/* Commands: a 24-byte header, little-endian on every supported CPU. */
+struct parasite_cmd {
+	unsigned int op;
+	unsigned int arg;
+	unsigned long long addr;
+	unsigned long long len;
+};
+
+#define PARASITE_OP_SEND 1    /* len raw bytes from addr; no reply */
+#define PARASITE_OP_PAGEMAP 2 /* reply = bytes, then that many pagemap bytes */
+#define PARASITE_OP_DROP 3    /* madvise(MADV_DONTNEED); reply */
+#define PARASITE_OP_RECV 4    /* len raw bytes follow, stored at addr; reply */
+#define PARASITE_OP_END 5     /* reply, then the thread exits */
+
+/* Largest PAGEMAP request: the parasite answers from a static buffer. */
+#define PARASITE_PAGEMAP_MAX 65536
+
+#endif
