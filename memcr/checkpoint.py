@@ -33,6 +33,7 @@ CHUNK = 1 << 20  # bytes moved per read/write while streaming
 PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,16 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
 class Session:
     """One target from freeze to release."""
 
-    def __init__(self, pid: int, options: Options, log: Log, abort: threading.Event | None = None):
+    def __init__(
+        self,
+        pid: int,
+        options: Options,
+        log: Log,
+        abort: threading.Event | None = None,
+        progress: Progress | None = None,
+    ):
         self.pid = pid
+        self.progress = progress
         self.options = options
         self.log = log
         self.abort = abort or threading.Event()
@@ -165,6 +174,7 @@ class Session:
     def _stream(self, plan: Plan) -> None:
         assert self.channel is not None and self.dump is not None
         buf = memoryview(bytearray(CHUNK))
+        done, total = 0, plan.dump_bytes
         for vma, extents in groupby(plan.dump, key=lambda e: e.vma):
             with self._accessible(vma, PROT_READ):
                 for extent in extents:
@@ -177,6 +187,9 @@ class Session:
                         self._copy_from_parasite(extent.start, extent.length, buf)
                     # only now that the bytes are in the file may the page go
                     record.dropped = self.channel.drop(extent.start, extent.length)
+                    done += extent.length
+                    if self.progress:
+                        self.progress(done, total)
         for extent in plan.drop_only:
             self.channel.drop(extent.start, extent.length)
         self.dump.finish()
@@ -234,7 +247,7 @@ class Session:
     def _put_back(self) -> None:
         """Write every dropped page back from the dump, checked before use."""
         assert self.channel is not None and self.dump is not None
-        records = [r for r in self.dump.verified_records() if r.dropped]
+        records = self.dump.verified_records()
         vmas = {e.start: e for e in procfs.read_maps(self.pid)}
         by_vma = groupby(records, key=lambda r: _containing(vmas, r.addr))
         for vma, group in by_vma:

@@ -25,7 +25,7 @@ def log(message: str) -> None:
 
 def _not_yet(**given: object) -> None:
     for name, value in given.items():
-        if value not in (None, False):
+        if value is not None and value is not False:
             raise UsageError(f"option {name} {NOT_YET}")
 
 
@@ -83,8 +83,13 @@ def interactive(pid: int, options: Options, wait: bool) -> None:
     abort = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: abort.set())
-    session = Session(pid, options, log, abort)
-    session.checkpoint()
+    bar = ProgressBar() if sys.stdout.isatty() else None
+    session = Session(pid, options, log, abort, bar)
+    try:
+        session.checkpoint()
+    finally:
+        if bar:
+            bar.close()
     r = session.report
     log(f"download took {r.download_ms:.0f} ms ({_rate(r.pages, r.download_ms)} MiB/s)")
     before, after = r.rss_before, r.rss_after
@@ -96,6 +101,29 @@ def interactive(pid: int, options: Options, wait: bool) -> None:
     session.restore()
     log(f"upload took {r.upload_ms:.0f} ms ({_rate(r.pages, r.upload_ms)} MiB/s)")
     log(f"pid {pid} restored")
+
+
+class ProgressBar:
+    """A bar on the terminal for dumps big enough to take a noticeable time."""
+
+    MIN_BYTES = 256 << 20
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.MIN_BYTES:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="memcr: dumping", file=sys.stdout)
+            self._bar.__enter__()
+        self._bar.update(done - self._shown)
+        self._shown = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
 
 
 def _rate(pages: int, ms: float) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import os
 import secrets
-import select
 import socket
 import struct
 import threading
@@ -166,7 +165,12 @@ class ParasiteChannel:
             channel.recv_into(memoryview(proof))
             if bytes(proof) != nonces.from_parasite:
                 raise ParasiteError(f"{spec.display} is not our parasite (wrong proof)")
-            sock.settimeout(IO_TIMEOUT)
+            # kernel time-outs keep the socket blocking: a Python time-out
+            # would poll before every call and halve the throughput
+            sock.settimeout(None)
+            timeval = struct.pack("@ll", int(IO_TIMEOUT), 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except BaseException:
             sock.close()
             raise
@@ -184,7 +188,7 @@ class ParasiteChannel:
                 if n == 0:
                     raise ParasiteError("the parasite closed its connection unexpectedly")
                 got += n
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ParasiteError("the parasite stopped answering") from None
         except ConnectionError as e:
             raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
@@ -234,16 +238,12 @@ class ParasiteChannel:
         sent, out = 0, self.sock.fileno()
         try:
             while sent < length:
-                try:
-                    n = os.sendfile(out, fd, offset + sent, length - sent)
-                except BlockingIOError:
-                    # the socket has a timeout, so it is non-blocking underneath
-                    if not select.select([], [out], [], IO_TIMEOUT)[1]:
-                        raise ParasiteError("the parasite stopped taking pages") from None
-                    continue
+                n = os.sendfile(out, fd, offset + sent, length - sent)
                 if n == 0:
                     raise ParasiteError("the dump file ended early")
                 sent += n
+        except BlockingIOError:
+            raise ParasiteError("the parasite stopped taking pages") from None
         except (BrokenPipeError, ConnectionError) as e:
             raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
         result = self._result()

@@ -13,6 +13,7 @@
 #define O_RDONLY 0
 #define O_CLOEXEC 02000000
 #define AT_FDCWD (-100)
+#define MSG_WAITALL 0x100
 #define MADV_DONTNEED 4
 #define MADV_POPULATE_WRITE 23
 #define EINTR 4
@@ -44,7 +45,8 @@ static long read_all(int fd, void *buf, unsigned long len)
 	char *p = buf;
 
 	while (len) {
-		long n = sys3(__NR_read, fd, p, len);
+		/* MSG_WAITALL: one wake-up per request, not one per socket buffer */
+		long n = sys6(__NR_recvfrom, fd, (long)p, len, MSG_WAITALL, 0, 0);
 		if (n == -EINTR)
 			continue;
 		if (n <= 0)
