@@ -1,0 +1,219 @@
+"""Fixtures: compiled targets, real target processes and real memcr runs.
+
+Every process a test starts is killed and reaped at teardown, also when the
+test fails; so are mounts the tests make.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TARGETS = Path(__file__).parent / "targets"
+READY_TIMEOUT = 60
+RUN_TIMEOUT = 180
+PROMPT = "press enter to restore"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the suite drives ptrace, mounts and other users: run it as root")
+
+
+@pytest.fixture(scope="session")
+def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("targets")
+    built = {}
+    for source in sorted(TARGETS.glob("*.c")):
+        binary = out / source.stem
+        subprocess.run(
+            ["gcc", "-O2", "-pthread", "-Wall", "-Werror", "-o", str(binary), str(source)],
+            check=True,
+        )
+        built[source.stem] = binary
+    return built
+
+
+class Lines:
+    """Lines of a child's pipe, read by a thread so waits can time out."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, needle: str, timeout: float = READY_TIMEOUT) -> str:
+        while True:
+            try:
+                line = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line with {needle!r} within {timeout}s; got {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"stream ended before a line with {needle!r}; got {self.seen}")
+            self.seen.append(line)
+            if needle in line:
+                return line
+
+    def rest(self, timeout: float = 10) -> list[str]:
+        """Everything until the stream ends."""
+        while True:
+            line = self._queue.get(timeout=timeout)
+            if line is None:
+                return self.seen
+            self.seen.append(line)
+
+
+class Target:
+    """A target process that reports `ready` and verifies itself on SIGUSR1."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out = Lines(self.proc.stdout)
+        self.out.wait_for("ready")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> dict[str, str]:
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+    def rss_kb(self) -> int:
+        return int(self.status()["VmRSS"].split()[0])
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def verify(self, timeout: float = 120) -> int:
+        """Ask the target to check its memory; its exit code (0 = intact)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        code = self.proc.wait(timeout)
+        if code != 0:
+            print("target stderr:", self.proc.stderr.read() if self.proc.stderr else "")
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn(binaries: dict[str, Path]) -> Iterator[Callable[..., Target]]:
+    """spawn("pattern", 64, 8) or spawn("pydict") starts a target."""
+    started: list[Target] = []
+
+    def start(name: str, *args: object) -> Target:
+        argv = [sys.executable, str(TARGETS / "pydict.py")] if name == "pydict" else [str(binaries[name])]
+        target = Target(argv + [str(a) for a in args])
+        started.append(target)
+        return target
+
+    yield start
+    for target in started:
+        target.stop()
+
+
+def memcr_argv(*args: object) -> list[str]:
+    return [sys.executable, "-m", "memcr", *[str(a) for a in args]]
+
+
+class Interactive:
+    """memcr -p PID in interactive mode, driven through its stdin."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.out = Lines(self.proc.stdout)
+
+    def wait_prompt(self) -> str:
+        return self.out.wait_for(PROMPT)
+
+    def press_enter(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self.proc.wait(RUN_TIMEOUT)
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class Memcr:
+    """Runs memcr with its dump directory inside the test's tmp_path."""
+
+    def __init__(self, dump_dir: Path) -> None:
+        self.dump_dir = dump_dir
+        self.started: list[Interactive] = []
+
+    def run(self, *args: object, dump_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+        argv = memcr_argv(*args, "-d", dump_dir or self.dump_dir)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+    def raw(self, *args: object) -> subprocess.CompletedProcess[str]:
+        """memcr exactly as given: no -d added."""
+        return subprocess.run(memcr_argv(*args), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+    def interactive(self, *args: object) -> Interactive:
+        session = Interactive(memcr_argv(*args, "-d", self.dump_dir))
+        self.started.append(session)
+        return session
+
+    def dumps(self) -> list[Path]:
+        return sorted(self.dump_dir.glob("pages-*.img"))
+
+
+@pytest.fixture
+def memcr(tmp_path: Path) -> Iterator[Memcr]:
+    dump_dir = tmp_path / "dumps"
+    dump_dir.mkdir()
+    runner = Memcr(dump_dir)
+    yield runner
+    for session in runner.started:
+        session.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """tmpfs("size=16m") mounts a fresh tmpfs and unmounts it at teardown."""
+    mounts: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounts)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def log_value(lines: list[str] | str, pattern: str) -> re.Match[str]:
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    match = re.search(pattern, text)
+    assert match, f"no {pattern!r} in memcr's output:\n{text}"
+    return match

@@ -1,0 +1,116 @@
+"""Refusals before anything is touched: clear message, exact exit code, target intact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Memcr
+
+
+def refused(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert text in result.stderr
+    assert result.stderr.startswith("memcr: error: ")
+
+
+@pytest.mark.parametrize("pid", ["0", "-5"])
+def test_non_positive_pid(memcr: Memcr, pid: str) -> None:
+    refused(memcr.run("-p", pid, "-n"), 2, "positive process id")
+
+
+def test_missing_pid_option(memcr: Memcr) -> None:
+    refused(memcr.run("-n"), 2, "-p PID")
+
+
+def test_unknown_option(memcr: Memcr) -> None:
+    result = memcr.run("--frobnicate")
+    assert result.returncode == 2
+    assert "frobnicate" in result.stderr
+
+
+def test_no_such_process(memcr: Memcr) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid is free
+    refused(memcr.run("-p", child.pid, "-n"), 3, f"no such process: {child.pid}")
+
+
+def test_pid_1(memcr: Memcr) -> None:
+    refused(memcr.run("-p", 1, "-n"), 3, "pid 1")
+
+
+def test_kernel_thread(memcr: Memcr) -> None:
+    refused(memcr.run("-p", 2, "-n"), 3, "kernel thread")
+
+
+def test_zombie(memcr: Memcr) -> None:
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        refused(memcr.run("-p", child.pid, "-n"), 3, "zombie")
+    finally:
+        child.wait()
+
+
+def test_memcr_parent(memcr: Memcr) -> None:
+    import os
+
+    refused(memcr.run("-p", os.getpid(), "-n"), 3, "memcr's parent")
+
+
+def test_memcr_itself(memcr: Memcr) -> None:
+    script = f'exec {sys.executable} -m memcr -p $$ -n -d {memcr.dump_dir}'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    refused(result, 3, "memcr itself")
+
+
+def test_dump_dir_missing(spawn, memcr: Memcr, tmp_path: Path) -> None:
+    target = spawn("pattern", 8)
+    refused(memcr.run("-p", target.pid, "-n", dump_dir=tmp_path / "nope"), 5, "does not exist")
+    assert target.verify() == 0
+
+
+def test_dump_dir_is_a_file(spawn, memcr: Memcr, tmp_path: Path) -> None:
+    target = spawn("pattern", 8)
+    plain = tmp_path / "file"
+    plain.write_text("")
+    refused(memcr.run("-p", target.pid, "-n", dump_dir=plain), 5, "not a directory")
+    assert target.verify() == 0
+
+
+def test_dump_dir_read_only(spawn, memcr: Memcr, tmpfs) -> None:
+    target = spawn("pattern", 8)
+    read_only = tmpfs("ro,size=1m")
+    refused(memcr.run("-p", target.pid, "-n", dump_dir=read_only), 5, "read-only")
+    assert target.verify() == 0
+
+
+def test_stranger_file_at_dump_path_is_kept(spawn, memcr: Memcr) -> None:
+    target = spawn("pattern", 8)
+    stranger = memcr.dump_dir / f"pages-{target.pid}.img"
+    stranger.write_text("not a dump")
+    refused(memcr.run("-p", target.pid, "-n"), 5, "move it away")
+    assert stranger.read_text() == "not a dump"
+    assert target.verify() == 0
+
+
+def test_symlink_at_dump_path_is_not_followed(spawn, memcr: Memcr, tmp_path: Path) -> None:
+    target = spawn("pattern", 8)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (memcr.dump_dir / f"pages-{target.pid}.img").symlink_to(victim)
+    refused(memcr.run("-p", target.pid, "-n"), 5, "move it away")
+    assert victim.read_text() == "precious"
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("option", [["-l", "9000"], ["-z"], ["-c"], ["-e"], ["-t", "5"], ["-g", "0"]])
+def test_options_not_available_yet(memcr: Memcr, option: list[str]) -> None:
+    refused(memcr.run("-p", 1, *option), 2, "not available yet")

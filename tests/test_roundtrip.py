@@ -1,0 +1,63 @@
+"""Checkpoint and restore round trips on real targets, verified by the targets."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from tests.conftest import Memcr, log_value
+
+MODES = [[], ["-m"], ["-f"], ["-m", "-f"]]
+
+
+@pytest.mark.parametrize("threads", [0, 8])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: " ".join(m) or "plain")
+def test_round_trip(spawn, memcr: Memcr, mode: list[str], threads: int) -> None:
+    target = spawn("pattern", 64, threads)
+    result = memcr.run("-p", target.pid, "-n", *mode)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert int(log_value(out, r"seized (\d+) threads").group(1)) == threads + 1
+    assert log_value(out, r"download took \d+ ms")
+    assert log_value(out, r"upload took \d+ ms")
+    anon_before, anon_after = map(int, log_value(out, r"RssAnon (\d+) kB -> (\d+) kB").groups())
+    assert anon_after < anon_before / 10
+    if "-f" in mode:
+        file_before, file_after = map(int, log_value(out, r"RssFile (\d+) kB -> (\d+) kB").groups())
+        assert file_after < file_before
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+def test_interactive_frozen_state(spawn, memcr: Memcr) -> None:
+    target = spawn("pattern", 256)
+    before = target.rss_kb()
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    frozen = target.rss_kb()
+    assert frozen <= before / 10, (before, frozen)
+    assert target.status()["State"].startswith("t")  # tracing stop: frozen
+    [dump] = memcr.dumps()
+    assert dump.name == f"pages-{target.pid}.img"
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600
+    assert dump.stat().st_size >= 256 << 20
+    assert session.press_enter() == 0, session.stderr()
+    assert log_value(session.out.rest(), rf"pid {target.pid} restored")
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+def test_named_parasite_socket(spawn, memcr: Memcr, tmp_path) -> None:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    target = spawn("pattern", 16)
+    session = memcr.interactive("-p", target.pid, "-S", sockets)
+    session.wait_prompt()
+    path = sockets / f"memcr{target.pid}"
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert session.press_enter() == 0, session.stderr()
+    assert not path.exists()
+    assert target.verify() == 0
