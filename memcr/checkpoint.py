@@ -179,7 +179,7 @@ class Session:
             with self._accessible(vma, PROT_READ):
                 for extent in extents:
                     if self.abort.is_set():
-                        raise Aborted(f"checkpoint of pid {self.pid} aborted")
+                        raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
                     record = self.dump.begin_pages(extent.start, extent.length)
                     if self.options.proc_mem:
                         self._copy_from_mem(extent.start, extent.length, buf)

@@ -5,7 +5,8 @@ Layout (little-endian, see docs/dump-format.md):
     header  magic "MEMCRPY\\0", u16 version, u16 header size, u32 page size,
             u32 pid, u32 flags, u64 reserved                      (32 bytes)
     record  u32 kind, u32 flags, u64 addr, u64 length, u64 stored (32 bytes)
-            followed by `stored` payload bytes
+            followed by `stored` payload bytes; zero padding before each
+            record puts its payload on a page boundary of the file
     end     a record of kind END: addr 0, length = page bytes, stored 0
 
 A dump never outlives the memcr process that wrote it: memcr keeps the
@@ -128,6 +129,11 @@ class DumpFile:
             raise storage_error(self.path, e) from None
 
     def begin_pages(self, addr: int, length: int) -> Record:
+        # zero padding puts the payload on a page boundary of the file, so
+        # sendfile() hands whole page-cache pages to the socket on restore
+        pad = -(self.size + RECORD.size) % self.page_size
+        if pad:
+            self._write(bytes(pad))
         self._write(RECORD.pack(KIND_PAGES, 0, addr, length, length))
         record = Record(addr, length, self.size)
         self.records.append(record)

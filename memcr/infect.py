@@ -64,8 +64,16 @@ class Infection:
             trap = at + self.blobs.offsets["syscall_trap"] + 1
             done = f.run_until_trap(tid, call, trap)
         finally:
-            f.write(at, original)
+            self._put_code_back(at, original)
         return f.arch.syscall_result(done)
+
+    def _put_code_back(self, at: int, original: bytes) -> None:
+        try:
+            self.frozen.write(at, original)
+        except OSError:
+            if procfs.proc_path(self.frozen.pid).exists():
+                raise MemcrError(f"could not restore the code of process {self.frozen.pid} at {at:#x}") from None
+            # the target died: the error that killed it is the one to report
 
     @property
     def mapping(self) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -67,9 +68,7 @@ def read_maps(pid: int) -> list[Vma]:
     vmas: list[Vma] = []
     for line in _read(proc_path(pid, "smaps"), pid).splitlines():
         if line.startswith("VmFlags:"):
-            last = vmas[-1]
-            vmas[-1] = Vma(last.start, last.end, last.perms, last.offset, last.inode, last.path,
-                           frozenset(line.split()[1:]))  # fmt: skip
+            vmas[-1] = dataclasses.replace(vmas[-1], flags=frozenset(line.split()[1:]))
             continue
         fields = line.split(maxsplit=5)
         if "-" not in fields[0] or len(fields) < 5:
@@ -155,38 +154,16 @@ def check_target(pid: int) -> dict[str, str]:
 
 
 def require_page_monitor() -> None:
-    """memcr needs CONFIG_PROC_PAGE_MONITOR: /proc/self/pagemap and /proc/kpageflags."""
-    for path in ("/proc/self/pagemap", "/proc/kpageflags"):
-        try:
-            os.close(os.open(path, os.O_RDONLY))
-        except FileNotFoundError:
-            raise RightsError(
-                f"{path} does not exist: the kernel lacks CONFIG_PROC_PAGE_MONITOR, "
-                "which memcr needs to find the pages to save"
-            ) from None
-        except PermissionError:
-            raise RightsError(
-                f"cannot read {path}: run memcr as root, or give its user read access "
-                "(e.g. a dedicated group with read permission on /proc/kpageflags)"
-            ) from None
+    """memcr finds pages through pagemap, which needs CONFIG_PROC_PAGE_MONITOR.
 
-
-class PageFlags:
-    """Random access to /proc/kpageflags, which is indexed by page frame number."""
-
-    UNEVICTABLE = 1 << 18
-    ZERO_PAGE = 1 << 24
-    MLOCKED = 1 << 33
-
-    def __init__(self) -> None:
-        self._fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def read(self, first_pfn: int, count: int) -> memoryview:
-        data = os.pread(self._fd, count * 8, first_pfn * 8)
-        return memoryview(data).cast("Q")
+    /proc/kpageflags (root only) is not needed: locked memory shows as the
+    `lo` flag in smaps, and madvise() refuses exactly those mappings.
+    """
+    if not os.path.exists("/proc/self/pagemap"):
+        raise RightsError(
+            "/proc/self/pagemap does not exist: the kernel lacks CONFIG_PROC_PAGE_MONITOR, "
+            "which memcr needs to find the pages to save"
+        )
 
 
 def open_pagemap(pid: int) -> int | None:

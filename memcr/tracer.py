@@ -199,20 +199,20 @@ class FrozenProcess:
             stop = self.wait(tid)
             if stop.exited:
                 raise TargetGone(f"process {self.pid} died while running injected code")
-            if stop.signal == signal.SIGTRAP and stop.event == 0:
-                regs = self.get_regs(tid)
-                if self.arch.pc(regs) == trap_pc:
-                    self.set_regs(tid, saved)
-                    return regs
-                raise MemcrError(f"process {self.pid} trapped at an unexpected address")
-            if stop.signal in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL) and stop.event == 0:
-                self.set_regs(tid, saved)
-                raise MemcrError(f"injected code faulted in process {self.pid} (signal {stop.signal})")
+            regs = self.get_regs(tid)
             self.set_regs(tid, saved)
+            if stop.event == 0 and stop.signal == signal.SIGTRAP and self.arch.pc(regs) == trap_pc:
+                return regs
+            if stop.event == 0 and stop.signal in (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL):
+                raise MemcrError(
+                    f"injected code failed in process {self.pid} (signal {stop.signal} "
+                    f"at {self.arch.pc(regs):#x})"
+                )
             if stop.event == 0 and stop.signal:
+                # a signal arrived instead of the trap: deliver it, then retry
                 self.cont(tid, stop.signal)
                 _raw(PTRACE_INTERRUPT, tid)
-            if not self._wait_interrupted(tid):
+            if not stop.interrupt_stop and not self._wait_interrupted(tid):
                 raise TargetGone(f"process {self.pid} died while running injected code")
 
     def release(self) -> None:

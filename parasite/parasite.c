@@ -14,6 +14,8 @@
 #define O_CLOEXEC 02000000
 #define AT_FDCWD (-100)
 #define MSG_WAITALL 0x100
+#define SOL_SOCKET 1
+#define SO_RCVTIMEO 20
 #define MADV_DONTNEED 4
 #define MADV_POPULATE_WRITE 23
 #define EINTR 4
@@ -150,7 +152,17 @@ static int named_socket(const struct parasite_args *a)
 	return a->sun_path[0] != '\0';
 }
 
-/* Accept connections until one proves it knows nonce_in. */
+static void set_recv_timeout(long fd, long seconds)
+{
+	long timeval[2] = {seconds, 0};
+
+	sys6(__NR_setsockopt, fd, SOL_SOCKET, SO_RCVTIMEO, (long)timeval, sizeof(timeval), 0);
+}
+
+/*
+ * Accept connections until one proves it knows nonce_in. A stranger gets
+ * one second to do so, then the next connection is served.
+ */
 static int accept_memcr(struct parasite_args *a, int lfd)
 {
 	unsigned char nonce[PARASITE_NONCE_LEN];
@@ -163,10 +175,13 @@ static int accept_memcr(struct parasite_args *a, int lfd)
 			fail(a, PARASITE_STEP_ACCEPT, cfd);
 			return -1;
 		}
+		set_recv_timeout(cfd, 1);
 		if (read_all(cfd, nonce, sizeof(nonce)) == 0 &&
 		    same_bytes(nonce, a->nonce_in, sizeof(nonce)) &&
-		    write_all(cfd, a->nonce_out, sizeof(a->nonce_out)) == 0)
+		    write_all(cfd, a->nonce_out, sizeof(a->nonce_out)) == 0) {
+			set_recv_timeout(cfd, 0);
 			return (int)cfd;
+		}
 		sys3(__NR_close, cfd, 0, 0);
 	}
 }

@@ -73,3 +73,16 @@ def test_corrupted_dump_kills_target(spawn, memcr: Memcr) -> None:
     assert "killed" in session.stderr()
     assert target.proc.wait(30) == -signal.SIGKILL
     assert memcr.dumps() == []
+
+
+def test_sigint_during_dump_rolls_back(spawn, memcr: Memcr) -> None:
+    target = spawn("pattern", 512)
+    session = memcr.interactive("-p", target.pid)
+    # streaming 512 MiB takes far longer than a signal takes to arrive
+    session.out.wait_for("candidate VMAs")
+    session.proc.send_signal(signal.SIGINT)
+    assert session.proc.wait(120) == 1
+    assert "aborted" in session.stderr()
+    assert memcr.dumps() == []
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0

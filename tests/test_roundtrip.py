@@ -61,3 +61,21 @@ def test_named_parasite_socket(spawn, memcr: Memcr, tmp_path) -> None:
     assert session.press_enter() == 0, session.stderr()
     assert not path.exists()
     assert target.verify() == 0
+
+
+def test_named_parasite_socket_with_group(spawn, memcr: Memcr, tmp_path) -> None:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    target = spawn("pattern", 16)
+    session = memcr.interactive("-p", target.pid, "-S", sockets, "-G", 4321)
+    session.wait_prompt()
+    st = (sockets / f"memcr{target.pid}").stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 0o660)
+    assert session.press_enter() == 0, session.stderr()
+    assert target.verify() == 0
+
+
+def test_group_without_socket_dir_is_refused(memcr: Memcr) -> None:
+    result = memcr.run("-p", 1, "-G", 4321)
+    assert result.returncode == 2
+    assert "-G/--parasite-socket-gid needs -S" in result.stderr
