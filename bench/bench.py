@@ -1,0 +1,244 @@
+"""`make bench`: memcr's checkpoint and restore speed and memory against this machine's limits.
+
+Each figure stands beside a limit measured in the same run, in the same
+dump directory:
+
+* write limit: the bench target itself streams its pages from its memory
+  over a UNIX socket to another process, which writes them into a file in
+  the dump directory (the same bytes memcr moves: the page cache of this
+  virtual machine is slower for some data than for other);
+* read limit: that file goes back over a UNIX socket (sendfile) into fresh
+  anonymous memory of another process, pre-faulted chunk by chunk with
+  MADV_POPULATE_WRITE (the fastest plain receiver we know).
+
+memcr runs `memcr -p PID -n` on a fresh target each time (half text-like,
+half random pages), the target verifies every byte afterwards, and memcr's
+peak RSS comes from wait4(). Medians over --runs. Results go to stdout and
+to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CHUNK = 8 << 20
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11
+
+
+@dataclass
+class MemcrRun:
+    download_ms: float
+    upload_ms: float
+    peak_rss_mib: float
+    dump_bytes: int
+
+
+def build_target(work: Path) -> Path:
+    binary = work / "bench-target"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "target.c")], check=True)
+    return binary
+
+
+def write_limit(target_bin: Path, size_mib: int, directory: Path) -> tuple[float, Path]:
+    """Seconds to stream the target's pages over a UNIX socket into a file."""
+    size = size_mib << 20
+    path = directory / "bench-limit.dat"
+    ours, theirs = socket.socketpair()
+    sender = subprocess.Popen([target_bin, str(size_mib), "send"], stdin=theirs)
+    theirs.close()
+    buf = memoryview(bytearray(CHUNK))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        ours.recv(1)  # the sender has filled its memory: the clock may start
+        ours.send(b"g")
+        started = time.monotonic()
+        done = 0
+        while done < size:
+            n = ours.recv_into(buf, min(len(buf), size - done), socket.MSG_WAITALL)
+            if n == 0:
+                raise SystemExit("bench: the limit's sender stopped early")
+            os.write(fd, buf[:n])
+            done += n
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(fd)
+        ours.close()
+        if sender.wait(timeout=60) != 0:
+            raise SystemExit("bench: the limit's sender failed")
+    return elapsed, path
+
+
+def read_limit(size: int, path: Path) -> float:
+    """Seconds to send the file over a UNIX socket into fresh memory of another process."""
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        ours.close()
+        memory = mmap.mmap(-1, size)
+        view = memoryview(memory)
+        got = 0
+        while got < size:
+            # pre-fault each chunk in one call, as the best plain receiver would
+            memory.madvise(MADV_POPULATE_WRITE, got, min(CHUNK, size - got))
+            got += theirs.recv_into(view[got:], min(CHUNK, size - got), socket.MSG_WAITALL)
+        theirs.send(b"k")
+        os._exit(0)
+    theirs.close()
+    fd = os.open(path, os.O_RDONLY)
+    started = time.monotonic()
+    sent = 0
+    while sent < size:
+        sent += os.sendfile(ours.fileno(), fd, sent, size - sent)
+    ours.recv(1)
+    elapsed = time.monotonic() - started
+    os.close(fd)
+    os.waitpid(child, 0)
+    ours.close()
+    return elapsed
+
+
+def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
+    target = subprocess.Popen([target_bin, str(size_mib)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout is not None
+        target.stdout.readline()
+        memcr = subprocess.Popen(
+            [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", str(directory), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # wait4, not communicate: only wait4 hands back the child's peak RSS
+        # (its few lines of output fit in the pipe meanwhile)
+        _, status, usage = os.wait4(memcr.pid, 0)
+        memcr.returncode = os.waitstatus_to_exitcode(status)
+        assert memcr.stdout is not None and memcr.stderr is not None
+        out, err = memcr.stdout.read(), memcr.stderr.read()
+        if memcr.returncode != 0:
+            raise SystemExit(f"bench: memcr failed ({memcr.returncode}): {err.strip()}")
+        target.send_signal(signal.SIGUSR1)
+        if target.wait(timeout=300) != 0:
+            raise SystemExit("bench: the target found damaged memory after memcr: aborting")
+    finally:
+        if target.poll() is None:
+            target.kill()
+        target.wait()
+    return MemcrRun(
+        download_ms=_logged(out, r"download took (\d+) ms"),
+        upload_ms=_logged(out, r"upload took (\d+) ms"),
+        peak_rss_mib=usage.ru_maxrss / 1024,
+        dump_bytes=int(_logged(out, r"dump \S+ \((\d+) bytes\)")),
+    )
+
+
+def _logged(out: str, pattern: str) -> float:
+    match = re.search(pattern, out)
+    if not match:
+        raise SystemExit(f"bench: memcr did not log {pattern!r}:\n{out}")
+    return float(match.group(1))
+
+
+def machine(directory: Path) -> dict[str, str]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.machine(),
+    )  # fmt: skip
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(directory)], capture_output=True, text=True).stdout
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "dump_dir": str(directory),
+        "dump_fs": fstype.strip(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dir", type=Path, help="dump directory (default: a new one under /var/tmp)")
+    parser.add_argument("--json", type=Path, default=HERE / "results.json")
+    parser.add_argument("--memcr-args", default="", help="extra memcr options, e.g. '-m'")
+    args = parser.parse_args()
+    size = args.size_mib << 20
+    with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
+        directory = Path(work)
+        target_bin = build_target(directory)
+        writes, reads, runs = [], [], []
+        # a discarded warm-up pass first, then limit and memcr take turns, so
+        # both meet the same state of the page cache and of the (virtual) machine
+        for i in range(args.runs + 1):
+            seconds, path = write_limit(target_bin, args.size_mib, directory)
+            read_seconds = read_limit(size, path)
+            path.unlink()
+            run = run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split())
+            if i:
+                writes.append(seconds)
+                reads.append(read_seconds)
+                runs.append(run)
+        facts = machine(directory)
+    results = summarise(args.size_mib, writes, reads, runs)
+    results["machine"] = facts
+    print_table(results)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"bench: results in {args.json}")
+    return 0
+
+
+def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list[MemcrRun]) -> dict:
+    def mib_s(seconds: float) -> float:
+        return size_mib / seconds
+
+    checkpoint = mib_s(statistics.median(r.download_ms for r in runs) / 1000)
+    restore = mib_s(statistics.median(r.upload_ms for r in runs) / 1000)
+    write_lim, read_lim = mib_s(statistics.median(writes)), mib_s(statistics.median(reads))
+    peak = [r.peak_rss_mib for r in runs]
+    return {
+        "size_mib": size_mib,
+        "runs": [asdict(r) for r in runs],
+        "checkpoint_mib_s": checkpoint,
+        "restore_mib_s": restore,
+        "write_limit_mib_s": write_lim,
+        "read_limit_mib_s": read_lim,
+        "checkpoint_ratio": checkpoint / write_lim,
+        "restore_ratio": restore / read_lim,
+        "peak_rss_mib_median": statistics.median(peak),
+        "peak_rss_mib_max": max(peak),
+    }
+
+
+def print_table(r: dict) -> None:
+    print(f"memcr bench: {r['size_mib']} MiB target, median of {len(r['runs'])} runs")
+    print(f"{'':12}{'memcr MiB/s':>14}{'limit MiB/s':>14}{'ratio':>8}{'aim':>8}")
+    for name, ours, limit, ratio in (
+        ("checkpoint", r["checkpoint_mib_s"], r["write_limit_mib_s"], r["checkpoint_ratio"]),
+        ("restore", r["restore_mib_s"], r["read_limit_mib_s"], r["restore_ratio"]),
+    ):
+        verdict = "ok" if ratio >= 0.8 else "below"
+        print(f"{name:12}{ours:14.0f}{limit:14.0f}{ratio:8.2f}{verdict:>8}")
+    peak = r["peak_rss_mib_max"]
+    print(f"peak RSS of memcr: median {r['peak_rss_mib_median']:.1f} MiB, max {peak:.1f} MiB "
+          f"({'ok' if peak < 48 else 'over'} against 48 MiB)")  # fmt: skip
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in r["machine"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+/*
+ * Bench target: SIZE_MIB MiB, even pages text-like (compressible), odd
+ * pages random. Prints "ready <pid>", verifies everything on SIGUSR1.
+ *
+ * `target SIZE_MIB send`: the same pages, written instead to the socket on
+ * fd 0 once the bench answers "r" with "g": the sender of the write limit,
+ * so the limit moves exactly the bytes memcr moves.
+ */
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+static const char *words[] = {"memory", "process", "restore", "checkpoint", "kernel", "page",
+			      "the", "of", "and", "parasite", "socket", "frozen", "dump", "file"};
+
+static uint64_t next(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+static void make_page(unsigned char *page, size_t index)
+{
+	uint64_t state = index * 0x9e3779b97f4a7c15ULL + 1;
+
+	if (index % 2) {
+		for (size_t i = 0; i < PAGE; i += 8) {
+			uint64_t v = next(&state);
+			memcpy(page + i, &v, 8);
+		}
+		return;
+	}
+	for (size_t i = 0; i < PAGE;) {
+		const char *w = words[next(&state) % (sizeof(words) / sizeof(words[0]))];
+		for (size_t j = 0; w[j] && i < PAGE; j++)
+			page[i++] = w[j];
+		if (i < PAGE)
+			page[i++] = ' ';
+	}
+}
+
+int main(int argc, char **argv)
+{
+	size_t pages = ((size_t)(argc > 1 ? atol(argv[1]) : 1024) << 20) / PAGE;
+	unsigned char *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned char expect[PAGE];
+	sigset_t set;
+	int sig;
+
+	if (mem == MAP_FAILED)
+		return 2;
+	for (size_t p = 0; p < pages; p++)
+		make_page(mem + p * PAGE, p);
+	if (argc > 2 && strcmp(argv[2], "send") == 0) {
+		char go;
+		if (write(0, "r", 1) != 1 || read(0, &go, 1) != 1)
+			return 2;
+		for (size_t done = 0; done < pages * PAGE;) {
+			ssize_t n = write(0, mem + done, pages * PAGE - done);
+			if (n <= 0)
+				return 2;
+			done += n;
+		}
+		return 0;
+	}
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	printf("ready %d\n", getpid());
+	fflush(stdout);
+	sigwait(&set, &sig);
+	for (size_t p = 0; p < pages; p++) {
+		make_page(expect, p);
+		if (memcmp(expect, mem + p * PAGE, PAGE)) {
+			fprintf(stderr, "page %zu differs\n", p);
+			return 1;
+		}
+	}
+	return 0;
+}
