@@ -177,6 +177,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="dump directory (default: a new one under /var/tmp)")
     parser.add_argument("--json", type=Path, default=HERE / "results.json")
     parser.add_argument("--memcr-args", default="", help="extra memcr options, e.g. '-m'")
+    parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
@@ -194,8 +195,16 @@ def main() -> int:
                 writes.append(seconds)
                 reads.append(read_seconds)
                 runs.append(run)
+        variants = {}
+        if not args.no_variants:
+            for options in VARIANTS:
+                extra = args.memcr_args.split() + options
+                variants[" ".join(options)] = [
+                    run_memcr(target_bin, args.size_mib, directory, extra) for _ in range(args.runs)
+                ]
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
+    results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["machine"] = facts
     print_table(results)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
@@ -225,6 +234,22 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
     }
 
 
+VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", "-e"]]
+
+
+def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict:
+    """Median times and dump size of a variant, and their ratios to the plain runs."""
+
+    def median(runs: list[MemcrRun], field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs)
+
+    out: dict[str, float] = {}
+    for field in ("download_ms", "upload_ms", "dump_bytes", "peak_rss_mib"):
+        out[field] = median(variant, field)
+        out[f"{field}_ratio"] = out[field] / median(plain, field)
+    return out
+
+
 def print_table(r: dict) -> None:
     print(f"memcr bench: {r['size_mib']} MiB target, median of {len(r['runs'])} runs")
     print(f"{'':12}{'memcr MiB/s':>14}{'limit MiB/s':>14}{'ratio':>8}{'aim':>8}")
@@ -237,6 +262,11 @@ def print_table(r: dict) -> None:
     peak = r["peak_rss_mib_max"]
     print(f"peak RSS of memcr: median {r['peak_rss_mib_median']:.1f} MiB, max {peak:.1f} MiB "
           f"({'ok' if peak < 48 else 'over'} against 48 MiB)")  # fmt: skip
+    if r["variants"]:
+        print(f"\n{'options':18}{'checkpoint':>12}{'restore':>10}{'dump size':>11}{'peak RSS':>10}   (ratio to plain)")
+        for name, v in r["variants"].items():
+            print(f"{name:18}{v['download_ms_ratio']:12.2f}{v['upload_ms_ratio']:10.2f}"
+                  f"{v['dump_bytes_ratio']:11.2f}{v['peak_rss_mib_ratio']:10.2f}")  # fmt: skip
     print("machine: " + ", ".join(f"{k} {v}" for k, v in r["machine"].items()))
 
 

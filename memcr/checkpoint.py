@@ -20,7 +20,8 @@ from itertools import groupby
 from pathlib import Path
 
 from memcr import arch, procfs, scan
-from memcr.dumpfile import DumpFile, check_directory
+from memcr.codec import FRAME_PLAIN, DumpOptions
+from memcr.dumpfile import DumpFile, Record, check_directory
 from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetKilled
 from memcr.infect import Infection
 from memcr.parasite import Nonces, ParasiteChannel, SocketSpec, pack_args
@@ -29,7 +30,7 @@ from memcr.scan import Plan
 from memcr.tracer import FrozenProcess
 
 PAGE = mmap.PAGESIZE
-CHUNK = 1 << 20  # bytes moved per read/write while streaming
+CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
 PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
 
 Log = Callable[[str], None]
@@ -44,6 +45,7 @@ class Options:
     netns: bool = False
     proc_mem: bool = False
     rss_file: bool = False
+    dump: DumpOptions = field(default_factory=DumpOptions)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Session:
         self.report.threads = len(self.frozen.tids)
         self.log(f"seized {self.report.threads} threads of pid {self.pid}")
         try:
-            self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE)
+            self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE, self.options.dump)
             self._start_parasite()
             plan = self._plan()
             started = time.monotonic()
@@ -182,9 +184,10 @@ class Session:
                         raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
                     record = self.dump.begin_pages(extent.start, extent.length)
                     if self.options.proc_mem:
-                        self._copy_from_mem(extent.start, extent.length, buf)
+                        self._copy_from_mem(record, buf)
                     else:
-                        self._copy_from_parasite(extent.start, extent.length, buf)
+                        self._copy_from_parasite(record, buf)
+                    self.dump.end_pages(record)
                     # only now that the bytes are in the file may the page go
                     record.dropped = self.channel.drop(extent.start, extent.length)
                     done += extent.length
@@ -194,29 +197,30 @@ class Session:
             self.channel.drop(extent.start, extent.length)
         self.dump.finish()
 
-    def _copy_from_parasite(self, addr: int, length: int, buf: memoryview) -> None:
+    def _copy_from_parasite(self, record: Record, buf: memoryview) -> None:
         assert self.channel is not None and self.dump is not None
-        self.channel.request_pages(addr, length)
+        length = record.length
+        self.channel.request_pages(record.addr, length)
         failure: StorageError | None = None
         for offset in range(0, length, CHUNK):
             piece = buf[: min(CHUNK, length - offset)]
             self.channel.recv_into(piece)
             if failure is None:
                 try:
-                    self.dump.write_payload(piece)
+                    self.dump.write_payload(record, piece)
                 except StorageError as e:
                     # keep draining: the channel must stay usable for the rollback
                     failure = e
         if failure is not None:
             raise failure
 
-    def _copy_from_mem(self, addr: int, length: int, buf: memoryview) -> None:
+    def _copy_from_mem(self, record: Record, buf: memoryview) -> None:
         assert self.frozen is not None and self.dump is not None
-        for offset in range(0, length, CHUNK):
-            piece = buf[: min(CHUNK, length - offset)]
-            if os.preadv(self.frozen.mem_fd, [piece], addr + offset) != len(piece):
-                raise MemcrError(f"short read of /proc/{self.pid}/mem at {addr + offset:#x}")
-            self.dump.write_payload(piece)
+        for offset in range(0, record.length, CHUNK):
+            piece = buf[: min(CHUNK, record.length - offset)]
+            if os.preadv(self.frozen.mem_fd, [piece], record.addr + offset) != len(piece):
+                raise MemcrError(f"short read of /proc/{self.pid}/mem at {record.addr + offset:#x}")
+            self.dump.write_payload(record, piece)
 
     @contextlib.contextmanager
     def _accessible(self, vma: Vma, need: int) -> Iterator[None]:
@@ -235,6 +239,12 @@ class Session:
 
     def restore(self) -> None:
         """Put every dropped page back and let the target run on."""
+        assert self.dump is not None
+        if not self.dump.still_in_place():
+            self.log(
+                f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
+                "restoring from the copy memcr holds open"
+            )
         started = time.monotonic()
         try:
             self._put_back()
@@ -253,7 +263,10 @@ class Session:
         for vma, group in by_vma:
             with self._accessible(vma, PROT_WRITE):
                 for record in group:
-                    self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
+                    if self.dump.codec:
+                        self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
+                    else:
+                        self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
 
     # -- teardown -----------------------------------------------------------
 

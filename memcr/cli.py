@@ -8,12 +8,14 @@ import select
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import click
 
 from memcr import __version__
 from memcr.checkpoint import Options, Session
+from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
 
 NOT_YET = "is not available yet in this version of memcr"
@@ -49,9 +51,11 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
-@click.option("-z", "--compress", is_flag=False, flag_value="lz4", help="Compress the dump: lz4 or zstd.")
+@click.option("-z", "--compress", is_flag=False, flag_value="lz4",
+              help="Compress the dump: lz4 (the default) or zstd.")
 @click.option("-c", "--checksum", is_flag=True, help="MD5 over the dump, checked on restore.")
-@click.option("-e", "--encrypt", is_flag=False, flag_value="default", help="Encrypt the dump.")
+@click.option("-e", "--encrypt", is_flag=False, flag_value=DEFAULT_CIPHER,
+              help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).")
 @click.option("-t", "--timeout", type=int, help="Service mode: time limit per operation, seconds.")
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
               help="Print version, architecture and kernel.")
@@ -60,8 +64,7 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
-    _not_yet(**{"-l/--listen": listen, "-g/--listen-gid": listen_gid, "-z/--compress": compress,
-                "-c/--checksum": checksum, "-e/--encrypt": encrypt, "-t/--timeout": timeout})  # fmt: skip
+    _not_yet(**{"-l/--listen": listen, "-g/--listen-gid": listen_gid, "-t/--timeout": timeout})
     if pid is None:
         raise UsageError("give the process to checkpoint with -p PID (see memcr -h)")
     if pid <= 0:
@@ -75,6 +78,11 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
         netns=parasite_socket_netns,
         proc_mem=proc_mem,
         rss_file=rss_file,
+        dump=DumpOptions(
+            compress=compressor_name(compress) if compress else None,
+            checksum=checksum,
+            cipher=cipher_name(encrypt) if encrypt else None,
+        ),
     )
     interactive(pid, options, wait=not no_wait)
 
@@ -139,9 +147,31 @@ def _wait_for_enter(abort: threading.Event) -> None:
             return
 
 
+BOOLEAN_SHORT = set("cnmfNhV")
+
+
+def split_optional_values(argv: list[str]) -> list[str]:
+    """Read `-zc` as `-z -c`, as the C memcr does, but keep `-zzstd` a value.
+
+    -z and -e take an optional value, so a parser would take the `c` of
+    `-zc` for a compressor name; when the rest of the word is not a name
+    but only flags without values, it is split into those flags.
+    """
+    out = []
+    for arg in argv:
+        if len(arg) > 2 and arg[0] == "-" and arg[1] in "ze" and arg[1] != "-":
+            rest = arg[2:]
+            names = COMPRESSORS if arg[1] == "z" else CIPHERS
+            if rest.lower() not in names and set(rest) <= BOOLEAN_SHORT:
+                out += [arg[:2]] + [f"-{flag}" for flag in rest]
+                continue
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     try:
-        command.main(standalone_mode=False)
+        command.main(args=split_optional_values(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -152,3 +182,7 @@ def main() -> None:
     except MemcrError as e:
         click.echo(f"memcr: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except Exception as e:
+        traceback.print_exc()
+        click.echo(f"memcr: error: internal error, please report it: {e!r}", err=True)
+        sys.exit(1)

@@ -20,9 +20,13 @@ import errno
 import os
 import stat
 import struct
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memcr.codec import FRAME, DumpOptions, FrameCodec
 from memcr.errors import DumpError, StorageError
 
 MAGIC = b"MEMCRPY\0"
@@ -31,6 +35,8 @@ HEADER = struct.Struct("<8sHHIIIQ")
 RECORD = struct.Struct("<IIQQQ")
 KIND_PAGES = 1
 KIND_END = 2
+CODEC_THREADS = 2
+PIPELINE_DEPTH = 2  # frames waiting beside those being coded: bounds memory
 
 
 @dataclass
@@ -40,7 +46,13 @@ class Record:
     addr: int
     length: int
     offset: int  # of the payload in the file
+    stored: int = 0  # payload bytes in the file
+    written: int = 0  # page bytes written so far
     dropped: bool = False
+
+    @property
+    def header(self) -> bytes:
+        return RECORD.pack(KIND_PAGES, 0, self.addr, self.length, self.stored)
 
 
 def dump_path(directory: Path, pid: int) -> Path:
@@ -105,18 +117,32 @@ class DumpFile:
     path: Path
     pid: int
     page_size: int
+    options: DumpOptions
     fd: int = -1
     records: list[Record] = field(default_factory=list)
     size: int = 0
     page_bytes: int = 0
     finished: bool = False
 
+    codec: FrameCodec | None = None
+    _pool: ThreadPoolExecutor | None = None
+    _pending: deque[tuple[Record, Future[list[bytes | memoryview]]]] = field(default_factory=deque)
+
     @classmethod
-    def create(cls, directory: Path, pid: int, page_size: int) -> DumpFile:
+    def create(cls, directory: Path, pid: int, page_size: int, options: DumpOptions) -> DumpFile:
         path = dump_path(directory, pid)
-        dump = cls(path, pid, page_size, _create(path))
-        dump._write(HEADER.pack(MAGIC, VERSION, HEADER.size, page_size, pid, 0, 0))
+        dump = cls(path, pid, page_size, options, _create(path))
+        if options.framed:
+            dump.codec = FrameCodec(options, pid)
+            # the codecs release the GIL: frames are encoded and decoded on
+            # other cores while this thread moves bytes
+            dump._pool = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="memcr-codec")
+        dump._write(dump._header)
         return dump
+
+    @property
+    def _header(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, HEADER.size, self.page_size, self.pid, self.options.flags, 0)
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -129,19 +155,46 @@ class DumpFile:
             raise storage_error(self.path, e) from None
 
     def begin_pages(self, addr: int, length: int) -> Record:
-        # zero padding puts the payload on a page boundary of the file, so
-        # sendfile() hands whole page-cache pages to the socket on restore
-        pad = -(self.size + RECORD.size) % self.page_size
-        if pad:
-            self._write(bytes(pad))
-        self._write(RECORD.pack(KIND_PAGES, 0, addr, length, length))
-        record = Record(addr, length, self.size)
+        if not self.codec:
+            # zero padding puts the payload on a page boundary of the file, so
+            # sendfile() hands whole page-cache pages to the socket on restore
+            pad = -(self.size + RECORD.size) % self.page_size
+            if pad:
+                self._write(bytes(pad))
+        record = Record(addr, length, self.size + RECORD.size)
+        self._write(record.header)  # stored length still 0: rewritten by end_pages
         self.records.append(record)
         return record
 
-    def write_payload(self, data: memoryview) -> None:
-        self._write(data)
+    def write_payload(self, record: Record, data: memoryview) -> None:
+        """Append the next bytes of the record's pages (at most one frame's worth)."""
+        addr = record.addr + record.written
+        record.written += len(data)
         self.page_bytes += len(data)
+        if self._pool is None:
+            self._write(data)
+            record.stored += len(data)
+            return
+        assert self.codec is not None
+        # a copy: the caller reuses its buffer while the frame is encoded
+        self._pending.append((record, self._pool.submit(self.codec.encode, bytes(data), addr)))
+        while len(self._pending) > PIPELINE_DEPTH:
+            self._write_oldest_frame()
+
+    def _write_oldest_frame(self) -> None:
+        record, encoded = self._pending.popleft()
+        before = self.size
+        for piece in encoded.result():
+            self._write(piece)
+        record.stored += self.size - before
+
+    def end_pages(self, record: Record) -> None:
+        while self._pending:
+            self._write_oldest_frame()
+        try:
+            os.pwrite(self.fd, record.header, record.offset - RECORD.size)
+        except OSError as e:
+            raise storage_error(self.path, e) from None
 
     def finish(self) -> None:
         self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
@@ -158,13 +211,10 @@ class DumpFile:
             size = os.fstat(self.fd).st_size
             if size != self.size:
                 raise DumpError(f"the dump {self.path} is {size} bytes, memcr wrote {self.size}: it was modified")
-            if os.pread(self.fd, HEADER.size, 0) != HEADER.pack(
-                MAGIC, VERSION, HEADER.size, self.page_size, self.pid, 0, 0
-            ):
+            if os.pread(self.fd, HEADER.size, 0) != self._header:
                 raise DumpError(f"the dump {self.path} has a damaged header")
             for record in dropped:
-                head = os.pread(self.fd, RECORD.size, record.offset - RECORD.size)
-                if head != RECORD.pack(KIND_PAGES, 0, record.addr, record.length, record.length):
+                if os.pread(self.fd, RECORD.size, record.offset - RECORD.size) != record.header:
                     raise DumpError(f"the dump {self.path} has a damaged record at offset {record.offset}")
             if self.finished and os.pread(self.fd, RECORD.size, self.size - RECORD.size) != RECORD.pack(
                 KIND_END, 0, 0, self.page_bytes, 0
@@ -174,21 +224,68 @@ class DumpFile:
             raise DumpError(f"cannot read the dump {self.path}: {e.strerror}") from None
         return dropped
 
+    def plain_chunks(self, record: Record) -> Iterator[bytes]:
+        """A framed record's pages, in order, each frame checked before it is yielded."""
+        assert self._pool is not None
+        decoding: deque[Future[bytes]] = deque()
+        for frame in self._frames(record):
+            decoding.append(self._pool.submit(self._decode, *frame))
+            if len(decoding) > PIPELINE_DEPTH:
+                yield decoding.popleft().result()
+        while decoding:
+            yield decoding.popleft().result()
+
+    def _frames(self, record: Record) -> Iterator[tuple[bytes, int, int, int]]:
+        """(header, offset and length of the stored bytes, page address) of each frame."""
+        assert self.codec is not None
+        offset, end, done = record.offset, record.offset + record.stored, 0
+        head_len = FRAME.size + self.codec.digest_len
+        while done < record.length:
+            head = self._read_exact(offset, head_len, end)
+            plain_len, stored_len, _ = self.codec.parse_header(head)
+            if offset + head_len + stored_len > end or done + plain_len > record.length:
+                break
+            yield head, offset + head_len, stored_len, record.addr + done
+            done += plain_len
+            offset += head_len + stored_len
+        if done != record.length or offset != end:
+            raise DumpError(f"the dump {self.path} has a damaged record at offset {record.offset}")
+
+    def _decode(self, head: bytes, offset: int, stored_len: int, addr: int) -> bytes:
+        assert self.codec is not None
+        stored = self._read_exact(offset, stored_len, offset + stored_len)
+        return self.codec.decode(head, stored, addr)
+
+    def _read_exact(self, offset: int, size: int, end: int) -> bytes:
+        if offset + size > end:
+            raise DumpError(f"the dump {self.path} has a frame running past its record")
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise DumpError(f"the dump {self.path} ends early")
+        return data
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def still_in_place(self) -> bool:
+        """Whether the dump's path still names the file memcr wrote."""
+        try:
+            now, ours = os.lstat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
 
     def remove(self) -> None:
         """Close and delete the dump; it is never needed once the target runs."""
         if self.fd < 0:
             return
-        ours = os.fstat(self.fd)
-        self.close()
-        try:
-            now = os.lstat(self.path)
-        except FileNotFoundError:
-            return
         # someone may have replaced the file: delete only the one we wrote
-        if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+        ours = self.still_in_place()
+        self.close()
+        if ours:
             os.unlink(self.path)

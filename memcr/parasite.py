@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import secrets
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,7 @@ class Nonces:
 
     @classmethod
     def fresh(cls) -> Nonces:
-        return cls(secrets.token_bytes(NONCE_LEN), secrets.token_bytes(NONCE_LEN))
+        return cls(os.urandom(NONCE_LEN), os.urandom(NONCE_LEN))
 
 
 def pack_args(spec: SocketSpec, nonces: Nonces) -> bytes:
@@ -128,6 +128,7 @@ class ParasiteChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.broken = False
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
 
@@ -194,6 +195,8 @@ class ParasiteChannel:
             raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
 
     def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
+        if self.broken:
+            raise ParasiteError("the connection to the parasite was dropped mid-transfer")
         CMD.pack_into(self._cmd, 0, op, arg, addr, length)
         try:
             self.sock.sendall(self._cmd)
@@ -234,18 +237,40 @@ class ParasiteChannel:
 
     def store_pages(self, addr: int, length: int, fd: int, offset: int) -> None:
         """Send `length` bytes of file `fd` at `offset` into the target at addr."""
-        self._send(OP_RECV, addr, length)
-        sent, out = 0, self.sock.fileno()
-        try:
+
+        def push() -> None:
+            sent, out = 0, self.sock.fileno()
             while sent < length:
                 n = os.sendfile(out, fd, offset + sent, length - sent)
                 if n == 0:
                     raise ParasiteError("the dump file ended early")
                 sent += n
-        except BlockingIOError:
-            raise ParasiteError("the parasite stopped taking pages") from None
-        except (BrokenPipeError, ConnectionError) as e:
-            raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
+        self._store(addr, length, push)
+
+    def store_chunks(self, addr: int, length: int, chunks: Iterator[bytes]) -> None:
+        """Send `length` bytes, produced chunk by chunk, into the target at addr."""
+
+        def push() -> None:
+            for chunk in chunks:
+                self.sock.sendall(chunk)
+
+        self._store(addr, length, push)
+
+    def _store(self, addr: int, length: int, push: Callable[[], None]) -> None:
+        self._send(OP_RECV, addr, length)
+        try:
+            push()
+        except BaseException as e:
+            # the parasite now waits for bytes that will never come: nothing
+            # else may be sent on this connection, or it would become page data
+            self.broken = True
+            self.sock.close()
+            if isinstance(e, BlockingIOError):
+                raise ParasiteError("the parasite stopped taking pages") from None
+            if isinstance(e, OSError):
+                raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+            raise
         result = self._result()
         if result < 0:
             raise ParasiteError(f"storing pages at {addr:#x} failed: {os.strerror(-result)}")

@@ -59,6 +59,7 @@ def test_dump_deleted_while_frozen_still_restores(spawn, memcr: Memcr) -> None:
     dump.unlink()
     # memcr holds the file open: the pages are still there to put back
     assert session.press_enter() == 0, session.stderr()
+    assert any("was removed or replaced" in line for line in session.out.rest())
     assert target.verify() == 0
 
 

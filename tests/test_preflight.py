@@ -111,6 +111,6 @@ def test_symlink_at_dump_path_is_not_followed(spawn, memcr: Memcr, tmp_path: Pat
     assert target.verify() == 0
 
 
-@pytest.mark.parametrize("option", [["-l", "9000"], ["-z"], ["-c"], ["-e"], ["-t", "5"], ["-g", "0"]])
+@pytest.mark.parametrize("option", [["-l", "9000"], ["-t", "5"], ["-g", "0"]])
 def test_options_not_available_yet(memcr: Memcr, option: list[str]) -> None:
     refused(memcr.run("-p", 1, *option), 2, "not available yet")

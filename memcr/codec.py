@@ -1,0 +1,258 @@
+"""The dump's layers: compression, encryption and checksum, applied per frame.
+
+A frame carries at most FRAME_PLAIN bytes of pages. Writing: compress (kept
+only when it saves space), then seal (AES-GCM, or AES-CBC then HMAC-SHA256
+for the CBC names; a fresh random IV per frame, the frame's place in the
+dump as associated data), then MD5 over the frame. Reading runs the layers
+backwards and refuses a frame before any of its bytes are used.
+
+The keys are random per memcr process and live only in its memory, so a
+dump can be read back by the process that wrote it and by nobody else.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from functools import cache
+
+from memcr.errors import DumpError, UsageError
+
+FRAME_PLAIN = 1 << 20
+FRAME = struct.Struct("<IIII")  # plain length, stored length, flags, reserved
+AAD = struct.Struct("<IQII")  # pid, address of the frame's first byte, plain length, flags
+DIGEST_LEN = 16
+F_COMPRESSED = 1
+F_ENCRYPTED = 2
+
+COMPRESSORS = {"lz4": 1, "zstd": 2}
+CIPHERS = {"aes-128-cbc": 1, "aes-192-cbc": 2, "aes-256-cbc": 3, "aes-256-gcm": 4}
+DEFAULT_CIPHER = "aes-256-gcm"
+SAMPLE = 4096
+ZSTD_LEVEL = 1  # on text it compresses at several GiB/s: faster than the disk it saves
+
+
+def _choice(kind: str, name: str, choices: dict[str, int]) -> str:
+    key = name.lower()
+    if key not in choices:
+        raise UsageError(f"unknown {kind} {name!r}: choose one of {', '.join(choices)}")
+    return key
+
+
+def compressor_name(name: str) -> str:
+    return _choice("compression", name, COMPRESSORS)
+
+
+def cipher_name(name: str) -> str:
+    return _choice("cipher", name, CIPHERS)
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    compress: str | None = None
+    checksum: bool = False
+    cipher: str | None = None
+
+    @property
+    def framed(self) -> bool:
+        return bool(self.compress or self.checksum or self.cipher)
+
+    @property
+    def flags(self) -> int:
+        """The dump header's flags: compressor, checksum bit, cipher."""
+        return (
+            COMPRESSORS.get(self.compress or "", 0)
+            | (0x10 if self.checksum else 0)
+            | CIPHERS.get(self.cipher or "", 0) << 8
+        )
+
+
+class _Lz4:
+    def __init__(self) -> None:
+        import lz4.block
+
+        self._block = lz4.block
+
+    def compress(self, data: memoryview) -> bytes:
+        return self._block.compress(data, store_size=False)
+
+    def decompress(self, data: bytes, plain_len: int) -> bytes:
+        return self._block.decompress(data, uncompressed_size=plain_len)
+
+
+class _Zstd:
+    """zstd contexts are not thread-safe: each codec thread gets its own."""
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._local = threading.local()
+
+    def _contexts(self):  # (compressor, decompressor) of this thread
+        if not hasattr(self._local, "c"):
+            self._local.c = self._zstd.ZstdCompressor(level=ZSTD_LEVEL)
+            self._local.d = self._zstd.ZstdDecompressor()
+        return self._local
+
+    def compress(self, data: memoryview) -> bytes:
+        return self._contexts().c.compress(data)
+
+    def decompress(self, data: bytes, plain_len: int) -> bytes:
+        return self._contexts().d.decompress(data, max_output_size=plain_len)
+
+
+@cache
+def _process_key(cipher: str, length: int) -> bytes:
+    """A key made at first use and kept only in this process's memory."""
+    return os.urandom(length)
+
+
+class _Gcm:
+    def __init__(self, cipher: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(_process_key(cipher, 32))
+
+    def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, bytes(data), aad)
+
+    def open(self, data: bytes, aad: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return self._aead.decrypt(data[:12], data[12:], aad)
+        except InvalidTag:
+            raise DumpError("an encrypted frame of the dump fails authentication: it was altered") from None
+
+
+class _CbcHmac:
+    """AES-CBC, then HMAC-SHA256 over IV, ciphertext and the frame's place."""
+
+    def __init__(self, cipher: str) -> None:
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        bits = int(cipher.split("-")[1])
+        self._key = _process_key(cipher, bits // 8)
+        self._mac_key = _process_key(cipher + "-hmac", 32)
+        self._cipher, self._algorithms, self._modes, self._padding = Cipher, algorithms, modes, padding
+
+    def _aes(self, iv: bytes):  # a cryptography Cipher
+        return self._cipher(self._algorithms.AES(self._key), self._modes.CBC(iv))
+
+    def _tag(self, body: bytes, aad: bytes) -> bytes:
+        import hmac  # with hashlib it costs megabytes: load only when used
+
+        return hmac.digest(self._mac_key, aad + body, "sha256")
+
+    def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:
+        iv = os.urandom(16)
+        padder = self._padding.PKCS7(128).padder()
+        padded = bytes(padder.update(data)) + padder.finalize()
+        encryptor = self._aes(iv).encryptor()
+        body = iv + encryptor.update(padded) + encryptor.finalize()
+        return body + self._tag(body, aad)
+
+    def open(self, data: bytes, aad: bytes) -> bytes:
+        body, tag = data[:-32], data[-32:]
+        if len(body) < 32 or not _same(tag, self._tag(body, aad)):
+            raise DumpError("an encrypted frame of the dump fails authentication: it was altered")
+        decryptor = self._aes(body[:16]).decryptor()
+        padded = decryptor.update(body[16:]) + decryptor.finalize()
+        unpadder = self._padding.PKCS7(128).unpadder()
+        return unpadder.update(padded) + unpadder.finalize()
+
+
+def _md5(header: bytes, data: bytes | memoryview) -> bytes:
+    import hashlib  # loads OpenSSL: only dumps with -c pay for it
+
+    md5 = hashlib.md5(header, usedforsecurity=False)
+    md5.update(data)
+    return md5.digest()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
+class FrameCodec:
+    """Turns plain chunks into frames and back, for one dump."""
+
+    def __init__(self, options: DumpOptions, pid: int) -> None:
+        self.options = options
+        self.pid = pid
+        # binds frames to this dump: the same process may dump the same pid again
+        self._dump_id = os.urandom(8)
+        self._compressor = {"lz4": _Lz4, "zstd": _Zstd}[options.compress]() if options.compress else None
+        self._sealer = None
+        if options.cipher:
+            self._sealer = _Gcm(options.cipher) if options.cipher.endswith("gcm") else _CbcHmac(options.cipher)
+
+    def _aad(self, addr: int, plain_len: int, flags: int) -> bytes:
+        return self._dump_id + AAD.pack(self.pid, addr, plain_len, flags)
+
+    @property
+    def digest_len(self) -> int:
+        return DIGEST_LEN if self.options.checksum else 0
+
+    def encode(self, plain: memoryview, addr: int) -> list[bytes | memoryview]:
+        """The pieces of one frame: header (with digest) and stored bytes."""
+        flags = 0
+        data: bytes | memoryview = plain
+        if self._compressor and self._worth_compressing(plain):
+            packed = self._compressor.compress(plain)
+            if len(packed) < len(plain):
+                data, flags = packed, F_COMPRESSED
+        if self._sealer:
+            flags |= F_ENCRYPTED
+            data = self._sealer.seal(data, self._aad(addr, len(plain), flags))
+        header = FRAME.pack(len(plain), len(data), flags, 0)
+        if self.options.checksum:
+            header += _md5(header, data)
+        return [header, data]
+
+    def _worth_compressing(self, plain: memoryview) -> bool:
+        """Sample a few pages: random data (keys, media, compressed heaps) is not worth the CPU."""
+        assert self._compressor is not None
+        size = len(plain)
+        if size < 4 * SAMPLE:
+            return True
+        for i in range(4):
+            at = i * (size // 4)
+            if len(self._compressor.compress(plain[at : at + SAMPLE])) < SAMPLE * 0.9:
+                return True
+        return False
+
+    def parse_header(self, raw: bytes) -> tuple[int, int, int]:
+        plain_len, stored_len, flags, reserved = FRAME.unpack(raw[: FRAME.size])
+        if plain_len == 0 or plain_len > FRAME_PLAIN or reserved or flags & ~(F_COMPRESSED | F_ENCRYPTED):
+            raise DumpError("the dump has a damaged frame header")
+        if bool(flags & F_ENCRYPTED) != bool(self._sealer) or (flags & F_COMPRESSED and not self._compressor):
+            raise DumpError("a frame of the dump does not match the dump's options")
+        return plain_len, stored_len, flags
+
+    def decode(self, raw_header: bytes, stored: bytes, addr: int) -> bytes:
+        """Check and unpack one frame; nothing unchecked gets out."""
+        plain_len, _, flags = self.parse_header(raw_header)
+        if self.options.checksum:
+            header, digest = raw_header[: FRAME.size], raw_header[FRAME.size :]
+            if _md5(header, stored) != digest:
+                raise DumpError("a frame of the dump fails its MD5 checksum: the dump is corrupt")
+        data = stored
+        if self._sealer:
+            data = self._sealer.open(stored, self._aad(addr, plain_len, flags))
+        if flags & F_COMPRESSED:
+            assert self._compressor is not None
+            try:
+                data = self._compressor.decompress(data, plain_len)
+            except Exception:  # each library has its own error type for bad input
+                raise DumpError("a compressed frame of the dump cannot be decompressed") from None
+        if len(data) != plain_len:
+            raise DumpError("a frame of the dump has the wrong length")
+        return data
