@@ -19,7 +19,7 @@ from functools import cache
 from itertools import groupby
 from pathlib import Path
 
-from memcr import arch, procfs, scan
+from memcr import arch, parasite, procfs, scan
 from memcr.codec import FRAME_PLAIN, DumpOptions
 from memcr.dumpfile import DumpFile, Record, check_directory
 from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetKilled
@@ -273,13 +273,17 @@ class Session:
     def _release(self) -> None:
         """End the parasite, remove every trace of memcr and let the target run."""
         assert self.frozen is not None
+        ended = False
         try:
             if self.channel is not None:
                 self.channel.end()
+                ended = True
         finally:
             self._close_channel()
         if self.infection is not None:
-            self.infection.cure()
+            infection = self.infection
+            # a parasite that never got END will not exit by itself: stop it at once
+            infection.cure(lambda: parasite.open_fds(infection), timeout=2.0 if ended else 0.0)
         self.frozen.release()
         self._remove_files()
 
@@ -303,6 +307,13 @@ class Session:
                     f"after: {error}"
                 ) from error
             raise TargetKilled(f"pid {self.pid} was killed: memcr could not release it ({cleanup})") from error
+
+    def forget(self) -> None:
+        """The target died while frozen: drop everything memcr held for it."""
+        self._close_channel()
+        if self.frozen is not None:
+            self.frozen.forget()
+        self._remove_files()
 
     def _kill(self) -> None:
         self._close_channel()

@@ -13,22 +13,15 @@ from pathlib import Path
 
 import click
 
-from memcr import __version__
+from memcr import __version__, service
 from memcr.checkpoint import Options, Session
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
 
-NOT_YET = "is not available yet in this version of memcr"
-
 
 def log(message: str) -> None:
     click.echo(f"memcr: {message}")
-
-
-def _not_yet(**given: object) -> None:
-    for name, value in given.items():
-        if value is not None and value is not False:
-            raise UsageError(f"option {name} {NOT_YET}")
+    sys.stdout.flush()
 
 
 def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -64,11 +57,18 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
-    _not_yet(**{"-l/--listen": listen, "-g/--listen-gid": listen_gid, "-t/--timeout": timeout})
-    if pid is None:
-        raise UsageError("give the process to checkpoint with -p PID (see memcr -h)")
-    if pid <= 0:
-        raise UsageError(f"-p/--pid must be a positive process id, not {pid}")
+    if listen is not None and pid is not None:
+        raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
+    if listen is None:
+        for name, value in (("-g/--listen-gid", listen_gid), ("-t/--timeout", timeout)):
+            if value is not None:
+                raise UsageError(f"{name} only applies to service mode (-l)")
+        if pid is None:
+            raise UsageError("give the process to checkpoint with -p PID, or -l to serve (see memcr -h)")
+        if pid <= 0:
+            raise UsageError(f"-p/--pid must be a positive process id, not {pid}")
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"-t/--timeout must be a positive number of seconds, not {timeout}")
     if parasite_socket_gid is not None and parasite_socket_dir is None:
         raise UsageError("-G/--parasite-socket-gid needs -S/--parasite-socket-dir")
     options = Options(
@@ -84,7 +84,11 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             cipher=cipher_name(encrypt) if encrypt else None,
         ),
     )
-    interactive(pid, options, wait=not no_wait)
+    if listen is not None:
+        service.run(service.Address.parse(listen), options, log, listen_gid, timeout)
+    else:
+        assert pid is not None
+        interactive(pid, options, wait=not no_wait)
 
 
 def interactive(pid: int, options: Options, wait: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from memcr import procfs
@@ -118,15 +119,19 @@ class Infection:
         if result < 0:
             raise MemcrError(f"mprotect {addr:#x}+{length:#x} failed in the target: {os.strerror(-result)}")
 
-    def cure(self, timeout: float = 2.0) -> None:
-        """Make sure the parasite thread is gone, unmap it, restore the signal mask."""
+    def cure(self, open_fds: Callable[[], Iterable[int]], timeout: float = 2.0) -> None:
+        """Make sure the parasite thread is gone, unmap it, restore the signal mask.
+
+        `open_fds` tells which descriptors a parasite that must be stopped
+        by force still holds (the parasite's protocol knows, not this module).
+        """
         f = self.frozen
         if self.tid:
             deadline = time.monotonic() + timeout
             while self.parasite_alive() and time.monotonic() < deadline:
                 time.sleep(0.0005)
             if self.parasite_alive():
-                self._force_exit()
+                self._force_exit(open_fds)
             self.tid = 0
         if self.base:
             result = self.syscall(f.arch.SYS_MUNMAP, self.base, self.size)
@@ -137,14 +142,24 @@ class Infection:
             f.set_sigmask(f.leader, self._sigmask)
             self._sigmask = None
 
-    def _force_exit(self) -> None:
-        """Stop a parasite that cannot be told to end: trace it and make it call exit()."""
+    def _force_exit(self, open_fds: Callable[[], Iterable[int]]) -> None:
+        """Stop a parasite that cannot be told to end: trace it, close its fds, make it exit.
+
+        Its descriptors belong to the whole process (CLONE_FILES): left open,
+        a listening socket would outlive the thread and block every later
+        checkpoint of this target.
+        """
         f = self.frozen
         if not f.adopt(self.tid):
             return  # it exited meanwhile
-        regs = f.get_regs(self.tid)
         # the parasite's own code page is ours to overwrite
         f.write(self.base, self.blobs.syscall)
+        trap = self.base + self.blobs.offsets["syscall_trap"] + 1
+        regs = f.get_regs(self.tid)
+        for fd in open_fds():
+            if fd >= 0:
+                call = f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,))
+                f.run_until_trap(self.tid, call, trap)
         f.set_regs(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
         f.cont(self.tid)
         if not f.wait(self.tid).exited:

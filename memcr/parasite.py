@@ -28,8 +28,9 @@ PAGEMAP_MAX = 65536
 
 OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END = 1, 2, 3, 4, 5
 
-ARGS = struct.Struct(f"<IiiiIIiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
+ARGS = struct.Struct(f"<IiiiIIiiii{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
 ARGS_STATUS = struct.Struct("<Iiii")
+ARGS_FDS = struct.Struct("<28xiii")  # listen_fd, conn_fd, pagemap_fd
 CMD = struct.Struct("<IIQQ")
 REPLY = struct.Struct("<q")
 
@@ -84,9 +85,14 @@ def pack_args(spec: SocketSpec, nonces: Nonces) -> bytes:
     gid = spec.gid if spec.gid is not None else -1
     addrlen = 2 + len(address) + (1 if named else 0)
     return ARGS.pack(
-        ARGS_MAGIC, STATUS_STARTING, 0, 0, addrlen, mode, gid, 0,
+        ARGS_MAGIC, STATUS_STARTING, 0, 0, addrlen, mode, gid, -1, -1, -1,
         nonces.to_parasite, nonces.from_parasite, socket.AF_UNIX, address,
     )  # fmt: skip
+
+
+def open_fds(infection: Infection) -> tuple[int, ...]:
+    """The descriptors the parasite has open in the target (-1: none)."""
+    return ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size))
 
 
 def _netns_socket(pid: int) -> socket.socket:

@@ -228,6 +228,16 @@ class FrozenProcess:
             os.close(self._mem)
             self._mem = -1
 
+    def forget(self) -> None:
+        """The process died: collect what is left of its threads, hold nothing."""
+        for tid in self.tids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(tid, os.WNOHANG | WALL)
+        self.tids.clear()
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1
+
     def kill(self) -> None:
         """SIGKILL the whole process and reap its threads' ptrace state."""
         with contextlib.suppress(ProcessLookupError):

@@ -83,7 +83,15 @@ static int fail(struct parasite_args *a, int step, long err)
 	return 1;
 }
 
-static long send_pagemap(int cfd, int *pagemap_fd, const struct parasite_cmd *c)
+/* A set-up step failed after the socket existed: leave the target no descriptor. */
+static int fail_closing(struct parasite_args *a, int step, long err)
+{
+	sys3(__NR_close, a->listen_fd, 0, 0);
+	a->listen_fd = -1;
+	return fail(a, step, err);
+}
+
+static long send_pagemap(int cfd, volatile int *pagemap_fd, const struct parasite_cmd *c)
 {
 	long n, r;
 
@@ -104,10 +112,9 @@ static long send_pagemap(int cfd, int *pagemap_fd, const struct parasite_cmd *c)
 }
 
 /* Serve one authenticated connection until END; < 0 when the stream broke. */
-static long serve(int cfd)
+static long serve(struct parasite_args *a, int cfd)
 {
 	struct parasite_cmd c;
-	int pagemap_fd = -1;
 	long r;
 
 	for (;;) {
@@ -119,7 +126,7 @@ static long serve(int cfd)
 			r = write_all(cfd, (const void *)c.addr, c.len);
 			break;
 		case PARASITE_OP_PAGEMAP:
-			r = send_pagemap(cfd, &pagemap_fd, &c);
+			r = send_pagemap(cfd, &a->pagemap_fd, &c);
 			break;
 		case PARASITE_OP_DROP:
 			r = reply(cfd, sys3(__NR_madvise, c.addr, c.len, MADV_DONTNEED));
@@ -142,8 +149,9 @@ static long serve(int cfd)
 		if (r)
 			break;
 	}
-	if (pagemap_fd >= 0)
-		sys3(__NR_close, pagemap_fd, 0, 0);
+	if (a->pagemap_fd >= 0)
+		sys3(__NR_close, a->pagemap_fd, 0, 0);
+	a->pagemap_fd = -1;
 	return r;
 }
 
@@ -175,6 +183,7 @@ static int accept_memcr(struct parasite_args *a, int lfd)
 			fail(a, PARASITE_STEP_ACCEPT, cfd);
 			return -1;
 		}
+		a->conn_fd = (int)cfd;
 		set_recv_timeout(cfd, 1);
 		if (read_all(cfd, nonce, sizeof(nonce)) == 0 &&
 		    same_bytes(nonce, a->nonce_in, sizeof(nonce)) &&
@@ -183,6 +192,7 @@ static int accept_memcr(struct parasite_args *a, int lfd)
 			return (int)cfd;
 		}
 		sys3(__NR_close, cfd, 0, 0);
+		a->conn_fd = -1;
 	}
 }
 
@@ -198,15 +208,16 @@ int parasite_main(struct parasite_args *a)
 	lfd = sys3(__NR_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (lfd < 0)
 		return fail(a, PARASITE_STEP_SOCKET, lfd);
+	a->listen_fd = (int)lfd;
 	if (named_socket(a)) {
 		/* the inode mode of an unbound socket becomes the file's mode */
 		r = sys3(__NR_fchmod, lfd, a->sock_mode, 0);
 		if (r < 0)
-			return fail(a, PARASITE_STEP_CHMOD, r);
+			return fail_closing(a, PARASITE_STEP_CHMOD, r);
 	}
 	r = sys3(__NR_bind, lfd, &a->sun_family, a->addrlen);
 	if (r < 0)
-		return fail(a, PARASITE_STEP_BIND, r);
+		return fail_closing(a, PARASITE_STEP_BIND, r);
 	if (named_socket(a)) {
 		/* bind() applied the target's umask: set the exact mode and group */
 		r = sys4(__NR_fchmodat, AT_FDCWD, a->sun_path, a->sock_mode, 0);
@@ -215,22 +226,27 @@ int parasite_main(struct parasite_args *a)
 				 0x100 /* AT_SYMLINK_NOFOLLOW */, 0);
 		if (r < 0) {
 			sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
-			return fail(a, PARASITE_STEP_CHMOD, r);
+			return fail_closing(a, PARASITE_STEP_CHMOD, r);
 		}
 	}
 	r = sys3(__NR_listen, lfd, 1, 0);
-	if (r < 0)
-		return fail(a, PARASITE_STEP_LISTEN, r);
+	if (r < 0) {
+		if (named_socket(a))
+			sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
+		return fail_closing(a, PARASITE_STEP_LISTEN, r);
+	}
 	a->status = PARASITE_STATUS_LISTENING;
 
 	cfd = accept_memcr(a, (int)lfd);
 	if (cfd >= 0) {
 		a->status = PARASITE_STATUS_SERVING;
-		serve(cfd);
+		serve(a, cfd);
 		sys3(__NR_close, cfd, 0, 0);
+		a->conn_fd = -1;
 	}
 	if (named_socket(a))
 		sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
 	sys3(__NR_close, lfd, 0, 0);
+	a->listen_fd = -1;
 	return 0;
 }

@@ -33,7 +33,14 @@ struct parasite_args {
 	unsigned int addrlen;     /* bytes of addr in use, as bind() wants it */
 	unsigned int sock_mode;   /* mode bits for a named socket, 0 for abstract */
 	int sock_gid;             /* group for a named socket, -1 to keep */
-	unsigned int reserved;
+	/*
+	 * The parasite's descriptors (-1 when not open), so memcr can close
+	 * them if it ever has to stop the parasite by force: the fd table is
+	 * the whole process's and outlives the thread.
+	 */
+	int listen_fd;
+	int conn_fd;
+	int pagemap_fd;
 	unsigned char nonce_in[PARASITE_NONCE_LEN];  /* memcr proves itself */
 	unsigned char nonce_out[PARASITE_NONCE_LEN]; /* parasite proves itself */
 	unsigned short sun_family;

@@ -111,6 +111,49 @@ def test_symlink_at_dump_path_is_not_followed(spawn, memcr: Memcr, tmp_path: Pat
     assert target.verify() == 0
 
 
-@pytest.mark.parametrize("option", [["-l", "9000"], ["-t", "5"], ["-g", "0"]])
-def test_options_not_available_yet(memcr: Memcr, option: list[str]) -> None:
-    refused(memcr.run("-p", 1, *option), 2, "not available yet")
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["-p", "1", "-l", "9000"], "exclude each other"),
+        (["-p", "1", "-t", "5"], "only applies to service mode"),
+        (["-p", "1", "-g", "0"], "only applies to service mode"),
+        (["-l", "70000"], "is not a TCP port"),
+        (["-l", "9000", "-t", "0"], "positive number of seconds"),
+    ],
+)
+def test_service_option_rules(memcr: Memcr, option: list[str], message: str) -> None:
+    refused(memcr.raw(*option), 2, message)
+
+
+def test_listen_path_that_is_not_a_socket(memcr: Memcr, tmp_path: Path) -> None:
+    plain = tmp_path / "file"
+    plain.write_text("keep me")
+    refused(memcr.raw("-l", plain), 5, "is not a socket")
+    assert plain.read_text() == "keep me"
+
+
+def test_listen_path_symlink_is_not_followed(memcr: Memcr, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "memcr.sock"
+    link.symlink_to(victim)
+    refused(memcr.raw("-l", link), 5, "is not a socket")
+    assert victim.read_text() == "precious" and link.is_symlink()
+
+
+def test_stale_listen_socket_is_replaced(tmp_path: Path) -> None:
+    import socket
+
+    from tests.conftest import Lines, memcr_argv
+
+    path = tmp_path / "memcr.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a killed daemon leaves
+    daemon = subprocess.Popen(memcr_argv("-l", path), stdout=subprocess.PIPE, text=True)
+    try:
+        Lines(daemon.stdout).wait_for("listening on")
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
+    assert not path.exists()

@@ -19,6 +19,7 @@ from memcr.errors import MemcrError
 
 class Arch(Protocol):
     name: str
+    SYS_CLOSE: int
     SYS_MMAP: int
     SYS_MPROTECT: int
     SYS_MUNMAP: int

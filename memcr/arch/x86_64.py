@@ -6,6 +6,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 name = "x86_64"
 
+SYS_CLOSE = 3
 SYS_MMAP = 9
 SYS_MPROTECT = 10
 SYS_MUNMAP = 11

@@ -1,0 +1,351 @@
+"""Service mode (`memcr -l`): checkpoint and restore on request, many targets at once.
+
+The accept loop only accepts. Each connection gets a short-lived thread
+that reads the 8-byte request (with a time limit, so a slow client stalls
+nobody) and hands it to the target's worker. Each checkpointed target has
+one worker thread: it seized the target, so by the ptrace rule it is the
+only thread that may touch it, and it lives until the target is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import queue
+import selectors
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from memcr.checkpoint import Log, Options, Session
+from memcr.errors import MemcrError, StorageError, TargetError, UsageError
+from memcr.tracer import WALL
+
+CMD_CHECKPOINT = 100
+CMD_RESTORE = 101
+OK, ERROR, INVALID_PID = 0, -1, -2
+REQUEST = struct.Struct("=ii")  # native byte order, as the C client sends it
+RESPONSE = struct.Struct("=i")
+REQUEST_TIMEOUT = 5.0
+POLL = 0.2
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where the daemon listens: a UNIX socket path or a TCP host and port."""
+
+    path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """PORT (loopback), HOST:PORT, or a path."""
+        if text.isdigit():
+            return cls(port=_port(text))
+        host, sep, port = text.rpartition(":")
+        if sep and port.isdigit() and not text.startswith(("/", ".")):
+            return cls(host=host.strip("[]"), port=_port(port))
+        return cls(path=Path(text))
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path else f"{self.host}:{self.port}"
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise UsageError(f"-l/--listen: {port} is not a TCP port (1-65535)")
+    return port
+
+
+def listen(address: Address, gid: int | None) -> socket.socket:
+    if address.path is None:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError as e:
+            sock.close()
+            raise StorageError(f"cannot listen on {address}: {e.strerror}") from None
+    else:
+        sock = _unix_listener(address.path, gid)
+    sock.listen(128)
+    return sock
+
+
+def _unix_listener(path: Path, gid: int | None) -> socket.socket:
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if gid is not None:
+            # the unbound socket's mode becomes the file's: nobody outside
+            # the group can connect between bind() and chown()
+            os.fchmod(sock.fileno(), 0o660)
+        sock.bind(str(path))
+        if gid is not None:
+            os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, 0o660)  # bind() applied the umask
+    except PermissionError as e:
+        sock.close()
+        raise StorageError(f"cannot create the socket {path} with group {gid}: {e.strerror}") from None
+    except OSError as e:
+        sock.close()
+        raise StorageError(f"cannot listen on {path}: {e.strerror}") from None
+    return sock
+
+
+def _remove_stale(path: Path) -> None:
+    """Replace a socket file nobody listens on; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StorageError(f"{path} exists and is not a socket: remove it or choose another -l path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)  # stale: left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path")
+
+
+def limit_malloc_arenas() -> None:
+    """Keep idle worker threads cheap: one malloc arena, large buffers given back at once."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed buffers are unmapped
+
+
+class Worker(threading.Thread):
+    """One target from seize to release; the only thread that touches it."""
+
+    def __init__(self, service: Service, pid: int) -> None:
+        super().__init__(name=f"memcr-{pid}", daemon=True)
+        self.service = service
+        self.pid = pid
+        self.session = Session(pid, service.options, service.log, threading.Event())
+        self.state = "checkpointing"
+        self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
+        self.checkpoint_code = ERROR
+        self.requests: queue.Queue[Callable[[int], None] | None] = queue.Queue()
+
+    def run(self) -> None:
+        timer = self._deadline(self.session.abort)
+        try:
+            self.session.checkpoint()
+            self.checkpoint_code = OK
+        except TargetError as e:
+            self._note("checkpoint", e)
+            self.checkpoint_code = INVALID_PID
+        except MemcrError as e:
+            self._note("checkpoint", e)
+        except Exception:
+            self.service.log(f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
+        finally:
+            if timer:
+                timer.cancel()
+        if self.checkpoint_code != OK:
+            self.checkpointed.set()
+            self.service.forget(self)
+            return
+        self.state = "checkpointed"
+        self.service.log(f"pid {self.pid} checkpointed ({self.session.report.pages} pages)")
+        self.checkpointed.set()
+        self._serve_restore()
+
+    def _deadline(self, abort: threading.Event) -> threading.Timer | None:
+        if not self.service.timeout:
+            return None
+        timer = threading.Timer(self.service.timeout, abort.set)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _note(self, what: str, error: BaseException) -> None:
+        self.service.log(f"pid {self.pid}: {what} failed: {error}")
+
+    def _serve_restore(self) -> None:
+        while True:
+            try:
+                reply = self.requests.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self._target_died():
+                    self.service.log(f"pid {self.pid} died while checkpointed: forgotten")
+                    self.session.forget()
+                    self.service.forget(self)
+                    return
+        self.state = "restoring"
+        code, started = OK, time.monotonic()
+        try:
+            self.session.restore()
+            elapsed = time.monotonic() - started
+            self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
+            if self.service.timeout and elapsed > self.service.timeout:
+                self.service.log(f"pid {self.pid}: restore took longer than -t {self.service.timeout} s")
+                code = ERROR
+        except MemcrError as e:
+            self._note("restore", e)
+            code = ERROR
+        except Exception:
+            self.service.log(f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
+            code = ERROR
+        self.service.forget(self)
+        if reply:
+            reply(code)
+
+    def _target_died(self) -> bool:
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG | WALL)
+        except ChildProcessError:
+            return True
+        return done == self.pid
+
+    def restore(self, reply: Callable[[int], None] | None) -> None:
+        """Queue the restore; during a checkpoint, abort it first."""
+        self.session.abort.set()
+        self.requests.put(reply)
+
+
+class Service:
+    def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
+                 timeout: float | None = None) -> None:  # fmt: skip
+        self.address = address
+        self.options = options
+        self.log = log
+        self.gid = gid
+        self.timeout = timeout
+        self.workers: dict[int, Worker] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def forget(self, worker: Worker) -> None:
+        with self.lock:
+            if self.workers.get(worker.pid) is worker:
+                del self.workers[worker.pid]
+
+    def serve(self) -> None:
+        limit_malloc_arenas()
+        listener = listen(self.address, self.gid)
+        self.log(f"listening on {self.address}")
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(listener, selectors.EVENT_READ)
+                while not self.stop.is_set():
+                    if selector.select(POLL):
+                        self._accept(listener)
+        finally:
+            listener.close()
+            if self.address.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address.path)
+            self._shutdown()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                self.log(f"accept failed: {e.strerror}")
+            return
+        threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(REQUEST_TIMEOUT)
+            request = _read_request(conn)
+            if request is None:
+                self.log("dropped a connection: no complete request")
+                return
+            _send(conn, self.dispatch(*request))
+
+    def dispatch(self, cmd: int, pid: int) -> int:
+        """Carry out one request and return its answer."""
+        if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
+            self.log(f"unknown command {cmd} for pid {pid}")
+            return ERROR
+        if pid <= 0 or pid == os.getpid():
+            self.log(f"refused pid {pid}")
+            return INVALID_PID
+        if self.stop.is_set():
+            return ERROR
+        with self.lock:
+            worker = self.workers.get(pid)
+            if cmd == CMD_CHECKPOINT:
+                if worker is not None:
+                    return INVALID_PID
+                worker = self.workers[pid] = Worker(self, pid)
+                worker.start()
+        if cmd == CMD_CHECKPOINT:
+            worker.checkpointed.wait()
+            return worker.checkpoint_code
+        if worker is None or worker.state == "restoring":
+            return INVALID_PID
+        answer: queue.Queue[int] = queue.Queue(1)
+        worker.restore(answer.put)  # during a checkpoint this aborts it first
+        worker.checkpointed.wait()
+        if worker.checkpoint_code != OK:
+            return OK  # the aborted checkpoint rolled back: the target runs intact
+        return answer.get()
+
+    def _shutdown(self) -> None:
+        """Restore every target (kill only those whose restore fails), then wait for all."""
+        with self.lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker.restore(None)
+        for worker in workers:
+            worker.join()
+
+
+def _read_request(conn: socket.socket) -> tuple[int, int] | None:
+    """The 8-byte request, or None for a short one, a silent client or an oversized one."""
+    data = b""
+    try:
+        while len(data) < REQUEST.size:
+            piece = conn.recv(REQUEST.size - len(data))
+            if not piece:
+                return None
+            data += piece
+        conn.setblocking(False)
+        try:
+            extra = conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            extra = b""
+        conn.settimeout(REQUEST_TIMEOUT)
+    except OSError:
+        return None
+    if extra:
+        _send(conn, ERROR)  # more than one request's worth: not this protocol
+        return None
+    return REQUEST.unpack(data)
+
+
+def _send(conn: socket.socket, code: int) -> None:
+    with contextlib.suppress(OSError):  # the client may have gone: the operation stands
+        conn.sendall(RESPONSE.pack(code))
+
+
+def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None) -> None:
+    service = Service(address, options, log, gid, timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop.set())
+    service.serve()
+    log("stopped")
+

@@ -1,0 +1,3 @@
+from memcr_client.cli import main
+
+main()

@@ -1,0 +1,380 @@
+"""Service mode against a real daemon, real targets, real users, groups and namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memcr_client import Client, MemcrClientError
+from tests.conftest import RUN_TIMEOUT, Lines, memcr_argv
+
+REQUEST, RESPONSE = struct.Struct("=ii"), struct.Struct("=i")
+CHECKPOINT, RESTORE = 100, 101
+
+
+class Daemon:
+    def __init__(self, listen: str, *args: object, dump_dir: Path) -> None:
+        self.listen = listen
+        self.dump_dir = dump_dir
+        argv = memcr_argv("-l", listen, "-d", dump_dir, *args)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.out = Lines(self.proc.stdout)
+        self.out.wait_for("listening on")
+
+    def request(self, cmd: int, pid: int, payload: bytes | None = None) -> bytes:
+        """Send one raw request, return the raw reply (b"" if the daemon closed)."""
+        with self.connect() as sock:
+            sock.sendall(payload if payload is not None else REQUEST.pack(cmd, pid))
+            return sock.recv(16, socket.MSG_WAITALL)
+
+    def code(self, cmd: int, pid: int) -> int:
+        reply = self.request(cmd, pid)
+        assert len(reply) == RESPONSE.size, reply
+        return RESPONSE.unpack(reply)[0]
+
+    def connect(self) -> socket.socket:
+        if self.listen.isdigit():
+            sock = socket.create_connection(("127.0.0.1", int(self.listen)), timeout=RUN_TIMEOUT)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(RUN_TIMEOUT)
+            sock.connect(self.listen)
+        return sock
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(RUN_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator:
+    started: list[Daemon] = []
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+
+    def start(*args: object, listen: str | None = None) -> Daemon:
+        d = Daemon(listen or str(tmp_path / "memcr.sock"), *args, dump_dir=dumps)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.terminate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_user(user: str, argv: list[str], gid: int | None = None) -> list[str]:
+    import pwd
+
+    primary = gid if gid is not None else pwd.getpwnam(user).pw_gid
+    return ["setpriv", f"--reuid={user}", f"--regid={primary}", "--init-groups", *argv]
+
+
+def client(*args: object, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "memcr_client", *[str(a) for a in args]]
+    if user:
+        argv = as_user(user, argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def listens_on_loopback_only(port: int) -> bool:
+    """From /proc/net/tcp: every listening socket on `port` is bound to 127.0.0.1."""
+    addresses = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+            addresses.append(ip)
+    return addresses == ["0100007F"]
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users can reach (pytest's own tmp dirs are 0700)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="memcr-test-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the wire protocol --------------------------------------------------------
+
+
+def test_exact_bytes_round_trip(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 32, 2)
+    assert d.request(CHECKPOINT, target.pid) == struct.pack("<i", 0)
+    assert target.status()["TracerPid"] != "0"
+    assert d.request(RESTORE, target.pid) == struct.pack("<i", 0)
+    assert target.verify() == 0
+
+
+def test_invalid_pid_answers(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 16)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert d.code(RESTORE, target.pid) == -2  # not checkpointed
+    assert d.code(CHECKPOINT, gone.pid) == -2  # no such process
+    assert d.code(CHECKPOINT, 0) == -2
+    assert d.code(CHECKPOINT, -7) == -2
+    assert d.code(CHECKPOINT, d.proc.pid) == -2  # the daemon itself
+    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(CHECKPOINT, target.pid) == -2  # already checkpointed
+    assert d.code(RESTORE, target.pid) == 0
+    assert d.code(RESTORE, target.pid) == -2
+    assert target.verify() == 0
+
+
+def test_garbage_is_refused_and_others_are_served(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 64, 2)
+    assert d.code(7, target.pid) == -1  # unknown command
+    assert d.request(0, 0, payload=b"\x64\x00") == b""  # short request: closed
+    assert d.request(0, 0, payload=REQUEST.pack(CHECKPOINT, target.pid) + b"junk") == RESPONSE.pack(-1)
+    silent = d.connect()  # connects and says nothing
+    half = d.connect()
+    half.sendall(b"\x64\x00\x00")  # half a request, then hangs
+    try:
+        assert d.code(CHECKPOINT, target.pid) == 0
+        assert d.code(RESTORE, target.pid) == 0
+    finally:
+        silent.close()
+        half.close()
+    assert target.verify() == 0
+    assert d.proc.poll() is None
+
+
+def test_client_cli_and_library(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 16)
+    result = client("-l", d.listen, "-p", target.pid, "-c", "-r")
+    assert result.returncode == 0, result.stderr
+    result = client("-l", d.listen, "-p", target.pid, "--restore")
+    assert result.returncode == 1
+    assert "not checkpointed" in result.stderr
+    api = Client(d.listen)
+    api.checkpoint(target.pid)
+    with pytest.raises(MemcrClientError) as again:
+        api.checkpoint(target.pid)
+    assert again.value.code == -2
+    api.restore(target.pid)
+    assert target.verify() == 0
+    refused = client("-l", str(Path(d.listen).parent / "nobody.sock"), "-p", target.pid, "-c")
+    assert refused.returncode == 1
+    assert "no memcr daemon listens" in refused.stderr
+
+
+# -- concurrency, aborts, time limits, deaths, shutdown ------------------------
+
+
+def test_sixteen_targets_in_parallel(daemon, spawn) -> None:
+    d = daemon()
+    targets = [spawn("pattern", 16, 1) for _ in range(16)]
+    codes: dict[int, list[int]] = {}
+
+    def drive(pid: int) -> None:
+        codes[pid] = [d.code(CHECKPOINT, pid)]
+        time.sleep(0.2)
+        codes[pid].append(d.code(RESTORE, pid))
+
+    threads = [threading.Thread(target=drive, args=(t.pid,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(RUN_TIMEOUT)
+    assert all(codes[t.pid] == [0, 0] for t in targets), codes
+    assert [t.verify() for t in targets] == [0] * 16
+
+
+def test_restore_during_checkpoint_aborts_it(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 1024)
+    replies: list[int] = []
+    checkpoint = threading.Thread(target=lambda: replies.append(d.code(CHECKPOINT, target.pid)))
+    checkpoint.start()
+    deadline = time.monotonic() + 30
+    while target.status()["TracerPid"] == "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    assert d.code(RESTORE, target.pid) == 0  # the target runs on, whole
+    checkpoint.join(RUN_TIMEOUT)
+    assert replies == [-1]  # the checkpoint did not happen
+    assert list(d.dump_dir.iterdir()) == []
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_timeout_rolls_back(daemon, spawn) -> None:
+    d = daemon("-t", 1, "-z", "zstd", "-c", "-e")
+    target = spawn("pattern", 1024)
+    started = time.monotonic()
+    assert d.code(CHECKPOINT, target.pid) == -1
+    assert time.monotonic() - started < 30
+    assert target.status()["TracerPid"] == "0"
+    assert list(d.dump_dir.iterdir()) == []
+    assert target.verify() == 0
+
+
+def test_target_killed_while_checkpointed_is_forgotten(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 16)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    target.proc.kill()
+    deadline = time.monotonic() + 30
+    while list(d.dump_dir.iterdir()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert d.code(RESTORE, target.pid) == -2
+    d.out.wait_for("died while checkpointed")
+
+
+def test_sigterm_restores_everything(daemon, spawn, tmp_path: Path) -> None:
+    d = daemon()
+    targets = [spawn("pattern", 32, 2) for _ in range(3)]
+    for t in targets:
+        assert d.code(CHECKPOINT, t.pid) == 0
+    assert d.terminate() == 0
+    assert not Path(d.listen).exists()
+    assert list(d.dump_dir.iterdir()) == []
+    assert [t.verify() for t in targets] == [0, 0, 0]
+
+
+def test_other_network_namespace_needs_netns_option(daemon, binaries, tmp_path: Path) -> None:
+    # a target in its own network namespace: its abstract socket is not ours
+    proc = subprocess.Popen(["unshare", "-n", str(binaries["pattern"]), "16"], stdout=subprocess.PIPE, text=True)
+    try:
+        Lines(proc.stdout).wait_for("ready")
+        without, with_netns = daemon(), daemon("-N", listen=str(tmp_path / "netns.sock"))
+        assert without.code(CHECKPOINT, proc.pid) == -1
+        assert Path(f"/proc/{proc.pid}/status").read_text().count("TracerPid:\t0") == 1
+        code = with_netns.code(CHECKPOINT, proc.pid)
+        assert code == 0, (with_netns.terminate(), with_netns.out.rest())
+        assert with_netns.code(RESTORE, proc.pid) == 0
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# -- the seed's three deployments: owners, groups, modes ----------------------
+
+
+@pytest.fixture
+def accounts() -> Iterator[dict[str, int]]:
+    """A group and two users, one in the group and one outside; removed afterwards."""
+    suffix = str(os.getpid())[-5:]
+    group, inside, outside = f"mcg{suffix}", f"mci{suffix}", f"mco{suffix}"
+    subprocess.run(["groupadd", group], check=True)
+    made = [group]
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-G", group, inside], check=True)
+        made.append(inside)
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", outside], check=True)
+        made.append(outside)
+        import grp
+        import pwd
+
+        yield {
+            "gid": grp.getgrnam(group).gr_gid,
+            "inside": pwd.getpwnam(inside).pw_uid,
+            "outside": pwd.getpwnam(outside).pw_uid,
+            "inside_name": inside,  # type: ignore[dict-item]
+            "outside_name": outside,  # type: ignore[dict-item]
+        }
+    finally:
+        for user in made[1:]:
+            subprocess.run(["userdel", user], check=False)
+        subprocess.run(["groupdel", group], check=False)
+
+
+def test_example_1_tcp_on_loopback(daemon, spawn, accounts) -> None:
+    port = str(free_port())
+    d = daemon(listen=port)
+    target = spawn("pattern", 16)
+    result = client("-l", port, "-p", target.pid, "-c", "-r", user=accounts["outside_name"])
+    assert result.returncode == 0, result.stderr
+    assert listens_on_loopback_only(int(port))
+    assert target.verify() == 0
+    assert d.proc.poll() is None
+
+
+def test_example_2_unix_socket_follows_umask(public_dir: Path, spawn, accounts) -> None:
+    path = public_dir / "memcr.sock"
+    dumps = public_dir / "d"
+    dumps.mkdir()
+    old = os.umask(0o022)
+    try:
+        d = Daemon(str(path), dump_dir=dumps)
+    finally:
+        os.umask(old)
+    try:
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755)
+        target = spawn("pattern", 16)
+        denied = client("-l", path, "-p", target.pid, "-c", user=accounts["inside_name"])
+        assert denied.returncode == 1 and "permission denied" in denied.stderr
+        assert client("-l", path, "-p", target.pid, "-c", "-r").returncode == 0
+        assert target.verify() == 0
+    finally:
+        d.terminate()
+
+
+def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, accounts) -> None:
+    run_dir = public_dir / "run"
+    run_dir.mkdir()
+    os.chmod(run_dir, 0o777)  # the target's user creates its parasite socket here
+    path = run_dir / "memcr.sock"
+    gid = accounts["gid"]
+    dumps = public_dir / "d"
+    dumps.mkdir()
+    d = Daemon(str(path), "-g", gid, "-S", run_dir, "-G", gid, dump_dir=dumps)
+    target_user = accounts["inside_name"]
+    argv = as_user(target_user, [str(binaries["pattern"]), "16"], gid)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        Lines(proc.stdout).wait_for("ready")
+        st = path.stat()
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660)
+        denied = client("-l", path, "-p", proc.pid, "-c", user=accounts["outside_name"])
+        assert denied.returncode == 1 and "permission denied" in denied.stderr
+        assert client("-l", path, "-p", proc.pid, "-c", user=target_user).returncode == 0
+        parasite = (run_dir / f"memcr{proc.pid}").stat()
+        assert (parasite.st_uid, parasite.st_gid) == (accounts["inside"], gid)
+        assert stat.S_IMODE(parasite.st_mode) == 0o660
+        assert client("-l", path, "-p", proc.pid, "-r", user=target_user).returncode == 0
+        assert not (run_dir / f"memcr{proc.pid}").exists()
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert d.terminate() == 0
