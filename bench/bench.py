@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import service
+
 HERE = Path(__file__).resolve().parent
 CHUNK = 8 << 20
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11
@@ -178,6 +180,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results.json")
     parser.add_argument("--memcr-args", default="", help="extra memcr options, e.g. '-m'")
     parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
+    parser.add_argument("--no-service", action="store_true", help="skip the daemon figures")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
@@ -202,11 +205,15 @@ def main() -> int:
                 variants[" ".join(options)] = [
                     run_memcr(target_bin, args.size_mib, directory, extra) for _ in range(args.runs)
                 ]
+        daemon = None if args.no_service else service.measure(target_bin, directory)
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
+    results["service"] = daemon
     results["machine"] = facts
     print_table(results)
+    if daemon:
+        service.print_table(daemon)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"bench: results in {args.json}")
     return 0

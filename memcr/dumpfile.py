@@ -134,9 +134,6 @@ class DumpFile:
         dump = cls(path, pid, page_size, options, _create(path))
         if options.framed:
             dump.codec = FrameCodec(options, pid)
-            # the codecs release the GIL: frames are encoded and decoded on
-            # other cores while this thread moves bytes
-            dump._pool = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="memcr-codec")
         dump._write(dump._header)
         return dump
 
@@ -171,13 +168,12 @@ class DumpFile:
         addr = record.addr + record.written
         record.written += len(data)
         self.page_bytes += len(data)
-        if self._pool is None:
+        if self.codec is None:
             self._write(data)
             record.stored += len(data)
             return
-        assert self.codec is not None
         # a copy: the caller reuses its buffer while the frame is encoded
-        self._pending.append((record, self._pool.submit(self.codec.encode, bytes(data), addr)))
+        self._pending.append((record, self._codec_pool().submit(self.codec.encode, bytes(data), addr)))
         while len(self._pending) > PIPELINE_DEPTH:
             self._write_oldest_frame()
 
@@ -199,6 +195,18 @@ class DumpFile:
     def finish(self) -> None:
         self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
         self.finished = True
+        self._stop_pool()  # while the target stays frozen, no thread waits for work
+
+    def _codec_pool(self) -> ThreadPoolExecutor:
+        """The codecs release the GIL: frames are coded on other cores while this thread moves bytes."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="memcr-codec")
+        return self._pool
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def verified_records(self) -> list[Record]:
         """The records holding dropped pages, after checking the file still says what we wrote.
@@ -226,10 +234,10 @@ class DumpFile:
 
     def plain_chunks(self, record: Record) -> Iterator[bytes]:
         """A framed record's pages, in order, each frame checked before it is yielded."""
-        assert self._pool is not None
+        pool = self._codec_pool()
         decoding: deque[Future[bytes]] = deque()
         for frame in self._frames(record):
-            decoding.append(self._pool.submit(self._decode, *frame))
+            decoding.append(pool.submit(self._decode, *frame))
             if len(decoding) > PIPELINE_DEPTH:
                 yield decoding.popleft().result()
         while decoding:
@@ -265,9 +273,7 @@ class DumpFile:
         return data
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        self._stop_pool()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

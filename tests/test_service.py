@@ -212,6 +212,18 @@ def test_sixteen_targets_in_parallel(daemon, spawn) -> None:
     assert [t.verify() for t in targets] == [0] * 16
 
 
+def test_sixty_four_checkpointed_at_once(daemon, spawn) -> None:
+    d = daemon()
+    targets = [spawn("pattern", 4) for _ in range(64)]
+    for t in targets:
+        assert d.code(CHECKPOINT, t.pid) == 0
+    assert len(list(d.dump_dir.iterdir())) == 64
+    assert all(t.status()["TracerPid"] != "0" for t in targets)  # the tracer is a worker thread
+    for t in targets:
+        assert d.code(RESTORE, t.pid) == 0
+    assert [t.verify() for t in targets] == [0] * 64
+
+
 def test_restore_during_checkpoint_aborts_it(daemon, spawn) -> None:
     d = daemon()
     target = spawn("pattern", 1024)
