@@ -21,6 +21,10 @@ def test_round_trip(spawn, memcr: Memcr, mode: list[str], threads: int) -> None:
     assert int(log_value(out, r"seized (\d+) threads").group(1)) == threads + 1
     assert log_value(out, r"download took \d+ ms")
     assert log_value(out, r"upload took \d+ ms")
+    assert log_value(out, rf"dump \S+/pages-{target.pid}\.img \(\d+ bytes\)")
+    assert log_value(out, rf"pid {target.pid} restored")
+    rss_before, rss_after = map(int, log_value(out, r"VmRSS (\d+) kB -> (\d+) kB").groups())
+    assert rss_after < rss_before
     anon_before, anon_after = map(int, log_value(out, r"RssAnon (\d+) kB -> (\d+) kB").groups())
     assert anon_after < anon_before / 10
     if "-f" in mode:

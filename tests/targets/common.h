@@ -29,6 +29,14 @@ static inline void fill(uint64_t *words, size_t bytes, uint64_t seed)
 		words[i] = mix(seed + i);
 }
 
+static inline int same(const uint64_t *words, size_t bytes, uint64_t seed)
+{
+	for (size_t i = 0; i < bytes / 8; i++)
+		if (words[i] != mix(seed + i))
+			return 0;
+	return 1;
+}
+
 static inline int check(const char *what, const uint64_t *words, size_t bytes, uint64_t seed)
 {
 	for (size_t i = 0; i < bytes / 8; i++)
@@ -47,6 +55,50 @@ static inline void *map_anon(size_t bytes)
 		exit(2);
 	}
 	return p;
+}
+
+/*
+ * argv and the environment live at the top of the main thread's stack,
+ * which the program never touches again: copies taken at start show
+ * whether those pages came back too.
+ */
+extern char **environ;
+static char **saved_args, **saved_env;
+static int saved_argc;
+
+static inline char **copy_strings(char **from, int n)
+{
+	char **to = calloc(n + 1, sizeof(*to));
+
+	for (int i = 0; i < n; i++)
+		to[i] = strdup(from[i]);
+	return to;
+}
+
+static inline void remember_args(int argc, char **argv)
+{
+	int n = 0;
+
+	while (environ[n])
+		n++;
+	saved_argc = argc;
+	saved_args = copy_strings(argv, argc);
+	saved_env = copy_strings(environ, n);
+}
+
+static inline int check_args(char **argv)
+{
+	for (int i = 0; i < saved_argc; i++)
+		if (!argv[i] || strcmp(argv[i], saved_args[i]) != 0) {
+			fprintf(stderr, "argv[%d] changed\n", i);
+			return 0;
+		}
+	for (int i = 0; saved_env[i]; i++)
+		if (!environ[i] || strcmp(environ[i], saved_env[i]) != 0) {
+			fprintf(stderr, "environ[%d] changed\n", i);
+			return 0;
+		}
+	return 1;
 }
 
 /* Block SIGUSR1 (before any thread starts, so all inherit it). */

@@ -26,8 +26,11 @@ int main(int argc, char **argv)
 
 	for (size_t off = 0; off < bytes; off += 1 << 20)
 		make_text(region + off, 1 << 20);
+	remember_args(argc, argv);
 	block_usr1(&set);
 	announce_and_wait(&set);
+	if (!check_args(argv))
+		return 1;
 	for (size_t off = 0; off < bytes; off += 1 << 20) {
 		make_text(expect, 1 << 20);
 		if (memcmp(expect, region + off, 1 << 20)) {
