@@ -1,6 +1,8 @@
 # memcr-py: build the parasite, install into .venv, demo, test, bench.
 PYTHON ?= python3
 VENV ?= .venv
+PREFIX ?= /opt/memcr
+MEMCR_GROUP ?= memcr
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
@@ -32,8 +34,12 @@ test: install
 bench: install
 	$(BIN)/python bench/bench.py
 
+# a self-contained copy for non-root deployment (docs/SECURITY.md), as root
+install-system: system
+	sh scripts/install-system.sh $(PREFIX) $(MEMCR_GROUP)
+
 clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info
 
-.PHONY: all parasite system install demo test bench clean
+.PHONY: all parasite system install install-system demo test bench clean

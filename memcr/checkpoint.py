@@ -22,7 +22,7 @@ from pathlib import Path
 from memcr import arch, parasite, procfs, scan
 from memcr.codec import FRAME_PLAIN, DumpOptions
 from memcr.dumpfile import DumpFile, Record, check_directory
-from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetKilled
+from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetGone, TargetKilled
 from memcr.infect import Infection
 from memcr.parasite import Nonces, ParasiteChannel, SocketSpec, pack_args
 from memcr.procfs import Vma, memory_kb
@@ -289,7 +289,7 @@ class Session:
 
     def _fail(self, error: BaseException) -> None:
         """Undo a failed operation: roll back, else kill the target."""
-        if self.frozen is None or not procfs.proc_path(self.pid).exists():
+        if self.frozen is None or not procfs.alive(self.pid):
             # nothing frozen yet, or the target died: nothing left to protect
             self._close_channel()
             self._remove_files()
@@ -318,8 +318,19 @@ class Session:
     def _kill(self) -> None:
         self._close_channel()
         if self.frozen is not None:
-            self.frozen.kill()
+            try:
+                self.frozen.kill()
+            except PermissionError:
+                self._kill_from_inside()
         self._remove_files()
+
+    def _kill_from_inside(self) -> None:
+        """Without CAP_KILL memcr may not signal another user's process, but the
+        process may signal itself: it runs kill(itself, SIGKILL) through the blob."""
+        assert self.frozen is not None
+        killer = self.infection or Infection(self.frozen, arch.blobs())
+        with contextlib.suppress(TargetGone):
+            killer.kill_from_inside(procfs.ns_pid(self.pid))
 
     def _close_channel(self) -> None:
         if self.channel is not None:

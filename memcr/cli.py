@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import platform
 import select
@@ -17,11 +18,26 @@ from memcr import __version__, service
 from memcr.checkpoint import Options, Session
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
+from memcr.harden import harden
 
 
 def log(message: str) -> None:
     click.echo(f"memcr: {message}")
     sys.stdout.flush()
+
+
+class GroupId(click.ParamType):
+    """A group as a number or a name."""
+
+    name = "GID"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) or str(value).isdigit():
+            return int(str(value))
+        try:
+            return grp.getgrnam(str(value)).gr_gid
+        except KeyError:
+            self.fail(f"no group named {value!r}", param, ctx)
 
 
 def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -36,11 +52,11 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
               show_default=True, help="Directory for the dump pages-<pid>.img.")
 @click.option("-S", "--parasite-socket-dir", type=click.Path(path_type=Path),
               help="Parasite socket is DIR/memcr<pid> instead of an abstract socket.")
-@click.option("-G", "--parasite-socket-gid", type=int, help="With -S: socket group GID, mode 0660.")
+@click.option("-G", "--parasite-socket-gid", type=GroupId(), help="With -S: socket group GID, mode 0660.")
 @click.option("-N", "--parasite-socket-netns", is_flag=True,
               help="Connect to the parasite from the target's network namespace.")
 @click.option("-l", "--listen", help="Service mode on a TCP PORT or UNIX socket PATH.")
-@click.option("-g", "--listen-gid", type=int, help="Group of the UNIX listen socket (mode 0660).")
+@click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
@@ -50,13 +66,20 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("-e", "--encrypt", is_flag=False, flag_value=DEFAULT_CIPHER,
               help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).")
 @click.option("-t", "--timeout", type=int, help="Service mode: time limit per operation, seconds.")
+@click.option("--allow-tracer", is_flag=True,
+              help="Debugging only: run even when a debugger or strace is attached to memcr.")
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
               help="Print version, architecture and kernel.")
 def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
-            compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None) -> None:  # fmt: skip
+            compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
+            allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
+    harden(allow_tracer)
+    if allow_tracer:
+        log("WARNING: --allow-tracer: a debugger attached to memcr can read every page it saves "
+            "and the dump key; use it only to debug memcr")  # fmt: skip
     if listen is not None and pid is not None:
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
     if listen is None:

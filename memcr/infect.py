@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from memcr import procfs
 from memcr.arch import Blobs
-from memcr.errors import MemcrError, ParasiteError
+from memcr.errors import MemcrError, ParasiteError, TargetGone
 from memcr.tracer import ALL_SIGNALS, FrozenProcess
 
 PAGE = mmap.PAGESIZE
@@ -68,11 +69,19 @@ class Infection:
             self._put_code_back(at, original)
         return f.arch.syscall_result(done)
 
+    def kill_from_inside(self, ns_pid: int) -> None:
+        """Make the process SIGKILL itself (memcr may lack the right to signal it)."""
+        f, tid = self.frozen, self.frozen.leader
+        regs = f.get_regs(tid)
+        at = _page_down(f.arch.pc(regs))
+        f.write(at, self.blobs.syscall)  # never put back: the process is about to die
+        f.kill_from_inside(f.arch.prepare_syscall(regs, at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL)))
+
     def _put_code_back(self, at: int, original: bytes) -> None:
         try:
             self.frozen.write(at, original)
-        except OSError:
-            if procfs.proc_path(self.frozen.pid).exists():
+        except (OSError, TargetGone):
+            if procfs.alive(self.frozen.pid):
                 raise MemcrError(f"could not restore the code of process {self.frozen.pid} at {at:#x}") from None
             # the target died: the error that killed it is the one to report
 

@@ -127,6 +127,20 @@ def global_tid(pid: int, ns_tid: int) -> int:
     raise TargetGone(f"thread {ns_tid} of process {pid} is gone")
 
 
+def alive(pid: int) -> bool:
+    """Running or stopped: a zombie waiting to be reaped is dead already."""
+    try:
+        state = read_status(pid).get("State", "")
+    except TargetGone:
+        return False
+    return not state.startswith(("Z", "X"))
+
+
+def ns_pid(pid: int) -> int:
+    """The process's id in its own pid namespace."""
+    return int(read_status(pid).get("NSpid", str(pid)).split()[-1])
+
+
 def check_target(pid: int) -> dict[str, str]:
     """Refuse pids that memcr must never freeze; return the target's status."""
     if not proc_path(pid).exists():

@@ -60,7 +60,10 @@ def zero_pfn() -> int:
     addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     try:
         ctypes.string_at(addr, 1)  # a read fault maps the zero page
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
         try:
             entry = int.from_bytes(os.pread(fd, 8, addr // PAGE * 8), "little")
         finally:

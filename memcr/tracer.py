@@ -34,6 +34,7 @@ PTRACE_EVENT_STOP = 128
 WALL = 0x40000000  # __WALL: wait for threads as well as processes
 
 ALL_SIGNALS = 2**64 - 1
+WORD = 8  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA
 
 
 def _raw(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
@@ -89,7 +90,12 @@ class FrozenProcess:
                         frozen.tids.append(tid)
             if not frozen.tids:
                 raise TargetGone(f"process {pid} exited while being frozen")
-            frozen._mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                frozen._mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                # /proc/<pid>/mem is 0600 and the target's: with CAP_SYS_PTRACE
+                # alone, memcr reads and writes words through ptrace instead
+                frozen._mem = -1
         except BaseException:
             frozen.release()
             raise
@@ -176,14 +182,45 @@ class FrozenProcess:
         _raw(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))
 
     def read(self, addr: int, size: int) -> bytes:
-        return os.pread(self._mem, size, addr)
+        if self._mem >= 0:
+            return os.pread(self._mem, size, addr)
+        start = addr & ~(WORD - 1)
+        words = b"".join(self._peek(at) for at in range(start, addr + size, WORD))
+        return words[addr - start : addr - start + size]
 
     def write(self, addr: int, data: bytes) -> None:
-        if os.pwrite(self._mem, data, addr) != len(data):
-            raise MemcrError(f"short write into process {self.pid} at {addr:#x}")
+        if self._mem >= 0:
+            if os.pwrite(self._mem, data, addr) != len(data):
+                raise MemcrError(f"short write into process {self.pid} at {addr:#x}")
+            return
+        start = addr & ~(WORD - 1)
+        end = -(-(addr + len(data)) // WORD) * WORD
+        # whole words: keep the bytes around `data` in the first and last word
+        merged = bytearray(end - start)
+        merged[:WORD] = self._peek(start)
+        merged[-WORD:] = self._peek(end - WORD)
+        merged[addr - start : addr - start + len(data)] = data
+        self._check_owner()
+        for at in range(start, end, WORD):
+            word = int.from_bytes(merged[at - start : at - start + WORD], "little")
+            self._word_request(ptrace_func.ptrace_pokedata, at, word)
+
+    def _peek(self, at: int) -> bytes:
+        self._check_owner()
+        value = self._word_request(ptrace_func.ptrace_peekdata, at)
+        return (value & (2**64 - 1)).to_bytes(WORD, "little")
+
+    def _word_request(self, request, *args: int) -> int:
+        try:
+            return request(self.leader, *args) or 0
+        except PtraceError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetGone(f"process {self.pid} is gone") from None
+            raise MemcrError(f"cannot access the memory of process {self.pid}: {e}") from None
 
     @property
     def mem_fd(self) -> int:
+        """/proc/<pid>/mem, open for reading and writing (-1 when memcr may not open it)."""
         return self._mem
 
     def run_until_trap(self, tid: int, call_regs, trap_pc: int) -> object:
@@ -239,10 +276,27 @@ class FrozenProcess:
             self._mem = -1
 
     def kill(self) -> None:
-        """SIGKILL the whole process and reap its threads' ptrace state."""
+        """SIGKILL the whole process and reap its threads' ptrace state.
+
+        PermissionError: memcr lacks CAP_KILL for another user's process.
+        """
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        for tid in self.tids:
+        self.reap()
+
+    def kill_from_inside(self, regs) -> None:
+        """Run the leader on `regs` (a kill of its own process) and collect the dead."""
+        self.set_regs(self.leader, regs)
+        self.cont(self.leader)
+        self.reap()
+
+    def reap(self) -> None:
+        """Collect the exit of every thread of a process that is dying.
+
+        The kernel reports a traced leader's exit only once its tracer has
+        collected every other thread: the leader goes last.
+        """
+        for tid in sorted(self.tids, key=lambda t: t == self.pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, WALL)
         self.tids.clear()

@@ -84,7 +84,11 @@ class Target:
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out = Lines(self.proc.stdout)
-        self.out.wait_for("ready")
+        try:
+            self.out.wait_for(f"ready {self.proc.pid}")
+        except BaseException:
+            self.stop()  # never registered with spawn(): reap it here
+            raise
 
     @property
     def pid(self) -> int:
@@ -217,3 +221,52 @@ def log_value(lines: list[str] | str, pattern: str) -> re.Match[str]:
     match = re.search(pattern, text)
     assert match, f"no {pattern!r} in memcr's output:\n{text}"
     return match
+
+
+def as_user(user: str, argv: list[str], gid: int | None = None) -> list[str]:
+    import pwd
+
+    primary = gid if gid is not None else pwd.getpwnam(user).pw_gid
+    return ["setpriv", f"--reuid={user}", f"--regid={primary}", "--init-groups", *argv]
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users can reach (pytest's own tmp dirs are 0700)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="memcr-test-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def accounts() -> Iterator[dict[str, int]]:
+    """A group and two users, one in the group and one outside; removed afterwards."""
+    suffix = str(os.getpid())[-5:]
+    group, inside, outside = f"mcg{suffix}", f"mci{suffix}", f"mco{suffix}"
+    subprocess.run(["groupadd", group], check=True)
+    made = [group]
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-G", group, inside], check=True)
+        made.append(inside)
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", outside], check=True)
+        made.append(outside)
+        import grp
+        import pwd
+
+        yield {
+            "gid": grp.getgrnam(group).gr_gid,
+            "inside": pwd.getpwnam(inside).pw_uid,
+            "outside": pwd.getpwnam(outside).pw_uid,
+            "inside_name": inside,  # type: ignore[dict-item]
+            "outside_name": outside,  # type: ignore[dict-item]
+        }
+    finally:
+        for user in made[1:]:
+            # a process of the user still running would make userdel refuse
+            subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+            subprocess.run(["userdel", "-f", user], check=False)
+        subprocess.run(["groupdel", group], check=False)

@@ -64,7 +64,7 @@ def test_dump_deleted_while_frozen_still_restores(spawn, memcr: Memcr) -> None:
 
 
 def test_corrupted_dump_kills_target(spawn, memcr: Memcr) -> None:
-    target = spawn("pattern", 32)
+    target = spawn("pattern", 32, 4)  # threads: the leader is reaped last
     session = memcr.interactive("-p", target.pid)
     session.wait_prompt()
     [dump] = memcr.dumps()

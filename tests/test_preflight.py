@@ -66,7 +66,7 @@ def test_memcr_parent(memcr: Memcr) -> None:
 
 
 def test_memcr_itself(memcr: Memcr) -> None:
-    script = f'exec {sys.executable} -m memcr -p $$ -n -d {memcr.dump_dir}'
+    script = f"exec {sys.executable} -m memcr -p $$ -n -d {memcr.dump_dir}"
     result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
     refused(result, 3, "memcr itself")
 

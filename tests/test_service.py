@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memcr_client import Client, MemcrClientError
-from tests.conftest import RUN_TIMEOUT, Lines, memcr_argv
+from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv
 
 REQUEST, RESPONSE = struct.Struct("=ii"), struct.Struct("=i")
 CHECKPOINT, RESTORE = 100, 101
@@ -85,13 +85,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def as_user(user: str, argv: list[str], gid: int | None = None) -> list[str]:
-    import pwd
-
-    primary = gid if gid is not None else pwd.getpwnam(user).pw_gid
-    return ["setpriv", f"--reuid={user}", f"--regid={primary}", "--init-groups", *argv]
-
-
 def client(*args: object, user: str | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "memcr_client", *[str(a) for a in args]]
     if user:
@@ -108,18 +101,6 @@ def listens_on_loopback_only(port: int) -> bool:
         if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
             addresses.append(ip)
     return addresses == ["0100007F"]
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory other users can reach (pytest's own tmp dirs are 0700)."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="memcr-test-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the wire protocol --------------------------------------------------------
@@ -297,34 +278,6 @@ def test_other_network_namespace_needs_netns_option(daemon, binaries, tmp_path: 
 
 
 # -- the seed's three deployments: owners, groups, modes ----------------------
-
-
-@pytest.fixture
-def accounts() -> Iterator[dict[str, int]]:
-    """A group and two users, one in the group and one outside; removed afterwards."""
-    suffix = str(os.getpid())[-5:]
-    group, inside, outside = f"mcg{suffix}", f"mci{suffix}", f"mco{suffix}"
-    subprocess.run(["groupadd", group], check=True)
-    made = [group]
-    try:
-        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-G", group, inside], check=True)
-        made.append(inside)
-        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", outside], check=True)
-        made.append(outside)
-        import grp
-        import pwd
-
-        yield {
-            "gid": grp.getgrnam(group).gr_gid,
-            "inside": pwd.getpwnam(inside).pw_uid,
-            "outside": pwd.getpwnam(outside).pw_uid,
-            "inside_name": inside,  # type: ignore[dict-item]
-            "outside_name": outside,  # type: ignore[dict-item]
-        }
-    finally:
-        for user in made[1:]:
-            subprocess.run(["userdel", user], check=False)
-        subprocess.run(["groupdel", group], check=False)
 
 
 def test_example_1_tcp_on_loopback(daemon, spawn, accounts) -> None:

@@ -25,6 +25,7 @@ class Arch(Protocol):
     SYS_MUNMAP: int
     SYS_CLONE: int
     SYS_EXIT: int
+    SYS_KILL: int
 
     def new_regs(self) -> Any: ...
     def copy_regs(self, regs: Any) -> Any: ...

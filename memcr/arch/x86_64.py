@@ -12,6 +12,7 @@ SYS_MPROTECT = 10
 SYS_MUNMAP = 11
 SYS_CLONE = 56
 SYS_EXIT = 60
+SYS_KILL = 62
 
 
 def new_regs() -> user_regs_struct:

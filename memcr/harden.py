@@ -1,0 +1,52 @@
+"""Self-hardening at start-up: memcr holds other processes' pages and the dump key.
+
+Three steps, each fatal when it fails:
+* core dumps off (RLIMIT_CORE 0): a crash must not write those pages to disk;
+* undumpable (PR_SET_DUMPABLE 0): no same-user ptrace, /proc/<memcr>/ owned
+  by root, no core dump even if the limit is raised again;
+* no tracer attached at start (TracerPid): one that is already attached
+  keeps seeing everything, whatever memcr does next.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+
+from memcr.errors import MemcrError
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+
+class HardeningError(MemcrError):
+    """memcr could not protect itself and refuses to run."""
+
+    exit_code = 4
+
+
+def tracer_pid() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def harden(allow_tracer: bool = False) -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as e:
+        raise HardeningError(f"cannot turn core dumps off (RLIMIT_CORE): {e}") from None
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise HardeningError(f"cannot make memcr undumpable (PR_SET_DUMPABLE): {os.strerror(err)}")
+    tracer = tracer_pid()
+    if tracer and not allow_tracer:
+        raise HardeningError(
+            f"memcr is being traced by process {tracer} (a debugger or strace), which could read "
+            "the memory memcr saves and its dump key: refusing to run "
+            "(--allow-tracer runs anyway, for debugging only)"
+        )
