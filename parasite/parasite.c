@@ -14,6 +14,7 @@
 #define O_CLOEXEC 02000000
 #define AT_FDCWD (-100)
 #define MSG_WAITALL 0x100
+#define MSG_NOSIGNAL 0x4000
 #define SOL_SOCKET 1
 #define SO_RCVTIMEO 20
 #define MADV_DONTNEED 4
@@ -26,12 +27,16 @@ struct parasite_args parasite_args __attribute__((visibility("hidden")));
 
 static unsigned char pagemap_buf[PARASITE_PAGEMAP_MAX];
 
-static long write_all(int fd, const void *buf, unsigned long len)
+/*
+ * Move exactly len bytes through a socket (every descriptor here is one):
+ * nr is __NR_sendto or __NR_recvfrom. MSG_WAITALL: one wake-up per request,
+ * not one per socket buffer; MSG_NOSIGNAL: a vanished memcr must not raise
+ * SIGPIPE in the target.
+ */
+static long transfer(long nr, int fd, char *p, unsigned long len, long flags)
 {
-	const char *p = buf;
-
 	while (len) {
-		long n = sys3(__NR_write, fd, p, len);
+		long n = sys6(nr, fd, (long)p, len, flags, 0, 0);
 		if (n == -EINTR)
 			continue;
 		if (n <= 0)
@@ -42,22 +47,8 @@ static long write_all(int fd, const void *buf, unsigned long len)
 	return 0;
 }
 
-static long read_all(int fd, void *buf, unsigned long len)
-{
-	char *p = buf;
-
-	while (len) {
-		/* MSG_WAITALL: one wake-up per request, not one per socket buffer */
-		long n = sys6(__NR_recvfrom, fd, (long)p, len, MSG_WAITALL, 0, 0);
-		if (n == -EINTR)
-			continue;
-		if (n <= 0)
-			return n ? n : -EPIPE;
-		p += n;
-		len -= n;
-	}
-	return 0;
-}
+#define write_all(fd, buf, len) transfer(__NR_sendto, fd, (char *)(buf), len, MSG_NOSIGNAL)
+#define read_all(fd, buf, len) transfer(__NR_recvfrom, fd, (char *)(buf), len, MSG_WAITALL)
 
 static int same_bytes(const unsigned char *a, const unsigned char *b, int len)
 {

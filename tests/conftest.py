@@ -44,6 +44,23 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return built
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill a process if it still runs, and collect it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    """Ask a process to end with `sig` and return its exit code; it is killed if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(RUN_TIMEOUT)
+    finally:
+        reap(proc)
+
+
 class Lines:
     """Lines of a child's pipe, read by a thread so waits can time out."""
 
@@ -113,9 +130,7 @@ class Target:
         return code
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        reap(self.proc)
 
 
 @pytest.fixture
@@ -160,9 +175,7 @@ class Interactive:
         return self.proc.stderr.read() if self.proc.stderr else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        reap(self.proc)
 
 
 class Memcr:

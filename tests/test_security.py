@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from memcr_client import Client
-from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv
+from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv, reap, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 PTRACE_ATTACH = "import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace(16, int(sys.argv[1]), 0, 0) != 0)"
@@ -29,14 +29,7 @@ class Process:
         self.out = Lines(self.proc.stdout)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(RUN_TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        return stop(self.proc)
 
 
 @pytest.fixture
@@ -155,13 +148,8 @@ def start_target(deployment: dict, binaries: dict[str, Path]) -> subprocess.Pope
 
 
 def finish_target(target: subprocess.Popen[str]) -> int:
-    try:
-        target.send_signal(signal.SIGUSR1)
-        return target.wait(60)
-    finally:
-        if target.poll() is None:
-            target.kill()
-        target.wait()
+    """Let the target check its memory; its exit code (0: intact)."""
+    return stop(target, signal.SIGUSR1)
 
 
 def test_non_root_daemon_with_capability(binaries, deployment, processes) -> None:
@@ -236,9 +224,5 @@ def test_non_root_kills_a_target_it_cannot_restore(binaries, deployment) -> None
         assert target.wait(60) == -signal.SIGKILL
         assert not dump.exists()
     finally:
-        if memcr.poll() is None:
-            memcr.kill()
-        memcr.wait()
-        if target.poll() is None:
-            target.kill()
-        target.wait()
+        reap(memcr)
+        reap(target)

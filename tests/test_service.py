@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memcr_client import Client, MemcrClientError
-from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv
+from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv, reap, stop
 
 REQUEST, RESPONSE = struct.Struct("=ii"), struct.Struct("=i")
 CHECKPOINT, RESTORE = 100, 101
@@ -53,14 +53,7 @@ class Daemon:
         return sock
 
     def terminate(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(RUN_TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        return stop(self.proc)
 
 
 @pytest.fixture
@@ -266,15 +259,12 @@ def test_other_network_namespace_needs_netns_option(daemon, binaries, tmp_path: 
         without, with_netns = daemon(), daemon("-N", listen=str(tmp_path / "netns.sock"))
         assert without.code(CHECKPOINT, proc.pid) == -1
         assert Path(f"/proc/{proc.pid}/status").read_text().count("TracerPid:\t0") == 1
-        code = with_netns.code(CHECKPOINT, proc.pid)
-        assert code == 0, (with_netns.terminate(), with_netns.out.rest())
+        assert with_netns.code(CHECKPOINT, proc.pid) == 0
         assert with_netns.code(RESTORE, proc.pid) == 0
         proc.send_signal(signal.SIGUSR1)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
 
 
 # -- the seed's three deployments: owners, groups, modes ----------------------
@@ -339,7 +329,5 @@ def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, acc
         proc.send_signal(signal.SIGUSR1)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
         assert d.terminate() == 0
