@@ -331,3 +331,20 @@ def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, acc
     finally:
         reap(proc)
         assert d.terminate() == 0
+
+
+def test_sigkill_of_the_daemon_kills_its_frozen_targets(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 32, 2)
+    bystander = spawn("pattern", 8)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    d.proc.kill()
+    d.proc.wait()
+    # PTRACE_O_EXITKILL: no target runs on with its pages dropped
+    assert target.proc.wait(30) == -signal.SIGKILL
+    assert bystander.verify() == 0
+
+
+def test_client_library_stands_alone() -> None:
+    code = "import sys, memcr_client; sys.exit(any(m.split('.')[0] == 'memcr' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
