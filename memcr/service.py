@@ -141,6 +141,7 @@ class Worker(threading.Thread):
         self.pid = pid
         self.session = Session(pid, service.options, service.log, threading.Event())
         self.state = "checkpointing"
+        self.lock = threading.Lock()  # guards state against requests handed over meanwhile
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
         self.requests: queue.Queue[Callable[[int], None] | None] = queue.Queue()
@@ -187,11 +188,12 @@ class Worker(threading.Thread):
                 break
             except queue.Empty:
                 if self._target_died():
+                    self._leave()
                     self.service.log(f"pid {self.pid} died while checkpointed: forgotten")
                     self.session.forget()
-                    self.service.forget(self)
                     return
-        self.state = "restoring"
+        with self.lock:
+            self.state = "restoring"
         code, started = OK, time.monotonic()
         try:
             self.session.restore()
@@ -210,6 +212,16 @@ class Worker(threading.Thread):
         if reply:
             reply(code)
 
+    def _leave(self) -> None:
+        """Stop taking requests; answer any that came in meanwhile."""
+        with self.lock:
+            self.state = "gone"
+        self.service.forget(self)
+        while not self.requests.empty():
+            reply = self.requests.get()
+            if reply:
+                reply(INVALID_PID)
+
     def _target_died(self) -> bool:
         try:
             done, _ = os.waitpid(self.pid, os.WNOHANG | WALL)
@@ -217,10 +229,14 @@ class Worker(threading.Thread):
             return True
         return done == self.pid
 
-    def restore(self, reply: Callable[[int], None] | None) -> None:
-        """Queue the restore; during a checkpoint, abort it first."""
-        self.session.abort.set()
-        self.requests.put(reply)
+    def restore(self, reply: Callable[[int], None] | None) -> bool:
+        """Queue the restore (during a checkpoint, abort it first); False if too late."""
+        with self.lock:
+            if self.state in ("restoring", "gone"):
+                return False
+            self.session.abort.set()
+            self.requests.put(reply)
+            return True
 
 
 class Service:
@@ -295,10 +311,9 @@ class Service:
         if cmd == CMD_CHECKPOINT:
             worker.checkpointed.wait()
             return worker.checkpoint_code
-        if worker is None or worker.state == "restoring":
-            return INVALID_PID
         answer: queue.Queue[int] = queue.Queue(1)
-        worker.restore(answer.put)  # during a checkpoint this aborts it first
+        if worker is None or not worker.restore(answer.put):  # during a checkpoint: aborts it
+            return INVALID_PID
         worker.checkpointed.wait()
         if worker.checkpoint_code != OK:
             return OK  # the aborted checkpoint rolled back: the target runs intact
