@@ -32,6 +32,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/bench.py
 
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import plot
 import service
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +47,8 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11
 class MemcrRun:
     download_ms: float
     upload_ms: float
+    setup_ms: float
+    release_ms: float
     peak_rss_mib: float
     dump_bytes: int
 
@@ -143,6 +146,8 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
     return MemcrRun(
         download_ms=_logged(out, r"download took (\d+) ms"),
         upload_ms=_logged(out, r"upload took (\d+) ms"),
+        setup_ms=_logged(out, r"set-up took ([\d.]+) ms"),
+        release_ms=_logged(out, r"release took ([\d.]+) ms"),
         peak_rss_mib=usage.ru_maxrss / 1024,
         dump_bytes=int(_logged(out, r"dump \S+ \((\d+) bytes\)")),
     )
@@ -181,6 +186,9 @@ def main() -> int:
     parser.add_argument("--memcr-args", default="", help="extra memcr options, e.g. '-m'")
     parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
     parser.add_argument("--no-service", action="store_true", help="skip the daemon figures")
+    parser.add_argument("--sweep", default="64,128,256,512,1024,2048",
+                        help="target sizes in MiB for the throughput plot ('' to skip)")
+    parser.add_argument("--png", type=Path, default=HERE / "throughput.png")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
@@ -206,17 +214,42 @@ def main() -> int:
                     run_memcr(target_bin, args.size_mib, directory, extra) for _ in range(args.runs)
                 ]
         daemon = None if args.no_service else service.measure(target_bin, directory)
+        sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
+                 for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["service"] = daemon
+    results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
     if daemon:
         service.print_table(daemon)
+    if sweep:
+        plot.throughput_png(sweep, args.png)
+        print(f"bench: throughput against size in {args.png}")
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"bench: results in {args.json}")
     return 0
+
+
+def sweep_point(target_bin: Path, size_mib: int, directory: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Median MiB/s of memcr and of the limits at one target size (3 runs)."""
+    writes, reads, runs = [], [], []
+    for _ in range(3):
+        seconds, path = write_limit(target_bin, size_mib, directory)
+        writes.append(seconds)
+        reads.append(read_limit(size_mib << 20, path))
+        path.unlink()
+        runs.append(run_memcr(target_bin, size_mib, directory, args.memcr_args.split()))
+    return {
+        "checkpoint": size_mib / (statistics.median(r.download_ms for r in runs) / 1000),
+        "restore": size_mib / (statistics.median(r.upload_ms for r in runs) / 1000),
+        "write_limit": size_mib / statistics.median(writes),
+        "read_limit": size_mib / statistics.median(reads),
+        "setup_ms": statistics.median(r.setup_ms for r in runs),
+        "release_ms": statistics.median(r.release_ms for r in runs),
+    }
 
 
 def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list[MemcrRun]) -> dict:
@@ -238,6 +271,7 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
         "restore_ratio": restore / read_lim,
         "peak_rss_mib_median": statistics.median(peak),
         "peak_rss_mib_max": max(peak),
+        "freeze_overhead_ms": statistics.median(r.setup_ms + r.release_ms for r in runs),
     }
 
 
@@ -269,6 +303,9 @@ def print_table(r: dict) -> None:
     peak = r["peak_rss_mib_max"]
     print(f"peak RSS of memcr: median {r['peak_rss_mib_median']:.1f} MiB, max {peak:.1f} MiB "
           f"({'ok' if peak < 48 else 'over'} against 48 MiB)")  # fmt: skip
+    freeze = r["freeze_overhead_ms"]
+    print(f"frozen beyond the transfer (set-up + release): median {freeze:.1f} ms "
+          f"({'ok' if freeze < 20 else 'over'} against 20 ms)")  # fmt: skip
     if r["variants"]:
         print(f"\n{'options':18}{'checkpoint':>12}{'restore':>10}{'dump size':>11}{'peak RSS':>10}   (ratio to plain)")
         for name, v in r["variants"].items():

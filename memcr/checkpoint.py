@@ -55,8 +55,10 @@ class Report:
     threads: int = 0
     vmas: int = 0
     pages: int = 0
+    setup_ms: float = 0.0  # seize, inject, scan: frozen time before the first page moves
     download_ms: float = 0.0
     upload_ms: float = 0.0
+    release_ms: float = 0.0  # parasite out, threads let go: frozen time after the last page
     rss_before: dict[str, int] = field(default_factory=dict)
     rss_after: dict[str, int] = field(default_factory=dict)
 
@@ -115,6 +117,7 @@ class Session:
         """Freeze the target, dump and drop its private pages; it stays frozen."""
         status = preflight(self.pid, self.options)
         self.report.rss_before = _rss(status)
+        frozen_at = time.monotonic()
         self.frozen = FrozenProcess.freeze(self.pid, arch.current())
         self.report.threads = len(self.frozen.tids)
         self.log(f"seized {self.report.threads} threads of pid {self.pid}")
@@ -123,6 +126,7 @@ class Session:
             self._start_parasite()
             plan = self._plan()
             started = time.monotonic()
+            self.report.setup_ms = (started - frozen_at) * 1000
             self._stream(plan)
             self.report.download_ms = (time.monotonic() - started) * 1000
         except BaseException as e:
@@ -251,8 +255,10 @@ class Session:
         except BaseException as e:
             self._fail(e)
             raise
-        self.report.upload_ms = (time.monotonic() - started) * 1000
+        released = time.monotonic()
+        self.report.upload_ms = (released - started) * 1000
         self._release()
+        self.report.release_ms = (time.monotonic() - released) * 1000
 
     def _put_back(self) -> None:
         """Write every dropped page back from the dump, checked before use."""

@@ -126,6 +126,7 @@ def interactive(pid: int, options: Options, wait: bool) -> None:
         if bar:
             bar.close()
     r = session.report
+    log(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
     log(f"download took {r.download_ms:.0f} ms ({_rate(r.pages, r.download_ms)} MiB/s)")
     before, after = r.rss_before, r.rss_after
     log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
@@ -135,6 +136,7 @@ def interactive(pid: int, options: Options, wait: bool) -> None:
         _wait_for_enter(abort)
     session.restore()
     log(f"upload took {r.upload_ms:.0f} ms ({_rate(r.pages, r.upload_ms)} MiB/s)")
+    log(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
     log(f"pid {pid} restored")
 
 

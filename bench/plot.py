@@ -1,0 +1,34 @@
+"""The throughput-against-size plot of `make bench` (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def throughput_png(sweep: dict, path: Path) -> None:
+    """sweep: size MiB -> {checkpoint, restore, write_limit, read_limit} in MiB/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a build machine
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(sweep)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, label, style in (
+        ("checkpoint", "memcr checkpoint", "o-"),
+        ("write_limit", "limit: memory -> socket -> file", "o--"),
+        ("restore", "memcr restore", "s-"),
+        ("read_limit", "limit: file -> socket -> memory", "s--"),
+    ):
+        ax.plot(sizes, [sweep[s][key] for s in sizes], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes])
+    ax.set_xlabel("target size")
+    ax.set_ylabel("MiB/s (median)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("memcr throughput against the machine's own limits")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
