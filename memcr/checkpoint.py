@@ -163,6 +163,7 @@ class Session:
                 self.infection.mapping,
                 self.options.rss_file,
                 _zero_pfn(),
+                fd,
             )
         finally:
             if fd is not None:
@@ -255,10 +256,8 @@ class Session:
         except BaseException as e:
             self._fail(e)
             raise
-        released = time.monotonic()
-        self.report.upload_ms = (released - started) * 1000
+        self.report.upload_ms = (time.monotonic() - started) * 1000
         self._release()
-        self.report.release_ms = (time.monotonic() - released) * 1000
 
     def _put_back(self) -> None:
         """Write every dropped page back from the dump, checked before use."""
@@ -279,6 +278,7 @@ class Session:
     def _release(self) -> None:
         """End the parasite, remove every trace of memcr and let the target run."""
         assert self.frozen is not None
+        releasing = time.monotonic()
         ended = False
         try:
             if self.channel is not None:
@@ -291,6 +291,8 @@ class Session:
             # a parasite that never got END will not exit by itself: stop it at once
             infection.cure(lambda: parasite.open_fds(infection), timeout=2.0 if ended else 0.0)
         self.frozen.release()
+        # the target runs from here: deleting a large dump is no longer its time
+        self.report.release_ms = (time.monotonic() - releasing) * 1000
         self._remove_files()
 
     def _fail(self, error: BaseException) -> None:

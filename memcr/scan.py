@@ -9,9 +9,11 @@ the kernel re-reads them from their files.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +33,13 @@ MAX_EXTENT = 8 << 20  # bytes per dump record: bounds memcr's buffers
 WINDOW = 65536  # pagemap entries read at once (512 KiB)
 
 PagemapReader = Callable[[int, int], bytes]
+
+# PAGEMAP_SCAN (Linux 6.7): runs of pages by category, without 8 bytes per page
+PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
+SCAN_ARG = struct.Struct("<12Q")
+REGION = struct.Struct("<3Q")
+IS_FILE, IS_PRESENT, IS_SWAPPED, IS_PFNZERO = 1 << 2, 1 << 3, 1 << 4, 1 << 5
+SCAN_REGIONS = 4096  # regions per call
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,9 @@ def build_plan(
     exclude: tuple[int, int],
     rss_file: bool,
     zero: int,
+    scan_fd: int | None = None,
 ) -> Plan:
+    """The plan; with `scan_fd` (the target's pagemap) through PAGEMAP_SCAN where the kernel has it."""
     plan = Plan()
     for vma in vmas:
         if "lo" in vma.flags and vma.private:
@@ -96,11 +107,53 @@ def build_plan(
         if not is_candidate(vma, exclude):
             continue
         plan.vmas.append(vma)
-        dump, drop = _scan_vma(vma, read_pagemap, zero)
+        found = _scan_regions(vma, scan_fd) if scan_fd is not None else None
+        if found is None:
+            scan_fd = None  # not supported here: read pagemap entries instead
+            found = _scan_vma(vma, read_pagemap, zero)
+        dump, drop = found
         plan.dump += _extents(dump, vma, MAX_EXTENT)
         if rss_file:
             plan.drop_only += _extents(drop, vma, vma.size)
     return plan
+
+
+def _scan_regions(vma: Vma, fd: int) -> tuple[list[range], list[range]] | None:
+    """Runs to dump and to drop only, from PAGEMAP_SCAN; None if the kernel lacks it."""
+    dump: list[range] = []
+    drop: list[range] = []
+    vec = bytearray(REGION.size * SCAN_REGIONS)
+    vec_addr = ctypes.addressof(ctypes.c_char.from_buffer(vec))
+    start = vma.start
+    while start < vma.end:
+        arg = bytearray(SCAN_ARG.pack(
+            SCAN_ARG.size, 0, start, vma.end, 0, vec_addr, SCAN_REGIONS, 0,
+            0, 0, IS_PRESENT | IS_SWAPPED, IS_FILE | IS_PRESENT | IS_SWAPPED | IS_PFNZERO,
+        ))  # fmt: skip
+        try:
+            count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
+        except OSError:
+            return None
+        walk_end = SCAN_ARG.unpack(arg)[4]
+        for i in range(count):
+            first, end, category = REGION.unpack_from(vec, i * REGION.size)
+            pages = range((first - vma.start) // PAGE, (end - vma.start) // PAGE)
+            if category & IS_SWAPPED or (category & IS_PRESENT and not category & IS_PFNZERO
+                                         and (vma.anonymous or not category & IS_FILE)):  # fmt: skip
+                _append(dump, pages)
+            elif category & IS_PRESENT and category & IS_FILE and not vma.anonymous:
+                _append(drop, pages)
+        if walk_end <= start:
+            break
+        start = walk_end
+    return dump, drop
+
+
+def _append(runs: list[range], pages: range) -> None:
+    if runs and runs[-1].stop == pages.start:
+        runs[-1] = range(runs[-1].start, pages.stop)
+    else:
+        runs.append(pages)
 
 
 def _class_table(anonymous: bool) -> bytes:
@@ -149,11 +202,7 @@ def _skip_zero_pages(entries: bytes, classes: bytearray, zero: int) -> None:
 
 def _add_runs(runs: list[range], classes: bytearray, kind: bytes, first: int) -> None:
     for match in _RUNS[kind].finditer(classes):
-        start, stop = first + match.start(), first + match.end()
-        if runs and runs[-1].stop == start:
-            runs[-1] = range(runs[-1].start, stop)
-        else:
-            runs.append(range(start, stop))
+        _append(runs, range(first + match.start(), first + match.end()))
 
 
 def _extents(runs: list[range], vma: Vma, limit: int) -> list[Extent]:
