@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from memcr import procfs
 from memcr.checkpoint import Log, Options, Session
 from memcr.errors import MemcrError, StorageError, TargetError, UsageError
-from memcr.tracer import WALL
 
 CMD_CHECKPOINT = 100
 CMD_RESTORE = 101
@@ -162,8 +162,8 @@ class Worker(threading.Thread):
             if timer:
                 timer.cancel()
         if self.checkpoint_code != OK:
+            self._leave()  # before waking anyone: a later RESTORE must find nothing
             self.checkpointed.set()
-            self.service.forget(self)
             return
         self.state = "checkpointed"
         self.service.log(f"pid {self.pid} checkpointed ({self.session.report.pages} pages)")
@@ -223,11 +223,7 @@ class Worker(threading.Thread):
                 reply(INVALID_PID)
 
     def _target_died(self) -> bool:
-        try:
-            done, _ = os.waitpid(self.pid, os.WNOHANG | WALL)
-        except ChildProcessError:
-            return True
-        return done == self.pid
+        return not procfs.alive(self.pid)
 
     def restore(self, reply: Callable[[int], None] | None) -> bool:
         """Queue the restore (during a checkpoint, abort it first); False if too late."""

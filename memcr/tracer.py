@@ -267,7 +267,7 @@ class FrozenProcess:
 
     def forget(self) -> None:
         """The process died: collect what is left of its threads, hold nothing."""
-        for tid in self.tids:
+        for tid in self._leader_last():
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, os.WNOHANG | WALL)
         self.tids.clear()
@@ -290,13 +290,13 @@ class FrozenProcess:
         self.cont(self.leader)
         self.reap()
 
-    def reap(self) -> None:
-        """Collect the exit of every thread of a process that is dying.
+    def _leader_last(self) -> list[int]:
+        # the kernel reports a traced leader's exit only after its other threads'
+        return sorted(self.tids, key=lambda tid: tid == self.pid)
 
-        The kernel reports a traced leader's exit only once its tracer has
-        collected every other thread: the leader goes last.
-        """
-        for tid in sorted(self.tids, key=lambda t: t == self.pid):
+    def reap(self) -> None:
+        """Collect the exit of every thread of a process that is dying."""
+        for tid in self._leader_last():
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, WALL)
         self.tids.clear()

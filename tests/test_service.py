@@ -227,9 +227,10 @@ def test_timeout_rolls_back(daemon, spawn) -> None:
     assert target.verify() == 0
 
 
-def test_target_killed_while_checkpointed_is_forgotten(daemon, spawn) -> None:
+@pytest.mark.parametrize("threads", [0, 4])
+def test_target_killed_while_checkpointed_is_forgotten(daemon, spawn, threads: int) -> None:
     d = daemon()
-    target = spawn("pattern", 16)
+    target = spawn("pattern", 16, threads)
     assert d.code(CHECKPOINT, target.pid) == 0
     target.proc.kill()
     deadline = time.monotonic() + 30
