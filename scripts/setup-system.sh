@@ -4,7 +4,7 @@
 set -eu
 need=""
 for tool in gcc:gcc make:make ld:binutils objcopy:binutils nm:binutils unshare:util-linux mount:mount \
-    setpriv:util-linux setcap:libcap2-bin strace:strace useradd:passwd; do
+    setpriv:util-linux setcap:libcap2-bin strace:strace useradd:passwd pkill:procps; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need="$need ${tool#*:}"
 done
 [ -e /usr/include/linux/socket.h ] || need="$need linux-libc-dev libc6-dev"
