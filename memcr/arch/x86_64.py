@@ -15,10 +15,6 @@ SYS_EXIT = 60
 SYS_KILL = 62
 
 
-def new_regs() -> user_regs_struct:
-    return user_regs_struct()
-
-
 def copy_regs(regs: user_regs_struct) -> user_regs_struct:
     return user_regs_struct.from_buffer_copy(regs)
 
