@@ -55,7 +55,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("-G", "--parasite-socket-gid", type=GroupId(), help="With -S: socket group GID, mode 0660.")
 @click.option("-N", "--parasite-socket-netns", is_flag=True,
               help="Connect to the parasite from the target's network namespace.")
-@click.option("-l", "--listen", help="Service mode on a TCP PORT or UNIX socket PATH.")
+@click.option("-l", "--listen", metavar="PORT|HOST:PORT|PATH",
+              help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.")
 @click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
@@ -65,7 +66,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("-c", "--checksum", is_flag=True, help="MD5 over the dump, checked on restore.")
 @click.option("-e", "--encrypt", is_flag=False, flag_value=DEFAULT_CIPHER,
               help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).")
-@click.option("-t", "--timeout", type=int, help="Service mode: time limit per operation, seconds.")
+@click.option("-t", "--timeout", type=int, metavar="SECONDS",
+              help="Service mode: a checkpoint running longer is rolled back (and a slow restore answered -1).")
 @click.option("--allow-tracer", is_flag=True,
               help="Debugging only: run even when a debugger or strace is attached to memcr.")
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
