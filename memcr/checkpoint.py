@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import groupby
@@ -117,6 +118,12 @@ class Session:
         """Freeze the target, dump and drop its private pages; it stays frozen."""
         status = preflight(self.pid, self.options)
         self.report.rss_before = _rss(status)
+        # smaps walks every page table (~15 ms per GiB): read it while the
+        # target still runs; once frozen, it is confirmed before any drop
+        try:
+            vmas: list[Vma] | None = procfs.read_maps(self.pid)
+        except RightsError:
+            vmas = None  # the freeze names precisely which right is missing
         frozen_at = time.monotonic()
         self.frozen = FrozenProcess.freeze(self.pid, arch.current())
         self.report.threads = len(self.frozen.tids)
@@ -124,10 +131,10 @@ class Session:
         try:
             self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE, self.options.dump)
             self._start_parasite()
-            plan = self._plan()
+            plan, confirmed = self._plan(vmas)
             started = time.monotonic()
             self.report.setup_ms = (started - frozen_at) * 1000
-            self._stream(plan)
+            self._stream(plan, confirmed)
             self.report.download_ms = (time.monotonic() - started) * 1000
         except BaseException as e:
             self._fail(e)
@@ -143,7 +150,8 @@ class Session:
         self.channel = ParasiteChannel.connect(self.infection, self.spec, nonces, self.options.netns)
         self.log(f"parasite ready (tid {tid})")
 
-    def _plan(self) -> Plan:
+    def _plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
+        """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
         assert self.infection is not None and self.channel is not None
         fd = procfs.open_pagemap(self.pid)
         if fd is None:
@@ -156,18 +164,20 @@ class Session:
             def read_pagemap(addr: int, npages: int) -> bytes:
                 return os.pread(fd, npages * 8, addr // PAGE * 8)
 
+        exclude = self.infection.mapping
         try:
-            plan = scan.build_plan(
-                procfs.read_maps(self.pid),
-                read_pagemap,
-                self.infection.mapping,
-                self.options.rss_file,
-                _zero_pfn(),
-                fd,
-            )
+            layout = procfs.read_maps(self.pid, flags=False)
+            pages = scan.scan_pages(layout, read_pagemap, exclude, _zero_pfn(), fd)
         finally:
             if fd is not None:
                 os.close(fd)
+        confirmed = None
+        if before is not None and scan.same_layout(before, layout, exclude):
+            plan = scan.build_plan(before, pages, exclude, self.options.rss_file)
+            confirmed = _in_background(lambda: scan.confirm_flags(procfs.read_maps(self.pid), plan))
+        else:
+            self.log("the memory map changed while freezing: reading it again")
+            plan = scan.build_plan(procfs.read_maps(self.pid), pages, exclude, self.options.rss_file)
         self.report.vmas = len(plan.vmas)
         self.report.pages = plan.dump_bytes // PAGE
         self.log(
@@ -176,12 +186,13 @@ class Session:
         )
         if plan.locked_vmas:
             self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")
-        return plan
+        return plan, confirmed
 
-    def _stream(self, plan: Plan) -> None:
+    def _stream(self, plan: Plan, confirmed: Future[None] | None) -> None:
         assert self.channel is not None and self.dump is not None
         buf = memoryview(bytearray(CHUNK))
         done, total = 0, plan.dump_bytes
+        written: list[Record] = []
         for vma, extents in groupby(plan.dump, key=lambda e: e.vma):
             with self._accessible(vma, PROT_READ):
                 for extent in extents:
@@ -193,14 +204,26 @@ class Session:
                     else:
                         self._copy_from_parasite(record, buf)
                     self.dump.end_pages(record)
-                    # only now that the bytes are in the file may the page go
-                    record.dropped = self.channel.drop(extent.start, extent.length)
+                    # only now that the bytes are in the file may the pages go
+                    written.append(record)
+                    if confirmed is None or confirmed.done():
+                        self._drop(written, confirmed)
                     done += extent.length
                     if self.progress:
                         self.progress(done, total)
+        self._drop(written, confirmed)
         for extent in plan.drop_only:
             self.channel.drop(extent.start, extent.length)
         self.dump.finish()
+
+    def _drop(self, written: list[Record], confirmed: Future[None] | None) -> None:
+        """Drop the pages of records in the file, once the plan's VmFlags are confirmed."""
+        assert self.channel is not None
+        if confirmed is not None:
+            confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
+        for record in written:
+            record.dropped = self.channel.drop(record.addr, record.length)
+        written.clear()
 
     def _copy_from_parasite(self, record: Record, buf: memoryview) -> None:
         assert self.channel is not None and self.dump is not None
@@ -263,7 +286,7 @@ class Session:
         """Write every dropped page back from the dump, checked before use."""
         assert self.channel is not None and self.dump is not None
         records = self.dump.verified_records()
-        vmas = {e.start: e for e in procfs.read_maps(self.pid)}
+        vmas = {e.start: e for e in procfs.read_maps(self.pid, flags=False)}
         by_vma = groupby(records, key=lambda r: _containing(vmas, r.addr))
         for vma, group in by_vma:
             with self._accessible(vma, PROT_WRITE):
@@ -357,6 +380,14 @@ class Session:
     @property
     def dump_path(self) -> Path | None:
         return self.dump.path if self.dump else None
+
+
+def _in_background(work: Callable[[], None]) -> Future[None]:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="memcr-confirm")
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the work
 
 
 def _containing(vmas: dict[int, Vma], addr: int) -> Vma:

@@ -8,6 +8,7 @@ the kernel re-reads them from their files.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import fcntl
 import mmap
@@ -17,6 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memcr.errors import TargetError
 from memcr.procfs import Vma
 
 PAGE = mmap.PAGESIZE
@@ -84,22 +86,82 @@ def zero_pfn() -> int:
 
 def is_candidate(vma: Vma, exclude: tuple[int, int]) -> bool:
     """Private memory memcr may dump; the parasite's own mapping excluded."""
+    return _may_hold_data(vma, exclude) and not (vma.flags & UNTOUCHABLE)
+
+
+def _may_hold_data(vma: Vma, exclude: tuple[int, int]) -> bool:
+    """What /proc/<pid>/maps alone can tell of a candidate (VmFlags need smaps)."""
     if not vma.private or vma.path in SPECIAL:
         return False
-    if vma.start < exclude[1] and exclude[0] < vma.end:
-        return False
-    return not (vma.flags & UNTOUCHABLE)
+    return not (vma.start < exclude[1] and exclude[0] < vma.end)
+
+
+Runs = tuple[list[range], list[range]]  # page indexes to dump, and to drop only
+PageRuns = dict[tuple[int, int], Runs]  # by (start, end) of the mapping
+
+
+def scan_pages(
+    vmas: list[Vma],
+    read_pagemap: PagemapReader,
+    exclude: tuple[int, int],
+    zero: int,
+    scan_fd: int | None = None,
+) -> PageRuns:
+    """The page runs of every mapping that may be a candidate.
+
+    Needs only the layout from /proc/<pid>/maps, so it can walk the page
+    tables on one core while smaps (which walks them too) is read on another.
+    With `scan_fd` (the target's pagemap) it uses PAGEMAP_SCAN where the kernel has it.
+    """
+    pages: PageRuns = {}
+    for vma in vmas:
+        if not _may_hold_data(vma, exclude):
+            continue
+        found = _scan_regions(vma, scan_fd) if scan_fd is not None else None
+        if found is None:
+            scan_fd = None  # not supported here: read pagemap entries instead
+            found = _scan_vma(vma, read_pagemap, zero)
+        pages[vma.start, vma.end] = found
+    return pages
+
+
+def same_layout(before: list[Vma], now: list[Vma], exclude: tuple[int, int]) -> bool:
+    """Whether the mappings are those read before the freeze, the parasite's aside."""
+
+    def key(vmas: list[Vma]) -> list[tuple]:
+        return [
+            (v.start, v.end, v.perms, v.offset, v.inode, v.path)
+            for v in vmas
+            if not (v.start < exclude[1] and exclude[0] < v.end)
+        ]
+
+    return key(before) == key(now)
+
+
+def confirm_flags(now: list[Vma], plan: Plan) -> None:
+    """Raise unless every planned mapping may still lose its pages.
+
+    The plan may come from VmFlags read before the freeze; mlock or a
+    userfaultfd registration in between changes nothing else that is visible.
+    """
+    starts = [v.start for v in now]
+    for vma in plan.vmas:
+        i = bisect.bisect_right(starts, vma.start) - 1
+        # a mapping may have merged with a neighbour (mprotect for the parasite), never shrunk
+        if i < 0 or now[i].end < vma.end or now[i].flags & UNTOUCHABLE:
+            raise TargetError(
+                f"the target locked or registered memory at {vma.start:#x} while memcr froze it: "
+                "nothing was dropped, try again"
+            )
 
 
 def build_plan(
     vmas: list[Vma],
-    read_pagemap: PagemapReader,
+    pages: PageRuns,
     exclude: tuple[int, int],
     rss_file: bool,
-    zero: int,
-    scan_fd: int | None = None,
 ) -> Plan:
-    """The plan; with `scan_fd` (the target's pagemap) through PAGEMAP_SCAN where the kernel has it."""
+    """The plan from the mappings with their VmFlags and the page runs found in them."""
     plan = Plan()
     for vma in vmas:
         if "lo" in vma.flags and vma.private:
@@ -107,10 +169,10 @@ def build_plan(
         if not is_candidate(vma, exclude):
             continue
         plan.vmas.append(vma)
-        found = _scan_regions(vma, scan_fd) if scan_fd is not None else None
+        found = pages.get((vma.start, vma.end))
         if found is None:
-            scan_fd = None  # not supported here: read pagemap entries instead
-            found = _scan_vma(vma, read_pagemap, zero)
+            # a frozen target cannot do this; a process sharing its memory (CLONE_VM) can
+            raise TargetError(f"the memory map of the target changed while it was frozen, at {vma.start:#x}")
         dump, drop = found
         plan.dump += _extents(dump, vma, MAX_EXTENT)
         if rss_file:
@@ -124,11 +186,13 @@ def _scan_regions(vma: Vma, fd: int) -> tuple[list[range], list[range]] | None:
     drop: list[range] = []
     vec = bytearray(REGION.size * SCAN_REGIONS)
     vec_addr = ctypes.addressof(ctypes.c_char.from_buffer(vec))
+    # asking for IS_FILE makes the kernel look at every page's struct page: 3x
+    # slower, and an anonymous mapping's pages are never file pages anyway
+    wanted = IS_PRESENT | IS_SWAPPED | IS_PFNZERO | (0 if vma.anonymous else IS_FILE)
     start = vma.start
     while start < vma.end:
         arg = bytearray(SCAN_ARG.pack(
-            SCAN_ARG.size, 0, start, vma.end, 0, vec_addr, SCAN_REGIONS, 0,
-            0, 0, IS_PRESENT | IS_SWAPPED, IS_FILE | IS_PRESENT | IS_SWAPPED | IS_PFNZERO,
+            SCAN_ARG.size, 0, start, vma.end, 0, vec_addr, SCAN_REGIONS, 0, 0, 0, IS_PRESENT | IS_SWAPPED, wanted,
         ))  # fmt: skip
         try:
             count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)

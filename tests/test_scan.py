@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 
 import pytest
 
 from memcr import procfs, scan
+from memcr.errors import TargetError
 
 KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
 
@@ -27,12 +29,18 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
         def refuse(addr: int, npages: int) -> bytes:
             raise AssertionError("PAGEMAP_SCAN was not used: pagemap entries were read")
 
+        layout = procfs.read_maps(target.pid, flags=False)
+        assert [(v.start, v.end, v.perms, v.path) for v in layout] == [(v.start, v.end, v.perms, v.path) for v in vmas]
+        entries = scan.scan_pages(layout, read, (0, 0), scan.zero_pfn())
+        scanned = scan.scan_pages(layout, refuse, (0, 0), scan.zero_pfn(), fd)
         for rss_file in (False, True):
-            by_entries = scan.build_plan(vmas, read, (0, 0), rss_file, scan.zero_pfn())
-            by_scan = scan.build_plan(vmas, refuse, (0, 0), rss_file, scan.zero_pfn(), fd)
+            by_entries = scan.build_plan(vmas, entries, (0, 0), rss_file)
+            by_scan = scan.build_plan(vmas, scanned, (0, 0), rss_file)
             assert by_scan.dump == by_entries.dump
             assert by_scan.drop_only == by_entries.drop_only
             assert by_scan.dump_bytes > 0
+        with pytest.raises(TargetError, match="memory map of the target changed"):
+            scan.build_plan(vmas, {}, (0, 0), False)
     finally:
         os.close(fd)
         target.proc.send_signal(18)  # SIGCONT
@@ -57,4 +65,28 @@ def test_parasite_reads_the_same_pagemap(spawn, tmp_path) -> None:
             os.close(fd)
     finally:
         session.restore()
+    assert target.verify() == 0
+
+
+def test_flags_changed_before_the_freeze_are_caught(spawn) -> None:
+    """A plan made from VmFlags read before an mlock is refused once the mlock shows."""
+    target = spawn("mlocked")
+    target.proc.send_signal(19)  # SIGSTOP
+    try:
+        now = procfs.read_maps(target.pid)
+        assert any("lo" in v.flags for v in now)
+        unlocked = [dataclasses.replace(v, flags=v.flags - {"lo"}) for v in now]
+        fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY)
+        try:
+            layout = procfs.read_maps(target.pid, flags=False)
+            pages = scan.scan_pages(layout, lambda addr, n: os.pread(fd, n * 8, addr // scan.PAGE * 8), (0, 0), 0)
+        finally:
+            os.close(fd)
+        as_before = scan.build_plan(unlocked, pages, (0, 0), False)
+        with pytest.raises(TargetError, match="locked or registered memory"):
+            scan.confirm_flags(now, as_before)
+        scan.confirm_flags(now, scan.build_plan(now, pages, (0, 0), False))
+        assert scan.same_layout(unlocked, now, (0, 0))
+    finally:
+        target.proc.send_signal(18)  # SIGCONT
     assert target.verify() == 0

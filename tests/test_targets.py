@@ -30,6 +30,15 @@ def test_mlocked_pages_are_skipped(spawn, memcr: Memcr) -> None:
     assert 8 * 1024 <= after < before - 30 * 1024
 
 
+def test_memory_map_changing_up_to_the_freeze(spawn, memcr: Memcr) -> None:
+    """VmFlags read before the freeze are not used once the layout moved: smaps is read again."""
+    target = spawn("remapping")
+    out = round_trip(target, memcr)
+    assert "the memory map changed while freezing: reading it again" in out
+    before, after = map(int, log_value(out, r"RssAnon (\d+) kB -> (\d+) kB").groups())
+    assert after < before - 15 * 1024
+
+
 def test_protected_mappings(spawn, memcr: Memcr) -> None:
     target = spawn("prot")
     out = round_trip(target, memcr)
