@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from memcr import __version__, service
+from memcr import __version__, heap, service
 from memcr.checkpoint import Options, Session
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
@@ -121,6 +121,7 @@ def interactive(pid: int, options: Options, wait: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: abort.set())
     bar = ProgressBar() if sys.stdout.isatty() else None
+    heap.tune()
     session = Session(pid, options, log, abort, bar)
     try:
         session.checkpoint()

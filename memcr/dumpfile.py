@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memcr import heap
 from memcr.codec import FRAME, DumpOptions, FrameCodec
 from memcr.errors import DumpError, StorageError
 
@@ -207,6 +208,7 @@ class DumpFile:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+            heap.release()  # the frame buffers
 
     def verified_records(self) -> list[Record]:
         """The records holding dropped pages, after checking the file still says what we wrote.

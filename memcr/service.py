@@ -10,7 +10,6 @@ only thread that may touch it, and it lives until the target is released.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import queue
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from memcr import procfs
+from memcr import heap, procfs
 from memcr.checkpoint import Log, Options, Session
 from memcr.errors import MemcrError, StorageError, TargetError, UsageError
 
@@ -122,14 +121,6 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path")
-
-
-def limit_malloc_arenas() -> None:
-    """Keep idle worker threads cheap: one malloc arena, large buffers given back at once."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, 1)  # M_ARENA_MAX
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed buffers are unmapped
 
 
 class Worker(threading.Thread):
@@ -253,7 +244,7 @@ class Service:
                 del self.workers[worker.pid]
 
     def serve(self) -> None:
-        limit_malloc_arenas()
+        heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid)
         self.log(f"listening on {self.address}")
         try:
