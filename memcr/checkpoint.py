@@ -190,7 +190,6 @@ class Session:
 
     def _stream(self, plan: Plan, confirmed: Future[None] | None) -> None:
         assert self.channel is not None and self.dump is not None
-        buf = memoryview(bytearray(CHUNK))
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
         for vma, extents in groupby(plan.dump, key=lambda e: e.vma):
@@ -200,18 +199,19 @@ class Session:
                         raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
                     record = self.dump.begin_pages(extent.start, extent.length)
                     if self.options.proc_mem:
-                        self._copy_from_mem(record, buf)
+                        self._copy_from_mem(record)
                     else:
-                        self._copy_from_parasite(record, buf)
+                        self._copy_from_parasite(record)
                     self.dump.end_pages(record)
-                    # only now that the bytes are in the file may the pages go
-                    written.append(record)
+                    # only pages whose bytes are in the file may go
+                    written += self.dump.completed()
                     if confirmed is None or confirmed.done():
                         self._drop(written, confirmed)
                     done += extent.length
                     if self.progress:
                         self.progress(done, total)
-        self._drop(written, confirmed)
+        self.dump.flush()
+        self._drop(written + self.dump.completed(), confirmed)
         for extent in plan.drop_only:
             self.channel.drop(extent.start, extent.length)
         self.dump.finish()
@@ -225,13 +225,13 @@ class Session:
             record.dropped = self.channel.drop(record.addr, record.length)
         written.clear()
 
-    def _copy_from_parasite(self, record: Record, buf: memoryview) -> None:
+    def _copy_from_parasite(self, record: Record) -> None:
         assert self.channel is not None and self.dump is not None
         length = record.length
         self.channel.request_pages(record.addr, length)
         failure: StorageError | None = None
         for offset in range(0, length, CHUNK):
-            piece = buf[: min(CHUNK, length - offset)]
+            piece = self.dump.buffer(min(CHUNK, length - offset))
             self.channel.recv_into(piece)
             if failure is None:
                 try:
@@ -242,10 +242,10 @@ class Session:
         if failure is not None:
             raise failure
 
-    def _copy_from_mem(self, record: Record, buf: memoryview) -> None:
+    def _copy_from_mem(self, record: Record) -> None:
         assert self.frozen is not None and self.dump is not None
         for offset in range(0, record.length, CHUNK):
-            piece = buf[: min(CHUNK, record.length - offset)]
+            piece = self.dump.buffer(min(CHUNK, record.length - offset))
             if os.preadv(self.frozen.mem_fd, [piece], record.addr + offset) != len(piece):
                 raise MemcrError(f"short read of /proc/{self.pid}/mem at {record.addr + offset:#x}")
             self.dump.write_payload(record, piece)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memcr import heap
-from memcr.codec import FRAME, DumpOptions, FrameCodec
+from memcr.codec import FRAME, FRAME_PLAIN, DumpOptions, FrameCodec
 from memcr.errors import DumpError, StorageError
 
 MAGIC = b"MEMCRPY\0"
@@ -37,7 +37,7 @@ RECORD = struct.Struct("<IIQQQ")
 KIND_PAGES = 1
 KIND_END = 2
 CODEC_THREADS = 2
-PIPELINE_DEPTH = 2  # frames waiting beside those being coded: bounds memory
+PIPELINE_DEPTH = 4  # frames queued or being coded: bounds memory
 
 
 @dataclass
@@ -46,9 +46,10 @@ class Record:
 
     addr: int
     length: int
-    offset: int  # of the payload in the file
+    offset: int = -1  # of the payload in the file, once its header is there
     stored: int = 0  # payload bytes in the file
-    written: int = 0  # page bytes written so far
+    written: int = 0  # page bytes handed over so far
+    ended: bool = False  # all its page bytes are handed over
     dropped: bool = False
 
     @property
@@ -127,7 +128,12 @@ class DumpFile:
 
     codec: FrameCodec | None = None
     _pool: ThreadPoolExecutor | None = None
-    _pending: deque[tuple[Record, Future[list[bytes | memoryview]]]] = field(default_factory=deque)
+    # file writes in order: a record's header (None), or one of its frames being coded from a buffer
+    _pending: deque[tuple[Record, Future[list[bytes | memoryview]] | None, memoryview | None]] = field(
+        default_factory=deque
+    )
+    _complete: list[Record] = field(default_factory=list)
+    _buffers: list[bytearray] = field(default_factory=list)
 
     @classmethod
     def create(cls, directory: Path, pid: int, page_size: int, options: DumpOptions) -> DumpFile:
@@ -153,19 +159,29 @@ class DumpFile:
             raise storage_error(self.path, e) from None
 
     def begin_pages(self, addr: int, length: int) -> Record:
-        if not self.codec:
-            # zero padding puts the payload on a page boundary of the file, so
-            # sendfile() hands whole page-cache pages to the socket on restore
-            pad = -(self.size + RECORD.size) % self.page_size
-            if pad:
-                self._write(bytes(pad))
-        record = Record(addr, length, self.size + RECORD.size)
-        self._write(record.header)  # stored length still 0: rewritten by end_pages
+        record = Record(addr, length)
         self.records.append(record)
+        if self.codec:
+            self._pending.append((record, None, None))  # after the frames still being coded
+            return record
+        # zero padding puts the payload on a page boundary of the file, so
+        # sendfile() hands whole page-cache pages to the socket on restore
+        pad = -(self.size + RECORD.size) % self.page_size
+        if pad:
+            self._write(bytes(pad))
+        self._write_record_header(record)
         return record
 
+    def buffer(self, size: int) -> memoryview:
+        """Where to put the next page bytes for write_payload: reused once written."""
+        if not self._buffers:
+            self._buffers.append(bytearray(FRAME_PLAIN))
+        if self.codec:
+            return memoryview(self._buffers.pop())[:size]  # given back once its frame is written
+        return memoryview(self._buffers[0])[:size]
+
     def write_payload(self, record: Record, data: memoryview) -> None:
-        """Append the next bytes of the record's pages (at most one frame's worth)."""
+        """Append the next bytes of the record's pages, from buffer()."""
         addr = record.addr + record.written
         record.written += len(data)
         self.page_bytes += len(data)
@@ -173,27 +189,53 @@ class DumpFile:
             self._write(data)
             record.stored += len(data)
             return
-        # a copy: the caller reuses its buffer while the frame is encoded
-        self._pending.append((record, self._codec_pool().submit(self.codec.encode, bytes(data), addr)))
+        self._pending.append((record, self._codec_pool().submit(self.codec.encode, data, addr), data))
         while len(self._pending) > PIPELINE_DEPTH:
-            self._write_oldest_frame()
-
-    def _write_oldest_frame(self) -> None:
-        record, encoded = self._pending.popleft()
-        before = self.size
-        for piece in encoded.result():
-            self._write(piece)
-        record.stored += self.size - before
+            self._write_oldest()
 
     def end_pages(self, record: Record) -> None:
+        """No more bytes for this record: it is complete once its frames are written."""
+        record.ended = True
+        if not any(r is record for r, _, _ in self._pending):
+            self._finish_record(record)
+
+    def completed(self) -> list[Record]:
+        """The records whose pages are all in the file since the last call: theirs may be dropped."""
+        done, self._complete = self._complete, []
+        return done
+
+    def flush(self) -> None:
+        """Write every frame still being coded."""
         while self._pending:
-            self._write_oldest_frame()
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        record, encoding, buffer = self._pending.popleft()
+        if encoding is None:
+            self._write_record_header(record)
+        else:
+            before = self.size
+            for piece in encoding.result():
+                self._write(piece)
+            record.stored += self.size - before
+            assert buffer is not None
+            self._buffers.append(buffer.obj)  # type: ignore[arg-type]
+        if record.ended and not (self._pending and self._pending[0][0] is record):
+            self._finish_record(record)
+
+    def _write_record_header(self, record: Record) -> None:
+        record.offset = self.size + RECORD.size
+        self._write(record.header)  # stored length still 0: rewritten by _finish_record
+
+    def _finish_record(self, record: Record) -> None:
         try:
             os.pwrite(self.fd, record.header, record.offset - RECORD.size)
         except OSError as e:
             raise storage_error(self.path, e) from None
+        self._complete.append(record)
 
     def finish(self) -> None:
+        self.flush()
         self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
         self.finished = True
         self._stop_pool()  # while the target stays frozen, no thread waits for work
