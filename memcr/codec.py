@@ -116,15 +116,16 @@ class _Gcm:
 
         self._aead = AESGCM(_process_key(cipher, 32))
 
-    def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:
+    def seal(self, data: bytes | memoryview, aad: bytes) -> list[bytes]:
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, bytes(data), aad)
+        return [nonce, self._aead.encrypt(nonce, data, aad)]
 
     def open(self, data: bytes, aad: bytes) -> bytes:
         from cryptography.exceptions import InvalidTag
 
+        view = memoryview(data)
         try:
-            return self._aead.decrypt(data[:12], data[12:], aad)
+            return self._aead.decrypt(view[:12], view[12:], aad)
         except InvalidTag:
             raise DumpError("an encrypted frame of the dump fails authentication: it was altered") from None
 
@@ -133,45 +134,51 @@ class _CbcHmac:
     """AES-CBC, then HMAC-SHA256 over IV, ciphertext and the frame's place."""
 
     def __init__(self, cipher: str) -> None:
-        from cryptography.hazmat.primitives import padding
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         bits = int(cipher.split("-")[1])
         self._key = _process_key(cipher, bits // 8)
         self._mac_key = _process_key(cipher + "-hmac", 32)
-        self._cipher, self._algorithms, self._modes, self._padding = Cipher, algorithms, modes, padding
+        self._cipher, self._algorithms, self._modes = Cipher, algorithms, modes
 
     def _aes(self, iv: bytes):  # a cryptography Cipher
         return self._cipher(self._algorithms.AES(self._key), self._modes.CBC(iv))
 
-    def _tag(self, body: bytes, aad: bytes) -> bytes:
+    def _tag(self, aad: bytes, *body: bytes | memoryview) -> bytes:
         import hmac  # with hashlib it costs megabytes: load only when used
 
-        return hmac.digest(self._mac_key, aad + body, "sha256")
+        mac = hmac.new(self._mac_key, aad, "sha256")
+        for piece in body:
+            mac.update(piece)
+        return mac.digest()
 
-    def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:
+    def seal(self, data: bytes | memoryview, aad: bytes) -> list[bytes]:
         iv = os.urandom(16)
-        padder = self._padding.PKCS7(128).padder()
-        padded = bytes(padder.update(data)) + padder.finalize()
+        pad = 16 - len(data) % 16  # PKCS#7: always at least one byte
         encryptor = self._aes(iv).encryptor()
-        body = iv + encryptor.update(padded) + encryptor.finalize()
-        return body + self._tag(body, aad)
+        # the pages and their padding in two pieces: the pages are not copied to pad them
+        body = encryptor.update(data)
+        tail = encryptor.update(bytes([pad]) * pad) + encryptor.finalize()
+        return [iv, body, tail + self._tag(aad, iv, body, tail)]
 
-    def open(self, data: bytes, aad: bytes) -> bytes:
-        body, tag = data[:-32], data[-32:]
-        if len(body) < 32 or not _same(tag, self._tag(body, aad)):
+    def open(self, data: bytes, aad: bytes) -> bytes | memoryview:
+        view = memoryview(data)
+        body, tag = view[:-32], view[-32:]
+        if len(body) < 32 or len(body) % 16 or not _same(tag, self._tag(aad, body)):
             raise DumpError("an encrypted frame of the dump fails authentication: it was altered")
-        decryptor = self._aes(body[:16]).decryptor()
-        padded = decryptor.update(body[16:]) + decryptor.finalize()
-        unpadder = self._padding.PKCS7(128).unpadder()
-        return unpadder.update(padded) + unpadder.finalize()
+        padded = self._aes(body[:16]).decryptor().update(body[16:])
+        pad = padded[-1]
+        if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+            raise DumpError("an encrypted frame of the dump has bad padding: it was altered")
+        return memoryview(padded)[:-pad]
 
 
-def _md5(header: bytes, data: bytes | memoryview) -> bytes:
+def _md5(*pieces: bytes | memoryview) -> bytes:
     import hashlib  # loads OpenSSL: only dumps with -c pay for it
 
-    md5 = hashlib.md5(header, usedforsecurity=False)
-    md5.update(data)
+    md5 = hashlib.md5(usedforsecurity=False)
+    for piece in pieces:
+        md5.update(piece)
     return md5.digest()
 
 
@@ -209,13 +216,14 @@ class FrameCodec:
             packed = self._compressor.compress(plain)
             if len(packed) < len(plain):
                 data, flags = packed, F_COMPRESSED
+        pieces: list[bytes | memoryview] = [data]
         if self._sealer:
             flags |= F_ENCRYPTED
-            data = self._sealer.seal(data, self._aad(addr, len(plain), flags))
-        header = FRAME.pack(len(plain), len(data), flags, 0)
+            pieces = self._sealer.seal(data, self._aad(addr, len(plain), flags))  # type: ignore[assignment]
+        header = FRAME.pack(len(plain), sum(map(len, pieces)), flags, 0)
         if self.options.checksum:
-            header += _md5(header, data)
-        return [header, data]
+            header += _md5(header, *pieces)
+        return [header, *pieces]
 
     def _worth_compressing(self, plain: memoryview) -> bool:
         """Sample a few pages: random data (keys, media, compressed heaps) is not worth the CPU."""
@@ -237,7 +245,7 @@ class FrameCodec:
             raise DumpError("a frame of the dump does not match the dump's options")
         return plain_len, stored_len, flags
 
-    def decode(self, raw_header: bytes, stored: bytes, addr: int) -> bytes:
+    def decode(self, raw_header: bytes, stored: bytes, addr: int) -> bytes | memoryview:
         """Check and unpack one frame; nothing unchecked gets out."""
         plain_len, _, flags = self.parse_header(raw_header)
         if self.options.checksum:

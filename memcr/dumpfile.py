@@ -276,10 +276,10 @@ class DumpFile:
             raise DumpError(f"cannot read the dump {self.path}: {e.strerror}") from None
         return dropped
 
-    def plain_chunks(self, record: Record) -> Iterator[bytes]:
+    def plain_chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         """A framed record's pages, in order, each frame checked before it is yielded."""
         pool = self._codec_pool()
-        decoding: deque[Future[bytes]] = deque()
+        decoding: deque[Future[bytes | memoryview]] = deque()
         for frame in self._frames(record):
             decoding.append(pool.submit(self._decode, *frame))
             if len(decoding) > PIPELINE_DEPTH:
@@ -303,7 +303,7 @@ class DumpFile:
         if done != record.length or offset != end:
             raise DumpError(f"the dump {self.path} has a damaged record at offset {record.offset}")
 
-    def _decode(self, head: bytes, offset: int, stored_len: int, addr: int) -> bytes:
+    def _decode(self, head: bytes, offset: int, stored_len: int, addr: int) -> bytes | memoryview:
         assert self.codec is not None
         stored = self._read_exact(offset, stored_len, offset + stored_len)
         return self.codec.decode(head, stored, addr)

@@ -254,7 +254,7 @@ class ParasiteChannel:
 
         self._store(addr, length, push)
 
-    def store_chunks(self, addr: int, length: int, chunks: Iterator[bytes]) -> None:
+    def store_chunks(self, addr: int, length: int, chunks: Iterator[bytes | memoryview]) -> None:
         """Send `length` bytes, produced chunk by chunk, into the target at addr."""
 
         def push() -> None:
