@@ -35,6 +35,11 @@ bench: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/bench.py
 
+# a py-spy flame graph of one checkpoint and restore: make profile ARGS='-z lz4'
+profile: install
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/profile.py -- $(ARGS)
+
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
 	sh scripts/install-system.sh $(PREFIX) $(MEMCR_GROUP)
@@ -43,4 +48,4 @@ clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info
 
-.PHONY: all parasite system install install-system demo test bench clean
+.PHONY: all parasite system install install-system demo test bench profile clean

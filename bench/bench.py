@@ -13,8 +13,9 @@ dump directory:
 
 memcr runs `memcr -p PID -n` on a fresh target each time (half text-like,
 half random pages), the target verifies every byte afterwards, and memcr's
-peak RSS comes from wait4(). Medians over --runs. Results go to stdout and
-to a JSON file.
+peak RSS comes from wait4(). Rounds of limits, plain memcr and the -z/-c/-e
+variants in turn; ratios are medians over --runs of each run against the
+yardstick of its own round. Results go to stdout and to a JSON file.
 """
 
 from __future__ import annotations
@@ -195,24 +196,23 @@ def main() -> int:
         directory = Path(work)
         target_bin = build_target(directory)
         writes, reads, runs = [], [], []
-        # a discarded warm-up pass first, then limit and memcr take turns, so
-        # both meet the same state of the page cache and of the (virtual) machine
+        variants: dict[str, list[MemcrRun]] = {" ".join(v): [] for v in ([] if args.no_variants else VARIANTS)}
+        # a discarded warm-up round first; then in each round the limits, plain
+        # memcr and every variant take turns, so that each figure meets the same
+        # state of the page cache and of the (virtual) machine as its yardstick
         for i in range(args.runs + 1):
             seconds, path = write_limit(target_bin, args.size_mib, directory)
             read_seconds = read_limit(size, path)
             path.unlink()
             run = run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split())
+            tried = {name: run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split() + name.split())
+                     for name in variants}  # fmt: skip
             if i:
                 writes.append(seconds)
                 reads.append(read_seconds)
                 runs.append(run)
-        variants = {}
-        if not args.no_variants:
-            for options in VARIANTS:
-                extra = args.memcr_args.split() + options
-                variants[" ".join(options)] = [
-                    run_memcr(target_bin, args.size_mib, directory, extra) for _ in range(args.runs)
-                ]
+                for name, variant_run in tried.items():
+                    variants[name].append(variant_run)
         daemon = None if args.no_service else service.measure(target_bin, directory)
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
@@ -259,6 +259,9 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
     checkpoint = mib_s(statistics.median(r.download_ms for r in runs) / 1000)
     restore = mib_s(statistics.median(r.upload_ms for r in runs) / 1000)
     write_lim, read_lim = mib_s(statistics.median(writes)), mib_s(statistics.median(reads))
+    # each run against the limit measured beside it: the machine drifts between rounds
+    checkpoint_ratio = statistics.median(w / (r.download_ms / 1000) for w, r in zip(writes, runs, strict=True))
+    restore_ratio = statistics.median(w / (r.upload_ms / 1000) for w, r in zip(reads, runs, strict=True))
     peak = [r.peak_rss_mib for r in runs]
     return {
         "size_mib": size_mib,
@@ -267,8 +270,8 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
         "restore_mib_s": restore,
         "write_limit_mib_s": write_lim,
         "read_limit_mib_s": read_lim,
-        "checkpoint_ratio": checkpoint / write_lim,
-        "restore_ratio": restore / read_lim,
+        "checkpoint_ratio": checkpoint_ratio,
+        "restore_ratio": restore_ratio,
         "peak_rss_mib_median": statistics.median(peak),
         "peak_rss_mib_max": max(peak),
         "freeze_overhead_ms": statistics.median(r.setup_ms + r.release_ms for r in runs),
@@ -279,20 +282,19 @@ VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", 
 
 
 def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict:
-    """Median times and dump size of a variant, and their ratios to the plain runs."""
-
-    def median(runs: list[MemcrRun], field: str) -> float:
-        return statistics.median(getattr(r, field) for r in runs)
-
+    """Median times and dump size of a variant, and the median of its ratios to the plain run of each round."""
     out: dict[str, float] = {}
     for field in ("download_ms", "upload_ms", "dump_bytes", "peak_rss_mib"):
-        out[field] = median(variant, field)
-        out[f"{field}_ratio"] = out[field] / median(plain, field)
+        out[field] = statistics.median(getattr(r, field) for r in variant)
+        out[f"{field}_ratio"] = statistics.median(
+            getattr(v, field) / getattr(p, field) for v, p in zip(variant, plain, strict=True)
+        )
     return out
 
 
 def print_table(r: dict) -> None:
-    print(f"memcr bench: {r['size_mib']} MiB target, median of {len(r['runs'])} runs")
+    print(f"memcr bench: {r['size_mib']} MiB target, medians of {len(r['runs'])} rounds "
+          "(a ratio: each run against its own round's limit or plain run)")  # fmt: skip
     print(f"{'':12}{'memcr MiB/s':>14}{'limit MiB/s':>14}{'ratio':>8}{'aim':>8}")
     for name, ours, limit, ratio in (
         ("checkpoint", r["checkpoint_mib_s"], r["write_limit_mib_s"], r["checkpoint_ratio"]),

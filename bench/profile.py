@@ -1,0 +1,48 @@
+"""`make profile`: a py-spy flame graph of one `memcr -p PID -n` on the bench target.
+
+    make profile ARGS='-z lz4'          # memcr options to profile with
+    bench/profile.py --size-mib 256 -- -c
+
+Threads are shown apart and idle time is kept, so waiting on the parasite,
+on the disk or on the codec threads is visible as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import HERE, build_target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--svg", type=Path, default=HERE / "profile.svg")
+    parser.add_argument("memcr_args", nargs="*", help="extra memcr options, after --")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="memcr-profile-", dir="/var/tmp") as work:
+        target = subprocess.Popen([build_target(Path(work)), str(args.size_mib)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert target.stdout is not None
+            target.stdout.readline()
+            memcr = [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", work, *args.memcr_args]
+            spy = [Path(sys.executable).with_name("py-spy"), "record", "--threads", "--idle", "-o", args.svg, "--"]
+            subprocess.run([*spy, *memcr], check=True)
+            target.send_signal(signal.SIGUSR1)
+            if target.wait(timeout=300) != 0:
+                raise SystemExit("profile: the target found damaged memory after memcr")
+        finally:
+            if target.poll() is None:
+                target.kill()
+            target.wait()
+    print(f"profile: flame graph in {args.svg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
