@@ -20,7 +20,7 @@ from functools import cache
 from itertools import groupby
 from pathlib import Path
 
-from memcr import arch, parasite, procfs, scan
+from memcr import arch, codec, parasite, procfs, scan
 from memcr.codec import FRAME_PLAIN, DumpOptions
 from memcr.dumpfile import DumpFile, Record, check_directory
 from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetGone, TargetKilled
@@ -124,6 +124,7 @@ class Session:
             vmas: list[Vma] | None = procfs.read_maps(self.pid)
         except RightsError:
             vmas = None  # the freeze names precisely which right is missing
+        codec.preload(self.options.dump)
         frozen_at = time.monotonic()
         self.frozen = FrozenProcess.freeze(self.pid, arch.current())
         self.report.threads = len(self.frozen.tids)

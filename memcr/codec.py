@@ -69,6 +69,22 @@ class DumpOptions:
         )
 
 
+def preload(options: DumpOptions) -> None:
+    """Import the libraries these options code with: ~25 ms for all of them, too long to keep a target frozen."""
+    import importlib
+
+    modules = {
+        "lz4.block": options.compress == "lz4",
+        "zstandard": options.compress == "zstd",
+        "cryptography.hazmat.primitives.ciphers.aead": bool(options.cipher),
+        "hmac": bool(options.cipher),
+        "hashlib": options.checksum,
+    }
+    for name, needed in modules.items():
+        if needed:
+            importlib.import_module(name)
+
+
 class _Lz4:
     def __init__(self) -> None:
         import lz4.block
