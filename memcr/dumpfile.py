@@ -37,7 +37,7 @@ RECORD = struct.Struct("<IIQQQ")
 KIND_PAGES = 1
 KIND_END = 2
 CODEC_THREADS = 2
-PIPELINE_DEPTH = 4  # frames queued or being coded: bounds memory
+PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
 
 
 @dataclass
