@@ -238,6 +238,7 @@ class DumpFile:
         self.flush()
         self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
         self.finished = True
+        self._buffers.clear()  # a daemon holds many dumps for hours: none keeps a megabyte it no longer needs
         self._stop_pool()  # while the target stays frozen, no thread waits for work
 
     def _codec_pool(self) -> ThreadPoolExecutor:
