@@ -19,6 +19,7 @@
 #define SO_RCVTIMEO 20
 #define MADV_DONTNEED 4
 #define MADV_POPULATE_WRITE 23
+#define RECV_PIECE (1UL << 20)
 #define EINTR 4
 #define EINVAL 22
 #define EPIPE 32
@@ -102,6 +103,23 @@ static long send_pagemap(int cfd, volatile int *pagemap_fd, const struct parasit
 	return write_all(cfd, pagemap_buf, n);
 }
 
+/*
+ * Fault each piece in with one call instead of a fault per page, just
+ * before its bytes come: memcr prepares the next bytes meanwhile.
+ */
+static long recv_pages(int cfd, const struct parasite_cmd *c)
+{
+	unsigned long done, n;
+	long r = 0;
+
+	for (done = 0; done < c->len && !r; done += n) {
+		n = c->len - done < RECV_PIECE ? c->len - done : RECV_PIECE;
+		sys3(__NR_madvise, c->addr + done, n, MADV_POPULATE_WRITE);
+		r = read_all(cfd, (void *)(c->addr + done), n);
+	}
+	return r;
+}
+
 /* Serve one authenticated connection until END; < 0 when the stream broke. */
 static long serve(struct parasite_args *a, int cfd)
 {
@@ -123,9 +141,7 @@ static long serve(struct parasite_args *a, int cfd)
 			r = reply(cfd, sys3(__NR_madvise, c.addr, c.len, MADV_DONTNEED));
 			break;
 		case PARASITE_OP_RECV:
-			/* one call faults the range in instead of a fault per page */
-			sys3(__NR_madvise, c.addr, c.len, MADV_POPULATE_WRITE);
-			r = read_all(cfd, (void *)c.addr, c.len);
+			r = recv_pages(cfd, &c);
 			if (r == 0)
 				r = reply(cfd, 0);
 			break;
