@@ -220,6 +220,16 @@ class FrameCodec:
     def _aad(self, addr: int, plain_len: int, flags: int) -> bytes:
         return self._dump_id + AAD.pack(self.pid, addr, plain_len, flags)
 
+    def slower_than_transfer(self, encoding: bool) -> bool:
+        """Whether one core codes frames slower than memcr moves pages (about 1 GiB/s).
+
+        MD5, zstd compression and AES-CBC encryption run at about 0.5 GiB/s
+        a core; lz4, AES-GCM and every decompression at 0.8 to 3 GiB/s.
+        """
+        if self.options.checksum:
+            return True
+        return encoding and (self.options.compress == "zstd" or isinstance(self._sealer, _CbcHmac))
+
     @property
     def digest_len(self) -> int:
         return DIGEST_LEN if self.options.checksum else 0

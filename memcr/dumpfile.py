@@ -36,7 +36,6 @@ HEADER = struct.Struct("<8sHHIIIQ")
 RECORD = struct.Struct("<IIQQQ")
 KIND_PAGES = 1
 KIND_END = 2
-CODEC_THREADS = 2
 PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
 
 
@@ -189,7 +188,7 @@ class DumpFile:
             self._write(data)
             record.stored += len(data)
             return
-        self._pending.append((record, self._codec_pool().submit(self.codec.encode, data, addr), data))
+        self._pending.append((record, self._codec_pool(encoding=True).submit(self.codec.encode, data, addr), data))
         while len(self._pending) > PIPELINE_DEPTH:
             self._write_oldest()
 
@@ -241,10 +240,19 @@ class DumpFile:
         self._buffers.clear()  # a daemon holds many dumps for hours: none keeps a megabyte it no longer needs
         self._stop_pool()  # while the target stays frozen, no thread waits for work
 
-    def _codec_pool(self) -> ThreadPoolExecutor:
-        """The codecs release the GIL: frames are coded on other cores while this thread moves bytes."""
+    def _codec_pool(self, encoding: bool) -> ThreadPoolExecutor:
+        """The codecs release the GIL: frames are coded on other cores while this thread moves bytes.
+
+        Moving the bytes takes about one core (this thread and the parasite,
+        mostly in the kernel). Coding that is faster leaves it that core: a
+        thread more would only slow the transfer down. Slower coding takes
+        every core.
+        """
+        assert self.codec is not None
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="memcr-codec")
+            cores = len(os.sched_getaffinity(0))
+            workers = cores if self.codec.slower_than_transfer(encoding) else max(1, cores - 1)
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcr-codec")
         return self._pool
 
     def _stop_pool(self) -> None:
@@ -279,7 +287,7 @@ class DumpFile:
 
     def plain_chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         """A framed record's pages, in order, each frame checked before it is yielded."""
-        pool = self._codec_pool()
+        pool = self._codec_pool(encoding=False)
         decoding: deque[Future[bytes | memoryview]] = deque()
         for frame in self._frames(record):
             decoding.append(pool.submit(self._decode, *frame))
