@@ -199,6 +199,7 @@ def main() -> int:
         directory = Path(work)
         target_bin = build_target(directory)
         writes, reads, runs = [], [], []
+        codec_speeds: dict[str, dict[str, float]] = {}
         variants: dict[str, list[MemcrRun]] = {" ".join(v): [] for v in ([] if args.no_variants else VARIANTS)}
         # a discarded warm-up round first; then in each round the limits, plain
         # memcr and every variant take turns, so that each figure meets the same
@@ -206,6 +207,8 @@ def main() -> int:
         for i in range(args.runs + 1):
             seconds, path = write_limit(target_bin, args.size_mib, directory)
             read_seconds = read_limit(size, path)
+            if i == 0:
+                codec_speeds = one_core_codec_speeds(path)
             path.unlink()
             run = run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split())
             tried = {name: run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split() + name.split())
@@ -222,6 +225,7 @@ def main() -> int:
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
+    results["codec_one_core_mib_s"] = codec_speeds
     results["service"] = daemon
     results["sweep"] = sweep
     results["machine"] = facts
@@ -234,6 +238,14 @@ def main() -> int:
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"bench: results in {args.json}")
     return 0
+
+
+def one_core_codec_speeds(path: Path) -> dict[str, dict[str, float]]:
+    """MiB/s of each variant's frame coding on one core (bench/codecs.py, a process of its own
+    so that its buffers do not swell the peak RSS wait4() reports for memcr runs started later)."""
+    variants = json.dumps([" ".join(v) for v in VARIANTS])
+    out = subprocess.run([sys.executable, HERE / "codecs.py", str(path), variants], check=True, capture_output=True)
+    return json.loads(out.stdout)
 
 
 def sweep_point(target_bin: Path, size_mib: int, directory: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -282,6 +294,7 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
 
 
 VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", "-e"]]
+VARIANT_AIMS = {"-z lz4": 1.0, "-z zstd": 1.5, "-c": 1.5, "-e": 1.5}  # checkpoint time against plain
 
 
 def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict:
@@ -312,10 +325,16 @@ def print_table(r: dict) -> None:
     print(f"frozen beyond the transfer (set-up + release): median {freeze:.1f} ms "
           f"({'ok' if freeze < 20 else 'over'} against 20 ms)")  # fmt: skip
     if r["variants"]:
-        print(f"\n{'options':18}{'checkpoint':>12}{'restore':>10}{'dump size':>11}{'peak RSS':>10}   (ratio to plain)")
+        print(f"\n{'options':18}{'checkpoint':>12}{'restore':>10}{'dump size':>11}{'peak RSS':>10}"
+              f"{'aim':>18}   (ratio to plain)")  # fmt: skip
         for name, v in r["variants"].items():
+            aim = VARIANT_AIMS.get(name)
+            verdict = "" if aim is None else f"{'ok' if v['download_ms_ratio'] <= aim else 'over'} at {aim:.1f}"
             print(f"{name:18}{v['download_ms_ratio']:12.2f}{v['upload_ms_ratio']:10.2f}"
-                  f"{v['dump_bytes_ratio']:11.2f}{v['peak_rss_mib_ratio']:10.2f}")  # fmt: skip
+                  f"{v['dump_bytes_ratio']:11.2f}{v['peak_rss_mib_ratio']:10.2f}{verdict:>18}")  # fmt: skip
+        speeds = r["codec_one_core_mib_s"].items()
+        print("coding on one core, MiB/s (encode/decode): "
+              + ", ".join(f"{name} {c['encode']:.0f}/{c['decode']:.0f}" for name, c in speeds))  # fmt: skip
     print("machine: " + ", ".join(f"{k} {v}" for k, v in r["machine"].items()))
 
 
