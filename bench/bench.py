@@ -15,7 +15,9 @@ memcr runs `memcr -p PID -n` on a fresh target each time (half text-like,
 half random pages), the target verifies every byte afterwards, and memcr's
 peak RSS comes from wait4(). Rounds of limits, plain memcr and the -z/-c/-e
 variants in turn; ratios are medians over --runs of each run against the
-yardstick of its own round. Results go to stdout and to a JSON file.
+yardstick of its own round. Beside them, what one core codes per second
+for each variant (bench/codecs.py): the CPU a variant adds to a transfer
+that already takes about a core. Results go to stdout and to a JSON file.
 """
 
 from __future__ import annotations
