@@ -230,18 +230,29 @@ class Session:
         assert self.channel is not None and self.dump is not None
         length = record.length
         self.channel.request_pages(record.addr, length)
-        failure: StorageError | None = None
+        if self.dump.codec is None and (pipe := self.dump.pipe()):
+            self._splice_from_parasite(record, *pipe)
+            return
         for offset in range(0, length, CHUNK):
             piece = self.dump.buffer(min(CHUNK, length - offset))
             self.channel.recv_into(piece)
-            if failure is None:
-                try:
-                    self.dump.write_payload(record, piece)
-                except StorageError as e:
-                    # keep draining: the channel must stay usable for the rollback
-                    failure = e
-        if failure is not None:
-            raise failure
+            try:
+                self.dump.write_payload(record, piece)
+            except StorageError:
+                self.channel.discard(length - offset - len(piece))  # the channel must stay usable for the rollback
+                raise
+
+    def _splice_from_parasite(self, record: Record, pipe: int, capacity: int) -> None:
+        assert self.channel is not None and self.dump is not None
+        moved = 0
+        while moved < record.length:
+            n = self.channel.splice_into(pipe, min(capacity, record.length - moved))
+            moved += n
+            try:
+                self.dump.write_piped(record, n)
+            except StorageError:
+                self.channel.discard(record.length - moved)  # the channel must stay usable for the rollback
+                raise
 
     def _copy_from_mem(self, record: Record) -> None:
         assert self.frozen is not None and self.dump is not None

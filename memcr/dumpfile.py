@@ -16,7 +16,9 @@ reaches the target.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -37,6 +39,7 @@ RECORD = struct.Struct("<IIQQQ")
 KIND_PAGES = 1
 KIND_END = 2
 PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
+PIPE_SIZE = 1 << 20  # the kernel's default limit for an unprivileged pipe
 
 
 @dataclass
@@ -133,6 +136,8 @@ class DumpFile:
     )
     _complete: list[Record] = field(default_factory=list)
     _buffers: list[bytearray] = field(default_factory=list)
+    _pipe: tuple[int, int, int] | None = None  # read end, write end, capacity
+    _splices: bool = True
 
     @classmethod
     def create(cls, directory: Path, pid: int, page_size: int, options: DumpOptions) -> DumpFile:
@@ -208,6 +213,60 @@ class DumpFile:
         while self._pending:
             self._write_oldest()
 
+    def pipe(self) -> tuple[int, int] | None:
+        """(write end, capacity) of a pipe into the file, for write_piped.
+
+        A plain dump's pages can be spliced from the parasite's socket into
+        it and on into the page cache: they never enter this process, one
+        copy of the three that recv() and write() make. None where the
+        filesystem takes no spliced writes: the pages are copied then.
+        """
+        assert self.codec is None
+        if self._pipe is None and self._splices:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # beyond the user's pipe quota: the default size works too
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self._pipe = read_end, write_end, fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+            self._splices = self._takes_splice()
+            if not self._splices:
+                self._close_pipe()
+        return None if self._pipe is None else (self._pipe[1], self._pipe[2])
+
+    def _takes_splice(self) -> bool:
+        """Since Linux 5.10 a filesystem without splice_write (jffs2 on some kernels) refuses spliced writes."""
+        assert self._pipe is not None
+        os.write(self._pipe[1], b"\0")
+        try:
+            os.splice(self._pipe[0], self.fd, 1, offset_dst=self.size)
+        except OSError:
+            return False  # a full disk fails again in the copy, with its own message
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+        return True
+
+    def write_piped(self, record: Record, length: int) -> None:
+        """Append the next `length` bytes of the record's pages, waiting in the pipe."""
+        assert self._pipe is not None
+        try:
+            while length:
+                n = os.splice(self._pipe[0], self.fd, length)
+                self.size += n
+                record.stored += n
+                record.written += n
+                self.page_bytes += n
+                length -= n
+        except OSError as e:
+            self._close_pipe()  # it still holds bytes that no longer belong anywhere
+            raise storage_error(self.path, e) from None
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            self._pipe = None
+
     def _write_oldest(self) -> None:
         record, encoding, buffer = self._pending.popleft()
         if encoding is None:
@@ -238,6 +297,7 @@ class DumpFile:
         self._write(RECORD.pack(KIND_END, 0, 0, self.page_bytes, 0))
         self.finished = True
         self._buffers.clear()  # a daemon holds many dumps for hours: none keeps a megabyte it no longer needs
+        self._close_pipe()
         self._stop_pool()  # while the target stays frozen, no thread waits for work
 
     def _codec_pool(self, encoding: bool) -> ThreadPoolExecutor:
@@ -327,6 +387,7 @@ class DumpFile:
 
     def close(self) -> None:
         self._stop_pool()
+        self._close_pipe()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -6,6 +6,7 @@ protocol and tests/test_protocol.py checks that both sides agree.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -36,6 +37,7 @@ REPLY = struct.Struct("<q")
 
 CONNECT_TIMEOUT = 5.0
 IO_TIMEOUT = 60.0
+DISCARD_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,16 @@ def _netns_socket(pid: int) -> socket.socket:
     return result[0]
 
 
+@contextlib.contextmanager
+def _receiving() -> Iterator[None]:
+    try:
+        yield
+    except (TimeoutError, BlockingIOError):
+        raise ParasiteError("the parasite stopped answering") from None
+    except ConnectionError as e:
+        raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
+
 class ParasiteChannel:
     """The authenticated connection to a running parasite."""
 
@@ -189,16 +201,28 @@ class ParasiteChannel:
     def recv_into(self, view: memoryview) -> None:
         """Fill `view` completely from the parasite."""
         got, total = 0, len(view)
-        try:
+        with _receiving():
             while got < total:
                 n = self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
                 if n == 0:
                     raise ParasiteError("the parasite closed its connection unexpectedly")
                 got += n
-        except (TimeoutError, BlockingIOError):
-            raise ParasiteError("the parasite stopped answering") from None
-        except ConnectionError as e:
-            raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
+    def splice_into(self, pipe: int, length: int) -> int:
+        """Move up to `length` requested bytes into a pipe, without copying them into this process."""
+        with _receiving():
+            n = os.splice(self.sock.fileno(), pipe, length)
+        if n == 0:
+            raise ParasiteError("the parasite closed its connection unexpectedly")
+        return n
+
+    def discard(self, length: int) -> None:
+        """Read and forget `length` requested bytes, so that the next reply can be read."""
+        scratch = memoryview(bytearray(min(length, DISCARD_PIECE)))
+        while length:
+            piece = scratch[: min(length, len(scratch))]
+            self.recv_into(piece)
+            length -= len(piece)
 
     def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
         if self.broken:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.conftest import Memcr
 
 
-def test_full_disk_rolls_back(spawn, memcr: Memcr, tmpfs) -> None:
+@pytest.mark.parametrize("options", [(), ("-c",)], ids=["spliced", "framed"])
+def test_full_disk_rolls_back(spawn, memcr: Memcr, tmpfs, options: tuple[str, ...]) -> None:
     small = tmpfs("size=16m")
     target = spawn("pattern", 64, 2)
-    result = memcr.run("-p", target.pid, "-n", dump_dir=small)
+    result = memcr.run("-p", target.pid, "-n", *options, dump_dir=small)
     assert result.returncode == 5, result.stderr
     assert "no space left" in result.stderr
     assert list(small.iterdir()) == []
