@@ -23,6 +23,7 @@ that already takes about a core. Results go to stdout and to a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,11 +125,25 @@ def read_limit(size: int, path: Path) -> float:
     return elapsed
 
 
-def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
+@contextlib.contextmanager
+def ready_target(target_bin: Path, size_mib: int, who: str) -> Iterator[subprocess.Popen[str]]:
+    """A bench target whose memory is filled; checked for intact memory afterwards, and always reaped."""
     target = subprocess.Popen([target_bin, str(size_mib)], stdout=subprocess.PIPE, text=True)
     try:
         assert target.stdout is not None
         target.stdout.readline()
+        yield target
+        target.send_signal(signal.SIGUSR1)
+        if target.wait(timeout=300) != 0:
+            raise SystemExit(f"{who}: the target found damaged memory after memcr: aborting")
+    finally:
+        if target.poll() is None:
+            target.kill()
+        target.wait()
+
+
+def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
+    with ready_target(target_bin, size_mib, "bench") as target:
         memcr = subprocess.Popen(
             [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", str(directory), *extra],
             stdout=subprocess.PIPE,
@@ -142,13 +158,6 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
         out, err = memcr.stdout.read(), memcr.stderr.read()
         if memcr.returncode != 0:
             raise SystemExit(f"bench: memcr failed ({memcr.returncode}): {err.strip()}")
-        target.send_signal(signal.SIGUSR1)
-        if target.wait(timeout=300) != 0:
-            raise SystemExit("bench: the target found damaged memory after memcr: aborting")
-    finally:
-        if target.poll() is None:
-            target.kill()
-        target.wait()
     return MemcrRun(
         download_ms=_logged(out, r"download took (\d+) ms"),
         upload_ms=_logged(out, r"upload took (\d+) ms"),

@@ -10,13 +10,12 @@ on the disk or on the codec threads is visible as such.
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench import HERE, build_target
+from bench import HERE, build_target, ready_target
 
 
 def main() -> int:
@@ -25,21 +24,13 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, default=HERE / "profile.svg")
     parser.add_argument("memcr_args", nargs="*", help="extra memcr options, after --")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="memcr-profile-", dir="/var/tmp") as work:
-        target = subprocess.Popen([build_target(Path(work)), str(args.size_mib)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert target.stdout is not None
-            target.stdout.readline()
-            memcr = [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", work, *args.memcr_args]
-            spy = [Path(sys.executable).with_name("py-spy"), "record", "--threads", "--idle", "-o", args.svg, "--"]
-            subprocess.run([*spy, *memcr], check=True)
-            target.send_signal(signal.SIGUSR1)
-            if target.wait(timeout=300) != 0:
-                raise SystemExit("profile: the target found damaged memory after memcr")
-        finally:
-            if target.poll() is None:
-                target.kill()
-            target.wait()
+    with (
+        tempfile.TemporaryDirectory(prefix="memcr-profile-", dir="/var/tmp") as work,
+        ready_target(build_target(Path(work)), args.size_mib, "profile") as target,
+    ):
+        memcr = [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", work, *args.memcr_args]
+        spy = [Path(sys.executable).with_name("py-spy"), "record", "--threads", "--idle", "-o", args.svg, "--"]
+        subprocess.run([*spy, *memcr], check=True)
     print(f"profile: flame graph in {args.svg}")
     return 0
 
