@@ -93,7 +93,11 @@ def _may_hold_data(vma: Vma, exclude: tuple[int, int]) -> bool:
     """What /proc/<pid>/maps alone can tell of a candidate (VmFlags need smaps)."""
     if not vma.private or vma.path in SPECIAL:
         return False
-    return not (vma.start < exclude[1] and exclude[0] < vma.end)
+    return not _overlaps(vma, exclude)
+
+
+def _overlaps(vma: Vma, span: tuple[int, int]) -> bool:
+    return vma.start < span[1] and span[0] < vma.end
 
 
 Runs = tuple[list[range], list[range]]  # page indexes to dump, and to drop only
@@ -132,7 +136,7 @@ def same_layout(before: list[Vma], now: list[Vma], exclude: tuple[int, int]) -> 
         return [
             (v.start, v.end, v.perms, v.offset, v.inode, v.path)
             for v in vmas
-            if not (v.start < exclude[1] and exclude[0] < v.end)
+            if not _overlaps(v, exclude)
         ]
 
     return key(before) == key(now)
