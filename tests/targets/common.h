@@ -109,12 +109,153 @@ static inline void block_usr1(sigset_t *set)
 	sigprocmask(SIG_BLOCK, set, NULL);
 }
 
+/*
+ * The process's own state, as the kernel reports it: signal sets, seccomp,
+ * thread count, every signal's disposition, and the memory map. Taken just
+ * before "ready" and compared after the wake-up, so a round trip that
+ * changed any of it is caught by the target itself. Static buffers and raw
+ * read(): taking the snapshot must not change the memory map it records.
+ */
+#include <fcntl.h>
+
+#define STATE_TEXT (1 << 16)
+#define MAX_SIGNAL 64
+
+struct state {
+	char status[STATE_TEXT];
+	char maps[STATE_TEXT];
+	char vmflags[STATE_TEXT];
+	struct sigaction actions[MAX_SIGNAL + 1];
+};
+
+static struct state state_before, state_after;
+static char stdout_buffer[4096];
+
+static const char *const STATUS_KEYS[] = {
+	"Threads:", "SigPnd:", "ShdPnd:", "SigBlk:", "SigIgn:", "SigCgt:",
+	"NoNewPrivs:", "Seccomp:", "Seccomp_filters:", NULL,
+};
+
+static inline void read_text(const char *path, char *out, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	size_t got = 0;
+	ssize_t n = 1;
+
+	while (fd >= 0 && got < size - 1 && (n = read(fd, out + got, size - 1 - got)) > 0)
+		got += (size_t)n;
+	out[got] = '\0';
+	if (fd >= 0)
+		close(fd);
+}
+
+/* Keep only the lines of /proc/self/status that a round trip must not change. */
+static inline void keep_state_lines(char *status)
+{
+	char *out = status, *line = status;
+
+	while (*line) {
+		char *end = strchr(line, '\n');
+		size_t len = end ? (size_t)(end - line + 1) : strlen(line);
+
+		for (int k = 0; STATUS_KEYS[k]; k++)
+			if (strncmp(line, STATUS_KEYS[k], strlen(STATUS_KEYS[k])) == 0) {
+				memmove(out, line, len);
+				out += len;
+				break;
+			}
+		line += len;
+	}
+	*out = '\0';
+}
+
+/* From smaps, each mapping's address range and its VmFlags line. */
+static inline void keep_vmflags(const char *smaps, char *out, size_t size)
+{
+	size_t used = 0;
+
+	for (const char *line = smaps; *line;) {
+		const char *end = strchr(line, '\n');
+		size_t len = end ? (size_t)(end - line + 1) : strlen(line);
+		size_t keep = 0;
+
+		if (strncmp(line, "VmFlags:", 8) == 0)
+			keep = len;
+		else if (strchr("0123456789abcdef", line[0]) && memchr(line, '-', len))
+			keep = strcspn(line, " ") + 1;
+		if (keep && used + keep < size) {
+			memcpy(out + used, line, keep);
+			used += keep;
+		}
+		line += len;
+	}
+	out[used] = '\0';
+}
+
+static char smaps_text[4 * STATE_TEXT];
+
+static inline void take_state(struct state *s)
+{
+	read_text("/proc/self/status", s->status, sizeof(s->status));
+	keep_state_lines(s->status);
+	read_text("/proc/self/maps", s->maps, sizeof(s->maps));
+	read_text("/proc/self/smaps", smaps_text, sizeof(smaps_text));
+	keep_vmflags(smaps_text, s->vmflags, sizeof(s->vmflags));
+	for (int sig = 1; sig <= MAX_SIGNAL; sig++)
+		sigaction(sig, NULL, &s->actions[sig]);
+}
+
+static inline int same_action(const struct sigaction *a, const struct sigaction *b)
+{
+	if (a->sa_handler != b->sa_handler || a->sa_flags != b->sa_flags)
+		return 0;
+	/* glibc's sigset_t is longer than the kernel's: compare the signals only */
+	for (int sig = 1; sig <= MAX_SIGNAL; sig++)
+		if (sigismember(&a->sa_mask, sig) != sigismember(&b->sa_mask, sig))
+			return 0;
+	return 1;
+}
+
+/* Whether the state is as before "ready"; with check_maps 0 the map may differ. */
+static inline int state_intact(int check_maps)
+{
+	int ok = 1;
+
+	take_state(&state_after);
+	if (strcmp(state_before.status, state_after.status) != 0) {
+		fprintf(stderr, "status changed:\n%s---\n%s", state_before.status, state_after.status);
+		ok = 0;
+	}
+	if (check_maps && strcmp(state_before.maps, state_after.maps) != 0) {
+		fprintf(stderr, "memory map changed:\n%s---\n%s", state_before.maps, state_after.maps);
+		ok = 0;
+	}
+	if (check_maps && strcmp(state_before.vmflags, state_after.vmflags) != 0) {
+		fprintf(stderr, "VmFlags changed:\n%s---\n%s", state_before.vmflags, state_after.vmflags);
+		ok = 0;
+	}
+	for (int sig = 1; sig <= MAX_SIGNAL; sig++)
+		if (!same_action(&state_before.actions[sig], &state_after.actions[sig])) {
+			fprintf(stderr, "disposition of signal %d changed\n", sig);
+			ok = 0;
+		}
+	return ok;
+}
+
+/* Print "ready", having recorded the state; no allocation from here on. */
+static inline void announce(void)
+{
+	setvbuf(stdout, stdout_buffer, _IOLBF, sizeof(stdout_buffer));
+	take_state(&state_before);
+	printf("ready %d\n", getpid());
+	fflush(stdout);
+}
+
 static inline void announce_and_wait(sigset_t *set)
 {
 	int sig;
 
-	printf("ready %d\n", getpid());
-	fflush(stdout);
+	announce();
 	while (sigwait(set, &sig) != 0 || sig != SIGUSR1)
 		;
 }

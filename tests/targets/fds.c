@@ -25,6 +25,7 @@ int main(void)
 	fill(region, bytes, 7);
 	block_usr1(&set);
 	announce_and_wait(&set);
+	ok &= state_intact(1);
 
 	for (int i = 0; i < PIPES; i++) {
 		char c = (char)i, back = 0;

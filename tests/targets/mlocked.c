@@ -16,6 +16,7 @@ int main(void)
 	}
 	block_usr1(&set);
 	announce_and_wait(&set);
+	ok &= state_intact(1);
 	ok &= check("locked", locked, locked_bytes, 11);
 	ok &= check("region", region, bytes, 12);
 	return ok ? 0 : 1;

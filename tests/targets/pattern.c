@@ -76,6 +76,7 @@ int main(int argc, char **argv)
 	while (atomic_load(&primed) < nthreads)
 		usleep(1000);
 	announce_and_wait(&set);
+	ok &= state_intact(1);
 
 	atomic_store(&stop, 1);
 	for (int i = 0; i < nthreads; i++)

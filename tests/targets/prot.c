@@ -51,6 +51,7 @@ int main(void)
 	}
 	block_usr1(&set);
 	announce_and_wait(&set);
+	ok &= state_intact(1);
 	for (unsigned i = 0; i < KINDS; i++) {
 		if (!has_perms(regions[i], kinds[i].perms)) {
 			fprintf(stderr, "region %u lost its protection %s\n", i, kinds[i].perms);

@@ -35,5 +35,5 @@ int main(void)
 	if (pthread_create(&thread, NULL, grow, NULL) != 0)
 		return 2;
 	announce_and_wait(&set);
-	return check("region", region, bytes, 31) ? 0 : 1;
+	return state_intact(0) & check("region", region, bytes, 31) ? 0 : 1;
 }

@@ -29,6 +29,8 @@ int main(int argc, char **argv)
 	remember_args(argc, argv);
 	block_usr1(&set);
 	announce_and_wait(&set);
+	if (!state_intact(1))
+		return 1;
 	if (!check_args(argv))
 		return 1;
 	for (size_t off = 0; off < bytes; off += 1 << 20) {
