@@ -17,13 +17,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import groupby
 from pathlib import Path
 
 from memcr import arch, codec, parasite, procfs, scan
 from memcr.codec import FRAME_PLAIN, DumpOptions
 from memcr.dumpfile import DumpFile, Record, check_directory
-from memcr.errors import Aborted, MemcrError, RightsError, StorageError, TargetGone, TargetKilled
+from memcr.errors import (
+    Aborted,
+    MemcrError,
+    RightsError,
+    StorageError,
+    TargetError,
+    TargetGone,
+    TargetKilled,
+    WrittenWhileParked,
+)
 from memcr.infect import Infection
 from memcr.parasite import Nonces, ParasiteChannel, SocketSpec, pack_args
 from memcr.procfs import Vma, memory_kb
@@ -46,6 +54,7 @@ class Options:
     netns: bool = False
     proc_mem: bool = False
     rss_file: bool = False
+    allow_async_io: bool = False
     dump: DumpOptions = field(default_factory=DumpOptions)
 
 
@@ -86,7 +95,26 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
         raise RightsError("-m/--proc-mem reads /proc/<pid>/mem directly and needs root")
     procfs.require_page_monitor()
     arch.blobs()
+    refuse_shared_memory(pid)
+    if not options.allow_async_io and (writers := procfs.async_writers(pid)):
+        raise TargetError(
+            f"process {pid} has {' and '.join(writers)}: the kernel may write into its memory while it is "
+            "parked, and such a write would be lost. --allow-async-io parks it anyway, at your risk: "
+            "if a write lands while it is parked, memcr kills it rather than restore it wrong"
+        )
     return status
+
+
+def refuse_shared_memory(pid: int) -> None:
+    """A process whose memory another process shares cannot be parked: the other one runs on it."""
+    sharers = procfs.mm_sharers(pid)
+    if sharers:
+        others = ", ".join(map(str, sharers))
+        raise TargetError(
+            f"process {pid} shares its memory with process {others} (vfork or clone with CLONE_VM): "
+            f"dropping its pages would take them from under the other. Park it once {others} has "
+            "called exec or exited"
+        )
 
 
 class Session:
@@ -130,6 +158,7 @@ class Session:
         self.report.threads = len(self.frozen.tids)
         self.log(f"seized {self.report.threads} threads of pid {self.pid}")
         try:
+            refuse_shared_memory(self.pid)  # a vfork() may have come between the check and the freeze
             self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE, self.options.dump)
             self._start_parasite()
             plan, confirmed = self._plan(vmas)
@@ -154,63 +183,67 @@ class Session:
     def _plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
         """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
         assert self.infection is not None and self.channel is not None
-        fd = procfs.open_pagemap(self.pid)
-        if fd is None:
-            channel = self.channel
-
-            def read_pagemap(addr: int, npages: int) -> bytes:
-                return channel.pagemap(addr, npages, PAGE)
-        else:
-
-            def read_pagemap(addr: int, npages: int) -> bytes:
-                return os.pread(fd, npages * 8, addr // PAGE * 8)
-
         exclude = self.infection.mapping
-        try:
+        with self._pagemap() as (read_pagemap, fd):
             layout = procfs.read_maps(self.pid, flags=False)
             pages = scan.scan_pages(layout, read_pagemap, exclude, _zero_pfn(), fd)
-        finally:
-            if fd is not None:
-                os.close(fd)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
             plan = scan.build_plan(before, pages, exclude, self.options.rss_file)
-            confirmed = _in_background(lambda: scan.confirm_flags(procfs.read_maps(self.pid), plan))
+            confirmed = _in_background(lambda: scan.confirm(procfs.read_maps(self.pid), plan))
         else:
             self.log("the memory map changed while freezing: reading it again")
-            plan = scan.build_plan(procfs.read_maps(self.pid), pages, exclude, self.options.rss_file)
+            now = procfs.read_maps(self.pid)
+            plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
+            scan.confirm(now, plan)
         self.report.vmas = len(plan.vmas)
         self.report.pages = plan.dump_bytes // PAGE
         self.log(
-            f"{len(plan.vmas)} candidate VMAs, {self.report.pages} pages "
-            f"({plan.dump_bytes / 2**20:.1f} MiB) to dump"
+            f"{len(plan.vmas)} candidate VMAs, {self.report.pages} pages ({plan.dump_bytes / 2**20:.1f} MiB) to dump"
         )
         if plan.locked_vmas:
             self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")
+        if plan.shared_pages:
+            self.log(
+                f"{plan.shared_pages} pages ({plan.shared_pages * PAGE / 2**20:.1f} MiB) stay in memory: "
+                "other processes map them too (fork, KSM), so dropping them would free nothing"
+            )
         return plan, confirmed
+
+    @contextlib.contextmanager
+    def _pagemap(self) -> Iterator[tuple[scan.PagemapReader, int | None]]:
+        """A reader of the target's pagemap entries, and the fd it reads (None: the parasite reads them)."""
+        assert self.channel is not None
+        fd = procfs.open_pagemap(self.pid)
+        if fd is None:
+            channel = self.channel
+            yield (lambda addr, npages: channel.pagemap(addr, npages, PAGE)), None
+            return
+        try:
+            yield (lambda addr, npages: os.pread(fd, npages * 8, addr // PAGE * 8)), fd
+        finally:
+            os.close(fd)
 
     def _stream(self, plan: Plan, confirmed: Future[None] | None) -> None:
         assert self.channel is not None and self.dump is not None
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
-        for vma, extents in groupby(plan.dump, key=lambda e: e.vma):
-            with self._accessible(vma, PROT_READ):
-                for extent in extents:
-                    if self.abort.is_set():
-                        raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
-                    record = self.dump.begin_pages(extent.start, extent.length)
-                    if self.options.proc_mem:
-                        self._copy_from_mem(record)
-                    else:
-                        self._copy_from_parasite(record)
-                    self.dump.end_pages(record)
-                    # only pages whose bytes are in the file may go
-                    written += self.dump.completed()
-                    if confirmed is None or confirmed.done():
-                        self._drop(written, confirmed)
-                    done += extent.length
-                    if self.progress:
-                        self.progress(done, total)
+        for extent in plan.dump:
+            if self.abort.is_set():
+                raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
+            record = self.dump.begin_pages(extent.start, extent.length)
+            if self.options.proc_mem or not extent.vma.prot & PROT_READ:
+                self._copy_from_mem(record)
+            else:
+                self._copy_from_parasite(record)
+            self.dump.end_pages(record)
+            # only pages whose bytes are in the file may go
+            written += self.dump.completed()
+            if confirmed is None or confirmed.done():
+                self._drop(written, confirmed)
+            done += extent.length
+            if self.progress:
+                self.progress(done, total)
         self.dump.flush()
         self._drop(written + self.dump.completed(), confirmed)
         for extent in plan.drop_only:
@@ -255,25 +288,16 @@ class Session:
                 raise
 
     def _copy_from_mem(self, record: Record) -> None:
+        """Read pages through /proc/<pid>/mem (or ptrace), which reads any protection.
+
+        The parasite could read a PROT_NONE or write a read-only mapping
+        only after an mprotect, and mprotect leaves a trace (VM_ACCOUNT).
+        """
         assert self.frozen is not None and self.dump is not None
         for offset in range(0, record.length, CHUNK):
             piece = self.dump.buffer(min(CHUNK, record.length - offset))
-            if os.preadv(self.frozen.mem_fd, [piece], record.addr + offset) != len(piece):
-                raise MemcrError(f"short read of /proc/{self.pid}/mem at {record.addr + offset:#x}")
+            piece[:] = self.frozen.read(record.addr + offset, len(piece))
             self.dump.write_payload(record, piece)
-
-    @contextlib.contextmanager
-    def _accessible(self, vma: Vma, need: int) -> Iterator[None]:
-        """Give a mapping the access the parasite needs, and put its protection back."""
-        assert self.infection is not None
-        if vma.prot & need == need:
-            yield
-            return
-        self.infection.mprotect(vma.start, vma.size, vma.prot | need)
-        try:
-            yield
-        finally:
-            self.infection.mprotect(vma.start, vma.size, vma.prot)
 
     # -- restore ------------------------------------------------------------
 
@@ -288,6 +312,9 @@ class Session:
         started = time.monotonic()
         try:
             self._put_back()
+        except WrittenWhileParked as e:
+            self._kill()
+            raise TargetKilled(f"pid {self.pid} was killed: {e}") from e
         except BaseException as e:
             self._fail(e)
             raise
@@ -296,17 +323,45 @@ class Session:
 
     def _put_back(self) -> None:
         """Write every dropped page back from the dump, checked before use."""
-        assert self.channel is not None and self.dump is not None
+        assert self.channel is not None and self.dump is not None and self.frozen is not None
         records = self.dump.verified_records()
-        vmas = {e.start: e for e in procfs.read_maps(self.pid, flags=False)}
-        by_vma = groupby(records, key=lambda r: _containing(vmas, r.addr))
-        for vma, group in by_vma:
-            with self._accessible(vma, PROT_WRITE):
-                for record in group:
-                    if self.dump.codec:
-                        self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
-                    else:
-                        self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
+        vmas = procfs.read_maps(self.pid, flags=False)
+        self._check_untouched(records, vmas)
+        for record in records:
+            if _containing(vmas, record.addr).prot & PROT_WRITE:
+                if self.dump.codec:
+                    self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
+                else:
+                    self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
+                continue
+            at = record.addr
+            for chunk in self.dump.plain_chunks(record) if self.dump.codec else self.dump.plain_pieces(record):
+                self.frozen.write(at, chunk)
+                at += len(chunk)
+
+    def _check_untouched(self, records: list[Record], vmas: list[Vma]) -> None:
+        """Raise unless every dropped page is still empty, or was refilled with zeros.
+
+        A page written while parked (io_uring, Linux AIO, another process
+        writing this one's memory) holds bytes neither the dump nor the
+        writer alone can account for: restoring over it would lose the
+        write, keeping it would lose the rest of the page.
+        """
+        assert self.frozen is not None
+        written = []
+        with self._pagemap() as (read_pagemap, fd):
+            for record in records:
+                anonymous = _containing(vmas, record.addr).anonymous
+                for addr in scan.refilled(record.addr, record.length, anonymous, read_pagemap, _zero_pfn(), fd):
+                    # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
+                    if self.frozen.read(addr, PAGE).count(0) != PAGE:
+                        written.append(addr)
+        if written:
+            raise WrittenWhileParked(
+                f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
+                f"(first at {written[0]:#x}): by io_uring, Linux AIO or another process. "
+                "Neither the dump nor the new bytes alone make the page right"
+            )
 
     # -- teardown -----------------------------------------------------------
 
@@ -346,8 +401,7 @@ class Session:
             self._kill()
             if dropped:
                 raise TargetKilled(
-                    f"pid {self.pid} was killed: its memory could not be put back ({cleanup}) "
-                    f"after: {error}"
+                    f"pid {self.pid} was killed: its memory could not be put back ({cleanup}) after: {error}"
                 ) from error
             raise TargetKilled(f"pid {self.pid} was killed: memcr could not release it ({cleanup})") from error
 
@@ -402,8 +456,8 @@ def _in_background(work: Callable[[], None]) -> Future[None]:
         pool.shutdown(wait=False)  # the thread ends with the work
 
 
-def _containing(vmas: dict[int, Vma], addr: int) -> Vma:
-    for vma in vmas.values():
+def _containing(vmas: list[Vma], addr: int) -> Vma:
+    for vma in vmas:
         if vma.start <= addr < vma.end:
             return vma
     raise MemcrError(f"no mapping holds {addr:#x} any more")

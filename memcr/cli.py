@@ -68,6 +68,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
               help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).")
 @click.option("-t", "--timeout", type=int, metavar="SECONDS",
               help="Service mode: a checkpoint running longer is rolled back (and a slow restore answered -1).")
+@click.option("--allow-async-io", is_flag=True,
+              help="Park processes with io_uring or Linux AIO; one written while parked is killed.")
 @click.option("--allow-tracer", is_flag=True,
               help="Debugging only: run even when a debugger or strace is attached to memcr.")
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
@@ -76,7 +78,7 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
-            allow_tracer: bool) -> None:  # fmt: skip
+            allow_async_io: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
     harden(allow_tracer)
     if allow_tracer:
@@ -103,6 +105,7 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
         netns=parasite_socket_netns,
         proc_mem=proc_mem,
         rss_file=rss_file,
+        allow_async_io=allow_async_io,
         dump=DumpOptions(
             compress=compressor_name(compress) if compress else None,
             checksum=checksum,

@@ -3,7 +3,8 @@
 A frame carries at most FRAME_PLAIN bytes of pages. Writing: compress (kept
 only when it saves space), then seal (AES-GCM, or AES-CBC then HMAC-SHA256
 for the CBC names; a fresh random IV per frame, the frame's place in the
-dump as associated data), then MD5 over the frame. Reading runs the layers
+dump as associated data), then MD5 over the frame and its place, so a
+frame moved, swapped or replayed from elsewhere fails its checksum. Reading runs the layers
 backwards and refuses a frame before any of its bytes are used.
 
 The keys are random per memcr process and live only in its memory, so a
@@ -248,7 +249,7 @@ class FrameCodec:
             pieces = self._sealer.seal(data, self._aad(addr, len(plain), flags))  # type: ignore[assignment]
         header = FRAME.pack(len(plain), sum(map(len, pieces)), flags, 0)
         if self.options.checksum:
-            header += _md5(header, *pieces)
+            header += _md5(self._aad(addr, len(plain), flags), header, *pieces)
         return [header, *pieces]
 
     def _worth_compressing(self, plain: memoryview) -> bool:
@@ -276,7 +277,7 @@ class FrameCodec:
         plain_len, _, flags = self.parse_header(raw_header)
         if self.options.checksum:
             header, digest = raw_header[: FRAME.size], raw_header[FRAME.size :]
-            if _md5(header, stored) != digest:
+            if _md5(self._aad(addr, plain_len, flags), header, stored) != digest:
                 raise DumpError("a frame of the dump fails its MD5 checksum: the dump is corrupt")
         data = stored
         if self._sealer:

@@ -100,9 +100,7 @@ def _create(path: Path) -> int:
     st = os.lstat(path)
     ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
     if not ours or not _looks_like_dump(path):
-        raise StorageError(
-            f"{path} already exists and is not a dump memcr left behind: move it away and retry"
-        )
+        raise StorageError(f"{path} already exists and is not a dump memcr left behind: move it away and retry")
     # a dump whose memcr died (and whose target the kernel killed): stale
     os.unlink(path)
     return _create(path)
@@ -355,6 +353,12 @@ class DumpFile:
                 yield decoding.popleft().result()
         while decoding:
             yield decoding.popleft().result()
+
+    def plain_pieces(self, record: Record) -> Iterator[bytes]:
+        """A plain record's pages, a frame's worth at a time."""
+        end = record.offset + record.stored
+        for offset in range(0, record.length, FRAME_PLAIN):
+            yield self._read_exact(record.offset + offset, min(FRAME_PLAIN, record.length - offset), end)
 
     def _frames(self, record: Record) -> Iterator[tuple[bytes, int, int, int]]:
         """(header, offset and length of the stored bytes, page address) of each frame."""

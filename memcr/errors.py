@@ -41,8 +41,16 @@ class ParasiteError(MemcrError):
     """The parasite could not be started or stopped answering."""
 
 
+class PlanError(MemcrError):
+    """The page scan gave an answer that cannot be right; caught before any page was dropped."""
+
+
 class DumpError(MemcrError):
     """The dump file is damaged or does not match the frozen target."""
+
+
+class WrittenWhileParked(MemcrError):
+    """Something wrote into pages memcr had dropped: they cannot be restored exactly."""
 
 
 class Aborted(MemcrError):

@@ -123,11 +123,6 @@ class Infection:
     def parasite_alive(self) -> bool:
         return procfs.proc_path(self.frozen.pid, "task", str(self.tid)).exists()
 
-    def mprotect(self, addr: int, length: int, prot: int) -> None:
-        result = self.syscall(self.frozen.arch.SYS_MPROTECT, addr, length, prot)
-        if result < 0:
-            raise MemcrError(f"mprotect {addr:#x}+{length:#x} failed in the target: {os.strerror(-result)}")
-
     def cure(self, open_fds: Callable[[], Iterable[int]], timeout: float = 2.0) -> None:
         """Make sure the parasite thread is gone, unmap it, restore the signal mask.
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from memcr import arch
 from memcr.errors import RightsError, TargetError, TargetGone
 
 PF_KTHREAD = 0x00200000
@@ -22,6 +25,7 @@ class Vma:
     inode: int
     path: str
     flags: frozenset[str] = frozenset()
+    resident: int = 0  # bytes present or swapped out (Rss + Swap in smaps)
 
     @property
     def private(self) -> bool:
@@ -31,9 +35,7 @@ class Vma:
     def prot(self) -> int:
         """The mapping's protection as PROT_* bits."""
         return (
-            (1 if self.perms[0] == "r" else 0)
-            | (2 if self.perms[1] == "w" else 0)
-            | (4 if self.perms[2] == "x" else 0)
+            (1 if self.perms[0] == "r" else 0) | (2 if self.perms[1] == "w" else 0) | (4 if self.perms[2] == "x" else 0)
         )
 
     @property
@@ -69,6 +71,9 @@ def read_maps(pid: int, flags: bool = True) -> list[Vma]:
     for line in _read(proc_path(pid, "smaps" if flags else "maps"), pid).splitlines():
         if line.startswith("VmFlags:"):
             vmas[-1] = dataclasses.replace(vmas[-1], flags=frozenset(line.split()[1:]))
+            continue
+        if line.startswith(("Rss:", "Swap:")):
+            vmas[-1] = dataclasses.replace(vmas[-1], resident=vmas[-1].resident + int(line.split()[1]) * 1024)
             continue
         fields = line.split(maxsplit=5)
         if "-" not in fields[0] or len(fields) < 5:
@@ -161,10 +166,95 @@ def check_target(pid: int) -> dict[str, str]:
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
         raise TargetError(
-            f"process {pid} is already traced by process {tracer} "
-            "(another memcr or a debugger): detach it first"
+            f"process {pid} is already traced by process {tracer} (another memcr or a debugger): detach it first"
         )
     return status
+
+
+def trace_denied(pid: int) -> RightsError:
+    return RightsError(
+        f"not permitted to trace process {pid}: memcr needs root or "
+        "CAP_SYS_PTRACE (and /proc/sys/kernel/yama/ptrace_scope must allow it)"
+    )
+
+
+def async_writers(pid: int) -> list[str]:
+    """What can make the kernel write into the process's memory on its own: io_uring, Linux AIO.
+
+    Such a write into a page memcr dropped is lost on restore, or makes
+    the restore impossible; a registered io_uring buffer is pinned and
+    would not even be the page the process sees after its restore.
+    """
+    found = []
+    try:
+        vmas = read_maps(pid, flags=False)
+    except RightsError:
+        raise trace_denied(pid) from None
+    for vma in vmas:
+        if vma.path.startswith("/[aio]"):
+            found.append("a Linux AIO context (io_setup)")
+            break
+    try:
+        # fdinfo, not fd: listing fd/ needs the target's uid, fdinfo/ only the right to trace it
+        names = os.listdir(proc_path(pid, "fdinfo"))
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} is gone") from None
+    except PermissionError:
+        raise trace_denied(pid) from None
+    for name in names:
+        try:
+            link = os.readlink(proc_path(pid, "fd", name))
+        except OSError:
+            continue  # closed meanwhile
+        if link == "anon_inode:[io_uring]":
+            found.append(f"an io_uring instance (fd {name})")
+    return found
+
+
+KCMP_VM = 1
+
+
+def mm_sharers(pid: int) -> list[int]:
+    """Other processes that share the memory of `pid` (vfork, clone(CLONE_VM) without CLONE_THREAD).
+
+    kcmp(2) compares the kernel's memory descriptors; where the kernel
+    lacks it (no CONFIG_KCMP), a parent or child blocked in vfork()
+    is found from its kernel wait channel.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    sharers = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == pid:
+            continue
+        other = int(name)
+        if libc.syscall(arch.current().SYS_KCMP, pid, other, KCMP_VM, 0, 0) == 0:
+            sharers.append(other)
+        elif ctypes.get_errno() == errno.ENOSYS:
+            return _vfork_relatives(pid)
+    return sharers
+
+
+def _vfork_relatives(pid: int) -> list[int]:
+    """Without kcmp: the vfork children of a target blocked in vfork(), or its parent so blocked.
+
+    Coarser than kcmp (every child of a parent in vfork() counts), so it
+    may refuse too much, never too little, for the vfork case.
+    """
+    parent = int(read_status(pid).get("PPid", "0"))
+    if _in_vfork(pid):
+        children: list[int] = []
+        for tid in thread_ids(pid):
+            with contextlib.suppress(OSError):
+                children += [int(c) for c in proc_path(pid, "task", str(tid), "children").read_text().split()]
+        return children
+    return [parent] if parent and _in_vfork(parent) else []
+
+
+def _in_vfork(pid: int) -> bool:
+    try:
+        return proc_path(pid, "wchan").read_text() == "wait_for_vfork_done"
+    except OSError:
+        return False
 
 
 def require_page_monitor() -> None:

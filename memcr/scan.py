@@ -18,13 +18,16 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memcr.errors import TargetError
+from memcr.errors import PlanError, TargetError
 from memcr.procfs import Vma
 
 PAGE = mmap.PAGESIZE
+# pagemap entry bits
 PM_PRESENT = 1 << 63
-PM_SWAPPED = 1 << 62
+PM_SWAPPED = 1 << 62  # also set for guard regions, which hold no page
 PM_FILE = 1 << 61  # file page or shared anonymous page
+PM_GUARD = 1 << 58  # MADV_GUARD_INSTALL (Linux 6.15): touching it faults
+PM_EXCLUSIVE = 1 << 56  # mapped by this process only
 PM_PFN = (1 << 55) - 1
 
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
@@ -36,11 +39,11 @@ WINDOW = 65536  # pagemap entries read at once (512 KiB)
 
 PagemapReader = Callable[[int, int], bytes]
 
-# PAGEMAP_SCAN (Linux 6.7): runs of pages by category, without 8 bytes per page
+# PAGEMAP_SCAN (Linux 6.7): where the pages are, without 8 bytes per empty page
 PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
 SCAN_ARG = struct.Struct("<12Q")
 REGION = struct.Struct("<3Q")
-IS_FILE, IS_PRESENT, IS_SWAPPED, IS_PFNZERO = 1 << 2, 1 << 3, 1 << 4, 1 << 5
+IS_PRESENT, IS_SWAPPED = 1 << 3, 1 << 4
 SCAN_REGIONS = 4096  # regions per call
 
 
@@ -52,11 +55,26 @@ class Extent:
 
 
 @dataclass
+class Pages:
+    """What one mapping holds, as runs of page indexes from its start."""
+
+    dump: list[range] = field(default_factory=list)  # only the target has them: dump, then drop
+    drop: list[range] = field(default_factory=list)  # clean file pages: the kernel re-reads them
+    shared: int = 0  # another process maps them too (fork, KSM): dropping would free nothing
+    found: int = 0  # present or swapped, the zero page aside: what smaps counts as Rss + Swap
+
+
+PageRuns = dict[tuple[int, int], Pages]  # by (start, end) of the mapping
+
+
+@dataclass
 class Plan:
     vmas: list[Vma] = field(default_factory=list)
     dump: list[Extent] = field(default_factory=list)
     drop_only: list[Extent] = field(default_factory=list)
     locked_vmas: int = 0
+    shared_pages: int = 0
+    found: dict[tuple[int, int], int] = field(default_factory=dict)  # pages by mapping, for confirm()
 
     @property
     def dump_bytes(self) -> int:
@@ -100,10 +118,6 @@ def _overlaps(vma: Vma, span: tuple[int, int]) -> bool:
     return vma.start < span[1] and span[0] < vma.end
 
 
-Runs = tuple[list[range], list[range]]  # page indexes to dump, and to drop only
-PageRuns = dict[tuple[int, int], Runs]  # by (start, end) of the mapping
-
-
 def scan_pages(
     vmas: list[Vma],
     read_pagemap: PagemapReader,
@@ -111,21 +125,23 @@ def scan_pages(
     zero: int,
     scan_fd: int | None = None,
 ) -> PageRuns:
-    """The page runs of every mapping that may be a candidate.
+    """The pages of every mapping that may be a candidate.
 
     Needs only the layout from /proc/<pid>/maps, so it can walk the page
     tables on one core while smaps (which walks them too) is read on another.
-    With `scan_fd` (the target's pagemap) it uses PAGEMAP_SCAN where the kernel has it.
+    With `scan_fd` (the target's pagemap) PAGEMAP_SCAN finds where the pages
+    are, where the kernel has it; every page found is then classified from
+    its own pagemap entry, so both ways give the same answer.
     """
     pages: PageRuns = {}
     for vma in vmas:
         if not _may_hold_data(vma, exclude):
             continue
-        found = _scan_regions(vma, scan_fd) if scan_fd is not None else None
-        if found is None:
-            scan_fd = None  # not supported here: read pagemap entries instead
-            found = _scan_vma(vma, read_pagemap, zero)
-        pages[vma.start, vma.end] = found
+        runs = _locate(vma.start, vma.end, scan_fd) if scan_fd is not None else None
+        if runs is None:
+            scan_fd = None  # not supported here: read every entry instead
+            runs = [range(vma.size // PAGE)]
+        pages[vma.start, vma.end] = _classify(vma, runs, read_pagemap, zero)
     return pages
 
 
@@ -133,20 +149,18 @@ def same_layout(before: list[Vma], now: list[Vma], exclude: tuple[int, int]) -> 
     """Whether the mappings are those read before the freeze, the parasite's aside."""
 
     def key(vmas: list[Vma]) -> list[tuple]:
-        return [
-            (v.start, v.end, v.perms, v.offset, v.inode, v.path)
-            for v in vmas
-            if not _overlaps(v, exclude)
-        ]
+        return [(v.start, v.end, v.perms, v.offset, v.inode, v.path) for v in vmas if not _overlaps(v, exclude)]
 
     return key(before) == key(now)
 
 
-def confirm_flags(now: list[Vma], plan: Plan) -> None:
-    """Raise unless every planned mapping may still lose its pages.
+def confirm(now: list[Vma], plan: Plan) -> None:
+    """Raise unless every planned mapping may still lose its pages, and the scan saw all of them.
 
-    The plan may come from VmFlags read before the freeze; mlock or a
-    userfaultfd registration in between changes nothing else that is visible.
+    `now` is smaps read while the target is frozen. The plan may come from
+    VmFlags read before the freeze: an mlock or a userfaultfd registration
+    in between changes nothing else that is visible. And smaps counts each
+    mapping's pages by its own walk: a scan that found fewer missed some.
     """
     starts = [v.start for v in now]
     for vma in plan.vmas:
@@ -157,6 +171,13 @@ def confirm_flags(now: list[Vma], plan: Plan) -> None:
                 f"the target locked or registered memory at {vma.start:#x} while memcr froze it: "
                 "nothing was dropped, try again"
             )
+        same = now[i].start == vma.start and now[i].end == vma.end
+        found = plan.found.get((vma.start, vma.end), 0)
+        if same and found * PAGE < now[i].resident:
+            raise PlanError(
+                f"the page scan found {found} pages in the mapping at {vma.start:#x} where the kernel "
+                f"counts {now[i].resident // PAGE}: nothing was dropped"
+            )
 
 
 def build_plan(
@@ -165,7 +186,11 @@ def build_plan(
     exclude: tuple[int, int],
     rss_file: bool,
 ) -> Plan:
-    """The plan from the mappings with their VmFlags and the page runs found in them."""
+    """The plan from the mappings with their VmFlags and the pages found in them.
+
+    Checked before it is returned: a plan that would dump a page twice or
+    outside its mapping is a bug caught before any page is dropped.
+    """
     plan = Plan()
     for vma in vmas:
         if "lo" in vma.flags and vma.private:
@@ -177,44 +202,88 @@ def build_plan(
         if found is None:
             # a frozen target cannot do this; a process sharing its memory (CLONE_VM) can
             raise TargetError(f"the memory map of the target changed while it was frozen, at {vma.start:#x}")
-        dump, drop = found
-        plan.dump += _extents(dump, vma, MAX_EXTENT)
+        plan.dump += _extents(found.dump, vma, MAX_EXTENT)
         if rss_file:
-            plan.drop_only += _extents(drop, vma, vma.size)
+            plan.drop_only += _extents(found.drop, vma, vma.size)
+        plan.shared_pages += found.shared
+        plan.found[vma.start, vma.end] = found.found
+    check_plan(plan)
     return plan
 
 
-def _scan_regions(vma: Vma, fd: int) -> tuple[list[range], list[range]] | None:
-    """Runs to dump and to drop only, from PAGEMAP_SCAN; None if the kernel lacks it."""
-    dump: list[range] = []
-    drop: list[range] = []
+def check_plan(plan: Plan) -> None:
+    """Every planned page lies inside its mapping and appears once, in address order."""
+    for name, extents in (("dump", plan.dump), ("drop", plan.drop_only)):
+        end = 0
+        for e in extents:
+            if e.start % PAGE or e.length <= 0 or e.length % PAGE:
+                raise PlanError(f"the {name} plan holds a misaligned extent {e.start:#x}+{e.length:#x}")
+            if not (e.vma.start <= e.start and e.start + e.length <= e.vma.end):
+                raise PlanError(f"the {name} plan holds {e.start:#x}+{e.length:#x} outside its mapping")
+            if e.start < end:
+                raise PlanError(f"the {name} plan holds the page at {e.start:#x} twice or out of order")
+            end = e.start + e.length
+    starts = [e.start for e in plan.dump]
+    for e in plan.drop_only:
+        i = bisect.bisect_right(starts, e.start + e.length - 1) - 1
+        if i >= 0 and plan.dump[i].start + plan.dump[i].length > e.start:
+            raise PlanError(f"the plan both dumps and drops the page at {max(e.start, plan.dump[i].start):#x}")
+
+
+def _locate(low: int, high: int, fd: int) -> list[range] | None:
+    """Runs of present or swapped pages (indexes from `low`) by PAGEMAP_SCAN; None if the kernel lacks it.
+
+    The kernel's walk_end can lie before the end of the regions it just
+    returned (seen on 6.18 with more than 512 runs in a mapping): the next
+    call starts after both, and no page is ever listed twice.
+    """
+    runs: list[range] = []
     vec = bytearray(REGION.size * SCAN_REGIONS)
     vec_addr = ctypes.addressof(ctypes.c_char.from_buffer(vec))
-    # asking for IS_FILE makes the kernel look at every page's struct page: 3x
-    # slower, and an anonymous mapping's pages are never file pages anyway
-    wanted = IS_PRESENT | IS_SWAPPED | IS_PFNZERO | (0 if vma.anonymous else IS_FILE)
-    start = vma.start
-    while start < vma.end:
-        arg = bytearray(SCAN_ARG.pack(
-            SCAN_ARG.size, 0, start, vma.end, 0, vec_addr, SCAN_REGIONS, 0, 0, 0, IS_PRESENT | IS_SWAPPED, wanted,
-        ))  # fmt: skip
+    wanted = IS_PRESENT | IS_SWAPPED
+    start = low
+    while start < high:
+        arg = bytearray(
+            SCAN_ARG.pack(SCAN_ARG.size, 0, start, high, 0, vec_addr, SCAN_REGIONS, 0, 0, 0, wanted, wanted)
+        )
         try:
             count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
         except OSError:
             return None
-        walk_end = SCAN_ARG.unpack(arg)[4]
+        done = start
         for i in range(count):
-            first, end, category = REGION.unpack_from(vec, i * REGION.size)
-            pages = range((first - vma.start) // PAGE, (end - vma.start) // PAGE)
-            if category & IS_SWAPPED or (category & IS_PRESENT and not category & IS_PFNZERO
-                                         and (vma.anonymous or not category & IS_FILE)):  # fmt: skip
-                _append(dump, pages)
-            elif category & IS_PRESENT and category & IS_FILE and not vma.anonymous:
-                _append(drop, pages)
-        if walk_end <= start:
+            first, end, _ = REGION.unpack_from(vec, i * REGION.size)
+            first = max(first, done)
+            if end > first:
+                _append(runs, range((first - low) // PAGE, (end - low) // PAGE))
+                done = end
+        following = max(SCAN_ARG.unpack(arg)[4], done)
+        if following <= start:
             break
-        start = walk_end
-    return dump, drop
+        start = following
+    return runs
+
+
+def refilled(
+    start: int, length: int, anonymous: bool, read_pagemap: PagemapReader, zero: int, scan_fd: int | None
+) -> list[int]:
+    """Addresses of dropped pages that hold data of their own again.
+
+    A read fault maps the zero page (or the file's page) and changes
+    nothing; a write, by the kernel or another process, puts a new page there.
+    """
+    npages = length // PAGE
+    runs = _locate(start, start + length, scan_fd) if scan_fd is not None else None
+    found = []
+    for run in [range(npages)] if runs is None else runs:
+        for first in range(run.start, run.stop, WINDOW):
+            count = min(WINDOW, run.stop - first)
+            entries = read_pagemap(start + first * PAGE, count)
+            classes = bytearray(entries[7::8].translate(_CLASSES[anonymous]))
+            if zero:
+                _skip_zero_pages(entries, classes, zero)
+            found += [start + (first + i) * PAGE for i, c in enumerate(classes) if c in b"ds"]
+    return found
 
 
 def _append(runs: list[range], pages: range) -> None:
@@ -225,14 +294,23 @@ def _append(runs: list[range], pages: range) -> None:
 
 
 def _class_table(anonymous: bool) -> bytes:
-    """Map the top byte of a pagemap entry to d (dump), f (file page) or . (skip)."""
+    """Map the top byte of a pagemap entry to a class.
+
+    d: only the target has it, dump it; s: another process maps it too (or
+    the zero page), keep it; f: a clean page of the mapped file; .: nothing.
+    """
     present, swapped, file = PM_PRESENT >> 56, PM_SWAPPED >> 56, PM_FILE >> 56
+    guard, exclusive = PM_GUARD >> 56, PM_EXCLUSIVE >> 56
     table = bytearray(b"." * 256)
     for top in range(256):
-        if top & swapped or (top & present and (anonymous or not top & file)):
+        if top & guard:
+            continue
+        if top & swapped:
             table[top] = ord("d")
-        elif top & present:
+        elif top & present and top & file and not anonymous:
             table[top] = ord("f")
+        elif top & present:
+            table[top] = ord("d" if top & exclusive else "s")
     return bytes(table)
 
 
@@ -240,22 +318,27 @@ _CLASSES = {True: _class_table(True), False: _class_table(False)}
 _RUNS = {b"d": re.compile(rb"d+"), b"f": re.compile(rb"f+")}
 
 
-def _scan_vma(vma: Vma, read_pagemap: PagemapReader, zero: int) -> tuple[list[range], list[range]]:
-    """Runs of page indexes to dump and, for file mappings, to drop only."""
-    npages = vma.size // PAGE
-    dump: list[range] = []
-    drop: list[range] = []
+def _classify(vma: Vma, runs: list[range], read_pagemap: PagemapReader, zero: int) -> Pages:
+    """Sort the pages of `runs` (page indexes in vma) by their pagemap entries."""
+    pages = Pages()
     table = _CLASSES[vma.anonymous]
-    for first in range(0, npages, WINDOW):
-        entries = read_pagemap(vma.start + first * PAGE, min(WINDOW, npages - first))
-        # the flag bits sit in the top byte of each little-endian entry
-        classes = bytearray(entries[7::8].translate(table))
-        if zero:
-            _skip_zero_pages(entries, classes, zero)
-        _add_runs(dump, classes, b"d", first)
-        if not vma.anonymous:
-            _add_runs(drop, classes, b"f", first)
-    return dump, drop
+    for run in runs:
+        for first in range(run.start, run.stop, WINDOW):
+            count = min(WINDOW, run.stop - first)
+            entries = read_pagemap(vma.start + first * PAGE, count)
+            if len(entries) != count * 8:
+                raise PlanError(f"short pagemap read at {vma.start + first * PAGE:#x}")
+            # the flag bits sit in the top byte of each little-endian entry
+            classes = bytearray(entries[7::8].translate(table))
+            if zero:
+                _skip_zero_pages(entries, classes, zero)
+            shared = classes.count(b"s")
+            pages.shared += shared
+            pages.found += shared + classes.count(b"d") + classes.count(b"f")
+            _add_runs(pages.dump, classes, b"d", first)
+            if not vma.anonymous:
+                _add_runs(pages.drop, classes, b"f", first)
+    return pages
 
 
 def _skip_zero_pages(entries: bytes, classes: bytearray, zero: int) -> None:

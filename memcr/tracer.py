@@ -21,7 +21,7 @@ from ptrace.error import PtraceError
 
 from memcr import procfs
 from memcr.arch import Arch
-from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
+from memcr.errors import MemcrError, TargetError, TargetGone
 
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
@@ -128,10 +128,7 @@ class FrozenProcess:
                         f"process {self.pid} is already traced by process {tracer} "
                         "(another memcr or a debugger): detach it first"
                     ) from None
-                raise RightsError(
-                    f"not permitted to trace process {self.pid}: memcr needs root or "
-                    "CAP_SYS_PTRACE (and /proc/sys/kernel/yama/ptrace_scope must allow it)"
-                ) from None
+                raise procfs.trace_denied(self.pid) from None
             raise
         return True
 

@@ -98,8 +98,10 @@ class Lines:
 class Target:
     """A target process that reports `ready` and verifies itself on SIGUSR1."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, argv: list[str], stdin: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.out = Lines(self.proc.stdout)
         try:
             self.out.wait_for(f"ready {self.proc.pid}")
@@ -131,16 +133,22 @@ class Target:
 
     def stop(self) -> None:
         reap(self.proc)
+        if self.proc.stdin:
+            self.proc.stdin.close()
+
+    def said(self, word: str) -> list[list[str]]:
+        """The other words of each line it printed that starts with `word`, such as "child 1234"."""
+        return [line.split()[1:] for line in self.out.seen if line.startswith(word + " ")]
 
 
 @pytest.fixture
 def spawn(binaries: dict[str, Path]) -> Iterator[Callable[..., Target]]:
-    """spawn("pattern", 64, 8) or spawn("pydict") starts a target."""
+    """spawn("pattern", 64, 8) or spawn("pydict") starts a target; stdin=True gives it a pipe."""
     started: list[Target] = []
 
-    def start(name: str, *args: object) -> Target:
+    def start(name: str, *args: object, stdin: bool = False) -> Target:
         argv = [sys.executable, str(TARGETS / "pydict.py")] if name == "pydict" else [str(binaries[name])]
-        target = Target(argv + [str(a) for a in args])
+        target = Target(argv + [str(a) for a in args], stdin)
         started.append(target)
         return target
 

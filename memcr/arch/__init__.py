@@ -21,11 +21,11 @@ class Arch(Protocol):
     name: str
     SYS_CLOSE: int
     SYS_MMAP: int
-    SYS_MPROTECT: int
     SYS_MUNMAP: int
     SYS_CLONE: int
     SYS_EXIT: int
     SYS_KILL: int
+    SYS_KCMP: int  # the host's number: memcr runs on the target's CPU
 
     def pc(self, regs: Any) -> int: ...
     def prepare_syscall(self, regs: Any, pc: int, nr: int, args: tuple[int, ...]) -> Any: ...

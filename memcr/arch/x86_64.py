@@ -8,11 +8,11 @@ name = "x86_64"
 
 SYS_CLOSE = 3
 SYS_MMAP = 9
-SYS_MPROTECT = 10
 SYS_MUNMAP = 11
 SYS_CLONE = 56
 SYS_EXIT = 60
 SYS_KILL = 62
+SYS_KCMP = 312
 
 
 def copy_regs(regs: user_regs_struct) -> user_regs_struct:
@@ -23,9 +23,7 @@ def pc(regs: user_regs_struct) -> int:
     return regs.rip
 
 
-def prepare_syscall(
-    regs: user_regs_struct, pc: int, nr: int, args: tuple[int, ...]
-) -> user_regs_struct:
+def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, ...]) -> user_regs_struct:
     """Registers that make the thread run the syscall blob at pc."""
     call = copy_regs(regs)
     call.rip = pc

@@ -1,0 +1,92 @@
+/*
+ * uring: an io_uring read of 8 bytes from stdin (a pipe the test holds)
+ * into the middle of a patterned buffer, armed before "ready" while the
+ * pipe is still empty. The test writes the bytes while memcr holds the
+ * process; on SIGUSR1 the target waits for the completion and checks that
+ * the buffer holds the pattern with exactly those 8 bytes in place.
+ * "uring async" hands the read to an io_uring worker thread (IOSQE_ASYNC),
+ * which writes the bytes the moment they arrive, frozen process or not.
+ */
+#include <linux/io_uring.h>
+#include <sys/syscall.h>
+
+#include "common.h"
+
+#define BUFFER (64u << 10)
+#define AT 4096u
+static const char expected[8] = "parkedIO";
+
+static long ring_setup(unsigned entries, struct io_uring_params *p)
+{
+	return syscall(__NR_io_uring_setup, entries, p);
+}
+
+static long ring_enter(int fd, unsigned submit, unsigned wait)
+{
+	return syscall(__NR_io_uring_enter, fd, submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
+}
+
+int main(int argc, char **argv)
+{
+	struct io_uring_params p = {0};
+	uint64_t *buffer = map_anon(BUFFER);
+	uint64_t *want = malloc(BUFFER);
+	sigset_t set;
+	int ok = 1;
+
+	fill(buffer, BUFFER, 41);
+	memcpy(want, buffer, BUFFER);
+	memcpy((char *)want + AT, expected, sizeof(expected));
+
+	int fd = (int)ring_setup(4, &p);
+	if (fd < 0) {
+		perror("io_uring_setup");
+		return 2;
+	}
+	size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+	size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+	char *sq = mmap(NULL, sq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+	char *cq = mmap(NULL, cq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+	struct io_uring_sqe *sqes = mmap(NULL, p.sq_entries * sizeof(*sqes), PROT_READ | PROT_WRITE,
+					 MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+	if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) {
+		perror("mmap ring");
+		return 2;
+	}
+	unsigned *tail = (unsigned *)(sq + p.sq_off.tail);
+	unsigned *array = (unsigned *)(sq + p.sq_off.array);
+	memset(&sqes[0], 0, sizeof(sqes[0]));
+	sqes[0].opcode = IORING_OP_READ;
+	sqes[0].fd = 0;
+	sqes[0].addr = (unsigned long)((char *)buffer + AT);
+	sqes[0].len = sizeof(expected);
+	sqes[0].off = (unsigned long long)-1;
+	if (argc > 1 && strcmp(argv[1], "async") == 0)
+		sqes[0].flags = IOSQE_ASYNC;
+	array[0] = 0;
+	__atomic_store_n(tail, *tail + 1, __ATOMIC_RELEASE);
+	if (ring_enter(fd, 1, 0) != 1) {
+		perror("io_uring_enter");
+		return 2;
+	}
+
+	block_usr1(&set);
+	announce_and_wait(&set);
+	ok &= state_intact(1);
+	if (ring_enter(fd, 0, 1) < 0) {
+		perror("io_uring_enter wait");
+		return 2;
+	}
+	struct io_uring_cqe *cqe = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+	if (cqe[0].res != (int)sizeof(expected)) {
+		fprintf(stderr, "the read completed with %d\n", cqe[0].res);
+		ok = 0;
+	}
+	for (size_t i = 0; i < BUFFER / 8; i++)
+		if (buffer[i] != want[i]) {
+			fprintf(stderr, "buffer: bad word at offset %zu\n", i * 8);
+			ok = 0;
+			break;
+		}
+	return ok ? 0 : 1;
+}

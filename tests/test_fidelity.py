@@ -1,0 +1,277 @@
+"""Memory fidelity: every byte and every mapping as it was, whatever the mappings look like.
+
+Each target checks its own memory and state (signal sets, dispositions,
+seccomp, threads, /proc/self/maps and VmFlags) after the round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from memcr import procfs, scan
+from tests.conftest import Memcr, log_value, reap
+from tests.test_dump_pipeline import frozen_dump, mix
+
+KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
+PAGE = scan.PAGE
+
+# (pattern, pages): sparse runs shorter and longer than the kernel's batches,
+# more than 512 and more than 4096 runs in one mapping
+SPARSE = [
+    ("every-2", 16384),
+    ("every-8", 4096),
+    ("every-64", 65536),
+    ("random-7-30", 8192),
+    ("runs-1-1", 2048),
+    ("runs-511-1", 4096),
+    ("runs-513-3", 8192),
+    ("runs-4097-5", 16384),
+]
+
+
+def written(pattern: str, page: int) -> bool:
+    """The pages a shape writes (tests/targets/shapes.c)."""
+    kind, *numbers = pattern.split("-")
+    a, b = (int(n) for n in numbers) if len(numbers) == 2 else (int(numbers[0]) if numbers else 0, 0)
+    if kind == "every":
+        return page % a == 0
+    if kind == "runs":
+        return page % (a + b) < a
+    if kind == "random":
+        return mix(a * 1000003 + page) % 100 < b
+    return True
+
+
+def expected_runs(pattern: str, pages: int) -> list[range]:
+    runs: list[range] = []
+    for page in range(pages):
+        if written(pattern, page):
+            if runs and runs[-1].stop == page:
+                runs[-1] = range(runs[-1].start, page + 1)
+            else:
+                runs.append(range(page, page + 1))
+    return runs
+
+
+def round_trip(target, memcr: Memcr, *options: object) -> str:
+    result = memcr.run("-p", target.pid, "-n", *options)
+    assert result.returncode == 0, result.stderr
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+    return result.stdout
+
+
+@pytest.mark.skipif(KERNEL < (6, 7), reason="PAGEMAP_SCAN came with Linux 6.7")
+@pytest.mark.parametrize("kind", ["anon", "file"])
+@pytest.mark.parametrize(("pattern", "pages"), SPARSE, ids=[p for p, _ in SPARSE])
+def test_both_scans_find_each_page_once(spawn, kind: str, pattern: str, pages: int) -> None:
+    """PAGEMAP_SCAN and plain pagemap reads give exactly the pages the target wrote."""
+    target = spawn("shapes", f"{kind}:{pages}:{pattern}:rw:nohuge")
+    [[_, address]] = target.said("shape")
+    start = int(address, 16)
+    vma = next(v for v in procfs.read_maps(target.pid, flags=False) if v.start <= start < v.end)
+    fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY)
+    try:
+
+        def read(addr: int, npages: int) -> bytes:
+            return os.pread(fd, npages * 8, addr // PAGE * 8)
+
+        by_entries = scan.scan_pages([vma], read, (0, 0), scan.zero_pfn())[vma.start, vma.end]
+        by_scan = scan.scan_pages([vma], read, (0, 0), scan.zero_pfn(), fd)[vma.start, vma.end]
+    finally:
+        os.close(fd)
+    first = (start - vma.start) // PAGE
+    want = [range(first + r.start, first + r.stop) for r in expected_runs(pattern, pages)]
+    assert by_entries.dump == want
+    assert by_scan.dump == want
+    assert by_scan.found == by_entries.found >= sum(map(len, want))
+    [with_flags] = [v for v in procfs.read_maps(target.pid) if v.start == vma.start]
+    plan = scan.build_plan([with_flags], {(vma.start, vma.end): by_scan}, (0, 0), True)
+    assert plan.dump_bytes == sum(map(len, want)) * PAGE
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("options", [[], ["-z", "-c"], ["-m"], ["-f"]], ids=lambda o: " ".join(o) or "plain")
+def test_sparse_mappings_round_trip(spawn, memcr: Memcr, options: list[str]) -> None:
+    shapes = [f"{kind}:{pages}:{pattern}:rw:default" for pattern, pages in SPARSE[:4] for kind in ("anon", "file")]
+    target = spawn("shapes", *shapes)
+    round_trip(target, memcr, *options)
+
+
+def test_protections_and_huge_pages_round_trip(spawn, memcr: Memcr) -> None:
+    target = spawn(
+        "shapes",
+        "anon:1024:all:none:default",
+        "anon:1024:every-3:r:default",
+        "anon:512:all:rx:default",
+        "file:256:every-5:r:default",
+        "file:256:runs-3-2:none:default",
+        "anon:2048:all:rw:huge",
+        "anon:2048:every-2:rw:huge",
+    )
+    round_trip(target, memcr)
+
+
+def test_plan_that_lists_a_page_twice_is_refused() -> None:
+    vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "")
+    plan = scan.Plan(vmas=[vma], dump=[scan.Extent(0x10000, 2 * PAGE, vma), scan.Extent(0x11000, PAGE, vma)])
+    with pytest.raises(scan.PlanError, match="twice or out of order"):
+        scan.check_plan(plan)
+    plan.dump = [scan.Extent(0x1F000, 2 * PAGE, vma)]
+    with pytest.raises(scan.PlanError, match="outside its mapping"):
+        scan.check_plan(plan)
+
+
+def test_a_scan_that_missed_pages_is_refused() -> None:
+    vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "", resident=4 * PAGE)
+    plan = scan.Plan(vmas=[vma], found={(vma.start, vma.end): 3})
+    with pytest.raises(scan.PlanError, match=r"found 3 pages .* the kernel counts 4"):
+        scan.confirm([vma], plan)
+    plan.found[vma.start, vma.end] = 4
+    scan.confirm([vma], plan)
+
+
+@pytest.mark.skipif(KERNEL < (6, 13), reason="MADV_GUARD_INSTALL came with Linux 6.13")
+def test_guard_pages_are_skipped(spawn, memcr: Memcr) -> None:
+    target = spawn("shapes", "anon:256:guard-4:rw:default", "anon:64:guard-7:r:default", "file:64:guard-3:rw:default")
+    round_trip(target, memcr)
+
+
+def family_pss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_pages_shared_with_forked_children_stay(spawn, memcr: Memcr) -> None:
+    target = spawn("forked", 3)
+    family = [target.pid] + [int(pid) for [pid] in target.said("child")]
+    before = family_pss_kb(family)
+    for pid in family:
+        result = memcr.run("-p", pid, "-n")
+        assert result.returncode == 0, result.stderr
+        kept = int(log_value(result.stdout, r"(\d+) pages \(\S+ MiB\) stay in memory: other processes").group(1))
+        assert kept >= (32 << 20) // PAGE  # the parent's 32 MiB that the children share
+    after = family_pss_kb(family)
+    assert after <= before + 256, (before, after)  # restoring shared pages would duplicate 96 MiB
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("which", ["parent", "child"])
+def test_processes_sharing_memory_are_refused(spawn, memcr: Memcr, which: str) -> None:
+    """A vfork child runs on its parent's memory while the parent's other threads run on too."""
+    target = spawn("vforker")
+    [[child]] = target.said("child")
+    pid, other = (target.pid, int(child)) if which == "parent" else (int(child), target.pid)
+    started = time.monotonic()
+    result = memcr.run("-p", pid, "-n")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 3, result.stderr
+    assert f"process {pid} shares its memory with process {other}" in result.stderr
+    assert memcr.dumps() == []
+    assert procfs.read_status(target.pid)["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_io_uring_is_refused_untouched(spawn, memcr: Memcr) -> None:
+    target = spawn("uring", stdin=True)
+    result = memcr.run("-p", target.pid, "-n")
+    assert result.returncode == 3, result.stderr
+    assert "io_uring" in result.stderr and "--allow-async-io" in result.stderr
+    assert memcr.dumps() == []
+    target.proc.stdin.write("parkedIO")
+    target.proc.stdin.flush()
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("mode", ["", "async"], ids=["task-work", "worker-thread"])
+def test_io_uring_completion_while_parked_lands_after_restore(spawn, memcr: Memcr, mode: str) -> None:
+    """The read completes in the target's own threads, which memcr holds: after the restore."""
+    target = spawn("uring", *([mode] if mode else []), stdin=True)
+    session = memcr.interactive("-p", target.pid, "--allow-async-io")
+    session.wait_prompt()
+    target.proc.stdin.write("parkedIO")
+    target.proc.stdin.flush()
+    time.sleep(0.3)
+    assert session.press_enter() == 0, session.stderr()
+    assert target.verify() == 0
+
+
+def dropped_page(target) -> int:
+    [[_, address]] = target.said("shape")
+    return int(address, 16) + 5 * PAGE
+
+
+@pytest.mark.parametrize("content", ["data", "zeros"])
+def test_page_written_while_parked(spawn, memcr: Memcr, content: str) -> None:
+    """Another process writes a dropped page: zeros are what khugepaged leaves and go under
+    the dump's bytes; anything else cannot be made right, and the target is killed."""
+    target = spawn("shapes", "anon:64:all:rw:nohuge")
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    with open(f"/proc/{target.pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(dropped_page(target))
+        mem.write(b"\0" * PAGE if content == "zeros" else b"written while parked")
+    code = session.press_enter()
+    if content == "zeros":
+        assert code == 0, session.stderr()
+        assert target.verify() == 0
+        return
+    assert code == 6
+    stderr = session.stderr()
+    assert "1 of the pages memcr dropped were written while" in stderr, stderr
+    assert target.proc.wait(30) == -signal.SIGKILL
+    assert memcr.dumps() == []
+
+
+FRAME = struct.Struct("<IIII")
+RECORD = struct.Struct("<IIQQQ")
+
+
+def frames_of_first_record(dump: Path, digest: int) -> list[tuple[int, int]]:
+    """(offset, size) of each frame of the dump's first record with two frames or more."""
+    data = dump.read_bytes()
+    at = 32
+    while True:
+        kind, _, _, _, stored = RECORD.unpack_from(data, at)
+        assert kind == 1, "no record with two frames"
+        at += RECORD.size
+        frames, offset = [], at
+        while offset < at + stored:
+            _, stored_len, _, _ = FRAME.unpack_from(data, offset)
+            size = FRAME.size + digest + stored_len
+            frames.append((offset, size))
+            offset += size
+        if len(frames) >= 2:
+            return frames
+        at += stored
+
+
+@pytest.mark.parametrize("how", ["swap", "replay"])
+@pytest.mark.parametrize("options", [["-c"], ["-z", "-c"]], ids=" ".join)
+def test_frames_are_bound_to_their_place(spawn, memcr: Memcr, options: list[str], how: str) -> None:
+    target, session, dump = frozen_dump(spawn, memcr, "pattern", *options)
+    (a, a_size), (b, b_size) = frames_of_first_record(dump, 16)[:2]
+    data = bytearray(dump.read_bytes())
+    first, second = bytes(data[a : a + a_size]), bytes(data[b : b + b_size])
+    if how == "swap":
+        data[a : b + b_size] = second + first  # adjacent: the record keeps its length
+    else:
+        if a_size != b_size:
+            pytest.skip("replay in place needs frames of one size")
+        data[b : b + b_size] = first
+    dump.write_bytes(data)
+    assert session.press_enter() == 6
+    assert "checksum" in session.stderr()
+    assert target.proc.wait(30) == -signal.SIGKILL
+    reap(target.proc)
