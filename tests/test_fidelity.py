@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memcr import procfs, scan
-from tests.conftest import Memcr, log_value, reap
+from tests.conftest import Memcr, Target, log_value, reap
 from tests.test_dump_pipeline import frozen_dump, mix
 
 KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
@@ -275,3 +277,31 @@ def test_frames_are_bound_to_their_place(spawn, memcr: Memcr, options: list[str]
     assert "checksum" in session.stderr()
     assert target.proc.wait(30) == -signal.SIGKILL
     reap(target.proc)
+
+
+SHAPE = st.tuples(
+    st.sampled_from(["anon", "file"]),
+    st.integers(1, 3000),
+    st.one_of(
+        st.just("all"),
+        st.integers(1, 70).map(lambda n: f"every-{n}"),
+        st.tuples(st.integers(1, 600), st.integers(1, 40)).map(lambda r: f"runs-{r[0]}-{r[1]}"),
+        st.tuples(st.integers(0, 999), st.integers(1, 99)).map(lambda r: f"random-{r[0]}-{r[1]}"),
+    ),
+    st.sampled_from(["rw", "r", "rx", "none"]),
+    st.sampled_from(["huge", "nohuge", "default"]),
+).map(lambda parts: ":".join(map(str, parts)))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shapes=st.lists(SHAPE, min_size=1, max_size=6),
+    options=st.sampled_from([(), ("-z",), ("-c",), ("-m",), ("-f",), ("-z", "zstd", "-c", "-e")]),
+)
+def test_random_layouts_round_trip(binaries, memcr: Memcr, shapes: list[str], options: tuple[str, ...]) -> None:
+    """Any layout of sizes, holes, protections, file or anonymous, THP or not, comes back as it was."""
+    target = Target([str(binaries["shapes"]), *shapes])
+    try:
+        round_trip(target, memcr, *options)
+    finally:
+        target.stop()
