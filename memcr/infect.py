@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from memcr import procfs
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, TargetGone
-from memcr.tracer import ALL_SIGNALS, FrozenProcess
+from memcr.tracer import ALL_SIGNALS, OPTIONS, PTRACE_O_TRACECLONE, FrozenProcess
 
 PAGE = mmap.PAGESIZE
 STACK_SIZE = 64 * 1024
@@ -62,9 +62,7 @@ class Infection:
         original = f.read(at, len(code))
         f.write(at, code)
         try:
-            call = f.arch.prepare_syscall(regs, at, nr, args)
-            trap = at + self.blobs.offsets["syscall_trap"] + 1
-            done = f.run_until_trap(tid, call, trap)
+            done, _ = f.run_syscall(tid, f.arch.prepare_syscall(regs, at, nr, args))
         finally:
             self._put_code_back(at, original)
         return f.arch.syscall_result(done)
@@ -110,18 +108,25 @@ class Infection:
             f.arch.SYS_CLONE,
             (CLONE_FLAGS, base + size, 0, 0, 0),
         )
-        done = f.run_until_trap(tid, call, base + self.blobs.offsets["clone_trap"] + 1)
-        ns_tid = f.arch.syscall_result(done)
-        if ns_tid <= 0:
-            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-ns_tid)}")
-        self.tid = procfs.global_tid(f.pid, ns_tid)
+        # traced from birth: a group stop must not hold it (see FrozenProcess.keep_running)
+        f.set_options(tid, OPTIONS | PTRACE_O_TRACECLONE)
+        try:
+            done, child = f.run_syscall(tid, call)
+        finally:
+            f.set_options(tid, OPTIONS)
+        result = f.arch.syscall_result(done)
+        if result <= 0 or not child:
+            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-result)}")
+        self.tid = child
+        f.tids.append(child)  # killed and reaped with the others if it comes to that
         return self.tid
 
     def read_args(self, size: int) -> bytes:
         return self.frozen.read(self.base + self.blobs.offsets["parasite_args"], size)
 
-    def parasite_alive(self) -> bool:
-        return procfs.proc_path(self.frozen.pid, "task", str(self.tid)).exists()
+    def keep_running(self) -> bool:
+        """Let the parasite go on if it stopped; False once it has exited."""
+        return self.frozen.keep_running(self.tid)
 
     def cure(self, open_fds: Callable[[], Iterable[int]], timeout: float = 2.0) -> None:
         """Make sure the parasite thread is gone, unmap it, restore the signal mask.
@@ -132,9 +137,9 @@ class Infection:
         f = self.frozen
         if self.tid:
             deadline = time.monotonic() + timeout
-            while self.parasite_alive() and time.monotonic() < deadline:
+            while (running := self.keep_running()) and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            if self.parasite_alive():
+            if running:
                 self._force_exit(open_fds)
             self.tid = 0
         if self.base:
@@ -154,17 +159,16 @@ class Infection:
         checkpoint of this target.
         """
         f = self.frozen
-        if not f.adopt(self.tid):
+        if not f.interrupt(self.tid):
             return  # it exited meanwhile
         # the parasite's own code page is ours to overwrite
         f.write(self.base, self.blobs.syscall)
-        trap = self.base + self.blobs.offsets["syscall_trap"] + 1
         regs = f.get_regs(self.tid)
         for fd in open_fds():
             if fd >= 0:
-                call = f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,))
-                f.run_until_trap(self.tid, call, trap)
+                f.run_syscall(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,)))
         f.set_regs(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
         f.cont(self.tid)
         if not f.wait(self.tid).exited:
             raise ParasiteError(f"the parasite in process {f.pid} would not exit")
+        f.tids.remove(self.tid)

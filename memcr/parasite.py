@@ -6,7 +6,6 @@ protocol and tests/test_protocol.py checks that both sides agree.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import socket
@@ -22,7 +21,7 @@ from memcr.infect import Infection
 
 ARGS_MAGIC = 0x4D435031
 STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
-STEP_NAMES = {1: "socket", 2: "bind", 3: "chmod/chown", 4: "listen", 5: "accept"}
+STEP_NAMES = {1: "create", 2: "bind", 3: "set the owner and mode of", 4: "listen on", 5: "accept on"}
 NONCE_LEN = 16
 SUN_PATH_LEN = 108
 PAGEMAP_MAX = 65536
@@ -36,7 +35,8 @@ CMD = struct.Struct("<IIQQ")
 REPLY = struct.Struct("<q")
 
 CONNECT_TIMEOUT = 5.0
-IO_TIMEOUT = 60.0
+IO_TIMEOUT = 60.0  # without progress
+STALL = 0.2  # the kernel time-out after which memcr checks whether the parasite was stopped
 DISCARD_PIECE = 1 << 20
 
 
@@ -114,8 +114,7 @@ def _netns_socket(pid: int) -> socket.socket:
                 if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
                     err = ctypes.get_errno()
                     raise RightsError(
-                        f"cannot enter the network namespace of process {pid}: "
-                        f"{os.strerror(err)} (needs CAP_SYS_ADMIN)"
+                        f"cannot enter the network namespace of process {pid}: {os.strerror(err)} (needs CAP_SYS_ADMIN)"
                     )
             finally:
                 os.close(fd)
@@ -131,29 +130,24 @@ def _netns_socket(pid: int) -> socket.socket:
     return result[0]
 
 
-@contextlib.contextmanager
-def _receiving() -> Iterator[None]:
-    try:
-        yield
-    except (TimeoutError, BlockingIOError):
-        raise ParasiteError("the parasite stopped answering") from None
-    except ConnectionError as e:
-        raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
-
-
 class ParasiteChannel:
-    """The authenticated connection to a running parasite."""
+    """The authenticated connection to a running parasite.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Every call that waits on the parasite wakes up every STALL seconds to
+    let the parasite go on if a group stop caught it (Infection.keep_running),
+    and gives up after IO_TIMEOUT seconds without progress.
+    """
+
+    def __init__(self, sock: socket.socket, infection: Infection) -> None:
         self.sock = sock
+        self.infection = infection
         self.broken = False
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
+        self._progress = time.monotonic()
 
     @classmethod
-    def connect(
-        cls, infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool = False
-    ) -> ParasiteChannel:
+    def connect(cls, infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool = False) -> ParasiteChannel:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
             _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
@@ -164,32 +158,28 @@ class ParasiteChannel:
                 )
             if status == STATUS_LISTENING:
                 break
-            if not infection.parasite_alive() or time.monotonic() > deadline:
+            if not infection.keep_running() or time.monotonic() > deadline:
                 raise ParasiteError("the parasite did not start listening on its socket")
             time.sleep(0.0002)
         sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(CONNECT_TIMEOUT)
+            # kernel time-outs keep the socket blocking: a Python time-out
+            # would poll before every call and halve the throughput
+            timeval = struct.pack("@ll", 0, int(STALL * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             try:
                 sock.connect(spec.address)
             except PermissionError:
-                raise RightsError(
-                    f"permission denied connecting to the parasite socket {spec.display}"
-                ) from None
+                raise RightsError(f"permission denied connecting to the parasite socket {spec.display}") from None
             except OSError as e:
                 raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
-            sock.sendall(nonces.to_parasite)
-            channel = cls(sock)
+            channel = cls(sock, infection)
+            channel._send_all(memoryview(nonces.to_parasite))
             proof = bytearray(NONCE_LEN)
             channel.recv_into(memoryview(proof))
             if bytes(proof) != nonces.from_parasite:
                 raise ParasiteError(f"{spec.display} is not our parasite (wrong proof)")
-            # kernel time-outs keep the socket blocking: a Python time-out
-            # would poll before every call and halve the throughput
-            sock.settimeout(None)
-            timeval = struct.pack("@ll", int(IO_TIMEOUT), 0)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except BaseException:
             sock.close()
             raise
@@ -198,20 +188,45 @@ class ParasiteChannel:
     def close(self) -> None:
         self.sock.close()
 
+    def _moved(self, n: int) -> int:
+        if n:
+            self._progress = time.monotonic()
+        return n
+
+    def _stalled(self) -> None:
+        """Nothing moved for STALL seconds: the parasite may have been stopped, or died."""
+        if not self.infection.keep_running():
+            raise ParasiteError("the parasite exited unexpectedly")
+        if time.monotonic() - self._progress > IO_TIMEOUT:
+            raise ParasiteError("the parasite stopped answering")
+
+    def _io(self, call: Callable[[], int]) -> int:
+        """One socket call, repeated through stalls; the bytes it moved."""
+        while True:
+            try:
+                return self._moved(call())
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                self._stalled()
+            except ConnectionError as e:
+                raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+
     def recv_into(self, view: memoryview) -> None:
         """Fill `view` completely from the parasite."""
         got, total = 0, len(view)
-        with _receiving():
-            while got < total:
-                n = self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
-                if n == 0:
-                    raise ParasiteError("the parasite closed its connection unexpectedly")
-                got += n
+        while got < total:
+            n = self._io(lambda got=got: self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL))
+            if n == 0:
+                raise ParasiteError("the parasite closed its connection unexpectedly")
+            got += n
+
+    def _send_all(self, view: memoryview) -> None:
+        sent = 0
+        while sent < len(view):
+            sent += self._io(lambda sent=sent: self.sock.send(view[sent:]))
 
     def splice_into(self, pipe: int, length: int) -> int:
         """Move up to `length` requested bytes into a pipe, without copying them into this process."""
-        with _receiving():
-            n = os.splice(self.sock.fileno(), pipe, length)
+        n = self._io(lambda: os.splice(self.sock.fileno(), pipe, length))
         if n == 0:
             raise ParasiteError("the parasite closed its connection unexpectedly")
         return n
@@ -229,7 +244,7 @@ class ParasiteChannel:
             raise ParasiteError("the connection to the parasite was dropped mid-transfer")
         CMD.pack_into(self._cmd, 0, op, arg, addr, length)
         try:
-            self.sock.sendall(self._cmd)
+            self._send_all(memoryview(self._cmd))
         except OSError as e:
             raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
 
@@ -271,7 +286,7 @@ class ParasiteChannel:
         def push() -> None:
             sent, out = 0, self.sock.fileno()
             while sent < length:
-                n = os.sendfile(out, fd, offset + sent, length - sent)
+                n = self._io(lambda sent=sent: os.sendfile(out, fd, offset + sent, length - sent))
                 if n == 0:
                     raise ParasiteError("the dump file ended early")
                 sent += n
@@ -283,7 +298,7 @@ class ParasiteChannel:
 
         def push() -> None:
             for chunk in chunks:
-                self.sock.sendall(chunk)
+                self._send_all(memoryview(chunk))
 
         self._store(addr, length, push)
 
@@ -296,8 +311,6 @@ class ParasiteChannel:
             # else may be sent on this connection, or it would become page data
             self.broken = True
             self.sock.close()
-            if isinstance(e, BlockingIOError):
-                raise ParasiteError("the parasite stopped taking pages") from None
             if isinstance(e, OSError):
                 raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
             raise

@@ -154,6 +154,12 @@ def check_target(pid: int) -> dict[str, str]:
     if int(status.get("Tgid", pid)) != pid:
         raise TargetError(f"{pid} is a thread of process {status['Tgid']}: give the process id")
     if status.get("State", "").startswith(("Z", "X")):
+        threads = int(status.get("Threads", "1"))
+        if threads > 1:
+            raise TargetError(
+                f"the main thread of process {pid} has exited while {threads - 1} other threads run on: "
+                "memcr cannot park a process without its main thread"
+            )
         raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to save")
     if pid == 1:
         raise TargetError("refusing to freeze pid 1 (init): the whole system would stall")
@@ -163,12 +169,39 @@ def check_target(pid: int) -> dict[str, str]:
         raise TargetError(f"process {pid} is memcr itself")
     if pid == os.getppid():
         raise TargetError(f"process {pid} is memcr's parent, which waits for memcr")
-    tracer = int(status.get("TracerPid", "0"))
-    if tracer:
-        raise TargetError(
-            f"process {pid} is already traced by process {tracer} (another memcr or a debugger): detach it first"
-        )
+    for tid, thread in _thread_statuses(pid):
+        tracer = int(thread.get("TracerPid", "0"))
+        if tracer:
+            which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
+            raise TargetError(
+                f"{which} is already traced by process {tracer} (another memcr or a debugger): detach it first"
+            )
+    unconfined_thread(pid, thread_ids(pid))
     return status
+
+
+def _thread_statuses(pid: int) -> list[tuple[int, dict[str, str]]]:
+    found = []
+    for tid in sorted(thread_ids(pid)):
+        with contextlib.suppress(TargetGone):
+            found.append((tid, read_status(f"{pid}/task/{tid}")))
+    return found
+
+
+def unconfined_thread(pid: int, tids: list[int] | set[int]) -> int:
+    """A thread (the main one if it can) under no seccomp mode: memcr's injected system calls run there.
+
+    A seccomp filter may answer mmap, clone or socket with an error, a
+    SIGSYS or death, and strict mode allows nothing but read and write.
+    """
+    for tid in sorted(tids, key=lambda t: t != pid):
+        with contextlib.suppress(TargetGone):
+            if read_status(f"{pid}/task/{tid}").get("Seccomp", "0") == "0":
+                return tid
+    raise TargetError(
+        f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
+        "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone"
+    )
 
 
 def trace_denied(pid: int) -> RightsError:

@@ -24,16 +24,26 @@ from memcr.arch import Arch
 from memcr.errors import MemcrError, TargetError, TargetGone
 
 PTRACE_CONT = 7
+PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_O_TRACESYSGOOD = 1
+PTRACE_O_TRACECLONE = 1 << 3
 PTRACE_O_EXITKILL = 1 << 20
+OPTIONS = PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
+SYSCALL_STOP = signal.SIGTRAP | 0x80  # what PTRACE_O_TRACESYSGOOD reports at syscall entry and exit
 WALL = 0x40000000  # __WALL: wait for threads as well as processes
 
 ALL_SIGNALS = 2**64 - 1
+# ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK: the kernel restarts these after a signal
+RESTART = {-512, -513, -514, -516}
 WORD = 8  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA
 
 
@@ -62,7 +72,12 @@ class Stop:
 
     @property
     def interrupt_stop(self) -> bool:
+        """PTRACE_INTERRUPT's stop, or a group stop (SIGSTOP, SIGTSTP, ...) of a seized thread."""
         return os.WIFSTOPPED(self.status) and self.event == PTRACE_EVENT_STOP
+
+    @property
+    def syscall_stop(self) -> bool:
+        return os.WIFSTOPPED(self.status) and self.event == 0 and self.signal == SYSCALL_STOP
 
 
 @dataclass
@@ -73,6 +88,7 @@ class FrozenProcess:
     arch: Arch
     tids: list[int] = field(default_factory=list)
     owner: int = field(default_factory=threading.get_ident)
+    leader: int = 0  # the thread that runs injected code: one seccomp leaves every system call
     _mem: int = -1
 
     @classmethod
@@ -90,6 +106,7 @@ class FrozenProcess:
                         frozen.tids.append(tid)
             if not frozen.tids:
                 raise TargetGone(f"process {pid} exited while being frozen")
+            frozen.leader = procfs.unconfined_thread(pid, frozen.tids)
             try:
                 frozen._mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC)
             except PermissionError:
@@ -101,14 +118,41 @@ class FrozenProcess:
             raise
         return frozen
 
-    @property
-    def leader(self) -> int:
-        """The thread that runs injected code."""
-        return self.pid if self.pid in self.tids else self.tids[0]
+    def keep_running(self, tid: int) -> bool:
+        """Resume a traced thread of ours if it stopped; False once it has exited (and is reaped).
 
-    def adopt(self, tid: int) -> bool:
-        """Seize and stop one more thread without adding it to the frozen set."""
-        return self._seize(tid) and self._wait_interrupted(tid)
+        A thread memcr runs in the target (the parasite) is traced so that a
+        group stop (SIGSTOP, or a process that was stopped already) cannot
+        hold it: it reports the stop to memcr, which lets it go on. A SIGSTOP
+        it dequeues is passed on, so the stop the user asked for still
+        happens, to every other thread, when memcr lets them go.
+        """
+        try:
+            got, status = os.waitpid(tid, os.WNOHANG | WALL)
+        except ChildProcessError:
+            got, status = tid, 0  # gone and reaped: an exit
+        if got == 0:
+            return True
+        stop = Stop(tid, status)
+        if stop.exited:
+            if tid in self.tids:
+                self.tids.remove(tid)
+            return False
+        self.cont(tid, stop.signal if stop.event == 0 and not stop.syscall_stop else 0)
+        return True
+
+    def interrupt(self, tid: int) -> bool:
+        """Stop one traced thread; False if it exited first."""
+        try:
+            _raw(PTRACE_INTERRUPT, tid)
+        except PtraceError as e:
+            if e.errno != errno.ESRCH:
+                raise
+        if self._wait_interrupted(tid):
+            return True
+        if tid in self.tids:
+            self.tids.remove(tid)
+        return False
 
     def _check_owner(self) -> None:
         if threading.get_ident() != self.owner:
@@ -116,13 +160,13 @@ class FrozenProcess:
 
     def _seize(self, tid: int) -> bool:
         try:
-            _raw(PTRACE_SEIZE, tid, 0, PTRACE_O_EXITKILL)
+            _raw(PTRACE_SEIZE, tid, 0, OPTIONS)
             _raw(PTRACE_INTERRUPT, tid)
         except PtraceError as e:
             if e.errno == errno.ESRCH:
                 return False  # the thread exited between listing and seizing
             if e.errno == errno.EPERM:
-                tracer = procfs.read_status(self.pid).get("TracerPid", "0")
+                tracer = procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0")
                 if tracer != "0":
                     raise TargetError(
                         f"process {self.pid} is already traced by process {tracer} "
@@ -220,34 +264,82 @@ class FrozenProcess:
         """/proc/<pid>/mem, open for reading and writing (-1 when memcr may not open it)."""
         return self._mem
 
-    def run_until_trap(self, tid: int, call_regs, trap_pc: int) -> object:
-        """Run the thread from call_regs until it traps at trap_pc; return its regs.
+    def run_syscall(self, tid: int, call_regs) -> tuple[object, int]:
+        """Run the thread from call_regs (pc on a syscall instruction) through that one syscall.
 
-        A signal that arrives instead of the trap is delivered with the
-        thread's own registers in place, then the call is retried.
+        Returns its registers at the syscall's exit and, for a clone traced
+        with PTRACE_O_TRACECLONE, the new thread's tid (else 0). The thread
+        stops at syscall entry and exit (PTRACE_SYSCALL), not at a trap
+        instruction: a trap raises SIGTRAP, which would reset a handler the
+        target blocked and swallow a SIGTRAP it has pending. A signal that
+        comes first is delivered with the thread's own registers in place,
+        then the call is tried again.
         """
         saved = self.get_regs(tid)
         while True:
             self.set_regs(tid, call_regs)
-            self.cont(tid)
+            self._syscall(tid)
             stop = self.wait(tid)
+            if stop.syscall_stop:
+                regs, child = self._finish_syscall(tid)
+                if self.arch.syscall_result(regs) not in RESTART:
+                    self.set_regs(tid, saved)
+                    return regs, child
+                # a signal interrupted it (only SIGKILL and SIGSTOP get through the parasite's mask)
+                stop = self._run_own_code_briefly(tid, saved)
+            self.set_regs(tid, saved)
+            self._let_through(tid, stop)
+
+    def _finish_syscall(self, tid: int) -> tuple[object, int]:
+        """From syscall entry to exit; the tid of a clone's child when PTRACE_O_TRACECLONE is on."""
+        child = 0
+        while True:
+            self._syscall(tid)
+            stop = self.wait(tid)
+            if stop.syscall_stop:
+                return self.get_regs(tid), child
             if stop.exited:
                 raise TargetGone(f"process {self.pid} died while running injected code")
-            regs = self.get_regs(tid)
-            self.set_regs(tid, saved)
-            if stop.event == 0 and stop.signal == signal.SIGTRAP and self.arch.pc(regs) == trap_pc:
-                return regs
-            if stop.event == 0 and stop.signal in (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL):
-                raise MemcrError(
-                    f"injected code failed in process {self.pid} (signal {stop.signal} "
-                    f"at {self.arch.pc(regs):#x})"
-                )
-            if stop.event == 0 and stop.signal:
-                # a signal arrived instead of the trap: deliver it, then retry
-                self.cont(tid, stop.signal)
-                _raw(PTRACE_INTERRUPT, tid)
-            if not stop.interrupt_stop and not self._wait_interrupted(tid):
-                raise TargetGone(f"process {self.pid} died while running injected code")
+            if stop.event == PTRACE_EVENT_CLONE:
+                child = self.event_message(tid)
+            elif not stop.interrupt_stop:
+                raise MemcrError(f"unexpected stop {stop.status:#x} of thread {tid} inside an injected syscall")
+
+    def _run_own_code_briefly(self, tid: int, saved) -> Stop:
+        """Resume the thread on its own registers until it stops again, so a pending signal is dequeued."""
+        self.set_regs(tid, saved)
+        self.cont(tid)
+        _raw(PTRACE_INTERRUPT, tid)
+        return self.wait(tid)
+
+    def _syscall(self, tid: int) -> None:
+        self._check_owner()
+        try:
+            _raw(PTRACE_SYSCALL, tid)
+        except PtraceError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetGone(f"process {self.pid} died while running injected code") from None
+            raise
+
+    def _let_through(self, tid: int, stop: Stop) -> None:
+        """Deliver the signal of a signal-delivery stop, and stop the thread again."""
+        if stop.exited:
+            raise TargetGone(f"process {self.pid} died while running injected code")
+        if stop.event == 0 and stop.signal:
+            self.cont(tid, stop.signal)
+            _raw(PTRACE_INTERRUPT, tid)
+        if not stop.interrupt_stop and not self._wait_interrupted(tid):
+            raise TargetGone(f"process {self.pid} died while running injected code")
+
+    def event_message(self, tid: int) -> int:
+        self._check_owner()
+        value = ctypes.c_ulong()
+        _raw(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
+        return value.value
+
+    def set_options(self, tid: int, options: int) -> None:
+        self._check_owner()
+        _raw(PTRACE_SETOPTIONS, tid, 0, options)
 
     def release(self) -> None:
         """Let every thread run on; tolerate threads that are already gone."""
