@@ -9,8 +9,10 @@ the target. A Session must be driven from a single thread (the ptrace rule).
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from memcr.codec import FRAME_PLAIN, DumpOptions
 from memcr.dumpfile import DumpFile, Record, check_directory
 from memcr.errors import (
     Aborted,
+    LimitError,
     MemcrError,
     RightsError,
     StorageError,
@@ -139,11 +142,18 @@ class Session:
         self.channel: ParasiteChannel | None = None
         self.dump: DumpFile | None = None
         self.spec = SocketSpec(pid, options.socket_dir, options.socket_gid)
+        self._pagemap_fd: int | None = None  # None: the parasite reads the pagemap
+        self._vmas: list[Vma] = []  # the planned mappings: where each record goes back
+        self._reserve: list[int] = []  # descriptors to give up so that a rollback never lacks one
 
     # -- checkpoint ---------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Freeze the target, dump and drop its private pages; it stays frozen."""
+        with _descriptor_limit():
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         status = preflight(self.pid, self.options)
         self.report.rss_before = _rss(status)
         # smaps walks every page table (~15 ms per GiB): read it while the
@@ -153,8 +163,13 @@ class Session:
         except RightsError:
             vmas = None  # the freeze names precisely which right is missing
         codec.preload(self.options.dump)
+        self._reserve = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(RESERVE)]
         frozen_at = time.monotonic()
-        self.frozen = FrozenProcess.freeze(self.pid, arch.current())
+        try:
+            self.frozen = FrozenProcess.freeze(self.pid, arch.current())
+        except BaseException:
+            self._clean_up()
+            raise
         self.report.threads = len(self.frozen.tids)
         self.log(f"seized {self.report.threads} threads of pid {self.pid}")
         try:
@@ -184,9 +199,10 @@ class Session:
         """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
         assert self.infection is not None and self.channel is not None
         exclude = self.infection.mapping
-        with self._pagemap() as (read_pagemap, fd):
-            layout = procfs.read_maps(self.pid, flags=False)
-            pages = scan.scan_pages(layout, read_pagemap, exclude, _zero_pfn(), fd)
+        # kept open: checking the pages before a restore or a rollback must not need a new descriptor
+        self._pagemap_fd = procfs.open_pagemap(self.pid)
+        layout = procfs.read_maps(self.pid, flags=False)
+        pages = scan.scan_pages(layout, self._read_pagemap, exclude, _zero_pfn(), self._pagemap_fd)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
             plan = scan.build_plan(before, pages, exclude, self.options.rss_file)
@@ -196,6 +212,7 @@ class Session:
             now = procfs.read_maps(self.pid)
             plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
             scan.confirm(now, plan)
+        self._vmas = plan.vmas
         self.report.vmas = len(plan.vmas)
         self.report.pages = plan.dump_bytes // PAGE
         self.log(
@@ -210,19 +227,11 @@ class Session:
             )
         return plan, confirmed
 
-    @contextlib.contextmanager
-    def _pagemap(self) -> Iterator[tuple[scan.PagemapReader, int | None]]:
-        """A reader of the target's pagemap entries, and the fd it reads (None: the parasite reads them)."""
-        assert self.channel is not None
-        fd = procfs.open_pagemap(self.pid)
-        if fd is None:
-            channel = self.channel
-            yield (lambda addr, npages: channel.pagemap(addr, npages, PAGE)), None
-            return
-        try:
-            yield (lambda addr, npages: os.pread(fd, npages * 8, addr // PAGE * 8)), fd
-        finally:
-            os.close(fd)
+    def _read_pagemap(self, addr: int, npages: int) -> bytes:
+        if self._pagemap_fd is None:
+            assert self.channel is not None
+            return self.channel.pagemap(addr, npages, PAGE)
+        return os.pread(self._pagemap_fd, npages * 8, addr // PAGE * 8)
 
     def _stream(self, plan: Plan, confirmed: Future[None] | None) -> None:
         assert self.channel is not None and self.dump is not None
@@ -325,10 +334,9 @@ class Session:
         """Write every dropped page back from the dump, checked before use."""
         assert self.channel is not None and self.dump is not None and self.frozen is not None
         records = self.dump.verified_records()
-        vmas = procfs.read_maps(self.pid, flags=False)
-        self._check_untouched(records, vmas)
+        self._check_untouched(records)
         for record in records:
-            if _containing(vmas, record.addr).prot & PROT_WRITE:
+            if _containing(self._vmas, record.addr).prot & PROT_WRITE:
                 if self.dump.codec:
                     self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
                 else:
@@ -339,7 +347,7 @@ class Session:
                 self.frozen.write(at, chunk)
                 at += len(chunk)
 
-    def _check_untouched(self, records: list[Record], vmas: list[Vma]) -> None:
+    def _check_untouched(self, records: list[Record]) -> None:
         """Raise unless every dropped page is still empty, or was refilled with zeros.
 
         A page written while parked (io_uring, Linux AIO, another process
@@ -349,13 +357,13 @@ class Session:
         """
         assert self.frozen is not None
         written = []
-        with self._pagemap() as (read_pagemap, fd):
-            for record in records:
-                anonymous = _containing(vmas, record.addr).anonymous
-                for addr in scan.refilled(record.addr, record.length, anonymous, read_pagemap, _zero_pfn(), fd):
-                    # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
-                    if self.frozen.read(addr, PAGE).count(0) != PAGE:
-                        written.append(addr)
+        for record in records:
+            anonymous = _containing(self._vmas, record.addr).anonymous
+            found = scan.refilled(
+                record.addr, record.length, anonymous, self._read_pagemap, _zero_pfn(), self._pagemap_fd
+            )
+            # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
+            written += [addr for addr in found if self.frozen.read(addr, PAGE).count(0) != PAGE]
         if written:
             raise WrittenWhileParked(
                 f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
@@ -383,15 +391,20 @@ class Session:
         self.frozen.release()
         # the target runs from here: deleting a large dump is no longer its time
         self.report.release_ms = (time.monotonic() - releasing) * 1000
-        self._remove_files()
+        self._clean_up()
 
     def _fail(self, error: BaseException) -> None:
         """Undo a failed operation: roll back, else kill the target."""
-        if self.frozen is None or not procfs.alive(self.pid):
-            # nothing frozen yet, or the target died: nothing left to protect
-            self._close_channel()
-            self._remove_files()
+        self._give_up_reserve()
+        if self.frozen is None:
+            self._clean_up()
             return
+        if self.frozen.exiting() or not procfs.alive(self.pid):
+            # killed from outside, or it exited: nothing left to protect
+            self._close_channel()
+            self.frozen.reap()
+            self._clean_up()
+            raise TargetGone(f"pid {self.pid} ended while memcr was working on it (memcr did not kill it)") from error
         dropped = self.dump is not None and any(r.dropped for r in self.dump.records)
         try:
             if dropped:
@@ -410,7 +423,7 @@ class Session:
         self._close_channel()
         if self.frozen is not None:
             self.frozen.forget()
-        self._remove_files()
+        self._clean_up()
 
     def _kill(self) -> None:
         self._close_channel()
@@ -419,7 +432,7 @@ class Session:
                 self.frozen.kill()
             except PermissionError:
                 self._kill_from_inside()
-        self._remove_files()
+        self._clean_up()
 
     def _kill_from_inside(self) -> None:
         """Without CAP_KILL memcr may not signal another user's process, but the
@@ -434,7 +447,17 @@ class Session:
             self.channel.close()
             self.channel = None
 
-    def _remove_files(self) -> None:
+    def _give_up_reserve(self) -> None:
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve = []
+
+    def _clean_up(self) -> None:
+        """Remove memcr's files and close every descriptor the session held."""
+        self._give_up_reserve()
+        if self._pagemap_fd is not None:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = None
         if self.dump is not None:
             self.dump.remove()
         path = self.spec.path
@@ -446,6 +469,25 @@ class Session:
     @property
     def dump_path(self) -> Path | None:
         return self.dump.path if self.dump else None
+
+
+RESERVE = 2  # descriptors a rollback may need: /proc reads
+
+
+@contextlib.contextmanager
+def _descriptor_limit() -> Iterator[None]:
+    """Running out of file descriptors is the limit's fault, not a bug: say which limit."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        which = "the system's" if e.errno == errno.ENFILE else f"memcr's (RLIMIT_NOFILE {soft}, hard {hard})"
+        raise LimitError(
+            f"memcr ran out of file descriptors: {which} limit is reached; the target was left as it was. "
+            "Raise the limit (ulimit -n, LimitNOFILE=) or park fewer processes at once"
+        ) from None
 
 
 def _in_background(work: Callable[[], None]) -> Future[None]:

@@ -18,7 +18,7 @@ from memcr import __version__, heap, service
 from memcr.checkpoint import Options, Session
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
-from memcr.harden import harden
+from memcr.harden import harden, raise_descriptor_limit
 
 
 def log(message: str) -> None:
@@ -81,6 +81,7 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             allow_async_io: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
     harden(allow_tracer)
+    raise_descriptor_limit()
     if allow_tracer:
         log("WARNING: --allow-tracer: a debugger attached to memcr can read every page it saves "
             "and the dump key; use it only to debug memcr")  # fmt: skip

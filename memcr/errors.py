@@ -31,6 +31,10 @@ class RightsError(MemcrError):
     exit_code = 4
 
 
+class LimitError(RightsError):
+    """A resource limit of memcr's (file descriptors) is reached."""
+
+
 class StorageError(MemcrError):
     """The dump directory or file failed: missing, not writable, full."""
 

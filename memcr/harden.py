@@ -50,3 +50,10 @@ def harden(allow_tracer: bool = False) -> None:
             "the memory memcr saves and its dump key: refusing to run "
             "(--allow-tracer runs anyway, for debugging only)"
         )
+
+
+def raise_descriptor_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: each parked process holds a few descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

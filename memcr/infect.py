@@ -118,7 +118,7 @@ class Infection:
         if result <= 0 or not child:
             raise ParasiteError(f"could not start the parasite thread: {os.strerror(-result)}")
         self.tid = child
-        f.tids.append(child)  # killed and reaped with the others if it comes to that
+        f.helpers.append(child)  # killed and reaped with the others if it comes to that
         return self.tid
 
     def read_args(self, size: int) -> bytes:
@@ -171,4 +171,4 @@ class Infection:
         f.cont(self.tid)
         if not f.wait(self.tid).exited:
             raise ParasiteError(f"the parasite in process {f.pid} would not exit")
-        f.tids.remove(self.tid)
+        f.helpers.remove(self.tid)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -36,6 +37,7 @@ REQUEST = struct.Struct("=ii")  # native byte order, as the C client sends it
 RESPONSE = struct.Struct("=i")
 REQUEST_TIMEOUT = 5.0
 POLL = 0.2
+DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class Service:
         self.gid = gid
         self.timeout = timeout
         self.workers: dict[int, Worker] = {}
+        self.connections: set[threading.Thread] = set()  # each answers one request
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -267,16 +270,23 @@ class Service:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                 self.log(f"accept failed: {e.strerror}")
             return
-        threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True).start()
+        thread = threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True)
+        with self.lock:
+            self.connections.add(thread)
+        thread.start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(REQUEST_TIMEOUT)
-            request = _read_request(conn)
-            if request is None:
-                self.log("dropped a connection: no complete request")
-                return
-            _send(conn, self.dispatch(*request))
+        try:
+            with conn:
+                conn.settimeout(REQUEST_TIMEOUT)
+                request = _read_request(conn)
+                if request is None:
+                    self.log("dropped a connection: no complete request")
+                    return
+                _send(conn, self.dispatch(*request))
+        finally:
+            with self.lock:
+                self.connections.discard(threading.current_thread())
 
     def dispatch(self, cmd: int, pid: int) -> int:
         """Carry out one request and return its answer."""
@@ -286,13 +296,16 @@ class Service:
         if pid <= 0 or pid == os.getpid():
             self.log(f"refused pid {pid}")
             return INVALID_PID
-        if self.stop.is_set():
-            return ERROR
+        if self.stop.is_set() and cmd == CMD_CHECKPOINT:
+            return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
         with self.lock:
             worker = self.workers.get(pid)
             if cmd == CMD_CHECKPOINT:
                 if worker is not None:
                     return INVALID_PID
+                if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
+                    self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
+                    return ERROR
                 worker = self.workers[pid] = Worker(self, pid)
                 worker.start()
         if cmd == CMD_CHECKPOINT:
@@ -314,6 +327,16 @@ class Service:
             worker.restore(None)
         for worker in workers:
             worker.join()
+        # every request that reached the daemon gets its answer before it exits
+        with self.lock:
+            connections = list(self.connections)
+        for thread in connections:
+            thread.join(REQUEST_TIMEOUT)
+
+
+def _free_descriptors() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - len(os.listdir("/proc/self/fd"))
 
 
 def _read_request(conn: socket.socket) -> tuple[int, int] | None:

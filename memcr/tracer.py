@@ -87,6 +87,7 @@ class FrozenProcess:
     pid: int
     arch: Arch
     tids: list[int] = field(default_factory=list)
+    helpers: list[int] = field(default_factory=list)  # threads memcr started in it (the parasite), traced too
     owner: int = field(default_factory=threading.get_ident)
     leader: int = 0  # the thread that runs injected code: one seccomp leaves every system call
     _mem: int = -1
@@ -135,8 +136,7 @@ class FrozenProcess:
             return True
         stop = Stop(tid, status)
         if stop.exited:
-            if tid in self.tids:
-                self.tids.remove(tid)
+            self._gone(tid)
             return False
         self.cont(tid, stop.signal if stop.event == 0 and not stop.syscall_stop else 0)
         return True
@@ -150,9 +150,13 @@ class FrozenProcess:
                 raise
         if self._wait_interrupted(tid):
             return True
-        if tid in self.tids:
-            self.tids.remove(tid)
+        self._gone(tid)
         return False
+
+    def _gone(self, tid: int) -> None:
+        for group in (self.tids, self.helpers):
+            if tid in group:
+                group.remove(tid)
 
     def _check_owner(self) -> None:
         if threading.get_ident() != self.owner:
@@ -343,16 +347,27 @@ class FrozenProcess:
 
     def release(self) -> None:
         """Let every thread run on; tolerate threads that are already gone."""
-        for tid in self.tids:
+        for tid in self.tids + self.helpers:
             try:
                 _raw(PTRACE_DETACH, tid)
             except PtraceError as e:
                 if e.errno != errno.ESRCH:
                     raise
         self.tids.clear()
+        self.helpers.clear()
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1
+
+    def exiting(self) -> bool:
+        """Whether a thread of its own has reported its exit: the process was killed or exited."""
+        for tid in self.tids:
+            try:
+                if os.waitid(os.P_PID, tid, os.WEXITED | os.WNOHANG | os.WNOWAIT | WALL) is not None:
+                    return True
+            except ChildProcessError:
+                return True
+        return False
 
     def forget(self) -> None:
         """The process died: collect what is left of its threads, hold nothing."""
@@ -360,6 +375,7 @@ class FrozenProcess:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, os.WNOHANG | WALL)
         self.tids.clear()
+        self.helpers.clear()
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1
@@ -381,7 +397,7 @@ class FrozenProcess:
 
     def _leader_last(self) -> list[int]:
         # the kernel reports a traced leader's exit only after its other threads'
-        return sorted(self.tids, key=lambda tid: tid == self.pid)
+        return sorted(self.tids + self.helpers, key=lambda tid: tid == self.pid)
 
     def reap(self) -> None:
         """Collect the exit of every thread of a process that is dying."""
@@ -389,6 +405,7 @@ class FrozenProcess:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, WALL)
         self.tids.clear()
+        self.helpers.clear()
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1

@@ -10,6 +10,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -291,3 +293,56 @@ def accounts() -> Iterator[dict[str, int]]:
             subprocess.run(["pkill", "-KILL", "-u", user], check=False)
             subprocess.run(["userdel", "-f", user], check=False)
         subprocess.run(["groupdel", group], check=False)
+
+
+REQUEST, RESPONSE = struct.Struct("=ii"), struct.Struct("=i")
+CHECKPOINT, RESTORE = 100, 101
+
+
+class Daemon:
+    def __init__(self, listen: str, *args: object, dump_dir: Path) -> None:
+        self.listen = listen
+        self.dump_dir = dump_dir
+        argv = memcr_argv("-l", listen, "-d", dump_dir, *args)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.out = Lines(self.proc.stdout)
+        self.out.wait_for("listening on")
+
+    def request(self, cmd: int, pid: int, payload: bytes | None = None) -> bytes:
+        """Send one raw request, return the raw reply (b"" if the daemon closed)."""
+        with self.connect() as sock:
+            sock.sendall(payload if payload is not None else REQUEST.pack(cmd, pid))
+            return sock.recv(16, socket.MSG_WAITALL)
+
+    def code(self, cmd: int, pid: int) -> int:
+        reply = self.request(cmd, pid)
+        assert len(reply) == RESPONSE.size, reply
+        return RESPONSE.unpack(reply)[0]
+
+    def connect(self) -> socket.socket:
+        if self.listen.isdigit():
+            sock = socket.create_connection(("127.0.0.1", int(self.listen)), timeout=RUN_TIMEOUT)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(RUN_TIMEOUT)
+            sock.connect(self.listen)
+        return sock
+
+    def terminate(self) -> int:
+        return stop(self.proc)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator:
+    started: list[Daemon] = []
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+
+    def start(*args: object, listen: str | None = None) -> Daemon:
+        d = Daemon(listen or str(tmp_path / "memcr.sock"), *args, dump_dir=dumps)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.terminate()

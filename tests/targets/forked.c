@@ -5,6 +5,7 @@
  * Every member verifies its memory and state on SIGUSR1 (the parent passes
  * it on to the children); the parent exits 0 only if all of them did.
  */
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 #include "common.h"
@@ -39,6 +40,7 @@ int main(int argc, char **argv)
 	for (int i = 0; i < n; i++) {
 		children[i] = fork();
 		if (children[i] == 0) {
+			prctl(PR_SET_PDEATHSIG, SIGKILL); /* a test that kills the parent leaves no child */
 			fill(own, OWN, 60 + i);
 			setvbuf(stdout, stdout_buffer, _IOLBF, sizeof(stdout_buffer));
 			take_state(&state_before);

@@ -8,6 +8,7 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
@@ -70,6 +71,7 @@ int main(void)
 		pid_t self = (pid_t)syscall(SYS_getpid);
 
 		/* only system calls here: the child runs on its parent's stack */
+		syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 		if (write(child_pid[1], &self, sizeof(self)) != sizeof(self) ||
 		    read(release_child[0], &byte, 1) != 1)
 			_exit(2);
