@@ -27,9 +27,17 @@ install: $(STAMP) parasite
 demo: install
 	$(BIN)/python scripts/demo.py
 
-test: install
+# the whole suite, with a few round trips per real app (tests/apps)
+test: install apps
 	$(BIN)/ruff check memcr memcr_client tests bench scripts
-	$(BIN)/python -m pytest -q
+	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q
+
+# the real apps alone, each parked and woken 100 times (MEMCR_APP_CYCLES=N for another count)
+test-apps: install apps
+	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-100} $(BIN)/python -m pytest -q tests/apps
+
+apps:
+	sh scripts/setup-apps.sh
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
@@ -48,4 +56,4 @@ clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info
 
-.PHONY: all parasite system install install-system demo test bench profile clean
+.PHONY: all parasite system apps install install-system demo test test-apps bench profile clean
