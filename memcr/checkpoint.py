@@ -202,7 +202,9 @@ class Session:
         # kept open: checking the pages before a restore or a rollback must not need a new descriptor
         self._pagemap_fd = procfs.open_pagemap(self.pid)
         layout = procfs.read_maps(self.pid, flags=False)
-        pages = scan.scan_pages(layout, self._read_pagemap, exclude, _zero_pfn(), self._pagemap_fd)
+        # smaps read before the freeze: where no page was shared then, a fork since would only cost memory
+        unshared = frozenset((v.start, v.end) for v in before or [] if not v.shared)
+        pages = scan.scan_pages(layout, self._read_pagemap, exclude, _zero_pfn(), self._pagemap_fd, unshared)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
             plan = scan.build_plan(before, pages, exclude, self.options.rss_file)

@@ -26,6 +26,7 @@ class Vma:
     path: str
     flags: frozenset[str] = frozenset()
     resident: int = 0  # bytes present or swapped out (Rss + Swap in smaps)
+    shared: int = 0  # bytes of pages other processes map too (Shared_Clean + Shared_Dirty in smaps)
 
     @property
     def private(self) -> bool:
@@ -74,6 +75,9 @@ def read_maps(pid: int, flags: bool = True) -> list[Vma]:
             continue
         if line.startswith(("Rss:", "Swap:")):
             vmas[-1] = dataclasses.replace(vmas[-1], resident=vmas[-1].resident + int(line.split()[1]) * 1024)
+            continue
+        if line.startswith(("Shared_Clean:", "Shared_Dirty:")):
+            vmas[-1] = dataclasses.replace(vmas[-1], shared=vmas[-1].shared + int(line.split()[1]) * 1024)
             continue
         fields = line.split(maxsplit=5)
         if "-" not in fields[0] or len(fields) < 5:

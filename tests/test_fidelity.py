@@ -74,7 +74,8 @@ def round_trip(target, memcr: Memcr, *options: object) -> str:
 @pytest.mark.parametrize("kind", ["anon", "file"])
 @pytest.mark.parametrize(("pattern", "pages"), SPARSE, ids=[p for p, _ in SPARSE])
 def test_both_scans_find_each_page_once(spawn, kind: str, pattern: str, pages: int) -> None:
-    """PAGEMAP_SCAN and plain pagemap reads give exactly the pages the target wrote."""
+    """Plain pagemap reads, PAGEMAP_SCAN with entries and PAGEMAP_SCAN's categories alone
+    give exactly the pages the target wrote."""
     target = spawn("shapes", f"{kind}:{pages}:{pattern}:rw:nohuge")
     [[_, address]] = target.said("shape")
     start = int(address, 16)
@@ -87,13 +88,17 @@ def test_both_scans_find_each_page_once(spawn, kind: str, pattern: str, pages: i
 
         by_entries = scan.scan_pages([vma], read, (0, 0), scan.zero_pfn())[vma.start, vma.end]
         by_scan = scan.scan_pages([vma], read, (0, 0), scan.zero_pfn(), fd)[vma.start, vma.end]
+        alone = frozenset({(vma.start, vma.end)})  # classified by PAGEMAP_SCAN's categories alone
+        by_category = scan.scan_pages([vma], read, (0, 0), scan.zero_pfn(), fd, alone)[vma.start, vma.end]
     finally:
         os.close(fd)
     first = (start - vma.start) // PAGE
     want = [range(first + r.start, first + r.stop) for r in expected_runs(pattern, pages)]
     assert by_entries.dump == want
     assert by_scan.dump == want
-    assert by_scan.found == by_entries.found >= sum(map(len, want))
+    assert by_category.dump == want
+    assert by_category.drop == by_scan.drop == by_entries.drop
+    assert by_category.found == by_scan.found == by_entries.found >= sum(map(len, want))
     [with_flags] = [v for v in procfs.read_maps(target.pid) if v.start == vma.start]
     plan = scan.build_plan([with_flags], {(vma.start, vma.end): by_scan}, (0, 0), True)
     assert plan.dump_bytes == sum(map(len, want)) * PAGE

@@ -29,6 +29,10 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
             read_entries[0] += npages
             return os.pread(fd, npages * 8, addr // scan.PAGE * 8)
 
+        def refuse(addr: int, npages: int) -> bytes:
+            assert not any(start <= addr < end for start, end in alone), "an unshared mapping's entries were read"
+            return read(addr, npages)
+
         layout = procfs.read_maps(target.pid, flags=False)
         assert [(v.start, v.end, v.perms, v.path) for v in layout] == [(v.start, v.end, v.perms, v.path) for v in vmas]
         entries = scan.scan_pages(layout, read, (0, 0), scan.zero_pfn())
@@ -36,6 +40,10 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
         scanned = scan.scan_pages(layout, read, (0, 0), scan.zero_pfn(), fd)
         # PAGEMAP_SCAN located the pages: only their entries were read
         assert read_entries[0] < every_entry
+        alone = frozenset((v.start, v.end) for v in vmas if not v.shared)
+        by_category = scan.scan_pages(layout, refuse, (0, 0), scan.zero_pfn(), fd, alone)
+        assert all(by_category[key] == scanned[key] for key in by_category if key in alone)
+        assert alone
         for rss_file in (False, True):
             by_entries = scan.build_plan(vmas, entries, (0, 0), rss_file)
             by_scan = scan.build_plan(vmas, scanned, (0, 0), rss_file)
