@@ -8,6 +8,7 @@ the target. A Session must be driven from a single thread (the ptrace rule).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import mmap
@@ -143,7 +144,8 @@ class Session:
         self.dump: DumpFile | None = None
         self.spec = SocketSpec(pid, options.socket_dir, options.socket_gid)
         self._pagemap_fd: int | None = None  # None: the parasite reads the pagemap
-        self._vmas: list[Vma] = []  # the planned mappings: where each record goes back
+        self._vmas: list[Vma] = []  # the planned mappings, in address order: where each record goes back
+        self._starts: list[int] = []
         self._reserve: list[int] = []  # descriptors to give up so that a rollback never lacks one
 
     # -- checkpoint ---------------------------------------------------------
@@ -215,6 +217,7 @@ class Session:
             plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
             scan.confirm(now, plan)
         self._vmas = plan.vmas
+        self._starts = [v.start for v in plan.vmas]
         self.report.vmas = len(plan.vmas)
         self.report.pages = plan.dump_bytes // PAGE
         self.log(
@@ -273,8 +276,11 @@ class Session:
     def _copy_from_parasite(self, record: Record) -> None:
         assert self.channel is not None and self.dump is not None
         length = record.length
+        # everything that may fail on its own (a pipe needs descriptors) before the pages are asked for:
+        # once they are, the channel is only usable again after every byte has been read
+        pipe = self.dump.pipe() if self.dump.codec is None else None
         self.channel.request_pages(record.addr, length)
-        if self.dump.codec is None and (pipe := self.dump.pipe()):
+        if pipe:
             self._splice_from_parasite(record, *pipe)
             return
         for offset in range(0, length, CHUNK):
@@ -338,7 +344,7 @@ class Session:
         records = self.dump.verified_records()
         self._check_untouched(records)
         for record in records:
-            if _containing(self._vmas, record.addr).prot & PROT_WRITE:
+            if _containing(self._vmas, self._starts, record.addr).prot & PROT_WRITE:
                 if self.dump.codec:
                     self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
                 else:
@@ -360,7 +366,7 @@ class Session:
         assert self.frozen is not None
         written = []
         for record in records:
-            anonymous = _containing(self._vmas, record.addr).anonymous
+            anonymous = _containing(self._vmas, self._starts, record.addr).anonymous
             found = scan.refilled(
                 record.addr, record.length, anonymous, self._read_pagemap, _zero_pfn(), self._pagemap_fd
             )
@@ -500,8 +506,9 @@ def _in_background(work: Callable[[], None]) -> Future[None]:
         pool.shutdown(wait=False)  # the thread ends with the work
 
 
-def _containing(vmas: list[Vma], addr: int) -> Vma:
-    for vma in vmas:
-        if vma.start <= addr < vma.end:
-            return vma
-    raise MemcrError(f"no mapping holds {addr:#x} any more")
+def _containing(vmas: list[Vma], starts: list[int], addr: int) -> Vma:
+    """The mapping that holds addr, by bisection: a process may have 65530 mappings."""
+    i = bisect.bisect_right(starts, addr) - 1
+    if i < 0 or addr >= vmas[i].end:
+        raise MemcrError(f"no planned mapping holds {addr:#x}")
+    return vmas[i]

@@ -48,32 +48,68 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--pid", type=int, help="Process to checkpoint (interactive mode).")
-@click.option("-d", "--dir", "dump_dir", type=click.Path(path_type=Path), default=Path("/tmp"),
-              show_default=True, help="Directory for the dump pages-<pid>.img.")
-@click.option("-S", "--parasite-socket-dir", type=click.Path(path_type=Path),
-              help="Parasite socket is DIR/memcr<pid> instead of an abstract socket.")
+@click.option(
+    "-d",
+    "--dir",
+    "dump_dir",
+    type=click.Path(path_type=Path),
+    default=Path("/tmp"),
+    show_default=True,
+    help="Directory for the dump pages-<pid>.img.",
+)
+@click.option(
+    "-S",
+    "--parasite-socket-dir",
+    type=click.Path(path_type=Path),
+    help="Parasite socket is DIR/memcr<pid> instead of an abstract socket.",
+)
 @click.option("-G", "--parasite-socket-gid", type=GroupId(), help="With -S: socket group GID, mode 0660.")
-@click.option("-N", "--parasite-socket-netns", is_flag=True,
-              help="Connect to the parasite from the target's network namespace.")
-@click.option("-l", "--listen", metavar="PORT|HOST:PORT|PATH",
-              help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.")
+@click.option(
+    "-N", "--parasite-socket-netns", is_flag=True, help="Connect to the parasite from the target's network namespace."
+)
+@click.option(
+    "-l",
+    "--listen",
+    metavar="PORT|HOST:PORT|PATH",
+    help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
+)
 @click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
-@click.option("-z", "--compress", is_flag=False, flag_value="lz4",
-              help="Compress the dump: lz4 (the default) or zstd.")
+@click.option("-z", "--compress", is_flag=False, flag_value="lz4", help="Compress the dump: lz4 (the default) or zstd.")
 @click.option("-c", "--checksum", is_flag=True, help="MD5 over the dump, checked on restore.")
-@click.option("-e", "--encrypt", is_flag=False, flag_value=DEFAULT_CIPHER,
-              help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).")
-@click.option("-t", "--timeout", type=int, metavar="SECONDS",
-              help="Service mode: a checkpoint running longer is rolled back (and a slow restore answered -1).")
-@click.option("--allow-async-io", is_flag=True,
-              help="Park processes with io_uring or Linux AIO; one written while parked is killed.")
-@click.option("--allow-tracer", is_flag=True,
-              help="Debugging only: run even when a debugger or strace is attached to memcr.")
-@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
-              help="Print version, architecture and kernel.")
+@click.option(
+    "-e",
+    "--encrypt",
+    is_flag=False,
+    flag_value=DEFAULT_CIPHER,
+    help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).",
+)
+@click.option(
+    "-t",
+    "--timeout",
+    type=int,
+    metavar="SECONDS",
+    help="Service mode: a checkpoint running longer is rolled back (and a slow restore answered -1).",
+)
+@click.option(
+    "--allow-async-io",
+    is_flag=True,
+    help="Park processes with io_uring or Linux AIO; one written while parked is killed.",
+)
+@click.option(
+    "--allow-tracer", is_flag=True, help="Debugging only: run even when a debugger or strace is attached to memcr."
+)
+@click.option(
+    "-V",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Print version, architecture and kernel.",
+)
 def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
@@ -101,7 +137,8 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
         raise UsageError("-G/--parasite-socket-gid needs -S/--parasite-socket-dir")
     options = Options(
         dump_dir=dump_dir,
-        socket_dir=parasite_socket_dir,
+        # the parasite binds in the target's working directory, memcr connects from its own
+        socket_dir=parasite_socket_dir.absolute() if parasite_socket_dir else None,
         socket_gid=parasite_socket_gid,
         netns=parasite_socket_netns,
         proc_mem=proc_mem,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from memcr import procfs
 from memcr.arch import Blobs
-from memcr.errors import MemcrError, ParasiteError, TargetGone
+from memcr.errors import MemcrError, ParasiteError, TargetError, TargetGone
 from memcr.tracer import ALL_SIGNALS, OPTIONS, PTRACE_O_TRACECLONE, FrozenProcess
 
 PAGE = mmap.PAGESIZE
@@ -34,12 +34,22 @@ PROT_RWX = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
 MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 
-def _page_down(addr: int) -> int:
-    return addr & ~(PAGE - 1)
-
-
 def _page_up(size: int) -> int:
     return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+def injection_site(pid: int) -> int:
+    """The start of a private executable mapping, where the syscall blob may go.
+
+    Not the page at the thread's pc: in a shared mapping (a JIT's double
+    mapping, code shared with a forked child) other processes would run
+    the blob, or the write would be refused. Any executable page will do:
+    the thread runs the blob from there and its pc is put back.
+    """
+    for vma in procfs.read_maps(pid, flags=False):
+        if vma.private and vma.perms[2] == "x" and vma.path not in procfs.SPECIAL:
+            return vma.start
+    raise TargetError(f"process {pid} has no private executable mapping to run memcr's system calls from")
 
 
 @dataclass
@@ -51,13 +61,16 @@ class Infection:
     base: int = 0
     size: int = 0
     tid: int = 0
+    site: int = 0  # where the syscall blob goes: the start of a private executable mapping
     _sigmask: int | None = None
+
+    def __post_init__(self) -> None:
+        self.site = injection_site(self.frozen.pid)
 
     def syscall(self, nr: int, *args: int) -> int:
         """Run one system call in the target through the syscall blob."""
-        f, tid = self.frozen, self.frozen.leader
+        f, tid, at = self.frozen, self.frozen.leader, self.site
         regs = f.get_regs(tid)
-        at = _page_down(f.arch.pc(regs))
         code = self.blobs.syscall
         original = f.read(at, len(code))
         f.write(at, code)
@@ -69,9 +82,8 @@ class Infection:
 
     def kill_from_inside(self, ns_pid: int) -> None:
         """Make the process SIGKILL itself (memcr may lack the right to signal it)."""
-        f, tid = self.frozen, self.frozen.leader
+        f, tid, at = self.frozen, self.frozen.leader, self.site
         regs = f.get_regs(tid)
-        at = _page_down(f.arch.pc(regs))
         f.write(at, self.blobs.syscall)  # never put back: the process is about to die
         f.kill_from_inside(f.arch.prepare_syscall(regs, at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL)))
 

@@ -14,6 +14,7 @@ from memcr import arch
 from memcr.errors import RightsError, TargetError, TargetGone
 
 PF_KTHREAD = 0x00200000
+SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")  # the kernel's own mappings
 
 
 @dataclass(frozen=True)
@@ -288,10 +289,16 @@ def _vfork_relatives(pid: int) -> list[int]:
 
 
 def _in_vfork(pid: int) -> bool:
+    return wait_channel(pid) in ("wait_for_vfork_done", "kernel_clone")  # the latter where the wait is inlined
+
+
+def wait_channel(pid: int, tid: int | None = None) -> str:
+    """The kernel function a thread sleeps in ('?' when unknown)."""
+    path = proc_path(pid, "wchan") if tid is None else proc_path(pid, "task", str(tid), "wchan")
     try:
-        return proc_path(pid, "wchan").read_text() == "wait_for_vfork_done"
+        return path.read_text() or "?"
     except OSError:
-        return False
+        return "?"
 
 
 def require_page_monitor() -> None:

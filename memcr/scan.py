@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memcr.errors import PlanError, TargetError
-from memcr.procfs import Vma
+from memcr.procfs import SPECIAL, Vma
 
 PAGE = mmap.PAGESIZE
 # pagemap entry bits
@@ -31,7 +31,6 @@ PM_GUARD = 1 << 58  # MADV_GUARD_INSTALL (Linux 6.15): touching it faults
 PM_EXCLUSIVE = 1 << 56  # mapped by this process only
 PM_PFN = (1 << 55) - 1
 
-SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 # VmFlags of mappings memcr must leave alone: device memory (io, pf), locked
 # memory that madvise refuses to drop (lo), userfaultfd-managed ranges (um, uw)
 UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw"})

@@ -138,6 +138,7 @@ class Worker(threading.Thread):
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
         self.requests: queue.Queue[Callable[[int], None] | None] = queue.Queue()
+        self.restore_asked = False
 
     def run(self) -> None:
         timer = self._deadline(self.session.abort)
@@ -221,8 +222,9 @@ class Worker(threading.Thread):
     def restore(self, reply: Callable[[int], None] | None) -> bool:
         """Queue the restore (during a checkpoint, abort it first); False if too late."""
         with self.lock:
-            if self.state in ("restoring", "gone"):
-                return False
+            if self.state in ("restoring", "gone") or self.restore_asked:
+                return False  # one restore per checkpoint: a second request gets -2, not silence
+            self.restore_asked = True
             self.session.abort.set()
             self.requests.put(reply)
             return True
@@ -373,4 +375,3 @@ def run(address: Address, options: Options, log: Log, gid: int | None, timeout: 
         signal.signal(sig, lambda *_: service.stop.set())
     service.serve()
     log("stopped")
-

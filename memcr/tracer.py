@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ptrace.binding import func as ptrace_func
@@ -44,6 +45,7 @@ WALL = 0x40000000  # __WALL: wait for threads as well as processes
 ALL_SIGNALS = 2**64 - 1
 # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK: the kernel restarts these after a signal
 RESTART = {-512, -513, -514, -516}
+FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT
 WORD = 8  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA
 
 
@@ -102,11 +104,16 @@ class FrozenProcess:
                 if not new:
                     break
                 seized = [tid for tid in sorted(new) if frozen._seize(tid)]
+                frozen.tids += seized
+                deadline = time.monotonic() + FREEZE_TIMEOUT
                 for tid in seized:
-                    if frozen._wait_interrupted(tid):
-                        frozen.tids.append(tid)
+                    if not frozen._wait_interrupted(tid, deadline):
+                        frozen.tids.remove(tid)
             if not frozen.tids:
                 raise TargetGone(f"process {pid} exited while being frozen")
+            # only now that every thread is held: should memcr die from here on, the kernel kills the target
+            for tid in frozen.tids:
+                frozen.set_options(tid, OPTIONS)
             frozen.leader = procfs.unconfined_thread(pid, frozen.tids)
             try:
                 frozen._mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC)
@@ -164,7 +171,8 @@ class FrozenProcess:
 
     def _seize(self, tid: int) -> bool:
         try:
-            _raw(PTRACE_SEIZE, tid, 0, OPTIONS)
+            # no EXITKILL yet: a thread that never stops must not take the process with memcr
+            _raw(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
             _raw(PTRACE_INTERRUPT, tid)
         except PtraceError as e:
             if e.errno == errno.ESRCH:
@@ -180,10 +188,16 @@ class FrozenProcess:
             raise
         return True
 
-    def _wait_interrupted(self, tid: int) -> bool:
-        """Wait for the interrupt stop, passing on signals that come first."""
+    def _wait_interrupted(self, tid: int, deadline: float | None = None) -> bool:
+        """Wait for the interrupt stop, passing on signals that come first; False if the thread exited.
+
+        With a deadline, a thread that has not stopped by then (it waits in
+        the kernel for a vfork child or a hung filesystem, where no
+        interrupt reaches it) makes the freeze fail: it stays traced, without
+        EXITKILL, until the tracing thread ends, and then simply runs on.
+        """
         while True:
-            stop = self.wait(tid)
+            stop = self.wait(tid) if deadline is None else self._wait_until(tid, deadline)
             if stop.exited:
                 return False
             if stop.interrupt_stop:
@@ -195,6 +209,25 @@ class FrozenProcess:
             else:
                 self.cont(tid)
                 _raw(PTRACE_INTERRUPT, tid)
+
+    def _wait_until(self, tid: int, deadline: float) -> Stop:
+        pause = 0.00005
+        while True:
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | WALL)
+            except ChildProcessError:
+                raise TargetGone(f"thread {tid} of process {self.pid} is gone") from None
+            if got:
+                return Stop(tid, status)
+            if time.monotonic() > deadline:
+                wchan = procfs.wait_channel(self.pid, tid)
+                raise TargetError(
+                    f"thread {tid} of process {self.pid} did not stop within {FREEZE_TIMEOUT:g} s: it waits "
+                    f"in the kernel ({wchan}), for a vfork child or a hung filesystem. Nothing was changed; "
+                    "try again later"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def wait(self, tid: int) -> Stop:
         try:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,4 +95,31 @@ def test_restore_in_flight_at_sigterm_is_answered(spawn, daemon, delay: float) -
         reply = sock.recv(16, socket.MSG_WAITALL)
     assert reply == RESPONSE.pack(0)  # restored: by this request, or by the shutdown
     assert d.proc.wait(RUN_TIMEOUT) == 0
+    assert target.verify() == 0
+
+
+def test_second_restore_of_one_pid_is_answered(spawn, daemon) -> None:
+    d = daemon()
+    target = spawn("pattern", 64, 2)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    answers: list[int] = []
+    asking = [threading.Thread(target=lambda: answers.append(d.code(RESTORE, target.pid))) for _ in range(2)]
+    for thread in asking:
+        thread.start()
+    for thread in asking:
+        thread.join(RUN_TIMEOUT)
+    assert sorted(answers) == [-2, 0]  # one restored it; the other is told it is not checkpointed (any more)
+    assert target.verify() == 0
+
+
+def test_relative_parasite_socket_dir(spawn, memcr: Memcr, tmp_path) -> None:
+    """The parasite binds in the target's working directory, memcr connects from its own: -S . must mean memcr's."""
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    target = spawn("pattern", 16)
+    argv = memcr_argv("-p", target.pid, "-n", "-S", ".", "-d", memcr.dump_dir)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=sockets)
+    assert result.returncode == 0, result.stderr
+    assert list(sockets.iterdir()) == []
+    assert not Path(f"/proc/{target.pid}/cwd/memcr{target.pid}").exists()
     assert target.verify() == 0

@@ -108,3 +108,28 @@ def test_thread_traced_by_another_tracer_is_refused(spawn, memcr: Memcr) -> None
             reap(tracer)
     assert memcr.dumps() == []
     assert target.verify() == 0
+
+
+@pytest.mark.parametrize("mode", ["memfd", "fork"])
+def test_main_thread_running_shared_code(spawn, memcr: Memcr, mode: str) -> None:
+    """memcr's system-call stub never goes into a shared page: a forked child running it lives on."""
+    target = spawn("sharedcode", mode)
+    children = [int(pid) for [pid] in target.said("child")]
+    result = memcr.run("-p", target.pid, "-n")
+    assert result.returncode == 0, result.stderr
+    for child in children:
+        assert procfs.alive(child), f"the child {child} died"
+    assert target.verify() == 0
+
+
+def test_thread_that_cannot_stop_fails_the_freeze_in_time(spawn, memcr: Memcr) -> None:
+    """A thread held in clone(CLONE_VFORK) ignores PTRACE_INTERRUPT: memcr gives up, the target runs on."""
+    target = spawn("states", "vfork-wait")
+    started = time.monotonic()
+    result = memcr.run("-p", target.pid, "-n")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 3, result.stderr
+    assert "did not stop within" in result.stderr
+    assert memcr.dumps() == []
+    assert procfs.read_status(target.pid)["TracerPid"] == "0"
+    assert target.verify() == 0

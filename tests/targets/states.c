@@ -16,6 +16,8 @@
  *                  socket() and traps on bind()
  *   seccomp-errno  every thread under a filter that fails socket() with EPERM
  *   leader-exited  the main thread calls pthread_exit; two threads run on
+ *   vfork-wait     a thread waits in clone(CLONE_VFORK) (its child has its own
+ *                  memory), where no ptrace interrupt reaches it, until SIGUSR1
  */
 #include <errno.h>
 #include <linux/filter.h>
@@ -28,6 +30,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #include "common.h"
@@ -243,6 +246,28 @@ static void *spinner(void *arg)
 	return NULL;
 }
 
+static int vfork_release[2];
+static atomic_int vfork_waiting;
+
+static void *vfork_waiter(void *arg)
+{
+	long child;
+	char c;
+
+	(void)arg;
+	atomic_store(&vfork_waiting, 1);
+	/* CLONE_VFORK without CLONE_VM: a child of its own memory, the parent thread held until it exits */
+	child = syscall(__NR_clone, 0x00004000 /* CLONE_VFORK */ | SIGCHLD, 0, NULL, NULL, 0);
+	if (child == 0) {
+		if (read(vfork_release[0], &c, 1) != 1)
+			_exit(2);
+		_exit(0);
+	}
+	if (child < 0 || waitpid((pid_t)child, NULL, 0) != child)
+		atomic_store(&bad, 1);
+	return NULL;
+}
+
 static void *leaderless_checker(void *arg)
 {
 	(void)arg;
@@ -314,6 +339,22 @@ int main(int argc, char **argv)
 		pthread_create(&thread, NULL, leaderless_checker, NULL);
 		announce();
 		pthread_exit(NULL);
+	} else if (strcmp(mode, "vfork-wait") == 0) {
+		int ok;
+
+		if (pipe(vfork_release))
+			return 2;
+		pthread_create(&thread, NULL, vfork_waiter, NULL);
+		while (!atomic_load(&vfork_waiting))
+			usleep(1000);
+		usleep(50000); /* into clone() */
+		announce();
+		wait_usr1();
+		ok = verify(1);
+		if (write(vfork_release[1], "x", 1) != 1)
+			return 2;
+		pthread_join(thread, NULL);
+		return ok && !atomic_load(&bad) ? 0 : 1;
 	} else if (strcmp(mode, "plain") != 0) {
 		fprintf(stderr, "unknown mode %s\n", mode);
 		return 2;
