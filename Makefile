@@ -39,7 +39,7 @@ test-apps: install apps
 apps:
 	sh scripts/setup-apps.sh
 
-bench: install
+bench: install apps
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/bench.py
 

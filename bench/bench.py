@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import apps
 import plot
 import service
 
@@ -201,6 +202,7 @@ def main() -> int:
     parser.add_argument("--memcr-args", default="", help="extra memcr options, e.g. '-m'")
     parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
     parser.add_argument("--no-service", action="store_true", help="skip the daemon figures")
+    parser.add_argument("--no-apps", action="store_true", help="skip the real apps (tests/apps)")
     parser.add_argument("--sweep", default="64,128,256,512,1024,2048",
                         help="target sizes in MiB for the throughput plot ('' to skip)")
     parser.add_argument("--png", type=Path, default=HERE / "throughput.png")
@@ -231,6 +233,7 @@ def main() -> int:
                 for name, variant_run in tried.items():
                     variants[name].append(variant_run)
         daemon = None if args.no_service else service.measure(target_bin, directory)
+        app_figures = None if args.no_apps else apps.measure()
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -238,11 +241,14 @@ def main() -> int:
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["codec_one_core_mib_s"] = codec_speeds
     results["service"] = daemon
+    results["apps"] = app_figures
     results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
     if daemon:
         service.print_table(daemon)
+    if app_figures:
+        apps.print_table(app_figures)
     if sweep:
         plot.throughput_png(sweep, args.png)
         print(f"bench: throughput against size in {args.png}")
