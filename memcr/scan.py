@@ -144,7 +144,8 @@ def scan_pages(
         if scan_fd is not None:
             alone = (vma.start, vma.end) in unshared
             regions = _regions(vma.start, vma.end, scan_fd, _categories(vma) if alone else IS_PRESENT | IS_SWAPPED)
-            if regions is not None and alone:
+            # without PAGE_IS_GUARD a guard region looks swapped: only the entries tell it apart
+            if regions is not None and alone and _guard_known[0]:
                 pages[vma.start, vma.end] = _by_category(vma, regions)
                 continue
         if regions is None:
@@ -245,7 +246,7 @@ def _categories(vma: Vma) -> int:
     return IS_PRESENT | IS_SWAPPED | IS_PFNZERO | IS_GUARD | (0 if vma.anonymous else IS_FILE)
 
 
-_guard_known = [True]  # PAGE_IS_GUARD came with Linux 6.15; before, there are no guard regions
+_guard_known = [True]  # whether this kernel has PAGE_IS_GUARD (Linux 6.14): found out at the first EINVAL
 
 
 def _regions(low: int, high: int, fd: int, wanted: int) -> list[tuple[int, int, int]] | None:

@@ -212,6 +212,15 @@ class Memcr:
         return sorted(self.dump_dir.glob("pages-*.img"))
 
 
+def round_trip(target, memcr: Memcr, *args: object) -> str:
+    """memcr -p PID -n with args: exit 0, no dump left, and the target finds itself intact."""
+    result = memcr.run("-p", target.pid, "-n", *args)
+    assert result.returncode == 0, result.stderr
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+    return result.stdout
+
+
 @pytest.fixture
 def memcr(tmp_path: Path) -> Iterator[Memcr]:
     dump_dir = tmp_path / "dumps"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memcr import procfs, scan
-from tests.conftest import Memcr, Target, log_value, reap
+from tests.conftest import Memcr, Target, log_value, reap, round_trip
 from tests.test_dump_pipeline import frozen_dump, mix
 
 KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
@@ -60,14 +60,6 @@ def expected_runs(pattern: str, pages: int) -> list[range]:
             else:
                 runs.append(range(page, page + 1))
     return runs
-
-
-def round_trip(target, memcr: Memcr, *options: object) -> str:
-    result = memcr.run("-p", target.pid, "-n", *options)
-    assert result.returncode == 0, result.stderr
-    assert memcr.dumps() == []
-    assert target.verify() == 0
-    return result.stdout
 
 
 @pytest.mark.skipif(KERNEL < (6, 7), reason="PAGEMAP_SCAN came with Linux 6.7")

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import Memcr, log_value
-
-
-def round_trip(target, memcr: Memcr, *args: object) -> str:
-    result = memcr.run("-p", target.pid, "-n", *args)
-    assert result.returncode == 0, result.stderr
-    assert memcr.dumps() == []
-    assert target.verify() == 0
-    return result.stdout
+from tests.conftest import Memcr, log_value, round_trip
 
 
 def test_thousand_open_fds(spawn, memcr: Memcr) -> None:
