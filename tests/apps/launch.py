@@ -6,8 +6,10 @@ stop() kills and reaps every process it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -75,6 +77,17 @@ class RunningApp:
     problems: Callable[[], list[str]]  # what its own logs say went wrong
 
     def stop(self) -> None:
+        """End the app and every member; an nginx worker outlives a SIGKILLed master."""
+        try:
+            members = self.members()
+        except OSError:
+            members = []
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         reap(self.proc)
 
 
