@@ -125,18 +125,6 @@ def thread_ids(pid: int) -> set[int]:
         raise TargetGone(f"process {pid} is gone") from None
 
 
-def global_tid(pid: int, ns_tid: int) -> int:
-    """The tid memcr sees for a thread the target knows as ns_tid."""
-    for tid in thread_ids(pid):
-        try:
-            nspid = read_status(f"{pid}/task/{tid}").get("NSpid", str(tid)).split()
-        except TargetGone:
-            continue
-        if int(nspid[-1]) == ns_tid:
-            return tid
-    raise TargetGone(f"thread {ns_tid} of process {pid} is gone")
-
-
 def alive(pid: int) -> bool:
     """Running or stopped: a zombie waiting to be reaped is dead already."""
     try:
@@ -174,20 +162,22 @@ def check_target(pid: int) -> dict[str, str]:
         raise TargetError(f"process {pid} is memcr itself")
     if pid == os.getppid():
         raise TargetError(f"process {pid} is memcr's parent, which waits for memcr")
-    for tid, thread in _thread_statuses(pid):
+    threads = _thread_statuses(pid, thread_ids(pid))
+    for tid, thread in threads:
         tracer = int(thread.get("TracerPid", "0"))
         if tracer:
             which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
             raise TargetError(
                 f"{which} is already traced by process {tracer} (another memcr or a debugger): detach it first"
             )
-    unconfined_thread(pid, thread_ids(pid))
+    _unconfined(pid, threads)
     return status
 
 
-def _thread_statuses(pid: int) -> list[tuple[int, dict[str, str]]]:
+def _thread_statuses(pid: int, tids: list[int] | set[int]) -> list[tuple[int, dict[str, str]]]:
+    """The status of each thread still there, the main thread first."""
     found = []
-    for tid in sorted(thread_ids(pid)):
+    for tid in sorted(tids, key=lambda t: (t != pid, t)):
         with contextlib.suppress(TargetGone):
             found.append((tid, read_status(f"{pid}/task/{tid}")))
     return found
@@ -199,10 +189,13 @@ def unconfined_thread(pid: int, tids: list[int] | set[int]) -> int:
     A seccomp filter may answer mmap, clone or socket with an error, a
     SIGSYS or death, and strict mode allows nothing but read and write.
     """
-    for tid in sorted(tids, key=lambda t: t != pid):
-        with contextlib.suppress(TargetGone):
-            if read_status(f"{pid}/task/{tid}").get("Seccomp", "0") == "0":
-                return tid
+    return _unconfined(pid, _thread_statuses(pid, tids))
+
+
+def _unconfined(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
+    for tid, thread in threads:
+        if thread.get("Seccomp", "0") == "0":
+            return tid
     raise TargetError(
         f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
         "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone"
@@ -260,12 +253,13 @@ def mm_sharers(pid: int) -> list[int]:
     is found from its kernel wait channel.
     """
     libc = ctypes.CDLL(None, use_errno=True)
+    kcmp = arch.current().SYS_KCMP
     sharers = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == pid:
             continue
         other = int(name)
-        if libc.syscall(arch.current().SYS_KCMP, pid, other, KCMP_VM, 0, 0) == 0:
+        if libc.syscall(kcmp, pid, other, KCMP_VM, 0, 0) == 0:
             sharers.append(other)
         elif ctypes.get_errno() == errno.ENOSYS:
             return _vfork_relatives(pid)

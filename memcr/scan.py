@@ -16,7 +16,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from memcr.errors import PlanError, TargetError
@@ -175,7 +175,7 @@ def confirm(now: list[Vma], plan: Plan) -> None:
     starts = [v.start for v in now]
     for vma in plan.vmas:
         i = bisect.bisect_right(starts, vma.start) - 1
-        # a mapping may have merged with a neighbour (mprotect for the parasite), never shrunk
+        # a mapping may have merged with a neighbour (the parasite's, mapped next to it), never shrunk
         if i < 0 or now[i].end < vma.end or now[i].flags & UNTOUCHABLE:
             raise TargetError(
                 f"the target locked or registered memory at {vma.start:#x} while memcr froze it: "
@@ -324,18 +324,14 @@ def refilled(
     A read fault maps the zero page (or the file's page) and changes
     nothing; a write, by the kernel or another process, puts a new page there.
     """
-    npages = length // PAGE
     regions = _regions(start, start + length, scan_fd, IS_PRESENT | IS_SWAPPED) if scan_fd is not None else None
-    found = []
-    for run in [range(npages)] if regions is None else _merged(regions):
-        for first in range(run.start, run.stop, WINDOW):
-            count = min(WINDOW, run.stop - first)
-            entries = read_pagemap(start + first * PAGE, count)
-            classes = bytearray(entries[7::8].translate(_CLASSES[anonymous]))
-            if zero:
-                _skip_zero_pages(entries, classes, zero)
-            found += [start + (first + i) * PAGE for i, c in enumerate(classes) if c in b"ds"]
-    return found
+    runs = [range(length // PAGE)] if regions is None else _merged(regions)
+    return [
+        start + (first + i) * PAGE
+        for first, classes in _classes(start, anonymous, runs, read_pagemap, zero)
+        for i, c in enumerate(classes)
+        if c in b"ds"
+    ]
 
 
 def _append(runs: list[range], pages: range) -> None:
@@ -373,24 +369,32 @@ _RUNS = {b"d": re.compile(rb"d+"), b"f": re.compile(rb"f+")}
 def _classify(vma: Vma, runs: list[range], read_pagemap: PagemapReader, zero: int) -> Pages:
     """Sort the pages of `runs` (page indexes in vma) by their pagemap entries."""
     pages = Pages()
-    table = _CLASSES[vma.anonymous]
+    for first, classes in _classes(vma.start, vma.anonymous, runs, read_pagemap, zero):
+        shared = classes.count(b"s")
+        pages.shared += shared
+        pages.found += shared + classes.count(b"d") + classes.count(b"f")
+        _add_runs(pages.dump, classes, b"d", first)
+        if not vma.anonymous:
+            _add_runs(pages.drop, classes, b"f", first)
+    return pages
+
+
+def _classes(
+    start: int, anonymous: bool, runs: list[range], read_pagemap: PagemapReader, zero: int
+) -> Iterator[tuple[int, bytearray]]:
+    """For each window of pages in `runs` (indexes from start): its first index and one class letter a page."""
+    table = _CLASSES[anonymous]
     for run in runs:
         for first in range(run.start, run.stop, WINDOW):
             count = min(WINDOW, run.stop - first)
-            entries = read_pagemap(vma.start + first * PAGE, count)
+            entries = read_pagemap(start + first * PAGE, count)
             if len(entries) != count * 8:
-                raise PlanError(f"short pagemap read at {vma.start + first * PAGE:#x}")
+                raise PlanError(f"short pagemap read at {start + first * PAGE:#x}")
             # the flag bits sit in the top byte of each little-endian entry
             classes = bytearray(entries[7::8].translate(table))
             if zero:
                 _skip_zero_pages(entries, classes, zero)
-            shared = classes.count(b"s")
-            pages.shared += shared
-            pages.found += shared + classes.count(b"d") + classes.count(b"f")
-            _add_runs(pages.dump, classes, b"d", first)
-            if not vma.anonymous:
-                _add_runs(pages.drop, classes, b"f", first)
-    return pages
+            yield first, classes
 
 
 def _skip_zero_pages(entries: bytes, classes: bytearray, zero: int) -> None:

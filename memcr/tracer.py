@@ -296,11 +296,6 @@ class FrozenProcess:
                 raise TargetGone(f"process {self.pid} is gone") from None
             raise MemcrError(f"cannot access the memory of process {self.pid}: {e}") from None
 
-    @property
-    def mem_fd(self) -> int:
-        """/proc/<pid>/mem, open for reading and writing (-1 when memcr may not open it)."""
-        return self._mem
-
     def run_syscall(self, tid: int, call_regs) -> tuple[object, int]:
         """Run the thread from call_regs (pc on a syscall instruction) through that one syscall.
 
