@@ -12,14 +12,14 @@ import json
 import sys
 import time
 
-from memcr.codec import FRAME_PLAIN, DumpOptions, FrameCodec
+from memcr.codec import FRAME_PLAIN, Coding, FrameCodec
 
 SAMPLE_MIB = 64
 
 
 def speeds(data: memoryview, variant: str) -> dict[str, float]:
     flags = variant.split()
-    options = DumpOptions(
+    options = Coding(
         compress=flags[flags.index("-z") + 1] if "-z" in flags else None,
         checksum="-c" in flags,
         cipher="aes-256-gcm" if "-e" in flags else None,

@@ -1,14 +1,15 @@
-"""Checkpoint and restore of one target: scan -> plan -> stream -> file, and back.
+"""Checkpoint of one target: check, freeze, infect, then scan -> plan -> stream -> file.
 
-The order keeps the cardinal rule: a page is dropped only after its bytes
-are in the dump file; any failure before the target is released either
-writes the dropped pages back (rollback) or, when that is impossible, kills
-the target. A Session must be driven from a single thread (the ptrace rule).
+`checkpoint()` returns the target as a Parked handle (memcr.parked), which
+restores it. The order keeps the cardinal rule: a page is dropped only
+after its bytes are in the dump file; a failure before the target is
+released either writes the dropped pages back (rollback) or, when that is
+impossible, kills the target. Everything here runs on one thread: the
+thread that seizes a target is the only one ptrace lets touch it.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import mmap
@@ -19,32 +20,21 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
-from memcr import arch, codec, parasite, procfs, scan
-from memcr.codec import FRAME_PLAIN, DumpOptions
-from memcr.dumpfile import DumpFile, Record, check_directory
-from memcr.errors import (
-    Aborted,
-    LimitError,
-    MemcrError,
-    RightsError,
-    StorageError,
-    TargetError,
-    TargetGone,
-    TargetKilled,
-    WrittenWhileParked,
-)
-from memcr.infect import Infection
-from memcr.parasite import Nonces, ParasiteChannel, SocketSpec, pack_args
+from memcr import arch, codec, procfs, scan
+from memcr.codec import FRAME_PLAIN, Coding
+from memcr.dump.format import Record, check_directory
+from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
+from memcr.errors import Aborted, LimitError, RightsError, StorageError, TargetError
+from memcr.parasite import Parasite, SocketSpec
+from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma, memory_kb
+from memcr.report import RSS_KEYS, Report
 from memcr.scan import Plan
 from memcr.tracer import FrozenProcess
 
-PAGE = mmap.PAGESIZE
 CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
-PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -53,40 +43,31 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 @dataclass(frozen=True)
 class Options:
     dump_dir: Path = Path("/tmp")
-    socket_dir: Path | None = None
+    socket_dir: Path | None = None  # None: the parasite listens on an abstract socket
     socket_gid: int | None = None
     netns: bool = False
     proc_mem: bool = False
     rss_file: bool = False
     allow_async_io: bool = False
-    dump: DumpOptions = field(default_factory=DumpOptions)
+    coding: Coding = field(default_factory=Coding)
 
 
-@dataclass
-class Report:
-    """Figures for the log lines."""
+class Cancel:
+    """Asks a checkpoint under way to roll back and let its target run on; usable from any thread."""
 
-    threads: int = 0
-    vmas: int = 0
-    pages: int = 0
-    setup_ms: float = 0.0  # seize, inject, scan: frozen time before the first page moves
-    download_ms: float = 0.0
-    upload_ms: float = 0.0
-    release_ms: float = 0.0  # parasite out, threads let go: frozen time after the last page
-    rss_before: dict[str, int] = field(default_factory=dict)
-    rss_after: dict[str, int] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._event = threading.Event()
 
+    def cancel(self) -> None:
+        self._event.set()
 
-RSS_KEYS = ("VmRSS", "RssAnon", "RssFile")
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
 
 
 def _rss(status: dict[str, str]) -> dict[str, int]:
     return {key: memory_kb(status, key) for key in RSS_KEYS}
-
-
-@cache
-def _zero_pfn() -> int:
-    return scan.zero_pfn()
 
 
 def preflight(pid: int, options: Options) -> dict[str, str]:
@@ -94,17 +75,23 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
     status = procfs.check_target(pid)
     check_directory(options.dump_dir)
     if options.socket_dir is not None and not options.socket_dir.is_dir():
-        raise StorageError(f"parasite socket directory {options.socket_dir} is not an existing directory")
+        raise StorageError(
+            f"parasite socket directory {options.socket_dir} is not an existing directory",
+            path=str(options.socket_dir),
+            errno=errno.ENOENT,
+            what="socket-dir",
+        )
     if options.proc_mem and os.geteuid() != 0:
-        raise RightsError("-m/--proc-mem reads /proc/<pid>/mem directly and needs root")
+        raise RightsError("reading /proc/<pid>/mem directly needs root", pid=pid, what="proc-mem")
     procfs.require_page_monitor()
     arch.blobs()
     refuse_shared_memory(pid)
     if not options.allow_async_io and (writers := procfs.async_writers(pid)):
         raise TargetError(
             f"process {pid} has {' and '.join(writers)}: the kernel may write into its memory while it is "
-            "parked, and such a write would be lost. --allow-async-io parks it anyway, at your risk: "
-            "if a write lands while it is parked, memcr kills it rather than restore it wrong"
+            "parked, and such a write would be lost",
+            pid=pid,
+            what="async-io",
         )
     return status
 
@@ -117,191 +104,183 @@ def refuse_shared_memory(pid: int) -> None:
         raise TargetError(
             f"process {pid} shares its memory with process {others} (vfork or clone with CLONE_VM): "
             f"dropping its pages would take them from under the other. Park it once {others} has "
-            "called exec or exited"
+            "called exec or exited",
+            pid=pid,
         )
 
 
-class Session:
-    """One target from freeze to release."""
+def checkpoint(
+    pid: int, options: Options, log: Log, cancel: Cancel | None = None, progress: Progress | None = None
+) -> Parked:
+    """Freeze the target, dump and drop its private pages; it stays frozen, parked."""
+    with _descriptor_limit():
+        return _checkpoint(pid, options, log, cancel or Cancel(), progress)
+
+
+def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None) -> Parked:
+    page_size = arch.page_size()
+    report = Report(pid, page_size, rss_before=_rss(preflight(pid, options)))
+    # smaps walks every page table (~15 ms per GiB): read it while the
+    # target still runs; once frozen, it is confirmed before any drop
+    try:
+        before: list[Vma] | None = procfs.read_maps(pid)
+    except RightsError:
+        before = None  # the freeze names precisely which right is missing
+    codec.preload(options.coding)
+    with contextlib.ExitStack() as opened:  # closed again unless the freeze succeeds
+        reserve = Reserve()
+        opened.callback(reserve.close)
+        writer = open_writer(options.dump_dir, pid, page_size, options.coding)
+        opened.callback(writer.close)
+        pagemap = Pagemap(pid, page_size)
+        opened.callback(pagemap.close)
+        frozen_at = time.monotonic()
+        frozen = FrozenProcess.freeze(pid, arch.current())
+        opened.pop_all()
+    report.threads = len(frozen.tids)
+    log(f"seized {report.threads} threads of pid {pid}")
+    try:
+        refuse_shared_memory(pid)  # a vfork() may have come between the check and the freeze
+        parasite = Parasite.start(
+            frozen, arch.blobs(), SocketSpec(pid, options.socket_dir, options.socket_gid), options.netns, page_size
+        )
+    except BaseException as error:
+        pagemap.close()
+        writer.close()
+        let_go(frozen, reserve, error)
+        raise
+    log(f"parasite ready (tid {parasite.tid})")
+    stream = _Stream(frozen, parasite, writer, pagemap, options, report, log)
+    try:
+        plan, confirmed = stream.plan(before)
+        started = time.monotonic()
+        report.setup_ms = (started - frozen_at) * 1000
+        stream.run(plan, confirmed, cancel, progress)
+        report.download_ms = (time.monotonic() - started) * 1000
+        dump = writer.finish()
+    except BaseException as error:
+        parked = Parked(frozen, parasite, writer.abandon(), pagemap, stream.vmas, reserve, report, log)
+        parked.rollback(error)
+        raise
+    report.dump_path, report.dump_bytes = str(dump.path), dump.size
+    report.rss_after = _rss(procfs.read_status(pid))
+    return Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log)
+
+
+class _Stream:
+    """The pages of a frozen, infected target on their way into the dump file."""
 
     def __init__(
         self,
-        pid: int,
+        frozen: FrozenProcess,
+        parasite: Parasite,
+        writer: PlainWriter | FramedWriter,
+        pagemap: Pagemap,
         options: Options,
+        report: Report,
         log: Log,
-        abort: threading.Event | None = None,
-        progress: Progress | None = None,
-    ):
-        self.pid = pid
-        self.progress = progress
+    ) -> None:
+        self.frozen = frozen
+        self.parasite = parasite
+        self.writer = writer
+        self.pagemap = pagemap
         self.options = options
+        self.report = report
         self.log = log
-        self.abort = abort or threading.Event()
-        self.report = Report()
-        self.frozen: FrozenProcess | None = None
-        self.infection: Infection | None = None
-        self.channel: ParasiteChannel | None = None
-        self.dump: DumpFile | None = None
-        self.spec = SocketSpec(pid, options.socket_dir, options.socket_gid)
-        self._pagemap_fd: int | None = None  # None: the parasite reads the pagemap
-        self._vmas: list[Vma] = []  # the planned mappings, in address order: where each record goes back
-        self._starts: list[int] = []
-        self._reserve: list[int] = []  # descriptors to give up so that a rollback never lacks one
+        self.vmas: list[Vma] = []  # planned so far: where a rollback puts records back
 
-    # -- checkpoint ---------------------------------------------------------
-
-    def checkpoint(self) -> None:
-        """Freeze the target, dump and drop its private pages; it stays frozen."""
-        with _descriptor_limit():
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        status = preflight(self.pid, self.options)
-        self.report.rss_before = _rss(status)
-        # smaps walks every page table (~15 ms per GiB): read it while the
-        # target still runs; once frozen, it is confirmed before any drop
-        try:
-            vmas: list[Vma] | None = procfs.read_maps(self.pid)
-        except RightsError:
-            vmas = None  # the freeze names precisely which right is missing
-        codec.preload(self.options.dump)
-        self._reserve = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(RESERVE)]
-        frozen_at = time.monotonic()
-        try:
-            self.frozen = FrozenProcess.freeze(self.pid, arch.current())
-        except BaseException:
-            self._clean_up()
-            raise
-        self.report.threads = len(self.frozen.tids)
-        self.log(f"seized {self.report.threads} threads of pid {self.pid}")
-        try:
-            refuse_shared_memory(self.pid)  # a vfork() may have come between the check and the freeze
-            self.dump = DumpFile.create(self.options.dump_dir, self.pid, PAGE, self.options.dump)
-            self._start_parasite()
-            plan, confirmed = self._plan(vmas)
-            started = time.monotonic()
-            self.report.setup_ms = (started - frozen_at) * 1000
-            self._stream(plan, confirmed)
-            self.report.download_ms = (time.monotonic() - started) * 1000
-        except BaseException as e:
-            self._fail(e)
-            raise
-        self.report.rss_after = _rss(procfs.read_status(self.pid))
-
-    def _start_parasite(self) -> None:
-        assert self.frozen is not None
-        self.infection = Infection(self.frozen, arch.blobs())
-        nonces = Nonces.fresh()
-        self.spec.remove_stale()
-        tid = self.infection.inject(pack_args(self.spec, nonces))
-        self.channel = ParasiteChannel.connect(self.infection, self.spec, nonces, self.options.netns)
-        self.log(f"parasite ready (tid {tid})")
-
-    def _plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
+    def plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
         """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
-        assert self.infection is not None and self.channel is not None
-        exclude = self.infection.mapping
-        # kept open: checking the pages before a restore or a rollback must not need a new descriptor
-        self._pagemap_fd = procfs.open_pagemap(self.pid)
-        layout = procfs.read_maps(self.pid, flags=False)
+        pid, exclude = self.frozen.pid, self.parasite.mapping
+        layout = procfs.read_maps(pid, flags=False)
         # smaps read before the freeze: where no page was shared then, a fork since would only cost memory
         unshared = frozenset((v.start, v.end) for v in before or [] if not v.shared)
-        pages = scan.scan_pages(layout, self._read_pagemap, exclude, _zero_pfn(), self._pagemap_fd, unshared)
+        read = self.pagemap.reader(self.parasite)
+        pages = scan.scan_pages(layout, read, exclude, self.pagemap.zero_pfn, self.pagemap.fd, unshared)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
             plan = scan.build_plan(before, pages, exclude, self.options.rss_file)
-            confirmed = _in_background(lambda: scan.confirm(procfs.read_maps(self.pid), plan))
+            confirmed = _in_background(lambda: scan.confirm(procfs.read_maps(pid), plan))
         else:
             self.log("the memory map changed while freezing: reading it again")
-            now = procfs.read_maps(self.pid)
+            now = procfs.read_maps(pid)
             plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
             scan.confirm(now, plan)
-        self._vmas = plan.vmas
-        self._starts = [v.start for v in plan.vmas]
-        self.report.vmas = len(plan.vmas)
-        self.report.pages = plan.dump_bytes // PAGE
-        self.log(
-            f"{len(plan.vmas)} candidate VMAs, {self.report.pages} pages ({plan.dump_bytes / 2**20:.1f} MiB) to dump"
-        )
+        self.vmas = plan.vmas
+        r, page = self.report, self.pagemap.page_size
+        r.vmas, r.pages = len(plan.vmas), plan.dump_bytes // page
+        r.locked_vmas, r.shared_pages = plan.locked_vmas, plan.shared_pages
+        self.log(f"{r.vmas} candidate VMAs, {r.pages} pages ({plan.dump_bytes / 2**20:.1f} MiB) to dump")
         if plan.locked_vmas:
             self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")
         if plan.shared_pages:
             self.log(
-                f"{plan.shared_pages} pages ({plan.shared_pages * PAGE / 2**20:.1f} MiB) stay in memory: "
+                f"{plan.shared_pages} pages ({plan.shared_pages * page / 2**20:.1f} MiB) stay in memory: "
                 "other processes map them too (fork, KSM), so dropping them would free nothing"
             )
         return plan, confirmed
 
-    def _read_pagemap(self, addr: int, npages: int) -> bytes:
-        if self._pagemap_fd is None:
-            assert self.channel is not None
-            return self.channel.pagemap(addr, npages, PAGE)
-        return os.pread(self._pagemap_fd, npages * 8, addr // PAGE * 8)
-
-    def _stream(self, plan: Plan, confirmed: Future[None] | None) -> None:
-        assert self.channel is not None and self.dump is not None
+    def run(self, plan: Plan, confirmed: Future[None] | None, cancel: Cancel, progress: Progress | None) -> None:
+        writer, pid = self.writer, self.frozen.pid
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
         for extent in plan.dump:
-            if self.abort.is_set():
-                raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
-            record = self.dump.begin_pages(extent.start, extent.length)
-            if self.options.proc_mem or not extent.vma.prot & PROT_READ:
+            if cancel.cancelled:
+                raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
+            record = writer.begin_pages(extent.start, extent.length)
+            if self.options.proc_mem or not extent.vma.prot & mmap.PROT_READ:
                 self._copy_from_mem(record)
             else:
                 self._copy_from_parasite(record)
-            self.dump.end_pages(record)
+            writer.end_pages(record)
             # only pages whose bytes are in the file may go
-            written += self.dump.completed()
+            written += writer.completed()
             if confirmed is None or confirmed.done():
                 self._drop(written, confirmed)
             done += extent.length
-            if self.progress:
-                self.progress(done, total)
-        self.dump.flush()
-        self._drop(written + self.dump.completed(), confirmed)
+            if progress:
+                progress(done, total)
+        writer.flush()
+        self._drop(written + writer.completed(), confirmed)
         for extent in plan.drop_only:
-            self.channel.drop(extent.start, extent.length)
-        self.dump.finish()
+            self.parasite.drop(extent.start, extent.length)
 
     def _drop(self, written: list[Record], confirmed: Future[None] | None) -> None:
         """Drop the pages of records in the file, once the plan's VmFlags are confirmed."""
-        assert self.channel is not None
         if confirmed is not None:
             confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
         for record in written:
-            record.dropped = self.channel.drop(record.addr, record.length)
+            record.dropped = self.parasite.drop(record.addr, record.length)
         written.clear()
 
     def _copy_from_parasite(self, record: Record) -> None:
-        assert self.channel is not None and self.dump is not None
-        length = record.length
+        writer, parasite, length = self.writer, self.parasite, record.length
         # everything that may fail on its own (a pipe needs descriptors) before the pages are asked for:
-        # once they are, the channel is only usable again after every byte has been read
-        pipe = self.dump.pipe() if self.dump.codec is None else None
-        self.channel.request_pages(record.addr, length)
+        # once they are, the connection is only usable again after every byte has been read
+        pipe = writer.pipe() if isinstance(writer, PlainWriter) else None
+        parasite.request_pages(record.addr, length)
         if pipe:
-            self._splice_from_parasite(record, *pipe)
+            assert isinstance(writer, PlainWriter)
+            self._splice_from_parasite(writer, record, *pipe)
             return
         for offset in range(0, length, CHUNK):
-            piece = self.dump.buffer(min(CHUNK, length - offset))
-            self.channel.recv_into(piece)
+            piece = writer.buffer(min(CHUNK, length - offset))
+            parasite.recv_into(piece)
             try:
-                self.dump.write_payload(record, piece)
+                writer.write_payload(record, piece)
             except StorageError:
-                self.channel.discard(length - offset - len(piece))  # the channel must stay usable for the rollback
+                parasite.discard(length - offset - len(piece))  # the connection must stay usable for the rollback
                 raise
 
-    def _splice_from_parasite(self, record: Record, pipe: int, capacity: int) -> None:
-        assert self.channel is not None and self.dump is not None
+    def _splice_from_parasite(self, writer: PlainWriter, record: Record, pipe: int, capacity: int) -> None:
         moved = 0
         while moved < record.length:
-            n = self.channel.splice_into(pipe, min(capacity, record.length - moved))
+            n = self.parasite.splice_into(pipe, min(capacity, record.length - moved))
             moved += n
             try:
-                self.dump.write_piped(record, n)
+                writer.write_piped(record, n)
             except StorageError:
-                self.channel.discard(record.length - moved)  # the channel must stay usable for the rollback
+                self.parasite.discard(record.length - moved)  # the connection must stay usable for the rollback
                 raise
 
     def _copy_from_mem(self, record: Record) -> None:
@@ -310,176 +289,10 @@ class Session:
         The parasite could read a PROT_NONE or write a read-only mapping
         only after an mprotect, and mprotect leaves a trace (VM_ACCOUNT).
         """
-        assert self.frozen is not None and self.dump is not None
         for offset in range(0, record.length, CHUNK):
-            piece = self.dump.buffer(min(CHUNK, record.length - offset))
+            piece = self.writer.buffer(min(CHUNK, record.length - offset))
             piece[:] = self.frozen.read(record.addr + offset, len(piece))
-            self.dump.write_payload(record, piece)
-
-    # -- restore ------------------------------------------------------------
-
-    def restore(self) -> None:
-        """Put every dropped page back and let the target run on."""
-        assert self.dump is not None
-        if not self.dump.still_in_place():
-            self.log(
-                f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
-                "restoring from the copy memcr holds open"
-            )
-        started = time.monotonic()
-        try:
-            self._put_back()
-        except WrittenWhileParked as e:
-            self._kill()
-            raise TargetKilled(f"pid {self.pid} was killed: {e}") from e
-        except BaseException as e:
-            self._fail(e)
-            raise
-        self.report.upload_ms = (time.monotonic() - started) * 1000
-        self._release()
-
-    def _put_back(self) -> None:
-        """Write every dropped page back from the dump, checked before use."""
-        assert self.channel is not None and self.dump is not None and self.frozen is not None
-        records = self.dump.verified_records()
-        self._check_untouched(records)
-        for record in records:
-            if _containing(self._vmas, self._starts, record.addr).prot & PROT_WRITE:
-                if self.dump.codec:
-                    self.channel.store_chunks(record.addr, record.length, self.dump.plain_chunks(record))
-                else:
-                    self.channel.store_pages(record.addr, record.length, self.dump.fd, record.offset)
-                continue
-            at = record.addr
-            for chunk in self.dump.plain_chunks(record) if self.dump.codec else self.dump.plain_pieces(record):
-                self.frozen.write(at, chunk)
-                at += len(chunk)
-
-    def _check_untouched(self, records: list[Record]) -> None:
-        """Raise unless every dropped page is still empty, or was refilled with zeros.
-
-        A page written while parked (io_uring, Linux AIO, another process
-        writing this one's memory) holds bytes neither the dump nor the
-        writer alone can account for: restoring over it would lose the
-        write, keeping it would lose the rest of the page.
-        """
-        assert self.frozen is not None
-        written = []
-        for record in records:
-            anonymous = _containing(self._vmas, self._starts, record.addr).anonymous
-            found = scan.refilled(
-                record.addr, record.length, anonymous, self._read_pagemap, _zero_pfn(), self._pagemap_fd
-            )
-            # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
-            written += [addr for addr in found if self.frozen.read(addr, PAGE).count(0) != PAGE]
-        if written:
-            raise WrittenWhileParked(
-                f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
-                f"(first at {written[0]:#x}): by io_uring, Linux AIO or another process. "
-                "Neither the dump nor the new bytes alone make the page right"
-            )
-
-    # -- teardown -----------------------------------------------------------
-
-    def _release(self) -> None:
-        """End the parasite, remove every trace of memcr and let the target run."""
-        assert self.frozen is not None
-        releasing = time.monotonic()
-        ended = False
-        try:
-            if self.channel is not None:
-                self.channel.end()
-                ended = True
-        finally:
-            self._close_channel()
-        if self.infection is not None:
-            infection = self.infection
-            # a parasite that never got END will not exit by itself: stop it at once
-            infection.cure(lambda: parasite.open_fds(infection), timeout=2.0 if ended else 0.0)
-        self.frozen.release()
-        # the target runs from here: deleting a large dump is no longer its time
-        self.report.release_ms = (time.monotonic() - releasing) * 1000
-        self._clean_up()
-
-    def _fail(self, error: BaseException) -> None:
-        """Undo a failed operation: roll back, else kill the target."""
-        self._give_up_reserve()
-        if self.frozen is None:
-            self._clean_up()
-            return
-        if self.frozen.exiting() or not procfs.alive(self.pid):
-            # killed from outside, or it exited: nothing left to protect
-            self._close_channel()
-            self.frozen.reap()
-            self._clean_up()
-            raise TargetGone(f"pid {self.pid} ended while memcr was working on it (memcr did not kill it)") from error
-        dropped = self.dump is not None and any(r.dropped for r in self.dump.records)
-        try:
-            if dropped:
-                self._put_back()
-            self._release()
-        except BaseException as cleanup:
-            self._kill()
-            if dropped:
-                raise TargetKilled(
-                    f"pid {self.pid} was killed: its memory could not be put back ({cleanup}) after: {error}"
-                ) from error
-            raise TargetKilled(f"pid {self.pid} was killed: memcr could not release it ({cleanup})") from error
-
-    def forget(self) -> None:
-        """The target died while frozen: drop everything memcr held for it."""
-        self._close_channel()
-        if self.frozen is not None:
-            self.frozen.forget()
-        self._clean_up()
-
-    def _kill(self) -> None:
-        self._close_channel()
-        if self.frozen is not None:
-            try:
-                self.frozen.kill()
-            except PermissionError:
-                self._kill_from_inside()
-        self._clean_up()
-
-    def _kill_from_inside(self) -> None:
-        """Without CAP_KILL memcr may not signal another user's process, but the
-        process may signal itself: it runs kill(itself, SIGKILL) through the blob."""
-        assert self.frozen is not None
-        killer = self.infection or Infection(self.frozen, arch.blobs())
-        with contextlib.suppress(TargetGone):
-            killer.kill_from_inside(procfs.ns_pid(self.pid))
-
-    def _close_channel(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-
-    def _give_up_reserve(self) -> None:
-        for fd in self._reserve:
-            os.close(fd)
-        self._reserve = []
-
-    def _clean_up(self) -> None:
-        """Remove memcr's files and close every descriptor the session held."""
-        self._give_up_reserve()
-        if self._pagemap_fd is not None:
-            os.close(self._pagemap_fd)
-            self._pagemap_fd = None
-        if self.dump is not None:
-            self.dump.remove()
-        path = self.spec.path
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()
-
-    @property
-    def dump_path(self) -> Path | None:
-        return self.dump.path if self.dump else None
-
-
-RESERVE = 2  # descriptors a rollback may need: /proc reads
+            self.writer.write_payload(record, piece)
 
 
 @contextlib.contextmanager
@@ -493,8 +306,9 @@ def _descriptor_limit() -> Iterator[None]:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         which = "the system's" if e.errno == errno.ENFILE else f"memcr's (RLIMIT_NOFILE {soft}, hard {hard})"
         raise LimitError(
-            f"memcr ran out of file descriptors: {which} limit is reached; the target was left as it was. "
-            "Raise the limit (ulimit -n, LimitNOFILE=) or park fewer processes at once"
+            f"memcr ran out of file descriptors: {which} limit is reached; the target was left as it was",
+            errno=e.errno,
+            what="descriptors",
         ) from None
 
 
@@ -504,11 +318,3 @@ def _in_background(work: Callable[[], None]) -> Future[None]:
         return pool.submit(work)
     finally:
         pool.shutdown(wait=False)  # the thread ends with the work
-
-
-def _containing(vmas: list[Vma], starts: list[int], addr: int) -> Vma:
-    """The mapping that holds addr, by bisection: a process may have 65530 mappings."""
-    i = bisect.bisect_right(starts, addr) - 1
-    if i < 0 or addr >= vmas[i].end:
-        raise MemcrError(f"no planned mapping holds {addr:#x}")
-    return vmas[i]

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import grp
-import os
 import platform
 import select
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 
 import click
 
 from memcr import __version__, heap, service
-from memcr.checkpoint import Options, Session
-from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, DumpOptions, cipher_name, compressor_name
+from memcr.advice import explain
+from memcr.checkpoint import Cancel, Options, checkpoint
+from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
 from memcr.harden import harden, raise_descriptor_limit
+from memcr.report import rate
 
 
 def log(message: str) -> None:
@@ -99,6 +99,12 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     help="Park processes with io_uring or Linux AIO; one written while parked is killed.",
 )
 @click.option(
+    "--json",
+    "json_reports",
+    is_flag=True,
+    help='Also print a JSON line per checkpoint and restore: {"event": ..., figures} (in the log in service mode).',
+)
+@click.option(
     "--allow-tracer", is_flag=True, help="Debugging only: run even when a debugger or strace is attached to memcr."
 )
 @click.option(
@@ -114,7 +120,7 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
-            allow_async_io: bool, allow_tracer: bool) -> None:  # fmt: skip
+            allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
     harden(allow_tracer)
     raise_descriptor_limit()
@@ -144,44 +150,46 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
         proc_mem=proc_mem,
         rss_file=rss_file,
         allow_async_io=allow_async_io,
-        dump=DumpOptions(
+        coding=Coding(
             compress=compressor_name(compress) if compress else None,
             checksum=checksum,
             cipher=cipher_name(encrypt) if encrypt else None,
         ),
     )
     if listen is not None:
-        service.run(service.Address.parse(listen), options, log, listen_gid, timeout)
-    else:
-        assert pid is not None
-        interactive(pid, options, wait=not no_wait)
+        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports)
+    elif pid is not None:
+        interactive(pid, options, wait=not no_wait, json_reports=json_reports)
 
 
-def interactive(pid: int, options: Options, wait: bool) -> None:
-    abort = threading.Event()
+def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> None:
+    cancel = Cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: abort.set())
+        signal.signal(sig, lambda *_: cancel.cancel())
     bar = ProgressBar() if sys.stdout.isatty() else None
     heap.tune()
-    session = Session(pid, options, log, abort, bar)
     try:
-        session.checkpoint()
+        parked = checkpoint(pid, options, log, cancel, bar)
     finally:
         if bar:
             bar.close()
-    r = session.report
+    r = parked.report
     log(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
-    log(f"download took {r.download_ms:.0f} ms ({_rate(r.pages, r.download_ms)} MiB/s)")
+    log(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
     before, after = r.rss_before, r.rss_after
     log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
-    log(f"dump {session.dump_path} ({session.dump.size if session.dump else 0} bytes)")
+    log(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
+    if json_reports:
+        click.echo(r.json("checkpoint"))
     if wait:
         log(f"pid {pid} checkpointed, press enter to restore")
-        _wait_for_enter(abort)
-    session.restore()
-    log(f"upload took {r.upload_ms:.0f} ms ({_rate(r.pages, r.upload_ms)} MiB/s)")
+        _wait_for_enter(cancel)
+    parked.restore()
+    log(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
     log(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
     log(f"pid {pid} restored")
+    if json_reports:
+        click.echo(r.json("restore"))
 
 
 class ProgressBar:
@@ -207,13 +215,9 @@ class ProgressBar:
             self._bar.__exit__(None, None, None)
 
 
-def _rate(pages: int, ms: float) -> str:
-    return f"{pages * os.sysconf('SC_PAGE_SIZE') / 2**20 / max(ms / 1000, 1e-6):.0f}"
-
-
-def _wait_for_enter(abort: threading.Event) -> None:
+def _wait_for_enter(cancel: Cancel) -> None:
     """Return on a line (or end) of stdin, or on SIGINT/SIGTERM."""
-    while not abort.is_set():
+    while not cancel.cancelled:
         ready, _, _ = select.select([sys.stdin], [], [], 0.2)
         if ready:
             sys.stdin.readline()
@@ -253,7 +257,7 @@ def main() -> None:
     except click.Abort:
         sys.exit(1)
     except MemcrError as e:
-        click.echo(f"memcr: error: {e}", err=True)
+        click.echo(f"memcr: error: {explain(e)}", err=True)
         sys.exit(e.exit_code)
     except Exception as e:
         traceback.print_exc()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -51,7 +52,9 @@ def cipher_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class DumpOptions:
+class Coding:
+    """How a dump's pages are stored: compressed, checksummed, encrypted (each optional)."""
+
     compress: str | None = None
     checksum: bool = False
     cipher: str | None = None
@@ -70,16 +73,16 @@ class DumpOptions:
         )
 
 
-def preload(options: DumpOptions) -> None:
+def preload(coding: Coding) -> None:
     """Import the libraries these options code with: ~25 ms for all of them, too long to keep a target frozen."""
     import importlib
 
     modules = {
-        "lz4.block": options.compress == "lz4",
-        "zstandard": options.compress == "zstd",
-        "cryptography.hazmat.primitives.ciphers.aead": bool(options.cipher),
-        "hmac": bool(options.cipher),
-        "hashlib": options.checksum,
+        "lz4.block": coding.compress == "lz4",
+        "zstandard": coding.compress == "zstd",
+        "cryptography.hazmat.primitives.ciphers.aead": bool(coding.cipher),
+        "hmac": bool(coding.cipher),
+        "hashlib": coding.checksum,
     }
     for name, needed in modules.items():
         if needed:
@@ -205,18 +208,31 @@ def _same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def coding_pool(codec: FrameCodec, encoding: bool) -> ThreadPoolExecutor:
+    """Threads for coding frames: the codecs release the GIL, so frames are coded on other cores.
+
+    Moving the bytes takes about one core (memcr's thread and the parasite,
+    mostly in the kernel). Coding that is faster leaves it that core: a
+    thread more would only slow the transfer down. Slower coding takes
+    every core.
+    """
+    cores = len(os.sched_getaffinity(0))
+    workers = cores if codec.slower_than_transfer(encoding) else max(1, cores - 1)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcr-codec")
+
+
 class FrameCodec:
     """Turns plain chunks into frames and back, for one dump."""
 
-    def __init__(self, options: DumpOptions, pid: int) -> None:
-        self.options = options
+    def __init__(self, coding: Coding, pid: int) -> None:
+        self.coding = coding
         self.pid = pid
         # binds frames to this dump: the same process may dump the same pid again
         self._dump_id = os.urandom(8)
-        self._compressor = {"lz4": _Lz4, "zstd": _Zstd}[options.compress]() if options.compress else None
+        self._compressor = {"lz4": _Lz4, "zstd": _Zstd}[coding.compress]() if coding.compress else None
         self._sealer = None
-        if options.cipher:
-            self._sealer = _Gcm(options.cipher) if options.cipher.endswith("gcm") else _CbcHmac(options.cipher)
+        if coding.cipher:
+            self._sealer = _Gcm(coding.cipher) if coding.cipher.endswith("gcm") else _CbcHmac(coding.cipher)
 
     def _aad(self, addr: int, plain_len: int, flags: int) -> bytes:
         return self._dump_id + AAD.pack(self.pid, addr, plain_len, flags)
@@ -227,13 +243,13 @@ class FrameCodec:
         MD5, zstd compression and AES-CBC encryption run at about 0.5 GiB/s
         a core; lz4, AES-GCM and every decompression at 0.8 to 3 GiB/s.
         """
-        if self.options.checksum:
+        if self.coding.checksum:
             return True
-        return encoding and (self.options.compress == "zstd" or isinstance(self._sealer, _CbcHmac))
+        return encoding and (self.coding.compress == "zstd" or isinstance(self._sealer, _CbcHmac))
 
     @property
     def digest_len(self) -> int:
-        return DIGEST_LEN if self.options.checksum else 0
+        return DIGEST_LEN if self.coding.checksum else 0
 
     def encode(self, plain: memoryview, addr: int) -> list[bytes | memoryview]:
         """The pieces of one frame: header (with digest) and stored bytes."""
@@ -248,7 +264,7 @@ class FrameCodec:
             flags |= F_ENCRYPTED
             pieces = self._sealer.seal(data, self._aad(addr, len(plain), flags))  # type: ignore[assignment]
         header = FRAME.pack(len(plain), sum(map(len, pieces)), flags, 0)
-        if self.options.checksum:
+        if self.coding.checksum:
             header += _md5(self._aad(addr, len(plain), flags), header, *pieces)
         return [header, *pieces]
 
@@ -275,7 +291,7 @@ class FrameCodec:
     def decode(self, raw_header: bytes, stored: bytes, addr: int) -> bytes | memoryview:
         """Check and unpack one frame; nothing unchecked gets out."""
         plain_len, _, flags = self.parse_header(raw_header)
-        if self.options.checksum:
+        if self.coding.checksum:
             header, digest = raw_header[: FRAME.size], raw_header[FRAME.size :]
             if _md5(self._aad(addr, plain_len, flags), header, stored) != digest:
                 raise DumpError("a frame of the dump fails its MD5 checksum: the dump is corrupt")

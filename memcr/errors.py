@@ -4,9 +4,28 @@ from __future__ import annotations
 
 
 class MemcrError(Exception):
-    """Base of every failure memcr reports; the message names the problem and the fix."""
+    """Base of every failure memcr reports; the message names the problem and the fix.
+
+    The fields say what it concerns (None: not known or not relevant), so
+    that callers decide without parsing the message.
+    """
 
     exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        path: str | None = None,
+        errno: int | None = None,
+        what: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.path = path
+        self.errno = errno
+        self.what = what  # a short key for what went wrong, where callers act on it (memcr.advice)
 
 
 class UsageError(MemcrError):

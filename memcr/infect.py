@@ -1,8 +1,8 @@
-"""Infection as a library: put the parasite thread into a frozen process and take it out.
+"""Infection as a library: run system calls in a frozen process, start a blob as a thread in it, take it out.
 
 What the parasite does once it runs is memcr.parasite's business; this
-module only maps it, starts it as a thread and, at the end, waits for it to
-exit and removes every trace of it (the compel split).
+module only maps a blob, starts it as a thread and, at the end, waits for
+it to exit and removes every trace of it (the compel split).
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import mmap
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from memcr import procfs
-from memcr.arch import Blobs
+from memcr import ptrace_calls as pt
+from memcr.arch import Blobs, word_mask
 from memcr.errors import MemcrError, ParasiteError, TargetError, TargetGone
-from memcr.tracer import ALL_SIGNALS, OPTIONS, PTRACE_O_TRACECLONE, FrozenProcess
+from memcr.tracer import OPTIONS, FrozenProcess
 
-PAGE = mmap.PAGESIZE
 STACK_SIZE = 64 * 1024
 CLONE_FLAGS = (
     0x00000100  # CLONE_VM
@@ -32,10 +31,7 @@ CLONE_FLAGS = (
 )
 PROT_RWX = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
 MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-
-
-def _page_up(size: int) -> int:
-    return (size + PAGE - 1) & ~(PAGE - 1)
+ALL_SIGNALS = (1 << 8 * pt.SIGSET_SIZE) - 1
 
 
 def injection_site(pid: int) -> int:
@@ -49,26 +45,19 @@ def injection_site(pid: int) -> int:
     for vma in procfs.read_maps(pid, flags=False):
         if vma.private and vma.perms[2] == "x" and vma.path not in procfs.SPECIAL:
             return vma.start
-    raise TargetError(f"process {pid} has no private executable mapping to run memcr's system calls from")
+    raise TargetError(f"process {pid} has no private executable mapping to run memcr's system calls from", pid=pid)
 
 
-@dataclass
-class Infection:
-    """The parasite's mapping and thread inside a FrozenProcess."""
+class Injector:
+    """Runs single system calls in a frozen process through the syscall blob."""
 
-    frozen: FrozenProcess
-    blobs: Blobs
-    base: int = 0
-    size: int = 0
-    tid: int = 0
-    site: int = 0  # where the syscall blob goes: the start of a private executable mapping
-    _sigmask: int | None = None
-
-    def __post_init__(self) -> None:
-        self.site = injection_site(self.frozen.pid)
+    def __init__(self, frozen: FrozenProcess, blobs: Blobs) -> None:
+        self.frozen = frozen
+        self.blobs = blobs
+        self.site = injection_site(frozen.pid)
 
     def syscall(self, nr: int, *args: int) -> int:
-        """Run one system call in the target through the syscall blob."""
+        """Run one system call on the leader; its result (-errno on failure)."""
         f, tid, at = self.frozen, self.frozen.leader, self.site
         regs = f.get_regs(tid)
         code = self.blobs.syscall
@@ -80,71 +69,103 @@ class Infection:
             self._put_code_back(at, original)
         return f.arch.syscall_result(done)
 
-    def kill_from_inside(self, ns_pid: int) -> None:
-        """Make the process SIGKILL itself (memcr may lack the right to signal it)."""
-        f, tid, at = self.frozen, self.frozen.leader, self.site
-        regs = f.get_regs(tid)
+    def kill_process(self, ns_pid: int) -> None:
+        """Make the process SIGKILL itself (memcr may lack the right to signal it) and collect it."""
+        f, at = self.frozen, self.site
+        regs = f.get_regs(f.leader)
         f.write(at, self.blobs.syscall)  # never put back: the process is about to die
-        f.kill_from_inside(f.arch.prepare_syscall(regs, at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL)))
+        f.run_to_death(f.arch.prepare_syscall(regs, at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL)))
 
     def _put_code_back(self, at: int, original: bytes) -> None:
         try:
             self.frozen.write(at, original)
         except (OSError, TargetGone):
             if procfs.alive(self.frozen.pid):
-                raise MemcrError(f"could not restore the code of process {self.frozen.pid} at {at:#x}") from None
+                raise MemcrError(
+                    f"could not restore the code of process {self.frozen.pid} at {at:#x}", pid=self.frozen.pid
+                ) from None
             # the target died: the error that killed it is the one to report
+
+
+class Infection:
+    """A blob mapped into a frozen process and running there as a traced thread.
+
+    The leader's signal mask is all-blocked while it exists, so the thread
+    inherits a mask under which no handler of the target runs.
+    """
+
+    def __init__(self, injector: Injector, base: int, size: int, sigmask: int) -> None:
+        self.injector = injector
+        self.frozen = injector.frozen
+        self.base = base
+        self.size = size
+        self._sigmask = sigmask  # the leader's own
+        self.tid = 0  # the thread, once started; 0 again once it has exited
+
+    @classmethod
+    def map(cls, injector: Injector, page_size: int) -> Infection:
+        """Map the blob (code, bss and a stack) into the process; the thread is not started yet."""
+        f, blobs = injector.frozen, injector.blobs
+        sigmask = f.get_sigmask(f.leader)
+        f.set_sigmask(f.leader, ALL_SIGNALS)
+        try:
+            code_size = -(-blobs.offsets["parasite_end"] // page_size) * page_size
+            size = code_size + STACK_SIZE
+            base = injector.syscall(f.arch.SYS_MMAP, 0, size, PROT_RWX, MAP_PRIVATE_ANON, word_mask(f.arch), 0)
+            if base < 0:
+                raise ParasiteError(f"could not map the parasite in process {f.pid}: {os.strerror(-base)}", pid=f.pid)
+            f.write(base, blobs.parasite)
+        except BaseException:
+            f.set_sigmask(f.leader, sigmask)
+            raise
+        return cls(injector, base, size, sigmask)
 
     @property
     def mapping(self) -> tuple[int, int]:
         return self.base, self.base + self.size
 
-    def inject(self, args: bytes) -> int:
-        """Map the parasite with `args` in place, start its thread, return its tid."""
+    def _args_at(self) -> int:
+        return self.base + self.injector.blobs.offsets["parasite_args"]
+
+    def write_args(self, args: bytes) -> None:
+        self.frozen.write(self._args_at(), args)
+
+    def read_args(self, size: int) -> bytes:
+        return self.frozen.read(self._args_at(), size)
+
+    def start(self) -> int:
+        """Start the blob's thread at its clone trampoline; its tid."""
         f, tid = self.frozen, self.frozen.leader
-        self._sigmask = f.get_sigmask(tid)
-        # the parasite inherits this mask: no signal handler of the target may run on it
-        f.set_sigmask(tid, ALL_SIGNALS)
-        code_size = _page_up(self.blobs.offsets["parasite_end"])
-        size = code_size + STACK_SIZE
-        base = self.syscall(f.arch.SYS_MMAP, 0, size, PROT_RWX, MAP_PRIVATE_ANON, 2**64 - 1, 0)
-        if base < 0:
-            raise ParasiteError(f"could not map the parasite in process {f.pid}: {os.strerror(-base)}")
-        self.base, self.size = base, size
-        f.write(base, self.blobs.parasite)
-        f.write(base + self.blobs.offsets["parasite_args"], args)
         regs = f.get_regs(tid)
         call = f.arch.prepare_syscall(
             regs,
-            base + self.blobs.offsets["clone_trampoline"],
+            self.base + self.injector.blobs.offsets["clone_trampoline"],
             f.arch.SYS_CLONE,
-            (CLONE_FLAGS, base + size, 0, 0, 0),
+            (CLONE_FLAGS, self.base + self.size, 0, 0, 0),
         )
         # traced from birth: a group stop must not hold it (see FrozenProcess.keep_running)
-        f.set_options(tid, OPTIONS | PTRACE_O_TRACECLONE)
+        f.set_options(tid, OPTIONS | pt.O_TRACECLONE)
         try:
             done, child = f.run_syscall(tid, call)
         finally:
             f.set_options(tid, OPTIONS)
         result = f.arch.syscall_result(done)
         if result <= 0 or not child:
-            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-result)}")
+            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-result)}", pid=f.pid)
         self.tid = child
-        f.helpers.append(child)  # killed and reaped with the others if it comes to that
-        return self.tid
-
-    def read_args(self, size: int) -> bytes:
-        return self.frozen.read(self.base + self.blobs.offsets["parasite_args"], size)
+        f.helpers.append(child)  # killed and collected with the others if it comes to that
+        return child
 
     def keep_running(self) -> bool:
-        """Let the parasite go on if it stopped; False once it has exited."""
-        return self.frozen.keep_running(self.tid)
+        """Let the thread go on if a stop caught it; False once it has exited."""
+        return bool(self.tid) and self.frozen.keep_running(self.tid)
 
-    def cure(self, open_fds: Callable[[], Iterable[int]], timeout: float = 2.0) -> None:
-        """Make sure the parasite thread is gone, unmap it, restore the signal mask.
+    def cure(self, timeout: float, open_fds: Iterable[int]) -> None:
+        """Wait up to `timeout` for the thread to exit, unmap the blob, restore the signal mask.
 
-        `open_fds` tells which descriptors a parasite that must be stopped
-        by force still holds (the parasite's protocol knows, not this module).
+        A thread still running then is made to close `open_fds` (its
+        descriptors belong to the whole process: left open, a listening
+        socket would outlive it and block every later checkpoint) and exit.
         """
         f = self.frozen
         if self.tid:
@@ -154,33 +175,23 @@ class Infection:
             if running:
                 self._force_exit(open_fds)
             self.tid = 0
-        if self.base:
-            result = self.syscall(f.arch.SYS_MUNMAP, self.base, self.size)
-            if result < 0:
-                raise MemcrError(f"could not unmap the parasite: {os.strerror(-result)}")
-            self.base = self.size = 0
-        if self._sigmask is not None:
-            f.set_sigmask(f.leader, self._sigmask)
-            self._sigmask = None
+        result = self.injector.syscall(f.arch.SYS_MUNMAP, self.base, self.size)
+        if result < 0:
+            raise MemcrError(f"could not unmap the parasite: {os.strerror(-result)}", pid=f.pid)
+        f.set_sigmask(f.leader, self._sigmask)
 
-    def _force_exit(self, open_fds: Callable[[], Iterable[int]]) -> None:
-        """Stop a parasite that cannot be told to end: trace it, close its fds, make it exit.
-
-        Its descriptors belong to the whole process (CLONE_FILES): left open,
-        a listening socket would outlive the thread and block every later
-        checkpoint of this target.
-        """
-        f = self.frozen
-        if not f.interrupt(self.tid):
+    def _force_exit(self, open_fds: Iterable[int]) -> None:
+        f, tid = self.frozen, self.tid
+        if not f.interrupt(tid):
             return  # it exited meanwhile
-        # the parasite's own code page is ours to overwrite
-        f.write(self.base, self.blobs.syscall)
-        regs = f.get_regs(self.tid)
-        for fd in open_fds():
+        # the blob's own code page is ours to overwrite
+        f.write(self.base, self.injector.blobs.syscall)
+        regs = f.get_regs(tid)
+        for fd in open_fds:
             if fd >= 0:
-                f.run_syscall(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,)))
-        f.set_regs(self.tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
-        f.cont(self.tid)
-        if not f.wait(self.tid).exited:
-            raise ParasiteError(f"the parasite in process {f.pid} would not exit")
-        f.helpers.remove(self.tid)
+                f.run_syscall(tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,)))
+        f.set_regs(tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
+        f.cont(tid)
+        if not f.wait(tid).exited:
+            raise ParasiteError(f"the parasite in process {f.pid} would not exit", pid=f.pid)
+        f.helpers.remove(tid)

@@ -1,11 +1,15 @@
 """The parasite driver: its start-up arguments, its socket and its commands.
 
-The numbers mirror parasite/protocol.h; parasite/README.md documents the
-protocol and tests/test_protocol.py checks that both sides agree.
+`Parasite` is the handle (compel's parasite_ctl): it infects a frozen
+process (memcr.infect), connects to the parasite, exposes its commands and
+cures the process again. The numbers mirror parasite/protocol.h;
+parasite/README.md documents the protocol and tests/test_protocol.py
+checks that both sides agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -16,8 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from memcr.arch import Blobs
 from memcr.errors import ParasiteError, RightsError
-from memcr.infect import Infection
+from memcr.infect import Infection, Injector
+from memcr.tracer import FrozenProcess
 
 ARGS_MAGIC = 0x4D435031
 STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
@@ -25,10 +31,11 @@ STEP_NAMES = {1: "create", 2: "bind", 3: "set the owner and mode of", 4: "listen
 NONCE_LEN = 16
 SUN_PATH_LEN = 108
 PAGEMAP_MAX = 65536
+PAGEMAP_ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
 
 OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END = 1, 2, 3, 4, 5
 
-ARGS = struct.Struct(f"<IiiiIIiiii{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
+ARGS = struct.Struct(f"<IiiiIIiiiiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
 ARGS_STATUS = struct.Struct("<Iiii")
 ARGS_FDS = struct.Struct("<28xiii")  # listen_fd, conn_fd, pagemap_fd
 CMD = struct.Struct("<IIQQ")
@@ -65,7 +72,8 @@ class SocketSpec:
         """A socket file left by a parasite that was killed would block bind()."""
         path = self.path
         if path and path.is_socket():
-            path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class Nonces:
         return cls(os.urandom(NONCE_LEN), os.urandom(NONCE_LEN))
 
 
-def pack_args(spec: SocketSpec, nonces: Nonces) -> bytes:
+def pack_args(spec: SocketSpec, nonces: Nonces, page_size: int) -> bytes:
     address = spec.address
     if len(address) >= SUN_PATH_LEN:
         raise ParasiteError(f"socket path too long for a UNIX socket: {spec.display}")
@@ -87,14 +95,9 @@ def pack_args(spec: SocketSpec, nonces: Nonces) -> bytes:
     gid = spec.gid if spec.gid is not None else -1
     addrlen = 2 + len(address) + (1 if named else 0)
     return ARGS.pack(
-        ARGS_MAGIC, STATUS_STARTING, 0, 0, addrlen, mode, gid, -1, -1, -1,
+        ARGS_MAGIC, STATUS_STARTING, 0, 0, addrlen, mode, gid, -1, -1, -1, page_size,
         nonces.to_parasite, nonces.from_parasite, socket.AF_UNIX, address,
     )  # fmt: skip
-
-
-def open_fds(infection: Infection) -> tuple[int, ...]:
-    """The descriptors the parasite has open in the target (-1: none)."""
-    return ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size))
 
 
 def _netns_socket(pid: int) -> socket.socket:
@@ -130,63 +133,169 @@ def _netns_socket(pid: int) -> socket.socket:
     return result[0]
 
 
-class ParasiteChannel:
-    """The authenticated connection to a running parasite.
+class Uncured(ParasiteError):
+    """The parasite could not be taken out again: the target must not run on."""
+
+
+class Parasite:
+    """The parasite running in a frozen process, connected and authenticated.
 
     Every call that waits on the parasite wakes up every STALL seconds to
-    let the parasite go on if a group stop caught it (Infection.keep_running),
-    and gives up after IO_TIMEOUT seconds without progress.
+    let the parasite go on if a group stop caught it, and gives up after
+    IO_TIMEOUT seconds without progress. Leaving a `with` block cures the
+    process: the thread ends, its mapping and signal mask are undone.
     """
 
-    def __init__(self, sock: socket.socket, infection: Infection) -> None:
-        self.sock = sock
+    def __init__(self, infection: Infection, sock: socket.socket, spec: SocketSpec) -> None:
         self.infection = infection
-        self.broken = False
+        self.sock = sock
+        self.spec = spec
+        self.broken = False  # a transfer stopped midway: nothing more may be sent
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
         self._progress = time.monotonic()
 
     @classmethod
-    def connect(cls, infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool = False) -> ParasiteChannel:
-        deadline = time.monotonic() + CONNECT_TIMEOUT
-        while True:
-            _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
-            if status == STATUS_FAILED:
-                raise ParasiteError(
-                    f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket "
-                    f"{spec.display}: {os.strerror(err)}"
-                )
-            if status == STATUS_LISTENING:
-                break
-            if not infection.keep_running() or time.monotonic() > deadline:
-                raise ParasiteError("the parasite did not start listening on its socket")
-            time.sleep(0.0002)
-        sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def start(cls, frozen: FrozenProcess, blobs: Blobs, spec: SocketSpec, netns: bool, page_size: int) -> Parasite:
+        """Infect `frozen` and connect; on failure the process is cured again (or Uncured is raised)."""
+        injector = Injector(frozen, blobs)
+        spec.remove_stale()
+        infection = Infection.map(injector, page_size)
+        nonces = Nonces.fresh()
         try:
-            # kernel time-outs keep the socket blocking: a Python time-out
-            # would poll before every call and halve the throughput
-            timeval = struct.pack("@ll", 0, int(STALL * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            infection.write_args(pack_args(spec, nonces, page_size))
+            infection.start()
+            sock = _connect(infection, spec, nonces, netns)
+        except BaseException as error:
             try:
-                sock.connect(spec.address)
-            except PermissionError:
-                raise RightsError(f"permission denied connecting to the parasite socket {spec.display}") from None
-            except OSError as e:
-                raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
-            channel = cls(sock, infection)
-            channel._send_all(memoryview(nonces.to_parasite))
-            proof = bytearray(NONCE_LEN)
-            channel.recv_into(memoryview(proof))
-            if bytes(proof) != nonces.from_parasite:
-                raise ParasiteError(f"{spec.display} is not our parasite (wrong proof)")
-        except BaseException:
-            sock.close()
+                infection.cure(0.0, _open_fds(infection))
+            except BaseException as cleanup:
+                raise Uncured(f"{error}; then the parasite could not be removed: {cleanup}", pid=frozen.pid) from error
+            finally:
+                spec.remove_stale()
             raise
-        return channel
+        return cls(infection, sock, spec)
 
-    def close(self) -> None:
+    def __enter__(self) -> Parasite:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.cure()
+
+    @property
+    def tid(self) -> int:
+        return self.infection.tid
+
+    @property
+    def mapping(self) -> tuple[int, int]:
+        return self.infection.mapping
+
+    def cure(self) -> None:
+        """End the parasite and remove every trace of it; a parasite that does not answer is stopped by force."""
+        ended = False
+        if not self.broken:
+            try:
+                self._call("end", OP_END)
+                ended = True
+            except ParasiteError:
+                pass  # stopped by force below
         self.sock.close()
+        try:
+            self.infection.cure(2.0 if ended else 0.0, _open_fds(self.infection))
+        finally:
+            self.spec.remove_stale()  # left by a parasite stopped by force
+
+    def disconnect(self) -> None:
+        """The target died or is about to be killed: close the connection, remove the socket file."""
+        self.sock.close()
+        self.spec.remove_stale()
+
+    # -- commands -----------------------------------------------------------
+
+    def drop(self, addr: int, length: int) -> bool:
+        """madvise(MADV_DONTNEED); False where the kernel refuses (locked pages)."""
+        self._send(OP_DROP, addr, length)
+        return self._result() == 0
+
+    def request_pages(self, addr: int, length: int) -> None:
+        """Ask for `length` bytes at addr; the caller takes them with recv_into or splice_into."""
+        self._send(OP_SEND, addr, length)
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill `view` completely from the parasite."""
+        got, total = 0, len(view)
+        while got < total:
+            n = self._io(lambda got=got: self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL))
+            if n == 0:
+                raise ParasiteError("the parasite closed its connection unexpectedly")
+            got += n
+
+    def splice_into(self, pipe: int, length: int) -> int:
+        """Move up to `length` requested bytes into a pipe, without copying them into this process."""
+        n = self._io(lambda: os.splice(self.sock.fileno(), pipe, length))
+        if n == 0:
+            raise ParasiteError("the parasite closed its connection unexpectedly")
+        return n
+
+    def discard(self, length: int) -> None:
+        """Read and forget `length` requested bytes, so that the next reply can be read."""
+        scratch = memoryview(bytearray(min(length, DISCARD_PIECE)))
+        while length:
+            piece = scratch[: min(length, len(scratch))]
+            self.recv_into(piece)
+            length -= len(piece)
+
+    def pagemap(self, addr: int, npages: int, page_size: int) -> bytes:
+        """The target's pagemap entries, read by the parasite from /proc/self/pagemap."""
+        out = bytearray()
+        per_call = PAGEMAP_MAX // PAGEMAP_ENTRY
+        for first in range(0, npages, per_call):
+            count = min(per_call, npages - first)
+            got = self._call("pagemap", OP_PAGEMAP, addr + first * page_size, count * PAGEMAP_ENTRY)
+            chunk = bytearray(got)
+            self.recv_into(memoryview(chunk))
+            out += chunk
+        return bytes(out)
+
+    def store_file(self, addr: int, length: int, fd: int, offset: int) -> None:
+        """Send `length` bytes of file `fd` at `offset` into the target at addr."""
+
+        def push() -> None:
+            sent, out = 0, self.sock.fileno()
+            while sent < length:
+                n = self._io(lambda sent=sent: os.sendfile(out, fd, offset + sent, length - sent))
+                if n == 0:
+                    raise ParasiteError("the dump file ended early")
+                sent += n
+
+        self._store(addr, length, push)
+
+    def store_chunks(self, addr: int, length: int, chunks: Iterator[bytes | memoryview]) -> None:
+        """Send `length` bytes, produced chunk by chunk, into the target at addr."""
+
+        def push() -> None:
+            for chunk in chunks:
+                self._send_all(memoryview(chunk))
+
+        self._store(addr, length, push)
+
+    # -- transport ----------------------------------------------------------
+
+    def _store(self, addr: int, length: int, push: Callable[[], None]) -> None:
+        self._send(OP_RECV, addr, length)
+        try:
+            push()
+        except BaseException as e:
+            # the parasite now waits for bytes that will never come: nothing
+            # else may be sent on this connection, or it would become page data
+            self.broken = True
+            self.sock.close()
+            if isinstance(e, OSError):
+                raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+            raise
+        result = self._result()
+        if result < 0:
+            raise ParasiteError(f"storing pages at {addr:#x} failed: {os.strerror(-result)}")
 
     def _moved(self, n: int) -> int:
         if n:
@@ -210,34 +319,10 @@ class ParasiteChannel:
             except ConnectionError as e:
                 raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
 
-    def recv_into(self, view: memoryview) -> None:
-        """Fill `view` completely from the parasite."""
-        got, total = 0, len(view)
-        while got < total:
-            n = self._io(lambda got=got: self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL))
-            if n == 0:
-                raise ParasiteError("the parasite closed its connection unexpectedly")
-            got += n
-
     def _send_all(self, view: memoryview) -> None:
         sent = 0
         while sent < len(view):
             sent += self._io(lambda sent=sent: self.sock.send(view[sent:]))
-
-    def splice_into(self, pipe: int, length: int) -> int:
-        """Move up to `length` requested bytes into a pipe, without copying them into this process."""
-        n = self._io(lambda: os.splice(self.sock.fileno(), pipe, length))
-        if n == 0:
-            raise ParasiteError("the parasite closed its connection unexpectedly")
-        return n
-
-    def discard(self, length: int) -> None:
-        """Read and forget `length` requested bytes, so that the next reply can be read."""
-        scratch = memoryview(bytearray(min(length, DISCARD_PIECE)))
-        while length:
-            piece = scratch[: min(length, len(scratch))]
-            self.recv_into(piece)
-            length -= len(piece)
 
     def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
         if self.broken:
@@ -250,7 +335,7 @@ class ParasiteChannel:
 
     def _result(self) -> int:
         self.recv_into(memoryview(self._reply))
-        return REPLY.unpack(self._reply)[0]
+        return int(REPLY.unpack(self._reply)[0])
 
     def _call(self, what: str, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> int:
         self._send(op, addr, length, arg)
@@ -259,64 +344,48 @@ class ParasiteChannel:
             raise ParasiteError(f"{what} {addr:#x}+{length:#x} failed in the target: {os.strerror(-result)}")
         return result
 
-    def drop(self, addr: int, length: int) -> bool:
-        """madvise(MADV_DONTNEED); False where the kernel refuses (locked pages)."""
-        self._send(OP_DROP, addr, length)
-        return self._result() == 0
 
-    def request_pages(self, addr: int, length: int) -> None:
-        """Ask for `length` bytes at addr; the caller reads them with recv_into."""
-        self._send(OP_SEND, addr, length)
+def _open_fds(infection: Infection) -> tuple[int, ...]:
+    """The descriptors the parasite holds in the target (-1: none), from its arguments area."""
+    return tuple(ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size)))
 
-    def pagemap(self, addr: int, npages: int, page_size: int) -> bytes:
-        """The target's pagemap entries, read by the parasite from /proc/self/pagemap."""
-        out = bytearray()
-        per_call = PAGEMAP_MAX // 8
-        for first in range(0, npages, per_call):
-            count = min(per_call, npages - first)
-            got = self._call("pagemap", OP_PAGEMAP, addr + first * page_size, count * 8)
-            chunk = bytearray(got)
-            self.recv_into(memoryview(chunk))
-            out += chunk
-        return bytes(out)
 
-    def store_pages(self, addr: int, length: int, fd: int, offset: int) -> None:
-        """Send `length` bytes of file `fd` at `offset` into the target at addr."""
-
-        def push() -> None:
-            sent, out = 0, self.sock.fileno()
-            while sent < length:
-                n = self._io(lambda sent=sent: os.sendfile(out, fd, offset + sent, length - sent))
-                if n == 0:
-                    raise ParasiteError("the dump file ended early")
-                sent += n
-
-        self._store(addr, length, push)
-
-    def store_chunks(self, addr: int, length: int, chunks: Iterator[bytes | memoryview]) -> None:
-        """Send `length` bytes, produced chunk by chunk, into the target at addr."""
-
-        def push() -> None:
-            for chunk in chunks:
-                self._send_all(memoryview(chunk))
-
-        self._store(addr, length, push)
-
-    def _store(self, addr: int, length: int, push: Callable[[], None]) -> None:
-        self._send(OP_RECV, addr, length)
+def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
+    """Wait for the parasite to listen, connect and prove each other."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
+        if status == STATUS_FAILED:
+            raise ParasiteError(
+                f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}: {os.strerror(err)}"
+            )
+        if status == STATUS_LISTENING:
+            break
+        if not infection.keep_running() or time.monotonic() > deadline:
+            raise ParasiteError("the parasite did not start listening on its socket")
+        time.sleep(0.0002)
+    sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # kernel time-outs keep the socket blocking: a Python time-out
+        # would poll before every call and halve the throughput
+        timeval = struct.pack("@ll", 0, int(STALL * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
-            push()
-        except BaseException as e:
-            # the parasite now waits for bytes that will never come: nothing
-            # else may be sent on this connection, or it would become page data
-            self.broken = True
-            self.sock.close()
-            if isinstance(e, OSError):
-                raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
-            raise
-        result = self._result()
-        if result < 0:
-            raise ParasiteError(f"storing pages at {addr:#x} failed: {os.strerror(-result)}")
-
-    def end(self) -> None:
-        self._call("end", OP_END)
+            sock.connect(spec.address)
+        except PermissionError:
+            raise RightsError(
+                f"permission denied connecting to the parasite socket {spec.display}", path=spec.display
+            ) from None
+        except OSError as e:
+            raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
+        handshake = Parasite(infection, sock, spec)
+        handshake._send_all(memoryview(nonces.to_parasite))
+        proof = bytearray(NONCE_LEN)
+        handshake.recv_into(memoryview(proof))
+        if bytes(proof) != nonces.from_parasite:
+            raise ParasiteError(f"{spec.display} is not our parasite (wrong proof)")
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memcr import heap, procfs
-from memcr.checkpoint import Log, Options, Session
+from memcr.advice import explain
+from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.errors import MemcrError, StorageError, TargetError, UsageError
+from memcr.parked import Parked
+from memcr.report import Report
 
 CMD_CHECKPOINT = 100
 CMD_RESTORE = 101
@@ -132,7 +135,7 @@ class Worker(threading.Thread):
         super().__init__(name=f"memcr-{pid}", daemon=True)
         self.service = service
         self.pid = pid
-        self.session = Session(pid, service.options, service.log, threading.Event())
+        self.cancel = Cancel()  # of the checkpoint, until it has ended
         self.state = "checkpointing"
         self.lock = threading.Lock()  # guards state against requests handed over meanwhile
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
@@ -141,9 +144,10 @@ class Worker(threading.Thread):
         self.restore_asked = False
 
     def run(self) -> None:
-        timer = self._deadline(self.session.abort)
+        timer = self._deadline()
+        parked = None
         try:
-            self.session.checkpoint()
+            parked = checkpoint(self.pid, self.service.options, self.service.log, self.cancel)
             self.checkpoint_code = OK
         except TargetError as e:
             self._note("checkpoint", e)
@@ -155,27 +159,32 @@ class Worker(threading.Thread):
         finally:
             if timer:
                 timer.cancel()
-        if self.checkpoint_code != OK:
+        if parked is None:
             self._leave()  # before waking anyone: a later RESTORE must find nothing
             self.checkpointed.set()
             return
         self.state = "checkpointed"
-        self.service.log(f"pid {self.pid} checkpointed ({self.session.report.pages} pages)")
+        self.service.log(f"pid {self.pid} checkpointed ({parked.report.pages} pages)")
+        self.service.report(parked.report, "checkpoint")
         self.checkpointed.set()
-        self._serve_restore()
+        self._serve_restore(parked)
 
-    def _deadline(self, abort: threading.Event) -> threading.Timer | None:
+    def _deadline(self) -> threading.Timer | None:
         if not self.service.timeout:
             return None
-        timer = threading.Timer(self.service.timeout, abort.set)
+        timer = threading.Timer(self.service.timeout, self.abort)
         timer.daemon = True
         timer.start()
         return timer
 
-    def _note(self, what: str, error: BaseException) -> None:
-        self.service.log(f"pid {self.pid}: {what} failed: {error}")
+    def abort(self) -> None:
+        """Roll back the checkpoint if it is still under way (from any thread)."""
+        self.cancel.cancel()
 
-    def _serve_restore(self) -> None:
+    def _note(self, what: str, error: MemcrError) -> None:
+        self.service.log(f"pid {self.pid}: {what} failed: {explain(error)}")
+
+    def _serve_restore(self, parked: Parked) -> None:
         while True:
             try:
                 reply = self.requests.get(timeout=1.0)
@@ -184,15 +193,16 @@ class Worker(threading.Thread):
                 if self._target_died():
                     self._leave()
                     self.service.log(f"pid {self.pid} died while checkpointed: forgotten")
-                    self.session.forget()
+                    parked.close_dead()
                     return
         with self.lock:
             self.state = "restoring"
         code, started = OK, time.monotonic()
         try:
-            self.session.restore()
+            parked.restore()
             elapsed = time.monotonic() - started
             self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
+            self.service.report(parked.report, "restore")
             if self.service.timeout and elapsed > self.service.timeout:
                 self.service.log(f"pid {self.pid}: restore took longer than -t {self.service.timeout} s")
                 code = ERROR
@@ -202,7 +212,7 @@ class Worker(threading.Thread):
         except Exception:
             self.service.log(f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
-        self.service.forget(self)
+        self.service.remove_worker(self)
         if reply:
             reply(code)
 
@@ -210,7 +220,7 @@ class Worker(threading.Thread):
         """Stop taking requests; answer any that came in meanwhile."""
         with self.lock:
             self.state = "gone"
-        self.service.forget(self)
+        self.service.remove_worker(self)
         while not self.requests.empty():
             reply = self.requests.get()
             if reply:
@@ -225,25 +235,30 @@ class Worker(threading.Thread):
             if self.state in ("restoring", "gone") or self.restore_asked:
                 return False  # one restore per checkpoint: a second request gets -2, not silence
             self.restore_asked = True
-            self.session.abort.set()
+            self.abort()
             self.requests.put(reply)
             return True
 
 
 class Service:
     def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
-                 timeout: float | None = None) -> None:  # fmt: skip
+                 timeout: float | None = None, json_reports: bool = False) -> None:  # fmt: skip
         self.address = address
         self.options = options
         self.log = log
         self.gid = gid
         self.timeout = timeout
+        self.json_reports = json_reports
         self.workers: dict[int, Worker] = {}
         self.connections: set[threading.Thread] = set()  # each answers one request
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def forget(self, worker: Worker) -> None:
+    def report(self, report: Report, event: str) -> None:
+        if self.json_reports:
+            self.log(report.json(event))
+
+    def remove_worker(self, worker: Worker) -> None:
         with self.lock:
             if self.workers.get(worker.pid) is worker:
                 del self.workers[worker.pid]
@@ -369,8 +384,10 @@ def _send(conn: socket.socket, code: int) -> None:
         conn.sendall(RESPONSE.pack(code))
 
 
-def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None) -> None:
-    service = Service(address, options, log, gid, timeout)
+def run(
+    address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool
+) -> None:
+    service = Service(address, options, log, gid, timeout, json_reports)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop.set())
     service.serve()

@@ -1,130 +1,270 @@
 """The ptrace engine: freeze every thread of a process and run code in it.
 
-python-ptrace supplies the raw request and register layout; the requests
-it lacks (SEIZE, INTERRUPT, sigmask) are issued through the same binding.
-All requests for a tracee must come from the thread that seized it, so a
-FrozenProcess refuses calls from any other thread.
+Built on memcr.ptrace_calls. All requests for a tracee must come from the
+thread that seized it, so a FrozenProcess refuses calls from any other
+thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-
-from ptrace.binding import func as ptrace_func
-from ptrace.error import PtraceError
+from collections.abc import Callable
+from typing import Protocol
 
 from memcr import procfs
-from memcr.arch import Arch
+from memcr import ptrace_calls as pt
+from memcr.arch import Arch, word_mask
 from memcr.errors import MemcrError, TargetError, TargetGone
+from memcr.ptrace_calls import Regs, Stop
 
-PTRACE_CONT = 7
-PTRACE_SYSCALL = 24
-PTRACE_DETACH = 17
-PTRACE_SETOPTIONS = 0x4200
-PTRACE_GETEVENTMSG = 0x4201
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-PTRACE_GETSIGMASK = 0x420A
-PTRACE_SETSIGMASK = 0x420B
-PTRACE_O_TRACESYSGOOD = 1
-PTRACE_O_TRACECLONE = 1 << 3
-PTRACE_O_EXITKILL = 1 << 20
-OPTIONS = PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD
-PTRACE_EVENT_CLONE = 3
-PTRACE_EVENT_STOP = 128
-SYSCALL_STOP = signal.SIGTRAP | 0x80  # what PTRACE_O_TRACESYSGOOD reports at syscall entry and exit
-WALL = 0x40000000  # __WALL: wait for threads as well as processes
-
-ALL_SIGNALS = 2**64 - 1
+OPTIONS = pt.O_EXITKILL | pt.O_TRACESYSGOOD
 # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK: the kernel restarts these after a signal
 RESTART = {-512, -513, -514, -516}
 FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT
-WORD = 8  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA
 
 
-def _raw(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
-    return ptrace_func.ptrace(request, tid, addr, data)
+class Memory(Protocol):
+    """The frozen process's memory, whatever the protection of its pages."""
+
+    def read(self, addr: int, size: int) -> bytes: ...
+    def write(self, addr: int, data: bytes | memoryview) -> None: ...
+    def close(self) -> None: ...
 
 
-@dataclass
-class Stop:
-    """What waitpid reported for one thread."""
+class ProcMem:
+    """/proc/<pid>/mem: any size in one call."""
 
-    tid: int
-    status: int
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self.fd = fd
 
-    @property
-    def exited(self) -> bool:
-        return os.WIFEXITED(self.status) or os.WIFSIGNALED(self.status)
+    def read(self, addr: int, size: int) -> bytes:
+        return os.pread(self.fd, size, addr)
 
-    @property
-    def signal(self) -> int:
-        return os.WSTOPSIG(self.status) if os.WIFSTOPPED(self.status) else 0
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        if os.pwrite(self.fd, data, addr) != len(data):
+            raise MemcrError(f"short write into process {self.pid} at {addr:#x}")
 
-    @property
-    def event(self) -> int:
-        return self.status >> 16
-
-    @property
-    def interrupt_stop(self) -> bool:
-        """PTRACE_INTERRUPT's stop, or a group stop (SIGSTOP, SIGTSTP, ...) of a seized thread."""
-        return os.WIFSTOPPED(self.status) and self.event == PTRACE_EVENT_STOP
-
-    @property
-    def syscall_stop(self) -> bool:
-        return os.WIFSTOPPED(self.status) and self.event == 0 and self.signal == SYSCALL_STOP
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-@dataclass
+class PtraceMem:
+    """Word by word through PEEKDATA/POKEDATA: /proc/<pid>/mem is 0600 and the
+    target's, so with CAP_SYS_PTRACE alone this is the way in."""
+
+    def __init__(self, pid: int, tid: int, word: int, mask: int) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.word = word
+        self.mask = mask
+
+    def read(self, addr: int, size: int) -> bytes:
+        start = addr & ~(self.word - 1)
+        words = b"".join(self._peek(at) for at in range(start, addr + size, self.word))
+        return words[addr - start : addr - start + size]
+
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        w = self.word
+        start = addr & ~(w - 1)
+        end = -(-(addr + len(data)) // w) * w
+        # whole words: keep the bytes around `data` in the first and last word
+        merged = bytearray(end - start)
+        merged[:w] = self._peek(start)
+        merged[-w:] = self._peek(end - w)
+        merged[addr - start : addr - start + len(data)] = data
+        for at in range(start, end, w):
+            word = int.from_bytes(merged[at - start : at - start + w], "little")
+            self._access(lambda at=at, word=word: pt.poke(self.tid, at, word))
+
+    def _peek(self, at: int) -> bytes:
+        value = self._access(lambda: pt.peek(self.tid, at))
+        return (value & self.mask).to_bytes(self.word, "little")
+
+    def _access(self, call: Callable[[], int | None]) -> int:
+        try:
+            return call() or 0
+        except ProcessLookupError:
+            raise TargetGone(f"process {self.pid} is gone", pid=self.pid) from None
+        except OSError as e:
+            raise MemcrError(f"cannot access the memory of process {self.pid}: {e.strerror}", pid=self.pid) from None
+
+    def close(self) -> None:
+        pass
+
+
+class _Seizing:
+    """The threads held so far while a freeze is under way."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tids: list[int] = []
+
+    def seize_all(self) -> None:
+        """Seize and stop every thread; repeat until no new thread appears."""
+        while new := procfs.thread_ids(self.pid) - set(self.tids):
+            seized = [tid for tid in sorted(new) if self._seize(tid)]
+            self.tids += seized
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            for tid in seized:
+                if not _wait_interrupted(self.pid, tid, deadline):
+                    self.tids.remove(tid)
+        if not self.tids:
+            raise TargetGone(f"process {self.pid} exited while being frozen", pid=self.pid)
+
+    def _seize(self, tid: int) -> bool:
+        try:
+            # no EXITKILL yet: a thread that never stops must not take the process with memcr
+            pt.seize(tid, pt.O_TRACESYSGOOD)
+            pt.interrupt(tid)
+        except ProcessLookupError:
+            return False  # the thread exited between listing and seizing
+        except PermissionError:
+            tracer = procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0")
+            if tracer != "0":
+                raise TargetError(
+                    f"process {self.pid} is already traced by process {tracer} "
+                    "(another memcr or a debugger): detach it first",
+                    pid=self.pid,
+                ) from None
+            raise procfs.trace_denied(self.pid) from None
+        return True
+
+    def let_go(self) -> None:
+        for tid in self.tids:
+            with contextlib.suppress(ProcessLookupError):
+                pt.detach(tid)
+
+
+def _wait_interrupted(pid: int, tid: int, deadline: float | None = None) -> bool:
+    """Wait for the interrupt stop, passing on signals that come first; False if the thread exited.
+
+    With a deadline, a thread that has not stopped by then (it waits in
+    the kernel for a vfork child or a hung filesystem, where no interrupt
+    reaches it) makes the freeze fail: it stays traced, without EXITKILL,
+    until the tracing thread ends, and then simply runs on.
+    """
+    while True:
+        stop = _wait(pid, tid) if deadline is None else _wait_until(pid, tid, deadline)
+        if stop.exited:
+            return False
+        if stop.interrupt_stop:
+            return True
+        # a signal-delivery stop came before our interrupt: deliver it
+        pt.cont(tid, stop.signal if stop.signal_delivery else 0)
+        pt.interrupt(tid)
+
+
+def _wait(pid: int, tid: int) -> Stop:
+    try:
+        return pt.wait(tid)
+    except ChildProcessError:
+        raise TargetGone(f"thread {tid} of process {pid} is gone", pid=pid) from None
+
+
+def _wait_until(pid: int, tid: int, deadline: float) -> Stop:
+    pause = 0.00005
+    while True:
+        try:
+            stop = pt.poll(tid)
+        except ChildProcessError:
+            raise TargetGone(f"thread {tid} of process {pid} is gone", pid=pid) from None
+        if stop is not None:
+            return stop
+        if time.monotonic() > deadline:
+            wchan = procfs.wait_channel(pid, tid)
+            raise TargetError(
+                f"thread {tid} of process {pid} did not stop within {FREEZE_TIMEOUT:g} s: it waits "
+                f"in the kernel ({wchan}), for a vfork child or a hung filesystem. Nothing was changed; "
+                "try again later",
+                pid=pid,
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+
+
 class FrozenProcess:
-    """Every thread of `pid` held in a ptrace stop by the calling thread."""
+    """Every thread of `pid` held in a ptrace stop by the calling thread.
 
-    pid: int
-    arch: Arch
-    tids: list[int] = field(default_factory=list)
-    helpers: list[int] = field(default_factory=list)  # threads memcr started in it (the parasite), traced too
-    owner: int = field(default_factory=threading.get_ident)
-    leader: int = 0  # the thread that runs injected code: one seccomp leaves every system call
-    _mem: int = -1
+    `leader` is the thread that runs injected code (the first one seccomp
+    leaves every system call); `helpers` are threads memcr started in the
+    process (the parasite), traced too so that a group stop cannot hold them.
+    """
+
+    def __init__(self, pid: int, arch: Arch, tids: list[int], leader: int, memory: Memory) -> None:
+        self.pid = pid
+        self.arch = arch
+        self.tids = tids
+        self.leader = leader
+        self.memory = memory
+        self.helpers: list[int] = []
+        self.owner = threading.get_ident()
 
     @classmethod
     def freeze(cls, pid: int, arch: Arch) -> FrozenProcess:
-        """Seize and stop every thread; repeat until no new thread appears."""
-        frozen = cls(pid, arch)
+        seizing = _Seizing(pid)
         try:
-            while True:
-                new = procfs.thread_ids(pid) - set(frozen.tids)
-                if not new:
-                    break
-                seized = [tid for tid in sorted(new) if frozen._seize(tid)]
-                frozen.tids += seized
-                deadline = time.monotonic() + FREEZE_TIMEOUT
-                for tid in seized:
-                    if not frozen._wait_interrupted(tid, deadline):
-                        frozen.tids.remove(tid)
-            if not frozen.tids:
-                raise TargetGone(f"process {pid} exited while being frozen")
+            seizing.seize_all()
             # only now that every thread is held: should memcr die from here on, the kernel kills the target
-            for tid in frozen.tids:
-                frozen.set_options(tid, OPTIONS)
-            frozen.leader = procfs.unconfined_thread(pid, frozen.tids)
+            for tid in seizing.tids:
+                pt.set_options(tid, OPTIONS)
+            leader = procfs.unconfined_thread(pid, seizing.tids)
+            memory: Memory
             try:
-                frozen._mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC)
+                memory = ProcMem(pid, os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC))
             except PermissionError:
-                # /proc/<pid>/mem is 0600 and the target's: with CAP_SYS_PTRACE
-                # alone, memcr reads and writes words through ptrace instead
-                frozen._mem = -1
+                memory = PtraceMem(pid, leader, arch.WORD, word_mask(arch))
         except BaseException:
-            frozen.release()
+            seizing.let_go()
             raise
-        return frozen
+        return cls(pid, arch, seizing.tids, leader, memory)
+
+    # -- requests, from the tracing thread only ---------------------------
+
+    def _tracer(self) -> None:
+        if threading.get_ident() != self.owner:
+            raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._tracer()
+        return self.memory.read(addr, size)
+
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        self._tracer()
+        self.memory.write(addr, data)
+
+    def get_regs(self, tid: int) -> Regs:
+        self._tracer()
+        return pt.get_regs(tid)
+
+    def set_regs(self, tid: int, regs: Regs) -> None:
+        self._tracer()
+        pt.set_regs(tid, regs)
+
+    def get_sigmask(self, tid: int) -> int:
+        self._tracer()
+        return pt.get_sigmask(tid)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        self._tracer()
+        pt.set_sigmask(tid, mask)
+
+    def set_options(self, tid: int, options: int) -> None:
+        self._tracer()
+        pt.set_options(tid, options)
+
+    def cont(self, tid: int, sig: int = 0) -> None:
+        self._tracer()
+        pt.cont(tid, sig)
+
+    def wait(self, tid: int) -> Stop:
+        return _wait(self.pid, tid)
 
     def keep_running(self, tid: int) -> bool:
         """Resume a traced thread of ours if it stopped; False once it has exited (and is reaped).
@@ -136,26 +276,23 @@ class FrozenProcess:
         happens, to every other thread, when memcr lets them go.
         """
         try:
-            got, status = os.waitpid(tid, os.WNOHANG | WALL)
+            stop = pt.poll(tid)
         except ChildProcessError:
-            got, status = tid, 0  # gone and reaped: an exit
-        if got == 0:
+            stop = Stop(tid, 0)  # gone and reaped: an exit
+        if stop is None:
             return True
-        stop = Stop(tid, status)
         if stop.exited:
             self._gone(tid)
             return False
-        self.cont(tid, stop.signal if stop.event == 0 and not stop.syscall_stop else 0)
+        self.cont(tid, stop.signal if stop.signal_delivery else 0)
         return True
 
     def interrupt(self, tid: int) -> bool:
         """Stop one traced thread; False if it exited first."""
-        try:
-            _raw(PTRACE_INTERRUPT, tid)
-        except PtraceError as e:
-            if e.errno != errno.ESRCH:
-                raise
-        if self._wait_interrupted(tid):
+        self._tracer()
+        with contextlib.suppress(ProcessLookupError):
+            pt.interrupt(tid)
+        if _wait_interrupted(self.pid, tid):
             return True
         self._gone(tid)
         return False
@@ -165,138 +302,7 @@ class FrozenProcess:
             if tid in group:
                 group.remove(tid)
 
-    def _check_owner(self) -> None:
-        if threading.get_ident() != self.owner:
-            raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
-
-    def _seize(self, tid: int) -> bool:
-        try:
-            # no EXITKILL yet: a thread that never stops must not take the process with memcr
-            _raw(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
-            _raw(PTRACE_INTERRUPT, tid)
-        except PtraceError as e:
-            if e.errno == errno.ESRCH:
-                return False  # the thread exited between listing and seizing
-            if e.errno == errno.EPERM:
-                tracer = procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0")
-                if tracer != "0":
-                    raise TargetError(
-                        f"process {self.pid} is already traced by process {tracer} "
-                        "(another memcr or a debugger): detach it first"
-                    ) from None
-                raise procfs.trace_denied(self.pid) from None
-            raise
-        return True
-
-    def _wait_interrupted(self, tid: int, deadline: float | None = None) -> bool:
-        """Wait for the interrupt stop, passing on signals that come first; False if the thread exited.
-
-        With a deadline, a thread that has not stopped by then (it waits in
-        the kernel for a vfork child or a hung filesystem, where no
-        interrupt reaches it) makes the freeze fail: it stays traced, without
-        EXITKILL, until the tracing thread ends, and then simply runs on.
-        """
-        while True:
-            stop = self.wait(tid) if deadline is None else self._wait_until(tid, deadline)
-            if stop.exited:
-                return False
-            if stop.interrupt_stop:
-                return True
-            if stop.event == 0 and stop.signal:
-                # a signal-delivery stop came before our interrupt: deliver it
-                self.cont(tid, stop.signal)
-                _raw(PTRACE_INTERRUPT, tid)
-            else:
-                self.cont(tid)
-                _raw(PTRACE_INTERRUPT, tid)
-
-    def _wait_until(self, tid: int, deadline: float) -> Stop:
-        pause = 0.00005
-        while True:
-            try:
-                got, status = os.waitpid(tid, os.WNOHANG | WALL)
-            except ChildProcessError:
-                raise TargetGone(f"thread {tid} of process {self.pid} is gone") from None
-            if got:
-                return Stop(tid, status)
-            if time.monotonic() > deadline:
-                wchan = procfs.wait_channel(self.pid, tid)
-                raise TargetError(
-                    f"thread {tid} of process {self.pid} did not stop within {FREEZE_TIMEOUT:g} s: it waits "
-                    f"in the kernel ({wchan}), for a vfork child or a hung filesystem. Nothing was changed; "
-                    "try again later"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
-
-    def wait(self, tid: int) -> Stop:
-        try:
-            _, status = os.waitpid(tid, WALL)
-        except ChildProcessError:
-            raise TargetGone(f"thread {tid} of process {self.pid} is gone") from None
-        return Stop(tid, status)
-
-    def cont(self, tid: int, sig: int = 0) -> None:
-        self._check_owner()
-        _raw(PTRACE_CONT, tid, 0, sig)
-
-    def get_regs(self, tid: int):
-        self._check_owner()
-        return ptrace_func.ptrace_getregs(tid)
-
-    def set_regs(self, tid: int, regs) -> None:
-        self._check_owner()
-        ptrace_func.ptrace_setregs(tid, regs)
-
-    def get_sigmask(self, tid: int) -> int:
-        self._check_owner()
-        mask = ctypes.c_uint64()
-        _raw(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
-        return mask.value
-
-    def set_sigmask(self, tid: int, mask: int) -> None:
-        self._check_owner()
-        value = ctypes.c_uint64(mask)
-        _raw(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))
-
-    def read(self, addr: int, size: int) -> bytes:
-        if self._mem >= 0:
-            return os.pread(self._mem, size, addr)
-        start = addr & ~(WORD - 1)
-        words = b"".join(self._peek(at) for at in range(start, addr + size, WORD))
-        return words[addr - start : addr - start + size]
-
-    def write(self, addr: int, data: bytes) -> None:
-        if self._mem >= 0:
-            if os.pwrite(self._mem, data, addr) != len(data):
-                raise MemcrError(f"short write into process {self.pid} at {addr:#x}")
-            return
-        start = addr & ~(WORD - 1)
-        end = -(-(addr + len(data)) // WORD) * WORD
-        # whole words: keep the bytes around `data` in the first and last word
-        merged = bytearray(end - start)
-        merged[:WORD] = self._peek(start)
-        merged[-WORD:] = self._peek(end - WORD)
-        merged[addr - start : addr - start + len(data)] = data
-        self._check_owner()
-        for at in range(start, end, WORD):
-            word = int.from_bytes(merged[at - start : at - start + WORD], "little")
-            self._word_request(ptrace_func.ptrace_pokedata, at, word)
-
-    def _peek(self, at: int) -> bytes:
-        self._check_owner()
-        value = self._word_request(ptrace_func.ptrace_peekdata, at)
-        return (value & (2**64 - 1)).to_bytes(WORD, "little")
-
-    def _word_request(self, request, *args: int) -> int:
-        try:
-            return request(self.leader, *args) or 0
-        except PtraceError as e:
-            if e.errno == errno.ESRCH:
-                raise TargetGone(f"process {self.pid} is gone") from None
-            raise MemcrError(f"cannot access the memory of process {self.pid}: {e}") from None
-
-    def run_syscall(self, tid: int, call_regs) -> tuple[object, int]:
+    def run_syscall(self, tid: int, call_regs: Regs) -> tuple[Regs, int]:
         """Run the thread from call_regs (pc on a syscall instruction) through that one syscall.
 
         Returns its registers at the syscall's exit and, for a clone traced
@@ -322,7 +328,7 @@ class FrozenProcess:
             self.set_regs(tid, saved)
             self._let_through(tid, stop)
 
-    def _finish_syscall(self, tid: int) -> tuple[object, int]:
+    def _finish_syscall(self, tid: int) -> tuple[Regs, int]:
         """From syscall entry to exit; the tid of a clone's child when PTRACE_O_TRACECLONE is on."""
         child = 0
         while True:
@@ -331,109 +337,87 @@ class FrozenProcess:
             if stop.syscall_stop:
                 return self.get_regs(tid), child
             if stop.exited:
-                raise TargetGone(f"process {self.pid} died while running injected code")
-            if stop.event == PTRACE_EVENT_CLONE:
-                child = self.event_message(tid)
+                raise self._died()
+            if stop.event == pt.EVENT_CLONE:
+                child = pt.event_message(tid)
             elif not stop.interrupt_stop:
                 raise MemcrError(f"unexpected stop {stop.status:#x} of thread {tid} inside an injected syscall")
 
-    def _run_own_code_briefly(self, tid: int, saved) -> Stop:
+    def _run_own_code_briefly(self, tid: int, saved: Regs) -> Stop:
         """Resume the thread on its own registers until it stops again, so a pending signal is dequeued."""
         self.set_regs(tid, saved)
         self.cont(tid)
-        _raw(PTRACE_INTERRUPT, tid)
+        pt.interrupt(tid)
         return self.wait(tid)
 
     def _syscall(self, tid: int) -> None:
-        self._check_owner()
+        self._tracer()
         try:
-            _raw(PTRACE_SYSCALL, tid)
-        except PtraceError as e:
-            if e.errno == errno.ESRCH:
-                raise TargetGone(f"process {self.pid} died while running injected code") from None
-            raise
+            pt.syscall(tid)
+        except ProcessLookupError:
+            raise self._died() from None
 
     def _let_through(self, tid: int, stop: Stop) -> None:
         """Deliver the signal of a signal-delivery stop, and stop the thread again."""
         if stop.exited:
-            raise TargetGone(f"process {self.pid} died while running injected code")
-        if stop.event == 0 and stop.signal:
+            raise self._died()
+        if stop.signal_delivery:
             self.cont(tid, stop.signal)
-            _raw(PTRACE_INTERRUPT, tid)
-        if not stop.interrupt_stop and not self._wait_interrupted(tid):
-            raise TargetGone(f"process {self.pid} died while running injected code")
+            pt.interrupt(tid)
+        if not stop.interrupt_stop and not _wait_interrupted(self.pid, tid):
+            raise self._died()
 
-    def event_message(self, tid: int) -> int:
-        self._check_owner()
-        value = ctypes.c_ulong()
-        _raw(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
-        return value.value
-
-    def set_options(self, tid: int, options: int) -> None:
-        self._check_owner()
-        _raw(PTRACE_SETOPTIONS, tid, 0, options)
-
-    def release(self) -> None:
-        """Let every thread run on; tolerate threads that are already gone."""
-        for tid in self.tids + self.helpers:
-            try:
-                _raw(PTRACE_DETACH, tid)
-            except PtraceError as e:
-                if e.errno != errno.ESRCH:
-                    raise
-        self.tids.clear()
-        self.helpers.clear()
-        if self._mem >= 0:
-            os.close(self._mem)
-            self._mem = -1
+    def _died(self) -> TargetGone:
+        return TargetGone(f"process {self.pid} died while running injected code", pid=self.pid)
 
     def exiting(self) -> bool:
         """Whether a thread of its own has reported its exit: the process was killed or exited."""
-        for tid in self.tids:
-            try:
-                if os.waitid(os.P_PID, tid, os.WEXITED | os.WNOHANG | os.WNOWAIT | WALL) is not None:
-                    return True
-            except ChildProcessError:
-                return True
-        return False
+        return any(pt.has_exited(tid) for tid in self.tids)
 
-    def forget(self) -> None:
-        """The process died: collect what is left of its threads, hold nothing."""
-        for tid in self._leader_last():
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(tid, os.WNOHANG | WALL)
-        self.tids.clear()
-        self.helpers.clear()
-        if self._mem >= 0:
-            os.close(self._mem)
-            self._mem = -1
+    # -- endings: each lets go of every thread and the memory access ------
+
+    def release(self) -> None:
+        """Let every thread run on; tolerate threads that are already gone."""
+        self._end(_detach)
+
+    def collect_dead(self) -> None:
+        """The process died: collect what its threads left, without waiting."""
+        self._end(_collect_now)
 
     def kill(self) -> None:
-        """SIGKILL the whole process and reap its threads' ptrace state.
+        """SIGKILL the whole process and collect its threads.
 
         PermissionError: memcr lacks CAP_KILL for another user's process.
         """
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        self.reap()
+        self._end(_collect)
 
-    def kill_from_inside(self, regs) -> None:
-        """Run the leader on `regs` (a kill of its own process) and collect the dead."""
+    def run_to_death(self, regs: Regs) -> None:
+        """Resume the leader on `regs` (its own kill(2) of the process) and collect the dead."""
         self.set_regs(self.leader, regs)
         self.cont(self.leader)
-        self.reap()
+        self._end(_collect)
 
-    def _leader_last(self) -> list[int]:
+    def _end(self, each: Callable[[int], None]) -> None:
         # the kernel reports a traced leader's exit only after its other threads'
-        return sorted(self.tids + self.helpers, key=lambda tid: tid == self.pid)
-
-    def reap(self) -> None:
-        """Collect the exit of every thread of a process that is dying."""
-        for tid in self._leader_last():
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(tid, WALL)
+        for tid in sorted(self.tids + self.helpers, key=lambda tid: tid == self.pid):
+            each(tid)
         self.tids.clear()
         self.helpers.clear()
-        if self._mem >= 0:
-            os.close(self._mem)
-            self._mem = -1
+        self.memory.close()
+
+
+def _detach(tid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        pt.detach(tid)
+
+
+def _collect(tid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        pt.wait(tid)
+
+
+def _collect_now(tid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        pt.poll(tid)

@@ -83,7 +83,8 @@ static int fail_closing(struct parasite_args *a, int step, long err)
 	return fail(a, step, err);
 }
 
-static long send_pagemap(int cfd, volatile int *pagemap_fd, const struct parasite_cmd *c)
+static long send_pagemap(int cfd, volatile int *pagemap_fd, unsigned long page_size,
+			 const struct parasite_cmd *c)
 {
 	long n, r;
 
@@ -96,7 +97,7 @@ static long send_pagemap(int cfd, volatile int *pagemap_fd, const struct parasit
 		*pagemap_fd = (int)fd;
 	}
 	/* pagemap holds one 8-byte entry per page, indexed by page number */
-	n = sys4(__NR_pread64, *pagemap_fd, pagemap_buf, c->len, (c->addr / 4096) * 8);
+	n = sys4(__NR_pread64, *pagemap_fd, pagemap_buf, c->len, (c->addr / page_size) * 8);
 	r = reply(cfd, n);
 	if (r < 0 || n <= 0)
 		return r;
@@ -135,7 +136,7 @@ static long serve(struct parasite_args *a, int cfd)
 			r = write_all(cfd, (const void *)c.addr, c.len);
 			break;
 		case PARASITE_OP_PAGEMAP:
-			r = send_pagemap(cfd, &a->pagemap_fd, &c);
+			r = send_pagemap(cfd, &a->pagemap_fd, a->page_size, &c);
 			break;
 		case PARASITE_OP_DROP:
 			r = reply(cfd, sys3(__NR_madvise, c.addr, c.len, MADV_DONTNEED));
@@ -210,7 +211,8 @@ int parasite_main(struct parasite_args *a)
 	long lfd, r;
 	int cfd;
 
-	if (a->magic != PARASITE_ARGS_MAGIC)
+	/* a zero page size would divide by zero in send_pagemap, killing the target */
+	if (a->magic != PARASITE_ARGS_MAGIC || a->page_size == 0)
 		return fail(a, PARASITE_STEP_SOCKET, -EINVAL);
 	lfd = sys3(__NR_socket, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (lfd < 0)

@@ -41,6 +41,7 @@ struct parasite_args {
 	int listen_fd;
 	int conn_fd;
 	int pagemap_fd;
+	unsigned int page_size;   /* memcr's page size: pagemap has one entry per page */
 	unsigned char nonce_in[PARASITE_NONCE_LEN];  /* memcr proves itself */
 	unsigned char nonce_out[PARASITE_NONCE_LEN]; /* parasite proves itself */
 	unsigned short sun_family;

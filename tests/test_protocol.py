@@ -20,6 +20,7 @@ int main(void) {
     printf("status %zu\n", offsetof(struct parasite_args, status));
     printf("addrlen %zu\n", offsetof(struct parasite_args, addrlen));
     printf("listen_fd %zu\n", offsetof(struct parasite_args, listen_fd));
+    printf("page_size %zu\n", offsetof(struct parasite_args, page_size));
     printf("nonce_in %zu\n", offsetof(struct parasite_args, nonce_in));
     printf("nonce_out %zu\n", offsetof(struct parasite_args, nonce_out));
     printf("sun_family %zu\n", offsetof(struct parasite_args, sun_family));
@@ -64,7 +65,8 @@ def test_struct_layouts_match_header(tmp_path: Path) -> None:
     assert offsets["status"] == 4
     assert offsets["addrlen"] == 16
     assert offsets["listen_fd"] == parasite.ARGS_FDS.size - 12
-    assert offsets["nonce_in"] == 40
-    assert offsets["nonce_out"] == 40 + parasite.NONCE_LEN
-    assert offsets["sun_family"] == 40 + 2 * parasite.NONCE_LEN
+    assert offsets["page_size"] == 40
+    assert offsets["nonce_in"] == 44
+    assert offsets["nonce_out"] == 44 + parasite.NONCE_LEN
+    assert offsets["sun_family"] == 44 + 2 * parasite.NONCE_LEN
     assert (offsets["cmd_size"], offsets["cmd_addr"], offsets["cmd_len"]) == (parasite.CMD.size, 8, 16)

@@ -57,25 +57,31 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
         target.proc.send_signal(18)  # SIGCONT
 
 
-def test_parasite_reads_the_same_pagemap(spawn, tmp_path) -> None:
+def test_parasite_reads_the_same_pagemap(spawn) -> None:
     """The parasite's PAGEMAP answer (for when memcr may not read the target's pagemap)."""
-    from memcr.checkpoint import Options, Session
+    from memcr import arch
+    from memcr.parasite import Parasite, SocketSpec
+    from memcr.tracer import FrozenProcess
 
     target = spawn("pattern", 16)
-    session = Session(target.pid, Options(dump_dir=tmp_path), lambda _: None)
-    session.checkpoint()
+    page = arch.page_size()
+    pairs = []
+    frozen = FrozenProcess.freeze(target.pid, arch.current())
     try:
-        assert session.channel is not None
-        fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY)
-        try:
-            for vma in procfs.read_maps(target.pid):
-                npages = min(vma.size // scan.PAGE, 20_000)  # over one PAGEMAP request's worth
-                direct = os.pread(fd, npages * 8, vma.start // scan.PAGE * 8)
-                assert session.channel.pagemap(vma.start, npages, scan.PAGE) == direct, vma
-        finally:
-            os.close(fd)
+        with Parasite.start(frozen, arch.blobs(), SocketSpec(target.pid), False, page) as parasite:
+            fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY)
+            try:
+                for vma in procfs.read_maps(target.pid):
+                    npages = min(vma.size // page, 20_000)  # over one PAGEMAP request's worth
+                    direct = os.pread(fd, npages * 8, vma.start // page * 8)
+                    pairs.append((vma, parasite.pagemap(vma.start, npages, page), direct))
+            finally:
+                os.close(fd)
     finally:
-        session.restore()
+        frozen.release()
+    assert pairs
+    for vma, answer, direct in pairs:
+        assert answer == direct, vma
     assert target.verify() == 0
 
 

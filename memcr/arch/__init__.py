@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import mmap
 import platform
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +20,7 @@ from memcr.errors import MemcrError
 
 class Arch(Protocol):
     name: str
+    WORD: int  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA: the register width
     SYS_CLOSE: int
     SYS_MMAP: int
     SYS_MUNMAP: int
@@ -28,8 +30,19 @@ class Arch(Protocol):
     SYS_KCMP: int  # the host's number: memcr runs on the target's CPU
 
     def pc(self, regs: Any) -> int: ...
+    def copy_regs(self, regs: Any) -> Any: ...
     def prepare_syscall(self, regs: Any, pc: int, nr: int, args: tuple[int, ...]) -> Any: ...
     def syscall_result(self, regs: Any) -> int: ...
+
+
+def page_size() -> int:
+    """Read at run time: arm64 kernels run with 4, 16 or 64 KiB pages."""
+    return mmap.PAGESIZE
+
+
+def word_mask(arch: Arch) -> int:
+    """All bits of one register: -1 as the kernel sees it."""
+    return (1 << 8 * arch.WORD) - 1
 
 
 @dataclass(frozen=True)

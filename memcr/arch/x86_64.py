@@ -5,6 +5,8 @@ from __future__ import annotations
 from ptrace.binding.linux_struct import user_regs_struct
 
 name = "x86_64"
+WORD = 8
+_MASK = (1 << 8 * WORD) - 1
 
 SYS_CLOSE = 3
 SYS_MMAP = 9
@@ -29,12 +31,12 @@ def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, .
     call.rip = pc
     call.rax = nr
     # orig_rax = -1: the kernel must not restart the syscall the thread was in
-    call.orig_rax = 2**64 - 1
+    call.orig_rax = _MASK
     for reg, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-        setattr(call, reg, value & (2**64 - 1))
+        setattr(call, reg, value & _MASK)
     return call
 
 
 def syscall_result(regs: user_regs_struct) -> int:
     value = regs.rax
-    return value - 2**64 if value >= 2**63 else value
+    return value - (_MASK + 1) if value >> (8 * WORD - 1) else value

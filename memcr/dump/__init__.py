@@ -1,0 +1,1 @@
+"""The dump file: its format, the writers (plain or spliced, framed) and the reader."""

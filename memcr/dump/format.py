@@ -1,0 +1,170 @@
+"""The dump file's layout, and the file itself as memcr holds it open.
+
+Layout (little-endian, see docs/dump-format.md):
+
+    header  magic "MEMCRPY\\0", u16 version, u16 header size, u32 page size,
+            u32 pid, u32 flags, u64 reserved                      (32 bytes)
+    record  u32 kind, u32 flags, u64 addr, u64 length, u64 stored (32 bytes)
+            followed by `stored` payload bytes; zero padding before each
+            record puts a plain payload on a page boundary of the file
+    end     a record of kind END: addr 0, length = page bytes, stored 0
+
+A dump never outlives the memcr process that wrote it: memcr keeps the
+index of what it wrote and checks every record against it before a byte
+reaches the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from memcr.errors import StorageError
+
+MAGIC = b"MEMCRPY\0"
+VERSION = 1
+HEADER = struct.Struct("<8sHHIIIQ")
+RECORD = struct.Struct("<IIQQQ")
+KIND_PAGES = 1
+KIND_END = 2
+
+
+@dataclass
+class Record:
+    """One run of pages: where it lives in the target and in the file."""
+
+    addr: int
+    length: int
+    offset: int = -1  # of the payload in the file, once its header is there
+    stored: int = 0  # payload bytes in the file
+    written: int = 0  # page bytes handed over so far
+    ended: bool = False  # all its page bytes are handed over
+    dropped: bool = False
+
+    @property
+    def header(self) -> bytes:
+        return RECORD.pack(KIND_PAGES, 0, self.addr, self.length, self.stored)
+
+
+def header(page_size: int, pid: int, flags: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, HEADER.size, page_size, pid, flags, 0)
+
+
+def end_record(page_bytes: int) -> bytes:
+    return RECORD.pack(KIND_END, 0, 0, page_bytes, 0)
+
+
+def dump_path(directory: Path, pid: int) -> Path:
+    return directory / f"pages-{pid}.img"
+
+
+def storage_error(path: Path, e: OSError) -> StorageError:
+    """The StorageError for a failed write of the dump: the errno says whether it is space or rights."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = f"no space left for the dump {path}"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message = f"cannot write the dump {path}: {e.strerror}"
+    else:
+        message = f"dump file {path}: {e.strerror}"
+    return StorageError(message, path=str(path), errno=e.errno, what="dump")
+
+
+def check_directory(directory: Path) -> None:
+    """The dump directory must exist, be a directory and be writable."""
+    where = str(directory)
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise StorageError(
+            f"dump directory {directory} does not exist", path=where, errno=errno.ENOENT, what="dump-dir"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(
+            f"dump directory {directory} is not a directory", path=where, errno=errno.ENOTDIR, what="dump-dir"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        reason = "is on a read-only filesystem" if read_only else "is not writable"
+        code = errno.EROFS if read_only else errno.EACCES
+        raise StorageError(f"dump directory {directory} {reason}", path=where, errno=code, what="dump-dir")
+
+
+class DumpFile:
+    """The open dump: appended to while writing, read back on restore, deleted at the end."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = 0  # bytes memcr wrote
+
+    @classmethod
+    def create(cls, directory: Path, pid: int) -> DumpFile:
+        path = dump_path(directory, pid)
+        return cls(path, _create(path))
+
+    def append(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+
+    def rewrite(self, data: bytes, offset: int) -> None:
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+
+    def still_in_place(self) -> bool:
+        """Whether the dump's path still names the file memcr wrote."""
+        try:
+            now, ours = os.lstat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def remove(self) -> None:
+        """Close and delete the dump; it is never needed once the target runs."""
+        if self.fd < 0:
+            return
+        # someone may have replaced the file: delete only the one we wrote
+        ours = self.still_in_place()
+        os.close(self.fd)
+        self.fd = -1
+        if ours:
+            os.unlink(self.path)
+
+
+def _create(path: Path) -> int:
+    """Create the dump 0600, never through a symlink, never over a stranger's file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise storage_error(path, e) from None
+    st = os.lstat(path)
+    ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+    if not ours or not _looks_like_dump(path):
+        raise StorageError(
+            f"{path} already exists and is not a dump memcr left behind: move it away and retry",
+            path=str(path),
+            errno=errno.EEXIST,
+        )
+    # a dump whose memcr died (and whose target the kernel killed): stale
+    os.unlink(path)
+    return _create(path)
+
+
+def _looks_like_dump(path: Path) -> bool:
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+        head = f.read(len(MAGIC))
+    return head in (b"", MAGIC)

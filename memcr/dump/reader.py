@@ -1,0 +1,135 @@
+"""Reading a dump back on restore, every record checked against what memcr wrote."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+from memcr import heap
+from memcr.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
+from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
+from memcr.errors import DumpError
+
+PIPELINE_DEPTH = 2  # frames being decoded ahead of the one being sent
+
+
+class DumpReader:
+    """A dump memcr wrote, with the index of its records; owns the open file from here on."""
+
+    def __init__(self, file: DumpFile, header: bytes, records: list[Record], page_bytes: int, finished: bool) -> None:
+        self.file = file
+        self.records = records
+        self.page_bytes = page_bytes
+        self.finished = finished  # False: a checkpoint that failed midway
+        self._header = header
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def _damaged(self, what: str) -> DumpError:
+        return DumpError(f"the dump {self.path} {what}", path=str(self.path))
+
+    def verified_records(self) -> list[Record]:
+        """The records holding dropped pages, after checking the file still says what we wrote.
+
+        A finished dump is checked whole; an unfinished one (a checkpoint
+        being rolled back) up to the records whose pages were dropped.
+        """
+        dropped = [r for r in self.records if r.dropped]
+        fd = self.file.fd
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.size:
+                raise self._damaged(f"is {size} bytes, memcr wrote {self.size}: it was modified")
+            if os.pread(fd, HEADER.size, 0) != self._header:
+                raise self._damaged("has a damaged header")
+            for record in dropped:
+                if os.pread(fd, RECORD.size, record.offset - RECORD.size) != record.header:
+                    raise self._damaged(f"has a damaged record at offset {record.offset}")
+            if self.finished and os.pread(fd, RECORD.size, self.size - RECORD.size) != end_record(self.page_bytes):
+                raise self._damaged("has a damaged end record")
+        except OSError as e:
+            raise DumpError(f"cannot read the dump {self.path}: {e.strerror}", path=str(self.path)) from None
+        return dropped
+
+    def file_span(self, record: Record) -> tuple[int, int] | None:
+        """(descriptor, offset) of the record's pages as they are in the file, if they are stored plain."""
+        return None
+
+    def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
+        """The record's pages, in order, a frame's worth at a time, each checked before it is yielded."""
+        raise NotImplementedError
+
+    def _read_exact(self, offset: int, size: int, end: int) -> bytes:
+        if offset + size > end:
+            raise self._damaged("has a frame running past its record")
+        data = os.pread(self.file.fd, size, offset)
+        if len(data) != size:
+            raise self._damaged("ends early")
+        return data
+
+    def remove(self) -> None:
+        """Close and delete the dump: the target runs again (or is gone)."""
+        self.file.remove()
+
+
+class PlainReader(DumpReader):
+    def file_span(self, record: Record) -> tuple[int, int] | None:
+        return self.file.fd, record.offset
+
+    def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
+        end = record.offset + record.stored
+        for offset in range(0, record.length, FRAME_PLAIN):
+            yield self._read_exact(record.offset + offset, min(FRAME_PLAIN, record.length - offset), end)
+
+
+class FramedReader(DumpReader):
+    """Frames are decoded on other cores while the previous ones go to the target."""
+
+    def __init__(
+        self, file: DumpFile, header: bytes, records: list[Record], page_bytes: int, finished: bool, codec: FrameCodec
+    ) -> None:
+        super().__init__(file, header, records, page_bytes, finished)
+        self.codec = codec
+        self._pool = coding_pool(codec, encoding=False)  # its threads start with the first frame
+
+    def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
+        decoding: deque[Future[bytes | memoryview]] = deque()
+        for frame in self._frames(record):
+            decoding.append(self._pool.submit(self._decode, *frame))
+            if len(decoding) > PIPELINE_DEPTH:
+                yield decoding.popleft().result()
+        while decoding:
+            yield decoding.popleft().result()
+
+    def remove(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        heap.release()  # the frame buffers
+        super().remove()
+
+    def _frames(self, record: Record) -> Iterator[tuple[bytes, int, int, int]]:
+        """(header, offset and length of the stored bytes, page address) of each frame."""
+        offset, end, done = record.offset, record.offset + record.stored, 0
+        head_len = FRAME.size + self.codec.digest_len
+        while done < record.length:
+            head = self._read_exact(offset, head_len, end)
+            plain_len, stored_len, _ = self.codec.parse_header(head)
+            if offset + head_len + stored_len > end or done + plain_len > record.length:
+                break
+            yield head, offset + head_len, stored_len, record.addr + done
+            done += plain_len
+            offset += head_len + stored_len
+        if done != record.length or offset != end:
+            raise self._damaged(f"has a damaged record at offset {record.offset}")
+
+    def _decode(self, head: bytes, offset: int, stored_len: int, addr: int) -> bytes | memoryview:
+        stored = self._read_exact(offset, stored_len, offset + stored_len)
+        return self.codec.decode(head, stored, addr)

@@ -1,0 +1,254 @@
+"""Writing a dump while the target is frozen: plain (copied or spliced) or framed (coded on other cores).
+
+Both writers hand out the records whose pages are wholly in the file
+(`completed`), because only those pages may be dropped, and end as a
+DumpReader over the same file (`finish`, or `abandon` for a rollback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from memcr import heap
+from memcr.codec import FRAME_PLAIN, Coding, FrameCodec, coding_pool
+from memcr.dump.format import RECORD, DumpFile, Record, end_record, header, storage_error
+from memcr.dump.reader import DumpReader, FramedReader, PlainReader
+
+PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
+PIPE_SIZE = 1 << 20  # the kernel's default limit for an unprivileged pipe
+
+
+class Writer:
+    """What both writers share: the file, the records, the header."""
+
+    def __init__(self, file: DumpFile, pid: int, page_size: int, coding: Coding) -> None:
+        self.file = file
+        self.pid = pid
+        self.page_size = page_size
+        self.coding = coding
+        self.records: list[Record] = []
+        self.page_bytes = 0
+        self._complete: list[Record] = []
+        self._header = header(page_size, pid, coding.flags)
+        file.append(self._header)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def begin_pages(self, addr: int, length: int) -> Record:
+        record = Record(addr, length)
+        self.records.append(record)
+        return record
+
+    def completed(self) -> list[Record]:
+        """The records whose pages are all in the file since the last call: theirs may be dropped."""
+        done, self._complete = self._complete, []
+        return done
+
+    def _write_record_header(self, record: Record) -> None:
+        record.offset = self.file.size + RECORD.size
+        self.file.append(record.header)  # stored length still 0: rewritten by _finish_record
+
+    def _finish_record(self, record: Record) -> None:
+        self.file.rewrite(record.header, record.offset - RECORD.size)
+        self._complete.append(record)
+
+    def flush(self) -> None:
+        """Write everything still on its way to the file."""
+
+    def finish(self) -> DumpReader:
+        """Write the end record; the dump is complete and is read back from here on."""
+        self.flush()
+        self.file.append(end_record(self.page_bytes))
+        return self._reader(finished=True)
+
+    def abandon(self) -> DumpReader:
+        """Stop writing (a checkpoint failed): the dropped pages are read back from what is there."""
+        return self._reader(finished=False)
+
+    def _reader(self, finished: bool) -> DumpReader:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give up the dump altogether: nothing was dropped."""
+        self.file.remove()
+
+
+class PlainWriter(Writer):
+    """Pages as they are, each record's payload on a page boundary of the file (for sendfile on restore)."""
+
+    def __init__(self, file: DumpFile, pid: int, page_size: int, coding: Coding) -> None:
+        super().__init__(file, pid, page_size, coding)
+        self._buffer = bytearray(FRAME_PLAIN)
+        self._pipe: tuple[int, int, int] | None = None  # read end, write end, capacity
+        self._splices = True
+
+    def begin_pages(self, addr: int, length: int) -> Record:
+        record = super().begin_pages(addr, length)
+        # zero padding puts the payload on a page boundary of the file, so
+        # sendfile() hands whole page-cache pages to the socket on restore
+        pad = -(self.file.size + RECORD.size) % self.page_size
+        if pad:
+            self.file.append(bytes(pad))
+        self._write_record_header(record)
+        return record
+
+    def buffer(self, size: int) -> memoryview:
+        """Where to put the next page bytes for write_payload: reused once written."""
+        return memoryview(self._buffer)[:size]
+
+    def write_payload(self, record: Record, data: memoryview) -> None:
+        self.file.append(data)
+        record.written += len(data)
+        record.stored += len(data)
+        self.page_bytes += len(data)
+
+    def end_pages(self, record: Record) -> None:
+        record.ended = True
+        self._finish_record(record)
+
+    def pipe(self) -> tuple[int, int] | None:
+        """(write end, capacity) of a pipe into the file, for write_piped.
+
+        Pages can be spliced from the parasite's socket into it and on into
+        the page cache: they never enter this process, one copy of the
+        three that recv() and write() make. None where the filesystem takes
+        no spliced writes: the pages are copied then.
+        """
+        if self._pipe is None and self._splices:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # beyond the user's pipe quota: the default size works too
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self._pipe = read_end, write_end, fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+            self._splices = self._takes_splice(read_end, write_end)
+            if not self._splices:
+                self._close_pipe()
+        return None if self._pipe is None else (self._pipe[1], self._pipe[2])
+
+    def _takes_splice(self, read_end: int, write_end: int) -> bool:
+        """Since Linux 5.10 a filesystem without splice_write (jffs2 on some kernels) refuses spliced writes."""
+        os.write(write_end, b"\0")
+        try:
+            os.splice(read_end, self.file.fd, 1, offset_dst=self.file.size)
+        except OSError:
+            return False  # a full disk fails again in the copy, with its own message
+        try:
+            os.ftruncate(self.file.fd, self.file.size)
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+        return True
+
+    def write_piped(self, record: Record, length: int) -> None:
+        """Append the next `length` bytes of the record's pages, waiting in the pipe."""
+        assert self._pipe is not None, "write_piped without pipe()"
+        try:
+            while length:
+                n = os.splice(self._pipe[0], self.file.fd, length)
+                self.file.size += n
+                record.stored += n
+                record.written += n
+                self.page_bytes += n
+                length -= n
+        except OSError as e:
+            self._close_pipe()  # it still holds bytes that no longer belong anywhere
+            raise storage_error(self.path, e) from None
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            self._pipe = None
+
+    def _reader(self, finished: bool) -> DumpReader:
+        self._close_pipe()
+        self._buffer = bytearray()  # a daemon holds many dumps for hours: none keeps a megabyte
+        return PlainReader(self.file, self._header, self.records, self.page_bytes, finished)
+
+    def close(self) -> None:
+        self._close_pipe()
+        super().close()
+
+
+class FramedWriter(Writer):
+    """Pages in frames (compressed, checksummed, encrypted), coded on other cores while memcr moves bytes."""
+
+    def __init__(self, file: DumpFile, pid: int, page_size: int, coding: Coding) -> None:
+        super().__init__(file, pid, page_size, coding)
+        self.codec = FrameCodec(coding, pid)
+        self._pool: ThreadPoolExecutor = coding_pool(self.codec, encoding=True)
+        # file writes in order: a record's header (None), or one of its frames being coded from a buffer
+        self._pending: deque[tuple[Record, Future[list[bytes | memoryview]] | None, bytearray | None]] = deque()
+        self._buffers: list[bytearray] = []
+
+    def begin_pages(self, addr: int, length: int) -> Record:
+        record = super().begin_pages(addr, length)
+        self._pending.append((record, None, None))  # after the frames still being coded
+        return record
+
+    def buffer(self, size: int) -> memoryview:
+        """Where to put the next page bytes for write_payload: given back once its frame is written."""
+        return memoryview(self._buffers.pop() if self._buffers else bytearray(FRAME_PLAIN))[:size]
+
+    def write_payload(self, record: Record, data: memoryview) -> None:
+        addr = record.addr + record.written
+        record.written += len(data)
+        self.page_bytes += len(data)
+        buffer = data.obj
+        assert isinstance(buffer, bytearray), "write_payload takes a view from buffer()"
+        self._pending.append((record, self._pool.submit(self.codec.encode, data, addr), buffer))
+        while len(self._pending) > PIPELINE_DEPTH:
+            self._write_oldest()
+
+    def end_pages(self, record: Record) -> None:
+        """No more bytes for this record: it is complete once its frames are written."""
+        record.ended = True
+        if not any(r is record for r, _, _ in self._pending):
+            self._finish_record(record)
+
+    def flush(self) -> None:
+        while self._pending:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        record, encoding, buffer = self._pending.popleft()
+        if encoding is None:
+            self._write_record_header(record)
+        else:
+            before = self.file.size
+            for piece in encoding.result():
+                self.file.append(piece)
+            record.stored += self.file.size - before
+            if buffer is not None:
+                self._buffers.append(buffer)
+        if record.ended and not (self._pending and self._pending[0][0] is record):
+            self._finish_record(record)
+
+    def _stop_pool(self) -> None:
+        self._pool.shutdown(cancel_futures=True)  # while the target stays frozen, no thread waits for work
+        self._buffers.clear()
+        heap.release()  # the frame buffers
+
+    def _reader(self, finished: bool) -> DumpReader:
+        self._stop_pool()
+        return FramedReader(self.file, self._header, self.records, self.page_bytes, finished, self.codec)
+
+    def close(self) -> None:
+        self._stop_pool()
+        super().close()
+
+
+def open_writer(directory: Path, pid: int, page_size: int, coding: Coding) -> PlainWriter | FramedWriter:
+    file = DumpFile.create(directory, pid)
+    try:
+        if coding.framed:
+            return FramedWriter(file, pid, page_size, coding)
+        return PlainWriter(file, pid, page_size, coding)
+    except BaseException:
+        file.remove()
+        raise
