@@ -9,6 +9,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,7 +27,7 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
-class GroupId(click.ParamType):
+class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
     """A group as a number or a name."""
 
     name = "GID"
@@ -198,7 +199,7 @@ class ProgressBar:
     MIN_BYTES = 256 << 20
 
     def __init__(self) -> None:
-        self._bar = None
+        self._bar: Any = None  # click's bar, once the dump is big enough for one
         self._shown = 0
 
     def __call__(self, done: int, total: int) -> None:

@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
+from typing import Any, Protocol
 
 from memcr.errors import DumpError, UsageError
 
@@ -89,6 +90,16 @@ def preload(coding: Coding) -> None:
             importlib.import_module(name)
 
 
+class _Compressor(Protocol):
+    def compress(self, data: memoryview) -> bytes: ...
+    def decompress(self, data: bytes | memoryview, plain_len: int) -> bytes: ...
+
+
+class _Sealer(Protocol):
+    def seal(self, data: bytes | memoryview, aad: bytes) -> list[bytes]: ...
+    def open(self, data: bytes, aad: bytes) -> bytes | memoryview: ...
+
+
 class _Lz4:
     def __init__(self) -> None:
         import lz4.block
@@ -96,10 +107,10 @@ class _Lz4:
         self._block = lz4.block
 
     def compress(self, data: memoryview) -> bytes:
-        return self._block.compress(data, store_size=False)
+        return bytes(self._block.compress(data, store_size=False))
 
-    def decompress(self, data: bytes, plain_len: int) -> bytes:
-        return self._block.decompress(data, uncompressed_size=plain_len)
+    def decompress(self, data: bytes | memoryview, plain_len: int) -> bytes:
+        return bytes(self._block.decompress(data, uncompressed_size=plain_len))
 
 
 class _Zstd:
@@ -111,17 +122,17 @@ class _Zstd:
         self._zstd = zstandard
         self._local = threading.local()
 
-    def _contexts(self):  # (compressor, decompressor) of this thread
+    def _contexts(self) -> Any:  # this thread's: .c compresses, .d decompresses
         if not hasattr(self._local, "c"):
             self._local.c = self._zstd.ZstdCompressor(level=ZSTD_LEVEL)
             self._local.d = self._zstd.ZstdDecompressor()
         return self._local
 
     def compress(self, data: memoryview) -> bytes:
-        return self._contexts().c.compress(data)
+        return bytes(self._contexts().c.compress(data))
 
-    def decompress(self, data: bytes, plain_len: int) -> bytes:
-        return self._contexts().d.decompress(data, max_output_size=plain_len)
+    def decompress(self, data: bytes | memoryview, plain_len: int) -> bytes:
+        return bytes(self._contexts().d.decompress(data, max_output_size=plain_len))
 
 
 @cache
@@ -161,7 +172,7 @@ class _CbcHmac:
         self._mac_key = _process_key(cipher + "-hmac", 32)
         self._cipher, self._algorithms, self._modes = Cipher, algorithms, modes
 
-    def _aes(self, iv: bytes):  # a cryptography Cipher
+    def _aes(self, iv: bytes | memoryview) -> Any:  # a cryptography Cipher
         return self._cipher(self._algorithms.AES(self._key), self._modes.CBC(iv))
 
     def _tag(self, aad: bytes, *body: bytes | memoryview) -> bytes:
@@ -202,7 +213,7 @@ def _md5(*pieces: bytes | memoryview) -> bytes:
     return md5.digest()
 
 
-def _same(a: bytes, b: bytes) -> bool:
+def _same(a: bytes | memoryview, b: bytes) -> bool:
     import hmac
 
     return hmac.compare_digest(a, b)
@@ -229,8 +240,10 @@ class FrameCodec:
         self.pid = pid
         # binds frames to this dump: the same process may dump the same pid again
         self._dump_id = os.urandom(8)
-        self._compressor = {"lz4": _Lz4, "zstd": _Zstd}[coding.compress]() if coding.compress else None
-        self._sealer = None
+        self._compressor: _Compressor | None = None
+        if coding.compress:
+            self._compressor = _Lz4() if coding.compress == "lz4" else _Zstd()
+        self._sealer: _Sealer | None = None
         if coding.cipher:
             self._sealer = _Gcm(coding.cipher) if coding.cipher.endswith("gcm") else _CbcHmac(coding.cipher)
 
@@ -262,7 +275,7 @@ class FrameCodec:
         pieces: list[bytes | memoryview] = [data]
         if self._sealer:
             flags |= F_ENCRYPTED
-            pieces = self._sealer.seal(data, self._aad(addr, len(plain), flags))  # type: ignore[assignment]
+            pieces = list(self._sealer.seal(data, self._aad(addr, len(plain), flags)))
         header = FRAME.pack(len(plain), sum(map(len, pieces)), flags, 0)
         if self.coding.checksum:
             header += _md5(self._aad(addr, len(plain), flags), header, *pieces)
@@ -295,7 +308,7 @@ class FrameCodec:
             header, digest = raw_header[: FRAME.size], raw_header[FRAME.size :]
             if _md5(self._aad(addr, plain_len, flags), header, stored) != digest:
                 raise DumpError("a frame of the dump fails its MD5 checksum: the dump is corrupt")
-        data = stored
+        data: bytes | memoryview = stored
         if self._sealer:
             data = self._sealer.open(stored, self._aad(addr, plain_len, flags))
         if flags & F_COMPRESSED:

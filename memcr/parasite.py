@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from memcr.arch import Blobs
@@ -225,7 +226,7 @@ class Parasite:
         """Fill `view` completely from the parasite."""
         got, total = 0, len(view)
         while got < total:
-            n = self._io(lambda got=got: self.sock.recv_into(view[got:], total - got, socket.MSG_WAITALL))
+            n = self._io(partial(self.sock.recv_into, view[got:], total - got, socket.MSG_WAITALL))
             if n == 0:
                 raise ParasiteError("the parasite closed its connection unexpectedly")
             got += n
@@ -263,7 +264,7 @@ class Parasite:
         def push() -> None:
             sent, out = 0, self.sock.fileno()
             while sent < length:
-                n = self._io(lambda sent=sent: os.sendfile(out, fd, offset + sent, length - sent))
+                n = self._io(partial(os.sendfile, out, fd, offset + sent, length - sent))
                 if n == 0:
                     raise ParasiteError("the dump file ended early")
                 sent += n
@@ -322,7 +323,7 @@ class Parasite:
     def _send_all(self, view: memoryview) -> None:
         sent = 0
         while sent < len(view):
-            sent += self._io(lambda sent=sent: self.sock.send(view[sent:]))
+            sent += self._io(partial(self.sock.send, view[sent:]))
 
     def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
         if self.broken:

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from memcr import procfs
@@ -81,7 +82,7 @@ class PtraceMem:
         merged[addr - start : addr - start + len(data)] = data
         for at in range(start, end, w):
             word = int.from_bytes(merged[at - start : at - start + w], "little")
-            self._access(lambda at=at, word=word: pt.poke(self.tid, at, word))
+            self._access(partial(pt.poke, self.tid, at, word))
 
     def _peek(self, at: int) -> bytes:
         value = self._access(lambda: pt.peek(self.tid, at))

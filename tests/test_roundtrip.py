@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -11,25 +12,35 @@ from tests.conftest import Memcr, log_value
 MODES = [[], ["-m"], ["-f"], ["-m", "-f"]]
 
 
+def reports(out: str) -> list[dict]:
+    """The --json lines among memcr's output."""
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.parametrize("threads", [0, 8])
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: " ".join(m) or "plain")
 def test_round_trip(spawn, memcr: Memcr, mode: list[str], threads: int) -> None:
     target = spawn("pattern", 64, threads)
-    result = memcr.run("-p", target.pid, "-n", *mode)
+    result = memcr.run("-p", target.pid, "-n", "--json", *mode)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert int(log_value(out, r"seized (\d+) threads").group(1)) == threads + 1
+    # the human lines are an interface too: scripts written for the C memcr grep them
+    assert log_value(out, rf"seized {threads + 1} threads")
     assert log_value(out, r"download took \d+ ms")
     assert log_value(out, r"upload took \d+ ms")
     assert log_value(out, rf"dump \S+/pages-{target.pid}\.img \(\d+ bytes\)")
     assert log_value(out, rf"pid {target.pid} restored")
-    rss_before, rss_after = map(int, log_value(out, r"VmRSS (\d+) kB -> (\d+) kB").groups())
-    assert rss_after < rss_before
-    anon_before, anon_after = map(int, log_value(out, r"RssAnon (\d+) kB -> (\d+) kB").groups())
-    assert anon_after < anon_before / 10
+    parked, restored = reports(out)
+    assert (parked["event"], restored["event"]) == ("checkpoint", "restore")
+    assert parked["pid"] == target.pid and parked["threads"] == threads + 1
+    assert parked["pages"] >= 64 * 2**20 // parked["page_size"]
+    assert parked["dump_path"].endswith(f"pages-{target.pid}.img") and parked["dump_bytes"] > 0
+    assert restored["upload_ms"] > 0 and restored["download_ms"] == parked["download_ms"]
+    before, after = parked["rss_before"], parked["rss_after"]
+    assert after["VmRSS"] < before["VmRSS"]
+    assert after["RssAnon"] < before["RssAnon"] / 10
     if "-f" in mode:
-        file_before, file_after = map(int, log_value(out, r"RssFile (\d+) kB -> (\d+) kB").groups())
-        assert file_after < file_before
+        assert after["RssFile"] < before["RssFile"]
     assert memcr.dumps() == []
     assert target.verify() == 0
 

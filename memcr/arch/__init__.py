@@ -58,7 +58,8 @@ class Blobs:
 def current() -> Arch:
     machine = platform.machine()
     try:
-        return importlib.import_module(f"memcr.arch.{machine}")  # type: ignore[return-value]
+        module: Arch = importlib.import_module(f"memcr.arch.{machine}")  # a module that follows the protocol
+        return module
     except ModuleNotFoundError:
         raise MemcrError(f"memcr does not support the {machine} architecture yet") from None
 

@@ -22,7 +22,7 @@ def copy_regs(regs: user_regs_struct) -> user_regs_struct:
 
 
 def pc(regs: user_regs_struct) -> int:
-    return regs.rip
+    return int(regs.rip)
 
 
 def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, ...]) -> user_regs_struct:
@@ -38,5 +38,5 @@ def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, .
 
 
 def syscall_result(regs: user_regs_struct) -> int:
-    value = regs.rax
+    value = int(regs.rax)
     return value - (_MASK + 1) if value >> (8 * WORD - 1) else value
