@@ -242,7 +242,7 @@ class Session:
         assert self.channel is not None and self.dump is not None
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
-        for extent in plan.dump:
+        for extent in plan.copy:
             if self.abort.is_set():
                 raise Aborted(f"checkpoint of pid {self.pid} aborted: its pages were put back, it runs on")
             record = self.dump.begin_pages(extent.start, extent.length)
