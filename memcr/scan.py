@@ -13,12 +13,12 @@ import ctypes
 import errno
 import fcntl
 import mmap
-import os
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from memcr import procfs
 from memcr.errors import PlanError, TargetError
 from memcr.procfs import SPECIAL, Vma
 
@@ -89,16 +89,11 @@ def zero_pfn() -> int:
     addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     try:
         ctypes.string_at(addr, 1)  # a read fault maps the zero page
-        try:
-            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
-        try:
-            entry = int.from_bytes(os.pread(fd, 8, addr // PAGE * 8), "little")
-        finally:
-            os.close(fd)
+        entry = procfs.self_pagemap_entry(addr)
     finally:
         libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE))
+    if entry is None:
+        return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
     return entry & PM_PFN if entry & PM_PRESENT else 0
 
 
