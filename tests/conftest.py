@@ -330,7 +330,11 @@ class Daemon:
         argv = memcr_argv("-l", listen, "-d", dump_dir, *args)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.out = Lines(self.proc.stdout)
-        self.out.wait_for("listening on")
+        try:
+            self.out.wait_for("listening on")
+        except BaseException:
+            reap(self.proc)  # never handed to the test or the daemon fixture: reap it here
+            raise
 
     def request(self, cmd: int, pid: int, payload: bytes | None = None) -> bytes:
         """Send one raw request, return the raw reply (b"" if the daemon closed)."""
