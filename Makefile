@@ -50,7 +50,7 @@ profile: install
 
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
-	sh scripts/install-system.sh $(PREFIX) $(MEMCR_GROUP)
+	sh deploy/install-system.sh $(PREFIX) $(MEMCR_GROUP)
 
 clean:
 	$(MAKE) -C parasite clean
