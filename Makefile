@@ -41,12 +41,12 @@ apps:
 
 bench: install apps
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
-	$(BIN)/python bench/bench.py
+	$(BIN)/python -m bench
 
 # a py-spy flame graph of one checkpoint and restore: make profile ARGS='-z lz4'
 profile: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
-	$(BIN)/python bench/profile.py -- $(ARGS)
+	$(BIN)/python -m bench.flame -- $(ARGS)
 
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
