@@ -30,6 +30,7 @@ demo: install
 # the whole suite, with a few round trips per real app (tests/apps)
 test: install apps
 	$(BIN)/ruff check memcr memcr_client tests bench scripts
+	$(BIN)/ruff format --check memcr memcr_client tests bench scripts
 	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q
 
 # the real apps alone, each parked and woken 100 times (MEMCR_APP_CYCLES=N for another count)
