@@ -30,6 +30,7 @@ demo: install
 # the whole suite, with a few round trips per real app (tests/apps)
 test: install apps
 	$(BIN)/ruff check memcr memcr_client tests bench scripts
+	$(BIN)/ruff format --check memcr memcr_client tests bench scripts
 	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q
 
 # the real apps alone, each parked and woken 100 times (MEMCR_APP_CYCLES=N for another count)
@@ -41,16 +42,16 @@ apps:
 
 bench: install apps
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
-	$(BIN)/python bench/bench.py
+	$(BIN)/python -m bench
 
 # a py-spy flame graph of one checkpoint and restore: make profile ARGS='-z lz4'
 profile: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
-	$(BIN)/python bench/profile.py -- $(ARGS)
+	$(BIN)/python -m bench.flame -- $(ARGS)
 
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
-	sh scripts/install-system.sh $(PREFIX) $(MEMCR_GROUP)
+	sh deploy/install-system.sh $(PREFIX) $(MEMCR_GROUP)
 
 clean:
 	$(MAKE) -C parasite clean

@@ -224,7 +224,7 @@ class _Stream:
         writer, pid = self.writer, self.frozen.pid
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
-        for extent in plan.dump:
+        for extent in plan.copy:
             if cancel.cancelled:
                 raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
             record = writer.begin_pages(extent.start, extent.length)

@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import os
+
 
 class MemcrError(Exception):
     """Base of every failure memcr reports; the message names the problem and the fix.
 
-    The fields say what it concerns (None: not known or not relevant), so
-    that callers decide without parsing the message.
+    Besides its message, a failure may carry data for a program to act on
+    (psutil style), each None when unknown or beside the point:
+
+    * pid: the process concerned;
+    * path: the file concerned, such as /proc/1234/status;
+    * errno: the error number of the system call that failed (errno.ENOENT ...);
+    * what: the operation or thing that failed, in a word or two ("read",
+      "open", "dump-dir", "proc-mem"): memcr.advice keys its advice on it.
+
+    `raise TargetGone("...")` keeps working; the data are keyword-only.
     """
 
     exit_code = 1
 
     def __init__(
         self,
-        message: str,
-        *,
+        *args: object,
         pid: int | None = None,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         errno: int | None = None,
         what: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(*args)
         self.pid = pid
-        self.path = path
+        self.path = None if path is None else os.fspath(path)
         self.errno = errno
-        self.what = what  # a short key for what went wrong, where callers act on it (memcr.advice)
+        self.what = what
 
 
 class UsageError(MemcrError):

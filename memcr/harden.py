@@ -14,6 +14,7 @@ import ctypes
 import os
 import resource
 
+from memcr import procfs
 from memcr.errors import MemcrError
 
 PR_SET_DUMPABLE = 4
@@ -27,11 +28,7 @@ class HardeningError(MemcrError):
 
 
 def tracer_pid() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    return 0
+    return int(procfs.read_status("self").get("TracerPid", "0"))
 
 
 def harden(allow_tracer: bool = False) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from memcr import procfs
 from memcr.arch import Blobs
 from memcr.errors import ParasiteError, RightsError
 from memcr.infect import Infection, Injector
@@ -113,12 +114,15 @@ def _netns_socket(pid: int) -> socket.socket:
 
     def make() -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            fd = procfs.open_namespace(pid, "net")
             try:
                 if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
                     err = ctypes.get_errno()
                     raise RightsError(
-                        f"cannot enter the network namespace of process {pid}: {os.strerror(err)} (needs CAP_SYS_ADMIN)"
+                        f"cannot enter the network namespace of process {pid}: {os.strerror(err)} "
+                        "(needs CAP_SYS_ADMIN)",
+                        pid=pid,
+                        errno=err,
                     )
             finally:
                 os.close(fd)

@@ -6,12 +6,13 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from memcr import arch
-from memcr.errors import RightsError, TargetError, TargetGone
+from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
 
 PF_KTHREAD = 0x00200000
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")  # the kernel's own mappings
@@ -53,36 +54,124 @@ def proc_path(pid: int | str, *parts: str) -> Path:
     return Path("/proc", str(pid), *parts)
 
 
-def _read(path: Path, pid: int) -> str:
+# -- reading, with one mapping of errors ----------------------------------------
+
+GONE = (errno.ENOENT, errno.ESRCH)
+DENIED = (errno.EACCES, errno.EPERM)
+
+
+def _ids(pid: int | str) -> tuple[int | None, int | None]:
+    """(process, thread) of a /proc entry: 1234, "1234", "1234/task/1240" or "self"."""
+    if isinstance(pid, int):
+        return pid, None
+    if pid == "self":
+        return os.getpid(), None
+    parts = pid.split("/")
+    if len(parts) == 3 and parts[1] == "task" and parts[0].isdigit() and parts[2].isdigit():
+        return int(parts[0]), int(parts[2])
+    return (int(pid), None) if pid.isdigit() else (None, None)
+
+
+def typed_error(e: OSError, path: Path | str, pid: int | str | None, what: str = "read") -> Exception:
+    """The typed error for a failed /proc access: the one mapping every reader here uses.
+
+    ENOENT and ESRCH: the process (or thread) is gone, TargetGone.
+    EACCES and EPERM: memcr lacks the right, RightsError.
+    Anything else (EMFILE, ENOMEM, EIO ...) is returned as it is: the
+    callers name a descriptor limit themselves.
+    Each carries pid, path, errno and what (the operation: read, open, list).
+    """
+    number, thread = _ids(pid) if pid is not None else (None, None)
+    if e.errno in GONE:
+        who = f"thread {thread} of process {number}" if thread is not None else f"process {number}"
+        return TargetGone(f"{who} is gone", pid=number, path=path, errno=e.errno, what=what)
+    if e.errno in DENIED:
+        return RightsError(
+            f"cannot {what} {path}: permission denied (run memcr as root or with "
+            "CAP_SYS_PTRACE and read access to the target's /proc entries)",
+            pid=number,
+            path=path,
+            errno=e.errno,
+            what=what,
+        )
+    return e
+
+
+def _read(path: Path, pid: int | str | None) -> str:
+    """The whole file as text; bytes that are not UTF-8 (a file or command name can hold any) survive
+    as surrogate escapes, as os.fsdecode gives them."""
     try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise TargetGone(f"process {pid} is gone") from None
-    except PermissionError:
-        raise RightsError(
-            f"cannot read {path}: permission denied (run memcr as root or with "
-            "CAP_SYS_PTRACE and read access to the target's /proc entries)"
-        ) from None
-    except ProcessLookupError:
-        raise TargetGone(f"process {pid} is gone") from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise typed_error(e, path, pid, "read") from None
+    return data.decode("utf-8", "surrogateescape")
 
 
-def read_maps(pid: int, flags: bool = True) -> list[Vma]:
-    """The target's mappings; with their VmFlags from smaps, whose page-table walk costs ~15 ms per GiB."""
+def _read_or_none(path: Path) -> str | None:
+    """For what memcr can do without: None whatever the failure."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+
+
+def _listdir(path: Path, pid: int | str | None) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise typed_error(e, path, pid, "list") from None
+
+
+def _open(path: Path, pid: int | str | None, flags: int = os.O_RDONLY) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise typed_error(e, path, pid, "open") from None
+
+
+# -- parsers: pure functions of a file's text -----------------------------------
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a /proc file: split at newlines only. The kernel escapes a newline
+    in a path or a command name, but not a carriage return, form feed or U+2028,
+    which str.splitlines() would also split at."""
+    return [line for line in text.split("\n") if line]
+
+
+def parse_maps(text: str) -> list[Vma]:
+    """The mappings of /proc/<pid>/maps, or of smaps with their VmFlags, resident and shared bytes.
+
+    A line per mapping, `start-end perms offset dev inode [path]`: the path
+    may hold spaces, ends in " (deleted)" for a file removed since, and is
+    [heap], [stack], [vdso], [vsyscall] ... for the kernel's own mappings.
+    smaps follows each such line with counters (`Rss:  12 kB`) and VmFlags.
+    """
     vmas: list[Vma] = []
-    for line in _read(proc_path(pid, "smaps" if flags else "maps"), pid).splitlines():
-        if line.startswith("VmFlags:"):
-            vmas[-1] = dataclasses.replace(vmas[-1], flags=frozenset(line.split()[1:]))
-            continue
-        if line.startswith(("Rss:", "Swap:")):
-            vmas[-1] = dataclasses.replace(vmas[-1], resident=vmas[-1].resident + int(line.split()[1]) * 1024)
-            continue
-        if line.startswith(("Shared_Clean:", "Shared_Dirty:")):
-            vmas[-1] = dataclasses.replace(vmas[-1], shared=vmas[-1].shared + int(line.split()[1]) * 1024)
+    counters: dict[str, int] = {}
+    flags: frozenset[str] = frozenset()
+
+    def finish() -> None:
+        if vmas and (counters or flags):
+            resident = counters.get("Rss:", 0) + counters.get("Swap:", 0)
+            shared = counters.get("Shared_Clean:", 0) + counters.get("Shared_Dirty:", 0)
+            vmas[-1] = dataclasses.replace(vmas[-1], flags=flags, resident=resident * 1024, shared=shared * 1024)
+
+    for line in _lines(text):
+        first, _, rest = line.partition(" ")
+        if first.endswith(":"):  # an smaps counter of the mapping above
+            if first == "VmFlags:":
+                flags = frozenset(rest.split())
+            elif first in ("Rss:", "Swap:", "Shared_Clean:", "Shared_Dirty:"):
+                counters[first] = int(rest.split()[0])
             continue
         fields = line.split(maxsplit=5)
         if "-" not in fields[0] or len(fields) < 5:
-            continue  # a counter line such as "Rss:  12 kB"
+            continue
+        finish()
+        counters, flags = {}, frozenset()
         start, end = fields[0].split("-")
         vmas.append(
             Vma(
@@ -94,16 +183,56 @@ def read_maps(pid: int, flags: bool = True) -> list[Vma]:
                 path=fields[5] if len(fields) > 5 else "",
             )
         )
+    finish()
     return vmas
 
 
-def read_status(pid: int | str) -> dict[str, str]:
-    text = _read(proc_path(pid, "status"), int(pid) if str(pid).isdigit() else 0)
+def parse_status(text: str) -> dict[str, str]:
+    """/proc/<pid>/status as {field: value}, values stripped ("VmRSS" -> "1234 kB").
+
+    The kernel escapes a newline (and a backslash) in Name: one line per field.
+    """
     status = {}
-    for line in text.splitlines():
+    for line in _lines(text):
         key, _, value = line.partition(":")
         status[key] = value.strip()
     return status
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The fields of /proc/<pid>/stat that memcr uses."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int  # PF_* bits: PF_KTHREAD for a kernel thread
+
+
+def parse_stat(text: str) -> Stat:
+    """/proc/<pid>/stat: `pid (comm) state ppid ...`.
+
+    comm is raw between the parentheses: it may hold spaces, ") " and
+    newlines, so the fields after it start after the last ")".
+    """
+    head, _, tail = text.rpartition(")")
+    pid, _, comm = head.partition(" (")
+    fields = tail.split()
+    return Stat(pid=int(pid), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6]))
+
+
+# -- readers ---------------------------------------------------------------------
+
+
+def read_maps(pid: int, flags: bool = True) -> list[Vma]:
+    """The target's mappings; with their VmFlags from smaps, whose page-table walk costs ~15 ms per GiB."""
+    return parse_maps(_read(proc_path(pid, "smaps" if flags else "maps"), pid))
+
+
+def read_status(pid: int | str) -> dict[str, str]:
+    """The status of a process (1234), a thread ("1234/task/1240") or memcr itself ("self")."""
+    return parse_status(_read(proc_path(pid, "status"), pid))
 
 
 def memory_kb(status: dict[str, str], key: str) -> int:
@@ -111,18 +240,16 @@ def memory_kb(status: dict[str, str], key: str) -> int:
     return int(status.get(key, "0 kB").split()[0])
 
 
+def read_stat(pid: int | str) -> Stat:
+    return parse_stat(_read(proc_path(pid, "stat"), pid))
+
+
 def stat_flags(pid: int) -> int:
-    text = _read(proc_path(pid, "stat"), pid)
-    # the command name may contain spaces and parentheses: split after the last ')'
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[6])
+    return read_stat(pid).flags
 
 
 def thread_ids(pid: int) -> set[int]:
-    try:
-        return {int(name) for name in os.listdir(proc_path(pid, "task"))}
-    except FileNotFoundError:
-        raise TargetGone(f"process {pid} is gone") from None
+    return {int(name) for name in _listdir(proc_path(pid, "task"), pid)}
 
 
 def alive(pid: int) -> bool:
@@ -142,35 +269,37 @@ def ns_pid(pid: int) -> int:
 def check_target(pid: int) -> dict[str, str]:
     """Refuse pids that memcr must never freeze; return the target's status."""
     if not proc_path(pid).exists():
-        raise TargetError(f"no such process: {pid}")
+        raise TargetError(f"no such process: {pid}", pid=pid, path=proc_path(pid), errno=errno.ESRCH, what="look up")
     status = read_status(pid)
     if int(status.get("Tgid", pid)) != pid:
-        raise TargetError(f"{pid} is a thread of process {status['Tgid']}: give the process id")
+        raise TargetError(f"{pid} is a thread of process {status['Tgid']}: give the process id", pid=pid)
     if status.get("State", "").startswith(("Z", "X")):
         threads = int(status.get("Threads", "1"))
         if threads > 1:
             raise TargetError(
                 f"the main thread of process {pid} has exited while {threads - 1} other threads run on: "
-                "memcr cannot park a process without its main thread"
+                "memcr cannot park a process without its main thread",
+                pid=pid,
             )
-        raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to save")
+        raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to save", pid=pid)
     if pid == 1:
-        raise TargetError("refusing to freeze pid 1 (init): the whole system would stall")
+        raise TargetError("refusing to freeze pid 1 (init): the whole system would stall", pid=pid)
     if stat_flags(pid) & PF_KTHREAD:
-        raise TargetError(f"process {pid} is a kernel thread: it has no user memory to save")
+        raise TargetError(f"process {pid} is a kernel thread: it has no user memory to save", pid=pid)
     if pid == os.getpid():
-        raise TargetError(f"process {pid} is memcr itself")
+        raise TargetError(f"process {pid} is memcr itself", pid=pid)
     if pid == os.getppid():
-        raise TargetError(f"process {pid} is memcr's parent, which waits for memcr")
-    threads = _thread_statuses(pid, thread_ids(pid))
-    for tid, thread in threads:
-        tracer = int(thread.get("TracerPid", "0"))
+        raise TargetError(f"process {pid} is memcr's parent, which waits for memcr", pid=pid)
+    statuses = _thread_statuses(pid, thread_ids(pid))
+    for tid, thread_status in statuses:
+        tracer = int(thread_status.get("TracerPid", "0"))
         if tracer:
             which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
             raise TargetError(
-                f"{which} is already traced by process {tracer} (another memcr or a debugger): detach it first"
+                f"{which} is already traced by process {tracer} (another memcr or a debugger): detach it first",
+                pid=pid,
             )
-    _unconfined(pid, threads)
+    _unconfined(pid, statuses)
     return status
 
 
@@ -198,14 +327,20 @@ def _unconfined(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
             return tid
     raise TargetError(
         f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
-        "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone"
+        "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone",
+        pid=pid,
     )
 
 
-def trace_denied(pid: int) -> RightsError:
+def trace_denied(pid: int, cause: MemcrError | None = None) -> RightsError:
+    """The refusal to trace `pid`, with the path, errno and operation of the access that showed it."""
     return RightsError(
         f"not permitted to trace process {pid}: memcr needs root or "
-        "CAP_SYS_PTRACE (and /proc/sys/kernel/yama/ptrace_scope must allow it)"
+        "CAP_SYS_PTRACE (and /proc/sys/kernel/yama/ptrace_scope must allow it)",
+        pid=pid,
+        path=cause.path if cause else None,
+        errno=cause.errno if cause else None,
+        what=cause.what if cause else "trace",
     )
 
 
@@ -219,19 +354,17 @@ def async_writers(pid: int) -> list[str]:
     found = []
     try:
         vmas = read_maps(pid, flags=False)
-    except RightsError:
-        raise trace_denied(pid) from None
+    except RightsError as e:
+        raise trace_denied(pid, e) from None
     for vma in vmas:
         if vma.path.startswith("/[aio]"):
             found.append("a Linux AIO context (io_setup)")
             break
     try:
         # fdinfo, not fd: listing fd/ needs the target's uid, fdinfo/ only the right to trace it
-        names = os.listdir(proc_path(pid, "fdinfo"))
-    except FileNotFoundError:
-        raise TargetGone(f"process {pid} is gone") from None
-    except PermissionError:
-        raise trace_denied(pid) from None
+        names = _listdir(proc_path(pid, "fdinfo"), pid)
+    except RightsError as e:
+        raise trace_denied(pid, e) from None
     for name in names:
         try:
             link = os.readlink(proc_path(pid, "fd", name))
@@ -276,8 +409,7 @@ def _vfork_relatives(pid: int) -> list[int]:
     if _in_vfork(pid):
         children: list[int] = []
         for tid in thread_ids(pid):
-            with contextlib.suppress(OSError):
-                children += [int(c) for c in proc_path(pid, "task", str(tid), "children").read_text().split()]
+            children += [int(c) for c in (_read_or_none(proc_path(pid, "task", str(tid), "children")) or "").split()]
         return children
     return [parent] if parent and _in_vfork(parent) else []
 
@@ -289,10 +421,7 @@ def _in_vfork(pid: int) -> bool:
 def wait_channel(pid: int, tid: int | None = None) -> str:
     """The kernel function a thread sleeps in ('?' when unknown)."""
     path = proc_path(pid, "wchan") if tid is None else proc_path(pid, "task", str(tid), "wchan")
-    try:
-        return path.read_text() or "?"
-    except OSError:
-        return "?"
+    return _read_or_none(path) or "?"
 
 
 def require_page_monitor() -> None:
@@ -311,10 +440,63 @@ def require_page_monitor() -> None:
 def open_pagemap(pid: int) -> int | None:
     """An fd on the target's pagemap, or None when memcr may not read it."""
     try:
-        return os.open(proc_path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
-    except PermissionError:
+        return _open(proc_path(pid, "pagemap"), pid)
+    except RightsError:
         return None
+
+
+def self_pagemap_entry(addr: int) -> int | None:
+    """memcr's own pagemap entry (8 bytes, as a number) for the page at `addr`; None when memcr
+    may not read its own pagemap (undumpable and not root: /proc/self is then root's)."""
+    path = proc_path("self", "pagemap")
+    try:
+        fd = _open(path, "self")
+    except RightsError:
+        return None
+    try:
+        return int.from_bytes(os.pread(fd, 8, addr // mmap.PAGESIZE * 8), "little")
+    finally:
+        os.close(fd)
+
+
+def open_mem(pid: int, flags: int = os.O_RDWR) -> int | None:
+    """An fd on the target's /proc/<pid>/mem, or None when memcr may not open it: the file is
+    the target's and 0600, so with CAP_SYS_PTRACE alone memcr goes through ptrace instead."""
+    try:
+        return _open(proc_path(pid, "mem"), pid, flags)
+    except RightsError:
+        return None
+
+
+NAMESPACES = frozenset(
+    {"cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts"}
+)
+
+
+def open_namespace(pid: int, kind: str) -> int:
+    """An O_RDONLY|O_CLOEXEC fd on namespace `kind` ("net", "mnt" ...) of process `pid`, for setns(2).
+
+    Opening it needs the right to trace the process: RightsError without,
+    TargetGone when the process is gone, RightsError when the kernel lacks
+    that kind of namespace. The caller closes the fd.
+    """
+    if kind not in NAMESPACES:
+        raise ValueError(f"unknown namespace kind {kind!r}: one of {', '.join(sorted(NAMESPACES))}")
+    path = proc_path(pid, "ns", kind)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise TargetGone(f"process {pid} is gone") from None
-        raise
+        if e.errno == errno.ENOENT and not proc_path("self", "ns", kind).exists():
+            raise RightsError(
+                f"the kernel has no {kind} namespaces: {path} does not exist",
+                pid=pid,
+                path=path,
+                errno=e.errno,
+                what="open",
+            ) from None
+        raise typed_error(e, path, pid, "open") from None
+
+
+def descriptor_count(pid: int | str = "self") -> int:
+    """How many file descriptors the process (memcr itself by default) has open."""
+    return len(_listdir(proc_path(pid, "fd"), pid))

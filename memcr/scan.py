@@ -13,12 +13,12 @@ import ctypes
 import errno
 import fcntl
 import mmap
-import os
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from memcr import procfs
 from memcr.errors import PlanError, TargetError
 from memcr.procfs import SPECIAL, Vma
 
@@ -70,7 +70,7 @@ PageRuns = dict[tuple[int, int], Pages]  # by (start, end) of the mapping
 @dataclass
 class Plan:
     vmas: list[Vma] = field(default_factory=list)
-    dump: list[Extent] = field(default_factory=list)
+    copy: list[Extent] = field(default_factory=list)  # only the target has them: copy to the dump, then drop
     drop_only: list[Extent] = field(default_factory=list)
     locked_vmas: int = 0
     shared_pages: int = 0
@@ -78,7 +78,7 @@ class Plan:
 
     @property
     def dump_bytes(self) -> int:
-        return sum(e.length for e in self.dump)
+        return sum(e.length for e in self.copy)
 
 
 def zero_pfn() -> int:
@@ -89,16 +89,11 @@ def zero_pfn() -> int:
     addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     try:
         ctypes.string_at(addr, 1)  # a read fault maps the zero page
-        try:
-            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
-        try:
-            entry = int.from_bytes(os.pread(fd, 8, addr // PAGE * 8), "little")
-        finally:
-            os.close(fd)
+        entry = procfs.self_pagemap_entry(addr)
     finally:
         libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE))
+    if entry is None:
+        return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
     return entry & PM_PFN if entry & PM_PRESENT else 0
 
 
@@ -158,7 +153,7 @@ def scan_pages(
 def same_layout(before: list[Vma], now: list[Vma], exclude: tuple[int, int]) -> bool:
     """Whether the mappings are those read before the freeze, the parasite's aside."""
 
-    def key(vmas: list[Vma]) -> list[tuple]:
+    def key(vmas: list[Vma]) -> list[tuple[object, ...]]:
         return [(v.start, v.end, v.perms, v.offset, v.inode, v.path) for v in vmas if not _overlaps(v, exclude)]
 
     return key(before) == key(now)
@@ -212,7 +207,7 @@ def build_plan(
         if found is None:
             # a frozen target cannot do this; a process sharing its memory (CLONE_VM) can
             raise TargetError(f"the memory map of the target changed while it was frozen, at {vma.start:#x}")
-        plan.dump += _extents(found.dump, vma, MAX_EXTENT)
+        plan.copy += _extents(found.dump, vma, MAX_EXTENT)
         if rss_file:
             plan.drop_only += _extents(found.drop, vma, vma.size)
         plan.shared_pages += found.shared
@@ -223,7 +218,7 @@ def build_plan(
 
 def check_plan(plan: Plan) -> None:
     """Every planned page lies inside its mapping and appears once, in address order."""
-    for name, extents in (("dump", plan.dump), ("drop", plan.drop_only)):
+    for name, extents in (("dump", plan.copy), ("drop", plan.drop_only)):
         end = 0
         for e in extents:
             if e.start % PAGE or e.length <= 0 or e.length % PAGE:
@@ -233,11 +228,11 @@ def check_plan(plan: Plan) -> None:
             if e.start < end:
                 raise PlanError(f"the {name} plan holds the page at {e.start:#x} twice or out of order")
             end = e.start + e.length
-    starts = [e.start for e in plan.dump]
+    starts = [e.start for e in plan.copy]
     for e in plan.drop_only:
         i = bisect.bisect_right(starts, e.start + e.length - 1) - 1
-        if i >= 0 and plan.dump[i].start + plan.dump[i].length > e.start:
-            raise PlanError(f"the plan both dumps and drops the page at {max(e.start, plan.dump[i].start):#x}")
+        if i >= 0 and plan.copy[i].start + plan.copy[i].length > e.start:
+            raise PlanError(f"the plan both dumps and drops the page at {max(e.start, plan.copy[i].start):#x}")
 
 
 def _categories(vma: Vma) -> int:

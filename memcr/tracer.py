@@ -216,11 +216,8 @@ class FrozenProcess:
             for tid in seizing.tids:
                 pt.set_options(tid, OPTIONS)
             leader = procfs.unconfined_thread(pid, seizing.tids)
-            memory: Memory
-            try:
-                memory = ProcMem(pid, os.open(procfs.proc_path(pid, "mem"), os.O_RDWR | os.O_CLOEXEC))
-            except PermissionError:
-                memory = PtraceMem(pid, leader, arch.WORD, word_mask(arch))
+            fd = procfs.open_mem(pid)
+            memory: Memory = ProcMem(pid, fd) if fd is not None else PtraceMem(pid, leader, arch.WORD, word_mask(arch))
         except BaseException:
             seizing.let_go()
             raise

@@ -37,9 +37,7 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="memcr-demo-") as work:
         target_bin = Path(work) / "pattern"
-        subprocess.run(
-            ["gcc", "-O2", "-pthread", "-o", target_bin, ROOT / "tests/targets/pattern.c"], check=True
-        )
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", target_bin, ROOT / "tests/targets/pattern.c"], check=True)
         target = subprocess.Popen([target_bin, str(MIB), str(THREADS)], stdout=subprocess.PIPE, text=True)
         try:
             return run(target, Path(work))

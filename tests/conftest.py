@@ -2,6 +2,9 @@
 
 Every process a test starts is killed and reaped at teardown, also when the
 test fails; so are mounts the tests make.
+
+Every test outside tests/unit is an end-to-end test that needs root; run by
+another user, those are skipped with the reason, and tests/unit runs alone.
 """
 
 from __future__ import annotations
@@ -21,15 +24,27 @@ from pathlib import Path
 import pytest
 
 TARGETS = Path(__file__).parent / "targets"
+UNIT = Path(__file__).parent / "unit"
 READY_TIMEOUT = 60
 RUN_TIMEOUT = 180
 PROMPT = "press enter to restore"
+NEEDS_ROOT = (
+    "needs root: ptrace of other processes, their /proc/<pid>/mem and pagemap, mounts, other users and capabilities"
+)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("the suite drives ptrace, mounts and other users: run it as root")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "root: an end-to-end test that needs root (every test outside tests/unit)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test outside tests/unit as needing root; skip those when not root."""
+    for item in items:
+        if UNIT in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.root)
+        if os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -315,7 +330,11 @@ class Daemon:
         argv = memcr_argv("-l", listen, "-d", dump_dir, *args)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.out = Lines(self.proc.stdout)
-        self.out.wait_for("listening on")
+        try:
+            self.out.wait_for("listening on")
+        except BaseException:
+            reap(self.proc)  # never handed to the test or the daemon fixture: reap it here
+            raise
 
     def request(self, cmd: int, pid: int, payload: bytes | None = None) -> bytes:
         """Send one raw request, return the raw reply (b"" if the daemon closed)."""

@@ -120,10 +120,10 @@ def test_protections_and_huge_pages_round_trip(spawn, memcr: Memcr) -> None:
 
 def test_plan_that_lists_a_page_twice_is_refused() -> None:
     vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "")
-    plan = scan.Plan(vmas=[vma], dump=[scan.Extent(0x10000, 2 * PAGE, vma), scan.Extent(0x11000, PAGE, vma)])
+    plan = scan.Plan(vmas=[vma], copy=[scan.Extent(0x10000, 2 * PAGE, vma), scan.Extent(0x11000, PAGE, vma)])
     with pytest.raises(scan.PlanError, match="twice or out of order"):
         scan.check_plan(plan)
-    plan.dump = [scan.Extent(0x1F000, 2 * PAGE, vma)]
+    plan.copy = [scan.Extent(0x1F000, 2 * PAGE, vma)]
     with pytest.raises(scan.PlanError, match="outside its mapping"):
         scan.check_plan(plan)
 

@@ -49,11 +49,11 @@ def test_kernel_thread(memcr: Memcr) -> None:
 
 def test_zombie(memcr: Memcr) -> None:
     child = subprocess.Popen(["true"])
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
     try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         refused(memcr.run("-p", child.pid, "-n"), 3, "zombie")
     finally:
         child.wait()
@@ -144,7 +144,7 @@ def test_listen_path_symlink_is_not_followed(memcr: Memcr, tmp_path: Path) -> No
 def test_stale_listen_socket_is_replaced(tmp_path: Path) -> None:
     import socket
 
-    from tests.conftest import Lines, memcr_argv
+    from tests.conftest import Lines, memcr_argv, stop
 
     path = tmp_path / "memcr.sock"
     stale = socket.socket(socket.AF_UNIX)
@@ -154,6 +154,6 @@ def test_stale_listen_socket_is_replaced(tmp_path: Path) -> None:
     try:
         Lines(daemon.stdout).wait_for("listening on")
     finally:
-        daemon.terminate()
-        assert daemon.wait(30) == 0
+        stopped = stop(daemon)  # SIGTERM, and reaped whatever happens
+    assert stopped == 0
     assert not path.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import signal
 
 import pytest
 
@@ -18,7 +19,7 @@ KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
 @pytest.mark.parametrize(("name", "args"), [("pattern", (64, 2)), ("prot", ()), ("mlocked", ()), ("pydict", ())])
 def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> None:
     target = spawn(name, *args)
-    target.proc.send_signal(19)  # SIGSTOP: its memory must not change between the two scans
+    target.proc.send_signal(signal.SIGSTOP)  # its memory must not change between the two scans
     fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY)
     try:
         vmas = procfs.read_maps(target.pid)
@@ -47,14 +48,14 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
         for rss_file in (False, True):
             by_entries = scan.build_plan(vmas, entries, (0, 0), rss_file)
             by_scan = scan.build_plan(vmas, scanned, (0, 0), rss_file)
-            assert by_scan.dump == by_entries.dump
+            assert by_scan.copy == by_entries.copy
             assert by_scan.drop_only == by_entries.drop_only
             assert by_scan.dump_bytes > 0
         with pytest.raises(TargetError, match="memory map of the target changed"):
             scan.build_plan(vmas, {}, (0, 0), False)
     finally:
         os.close(fd)
-        target.proc.send_signal(18)  # SIGCONT
+        target.proc.send_signal(signal.SIGCONT)
 
 
 def test_parasite_reads_the_same_pagemap(spawn) -> None:
@@ -88,7 +89,7 @@ def test_parasite_reads_the_same_pagemap(spawn) -> None:
 def test_flags_changed_before_the_freeze_are_caught(spawn) -> None:
     """A plan made from VmFlags read before an mlock is refused once the mlock shows."""
     target = spawn("mlocked")
-    target.proc.send_signal(19)  # SIGSTOP
+    target.proc.send_signal(signal.SIGSTOP)
     try:
         now = procfs.read_maps(target.pid)
         assert any("lo" in v.flags for v in now)
@@ -105,5 +106,5 @@ def test_flags_changed_before_the_freeze_are_caught(spawn) -> None:
         scan.confirm(now, scan.build_plan(now, pages, (0, 0), False))
         assert scan.same_layout(unlocked, now, (0, 0))
     finally:
-        target.proc.send_signal(18)  # SIGCONT
+        target.proc.send_signal(signal.SIGCONT)
     assert target.verify() == 0

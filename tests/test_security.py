@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from memcr_client import Client
-from tests.conftest import RUN_TIMEOUT, Lines, as_user, memcr_argv, reap, stop
+from tests.conftest import CHECKPOINT, RUN_TIMEOUT, Lines, as_user, memcr_argv, reap, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-PTRACE_ATTACH = "import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace(16, int(sys.argv[1]), 0, 0) != 0)"
+PTRACE_ATTACH = 16  # <sys/ptrace.h>
+ATTACH = f"import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace({PTRACE_ATTACH}, int(sys.argv[1]), 0, 0) != 0)"
 
 
 class Process:
@@ -61,7 +62,7 @@ def test_daemon_is_hardened(accounts, public_dir: Path, processes) -> None:
     assert Path(f"/proc/{pid}/status").stat().st_uid == 0
     assert int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) == accounts["inside"]
     # and a process of the same user may not trace it
-    attach = subprocess.run(as_user(user, [sys.executable, "-c", PTRACE_ATTACH, str(pid)]), timeout=60)
+    attach = subprocess.run(as_user(user, [sys.executable, "-c", ATTACH, str(pid)]), timeout=60)
     assert attach.returncode == 1
     assert Path(f"/proc/{pid}/status").read_text().count("TracerPid:\t0") == 1
 
@@ -143,7 +144,11 @@ def deployment(system_install, accounts, public_dir: Path) -> Iterator[dict]:
 def start_target(deployment: dict, binaries: dict[str, Path]) -> subprocess.Popen[str]:
     argv = as_user(deployment["target_user"], [str(binaries["pattern"]), "16", "2"], deployment["shared"])
     target = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    Lines(target.stdout).wait_for("ready")
+    try:
+        Lines(target.stdout).wait_for("ready")
+    except BaseException:
+        reap(target)
+        raise
     return target
 
 
@@ -170,7 +175,8 @@ def test_non_root_daemon_with_capability(binaries, deployment, processes) -> Non
         assert parasite.st_uid != 0 and parasite.st_uid == Path(f"/proc/{target.pid}").stat().st_uid
         client.restore(target.pid)
     finally:
-        assert finish_target(target) == 0
+        intact = finish_target(target)
+    assert intact == 0
 
 
 def test_non_root_daemon_without_capability(binaries, deployment, processes) -> None:
@@ -181,12 +187,13 @@ def test_non_root_daemon_without_capability(binaries, deployment, processes) -> 
     daemon.out.wait_for("listening on")
     target = start_target(d, binaries)
     try:
-        assert Client(str(sock)).request(100, target.pid) == -1
+        assert Client(str(sock)).request(CHECKPOINT, target.pid) == -1
         line = daemon.out.wait_for("not permitted to trace")
         assert "CAP_SYS_PTRACE" in line
         assert Path(f"/proc/{target.pid}/status").read_text().count("TracerPid:\t0") == 1
     finally:
-        assert finish_target(target) == 0
+        intact = finish_target(target)
+    assert intact == 0
 
 
 def test_proc_mem_refused_without_root(deployment, binaries) -> None:
@@ -198,7 +205,8 @@ def test_proc_mem_refused_without_root(deployment, binaries) -> None:
         assert result.returncode == 4
         assert "needs root" in result.stderr
     finally:
-        assert finish_target(target) == 0
+        intact = finish_target(target)
+    assert intact == 0
 
 
 def test_non_root_kills_a_target_it_cannot_restore(binaries, deployment) -> None:
@@ -206,8 +214,12 @@ def test_non_root_kills_a_target_it_cannot_restore(binaries, deployment) -> None
     d = deployment
     target = start_target(d, binaries)
     argv = [str(d["prefix"] / "bin" / "memcr"), "-p", str(target.pid), "-c", "-d", str(d["dumps"])]
-    memcr = subprocess.Popen(as_user(d["daemon_user"], argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        memcr = subprocess.Popen(as_user(d["daemon_user"], argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
+    except BaseException:
+        reap(target)
+        raise
     try:
         Lines(memcr.stdout).wait_for("press enter to restore")
         dump = d["dumps"] / f"pages-{target.pid}.img"

@@ -278,7 +278,8 @@ def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, acc
         assert proc.wait(60) == 0
     finally:
         reap(proc)
-        assert d.terminate() == 0
+        stopped = d.terminate()
+    assert stopped == 0
 
 
 def test_sigkill_of_the_daemon_kills_its_frozen_targets(daemon, spawn) -> None:

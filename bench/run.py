@@ -16,7 +16,7 @@ half random pages), the target verifies every byte afterwards, and memcr's
 peak RSS comes from wait4(). Rounds of limits, plain memcr and the -z/-c/-e
 variants in turn; ratios are medians over --runs of each run against the
 yardstick of its own round. Beside them, what one core codes per second
-for each variant (bench/codecs.py): the CPU a variant adds to a transfer
+for each variant (bench/codec_speed.py): the CPU a variant adds to a transfer
 that already takes about a core. Results go to stdout and to a JSON file.
 """
 
@@ -40,11 +40,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import apps
-import plot
-import service
+from bench import app_memory, plot, service_load
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 # the limits' pieces: the fastest of 8 MiB, 1 MiB and 256 KiB here (a piece
 # that fits the CPU cache is written on before it leaves it)
 WRITE_CHUNK = 256 << 10
@@ -194,7 +193,7 @@ def machine(directory: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dir", type=Path, help="dump directory (default: a new one under /var/tmp)")
@@ -203,8 +202,9 @@ def main() -> int:
     parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
     parser.add_argument("--no-service", action="store_true", help="skip the daemon figures")
     parser.add_argument("--no-apps", action="store_true", help="skip the real apps (tests/apps)")
-    parser.add_argument("--sweep", default="64,128,256,512,1024,2048",
-                        help="target sizes in MiB for the throughput plot ('' to skip)")
+    parser.add_argument(
+        "--sweep", default="64,128,256,512,1024,2048", help="target sizes in MiB for the throughput plot ('' to skip)"
+    )
     parser.add_argument("--png", type=Path, default=HERE / "throughput.png")
     args = parser.parse_args()
     size = args.size_mib << 20
@@ -232,8 +232,8 @@ def main() -> int:
                 runs.append(run)
                 for name, variant_run in tried.items():
                     variants[name].append(variant_run)
-        daemon = None if args.no_service else service.measure(target_bin, directory)
-        app_figures = None if args.no_apps else apps.measure()
+        daemon = None if args.no_service else service_load.measure(target_bin, directory)
+        app_figures = None if args.no_apps else app_memory.measure()
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -246,9 +246,9 @@ def main() -> int:
     results["machine"] = facts
     print_table(results)
     if daemon:
-        service.print_table(daemon)
+        service_load.print_table(daemon)
     if app_figures:
-        apps.print_table(app_figures)
+        app_memory.print_table(app_figures)
     if sweep:
         plot.throughput_png(sweep, args.png)
         print(f"bench: throughput against size in {args.png}")
@@ -258,10 +258,11 @@ def main() -> int:
 
 
 def one_core_codec_speeds(path: Path) -> dict[str, dict[str, float]]:
-    """MiB/s of each variant's frame coding on one core (bench/codecs.py, a process of its own
+    """MiB/s of each variant's frame coding on one core (bench/codec_speed.py, a process of its own
     so that its buffers do not swell the peak RSS wait4() reports for memcr runs started later)."""
     variants = json.dumps([" ".join(v) for v in VARIANTS])
-    out = subprocess.run([sys.executable, HERE / "codecs.py", str(path), variants], check=True, capture_output=True)
+    argv = [sys.executable, "-m", "bench.codec_speed", str(path), variants]
+    out = subprocess.run(argv, check=True, capture_output=True, cwd=ROOT)
     return json.loads(out.stdout)
 
 

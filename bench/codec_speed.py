@@ -1,9 +1,9 @@
 """One core's frame-coding speed for each memcr variant, over the bench target's pages.
 
-    codecs.py PAGES_FILE '["-z lz4", "-c"]'    -> JSON {variant: {encode, decode}} in MiB/s
+    python -m bench.codec_speed PAGES_FILE '["-z lz4", "-c"]'    -> JSON {variant: {encode, decode}} in MiB/s
 
 The transfer itself takes about a core, so this bounds how close to plain a
-variant can come on the machine. Run by bench.py in a process of its own.
+variant can come on the machine. Run by bench/run.py in a process of its own.
 """
 
 from __future__ import annotations

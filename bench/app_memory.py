@@ -15,11 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.apps.launch import RunningApp, compile_java, start_jvm, start_nginx, start_node, start_redis
+from tests.conftest import PROMPT, Lines, reap
 
-from tests.apps.launch import RunningApp, compile_java, start_jvm, start_nginx, start_node, start_redis  # noqa: E402
-from tests.conftest import PROMPT, Lines, reap  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 

@@ -1,7 +1,7 @@
 """`make profile`: a py-spy flame graph of one `memcr -p PID -n` on the bench target.
 
-    make profile ARGS='-z lz4'          # memcr options to profile with
-    bench/profile.py --size-mib 256 -- -c
+    make profile ARGS='-z lz4'                  # memcr options to profile with
+    python -m bench.flame --size-mib 256 -- -c  # from the repository's root
 
 Threads are shown apart and idle time is kept, so waiting on the parasite,
 on the disk or on the codec threads is visible as such.
@@ -15,11 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import HERE, build_target, ready_target
+from bench.run import HERE, build_target, ready_target
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.flame", description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--svg", type=Path, default=HERE / "profile.svg")
     parser.add_argument("memcr_args", nargs="*", help="extra memcr options, after --")

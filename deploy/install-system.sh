@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install a self-contained memcr that any member of GROUP can run with
 # CAP_SYS_PTRACE and nothing else (see docs/SECURITY.md). Run as root:
-#   sh scripts/install-system.sh PREFIX GROUP [PYTHON]
+#   sh deploy/install-system.sh PREFIX GROUP [PYTHON]
 set -eu
 prefix=$1
 group=$2
@@ -19,7 +19,7 @@ getent group "$group" >/dev/null || groupadd --system "$group"
 
 mkdir -p "$prefix/bin" "$prefix/share"
 gcc -O2 -Wall -Wextra -Werror -DPYTHON="\"$prefix/venv/bin/python\"" \
-    -o "$prefix/bin/memcr.new" "$here/launcher/memcr-launch.c"
+    -o "$prefix/bin/memcr.new" "$here/deploy/memcr-launch.c"
 # only GROUP may start a program that can read every process's memory
 chown root:"$group" "$prefix/bin/memcr.new"
 chmod 0750 "$prefix/bin/memcr.new"
