@@ -8,7 +8,6 @@ the last memcr's exit.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from tests.apps.launch import RunningApp, compile_java, start_jvm, start_nginx, start_node, start_redis
-from tests.conftest import PROMPT, Lines, reap
+from tests.conftest import PROMPT, Lines, reap, reports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +36,7 @@ def park_and_wake(app: RunningApp, dump_dir: Path) -> dict:
     pids = app.members()
     before = status_kb(pids)
     sessions = [
-        subprocess.Popen([sys.executable, "-m", "memcr", "-p", str(pid), "-d", str(dump_dir)], cwd=ROOT,
+        subprocess.Popen([sys.executable, "-m", "memcr", "-p", str(pid), "--json", "-d", str(dump_dir)], cwd=ROOT,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for pid in pids
     ]  # fmt: skip
@@ -59,15 +58,15 @@ def park_and_wake(app: RunningApp, dump_dir: Path) -> dict:
     finally:
         for s in sessions:
             reap(s)
-    shared_pages = sum(int(n) for n in re.findall(r"(\d+) pages \(\S+ MiB\) stay in memory: other processes", log))
+    restored = [r for r in reports(log) if r["event"] == "restore"]
     app.ping()
     return {
         "members": len(pids),
         "before_kb": before,
         "parked_kb": parked,
-        "kept_shared_with_others_kb": shared_pages * 4,
+        "kept_shared_with_others_kb": sum(r["shared_pages"] * r["page_size"] // 1024 for r in restored),
         "wake_ms": wake_ms,
-        "restore_ms": [float(m) for m in re.findall(r"upload took (\d+) ms", log)],
+        "restore_ms": [r["upload_ms"] for r in restored],
     }
 
 

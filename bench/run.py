@@ -28,7 +28,6 @@ import json
 import mmap
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import app_memory, plot, service_load
+from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -145,7 +145,7 @@ def ready_target(target_bin: Path, size_mib: int, who: str) -> Iterator[subproce
 def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
     with ready_target(target_bin, size_mib, "bench") as target:
         memcr = subprocess.Popen(
-            [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", str(directory), *extra],
+            [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "--json", "-d", str(directory), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -158,21 +158,18 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
         out, err = memcr.stdout.read(), memcr.stderr.read()
         if memcr.returncode != 0:
             raise SystemExit(f"bench: memcr failed ({memcr.returncode}): {err.strip()}")
+    found = {r["event"]: r for r in reports(out)}
+    if set(found) != {"checkpoint", "restore"}:
+        raise SystemExit(f"bench: memcr printed no checkpoint and restore reports:\n{out}")
+    r = found["restore"]
     return MemcrRun(
-        download_ms=_logged(out, r"download took (\d+) ms"),
-        upload_ms=_logged(out, r"upload took (\d+) ms"),
-        setup_ms=_logged(out, r"set-up took ([\d.]+) ms"),
-        release_ms=_logged(out, r"release took ([\d.]+) ms"),
+        download_ms=r["download_ms"],
+        upload_ms=r["upload_ms"],
+        setup_ms=r["setup_ms"],
+        release_ms=r["release_ms"],
         peak_rss_mib=usage.ru_maxrss / 1024,
-        dump_bytes=int(_logged(out, r"dump \S+ \((\d+) bytes\)")),
+        dump_bytes=r["dump_bytes"],
     )
-
-
-def _logged(out: str, pattern: str) -> float:
-    match = re.search(pattern, out)
-    if not match:
-        raise SystemExit(f"bench: memcr did not log {pattern!r}:\n{out}")
-    return float(match.group(1))
 
 
 def machine(directory: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ another user, those are skipped with the reason, and tests/unit runs alone.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,6 +263,16 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield mount
     for point in reversed(mounts):
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def reports(text: str) -> list[dict[str, Any]]:
+    """The JSON lines memcr prints with --json (in its log, in service mode), in order."""
+    found = []
+    for line in text.splitlines():
+        start = line.find('{"event":')
+        if start >= 0:
+            found.append(json.loads(line[start:]))
+    return found
 
 
 def log_value(lines: list[str] | str, pattern: str) -> re.Match[str]:

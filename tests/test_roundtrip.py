@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import stat
 
 import pytest
 
-from tests.conftest import Memcr, log_value
+from tests.conftest import Memcr, log_value, reports
 
 MODES = [[], ["-m"], ["-f"], ["-m", "-f"]]
-
-
-def reports(out: str) -> list[dict]:
-    """The --json lines among memcr's output."""
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.parametrize("threads", [0, 8])
