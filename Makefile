@@ -31,6 +31,7 @@ demo: install
 test: install apps
 	$(BIN)/ruff check memcr memcr_client tests bench scripts
 	$(BIN)/ruff format --check memcr memcr_client tests bench scripts
+	$(BIN)/mypy
 	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q
 
 # the real apps alone, each parked and woken 100 times (MEMCR_APP_CYCLES=N for another count)
