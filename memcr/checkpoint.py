@@ -29,8 +29,8 @@ from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
 from memcr.errors import Aborted, LimitError, RightsError, StorageError, TargetError
 from memcr.parasite import Parasite, SocketSpec
 from memcr.parked import Pagemap, Parked, Reserve, let_go
-from memcr.procfs import Vma, memory_kb
-from memcr.report import RSS_KEYS, Report
+from memcr.procfs import Vma
+from memcr.report import Report, rss
 from memcr.scan import Plan
 from memcr.tracer import FrozenProcess
 
@@ -64,10 +64,6 @@ class Cancel:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
-
-
-def _rss(status: dict[str, str]) -> dict[str, int]:
-    return {key: memory_kb(status, key) for key in RSS_KEYS}
 
 
 def preflight(pid: int, options: Options) -> dict[str, str]:
@@ -119,7 +115,7 @@ def checkpoint(
 
 def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None) -> Parked:
     page_size = arch.page_size()
-    report = Report(pid, page_size, rss_before=_rss(preflight(pid, options)))
+    report = Report(pid, page_size, rss_before=rss(preflight(pid, options)))
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
     try:
@@ -131,27 +127,29 @@ def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: 
         reserve = Reserve()
         opened.callback(reserve.close)
         writer = open_writer(options.dump_dir, pid, page_size, options.coding)
-        opened.callback(writer.close)
+        opened.callback(_discard, writer, log)
         pagemap = Pagemap(pid, page_size)
         opened.callback(pagemap.close)
         frozen_at = time.monotonic()
         frozen = FrozenProcess.freeze(pid, arch.current())
         opened.pop_all()
     report.threads = len(frozen.tids)
-    log(f"seized {report.threads} threads of pid {pid}")
     try:
+        log(f"seized {report.threads} threads of pid {pid}")
         refuse_shared_memory(pid)  # a vfork() may have come between the check and the freeze
         parasite = Parasite.start(
             frozen, arch.blobs(), SocketSpec(pid, options.socket_dir, options.socket_gid), options.netns, page_size
         )
     except BaseException as error:
-        pagemap.close()
-        writer.close()
-        let_go(frozen, reserve, error)
+        try:
+            let_go(frozen, reserve, error)
+        finally:
+            pagemap.close()
+            _discard(writer, log)
         raise
-    log(f"parasite ready (tid {parasite.tid})")
     stream = _Stream(frozen, parasite, writer, pagemap, options, report, log)
     try:
+        log(f"parasite ready (tid {parasite.tid})")
         plan, confirmed = stream.plan(before)
         started = time.monotonic()
         report.setup_ms = (started - frozen_at) * 1000
@@ -159,12 +157,22 @@ def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: 
         report.download_ms = (time.monotonic() - started) * 1000
         dump = writer.finish()
     except BaseException as error:
-        parked = Parked(frozen, parasite, writer.abandon(), pagemap, stream.vmas, reserve, report, log)
+        Parked(frozen, parasite, writer.abandon(), pagemap, stream.vmas, reserve, report, log).rollback(error)
+        raise
+    parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log)
+    try:
+        report.dump_path, report.dump_bytes = str(dump.path), dump.size
+        report.dropped_pages = sum(r.length for r in dump.records if r.dropped) // page_size
+        report.rss_after = rss(procfs.read_status(pid))
+    except BaseException as error:
         parked.rollback(error)
         raise
-    report.dump_path, report.dump_bytes = str(dump.path), dump.size
-    report.rss_after = _rss(procfs.read_status(pid))
-    return Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log)
+    return parked
+
+
+def _discard(writer: PlainWriter | FramedWriter, log: Log) -> None:
+    if problem := writer.close():
+        log(f"warning: {problem}")
 
 
 class _Stream:
@@ -250,6 +258,9 @@ class _Stream:
         if confirmed is not None:
             confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
         for record in written:
+            # counted as dropped until the parasite says otherwise: if its answer is lost, the pages
+            # may be gone, and a rollback must then restore them (or, unable to, kill the target)
+            record.dropped = True
             record.dropped = self.parasite.drop(record.addr, record.length)
         written.clear()
 
@@ -268,7 +279,7 @@ class _Stream:
             parasite.recv_into(piece)
             try:
                 writer.write_payload(record, piece)
-            except StorageError:
+            except BaseException:
                 parasite.discard(length - offset - len(piece))  # the connection must stay usable for the rollback
                 raise
 
@@ -279,7 +290,7 @@ class _Stream:
             moved += n
             try:
                 writer.write_piped(record, n)
-            except StorageError:
+            except BaseException:
                 self.parasite.discard(record.length - moved)  # the connection must stay usable for the rollback
                 raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import os
 import platform
 import select
 import signal
@@ -19,12 +20,26 @@ from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
 from memcr.harden import harden, raise_descriptor_limit
-from memcr.report import rate
+from memcr.report import error_json, rate
+
+
+def _print(line: str) -> None:
+    try:
+        click.echo(line)
+        sys.stdout.flush()
+    except OSError:
+        # stdout closed (memcr ... | head): the work matters more than its log, which goes nowhere from here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def log(message: str) -> None:
-    click.echo(f"memcr: {message}")
-    sys.stdout.flush()
+    _print(f"memcr: {message}")
+
+
+def _emit(line: str, json_reports: bool) -> None:
+    """A --json line, unprefixed so that `grep '^{'` finds it."""
+    if json_reports:
+        _print(line)
 
 
 class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
@@ -171,26 +186,34 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
     heap.tune()
     try:
         parked = checkpoint(pid, options, log, cancel, bar)
+    except MemcrError as e:
+        _emit(error_json(pid, "checkpoint", e), json_reports)
+        raise
     finally:
         if bar:
             bar.close()
     r = parked.report
-    log(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
-    log(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
-    before, after = r.rss_before, r.rss_after
-    log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
-    log(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
-    if json_reports:
-        click.echo(r.json("checkpoint"))
-    if wait:
-        log(f"pid {pid} checkpointed, press enter to restore")
-        _wait_for_enter(cancel)
-    parked.restore()
+    try:
+        log(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
+        log(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
+        before, after = r.rss_before, r.rss_after
+        log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
+        log(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
+        _emit(r.json("checkpoint"), json_reports)
+        if wait:
+            log(f"pid {pid} checkpointed, press enter to restore")
+            _wait_for_enter(cancel)
+    finally:
+        # whatever happened meanwhile, the target must not stay parked when memcr exits
+        try:
+            parked.restore()
+        except MemcrError as e:
+            _emit(error_json(pid, "restore", e), json_reports)
+            raise
     log(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
     log(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
     log(f"pid {pid} restored")
-    if json_reports:
-        click.echo(r.json("restore"))
+    _emit(r.json("restore"), json_reports)
 
 
 class ProgressBar:

@@ -73,6 +73,10 @@ class ParasiteError(MemcrError):
     """The parasite could not be started or stopped answering."""
 
 
+class Uncured(ParasiteError):
+    """memcr's traces (the parasite's mapping, the signal mask) could not be taken out: the target must not run on."""
+
+
 class PlanError(MemcrError):
     """The page scan gave an answer that cannot be right; caught before any page was dropped."""
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from memcr import procfs
 from memcr import ptrace_calls as pt
 from memcr.arch import Blobs, word_mask
-from memcr.errors import MemcrError, ParasiteError, TargetError, TargetGone
+from memcr.errors import MemcrError, ParasiteError, TargetError, TargetGone, Uncured
 from memcr.tracer import OPTIONS, FrozenProcess
 
 STACK_SIZE = 64 * 1024
@@ -108,15 +108,21 @@ class Infection:
         f, blobs = injector.frozen, injector.blobs
         sigmask = f.get_sigmask(f.leader)
         f.set_sigmask(f.leader, ALL_SIGNALS)
+        code_size = -(-blobs.offsets["parasite_end"] // page_size) * page_size
+        size = code_size + STACK_SIZE
+        base = -1
         try:
-            code_size = -(-blobs.offsets["parasite_end"] // page_size) * page_size
-            size = code_size + STACK_SIZE
             base = injector.syscall(f.arch.SYS_MMAP, 0, size, PROT_RWX, MAP_PRIVATE_ANON, word_mask(f.arch), 0)
             if base < 0:
                 raise ParasiteError(f"could not map the parasite in process {f.pid}: {os.strerror(-base)}", pid=f.pid)
             f.write(base, blobs.parasite)
-        except BaseException:
-            f.set_sigmask(f.leader, sigmask)
+        except BaseException as error:
+            try:
+                if base >= 0 and injector.syscall(f.arch.SYS_MUNMAP, base, size) < 0:
+                    raise MemcrError(f"munmap of {base:#x} failed", pid=f.pid)
+                f.set_sigmask(f.leader, sigmask)
+            except BaseException as cleanup:
+                raise Uncured(f"{error}; then memcr could not undo the mapping: {cleanup}", pid=f.pid) from error
             raise
         return cls(injector, base, size, sigmask)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from memcr import procfs
 from memcr.arch import Blobs
-from memcr.errors import ParasiteError, RightsError
+from memcr.errors import ParasiteError, RightsError, Uncured
 from memcr.infect import Infection, Injector
 from memcr.tracer import FrozenProcess
 
@@ -136,10 +136,6 @@ def _netns_socket(pid: int) -> socket.socket:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
-
-
-class Uncured(ParasiteError):
-    """The parasite could not be taken out again: the target must not run on."""
 
 
 class Parasite:

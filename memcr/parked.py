@@ -18,11 +18,11 @@ from functools import cache
 from memcr import arch, procfs, scan
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
-from memcr.errors import MemcrError, TargetGone, TargetKilled, WrittenWhileParked
+from memcr.errors import MemcrError, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
-from memcr.parasite import PAGEMAP_ENTRY, Parasite, Uncured
+from memcr.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.procfs import Vma
-from memcr.report import Report
+from memcr.report import Report, rss
 from memcr.tracer import FrozenProcess
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
@@ -102,22 +102,25 @@ class Parked:
 
     def restore(self) -> None:
         """Put every dropped page back and let the target run on."""
-        if not self.dump.file.still_in_place():
-            self.log(
-                f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
-                "restoring from the copy memcr holds open"
-            )
         started = time.monotonic()
         try:
+            if not self.dump.file.still_in_place():
+                self.log(
+                    f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
+                    "restoring from the copy memcr holds open"
+                )
             self._put_back()
+            self.report.upload_ms = (time.monotonic() - started) * 1000
+            self._let_run()
         except WrittenWhileParked as e:
             self.kill()
             raise TargetKilled(f"pid {self.pid} was killed: {e}", pid=self.pid) from e
         except BaseException as e:
             self.rollback(e)
             raise
-        self.report.upload_ms = (time.monotonic() - started) * 1000
-        self._release()
+        self._clean_up()
+        with contextlib.suppress(MemcrError):  # it runs again: gone by now is its own business
+            self.report.rss_restored = rss(procfs.read_status(self.pid))
 
     def rollback(self, error: BaseException) -> None:
         """After `error`: put back what was dropped and let the target run on.
@@ -133,7 +136,7 @@ class Parked:
         try:
             if dropped:
                 self._put_back()
-            self._release()
+            self._let_run()
         except BaseException as cleanup:
             self.kill()
             if dropped:
@@ -144,6 +147,7 @@ class Parked:
             raise TargetKilled(
                 f"pid {self.pid} was killed: memcr could not release it ({cleanup})", pid=self.pid
             ) from error
+        self._clean_up()
 
     def kill(self) -> None:
         """Kill the target (from inside when memcr may not signal it) and remove what memcr held."""
@@ -205,20 +209,24 @@ class Parked:
             raise MemcrError(f"no planned mapping holds {addr:#x}", pid=self.pid)
         return self.vmas[i]
 
-    def _release(self) -> None:
+    def _let_run(self) -> None:
         """End the parasite, remove every trace of memcr and let the target run."""
         releasing = time.monotonic()
         self.parasite.cure()
         self.frozen.release()
-        # the target runs from here: deleting a large dump is no longer its time
         self.report.release_ms = (time.monotonic() - releasing) * 1000
-        self._clean_up()
 
     def _clean_up(self) -> None:
-        """Remove memcr's files and close every descriptor it held for this target."""
+        """Remove memcr's files and close every descriptor it held for this target; never raises.
+
+        It runs once the target runs again (or is dead): deleting a large
+        dump is no longer the target's time, and a failure here must not
+        be taken for a failure to restore.
+        """
         self.reserve.close()
         self.pagemap.close()
-        self.dump.remove()
+        if problem := self.dump.remove():
+            self.log(f"warning: {problem}")
 
 
 def let_go(frozen: FrozenProcess, reserve: Reserve, error: BaseException) -> None:

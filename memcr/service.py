@@ -29,9 +29,9 @@ from pathlib import Path
 from memcr import heap, procfs
 from memcr.advice import explain
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
-from memcr.errors import MemcrError, StorageError, TargetError, UsageError
+from memcr.errors import MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
 from memcr.parked import Parked
-from memcr.report import Report
+from memcr.report import Report, error_json
 
 CMD_CHECKPOINT = 100
 CMD_RESTORE = 101
@@ -140,6 +140,7 @@ class Worker(threading.Thread):
         self.lock = threading.Lock()  # guards state against requests handed over meanwhile
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
+        self.checkpoint_error: MemcrError | None = None  # why it failed, when it did
         self.requests: queue.Queue[Callable[[int], None] | None] = queue.Queue()
         self.restore_asked = False
 
@@ -152,8 +153,10 @@ class Worker(threading.Thread):
         except TargetError as e:
             self._note("checkpoint", e)
             self.checkpoint_code = INVALID_PID
+            self.checkpoint_error = e
         except MemcrError as e:
             self._note("checkpoint", e)
+            self.checkpoint_error = e
         except Exception:
             self.service.log(f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
         finally:
@@ -167,7 +170,14 @@ class Worker(threading.Thread):
         self.service.log(f"pid {self.pid} checkpointed ({parked.report.pages} pages)")
         self.service.report(parked.report, "checkpoint")
         self.checkpointed.set()
-        self._serve_restore(parked)
+        try:
+            self._serve_restore(parked)
+        except BaseException:
+            # a target must not stay parked with nobody left to serve it
+            self.service.log(f"pid {self.pid}: internal error while parked:\n{traceback.format_exc()}")
+            with contextlib.suppress(Exception):
+                parked.restore()
+            self._leave()
 
     def _deadline(self) -> threading.Timer | None:
         if not self.service.timeout:
@@ -181,8 +191,10 @@ class Worker(threading.Thread):
         """Roll back the checkpoint if it is still under way (from any thread)."""
         self.cancel.cancel()
 
-    def _note(self, what: str, error: MemcrError) -> None:
-        self.service.log(f"pid {self.pid}: {what} failed: {explain(error)}")
+    def _note(self, operation: str, error: MemcrError) -> None:
+        self.service.log(f"pid {self.pid}: {operation} failed: {explain(error)}")
+        if self.service.json_reports:
+            self.service.log(error_json(self.pid, operation, error))
 
     def _serve_restore(self, parked: Parked) -> None:
         while True:
@@ -227,7 +239,10 @@ class Worker(threading.Thread):
                 reply(INVALID_PID)
 
     def _target_died(self) -> bool:
-        return not procfs.alive(self.pid)
+        try:
+            return not procfs.alive(self.pid)
+        except OSError:
+            return False  # out of descriptors, say: it may well be alive, look again later
 
     def restore(self, reply: Callable[[int], None] | None) -> bool:
         """Queue the restore (during a checkpoint, abort it first); False if too late."""
@@ -284,7 +299,11 @@ class Service:
         try:
             conn, _ = listener.accept()
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # the waiting connection stays in the backlog: try again once descriptors may be free
+                self.log(f"accept failed: {e.strerror}; retrying in {POLL:g} s")
+                time.sleep(POLL)
+            elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                 self.log(f"accept failed: {e.strerror}")
             return
         thread = threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True)
@@ -333,7 +352,10 @@ class Service:
             return INVALID_PID
         worker.checkpointed.wait()
         if worker.checkpoint_code != OK:
-            return OK  # the aborted checkpoint rolled back: the target runs intact
+            # the aborted checkpoint rolled back, and the target runs intact, unless it was killed or died
+            if isinstance(worker.checkpoint_error, TargetKilled):
+                return ERROR
+            return INVALID_PID if isinstance(worker.checkpoint_error, TargetGone) else OK
         return answer.get()
 
     def _shutdown(self) -> None:

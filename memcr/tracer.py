@@ -398,6 +398,7 @@ class FrozenProcess:
         self._end(_collect)
 
     def _end(self, each: Callable[[int], None]) -> None:
+        self._tracer()  # from another thread a detach fails quietly (ESRCH): the target would stay stopped
         # the kernel reports a traced leader's exit only after its other threads'
         for tid in sorted(self.tids + self.helpers, key=lambda tid: tid == self.pid):
             each(tid)

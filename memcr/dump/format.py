@@ -17,6 +17,7 @@ reaches the target.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -130,27 +131,46 @@ class DumpFile:
             return False
         return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
 
-    def remove(self) -> None:
-        """Close and delete the dump; it is never needed once the target runs."""
+    def remove(self) -> str | None:
+        """Close and delete the dump; it is never needed once the target runs.
+
+        Never raises: it runs while memcr lets a target go. Returns why the
+        file could not be deleted (for a warning), or None.
+        """
         if self.fd < 0:
-            return
+            return None
         # someone may have replaced the file: delete only the one we wrote
         ours = self.still_in_place()
         os.close(self.fd)
         self.fd = -1
         if ours:
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except OSError as e:
+                return f"could not delete the dump {self.path}: {e.strerror}; delete it by hand"
+        return None
 
 
 def _create(path: Path) -> int:
-    """Create the dump 0600, never through a symlink, never over a stranger's file."""
+    """Create the dump 0600, never through a symlink, never over a stranger's file.
+
+    The dump stays locked (flock) while memcr holds it, so that a second
+    memcr on the same pid cannot take a live dump for a stale one.
+    """
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(path, flags, 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        pass
+        _remove_stale(path)
+        return _create(path)
     except OSError as e:
         raise storage_error(path, e) from None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours alone: cannot fail
+    return fd
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete a dump whose memcr died (and whose target the kernel killed with it); refuse anything else."""
     st = os.lstat(path)
     ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
     if not ours or not _looks_like_dump(path):
@@ -159,9 +179,18 @@ def _create(path: Path) -> int:
             path=str(path),
             errno=errno.EEXIST,
         )
-    # a dump whose memcr died (and whose target the kernel killed): stale
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StorageError(
+            f"{path} is the dump of another memcr working on the same process: wait for it to finish",
+            path=str(path),
+            errno=errno.EBUSY,
+        ) from None
+    finally:
+        os.close(fd)
     os.unlink(path)
-    return _create(path)
 
 
 def _looks_like_dump(path: Path) -> bool:

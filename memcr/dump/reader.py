@@ -76,9 +76,9 @@ class DumpReader:
             raise self._damaged("ends early")
         return data
 
-    def remove(self) -> None:
-        """Close and delete the dump: the target runs again (or is gone)."""
-        self.file.remove()
+    def remove(self) -> str | None:
+        """Close and delete the dump (the target runs again, or is gone); why it could not be, or None."""
+        return self.file.remove()
 
 
 class PlainReader(DumpReader):
@@ -110,10 +110,10 @@ class FramedReader(DumpReader):
         while decoding:
             yield decoding.popleft().result()
 
-    def remove(self) -> None:
+    def remove(self) -> str | None:
         self._pool.shutdown(cancel_futures=True)
         heap.release()  # the frame buffers
-        super().remove()
+        return super().remove()
 
     def _frames(self, record: Record) -> Iterator[tuple[bytes, int, int, int]]:
         """(header, offset and length of the stored bytes, page address) of each frame."""

@@ -75,9 +75,9 @@ class Writer:
     def _reader(self, finished: bool) -> DumpReader:
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Give up the dump altogether: nothing was dropped."""
-        self.file.remove()
+    def close(self) -> str | None:
+        """Give up the dump altogether (nothing was dropped); why it could not be deleted, or None."""
+        return self.file.remove()
 
 
 class PlainWriter(Writer):
@@ -170,9 +170,9 @@ class PlainWriter(Writer):
         self._buffer = bytearray()  # a daemon holds many dumps for hours: none keeps a megabyte
         return PlainReader(self.file, self._header, self.records, self.page_bytes, finished)
 
-    def close(self) -> None:
+    def close(self) -> str | None:
         self._close_pipe()
-        super().close()
+        return super().close()
 
 
 class FramedWriter(Writer):
@@ -238,9 +238,9 @@ class FramedWriter(Writer):
         self._stop_pool()
         return FramedReader(self.file, self._header, self.records, self.page_bytes, finished, self.codec)
 
-    def close(self) -> None:
+    def close(self) -> str | None:
         self._stop_pool()
-        super().close()
+        return super().close()
 
 
 def open_writer(directory: Path, pid: int, page_size: int, coding: Coding) -> PlainWriter | FramedWriter:

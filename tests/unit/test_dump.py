@@ -176,3 +176,15 @@ def test_directory_checks_carry_the_reason(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="is not a directory") as not_dir:
         check_directory(tmp_path / "file")
     assert not_dir.value.errno == errno.ENOTDIR
+
+
+def test_a_live_dump_is_not_taken_for_a_stale_one(tmp_path: Path) -> None:
+    """A second memcr on the same pid must not delete the dump the first one is still writing."""
+    first = open_writer(tmp_path, PID, PAGE, Coding())
+    try:
+        with pytest.raises(StorageError, match="another memcr") as caught:
+            open_writer(tmp_path, PID, PAGE, Coding())
+        assert caught.value.errno == errno.EBUSY
+        assert first.file.still_in_place()
+    finally:
+        first.close()

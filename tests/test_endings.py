@@ -1,0 +1,255 @@
+"""Every ending of a checkpoint or a restore leaves the target intact, or dead and said so.
+
+Some faults cannot be caused from outside (a write into the target that
+fails after the parasite was mapped, a codec that runs out of memory):
+those tests run memcr's library in the test process, on a real target,
+and make that one step fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from memcr import checkpoint as checkpoint_module
+from memcr import codec, infect, parked
+from memcr.checkpoint import Options, checkpoint
+from memcr.codec import Coding
+from memcr.errors import LimitError, MemcrError, TargetKilled
+from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Memcr, memcr_argv, reports
+
+Logs = list[str]
+
+
+def rwx_mappings(pid: int) -> list[str]:
+    """The parasite is the only rwx private mapping the test targets ever have."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if " rwxp " in line]
+
+
+def intact(target, dumps: Path, blocked: str) -> None:
+    """Running, untraced, its signal mask as it was, no trace of the parasite, no dump left, memory as it was."""
+    assert target.running()
+    status = target.status()
+    assert status["TracerPid"] == "0"
+    assert status["SigBlk"] == blocked
+    assert rwx_mappings(target.pid) == []
+    assert list(dumps.glob("pages-*")) == []
+    assert target.verify() == 0
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Iterator[tuple[Callable[..., object], Logs, Path]]:
+    """checkpoint() in this process, its log and its dump directory; descriptors are counted around it."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    logs: Logs = []
+    before: list[int] = []
+
+    def run(pid: int, coding: Coding | None = None) -> object:
+        before.append(len(os.listdir("/proc/self/fd")))
+        return checkpoint(pid, Options(dump_dir=dumps, coding=coding or Coding()), logs.append)
+
+    yield run, logs, dumps
+    assert len(os.listdir("/proc/self/fd")) == before[0], "a descriptor of memcr's was left open"
+
+
+def test_blob_write_failing_after_the_map_takes_the_mapping_out(spawn, library, monkeypatch) -> None:
+    """The parasite's mapping exists once mmap has run: a failure after it must unmap it again."""
+    run, _, dumps = library
+    target = spawn("pattern", 16, 2)
+    blocked = target.status()["SigBlk"]
+    write = infect.FrozenProcess.write
+
+    def failing(self, addr: int, data: bytes) -> None:
+        if len(data) > 1000:  # the blob, not the syscall instruction
+            raise MemcrError("injected: the blob could not be written")
+        write(self, addr, data)
+
+    monkeypatch.setattr(infect.FrozenProcess, "write", failing)
+    with pytest.raises(MemcrError, match="injected"):
+        run(target.pid)
+    monkeypatch.undo()
+    intact(target, dumps, blocked)
+
+
+def test_a_codec_failure_mid_transfer_rolls_back(spawn, library, monkeypatch) -> None:
+    """Not only a full disk: any failure while pages are in flight leaves the connection usable."""
+    run, _, dumps = library
+    target = spawn("pattern", 64, 2)
+    blocked = target.status()["SigBlk"]
+    encode, calls = codec.FrameCodec.encode, []
+
+    def failing(self, plain, addr):
+        calls.append(addr)
+        if len(calls) == 20:
+            raise MemoryError("injected")
+        return encode(self, plain, addr)
+
+    monkeypatch.setattr(codec.FrameCodec, "encode", failing)
+    with pytest.raises(MemoryError):
+        run(target.pid, Coding(compress="lz4"))
+    monkeypatch.undo()
+    intact(target, dumps, blocked)
+
+
+def test_a_failure_after_the_dump_is_written_rolls_back(spawn, library, monkeypatch) -> None:
+    """The last steps of a checkpoint (reading the parked RSS) come after the drops: a failure there rolls back."""
+    run, _, dumps = library
+    target = spawn("pattern", 32, 2)
+    blocked = target.status()["SigBlk"]
+
+    def no_descriptors(status: dict[str, str]) -> dict[str, int]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(checkpoint_module, "rss", no_descriptors)
+    with pytest.raises(LimitError, match="ran out of file descriptors"):
+        run(target.pid)
+    monkeypatch.undo()
+    intact(target, dumps, blocked)
+
+
+def test_a_parasite_that_cannot_be_taken_out_on_restore_means_a_kill(spawn, library, monkeypatch) -> None:
+    run, _, dumps = library
+    target = spawn("pattern", 16, 2)
+    handle = run(target.pid)
+    assert isinstance(handle, parked.Parked)
+
+    def failing(self, timeout: float, open_fds: object) -> None:
+        raise MemcrError("injected: munmap failed")
+
+    monkeypatch.setattr(infect.Infection, "cure", failing)
+    with pytest.raises(TargetKilled, match="was killed"):
+        handle.restore()
+    monkeypatch.undo()
+    # memcr, this process, traced it and collected its death: /proc is where to look
+    assert not Path(f"/proc/{target.pid}").exists()
+    assert list(dumps.glob("pages-*")) == []
+
+
+def test_closed_stdout_does_not_cost_the_target(spawn, memcr: Memcr) -> None:
+    """`memcr ... | head -1`: the log has nowhere to go, the work goes on."""
+    target = spawn("pattern", 32, 2)
+    blocked = target.status()["SigBlk"]
+    proc = subprocess.Popen(
+        memcr_argv("-p", target.pid, "-n", "-d", memcr.dump_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        proc.stdout.close()
+        code = proc.wait(RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, proc.stderr.read() if proc.stderr else ""
+    intact(target, memcr.dump_dir, blocked)
+
+
+@pytest.fixture
+def append_only(tmpfs) -> Iterator[Callable[[str], Path]]:
+    """A directory on a fresh tmpfs where files can be created and written but not deleted."""
+    made: list[Path] = []
+
+    def make(size: str) -> Path:
+        folder = tmpfs(f"size={size}") / "dumps"
+        folder.mkdir()
+        subprocess.run(["chattr", "+a", str(folder)], check=True)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        subprocess.run(["chattr", "-a", str(folder)], check=True)
+
+
+def test_an_undeletable_dump_is_a_warning_not_a_failure(spawn, memcr: Memcr, append_only) -> None:
+    folder = append_only("256m")
+    target = spawn("pattern", 32, 2)
+    result = memcr.run("-p", target.pid, "-n", dump_dir=folder)
+    assert result.returncode == 0, result.stderr
+    assert f"could not delete the dump {folder}/pages-{target.pid}.img" in result.stdout
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_a_rollback_whose_dump_cannot_be_deleted_leaves_the_target_running(spawn, memcr: Memcr, append_only) -> None:
+    """A full disk rolls back; the dump's unlink then fails: the target must run on, not be killed."""
+    folder = append_only("8m")
+    target = spawn("pattern", 64, 2)
+    result = memcr.run("-p", target.pid, "-n", dump_dir=folder)
+    assert result.returncode == 5, result.stderr
+    assert "no space left" in result.stderr
+    assert "could not delete the dump" in result.stdout
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_a_daemon_out_of_descriptors_keeps_its_parked_target(spawn, tmp_path: Path) -> None:
+    """Idle connections use up the daemon's descriptors: its parked target must survive, and be restored."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    sock = tmp_path / "memcr.sock"
+    argv = ["prlimit", "--nofile=40:40", *memcr_argv("-l", sock, "-d", dumps, "--json")]
+    daemon = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        target = spawn("pattern", 16, 2)
+        assert request(sock, CHECKPOINT, target.pid) == 0
+        for _ in range(40):
+            idle.append(connect(sock))
+        time.sleep(2.5)  # the worker polls whether its target lives every second
+        for conn in idle:
+            conn.close()
+        idle.clear()
+        assert request(sock, RESTORE, target.pid) == 0
+    finally:
+        for conn in idle:
+            conn.close()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            out, _ = daemon.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+    events = [r["event"] for r in reports(out)]
+    assert events == ["checkpoint", "restore"], out[-2000:]
+    assert out.count("accept failed") < 100  # it waits for descriptors instead of spinning
+    assert target.verify() == 0
+
+
+def connect(path: Path) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(RUN_TIMEOUT)
+    conn.connect(str(path))
+    return conn
+
+
+def request(path: Path, cmd: int, pid: int) -> int:
+    with connect(path) as conn:
+        conn.sendall(REQUEST.pack(cmd, pid))
+        return int(RESPONSE.unpack(conn.recv(RESPONSE.size, socket.MSG_WAITALL))[0])
+
+
+def test_json_reports_a_failure(memcr: Memcr) -> None:
+    result = memcr.run("-p", 999999999, "-n", "--json")
+    assert result.returncode == 3
+    [error] = reports(result.stdout)
+    assert error["event"] == "error" and error["operation"] == "checkpoint"
+    assert error["exit_code"] == 3 and error["pid"] == 999999999
+    assert "no such process" in error["error"]
