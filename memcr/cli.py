@@ -20,6 +20,7 @@ from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_nam
 from memcr.errors import MemcrError, UsageError
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.report import rate
+from memcr_client.protocol import AddressError
 
 
 def log(message: str) -> None:
@@ -257,6 +258,9 @@ def main() -> None:
         sys.exit(UsageError.exit_code)
     except click.Abort:
         sys.exit(1)
+    except AddressError as e:  # from memcr_client, which knows no memcr errors
+        click.echo(f"memcr: error: -l/--listen: {e}", err=True)
+        sys.exit(UsageError.exit_code)
     except MemcrError as e:
         click.echo(f"memcr: error: {explain(e)}", err=True)
         sys.exit(e.exit_code)

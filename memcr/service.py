@@ -18,58 +18,33 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from memcr import heap, procfs
 from memcr.advice import explain
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
-from memcr.errors import MemcrError, StorageError, TargetError, UsageError
+from memcr.errors import MemcrError, StorageError, TargetError
 from memcr.parked import Parked
 from memcr.report import Report
+from memcr_client.protocol import (
+    CMD_CHECKPOINT,
+    CMD_RESTORE,
+    REQUEST,
+    Answer,
+    Request,
+    decode_request,
+    encode_answer,
+)
+from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
 
-CMD_CHECKPOINT = 100
-CMD_RESTORE = 101
-OK, ERROR, INVALID_PID = 0, -1, -2
-REQUEST = struct.Struct("=ii")  # native byte order, as the C client sends it
-RESPONSE = struct.Struct("=i")
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 REQUEST_TIMEOUT = 5.0
 POLL = 0.2
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where the daemon listens: a UNIX socket path or a TCP host and port."""
-
-    path: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        """PORT (loopback), HOST:PORT, or a path."""
-        if text.isdigit():
-            return cls(port=_port(text))
-        host, sep, port = text.rpartition(":")
-        if sep and port.isdigit() and not text.startswith(("/", ".")):
-            return cls(host=host.strip("[]"), port=_port(port))
-        return cls(path=Path(text))
-
-    def __str__(self) -> str:
-        return str(self.path) if self.path else f"{self.host}:{self.port}"
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 < port < 65536:
-        raise UsageError(f"-l/--listen: {port} is not a TCP port (1-65535)")
-    return port
 
 
 def listen(address: Address, gid: int | None) -> socket.socket:
@@ -81,7 +56,7 @@ def listen(address: Address, gid: int | None) -> socket.socket:
             sock.bind((address.host, address.port))
         except OSError as e:
             sock.close()
-            raise StorageError(f"cannot listen on {address}: {e.strerror}") from None
+            raise StorageError(f"cannot listen on {address}: {e.strerror}", errno=e.errno) from None
     else:
         sock = _unix_listener(address.path, gid)
     sock.listen(128)
@@ -356,7 +331,7 @@ def _free_descriptors() -> int:
     return soft - len(os.listdir("/proc/self/fd"))
 
 
-def _read_request(conn: socket.socket) -> tuple[int, int] | None:
+def _read_request(conn: socket.socket) -> Request | None:
     """The 8-byte request, or None for a short one, a silent client or an oversized one."""
     data = b""
     try:
@@ -376,12 +351,12 @@ def _read_request(conn: socket.socket) -> tuple[int, int] | None:
     if extra:
         _send(conn, ERROR)  # more than one request's worth: not this protocol
         return None
-    return REQUEST.unpack(data)
+    return decode_request(data)
 
 
 def _send(conn: socket.socket, code: int) -> None:
     with contextlib.suppress(OSError):  # the client may have gone: the operation stands
-        conn.sendall(RESPONSE.pack(code))
+        conn.sendall(encode_answer(code))
 
 
 def run(
