@@ -268,7 +268,10 @@ def test_example_2_unix_socket_follows_umask(public_dir: Path, spawn, accounts) 
 def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, accounts) -> None:
     run_dir = public_dir / "run"
     run_dir.mkdir()
-    os.chmod(run_dir, 0o777)  # the target's user creates its parasite socket here
+    # the target's user creates its parasite socket here; the group only, as docs/SECURITY.md
+    # has it: a folder every user could write would not protect the daemon's socket in it
+    os.chown(run_dir, 0, accounts["gid"])
+    os.chmod(run_dir, 0o770)
     path = run_dir / "memcr.sock"
     gid = accounts["gid"]
     dumps = public_dir / "d"
