@@ -190,6 +190,7 @@ def test_non_root_daemon_without_capability(binaries, deployment, processes) -> 
         assert Client(str(sock)).request(CHECKPOINT, target.pid) == -1
         line = daemon.out.wait_for("not permitted to trace")
         assert "CAP_SYS_PTRACE" in line
+        assert line.endswith(f"setcap cap_sys_ptrace=ep {d['prefix']}/bin/memcr")  # the launcher, not the script
         assert Path(f"/proc/{target.pid}/status").read_text().count("TracerPid:\t0") == 1
     finally:
         intact = finish_target(target)
