@@ -53,7 +53,7 @@ GROUP_FOLDER_MODE = 0o750  # with -g: only that group may reach it
 class Listener:
     """The listening socket and the files made for it: close() removes the socket file and those folders."""
 
-    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None):
+    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None) -> None:
         self.sock = sock
         self.log = log
         self.path = path
@@ -124,9 +124,9 @@ def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
             made.append(path)
             _settle_folder(path, mode, gid)
         if made:
+            folders = "the folder" if len(made) == 1 else "the folders"
             group = f", group {gid}" if gid is not None else ""
-            log(f"created the folder {made[-1]} for the socket (mode {mode:04o}{group})"
-                + (f", and above it {', '.join(map(str, made[:-1]))}" if len(made) > 1 else ""))  # fmt: skip
+            log(f"created {folders} {', '.join(map(str, made))} for the socket (mode {mode:04o}{group})")
         _check_folder(folder)
     except BaseException:
         _remove_folders(made, log)

@@ -25,7 +25,6 @@ from tests.conftest import RUN_TIMEOUT, Lines, as_user, stop
 
 BIN = Path(sys.executable).parent  # the venv's memcr and memcr-client, as `make install` puts them
 DOCUMENTED = Path("/tmp/memcr")
-LOCK = Path("/tmp/.memcr-test-fresh-machine.lock")
 NOBODY = 65534
 
 
@@ -84,7 +83,9 @@ def mode(path: Path) -> tuple[int, int, int]:
 @pytest.fixture
 def documented_folder() -> Iterator[Path]:
     """/tmp/memcr absent for the test and removed after it; one test at a time on this machine."""
-    with open(LOCK, "a") as lock:
+    # a lock on /tmp itself: nothing to create or leave behind, and every checkout's copy of this test shares it
+    lock = os.open(DOCUMENTED.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run of the suite may be here: wait for it
         if os.path.lexists(DOCUMENTED):
             pytest.skip(f"{DOCUMENTED} exists (a memcr daemon of this machine?): remove it to run this test")
@@ -95,6 +96,8 @@ def documented_folder() -> Iterator[Path]:
                 DOCUMENTED.unlink()
             elif DOCUMENTED.exists():
                 shutil.rmtree(DOCUMENTED)
+    finally:
+        os.close(lock)  # and with it the lock
 
 
 # -- the README's first service example, verbatim --------------------------------
@@ -140,6 +143,7 @@ def test_missing_folders_are_made_0755_and_removed(tmp_path: Path, daemons: list
     finally:
         os.umask(old)
     d.out.wait_for("listening on")
+    assert f"memcr: created the folders {tmp_path}/a, {tmp_path}/a/b for the socket (mode 0755)" in d.out.seen
     assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == (0, 0, 0o755)
     assert d.stop() == 0
     assert not (tmp_path / "a").exists()
