@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 
-from memcr.errors import MemcrError
+from memcr.errors import MemcrError, RightsError
+from memcr.launcher import capability_advice
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -39,6 +40,8 @@ def advice(error: MemcrError) -> str:
         )
     if what == "descriptors":
         return "Raise the limit (ulimit -n, LimitNOFILE=) or park fewer processes at once"
+    if isinstance(error, RightsError) and "CAP_SYS_PTRACE" in str(error):
+        return capability_advice()  # which file gets the capability, and the command
     return ""
 
 

@@ -21,6 +21,7 @@ from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_nam
 from memcr.errors import MemcrError, UsageError
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.report import error_json, rate
+from memcr_client.protocol import AddressError, ExitCode
 
 
 def _print(line: str) -> None:
@@ -277,13 +278,16 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         click.echo(f"memcr: error: {e.format_message()}", err=True)
-        sys.exit(UsageError.exit_code)
+        sys.exit(ExitCode.USAGE)
     except click.Abort:
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
+    except AddressError as e:  # from memcr_client, which knows no memcr errors
+        click.echo(f"memcr: error: -l/--listen: {e}", err=True)
+        sys.exit(ExitCode.USAGE)
     except MemcrError as e:
         click.echo(f"memcr: error: {explain(e)}", err=True)
         sys.exit(e.exit_code)
     except Exception as e:
         traceback.print_exc()
         click.echo(f"memcr: error: internal error, please report it: {e!r}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from memcr_client.protocol import ExitCode
+
 
 class MemcrError(Exception):
     """Base of every failure memcr reports; the message names the problem and the fix.
@@ -20,7 +22,7 @@ class MemcrError(Exception):
     `raise TargetGone("...")` keeps working; the data are keyword-only.
     """
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILED
 
     def __init__(
         self,
@@ -40,13 +42,13 @@ class MemcrError(Exception):
 class UsageError(MemcrError):
     """A bad option or option value."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.USAGE
 
 
 class TargetError(MemcrError):
     """The pid is not something memcr may or can freeze."""
 
-    exit_code = 3
+    exit_code: int = ExitCode.TARGET
 
 
 class TargetGone(TargetError):
@@ -56,7 +58,7 @@ class TargetGone(TargetError):
 class RightsError(MemcrError):
     """A permission, capability or kernel feature memcr needs is missing."""
 
-    exit_code = 4
+    exit_code: int = ExitCode.RIGHTS
 
 
 class LimitError(RightsError):
@@ -66,7 +68,7 @@ class LimitError(RightsError):
 class StorageError(MemcrError):
     """The dump directory or file failed: missing, not writable, full."""
 
-    exit_code = 5
+    exit_code: int = ExitCode.STORAGE
 
 
 class ParasiteError(MemcrError):
@@ -96,4 +98,4 @@ class Aborted(MemcrError):
 class TargetKilled(MemcrError):
     """Restoring was impossible, so the target was killed (the cardinal rule)."""
 
-    exit_code = 6
+    exit_code: int = ExitCode.TARGET_KILLED

@@ -12,80 +12,194 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import queue
 import resource
 import selectors
 import signal
 import socket
 import stat
-import struct
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from memcr import heap, procfs
 from memcr.advice import explain
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
-from memcr.errors import MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
+from memcr.errors import MemcrError, StorageError, TargetError, TargetGone, TargetKilled
 from memcr.parked import Parked
 from memcr.report import Report, error_json
+from memcr_client.protocol import (
+    CMD_CHECKPOINT,
+    CMD_RESTORE,
+    REQUEST,
+    Answer,
+    Request,
+    decode_request,
+    encode_answer,
+)
+from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
 
-CMD_CHECKPOINT = 100
-CMD_RESTORE = 101
-OK, ERROR, INVALID_PID = 0, -1, -2
-REQUEST = struct.Struct("=ii")  # native byte order, as the C client sends it
-RESPONSE = struct.Struct("=i")
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 REQUEST_TIMEOUT = 5.0
 POLL = 0.2
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
+FOLDER_MODE = 0o755  # a socket folder memcr makes: anyone may reach the socket, whose own mode decides
+GROUP_FOLDER_MODE = 0o750  # with -g: only that group may reach it
 
 
-@dataclass(frozen=True)
-class Address:
-    """Where the daemon listens: a UNIX socket path or a TCP host and port."""
+class Listener:
+    """The listening socket and the files made for it: close() removes the socket file and those folders."""
 
-    path: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 0
+    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None) -> None:
+        self.sock = sock
+        self.log = log
+        self.path = path
+        self.made = made or []  # folders created for the socket, outermost first
 
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        """PORT (loopback), HOST:PORT, or a path."""
-        if text.isdigit():
-            return cls(port=_port(text))
-        host, sep, port = text.rpartition(":")
-        if sep and port.isdigit() and not text.startswith(("/", ".")):
-            return cls(host=host.strip("[]"), port=_port(port))
-        return cls(path=Path(text))
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
-    def __str__(self) -> str:
-        return str(self.path) if self.path else f"{self.host}:{self.port}"
+    def accept(self) -> tuple[socket.socket, object]:
+        return self.sock.accept()
 
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 < port < 65536:
-        raise UsageError(f"-l/--listen: {port} is not a TCP port (1-65535)")
-    return port
+    def close(self) -> None:
+        self.sock.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        _remove_folders(self.made, self.log)
 
 
-def listen(address: Address, gid: int | None) -> socket.socket:
+def listen(address: Address, gid: int | None, log: Log) -> Listener:
+    """Listen on `address`; a UNIX socket's missing folders are made (and logged)."""
     if address.path is None:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address.host, address.port))
+            sock.listen(128)
         except OSError as e:
             sock.close()
-            raise StorageError(f"cannot listen on {address}: {e.strerror}") from None
-    else:
+            raise StorageError(f"cannot listen on {address}: {e.strerror}", errno=e.errno) from None
+        return Listener(sock, log)
+    made = _socket_folder(address.path.parent, gid, log)
+    try:
         sock = _unix_listener(address.path, gid)
-    sock.listen(128)
-    return sock
+    except BaseException:
+        _remove_folders(made, log)
+        raise
+    return Listener(sock, log, address.path, made)
+
+
+def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
+    """Make the socket's folder if it is missing; refuse one that would not protect the socket.
+
+    Missing folders are made as `mkdir -p` does, intermediate ones with the
+    same mode: 0755, or with -g 0750 and group GID, so that the clients of
+    that group can reach the socket and nobody else can. Only the socket's
+    own folder is checked, made or not. Returns the folders made, outermost
+    first.
+    """
+    missing = []
+    probe = folder
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    mode = FOLDER_MODE if gid is None else GROUP_FOLDER_MODE
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, mode)
+            except FileExistsError:
+                continue  # made meanwhile by someone else: the check below judges it
+            except OSError as e:
+                raise StorageError(
+                    f"cannot create the folder {path} for the socket: {e.strerror}", path=path, errno=e.errno
+                ) from None
+            made.append(path)
+            _settle_folder(path, mode, gid)
+        if made:
+            folders = "the folder" if len(made) == 1 else "the folders"
+            group = f", group {gid}" if gid is not None else ""
+            log(f"created {folders} {', '.join(map(str, made))} for the socket (mode {mode:04o}{group})")
+        _check_folder(folder)
+    except BaseException:
+        _remove_folders(made, log)
+        raise
+    return made
+
+
+def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
+    """Give a folder just made its exact mode (mkdir applied the umask) and group."""
+    try:
+        # through a descriptor of the folder itself: a symlink swapped in meanwhile is refused, not followed
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise StorageError(f"the folder {path} memcr just made changed under it: {e.strerror}", path=path) from None
+    try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
+    except OSError as e:
+        raise StorageError(
+            f"cannot give the folder {path} group {gid} and mode {mode:04o}: {e.strerror}", path=path, errno=e.errno
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a socket folder that others could use to replace the socket or redirect its clients."""
+    try:
+        st = os.lstat(folder)
+    except OSError as e:
+        raise StorageError(f"cannot use the folder {folder} for the socket: {e.strerror}", path=folder) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise StorageError(
+            f"the socket's folder {folder} is a symlink, and whoever can change it can redirect memcr's clients: "
+            f"give -l the real folder ({os.path.realpath(folder)})",
+            path=folder,
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{folder} is not a folder: choose another -l path", path=folder)
+    if st.st_uid not in (0, os.geteuid()):
+        raise StorageError(
+            f"the socket's folder {folder} belongs to {_user(st.st_uid)}, who could replace the socket in it: "
+            "use a folder owned by root or by memcr's user, or a missing one that memcr makes",
+            path=folder,
+        )
+    # the sticky bit (as on /tmp) keeps others from removing or renaming memcr's socket
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise StorageError(
+            f"the socket's folder {folder} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), "
+            f"who could replace the socket in it: take that right away (chmod o-w {folder}) or choose another folder",
+            path=folder,
+        )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _remove_folders(made: list[Path], log: Log) -> None:
+    """Remove the folders memcr made for its socket, innermost first, as long as they are empty."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log(f"kept the folder {path}: {e.strerror}")  # something else was put in it: not memcr's to remove
+            return
+        log(f"removed the folder {path}")
 
 
 def _unix_listener(path: Path, gid: int | None) -> socket.socket:
@@ -100,12 +214,14 @@ def _unix_listener(path: Path, gid: int | None) -> socket.socket:
         if gid is not None:
             os.chown(path, -1, gid, follow_symlinks=False)
             os.chmod(path, 0o660)  # bind() applied the umask
+        sock.listen(128)
     except PermissionError as e:
         sock.close()
-        raise StorageError(f"cannot create the socket {path} with group {gid}: {e.strerror}") from None
+        group = f" with group {gid}" if gid is not None else ""
+        raise StorageError(f"cannot create the socket {path}{group}: {e.strerror}", path=path, errno=e.errno) from None
     except OSError as e:
         sock.close()
-        raise StorageError(f"cannot listen on {path}: {e.strerror}") from None
+        raise StorageError(f"cannot listen on {path}: {e.strerror}", path=path, errno=e.errno) from None
     return sock
 
 
@@ -116,7 +232,7 @@ def _remove_stale(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StorageError(f"{path} exists and is not a socket: remove it or choose another -l path")
+        raise StorageError(f"{path} exists and is not a socket: remove it or choose another -l path", path=path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -125,7 +241,7 @@ def _remove_stale(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path")
+    raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path", path=path)
 
 
 class Worker(threading.Thread):
@@ -280,7 +396,7 @@ class Service:
 
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
-        listener = listen(self.address, self.gid)
+        listener = listen(self.address, self.gid, self.log)
         self.log(f"listening on {self.address}")
         try:
             with selectors.DefaultSelector() as selector:
@@ -289,13 +405,10 @@ class Service:
                     if selector.select(POLL):
                         self._accept(listener)
         finally:
-            listener.close()
-            if self.address.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.address.path)
+            listener.close()  # its socket file and the folders made for it too
             self._shutdown()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: Listener) -> None:
         try:
             conn, _ = listener.accept()
         except OSError as e:
@@ -332,21 +445,25 @@ class Service:
         if pid <= 0 or pid == os.getpid():
             self.log(f"refused pid {pid}")
             return INVALID_PID
-        if self.stop.is_set() and cmd == CMD_CHECKPOINT:
+        return self._checkpoint(pid) if cmd == CMD_CHECKPOINT else self._restore(pid)
+
+    def _checkpoint(self, pid: int) -> int:
+        if self.stop.is_set():
             return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
         with self.lock:
+            if pid in self.workers:
+                return INVALID_PID
+            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
+                self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
+                return ERROR
+            worker = self.workers[pid] = Worker(self, pid)
+            worker.start()
+        worker.checkpointed.wait()
+        return worker.checkpoint_code
+
+    def _restore(self, pid: int) -> int:
+        with self.lock:
             worker = self.workers.get(pid)
-            if cmd == CMD_CHECKPOINT:
-                if worker is not None:
-                    return INVALID_PID
-                if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
-                    self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
-                    return ERROR
-                worker = self.workers[pid] = Worker(self, pid)
-                worker.start()
-        if cmd == CMD_CHECKPOINT:
-            worker.checkpointed.wait()
-            return worker.checkpoint_code
         answer: queue.Queue[int] = queue.Queue(1)
         if worker is None or not worker.restore(answer.put):  # during a checkpoint: aborts it
             return INVALID_PID
@@ -375,10 +492,10 @@ class Service:
 
 def _free_descriptors() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - len(os.listdir("/proc/self/fd"))
+    return soft - procfs.descriptor_count()
 
 
-def _read_request(conn: socket.socket) -> tuple[int, int] | None:
+def _read_request(conn: socket.socket) -> Request | None:
     """The 8-byte request, or None for a short one, a silent client or an oversized one."""
     data = b""
     try:
@@ -398,12 +515,12 @@ def _read_request(conn: socket.socket) -> tuple[int, int] | None:
     if extra:
         _send(conn, ERROR)  # more than one request's worth: not this protocol
         return None
-    return REQUEST.unpack(data)
+    return decode_request(data)
 
 
 def _send(conn: socket.socket, code: int) -> None:
     with contextlib.suppress(OSError):  # the client may have gone: the operation stands
-        conn.sendall(RESPONSE.pack(code))
+        conn.sendall(encode_answer(code))
 
 
 def run(

@@ -1,25 +1,38 @@
 """Client for the memcr daemon: the wire protocol and a small typed API.
 
 It does not import the memcr engine, so it installs alone into an
-unprivileged container.
+unprivileged container. The wire format itself is in memcr_client.protocol.
 """
 
-from memcr_client.client import (
+from memcr_client.client import Client, MemcrClientError
+from memcr_client.protocol import (
     CMD_CHECKPOINT,
     CMD_RESTORE,
+    DEFAULT_LOCATION,
+    LOCATION_ENV,
     RESP_ERROR,
     RESP_INVALID_PID,
     RESP_OK,
-    Client,
-    MemcrClientError,
+    Address,
+    AddressError,
+    Answer,
+    Command,
+    ExitCode,
 )
 
 __all__ = [
     "CMD_CHECKPOINT",
     "CMD_RESTORE",
+    "DEFAULT_LOCATION",
+    "LOCATION_ENV",
     "RESP_ERROR",
     "RESP_INVALID_PID",
     "RESP_OK",
+    "Address",
+    "AddressError",
+    "Answer",
     "Client",
+    "Command",
+    "ExitCode",
     "MemcrClientError",
 ]

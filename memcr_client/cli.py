@@ -7,10 +7,20 @@ import sys
 import click
 
 from memcr_client.client import Client, MemcrClientError
+from memcr_client.protocol import DEFAULT_LOCATION, LOCATION_ENV, AddressError, ExitCode
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-l", "--location", required=True, help="Daemon TCP port (127.0.0.1) or UNIX socket path.")
+@click.option(
+    "-l",
+    "--location",
+    envvar=LOCATION_ENV,
+    default=DEFAULT_LOCATION,
+    show_default=True,
+    show_envvar=True,
+    metavar="PORT|HOST:PORT|PATH",
+    help="The daemon: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
+)
 @click.option("-p", "--pid", type=int, required=True, help="Target process.")
 @click.option("-c", "--checkpoint", is_flag=True, help="Checkpoint the process.")
 @click.option("-r", "--restore", is_flag=True, help="Restore the process.")
@@ -21,7 +31,10 @@ def command(location: str, pid: int, checkpoint: bool, restore: bool) -> None:
         raise click.UsageError("give -c/--checkpoint, -r/--restore or both")
     if pid <= 0:
         raise click.UsageError(f"-p/--pid must be a positive process id, not {pid}")
-    client = Client(location)
+    try:
+        client = Client(location)
+    except AddressError as e:
+        raise click.UsageError(f"-l/--location: {e}") from None
     if checkpoint:
         client.checkpoint(pid)
         click.echo(f"pid {pid} checkpointed")
@@ -37,7 +50,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         click.echo(f"memcr-client: error: {e.format_message()}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.USAGE)
     except MemcrClientError as e:
         click.echo(f"memcr-client: error: {e}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)

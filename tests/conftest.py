@@ -15,7 +15,6 @@ import queue
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, REQUEST, RESPONSE
 
 TARGETS = Path(__file__).parent / "targets"
 UNIT = Path(__file__).parent / "unit"
@@ -331,8 +332,7 @@ def accounts() -> Iterator[dict[str, int]]:
         subprocess.run(["groupdel", group], check=False)
 
 
-REQUEST, RESPONSE = struct.Struct("=ii"), struct.Struct("=i")
-CHECKPOINT, RESTORE = 100, 101
+CHECKPOINT, RESTORE = CMD_CHECKPOINT, CMD_RESTORE
 
 
 class Daemon:

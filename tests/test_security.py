@@ -52,7 +52,7 @@ def start(processes: list[Process], argv: list[str]) -> Process:
 
 def test_daemon_is_hardened(accounts, public_dir: Path, processes) -> None:
     user = accounts["inside_name"]
-    os.chmod(public_dir, 0o777)
+    os.chmod(public_dir, 0o1777)  # sticky, as /tmp: memcr refuses a socket folder where others could replace it
     daemon = start(processes, as_user(user, memcr_argv("-l", public_dir / "d.sock", "-d", public_dir)))
     daemon.out.wait_for("listening on")
     pid = daemon.proc.pid
@@ -190,6 +190,7 @@ def test_non_root_daemon_without_capability(binaries, deployment, processes) -> 
         assert Client(str(sock)).request(CHECKPOINT, target.pid) == -1
         line = daemon.out.wait_for("not permitted to trace")
         assert "CAP_SYS_PTRACE" in line
+        assert line.endswith(f"setcap cap_sys_ptrace=ep {d['prefix']}/bin/memcr")  # the launcher, not the script
         assert Path(f"/proc/{target.pid}/status").read_text().count("TracerPid:\t0") == 1
     finally:
         intact = finish_target(target)

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from memcr_client import Client, MemcrClientError
-from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Daemon, Lines, as_user, reap
+from memcr_client.protocol import REQUEST, RESPONSE, Answer
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, as_user, reap
+
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 
 
 def free_port() -> int:
@@ -60,30 +63,30 @@ def test_invalid_pid_answers(daemon, spawn) -> None:
     target = spawn("pattern", 16)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    assert d.code(RESTORE, target.pid) == -2  # not checkpointed
-    assert d.code(CHECKPOINT, gone.pid) == -2  # no such process
-    assert d.code(CHECKPOINT, 0) == -2
-    assert d.code(CHECKPOINT, -7) == -2
-    assert d.code(CHECKPOINT, d.proc.pid) == -2  # the daemon itself
-    assert d.code(CHECKPOINT, target.pid) == 0
-    assert d.code(CHECKPOINT, target.pid) == -2  # already checkpointed
-    assert d.code(RESTORE, target.pid) == 0
-    assert d.code(RESTORE, target.pid) == -2
+    assert d.code(RESTORE, target.pid) == INVALID_PID  # not checkpointed
+    assert d.code(CHECKPOINT, gone.pid) == INVALID_PID  # no such process
+    assert d.code(CHECKPOINT, 0) == INVALID_PID
+    assert d.code(CHECKPOINT, -7) == INVALID_PID
+    assert d.code(CHECKPOINT, d.proc.pid) == INVALID_PID  # the daemon itself
+    assert d.code(CHECKPOINT, target.pid) == OK
+    assert d.code(CHECKPOINT, target.pid) == INVALID_PID  # already checkpointed
+    assert d.code(RESTORE, target.pid) == OK
+    assert d.code(RESTORE, target.pid) == INVALID_PID
     assert target.verify() == 0
 
 
 def test_garbage_is_refused_and_others_are_served(daemon, spawn) -> None:
     d = daemon()
     target = spawn("pattern", 64, 2)
-    assert d.code(7, target.pid) == -1  # unknown command
+    assert d.code(7, target.pid) == ERROR  # unknown command
     assert d.request(0, 0, payload=b"\x64\x00") == b""  # short request: closed
-    assert d.request(0, 0, payload=REQUEST.pack(CHECKPOINT, target.pid) + b"junk") == RESPONSE.pack(-1)
+    assert d.request(0, 0, payload=REQUEST.pack(CHECKPOINT, target.pid) + b"junk") == RESPONSE.pack(ERROR)
     silent = d.connect()  # connects and says nothing
     half = d.connect()
     half.sendall(b"\x64\x00\x00")  # half a request, then hangs
     try:
-        assert d.code(CHECKPOINT, target.pid) == 0
-        assert d.code(RESTORE, target.pid) == 0
+        assert d.code(CHECKPOINT, target.pid) == OK
+        assert d.code(RESTORE, target.pid) == OK
     finally:
         silent.close()
         half.close()
@@ -103,12 +106,24 @@ def test_client_cli_and_library(daemon, spawn) -> None:
     api.checkpoint(target.pid)
     with pytest.raises(MemcrClientError) as again:
         api.checkpoint(target.pid)
-    assert again.value.code == -2
+    assert again.value.code == INVALID_PID
     api.restore(target.pid)
     assert target.verify() == 0
     refused = client("-l", str(Path(d.listen).parent / "nobody.sock"), "-p", target.pid, "-c")
     assert refused.returncode == 1
     assert "no memcr daemon listens" in refused.stderr
+
+
+def test_client_takes_host_port_and_memcr_location(daemon, spawn) -> None:
+    port = free_port()
+    daemon(listen=f"127.0.0.1:{port}")
+    target = spawn("pattern", 16)
+    Client(f"127.0.0.1:{port}").checkpoint(target.pid)
+    env = {**os.environ, "MEMCR_LOCATION": str(port)}
+    argv = [sys.executable, "-m", "memcr_client", "-p", str(target.pid), "--restore"]  # no -l
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert target.verify() == 0
 
 
 # -- concurrency, aborts, time limits, deaths, shutdown ------------------------
@@ -129,7 +144,7 @@ def test_sixteen_targets_in_parallel(daemon, spawn) -> None:
         thread.start()
     for thread in threads:
         thread.join(RUN_TIMEOUT)
-    assert all(codes[t.pid] == [0, 0] for t in targets), codes
+    assert all(codes[t.pid] == [OK, OK] for t in targets), codes
     assert [t.verify() for t in targets] == [0] * 16
 
 
@@ -137,11 +152,11 @@ def test_sixty_four_checkpointed_at_once(daemon, spawn) -> None:
     d = daemon()
     targets = [spawn("pattern", 4) for _ in range(64)]
     for t in targets:
-        assert d.code(CHECKPOINT, t.pid) == 0
+        assert d.code(CHECKPOINT, t.pid) == OK
     assert len(list(d.dump_dir.iterdir())) == 64
     assert all(t.status()["TracerPid"] != "0" for t in targets)  # the tracer is a worker thread
     for t in targets:
-        assert d.code(RESTORE, t.pid) == 0
+        assert d.code(RESTORE, t.pid) == OK
     assert [t.verify() for t in targets] == [0] * 64
 
 
@@ -155,9 +170,9 @@ def test_restore_during_checkpoint_aborts_it(daemon, spawn) -> None:
     while target.status()["TracerPid"] == "0":
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    assert d.code(RESTORE, target.pid) == 0  # the target runs on, whole
+    assert d.code(RESTORE, target.pid) == OK  # the target runs on, whole
     checkpoint.join(RUN_TIMEOUT)
-    assert replies == [-1]  # the checkpoint did not happen
+    assert replies == [ERROR]  # the checkpoint did not happen
     assert list(d.dump_dir.iterdir()) == []
     assert target.status()["TracerPid"] == "0"
     assert target.verify() == 0
@@ -167,7 +182,7 @@ def test_timeout_rolls_back(daemon, spawn) -> None:
     d = daemon("-t", 1, "-z", "zstd", "-c", "-e")
     target = spawn("pattern", 1024)
     started = time.monotonic()
-    assert d.code(CHECKPOINT, target.pid) == -1
+    assert d.code(CHECKPOINT, target.pid) == ERROR
     assert time.monotonic() - started < 30
     assert target.status()["TracerPid"] == "0"
     assert list(d.dump_dir.iterdir()) == []
@@ -178,13 +193,13 @@ def test_timeout_rolls_back(daemon, spawn) -> None:
 def test_target_killed_while_checkpointed_is_forgotten(daemon, spawn, threads: int) -> None:
     d = daemon()
     target = spawn("pattern", 16, threads)
-    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(CHECKPOINT, target.pid) == OK
     target.proc.kill()
     deadline = time.monotonic() + 30
     while list(d.dump_dir.iterdir()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert d.code(RESTORE, target.pid) == -2
+    assert d.code(RESTORE, target.pid) == INVALID_PID
     d.out.wait_for("died while checkpointed")
 
 
@@ -192,7 +207,7 @@ def test_sigterm_restores_everything(daemon, spawn, tmp_path: Path) -> None:
     d = daemon()
     targets = [spawn("pattern", 32, 2) for _ in range(3)]
     for t in targets:
-        assert d.code(CHECKPOINT, t.pid) == 0
+        assert d.code(CHECKPOINT, t.pid) == OK
     assert d.terminate() == 0
     assert not Path(d.listen).exists()
     assert list(d.dump_dir.iterdir()) == []
@@ -205,10 +220,10 @@ def test_other_network_namespace_needs_netns_option(daemon, binaries, tmp_path: 
     try:
         Lines(proc.stdout).wait_for("ready")
         without, with_netns = daemon(), daemon("-N", listen=str(tmp_path / "netns.sock"))
-        assert without.code(CHECKPOINT, proc.pid) == -1
+        assert without.code(CHECKPOINT, proc.pid) == ERROR
         assert Path(f"/proc/{proc.pid}/status").read_text().count("TracerPid:\t0") == 1
-        assert with_netns.code(CHECKPOINT, proc.pid) == 0
-        assert with_netns.code(RESTORE, proc.pid) == 0
+        assert with_netns.code(CHECKPOINT, proc.pid) == OK
+        assert with_netns.code(RESTORE, proc.pid) == OK
         proc.send_signal(signal.SIGUSR1)
         assert proc.wait(60) == 0
     finally:
@@ -253,7 +268,10 @@ def test_example_2_unix_socket_follows_umask(public_dir: Path, spawn, accounts) 
 def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, accounts) -> None:
     run_dir = public_dir / "run"
     run_dir.mkdir()
-    os.chmod(run_dir, 0o777)  # the target's user creates its parasite socket here
+    # the target's user creates its parasite socket here; the group only, as docs/SECURITY.md
+    # has it: a folder every user could write would not protect the daemon's socket in it
+    os.chown(run_dir, 0, accounts["gid"])
+    os.chmod(run_dir, 0o770)
     path = run_dir / "memcr.sock"
     gid = accounts["gid"]
     dumps = public_dir / "d"
@@ -286,7 +304,7 @@ def test_sigkill_of_the_daemon_kills_its_frozen_targets(daemon, spawn) -> None:
     d = daemon()
     target = spawn("pattern", 32, 2)
     bystander = spawn("pattern", 8)
-    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(CHECKPOINT, target.pid) == OK
     d.proc.kill()
     d.proc.wait()
     # PTRACE_O_EXITKILL: no target runs on with its pages dropped

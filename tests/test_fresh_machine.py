@@ -1,0 +1,247 @@
+"""Issue 18: the documented command lines work verbatim on a fresh machine.
+
+The README's first service example, typed as a new user types it: the
+daemon makes the missing folder of its socket, and the client finds the
+daemon without -l. Around it, the rules for that folder: made with 0755,
+or 0750 and the -g group; refused when it is a symlink, writable by every
+user or someone else's; removed at stop when memcr made it and it is empty.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RUN_TIMEOUT, Lines, as_user, stop
+
+BIN = Path(sys.executable).parent  # the venv's memcr and memcr-client, as `make install` puts them
+DOCUMENTED = Path("/tmp/memcr")
+NOBODY = 65534
+
+
+class Running:
+    """A daemon started with `argv`, its log readable line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.out = Lines(self.proc.stdout)
+
+    def stop(self) -> int:
+        return stop(self.proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Running]]:
+    """Every daemon a test starts, stopped (and reaped) at teardown, also when the test fails."""
+    started: list[Running] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def start(daemons: list[Running], *args: object, user: str | None = None) -> Running:
+    argv = [str(BIN / "memcr"), *map(str, args)]
+    d = Running(as_user(user, argv) if user else argv)
+    daemons.append(d)
+    return d
+
+
+def client_env() -> dict[str, str]:
+    """The environment of a new user's shell: no MEMCR_LOCATION."""
+    return {key: value for key, value in os.environ.items() if key != "MEMCR_LOCATION"}
+
+
+def client(
+    *args: object, user: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """memcr-client as typed in a shell: the venv's, without MEMCR_LOCATION unless `env` says otherwise."""
+    argv = [str(BIN / "memcr-client"), *map(str, args)]
+    if user:
+        argv = as_user(user, argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env or client_env())
+
+
+def refusal(*args: object) -> subprocess.CompletedProcess[str]:
+    """memcr run to its end: for daemons that must refuse to start."""
+    return subprocess.run([str(BIN / "memcr"), *map(str, args)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+@pytest.fixture
+def documented_folder() -> Iterator[Path]:
+    """/tmp/memcr absent for the test and removed after it; one test at a time on this machine."""
+    # a lock on /tmp itself: nothing to create or leave behind, and every checkout's copy of this test shares it
+    lock = os.open(DOCUMENTED.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run of the suite may be here: wait for it
+        if os.path.lexists(DOCUMENTED):
+            pytest.skip(f"{DOCUMENTED} exists (a memcr daemon of this machine?): remove it to run this test")
+        try:
+            yield DOCUMENTED
+        finally:
+            if DOCUMENTED.is_symlink() or DOCUMENTED.is_file():
+                DOCUMENTED.unlink()
+            elif DOCUMENTED.exists():
+                shutil.rmtree(DOCUMENTED)
+    finally:
+        os.close(lock)  # and with it the lock
+
+
+# -- the README's first service example, verbatim --------------------------------
+
+
+def test_documented_lines_verbatim(documented_folder: Path, daemons: list[Running], spawn) -> None:
+    daemon = start(daemons, "-zc", "-l", "/tmp/memcr/memcr.sock")  # sudo memcr -zc -l /tmp/memcr/memcr.sock
+    daemon.out.wait_for("listening on /tmp/memcr/memcr.sock")
+    assert "memcr: created the folder /tmp/memcr for the socket (mode 0755)" in daemon.out.seen
+    assert mode(documented_folder) == (0, 0, 0o755)
+    target = spawn("pattern", 64, 2)
+    rss = target.rss_kb()
+
+    parked = client("-p", target.pid, "--checkpoint")  # memcr-client -p PID --checkpoint
+    assert parked.returncode == 0, parked.stderr
+    assert target.status()["TracerPid"] != "0"
+    assert target.rss_kb() < rss - 32 * 1024  # its memory went to the dump
+    woken = client("-p", target.pid, "--restore")
+    assert woken.returncode == 0, woken.stderr
+    assert target.verify() == 0  # every byte came back
+
+    assert daemon.stop() == 0
+    assert not os.path.lexists(documented_folder)  # memcr made it, memcr removed it
+    assert "memcr: removed the folder /tmp/memcr" in daemon.out.rest()
+
+
+def test_client_without_location_says_where_it_looked(tmp_path: Path) -> None:
+    result = client("-p", os.getpid(), "-c", env={**client_env(), "MEMCR_LOCATION": str(tmp_path / "none.sock")})
+    assert result.returncode == 1
+    assert f"no memcr daemon listens on {tmp_path}/none.sock" in result.stderr
+    shown = client("--help")
+    assert "MEMCR_LOCATION" in shown.stdout and "/tmp/memcr/memcr.sock" in shown.stdout
+
+
+# -- folders memcr makes ---------------------------------------------------------
+
+
+def test_missing_folders_are_made_0755_and_removed(tmp_path: Path, daemons: list[Running]) -> None:
+    sock = tmp_path / "a" / "b" / "memcr.sock"
+    old = os.umask(0o077)  # a strict umask must not lock the clients out of the folder
+    try:
+        d = start(daemons, "-l", sock, "-d", tmp_path)
+    finally:
+        os.umask(old)
+    d.out.wait_for("listening on")
+    assert f"memcr: created the folders {tmp_path}/a, {tmp_path}/a/b for the socket (mode 0755)" in d.out.seen
+    assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == (0, 0, 0o755)
+    assert d.stop() == 0
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_folder_with_group_is_0750_and_only_the_group_reaches_it(
+    public_dir: Path, daemons: list[Running], accounts, spawn
+) -> None:
+    folder = public_dir / "memcr"
+    sock = folder / "memcr.sock"
+    d = start(daemons, "-l", sock, "-g", accounts["gid"], "-d", public_dir)
+    d.out.wait_for("listening on")
+    assert f"memcr: created the folder {folder} for the socket (mode 0750, group {accounts['gid']})" in d.out.seen
+    assert mode(folder) == (0, accounts["gid"], 0o750)
+    assert mode(sock)[1:] == (accounts["gid"], 0o660)
+    target = spawn("pattern", 8)
+    inside = client("-l", sock, "-p", target.pid, "-c", "-r", user=accounts["inside_name"])
+    assert inside.returncode == 0, inside.stderr
+    outside = client("-l", sock, "-p", target.pid, "-c", user=accounts["outside_name"])
+    assert outside.returncode == 1 and "permission denied" in outside.stderr
+    assert target.verify() == 0
+
+
+def test_a_folder_holding_other_files_is_kept(tmp_path: Path, daemons: list[Running]) -> None:
+    folder = tmp_path / "run"
+    d = start(daemons, "-l", folder / "memcr.sock", "-d", tmp_path)
+    d.out.wait_for("listening on")
+    (folder / "notes").write_text("not memcr's")
+    assert d.stop() == 0
+    assert (folder / "notes").exists() and not (folder / "memcr.sock").exists()
+    assert any(line.startswith(f"memcr: kept the folder {folder}") for line in d.out.rest())
+
+
+# -- folders that would not protect the socket -----------------------------------
+
+
+def test_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    result = refusal("-l", tmp_path / "link" / "memcr.sock")
+    assert result.returncode == 5, result.stderr
+    assert f"the socket's folder {tmp_path}/link is a symlink" in result.stderr
+    assert f"give -l the real folder ({real})" in result.stderr
+    assert list(real.iterdir()) == []
+
+
+def test_folder_writable_by_everyone_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    result = refusal("-l", folder / "memcr.sock")
+    assert result.returncode == 5, result.stderr
+    assert f"the socket's folder {folder} is writable by every user (mode 0777)" in result.stderr
+    assert f"chmod o-w {folder}" in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_sticky_folder_writable_by_everyone_is_accepted(tmp_path: Path, daemons: list[Running]) -> None:
+    """As /tmp, where the C memcr's clients put their sockets (/tmp/memcrservice): others cannot remove ours."""
+    folder = tmp_path / "sticky"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    d = start(daemons, "-l", folder / "memcr.sock", "-d", tmp_path)
+    d.out.wait_for("listening on")
+    assert d.stop() == 0
+    assert folder.exists() and list(folder.iterdir()) == []  # not memcr's folder: only its socket goes
+
+
+def test_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    result = refusal("-l", folder / "memcr.sock")
+    assert result.returncode == 5, result.stderr
+    assert f"the socket's folder {folder} belongs to" in result.stderr and f"uid {NOBODY}" in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_refusal_removes_the_folders_it_made(public_dir: Path, accounts) -> None:
+    """A daemon user that may make the folders but not give them to a group it is not in: nothing is left."""
+    home = public_dir / "home"
+    home.mkdir()
+    os.chown(home, accounts["inside"], -1)
+    argv = [str(BIN / "memcr"), "-l", str(home / "a" / "b" / "memcr.sock"), "-g", "0"]
+    result = subprocess.run(as_user(accounts["inside_name"], argv), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 5, result.stderr
+    assert f"cannot give the folder {home}/a group 0 and mode 0750: Operation not permitted" in result.stderr
+    assert list(home.iterdir()) == []
+
+
+def test_daemon_without_rights_for_the_folder_says_so(public_dir: Path, accounts) -> None:
+    """A daemon user that may not create the folder: exit 5, the path and the reason."""
+    result = subprocess.run(
+        as_user(accounts["inside_name"], [str(BIN / "memcr"), "-l", str(public_dir / "sub" / "memcr.sock")]),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 5, result.stderr
+    assert f"cannot create the folder {public_dir}/sub for the socket: Permission denied" in result.stderr

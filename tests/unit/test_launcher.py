@@ -1,0 +1,96 @@
+"""The advice memcr gives when it may not trace: which file gets CAP_SYS_PTRACE, with what command.
+
+Rootless: install layouts are made in tmp_path, the errors are built by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from memcr import advice, launcher, procfs
+from memcr.errors import RightsError
+
+
+def install(prefix: Path, launcher_bytes: bytes, mode: int = 0o750) -> Path:
+    """PREFIX/venv and PREFIX/bin/memcr, as deploy/install-system.sh lays them out."""
+    (prefix / "venv").mkdir(parents=True)
+    (prefix / "bin").mkdir()
+    path = prefix / "bin" / "memcr"
+    path.write_bytes(launcher_bytes)
+    path.chmod(mode)
+    return path
+
+
+def test_the_launcher_next_to_the_venv_is_found(tmp_path: Path) -> None:
+    elf = Path(sys.executable).resolve().read_bytes()[:64]  # any compiled program starts so
+    path = install(tmp_path, elf)
+    assert launcher.launcher_path(tmp_path / "venv") == path
+
+
+def test_a_python_entry_point_is_not_the_launcher(tmp_path: Path) -> None:
+    install(tmp_path, b"#!/usr/bin/python3\nfrom memcr.cli import main\nmain()\n", 0o755)
+    assert launcher.launcher_path(tmp_path / "venv") is None
+
+
+def test_no_launcher_outside_an_install(tmp_path: Path) -> None:
+    assert launcher.launcher_path(tmp_path / "venv") is None  # nothing there
+    (tmp_path / ".venv").mkdir()
+    assert launcher.launcher_path(tmp_path / ".venv") is None  # a development venv
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_launcher_is_still_named(tmp_path: Path) -> None:
+    path = install(tmp_path, b"\x7fELF", 0o000)  # as for a user outside the launcher's group
+    assert launcher.launcher_path(tmp_path / "venv") == path
+
+
+def test_advice_names_the_found_launcher_and_the_command(tmp_path: Path) -> None:
+    path = tmp_path / "bin" / "memcr"
+    text = launcher.capability_advice(path, capable=False)
+    assert f"launcher {path}" in text and f"setcap cap_sys_ptrace=ep {path}" in text
+
+
+def test_advice_without_an_install_names_the_documented_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "launcher_path", lambda: None)
+    text = launcher.capability_advice(capable=False)
+    assert "make install-system" in text and "setcap cap_sys_ptrace=ep /opt/memcr/bin/memcr" in text
+
+
+def test_no_advice_when_memcr_holds_the_capability() -> None:
+    assert launcher.capability_advice(Path("/opt/memcr/bin/memcr"), capable=True) == ""
+
+
+def test_may_trace_reads_memcr_s_own_capabilities() -> None:
+    effective = int(procfs.read_status("self")["CapEff"], 16)
+    assert launcher.may_trace() == bool(effective & 1 << launcher.CAP_SYS_PTRACE)
+
+
+def test_trace_denied_gets_the_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What `memcr -p PID` prints and the daemon logs, as a user without the capability."""
+    monkeypatch.setattr(launcher, "may_trace", lambda: False)
+    monkeypatch.setattr(launcher, "launcher_path", lambda: tmp_path / "bin" / "memcr")
+    text = advice.explain(procfs.trace_denied(1234))
+    assert text.startswith("not permitted to trace process 1234: memcr needs root or CAP_SYS_PTRACE")
+    assert text.endswith(f"setcap cap_sys_ptrace=ep {tmp_path}/bin/memcr")
+    monkeypatch.setattr(launcher, "may_trace", lambda: True)
+    assert advice.explain(procfs.trace_denied(1234)) == str(procfs.trace_denied(1234))
+
+
+def test_other_rights_get_their_own_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "may_trace", lambda: False)
+    proc_mem = RightsError("reading /proc/<pid>/mem directly needs root", what="proc-mem")
+    assert "setcap" not in advice.explain(proc_mem)
+
+
+def test_install_layout_matches_install_system() -> None:
+    """The layout launcher_path relies on is the one deploy/install-system.sh makes."""
+    script = Path(__file__).resolve().parents[2] / "deploy" / "install-system.sh"
+    if not script.exists():
+        pytest.skip("no deploy/install-system.sh in this tree")
+    text = script.read_text()
+    assert '-m venv --clear "$prefix/venv"' in text
+    assert 'mv "$prefix/bin/memcr.new" "$prefix/bin/memcr"' in text
