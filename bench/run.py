@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -59,6 +60,7 @@ class MemcrRun:
     release_ms: float
     peak_rss_mib: float
     dump_bytes: int
+    wall_ms: float  # the whole `memcr -p PID -n`: start-up, checkpoint, restore, exit
 
 
 def build_target(work: Path) -> Path:
@@ -144,6 +146,7 @@ def ready_target(target_bin: Path, size_mib: int, who: str) -> Iterator[subproce
 
 def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
     with ready_target(target_bin, size_mib, "bench") as target:
+        started = time.monotonic()
         memcr = subprocess.Popen(
             [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "--json", "-d", str(directory), *extra],
             stdout=subprocess.PIPE,
@@ -153,6 +156,7 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
         # wait4, not communicate: only wait4 hands back the child's peak RSS
         # (its few lines of output fit in the pipe meanwhile)
         _, status, usage = os.wait4(memcr.pid, 0)
+        wall_ms = (time.monotonic() - started) * 1000
         memcr.returncode = os.waitstatus_to_exitcode(status)
         assert memcr.stdout is not None and memcr.stderr is not None
         out, err = memcr.stdout.read(), memcr.stderr.read()
@@ -169,7 +173,47 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
         release_ms=r["release_ms"],
         peak_rss_mib=usage.ru_maxrss / 1024,
         dump_bytes=r["dump_bytes"],
+        wall_ms=wall_ms,
     )
+
+
+@dataclass
+class CRun:
+    download_ms: float
+    upload_ms: float
+    wall_ms: float
+
+
+def run_c_memcr(memcr_c: str, target_bin: Path, size_mib: int, directory: Path) -> CRun:
+    """The C memcr (MEMCR_C) on the same kind of target: its own "download took" and "upload took" lines."""
+    with ready_target(target_bin, size_mib, "bench (C memcr)") as target:
+        started = time.monotonic()
+        done = subprocess.run(
+            [memcr_c, "-p", str(target.pid), "-n", "-d", str(directory)], capture_output=True, text=True, timeout=600
+        )
+        wall_ms = (time.monotonic() - started) * 1000
+        if done.returncode != 0:
+            raise SystemExit(f"bench: the C memcr failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    out = done.stdout + done.stderr
+    took = {}
+    for word in ("download", "upload"):
+        if not (match := re.search(rf"{word} took (\d+) ms", out)):
+            raise SystemExit(f"bench: the C memcr printed no '{word} took' line:\n{out[-2000:]}")
+        took[word] = float(match.group(1))
+    return CRun(took["download"], took["upload"], wall_ms)
+
+
+def against_c(ours: list[MemcrRun], theirs: list[CRun]) -> dict[str, float]:
+    """Medians of ours/C for each figure, run against run (both ran in the same round)."""
+    pairs = list(zip(ours, theirs, strict=True))
+    return {
+        "c_download_ms": statistics.median(c.download_ms for c in theirs),
+        "c_upload_ms": statistics.median(c.upload_ms for c in theirs),
+        "c_wall_ms": statistics.median(c.wall_ms for c in theirs),
+        "download_ratio": statistics.median(o.download_ms / c.download_ms for o, c in pairs),
+        "upload_ratio": statistics.median(o.upload_ms / c.upload_ms for o, c in pairs),
+        "wall_ratio": statistics.median(o.wall_ms / c.wall_ms for o, c in pairs),
+    }
 
 
 def machine(directory: Path) -> dict[str, str]:
@@ -209,6 +253,8 @@ def main() -> int:
         directory = Path(work)
         target_bin = build_target(directory)
         writes, reads, runs = [], [], []
+        c_runs: list[CRun] = []
+        memcr_c = os.environ.get("MEMCR_C")
         codec_speeds: dict[str, dict[str, float]] = {}
         variants: dict[str, list[MemcrRun]] = {" ".join(v): [] for v in ([] if args.no_variants else VARIANTS)}
         # a discarded warm-up round first; then in each round the limits, plain
@@ -221,12 +267,15 @@ def main() -> int:
                 codec_speeds = one_core_codec_speeds(path)
             path.unlink()
             run = run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split())
+            c_run = run_c_memcr(memcr_c, target_bin, args.size_mib, directory) if memcr_c else None
             tried = {name: run_memcr(target_bin, args.size_mib, directory, args.memcr_args.split() + name.split())
                      for name in variants}  # fmt: skip
             if i:
                 writes.append(seconds)
                 reads.append(read_seconds)
                 runs.append(run)
+                if c_run:
+                    c_runs.append(c_run)
                 for name, variant_run in tried.items():
                     variants[name].append(variant_run)
         daemon = None if args.no_service else service_load.measure(target_bin, directory)
@@ -235,6 +284,7 @@ def main() -> int:
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
+    results["c_memcr"] = against_c(runs, c_runs) if c_runs else None
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["codec_one_core_mib_s"] = codec_speeds
     results["service"] = daemon
@@ -333,6 +383,11 @@ def print_table(r: dict) -> None:
     ):
         verdict = "ok" if ratio >= 0.8 else "below"
         print(f"{name:12}{ours:14.0f}{limit:14.0f}{ratio:8.2f}{verdict:>8}")
+    if c := r.get("c_memcr"):
+        print(f"against the C memcr (MEMCR_C), ours/C per round: checkpoint {c['download_ratio']:.2f}, "
+              f"restore {c['upload_ratio']:.2f}, whole `memcr -n` {c['wall_ratio']:.2f} "
+              f"(C: download {c['c_download_ms']:.0f} ms, upload {c['c_upload_ms']:.0f} ms, "
+              f"wall {c['c_wall_ms']:.0f} ms)")  # fmt: skip
     peak = r["peak_rss_mib_max"]
     print(f"peak RSS of memcr: median {r['peak_rss_mib_median']:.1f} MiB, max {peak:.1f} MiB "
           f"({'ok' if peak < 48 else 'over'} against 48 MiB)")  # fmt: skip

@@ -21,9 +21,11 @@ from memcr.dump.reader import DumpReader
 from memcr.errors import MemcrError, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
 from memcr.parasite import PAGEMAP_ENTRY, Parasite
+from memcr.process_vm import Unavailable
 from memcr.procfs import Vma
 from memcr.report import Report, rss
 from memcr.tracer import FrozenProcess
+from memcr.upload import upload
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
 
@@ -165,19 +167,28 @@ class Parked:
         """Write every dropped page back from the dump, checked before use."""
         records = self.dump.verified_records()
         self._check_untouched(records)
+        writable = [r for r in records if self._containing(r.addr).prot & mmap.PROT_WRITE]
+        try:
+            upload(self.pid, self.dump, writable)
+        except Unavailable:
+            self._upload_through_parasite(writable)
+        # process_vm_writev and the parasite write a read-only mapping only after an mprotect, which
+        # leaves a trace: /proc/<pid>/mem writes through the protection
+        for record in records:
+            if not self._containing(record.addr).prot & mmap.PROT_WRITE:
+                at = record.addr
+                for chunk in self.dump.chunks(record):
+                    self.frozen.write(at, chunk)
+                    at += len(chunk)
+
+    def _upload_through_parasite(self, records: list[Record]) -> None:
+        """Where the kernel has no process_vm_writev: the parasite receives the pages on its socket."""
         for record in records:
             span = self.dump.file_span(record)
-            if self._containing(record.addr).prot & mmap.PROT_WRITE:
-                if span is not None:
-                    self.parasite.store_file(record.addr, record.length, *span)
-                else:
-                    self.parasite.store_chunks(record.addr, record.length, self.dump.chunks(record))
-                continue
-            # the parasite could write a read-only mapping only after an mprotect, which leaves a trace
-            at = record.addr
-            for chunk in self.dump.chunks(record):
-                self.frozen.write(at, chunk)
-                at += len(chunk)
+            if span is not None:
+                self.parasite.store_file(record.addr, record.length, *span)
+            else:
+                self.parasite.store_chunks(record.addr, record.length, self.dump.chunks(record))
 
     def _check_untouched(self, records: list[Record]) -> None:
         """Raise unless every dropped page is still empty, or was refilled with zeros.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from memcr import checkpoint as checkpoint_module
-from memcr import codec, infect, parked
+from memcr import codec, infect, parked, process_vm
 from memcr.checkpoint import Options, checkpoint
 from memcr.codec import Coding
 from memcr.errors import LimitError, MemcrError, TargetKilled
@@ -263,3 +263,21 @@ def test_json_reports_a_failure(memcr: Memcr) -> None:
     assert error["event"] == "error" and error["operation"] == "checkpoint"
     assert error["exit_code"] == 3 and error["pid"] == 999999999
     assert "no such process" in error["error"]
+
+
+@pytest.mark.parametrize("coding", [Coding(), Coding(compress="lz4", checksum=True)], ids=["plain", "framed"])
+def test_restore_without_process_vm_writev_goes_through_the_parasite(spawn, library, monkeypatch, coding) -> None:
+    """Kernels without CONFIG_CROSS_MEMORY_ATTACH: the parasite receives the pages instead."""
+    run, _, dumps = library
+    target = spawn("pattern", 32, 2)
+    blocked = target.status()["SigBlk"]
+    handle = run(target.pid, coding)
+    assert isinstance(handle, parked.Parked)
+
+    def unavailable(*_: object) -> None:
+        raise process_vm.Unavailable("injected: no process_vm_writev")
+
+    monkeypatch.setattr(process_vm, "write", unavailable)
+    handle.restore()
+    monkeypatch.undo()
+    intact(target, dumps, blocked)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 import os
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 from memcr import heap
@@ -14,6 +18,8 @@ from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
 from memcr.errors import DumpError
 
 PIPELINE_DEPTH = 2  # frames being decoded ahead of the one being sent
+
+Frame = tuple[bytes, int, int, int]  # header, offset and length of the stored bytes, page address
 
 
 class DumpReader:
@@ -81,7 +87,35 @@ class DumpReader:
         return self.file.remove()
 
 
+@cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
 class PlainReader(DumpReader):
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[tuple[int, Callable[[int, int], None]]]:
+        """(address, done) of the whole file mapped read-only while the block runs.
+
+        done(offset, length) unmaps the pages of a piece once it is used, so
+        that the mapping never counts much of the dump's page cache in
+        memcr's RSS (mapping piece by piece instead is no faster).
+        """
+        libc = _libc()
+        base = libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            code = ctypes.get_errno()
+            raise DumpError(f"cannot map the dump {self.path}: {os.strerror(code)}", path=str(self.path), errno=code)
+        try:
+            yield int(base), lambda offset, length: libc.madvise(base + offset, length, mmap.MADV_DONTNEED)
+        finally:
+            libc.munmap(base, self.size)
+
     def file_span(self, record: Record) -> tuple[int, int] | None:
         return self.file.fd, record.offset
 
@@ -101,10 +135,15 @@ class FramedReader(DumpReader):
         self.codec = codec
         self._pool = coding_pool(codec, encoding=False)  # its threads start with the first frame
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The decoding threads: frames are decoded, and may be sent on, there."""
+        return self._pool
+
     def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         decoding: deque[Future[bytes | memoryview]] = deque()
-        for frame in self._frames(record):
-            decoding.append(self._pool.submit(self._decode, *frame))
+        for frame in self.frames(record):
+            decoding.append(self._pool.submit(self.decode, frame))
             if len(decoding) > PIPELINE_DEPTH:
                 yield decoding.popleft().result()
         while decoding:
@@ -115,8 +154,11 @@ class FramedReader(DumpReader):
         heap.release()  # the frame buffers
         return super().remove()
 
-    def _frames(self, record: Record) -> Iterator[tuple[bytes, int, int, int]]:
-        """(header, offset and length of the stored bytes, page address) of each frame."""
+    def frames(self, record: Record) -> Iterator[Frame]:
+        """Where each frame of the record is: (header, offset and length of its stored bytes, page address).
+
+        A damaged index raises once the frames read so far have been handed out.
+        """
         offset, end, done = record.offset, record.offset + record.stored, 0
         head_len = FRAME.size + self.codec.digest_len
         while done < record.length:
@@ -130,6 +172,8 @@ class FramedReader(DumpReader):
         if done != record.length or offset != end:
             raise self._damaged(f"has a damaged record at offset {record.offset}")
 
-    def _decode(self, head: bytes, offset: int, stored_len: int, addr: int) -> bytes | memoryview:
+    def decode(self, frame: Frame) -> bytes | memoryview:
+        """A frame's pages, checked; safe from any thread."""
+        head, offset, stored_len, addr = frame
         stored = self._read_exact(offset, stored_len, offset + stored_len)
         return self.codec.decode(head, stored, addr)
