@@ -17,8 +17,13 @@ from memcr_client.protocol import (
     AddressError,
     Answer,
     Command,
+    Compression,
+    Dialect,
     ExitCode,
+    ProtocolError,
 )
+
+__version__ = "0.1.0"
 
 __all__ = [
     "CMD_CHECKPOINT",
@@ -33,6 +38,9 @@ __all__ = [
     "Answer",
     "Client",
     "Command",
+    "Compression",
+    "Dialect",
     "ExitCode",
     "MemcrClientError",
+    "ProtocolError",
 ]
