@@ -26,7 +26,9 @@ chmod 0750 "$prefix/bin/memcr.new"
 setcap cap_sys_ptrace=ep "$prefix/bin/memcr.new"
 mv "$prefix/bin/memcr.new" "$prefix/bin/memcr"
 ln -sf ../venv/bin/memcr-client "$prefix/bin/memcr-client"
-sed "s|@PREFIX@|$prefix|g; s|@GROUP@|$group|g" "$here/deploy/memcr.service" > "$prefix/share/memcr.service"
+for unit in memcr.service memcr.socket; do
+    sed "s|@PREFIX@|$prefix|g; s|@GROUP@|$group|g" "$here/deploy/$unit" > "$prefix/share/$unit"
+done
 chmod -R go-w "$prefix"
 chmod -R a+rX "$prefix/venv" "$prefix/share"
-echo "install-system: memcr in $prefix/bin (CAP_SYS_PTRACE, group $group); unit in $prefix/share/memcr.service"
+echo "install-system: memcr in $prefix/bin (CAP_SYS_PTRACE, group $group); units in $prefix/share (memcr.service, memcr.socket)"

@@ -7,6 +7,10 @@ client stalls nobody, and hands it to the target's worker. Each
 checkpointed target has one worker thread: it seized the target, so by the
 ptrace rule it is the only thread that may touch it, and it lives until
 the target is released.
+
+Under systemd the listening socket may come from a .socket unit (socket
+activation: LISTEN_FDS and LISTEN_PID, the socket on fd 3); -l must then
+name the same socket.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import ipaddress
 import os
 import pwd
 import queue
@@ -61,6 +66,7 @@ REQUEST_TIMEOUT = 5.0  # for all of a request's bytes to arrive
 # cover a sender that splits them.
 TIMED_WINDOW = 0.05
 POLL = 0.2
+LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
 FOLDER_MODE = 0o755  # a socket folder memcr makes: anyone may reach the socket, whose own mode decides
@@ -68,13 +74,18 @@ GROUP_FOLDER_MODE = 0o750  # with -g: only that group may reach it
 
 
 class Listener:
-    """The listening socket and the files made for it: close() removes the socket file and those folders."""
+    """The listening socket and the files made for it: close() removes the socket file and those folders.
 
-    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None) -> None:
+    `inherited`: systemd's socket (socket activation), whose file is not memcr's to remove.
+    """
+
+    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None,
+                 inherited: bool = False) -> None:  # fmt: skip
         self.sock = sock
         self.log = log
         self.path = path
         self.made = made or []  # folders created for the socket, outermost first
+        self.inherited = inherited
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -91,7 +102,17 @@ class Listener:
 
 
 def listen(address: Address, gid: int | None, log: Log) -> Listener:
-    """Listen on `address`; a UNIX socket's missing folders are made (and logged)."""
+    """Listen on `address`, or take systemd's socket for it; a UNIX socket's missing folders are made (and logged)."""
+    inherited = inherited_socket(log)
+    if inherited is not None:
+        try:
+            _check_inherited(inherited, address)
+        except BaseException:
+            inherited.close()
+            raise
+        if gid is not None:
+            log(f"-g {gid} left to systemd: the socket's group and mode are its SocketGroup= and SocketMode=")
+        return Listener(inherited, log, inherited=True)  # no path: systemd keeps its file for the next start
     if address.path is None:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -110,6 +131,76 @@ def listen(address: Address, gid: int | None, log: Log) -> Listener:
         _remove_folders(made, log)
         raise
     return Listener(sock, log, address.path, made)
+
+
+def inherited_socket(log: Log) -> socket.socket | None:
+    """The listening socket systemd passed (LISTEN_PID, LISTEN_FDS, fd 3), or None when it passed none.
+
+    As sd_listen_fds() does, the variables count only when LISTEN_PID is
+    this process, and they are removed so that nothing memcr starts takes
+    them for its own.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if pid is None or count is None:
+        return None
+    if pid != str(os.getpid()):
+        log(f"ignored LISTEN_FDS: they are for process {pid}, not memcr ({os.getpid()})")
+        return None
+    if count != "1":
+        raise StorageError(
+            f"systemd passed {count} sockets (LISTEN_FDS): memcr serves one, so give its .socket unit "
+            "exactly one ListenStream="
+        )
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)  # family and type read from the descriptor
+    except OSError as e:
+        raise StorageError(
+            f"LISTEN_FDS names descriptor {LISTEN_FDS_START}, which is no socket: {e.strerror}", errno=e.errno
+        ) from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.type != socket.SOCK_STREAM or not listening:
+            raise StorageError(
+                f"systemd's socket (descriptor {LISTEN_FDS_START}) is not a listening stream socket: "
+                "memcr needs ListenStream=, with Accept=no"
+            )
+        sock.set_inheritable(False)
+    except BaseException:
+        sock.detach()  # leave the descriptor as found: it is systemd's
+        raise
+    return sock
+
+
+def _check_inherited(sock: socket.socket, address: Address) -> None:
+    """systemd's socket must be the one -l names: a mismatch is a misconfiguration, not a choice."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        passed = name if isinstance(name, str) else os.fsdecode(name)
+        if address.path is None or os.path.abspath(address.path) != passed:
+            raise StorageError(
+                f"systemd passed the socket {passed or '(unnamed)'} but -l says {address}: "
+                "make the .socket unit's ListenStream= and -l name the same socket"
+            )
+        return
+    host, port = name[0], name[1]
+    if address.path is not None or port != address.port:
+        raise StorageError(
+            f"systemd passed a socket on TCP port {port} but -l says {address}: "
+            "make the .socket unit's ListenStream= and -l name the same socket"
+        )
+    try:
+        wanted = ipaddress.ip_address(address.host)
+    except ValueError:
+        return  # a host name: the kernel only knows the address it resolved to
+    passed_ip = ipaddress.ip_address(host.split("%")[0])
+    if passed_ip != wanted:
+        raise StorageError(
+            f"systemd's socket listens on {host} port {port} but -l says {address}: anyone who reaches "
+            f"{host} could freeze or kill processes; write ListenStream={address} (or -l {host}:{port} "
+            "if that is meant)"
+        )
 
 
 def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
@@ -429,7 +520,7 @@ class Service:
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid, self.log)
-        self.log(f"listening on {self.address}")
+        self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)

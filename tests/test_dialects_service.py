@@ -1,4 +1,4 @@
-"""Issue 15 against a real daemon: Thunder's and Dobby's requests.
+"""Issue 15 against a real daemon: Thunder's and Dobby's requests, systemd socket activation.
 
 The frames are written here from the layouts (int32 fields in the CPU's
 order, little-endian on x86_64 and arm64), and once by a compiled C sender
@@ -20,10 +20,12 @@ import pytest
 
 from memcr.codec import COMPRESSORS
 from memcr.dump.format import HEADER
+from memcr_client import Client
 from memcr_client.protocol import Answer
-from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, memcr_argv, reap, stop
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
+ROOT = Path(__file__).resolve().parent.parent
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -262,3 +264,69 @@ def test_c_senders(daemon, spawn, tmp_path: Path) -> None:
     assert [p.name for p in own.iterdir()] == [f"pages-{target.pid}.img"]
     assert send("v1", RESTORE, target.pid) == OK
     assert target.verify() == 0
+
+
+# -- systemd socket activation -------------------------------------------------------
+
+# What systemd does for a .socket unit, in short: make the listening socket,
+# hand it over as descriptor 3 with LISTEN_FDS=1 and LISTEN_PID = the pid of
+# the process it then executes.
+ACTIVATE = r"""
+import os, socket, sys
+path, argv = sys.argv[1], sys.argv[2:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(path)
+sock.listen(16)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+    sock.close()
+os.set_inheritable(3, True)  # Python made it close-on-exec; dup2 onto itself would not change that
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))  # exec keeps the pid
+print("socket ready", flush=True)
+os.execv(argv[0], argv)
+"""
+
+
+def activated(tmp_path: Path, socket_path: Path, *args: object) -> subprocess.Popen[str]:
+    wrapper = tmp_path / "activate.py"
+    wrapper.write_text(ACTIVATE)
+    argv = [sys.executable, str(wrapper), str(socket_path), *memcr_argv(*args)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def test_socket_activation(spawn, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(0o755)  # made by systemd (DirectoryMode=) before the socket
+    path = run / "memcr.sock"
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    target = spawn("pattern", 16, 2)
+    proc = activated(tmp_path, path, "-l", path, "-d", dumps, "-g", 0)
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("socket ready")
+        # sent before memcr runs, as a first request starts a socket-activated service: it waits in the backlog
+        Client(str(path), timeout=RUN_TIMEOUT).checkpoint(target.pid)
+        out.wait_for("-g 0 left to systemd")  # the socket's group and mode are the .socket unit's
+        assert "(socket from systemd)" in out.wait_for("listening on")
+        assert frozen(target)
+        Client(str(path), timeout=RUN_TIMEOUT).restore(target.pid)
+        code = stop(proc)
+    finally:
+        reap(proc)
+    assert code == 0
+    assert stat.S_ISSOCK(path.lstat().st_mode)  # systemd's file: kept for the next start
+    assert target.verify() == 0
+
+
+def test_socket_activation_for_another_socket_is_refused(tmp_path: Path) -> None:
+    passed, named = tmp_path / "passed.sock", tmp_path / "named.sock"
+    proc = activated(tmp_path, passed, "-l", named, "-d", tmp_path)
+    try:
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        reap(proc)
+    assert proc.returncode == 5  # ExitCode.STORAGE
+    assert f"systemd passed the socket {passed} but -l says {named}" in out
+    assert "make the .socket unit's ListenStream= and -l name the same socket" in out
+    assert not named.exists()

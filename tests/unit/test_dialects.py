@@ -1,5 +1,5 @@
 """Issue 15: the three request forms (v1, Thunder's 12 bytes, Dobby's V2), as bytes, as the client sends them,
-as the daemon reads them off a connection; the per-request dump directory's checks.
+as the daemon reads them off a connection; the per-request dump directory's checks; systemd's socket.
 
 Rootless and without a daemon: the frames are written here by hand from the
 layouts (int32 fields, little-endian on the CPUs memcr supports), not with
@@ -503,3 +503,49 @@ def test_request_directory_of_another_user(tmp_path: Path) -> None:
     theirs.mkdir(0o700)
     os.chown(theirs, 65534, 65534)
     assert "belongs to" in refused_dir(str(theirs))
+
+
+# -- systemd's socket -------------------------------------------------------------
+
+
+def listening_unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def test_systemd_socket_must_be_the_one_l_names(tmp_path: Path) -> None:
+    with listening_unix(tmp_path / "a.sock") as sock:
+        service._check_inherited(sock, Address.parse(str(tmp_path / "a.sock")))
+        with pytest.raises(StorageError, match="ListenStream= and -l name the same socket"):
+            service._check_inherited(sock, Address.parse(str(tmp_path / "b.sock")))
+        with pytest.raises(StorageError, match=r"-l says 127\.0\.0\.1:9000"):
+            service._check_inherited(sock, Address.parse("9000"))
+    with socket.socket() as tcp:
+        tcp.bind(("0.0.0.0", 0))
+        tcp.listen(1)
+        port = tcp.getsockname()[1]
+        with pytest.raises(StorageError, match=f"write ListenStream=127.0.0.1:{port}"):
+            service._check_inherited(tcp, Address.parse(str(port)))  # every interface where -l means loopback
+        service._check_inherited(tcp, Address.parse(f"0.0.0.0:{port}"))
+        with pytest.raises(StorageError, match=f"TCP port {port}"):
+            service._check_inherited(tcp, Address.parse(str(port + 1 if port < 65535 else port - 1)))
+
+
+def test_listen_variables_for_another_process_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[str] = []
+    monkeypatch.setenv("LISTEN_PID", "1")
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert service.inherited_socket(logged.append) is None
+    assert logged == [f"ignored LISTEN_FDS: they are for process 1, not memcr ({os.getpid()})"]
+    assert "LISTEN_FDS" not in os.environ  # not passed on, as sd_listen_fds(1) does
+    assert service.inherited_socket(logged.append) is None  # nothing set: nothing said
+    assert len(logged) == 1
+
+
+def test_listen_variables_of_two_sockets_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    with pytest.raises(StorageError, match="exactly one ListenStream="):
+        service.inherited_socket(print)
