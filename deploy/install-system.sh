@@ -15,7 +15,13 @@ getent group "$group" >/dev/null || groupadd --system "$group"
 # a venv on the system interpreter: one under /root would be unreachable for other users
 "$python" -m venv --clear "$prefix/venv"
 "$prefix/venv/bin/python" -m pip install -q --upgrade pip
-"$prefix/venv/bin/python" -m pip install -q "$here"
+# the client distribution from this tree too: memcr depends on it, and it is not on PyPI. Built from a
+# copy: its folder is the package itself, and a build would leave a second copy of it inside
+client=$(mktemp -d)
+trap 'rm -rf "$client"' EXIT
+cp -R "$here/memcr_client" "$client/"
+rm -rf "$client/memcr_client/build" "$client/memcr_client/"*.egg-info
+"$prefix/venv/bin/python" -m pip install -q "$client/memcr_client" "$here"
 
 mkdir -p "$prefix/bin" "$prefix/share"
 gcc -O2 -Wall -Wextra -Werror -DPYTHON="\"$prefix/venv/bin/python\"" \

@@ -1,4 +1,4 @@
-"""Issue 15 against a real daemon: Thunder's and Dobby's requests, systemd socket activation.
+"""Issue 15 against a real daemon: Thunder's and Dobby's requests, systemd socket activation, the client alone.
 
 The frames are written here from the layouts (int32 fields in the CPU's
 order, little-endian on x86_64 and arm64), and once by a compiled C sender
@@ -8,6 +8,7 @@ with its senders' packed structs, not with memcr_client's encoders.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -330,3 +331,59 @@ def test_socket_activation_for_another_socket_is_refused(tmp_path: Path) -> None
     assert f"systemd passed the socket {passed} but -l says {named}" in out
     assert "make the .socket unit's ListenStream= and -l name the same socket" in out
     assert not named.exists()
+
+
+# -- the client, installed alone ------------------------------------------------------
+
+
+def test_client_installs_alone_and_talks_to_a_daemon(daemon, spawn, tmp_path: Path) -> None:
+    # a copy of the folder: the install builds in it, and it must need nothing from the rest of the tree
+    source = tmp_path / "src" / "memcr_client"
+    shutil.copytree(ROOT / "memcr_client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=RUN_TIMEOUT)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert install.returncode == 0, install.stderr
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+    ).stdout
+    names = {line.split("==")[0].lower() for line in listed.split()}
+    assert "memcr-py-client" in names
+    assert names <= {"memcr-py-client", "pip", "setuptools"}, names  # nothing of memcr's dependencies
+    # run outside the tree, so that nothing of it is importable
+    no_engine = subprocess.run([python, "-c", "import memcr"], capture_output=True, text=True, cwd=tmp_path)
+    assert "No module named 'memcr'" in no_engine.stderr
+
+    d = daemon()
+    target = spawn("pattern", 16)
+    own = tmp_path / "own"
+    own.mkdir(0o700)
+    client = venv / "bin" / "memcr-client"
+
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [client, "-l", d.listen, "-p", str(target.pid), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            cwd=tmp_path,
+        )
+
+    checkpointed = run("-c", "-d", own, "-z", "lz4")
+    assert checkpointed.returncode == 0, checkpointed.stderr
+    assert [p.name for p in own.iterdir()] == [f"pages-{target.pid}.img"]
+    restored = run("-r", "-t", 60)
+    assert restored.returncode == 0, restored.stderr
+    assert (run("-c", "-r").returncode, run("-r").returncode) == (0, 1)
+    assert target.verify() == 0
