@@ -14,14 +14,16 @@ parasite:
 system:
 	sh scripts/setup-system.sh
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py memcr_client/pyproject.toml
 	sh scripts/setup-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# the client first: memcr-py depends on it, and it is this tree's, not PyPI's
+	$(BIN)/python -m pip install -q -e ./memcr_client
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# memcr and memcr-client into .venv/bin (an editable install of this tree)
+# memcr and memcr-client into .venv/bin (editable installs of this tree)
 install: $(STAMP) parasite
 
 demo: install
@@ -56,6 +58,6 @@ install-system: system
 
 clean:
 	$(MAKE) -C parasite clean
-	rm -rf build dist *.egg-info
+	rm -rf build dist *.egg-info memcr_client/build memcr_client/*.egg-info
 
 .PHONY: all parasite system apps install install-system demo test test-apps bench profile clean

@@ -15,7 +15,13 @@ getent group "$group" >/dev/null || groupadd --system "$group"
 # a venv on the system interpreter: one under /root would be unreachable for other users
 "$python" -m venv --clear "$prefix/venv"
 "$prefix/venv/bin/python" -m pip install -q --upgrade pip
-"$prefix/venv/bin/python" -m pip install -q "$here"
+# the client distribution from this tree too: memcr depends on it, and it is not on PyPI. Built from a
+# copy: its folder is the package itself, and a build would leave a second copy of it inside
+client=$(mktemp -d)
+trap 'rm -rf "$client"' EXIT
+cp -R "$here/memcr_client" "$client/"
+rm -rf "$client/memcr_client/build" "$client/memcr_client/"*.egg-info
+"$prefix/venv/bin/python" -m pip install -q "$client/memcr_client" "$here"
 
 mkdir -p "$prefix/bin" "$prefix/share"
 gcc -O2 -Wall -Wextra -Werror -DPYTHON="\"$prefix/venv/bin/python\"" \
@@ -26,7 +32,9 @@ chmod 0750 "$prefix/bin/memcr.new"
 setcap cap_sys_ptrace=ep "$prefix/bin/memcr.new"
 mv "$prefix/bin/memcr.new" "$prefix/bin/memcr"
 ln -sf ../venv/bin/memcr-client "$prefix/bin/memcr-client"
-sed "s|@PREFIX@|$prefix|g; s|@GROUP@|$group|g" "$here/deploy/memcr.service" > "$prefix/share/memcr.service"
+for unit in memcr.service memcr.socket; do
+    sed "s|@PREFIX@|$prefix|g; s|@GROUP@|$group|g" "$here/deploy/$unit" > "$prefix/share/$unit"
+done
 chmod -R go-w "$prefix"
 chmod -R a+rX "$prefix/venv" "$prefix/share"
-echo "install-system: memcr in $prefix/bin (CAP_SYS_PTRACE, group $group); unit in $prefix/share/memcr.service"
+echo "install-system: memcr in $prefix/bin (CAP_SYS_PTRACE, group $group); units in $prefix/share (memcr.service, memcr.socket)"

@@ -1,16 +1,24 @@
 """Service mode (`memcr -l`): checkpoint and restore on request, many targets at once.
 
 The accept loop only accepts. Each connection gets a short-lived thread
-that reads the 8-byte request (with a time limit, so a slow client stalls
-nobody) and hands it to the target's worker. Each checkpointed target has
-one worker thread: it seized the target, so by the ptrace rule it is the
-only thread that may touch it, and it lives until the target is released.
+that reads the request in any of its three forms (memcr_client.protocol:
+v1, Thunder's 12 bytes, Dobby's V2), with a time limit so that a slow
+client stalls nobody, and hands it to the target's worker. Each
+checkpointed target has one worker thread: it seized the target, so by the
+ptrace rule it is the only thread that may touch it, and it lives until
+the target is released.
+
+Under systemd the listening socket may come from a .socket unit (socket
+activation: LISTEN_FDS and LISTEN_PID, the socket on fd 3); -l must then
+name the same socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import ipaddress
 import os
 import pwd
 import queue
@@ -28,36 +36,56 @@ from pathlib import Path
 from memcr import heap, procfs
 from memcr.advice import explain
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
+from memcr.dump.format import check_directory
 from memcr.errors import MemcrError, StorageError, TargetError, TargetGone, TargetKilled
 from memcr.parked import Parked
 from memcr.report import Report, error_json
 from memcr_client.protocol import (
     CMD_CHECKPOINT,
     CMD_RESTORE,
+    CMDS_V2,
     REQUEST,
+    TIMED_REQUEST,
     Answer,
+    Compression,
+    ProtocolError,
     Request,
     decode_request,
+    decode_timed_request,
+    decode_v2_length,
+    decode_v2_payload,
     encode_answer,
 )
 from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # for all of a request's bytes to arrive
+# After 8 bytes, how long to wait for the 4 more of the 12-byte form. A v1
+# client sends 8 bytes and waits, so each v1 request pays this once; Thunder
+# writes its 12 bytes at once, which arrive together, so this only has to
+# cover a sender that splits them.
+TIMED_WINDOW = 0.05
 POLL = 0.2
+LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
+COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
 FOLDER_MODE = 0o755  # a socket folder memcr makes: anyone may reach the socket, whose own mode decides
 GROUP_FOLDER_MODE = 0o750  # with -g: only that group may reach it
 
 
 class Listener:
-    """The listening socket and the files made for it: close() removes the socket file and those folders."""
+    """The listening socket and the files made for it: close() removes the socket file and those folders.
 
-    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None) -> None:
+    `inherited`: systemd's socket (socket activation), whose file is not memcr's to remove.
+    """
+
+    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None,
+                 inherited: bool = False) -> None:  # fmt: skip
         self.sock = sock
         self.log = log
         self.path = path
         self.made = made or []  # folders created for the socket, outermost first
+        self.inherited = inherited
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -74,7 +102,17 @@ class Listener:
 
 
 def listen(address: Address, gid: int | None, log: Log) -> Listener:
-    """Listen on `address`; a UNIX socket's missing folders are made (and logged)."""
+    """Listen on `address`, or take systemd's socket for it; a UNIX socket's missing folders are made (and logged)."""
+    inherited = inherited_socket(log)
+    if inherited is not None:
+        try:
+            _check_inherited(inherited, address)
+        except BaseException:
+            inherited.close()
+            raise
+        if gid is not None:
+            log(f"-g {gid} left to systemd: the socket's group and mode are its SocketGroup= and SocketMode=")
+        return Listener(inherited, log, inherited=True)  # no path: systemd keeps its file for the next start
     if address.path is None:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,6 +131,76 @@ def listen(address: Address, gid: int | None, log: Log) -> Listener:
         _remove_folders(made, log)
         raise
     return Listener(sock, log, address.path, made)
+
+
+def inherited_socket(log: Log) -> socket.socket | None:
+    """The listening socket systemd passed (LISTEN_PID, LISTEN_FDS, fd 3), or None when it passed none.
+
+    As sd_listen_fds() does, the variables count only when LISTEN_PID is
+    this process, and they are removed so that nothing memcr starts takes
+    them for its own.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if pid is None or count is None:
+        return None
+    if pid != str(os.getpid()):
+        log(f"ignored LISTEN_FDS: they are for process {pid}, not memcr ({os.getpid()})")
+        return None
+    if count != "1":
+        raise StorageError(
+            f"systemd passed {count} sockets (LISTEN_FDS): memcr serves one, so give its .socket unit "
+            "exactly one ListenStream="
+        )
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)  # family and type read from the descriptor
+    except OSError as e:
+        raise StorageError(
+            f"LISTEN_FDS names descriptor {LISTEN_FDS_START}, which is no socket: {e.strerror}", errno=e.errno
+        ) from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.type != socket.SOCK_STREAM or not listening:
+            raise StorageError(
+                f"systemd's socket (descriptor {LISTEN_FDS_START}) is not a listening stream socket: "
+                "memcr needs ListenStream=, with Accept=no"
+            )
+        sock.set_inheritable(False)
+    except BaseException:
+        sock.detach()  # leave the descriptor as found: it is systemd's
+        raise
+    return sock
+
+
+def _check_inherited(sock: socket.socket, address: Address) -> None:
+    """systemd's socket must be the one -l names: a mismatch is a misconfiguration, not a choice."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        passed = name if isinstance(name, str) else os.fsdecode(name)
+        if address.path is None or os.path.abspath(address.path) != passed:
+            raise StorageError(
+                f"systemd passed the socket {passed or '(unnamed)'} but -l says {address}: "
+                "make the .socket unit's ListenStream= and -l name the same socket"
+            )
+        return
+    host, port = name[0], name[1]
+    if address.path is not None or port != address.port:
+        raise StorageError(
+            f"systemd passed a socket on TCP port {port} but -l says {address}: "
+            "make the .socket unit's ListenStream= and -l name the same socket"
+        )
+    try:
+        wanted = ipaddress.ip_address(address.host)
+    except ValueError:
+        return  # a host name: the kernel only knows the address it resolved to
+    passed_ip = ipaddress.ip_address(host.split("%")[0])
+    if passed_ip != wanted:
+        raise StorageError(
+            f"systemd's socket listens on {host} port {port} but -l says {address}: anyone who reaches "
+            f"{host} could freeze or kill processes; write ListenStream={address} (or -l {host}:{port} "
+            "if that is meant)"
+        )
 
 
 def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
@@ -244,27 +352,38 @@ def _remove_stale(path: Path) -> None:
     raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path", path=path)
 
 
-class Worker(threading.Thread):
-    """One target from seize to release; the only thread that touches it."""
+Reply = Callable[[int], None]
 
-    def __init__(self, service: Service, pid: int) -> None:
+
+class Worker(threading.Thread):
+    """One target from seize to release; the only thread that touches it.
+
+    `options` and `timeout` are the daemon's, or what the checkpoint's
+    request made of them (a V2 dump directory or compression, a 12-byte
+    time limit).
+    """
+
+    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None) -> None:
         super().__init__(name=f"memcr-{pid}", daemon=True)
         self.service = service
         self.pid = pid
+        self.options = options
+        self.timeout = timeout
         self.cancel = Cancel()  # of the checkpoint, until it has ended
         self.state = "checkpointing"
         self.lock = threading.Lock()  # guards state against requests handed over meanwhile
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
         self.checkpoint_error: MemcrError | None = None  # why it failed, when it did
-        self.requests: queue.Queue[Callable[[int], None] | None] = queue.Queue()
+        # each restore request: who gets the answer (None at shutdown), and the request's time limit
+        self.requests: queue.Queue[tuple[Reply | None, float | None]] = queue.Queue()
         self.restore_asked = False
 
     def run(self) -> None:
         timer = self._deadline()
         parked = None
         try:
-            parked = checkpoint(self.pid, self.service.options, self.service.log, self.cancel)
+            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel)
             self.checkpoint_code = OK
         except TargetError as e:
             self._note("checkpoint", e)
@@ -296,9 +415,9 @@ class Worker(threading.Thread):
             self._leave()
 
     def _deadline(self) -> threading.Timer | None:
-        if not self.service.timeout:
+        if not self.timeout:
             return None
-        timer = threading.Timer(self.service.timeout, self.abort)
+        timer = threading.Timer(self.timeout, self.abort)
         timer.daemon = True
         timer.start()
         return timer
@@ -315,7 +434,7 @@ class Worker(threading.Thread):
     def _serve_restore(self, parked: Parked) -> None:
         while True:
             try:
-                reply = self.requests.get(timeout=1.0)
+                reply, limit = self.requests.get(timeout=1.0)
                 break
             except queue.Empty:
                 if self._target_died():
@@ -331,8 +450,8 @@ class Worker(threading.Thread):
             elapsed = time.monotonic() - started
             self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
             self.service.report(parked.report, "restore")
-            if self.service.timeout and elapsed > self.service.timeout:
-                self.service.log(f"pid {self.pid}: restore took longer than -t {self.service.timeout} s")
+            if limit and elapsed > limit:
+                self.service.log(f"pid {self.pid}: restore took longer than its time limit of {limit:g} s")
                 code = ERROR
         except MemcrError as e:
             self._note("restore", e)
@@ -350,7 +469,7 @@ class Worker(threading.Thread):
             self.state = "gone"
         self.service.remove_worker(self)
         while not self.requests.empty():
-            reply = self.requests.get()
+            reply, _ = self.requests.get()
             if reply:
                 reply(INVALID_PID)
 
@@ -360,14 +479,18 @@ class Worker(threading.Thread):
         except OSError:
             return False  # out of descriptors, say: it may well be alive, look again later
 
-    def restore(self, reply: Callable[[int], None] | None) -> bool:
-        """Queue the restore (during a checkpoint, abort it first); False if too late."""
+    def restore(self, reply: Reply | None, limit: float | None = None) -> bool:
+        """Queue the restore (during a checkpoint, abort it first); False if too late.
+
+        A restore that takes longer than `limit` seconds is answered -1; it
+        cannot be stopped halfway, so the target is restored all the same.
+        """
         with self.lock:
             if self.state in ("restoring", "gone") or self.restore_asked:
                 return False  # one restore per checkpoint: a second request gets -2, not silence
             self.restore_asked = True
             self.abort()
-            self.requests.put(reply)
+            self.requests.put((reply, limit))
             return True
 
 
@@ -397,7 +520,7 @@ class Service:
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid, self.log)
-        self.log(f"listening on {self.address}")
+        self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)
@@ -427,27 +550,59 @@ class Service:
     def _handle(self, conn: socket.socket) -> None:
         try:
             with conn:
-                conn.settimeout(REQUEST_TIMEOUT)
-                request = _read_request(conn)
-                if request is None:
-                    self.log("dropped a connection: no complete request")
+                try:
+                    request = _read_request(conn)
+                except Refusal as e:
+                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'}: {e}")
+                    if e.answer:
+                        _send(conn, ERROR)
                     return
-                _send(conn, self.dispatch(*request))
+                _send(conn, self.dispatch(request))
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
-    def dispatch(self, cmd: int, pid: int) -> int:
+    def dispatch(self, request: Request) -> int:
         """Carry out one request and return its answer."""
+        cmd, pid = request.cmd, request.pid
         if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
             self.log(f"unknown command {cmd} for pid {pid}")
             return ERROR
         if pid <= 0 or pid == os.getpid():
             self.log(f"refused pid {pid}")
             return INVALID_PID
-        return self._checkpoint(pid) if cmd == CMD_CHECKPOINT else self._restore(pid)
+        limit = self._time_limit(request)
+        if cmd == CMD_RESTORE:
+            if request.options:
+                # the target stays as it is, parked or not: the client learns its request was wrong
+                self.log(f"refused the V2 restore of pid {pid}: a dump directory or compression applies to checkpoints")
+                return ERROR
+            return self._restore(pid, limit)
+        try:
+            options = self._options(request)
+        except StorageError as e:
+            self.log(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
+            return ERROR
+        return self._checkpoint(pid, options, limit)
 
-    def _checkpoint(self, pid: int) -> int:
+    def _time_limit(self, request: Request) -> float | None:
+        """The -t limit, or the 12-byte request's own when that is shorter: both were asked for."""
+        limits = [self.timeout] if self.timeout else []
+        if request.timeout_ms:
+            limits.append(request.timeout_ms / 1000)
+        return min(limits, default=None)
+
+    def _options(self, request: Request) -> Options:
+        """The daemon's options with a V2 request's dump directory and compression in place of its own."""
+        options = self.options
+        if request.dump_dir is not None:
+            options = dataclasses.replace(options, dump_dir=check_request_directory(request.dump_dir))
+        if request.compression is not None:
+            coding = dataclasses.replace(options.coding, compress=COMPRESSORS[request.compression])
+            options = dataclasses.replace(options, coding=coding)
+        return options
+
+    def _checkpoint(self, pid: int, options: Options, limit: float | None) -> int:
         if self.stop.is_set():
             return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
         with self.lock:
@@ -456,16 +611,16 @@ class Service:
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            worker = self.workers[pid] = Worker(self, pid)
+            worker = self.workers[pid] = Worker(self, pid, options, limit)
             worker.start()
         worker.checkpointed.wait()
         return worker.checkpoint_code
 
-    def _restore(self, pid: int) -> int:
+    def _restore(self, pid: int, limit: float | None) -> int:
         with self.lock:
             worker = self.workers.get(pid)
         answer: queue.Queue[int] = queue.Queue(1)
-        if worker is None or not worker.restore(answer.put):  # during a checkpoint: aborts it
+        if worker is None or not worker.restore(answer.put, limit):  # during a checkpoint: aborts it
             return INVALID_PID
         worker.checkpointed.wait()
         if worker.checkpoint_code != OK:
@@ -490,32 +645,142 @@ class Service:
             thread.join(REQUEST_TIMEOUT)
 
 
+def check_request_directory(text: str) -> Path:
+    """A dump directory a client named: -d's checks, and none of the folders on its way a trap.
+
+    The client is not memcr's user, so memcr must not follow it somewhere
+    else: the path must be absolute, without symlinks or "..", and every
+    folder on it, the directory included, must belong to root or memcr's
+    user and be writable by nobody else, unless sticky (as /tmp is): else
+    its owner or its writers could swap a folder for a symlink between this
+    check and the dump's creation, or remove the dump of a parked target.
+    """
+    path = Path(text)
+    if not path.is_absolute():
+        raise StorageError(f"the dump directory {text!r} is not an absolute path", path=text, what="dump-dir")
+    if ".." in path.parts:
+        raise StorageError(f"the dump directory {text!r} has a '..' in it: give its plain path", path=text)
+    folder = Path(path.anchor)
+    _check_dump_folder(folder, os.lstat(folder), text)
+    for name in path.parts[1:]:
+        folder /= name
+        try:
+            st = os.lstat(folder)
+        except OSError as e:
+            raise StorageError(f"dump directory {text}: {folder}: {e.strerror}", path=text, errno=e.errno) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise StorageError(
+                f"dump directory {text}: {folder} is a symlink, which memcr does not follow for a client: "
+                f"give the real path ({os.path.realpath(path)})",
+                path=text,
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"dump directory {text}: {folder} is not a directory", path=text, errno=errno.ENOTDIR)
+        _check_dump_folder(folder, st, text)
+    check_directory(path)  # -d's own checks: a directory, writable
+    return path
+
+
+def _check_dump_folder(folder: Path, st: os.stat_result, text: str) -> None:
+    if st.st_uid not in (0, os.geteuid()):
+        raise StorageError(
+            f"dump directory {text}: {folder} belongs to {_user(st.st_uid)}, who could swap what is in it: "
+            "use folders owned by root or by memcr's user",
+            path=text,
+        )
+    others = stat.S_IWGRP | stat.S_IWOTH
+    if st.st_mode & others and not st.st_mode & stat.S_ISVTX:
+        raise StorageError(
+            f"dump directory {text}: {folder} is writable by users other than its owner "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}), who could swap what is in it: "
+            f"take that right away (chmod go-w {folder}) or make it sticky (chmod +t {folder})",
+            path=text,
+        )
+
+
 def _free_descriptors() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft - procfs.descriptor_count()
 
 
-def _read_request(conn: socket.socket) -> Request | None:
-    """The 8-byte request, or None for a short one, a silent client or an oversized one."""
+class Refusal(Exception):
+    """Bytes on a connection that are no request: why, and whether the client still gets -1."""
+
+    def __init__(self, reason: str, answer: bool) -> None:
+        super().__init__(reason)
+        self.answer = answer  # False: nothing the client could read (it left, or sent too little to be one)
+
+
+def _read_request(conn: socket.socket) -> Request:
+    """One request in any of the three forms, all of it within REQUEST_TIMEOUT; Refusal otherwise.
+
+    The first 8 bytes decide: a V2 header (102, length), else a v1 request,
+    or the 12-byte form when 4 more bytes come within TIMED_WINDOW. Bytes
+    beyond the request are refused: one request per connection.
+    """
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    head = _receive(conn, REQUEST.size, deadline)
+    if len(head) < REQUEST.size:
+        raise Refusal(f"no complete request ({len(head)} of {REQUEST.size} bytes)", answer=False)
+    if REQUEST.unpack(head)[0] == CMDS_V2:
+        try:
+            length = decode_v2_length(head)
+        except ProtocolError as e:
+            raise Refusal(f"V2 request: {e}", answer=True) from None
+        payload = _receive(conn, length, deadline)
+        if len(payload) < length:
+            raise Refusal(f"V2 request: its payload stopped after {len(payload)} of {length} bytes", answer=True)
+        _refuse_more(conn, "V2 request")
+        try:
+            return decode_v2_payload(payload)
+        except ProtocolError as e:
+            raise Refusal(f"V2 request: {e}", answer=True) from None
+    more = TIMED_REQUEST.size - REQUEST.size
+    rest = _receive(conn, more, min(deadline, time.monotonic() + TIMED_WINDOW))
+    if not rest:
+        return decode_request(head)  # v1: the client sent 8 bytes and waits for its answer
+    if len(rest) < more:  # the 12-byte form has begun: it has the rest of the time to end
+        rest += _receive(conn, more - len(rest), deadline)
+        if len(rest) < more:
+            raise Refusal(f"no complete request ({REQUEST.size + len(rest)} bytes, neither 8 nor 12)", answer=True)
+    _refuse_more(conn, "request")
+    try:
+        return decode_timed_request(head + rest)
+    except ProtocolError as e:
+        raise Refusal(str(e), answer=True) from None
+
+
+def _receive(conn: socket.socket, size: int, deadline: float) -> bytes:
+    """Up to `size` bytes, fewer if the client stops sending, hangs up or the deadline passes."""
     data = b""
     try:
-        while len(data) < REQUEST.size:
-            piece = conn.recv(REQUEST.size - len(data))
+        while len(data) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
+            piece = conn.recv(size - len(data))
             if not piece:
-                return None
+                break
             data += piece
-        conn.setblocking(False)
-        try:
-            extra = conn.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            extra = b""
-        conn.settimeout(REQUEST_TIMEOUT)
     except OSError:
-        return None
+        pass  # a timeout, a reset: what came is all there is, and the caller judges it
+    finally:
+        conn.settimeout(REQUEST_TIMEOUT)
+    return data
+
+
+def _refuse_more(conn: socket.socket, what: str) -> None:
+    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
+    conn.setblocking(False)  # a peek that must not wait (MSG_DONTWAIT alone would, under a timeout)
+    try:
+        extra = conn.recv(1, socket.MSG_PEEK)
+    except OSError:
+        extra = b""  # nothing waiting (BlockingIOError), or the client is gone
+    finally:
+        conn.settimeout(REQUEST_TIMEOUT)
     if extra:
-        _send(conn, ERROR)  # more than one request's worth: not this protocol
-        return None
-    return decode_request(data)
+        raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
 
 
 def _send(conn: socket.socket, code: int) -> None:

@@ -1,7 +1,9 @@
 """Client for the memcr daemon: the wire protocol and a small typed API.
 
-It does not import the memcr engine, so it installs alone into an
-unprivileged container. The wire format itself is in memcr_client.protocol.
+It does not import the memcr engine and needs nothing beyond Python, so it
+installs alone (`pip install ./memcr_client`, the memcr-py-client
+distribution) into an unprivileged container. The wire format itself is
+in memcr_client.protocol.
 """
 
 from memcr_client.client import Client, MemcrClientError
@@ -17,8 +19,13 @@ from memcr_client.protocol import (
     AddressError,
     Answer,
     Command,
+    Compression,
+    Dialect,
     ExitCode,
+    ProtocolError,
 )
+
+__version__ = "0.1.0"
 
 __all__ = [
     "CMD_CHECKPOINT",
@@ -33,6 +40,9 @@ __all__ = [
     "Answer",
     "Client",
     "Command",
+    "Compression",
+    "Dialect",
     "ExitCode",
     "MemcrClientError",
+    "ProtocolError",
 ]

@@ -1,56 +1,119 @@
-"""The `memcr-client` command line."""
+"""The `memcr-client` command line (argparse: the client distribution has no dependencies)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-import click
-
+from memcr_client import __version__
 from memcr_client.client import Client, MemcrClientError
-from memcr_client.protocol import DEFAULT_LOCATION, LOCATION_ENV, AddressError, ExitCode
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-l",
-    "--location",
-    envvar=LOCATION_ENV,
-    default=DEFAULT_LOCATION,
-    show_default=True,
-    show_envvar=True,
-    metavar="PORT|HOST:PORT|PATH",
-    help="The daemon: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
+from memcr_client.protocol import (
+    DEFAULT_LOCATION,
+    LOCATION_ENV,
+    AddressError,
+    Compression,
+    Dialect,
+    ExitCode,
+    ProtocolError,
+    compression_named,
+    default_location,
 )
-@click.option("-p", "--pid", type=int, required=True, help="Target process.")
-@click.option("-c", "--checkpoint", is_flag=True, help="Checkpoint the process.")
-@click.option("-r", "--restore", is_flag=True, help="Restore the process.")
-@click.version_option(None, "-V", "--version", package_name="memcr-py")
-def command(location: str, pid: int, checkpoint: bool, restore: bool) -> None:
-    """Ask a memcr daemon to checkpoint and/or restore a process."""
-    if not (checkpoint or restore):
-        raise click.UsageError("give -c/--checkpoint, -r/--restore or both")
-    if pid <= 0:
-        raise click.UsageError(f"-p/--pid must be a positive process id, not {pid}")
+
+PROG = "memcr-client"
+
+
+def _compression(text: str) -> Compression:
     try:
-        client = Client(location)
+        return compression_named(text)
+    except ProtocolError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ask a memcr daemon to checkpoint and/or restore a process.",
+        epilog="Without -d, -z, -t or --v2 the request is the C memcr's 8 bytes (v1), which every memcr "
+        "daemon understands. -d and -z send Dobby's V2 request (every request of the run, as the C "
+        "client variant does), -t Thunder's 12-byte one.",
+    )
+    p.add_argument(
+        "-l",
+        "--location",
+        metavar="PORT|HOST:PORT|PATH",
+        help=f"The daemon: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH "
+        f"(default: ${LOCATION_ENV}, else {DEFAULT_LOCATION}).",
+    )
+    p.add_argument("-p", "--pid", type=int, required=True, help="Target process.")
+    p.add_argument("-c", "--checkpoint", action="store_true", help="Checkpoint the process.")
+    p.add_argument("-r", "--restore", action="store_true", help="Restore the process.")
+    p.add_argument("-d", "--dir", metavar="DIR", help="With -c: the daemon writes the dump into DIR (V2 request).")
+    p.add_argument(
+        "-z",
+        "--compress",
+        metavar="ALG",
+        type=_compression,
+        help="With -c: compress the dump with lz4 or zstd, or not at all with none (V2 request).",
+    )
+    p.add_argument(
+        "-t",
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        help="A checkpoint that takes longer is rolled back and answered -1; a restore that does is "
+        "answered -1 (12-byte request, in milliseconds).",
+    )
+    forms = p.add_mutually_exclusive_group()
+    forms.add_argument("-v", "--v1", action="store_true", help="Send only the 8-byte request, as the C memcr reads.")
+    forms.add_argument("--v2", action="store_true", help="Send every request as V2, restores too (as Dobby does).")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Parse `argv` and send the requests; usage errors exit through argparse with ExitCode.USAGE."""
+    p = parser()
+    args = p.parse_args(argv)
+    if not (args.checkpoint or args.restore):
+        p.error("give -c/--checkpoint, -r/--restore or both")
+    if args.pid <= 0:
+        p.error(f"-p/--pid must be a positive process id, not {args.pid}")
+    v2_options = args.dir is not None or args.compress is not None
+    if v2_options and not args.checkpoint:
+        p.error("-d/--dir and -z/--compress apply to -c/--checkpoint only")
+    if args.v1 and (v2_options or args.timeout is not None):
+        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z or -t")
+    if args.timeout is not None and (v2_options or args.v2):
+        p.error("-t/--timeout goes in the 12-byte request, V2 (-d, -z, --v2) has no field for it")
+    dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options else None
+    try:
+        client = Client(args.location or default_location(), dialect=dialect)
     except AddressError as e:
-        raise click.UsageError(f"-l/--location: {e}") from None
-    if checkpoint:
-        client.checkpoint(pid)
-        click.echo(f"pid {pid} checkpointed")
-    if restore:
-        client.restore(pid)
-        click.echo(f"pid {pid} restored")
+        p.error(f"-l/--location: {e}")
+    try:
+        if args.checkpoint:
+            client.checkpoint(args.pid, dump_dir=args.dir, compress=args.compress, time_limit=args.timeout)
+            print(f"pid {args.pid} checkpointed", flush=True)
+        if args.restore:
+            client.restore(args.pid, time_limit=args.timeout)
+            print(f"pid {args.pid} restored", flush=True)
+    except ProtocolError as e:  # a value no request can carry, such as a dump directory over 1023 bytes
+        p.error(str(e))
 
 
 def main() -> None:
     try:
-        command.main(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"memcr-client: error: {e.format_message()}", err=True)
-        sys.exit(ExitCode.USAGE)
+        run()
     except MemcrClientError as e:
-        click.echo(f"memcr-client: error: {e}", err=True)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(ExitCode.FAILED)

@@ -1,4 +1,4 @@
-"""A small typed client for the memcr daemon."""
+"""A small typed client for the memcr daemon, in any of its three request forms."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ import socket
 from dataclasses import dataclass, field
 
 from memcr_client.protocol import (
+    CMDS_V2,
     RESPONSE,
+    V2_HEADER,
     Address,
     Answer,
     Command,
+    Compression,
+    Dialect,
     ProtocolError,
+    compression_named,
     decode_answer,
     default_location,
     encode_request,
+    encode_timed_request,
+    encode_v2_payload,
+    time_limit_ms,
 )
+
+DumpDir = str | bytes | os.PathLike[str]
 
 
 class MemcrClientError(Exception):
@@ -34,10 +44,18 @@ class Client:
     socket path; without one, $MEMCR_LOCATION or /tmp/memcr/memcr.sock. A
     malformed address raises AddressError (a ValueError) here, not at the
     first request.
+
+    `dialect` None sends each request in the plainest form that carries it:
+    v1 (which the C daemon understands), the 12-byte form when it has a time
+    limit, V2 when it has a dump directory or a compression. Dialect.V2
+    sends every request as V2, restores included, as Dobby does; Dialect.V1
+    refuses anything v1 cannot carry. `timeout` (seconds) bounds connecting
+    and waiting for each answer; None waits as long as the daemon works.
     """
 
     address: str | os.PathLike[str] = field(default_factory=default_location)
     timeout: float | None = None
+    dialect: Dialect | None = None
     where: Address = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,31 +81,93 @@ class Client:
         except OSError as e:
             raise MemcrClientError(f"cannot connect to memcr at {where}: {e.strerror or e}") from None
 
-    def request(self, cmd: int, pid: int) -> int:
-        """Send one command and return the daemon's answer code."""
-        request = encode_request(cmd, pid)
+    def frames(
+        self,
+        cmd: int,
+        pid: int,
+        *,
+        dump_dir: DumpDir | None = None,
+        compress: str | int | None = None,
+        time_limit: float | None = None,
+    ) -> list[bytes]:
+        """The writes a request is sent as: one, or a V2 header and its payload (as Dobby writes them).
+
+        Raises ProtocolError (a ValueError) for a request no form can carry.
+        """
+        compression = None if compress is None else compression_named(compress)
+        v2 = dump_dir is not None or compression is not None
+        dialect = self.dialect
+        if dialect is None:
+            dialect = Dialect.V2 if v2 else Dialect.TIMED if time_limit is not None else Dialect.V1
+        if v2 and dialect is not Dialect.V2:
+            raise ProtocolError(f"a dump directory or a compression needs a V2 request, not {dialect.value}")
+        if time_limit is not None and dialect is not Dialect.TIMED:
+            raise ProtocolError(
+                f"a time limit goes only in the 12-byte request, not in {dialect.value}"
+                + (" (which has no field for it): send it without the dump directory and compression" if v2 else "")
+            )
+        if dialect is Dialect.V2:
+            payload = encode_v2_payload(cmd, pid, dump_dir, compression)
+            return [V2_HEADER.pack(CMDS_V2, len(payload)), payload]
+        if dialect is Dialect.TIMED:
+            # no time limit with the 12-byte form chosen: 0, none of its own (the daemon's -t still holds)
+            return [encode_timed_request(cmd, pid, 0 if time_limit is None else time_limit_ms(time_limit))]
+        return [encode_request(cmd, pid)]
+
+    def request(
+        self,
+        cmd: int,
+        pid: int,
+        *,
+        dump_dir: DumpDir | None = None,
+        compress: str | int | None = None,
+        time_limit: float | None = None,
+    ) -> int:
+        """Send one command and return the daemon's answer code.
+
+        `dump_dir` and `compress` (none, lz4, zstd) apply to a checkpoint and
+        go in a V2 request; `time_limit` (seconds) goes in the 12-byte one,
+        and the daemon rolls back a checkpoint that takes longer.
+        """
+        frames = self.frames(cmd, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit)
+        # the C daemon knows only v1: it closes the connection on a V2 header (command 102)
+        hint = "; a daemon that knows only v1 requests (the C memcr) does that: send v1 (-v/--v1)"
+        hint = hint if len(frames) > 1 else ""
         with self._connect() as sock:
             try:
-                sock.sendall(request)
+                for frame in frames:
+                    sock.sendall(frame)
                 reply = sock.recv(RESPONSE.size, socket.MSG_WAITALL)
+            except TimeoutError:
+                raise MemcrClientError(f"memcr did not answer within {self.timeout:g} s") from None
             except OSError as e:
-                raise MemcrClientError(f"lost the connection to memcr: {e.strerror or e}") from None
+                raise MemcrClientError(f"lost the connection to memcr: {e.strerror or e}{hint}") from None
         if not reply:
-            raise MemcrClientError("memcr closed the connection without answering")
+            raise MemcrClientError(f"memcr closed the connection without answering{hint}")
         try:
             return decode_answer(reply)
         except ProtocolError as e:
             raise MemcrClientError(f"memcr sent a broken answer: {e}") from None
 
-    def _checked(self, cmd: Command, pid: int, invalid: str) -> None:
-        code = self.request(cmd, pid)
+    @staticmethod
+    def _check(code: int, pid: int, invalid: str) -> None:
         if code == Answer.INVALID_PID:
             raise MemcrClientError(f"pid {pid}: {invalid}", code)
         if code != Answer.OK:
             raise MemcrClientError(f"pid {pid}: memcr reported an error ({code})", code)
 
-    def checkpoint(self, pid: int) -> None:
-        self._checked(Command.CHECKPOINT, pid, "already checkpointed or no such process")
+    def checkpoint(
+        self,
+        pid: int,
+        *,
+        dump_dir: DumpDir | None = None,
+        compress: str | Compression | None = None,
+        time_limit: float | None = None,
+    ) -> None:
+        """Park `pid`; the options as for request()."""
+        code = self.request(Command.CHECKPOINT, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit)
+        self._check(code, pid, "already checkpointed or no such process")
 
-    def restore(self, pid: int) -> None:
-        self._checked(Command.RESTORE, pid, "not checkpointed")
+    def restore(self, pid: int, *, time_limit: float | None = None) -> None:
+        """Wake `pid`; with `time_limit`, a restore that takes longer is answered -1 (it still completes)."""
+        self._check(self.request(Command.RESTORE, pid, time_limit=time_limit), pid, "not checkpointed")

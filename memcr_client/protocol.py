@@ -1,21 +1,42 @@
 """The memcr daemon's wire format, its addresses and the exit codes of its programs.
 
 One definition for the daemon (`memcr -l`), the client and the tests. A
-connection carries one request and one answer, in native byte order as the
-C memcr and its clients send them:
+connection carries one request and one answer. Three request forms are in
+use, and the daemon serves all of them on the same socket:
 
-    request, 8 bytes: int32 command (100 CHECKPOINT, 101 RESTORE), int32 pid
-    answer,  4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
+    v1, 8 bytes (the C memcr and its memcr-client):
+        int32 command (100 CHECKPOINT, 101 RESTORE), int32 pid
+    12 bytes (Thunder / rdkservices hibernate, socket /tmp/memcrservice):
+        int32 command, int32 pid, int32 timeout in milliseconds
+    V2 (RDK Dobby built with DOBBY_HIBERNATE_MEMCR_PARAMS_ENABLED, and the
+        C memcr-client variant with -d/-z; socket /tmp/memcrcom):
+        header  int32 102, int32 N (the payload's length)
+        payload N bytes: int32 command, int32 pid, then options, each an
+                int32 id and its value (Option below)
+
+    answer, 4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
+
+Byte order: every sender is a C program writing packed structs of int32
+in the CPU's own order, and the C daemon reads them the same way; so do we
+(struct's "=" format). On the CPUs memcr supports (x86_64, arm64) that is
+little-endian, which is what Thunder's and Dobby's "packed little-endian"
+means. Only a TCP client on a CPU of the other order would differ, and it
+cannot talk to the C daemon either.
+
+The daemon tells the forms apart by the first 8 bytes: 102 starts V2;
+otherwise 4 more bytes within a short window make the 12-byte form, since a
+v1 client sends 8 bytes and then waits for its answer.
 
 This module imports nothing of memcr, so the client installs alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +68,36 @@ class ExitCode(IntEnum):
     TARGET_KILLED = 6  # restoring was impossible, so the target was killed
 
 
+class Dialect(Enum):
+    """The three request forms (module docstring)."""
+
+    V1 = "v1"  # the C memcr's 8 bytes
+    TIMED = "12-byte"  # Thunder's: with a time limit
+    V2 = "v2"  # Dobby's: header and payload with options
+
+
+class Option(IntEnum):
+    """Option ids of the V2 payload.
+
+    200-299 are RDK's (Dobby and the C memcr-client variant); 1000-1999 are
+    memcr-py's own, far from RDK's so that an id RDK adds next cannot
+    collide. The reserved ones are refused until a daemon serves them.
+    """
+
+    DUMP_DIR = 200  # the dump's directory: a NUL-terminated path, at most DUMP_DIR_MAX bytes with its NUL
+    COMPRESSION = 201  # int32 Compression
+    TREE = 1000  # reserved (issue 19): the process and all its descendants
+    CGROUP = 1001  # reserved (issue 19): every process of a cgroup
+
+
+class Compression(IntEnum):
+    """The value of Option.COMPRESSION."""
+
+    NONE = 0
+    LZ4 = 1
+    ZSTD = 2
+
+
 # the names the client package has always exported
 CMD_CHECKPOINT = Command.CHECKPOINT
 CMD_RESTORE = Command.RESTORE
@@ -55,7 +106,16 @@ RESP_ERROR = Answer.ERROR
 RESP_INVALID_PID = Answer.INVALID_PID
 
 REQUEST = struct.Struct("=ii")  # native byte order and sizes, no padding: the C struct
-RESPONSE = struct.Struct("=i")
+TIMED_REQUEST = struct.Struct("=iii")  # Thunder's ServerRequest: command, pid, timeout in ms
+V2_HEADER = REQUEST  # int32 CMDS_V2, int32 payload length: the same struct, as its senders write it
+INT32 = struct.Struct("=i")
+RESPONSE = INT32
+
+CMDS_V2 = 102  # a V2 header's first int32 (MEMCR_CMDS_V2 of its senders)
+DUMP_DIR_MAX = 1024  # bytes of a V2 dump directory, its NUL included (the senders' buffer)
+# Dobby's longest payload is 1044 bytes; the rest is room for memcr-py's own options
+V2_PAYLOAD_MAX = 8192
+RESERVED_OPTIONS = {Option.TREE: "the process tree", Option.CGROUP: "a cgroup"}
 
 LOCATION_ENV = "MEMCR_LOCATION"
 DEFAULT_LOCATION = "/tmp/memcr/memcr.sock"
@@ -63,7 +123,7 @@ LOOPBACK = "127.0.0.1"
 
 
 class ProtocolError(ValueError):
-    """Bytes that are not a request or an answer of this protocol."""
+    """Bytes that are not a request or an answer, or a request that no form can carry."""
 
 
 class AddressError(ValueError):
@@ -75,10 +135,26 @@ class Request(NamedTuple):
 
     cmd: int
     pid: int
+    dialect: Dialect = Dialect.V1
+    timeout_ms: int | None = None  # the 12-byte form's time limit; 0: none of its own
+    dump_dir: str | None = None  # V2 Option.DUMP_DIR, decoded as os.fsdecode does
+    compression: Compression | None = None  # V2 Option.COMPRESSION
+
+    @property
+    def options(self) -> bool:
+        """Whether the request carries V2 options."""
+        return self.dump_dir is not None or self.compression is not None
+
+
+def _pack(layout: struct.Struct, *values: int) -> bytes:
+    try:
+        return layout.pack(*values)
+    except struct.error:
+        raise ProtocolError(f"{', '.join(map(str, values))}: each value must fit in 32 bits") from None
 
 
 def encode_request(cmd: int, pid: int) -> bytes:
-    """The 8 bytes asking for `cmd` on `pid`."""
+    """The 8 bytes (v1) asking for `cmd` on `pid`."""
     try:
         return REQUEST.pack(cmd, pid)
     except struct.error:
@@ -86,10 +162,137 @@ def encode_request(cmd: int, pid: int) -> bytes:
 
 
 def decode_request(data: bytes) -> Request:
-    """The request in exactly REQUEST.size bytes."""
+    """The v1 request in exactly REQUEST.size bytes."""
     if len(data) != REQUEST.size:
         raise ProtocolError(f"a request is {REQUEST.size} bytes, not {len(data)}")
     return Request(*REQUEST.unpack(data))
+
+
+def encode_timed_request(cmd: int, pid: int, timeout_ms: int) -> bytes:
+    """The 12 bytes (Thunder's form) asking for `cmd` on `pid` within `timeout_ms` milliseconds."""
+    return _pack(TIMED_REQUEST, cmd, pid, timeout_ms)
+
+
+def decode_timed_request(data: bytes) -> Request:
+    """The 12-byte request; a negative time limit is refused, 0 means none of its own."""
+    if len(data) != TIMED_REQUEST.size:
+        raise ProtocolError(f"a 12-byte request is {TIMED_REQUEST.size} bytes, not {len(data)}")
+    cmd, pid, timeout_ms = TIMED_REQUEST.unpack(data)
+    if timeout_ms < 0:
+        raise ProtocolError(f"the 12-byte request's time limit is {timeout_ms} ms: it must be 0 (none) or more")
+    return Request(cmd, pid, Dialect.TIMED, timeout_ms=timeout_ms)
+
+
+def time_limit_ms(seconds: float) -> int:
+    """A time limit in seconds as the 12-byte form's milliseconds, rounded up so that it never shrinks to 0."""
+    if not (seconds > 0 and seconds * 1000 < 2**31 - 1):  # also refuses NaN and infinity
+        raise ProtocolError(f"a time limit must be more than 0 and under {2**31 // 1000} s, not {seconds}")
+    return math.ceil(seconds * 1000)
+
+
+def compression_named(name: str | int) -> Compression:
+    """`none`, `lz4` or `zstd` (any case), or a Compression value."""
+    if isinstance(name, int):
+        try:
+            return Compression(name)
+        except ValueError:
+            raise ProtocolError(f"compression {name} is none of {_compressions()}") from None
+    try:
+        return Compression[name.upper()]
+    except KeyError:
+        raise ProtocolError(f"unknown compression {name!r}: choose none, lz4 or zstd") from None
+
+
+def _compressions() -> str:
+    return ", ".join(f"{c.value} {c.name.lower()}" for c in Compression)
+
+
+def encode_v2_payload(
+    cmd: int, pid: int, dump_dir: str | bytes | os.PathLike[str] | None = None, compression: int | None = None
+) -> bytes:
+    """The V2 payload: command, pid, then the options given (dump directory first, as its senders order them)."""
+    payload = _pack(REQUEST, cmd, pid)
+    if dump_dir is not None:
+        path = os.fsencode(dump_dir)
+        if not path:
+            raise ProtocolError("the dump directory is empty")
+        if b"\0" in path:
+            raise ProtocolError("the dump directory contains a NUL byte")
+        if len(path) + 1 > DUMP_DIR_MAX:
+            raise ProtocolError(
+                f"the dump directory is {len(path)} bytes: at most {DUMP_DIR_MAX - 1} fit in a V2 request"
+            )
+        payload += INT32.pack(Option.DUMP_DIR) + path + b"\0"
+    if compression is not None:
+        payload += INT32.pack(Option.COMPRESSION) + INT32.pack(compression_named(compression))
+    return payload
+
+
+def encode_v2_request(
+    cmd: int, pid: int, dump_dir: str | bytes | os.PathLike[str] | None = None, compression: int | None = None
+) -> bytes:
+    """Header and payload of a V2 request (its senders write them in two writes; one is as good)."""
+    payload = encode_v2_payload(cmd, pid, dump_dir, compression)
+    return V2_HEADER.pack(CMDS_V2, len(payload)) + payload
+
+
+def decode_v2_length(header: bytes) -> int:
+    """The payload length a V2 header announces; refused unless it can hold a command and a pid and fits."""
+    if len(header) != V2_HEADER.size:
+        raise ProtocolError(f"a V2 header is {V2_HEADER.size} bytes, not {len(header)}")
+    first: int
+    length: int
+    first, length = V2_HEADER.unpack(header)
+    if first != CMDS_V2:
+        raise ProtocolError(f"a V2 header starts with {CMDS_V2}, not {first}")
+    if length < REQUEST.size:
+        raise ProtocolError(f"a V2 payload of {length} bytes cannot hold its command and pid ({REQUEST.size} bytes)")
+    if length > V2_PAYLOAD_MAX:
+        raise ProtocolError(f"a V2 payload of {length} bytes is over the limit of {V2_PAYLOAD_MAX}")
+    return length
+
+
+def decode_v2_payload(payload: bytes) -> Request:
+    """The V2 request in its payload; anything unknown, cut short, repeated or over a limit is refused."""
+    if len(payload) < REQUEST.size:
+        raise ProtocolError(f"a V2 payload of {len(payload)} bytes cannot hold its command and pid")
+    cmd, pid = REQUEST.unpack_from(payload)
+    dump_dir: str | None = None
+    compression: Compression | None = None
+    at = REQUEST.size
+    seen: set[int] = set()
+    while at < len(payload):
+        if len(payload) - at < INT32.size:
+            raise ProtocolError(f"{len(payload) - at} bytes after the last option are no option id")
+        (option,) = INT32.unpack_from(payload, at)
+        at += INT32.size
+        if option in seen:
+            raise ProtocolError(f"option {option} is given twice")
+        seen.add(option)
+        if option == Option.DUMP_DIR:
+            end = payload.find(b"\0", at, at + DUMP_DIR_MAX)
+            if end < 0:
+                if len(payload) - at >= DUMP_DIR_MAX:
+                    raise ProtocolError(f"the dump directory (option 200) is over {DUMP_DIR_MAX} bytes with its NUL")
+                raise ProtocolError("the dump directory (option 200) is not NUL-terminated")
+            if end == at:
+                raise ProtocolError("the dump directory (option 200) is empty")
+            dump_dir = os.fsdecode(payload[at:end])
+            at = end + 1
+        elif option == Option.COMPRESSION:
+            if len(payload) - at < INT32.size:
+                raise ProtocolError(f"compression (option 201) needs 4 bytes, {len(payload) - at} are left")
+            (value,) = INT32.unpack_from(payload, at)
+            at += INT32.size
+            compression = compression_named(value)
+        elif option in RESERVED_OPTIONS:
+            raise ProtocolError(
+                f"option {option} ({RESERVED_OPTIONS[Option(option)]}) is reserved for a later memcr-py "
+                "and not served yet"
+            )
+        else:
+            raise ProtocolError(f"option {option} is unknown: known are 200 (dump directory) and 201 (compression)")
+    return Request(cmd, pid, Dialect.V2, dump_dir=dump_dir, compression=compression)
 
 
 def encode_answer(code: int) -> bytes:

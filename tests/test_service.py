@@ -80,7 +80,8 @@ def test_garbage_is_refused_and_others_are_served(daemon, spawn) -> None:
     target = spawn("pattern", 64, 2)
     assert d.code(7, target.pid) == ERROR  # unknown command
     assert d.request(0, 0, payload=b"\x64\x00") == b""  # short request: closed
-    assert d.request(0, 0, payload=REQUEST.pack(CHECKPOINT, target.pid) + b"junk") == RESPONSE.pack(ERROR)
+    # 13 bytes: neither 8 (v1) nor 12 (Thunder's form)
+    assert d.request(0, 0, payload=REQUEST.pack(CHECKPOINT, target.pid) + b"junk!") == RESPONSE.pack(ERROR)
     silent = d.connect()  # connects and says nothing
     half = d.connect()
     half.sendall(b"\x64\x00\x00")  # half a request, then hangs

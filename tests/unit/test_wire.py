@@ -254,13 +254,16 @@ def test_daemon_reads_one_request_and_answers() -> None:
 def test_daemon_refuses_short_and_long_requests() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        ours.sendall(encode_request(Command.CHECKPOINT, 5) + b"junk")
+        ours.sendall(encode_request(Command.CHECKPOINT, 5) + b"junk!")  # 12 bytes would be Thunder's form
         theirs.settimeout(5)
-        assert service._read_request(theirs) is None
-        assert ours.recv(8) == encode_answer(Answer.ERROR)  # more than one request: not this protocol
+        with pytest.raises(service.Refusal, match="more bytes after the request") as long:
+            service._read_request(theirs)
+        assert long.value.answer  # more than one request: not this protocol, and the client is told
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.sendall(b"\x64\x00")
         ours.shutdown(socket.SHUT_WR)
         theirs.settimeout(5)
-        assert service._read_request(theirs) is None
+        with pytest.raises(service.Refusal, match="no complete request") as short:
+            service._read_request(theirs)
+        assert not short.value.answer

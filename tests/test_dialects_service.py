@@ -1,0 +1,389 @@
+"""Issue 15 against a real daemon: Thunder's and Dobby's requests, systemd socket activation, the client alone.
+
+The frames are written here from the layouts (int32 fields in the CPU's
+order, little-endian on x86_64 and arm64), and once by a compiled C sender
+with its senders' packed structs, not with memcr_client's encoders.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memcr.codec import COMPRESSORS
+from memcr.dump.format import HEADER
+from memcr_client import Client
+from memcr_client.protocol import Answer
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, memcr_argv, reap, stop
+
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
+ROOT = Path(__file__).resolve().parent.parent
+
+if sys.byteorder != "little":
+    pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
+
+
+def i32(*values: int) -> bytes:
+    return b"".join(struct.pack("<i", v) for v in values)
+
+
+def v2(*payload: bytes) -> bytes:
+    body = b"".join(payload)
+    return i32(102, len(body)) + body
+
+
+def dump_dir(path: str | Path) -> bytes:
+    return i32(200) + str(path).encode() + b"\0"
+
+
+def exchange(d: Daemon, *pieces: bytes, gap: float = 0.0, shut: bool = False) -> bytes:
+    """Write `pieces` on one connection, `gap` seconds apart, and return all the daemon sends back."""
+    with d.connect() as sock:
+        for i, piece in enumerate(pieces):
+            if i and gap:
+                time.sleep(gap)
+            sock.sendall(piece)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        return sock.recv(16, socket.MSG_WAITALL)
+
+
+def answer(reply: bytes) -> int:
+    assert len(reply) == 4, f"not one answer: {reply!r}"
+    return int(struct.unpack("<i", reply)[0])
+
+
+def frozen(target) -> bool:
+    return target.status()["TracerPid"] != "0"
+
+
+# -- Thunder: 12 bytes with a time limit ----------------------------------------
+
+
+def test_thunder_requests(daemon, spawn) -> None:
+    d = daemon()
+    target = spawn("pattern", 32, 2)
+    assert answer(exchange(d, i32(CHECKPOINT, target.pid, 60_000))) == OK
+    assert frozen(target)
+    assert answer(exchange(d, i32(CHECKPOINT, target.pid, 60_000))) == INVALID_PID
+    # the same 12 bytes in two writes, as a sender that splits them might
+    assert answer(exchange(d, i32(RESTORE, target.pid), i32(60_000), gap=0.01)) == OK
+    assert answer(exchange(d, i32(RESTORE, target.pid, 0))) == INVALID_PID  # 0: no limit of its own
+    assert target.verify() == 0
+
+
+def test_thunder_time_limit_expires(daemon, spawn) -> None:
+    d = daemon("-z", "zstd", "-c", "-e")  # slow enough to outlast 200 ms on any machine
+    target = spawn("pattern", 512)
+    other = spawn("pattern", 8)
+    started = time.monotonic()
+    assert answer(exchange(d, i32(CHECKPOINT, target.pid, 200))) == ERROR
+    assert time.monotonic() - started < 30
+    d.out.wait_for(f"pid {target.pid}: checkpoint failed")
+    assert not frozen(target)
+    assert list(d.dump_dir.iterdir()) == []
+    # the limit was that request's: the next one, in v1, has none
+    assert d.code(CHECKPOINT, other.pid) == OK
+    assert d.code(RESTORE, other.pid) == OK
+    assert target.verify() == 0
+    assert other.verify() == 0
+
+
+# -- Dobby: V2 with a dump directory and a compression ---------------------------
+
+
+def test_dobby_checkpoint_in_its_own_directory(daemon, spawn, tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir(0o700)
+    d = daemon()
+    target = spawn("pattern", 64, 2)
+    payload = i32(CHECKPOINT, target.pid) + dump_dir(own) + i32(201, 2)
+    # header and payload apart, the payload split too, each slower than the 12-byte window
+    assert answer(exchange(d, i32(102, len(payload)), payload[:10], payload[10:], gap=0.2)) == OK
+    dump = own / f"pages-{target.pid}.img"
+    assert list(own.iterdir()) == [dump]
+    assert list(d.dump_dir.iterdir()) == []  # not the daemon's -d
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600
+    flags = HEADER.unpack(dump.read_bytes()[: HEADER.size])[5]
+    assert flags & 0xF == COMPRESSORS["zstd"]
+    assert answer(exchange(d, v2(i32(RESTORE, target.pid)))) == OK  # Dobby sends restores as V2 too
+    assert list(own.iterdir()) == []
+    assert answer(exchange(d, v2(i32(RESTORE, target.pid)))) == INVALID_PID  # Dobby: "nothing to wake up"
+    assert target.verify() == 0
+
+
+def test_dobby_compression_none_overrides_the_daemon_s(daemon, spawn) -> None:
+    d = daemon("-z", "lz4")
+    target = spawn("pattern", 16)
+    assert answer(exchange(d, v2(i32(CHECKPOINT, target.pid, 201, 0)))) == OK
+    [dump] = d.dump_dir.iterdir()
+    assert HEADER.unpack(dump.read_bytes()[: HEADER.size])[5] & 0xF == 0
+    assert d.code(RESTORE, target.pid) == OK  # a V2 checkpoint, a v1 restore: any mix works
+    assert target.verify() == 0
+
+
+def test_bad_v2_requests_leave_the_target_untouched(daemon, spawn, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir(0o700)
+    (tmp_path / "link").symlink_to(good)
+    (tmp_path / "file").write_text("")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(0o700)
+    os.chown(theirs, 65534, 65534)
+    d = daemon()
+    target = spawn("pattern", 16)
+    pid = target.pid
+    cases = [
+        (v2(i32(CHECKPOINT, pid, 999, 1)), "option 999 is unknown"),
+        (v2(i32(CHECKPOINT, pid, 1000, 1)), "option 1000 (the process tree) is reserved"),
+        (v2(i32(CHECKPOINT, pid, 200), str(good).encode()), "not NUL-terminated"),
+        (v2(i32(CHECKPOINT, pid), dump_dir("/" + "d" * 1100)), "over 1024 bytes"),
+        (v2(i32(CHECKPOINT, pid, 201, 9)), "compression 9 is none of"),
+        (v2(i32(CHECKPOINT, pid, 201, 1, 201, 1)), "option 201 is given twice"),
+        (i32(102, 9000), "over the limit of 8192"),
+        (v2(i32(CHECKPOINT, pid)) + b"!", "more bytes after the V2 request"),
+        (v2(i32(CHECKPOINT, pid), dump_dir("dumps")), "is not an absolute path"),
+        (v2(i32(CHECKPOINT, pid), dump_dir(tmp_path / "missing")), "No such file or directory"),
+        (v2(i32(CHECKPOINT, pid), dump_dir(tmp_path / "link")), "is a symlink"),
+        (v2(i32(CHECKPOINT, pid), dump_dir(tmp_path / "file")), "is not a directory"),
+        (v2(i32(CHECKPOINT, pid), dump_dir(open_dir)), "writable by users other than its owner"),
+        (v2(i32(CHECKPOINT, pid), dump_dir(theirs)), "belongs to"),
+    ]
+    for frame, reason in cases:
+        assert answer(exchange(d, frame)) == ERROR, reason
+        assert reason in d.out.wait_for("refused")
+        assert not frozen(target), reason
+    # a payload cut short: the client stops writing and waits for the verdict
+    assert answer(exchange(d, i32(102, 20), i32(CHECKPOINT, pid), shut=True)) == ERROR
+    assert "stopped after 8 of 20 bytes" in d.out.wait_for("refused")
+    assert [*d.dump_dir.iterdir(), *good.iterdir(), *open_dir.iterdir(), *theirs.iterdir()] == []
+    # options belong to a checkpoint: a restore that carries one is refused and the target stays parked
+    assert d.code(CHECKPOINT, pid) == OK
+    assert answer(exchange(d, v2(i32(RESTORE, pid, 201, 1)))) == ERROR
+    assert "applies to checkpoints" in d.out.wait_for("refused the V2 restore")
+    assert frozen(target)
+    assert answer(exchange(d, v2(i32(RESTORE, pid)))) == OK
+    assert target.verify() == 0
+
+
+# -- the senders' own C structs ----------------------------------------------------
+
+SENDER = r"""
+/* Sends one request as the programs that drive memcr lay it out: packed
+ * structs of int-sized fields in the CPU's order. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+struct v1 { int cmd; pid_t pid; } __attribute__((packed));
+struct timed { int cmd; pid_t pid; int timeout; } __attribute__((packed));
+
+int main(int argc, char **argv)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    unsigned char buf[2048];
+    size_t len = 0;
+    int cmd = atoi(argv[3]), pid = atoi(argv[4]), fd, code = 99;
+
+    strncpy(addr.sun_path, argv[1], sizeof(addr.sun_path) - 1);
+    fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+        return 98;
+    if (!strcmp(argv[2], "v1")) {
+        struct v1 r = { cmd, pid };
+        if (write(fd, &r, sizeof(r)) != sizeof(r)) return 97;
+    } else if (!strcmp(argv[2], "thunder")) {
+        struct timed r = { cmd, pid, atoi(argv[5]) };
+        if (write(fd, &r, sizeof(r)) != sizeof(r)) return 97;
+    } else {
+        struct v1 r = { cmd, pid }, header;
+        int id;
+        memcpy(buf, &r, sizeof(r));
+        len = sizeof(r);
+        if (argc > 5) {
+            id = 200;
+            memcpy(buf + len, &id, sizeof(id));
+            len += sizeof(id);
+            strcpy((char *)buf + len, argv[5]);
+            len += strlen(argv[5]) + 1;
+            id = 201;
+            memcpy(buf + len, &id, sizeof(id));
+            len += sizeof(id);
+            id = atoi(argv[6]);
+            memcpy(buf + len, &id, sizeof(id));
+            len += sizeof(id);
+        }
+        header.cmd = 102;
+        header.pid = (pid_t)len;
+        if (write(fd, &header, sizeof(header)) != sizeof(header)) return 97;
+        if (write(fd, buf, len) != (ssize_t)len) return 97;
+    }
+    if (read(fd, &code, sizeof(code)) != sizeof(code))
+        return 96;
+    printf("%d\n", code);
+    return 0;
+}
+"""
+
+
+def test_c_senders(daemon, spawn, tmp_path: Path) -> None:
+    source = tmp_path / "sender.c"
+    source.write_text(SENDER)
+    sender = tmp_path / "sender"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(sender), str(source)], check=True)
+    own = tmp_path / "own"
+    own.mkdir(0o700)
+    d = daemon()
+    target = spawn("pattern", 16, 1)
+
+    def send(*args: object) -> int:
+        done = subprocess.run([sender, d.listen, *map(str, args)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, f"sender {args} failed with {done.returncode}"
+        return int(done.stdout)
+
+    assert send("v1", CHECKPOINT, target.pid) == OK
+    assert send("dobby", RESTORE, target.pid) == OK
+    assert send("thunder", CHECKPOINT, target.pid, 60_000) == OK
+    assert send("thunder", RESTORE, target.pid, 60_000) == OK
+    assert send("dobby", CHECKPOINT, target.pid, own, 1) == OK
+    assert [p.name for p in own.iterdir()] == [f"pages-{target.pid}.img"]
+    assert send("v1", RESTORE, target.pid) == OK
+    assert target.verify() == 0
+
+
+# -- systemd socket activation -------------------------------------------------------
+
+# What systemd does for a .socket unit, in short: make the listening socket,
+# hand it over as descriptor 3 with LISTEN_FDS=1 and LISTEN_PID = the pid of
+# the process it then executes.
+ACTIVATE = r"""
+import os, socket, sys
+path, argv = sys.argv[1], sys.argv[2:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(path)
+sock.listen(16)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+    sock.close()
+os.set_inheritable(3, True)  # Python made it close-on-exec; dup2 onto itself would not change that
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))  # exec keeps the pid
+print("socket ready", flush=True)
+os.execv(argv[0], argv)
+"""
+
+
+def activated(tmp_path: Path, socket_path: Path, *args: object) -> subprocess.Popen[str]:
+    wrapper = tmp_path / "activate.py"
+    wrapper.write_text(ACTIVATE)
+    argv = [sys.executable, str(wrapper), str(socket_path), *memcr_argv(*args)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def test_socket_activation(spawn, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(0o755)  # made by systemd (DirectoryMode=) before the socket
+    path = run / "memcr.sock"
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    target = spawn("pattern", 16, 2)
+    proc = activated(tmp_path, path, "-l", path, "-d", dumps, "-g", 0)
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("socket ready")
+        # sent before memcr runs, as a first request starts a socket-activated service: it waits in the backlog
+        Client(str(path), timeout=RUN_TIMEOUT).checkpoint(target.pid)
+        out.wait_for("-g 0 left to systemd")  # the socket's group and mode are the .socket unit's
+        assert "(socket from systemd)" in out.wait_for("listening on")
+        assert frozen(target)
+        Client(str(path), timeout=RUN_TIMEOUT).restore(target.pid)
+        code = stop(proc)
+    finally:
+        reap(proc)
+    assert code == 0
+    assert stat.S_ISSOCK(path.lstat().st_mode)  # systemd's file: kept for the next start
+    assert target.verify() == 0
+
+
+def test_socket_activation_for_another_socket_is_refused(tmp_path: Path) -> None:
+    passed, named = tmp_path / "passed.sock", tmp_path / "named.sock"
+    proc = activated(tmp_path, passed, "-l", named, "-d", tmp_path)
+    try:
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        reap(proc)
+    assert proc.returncode == 5  # ExitCode.STORAGE
+    assert f"systemd passed the socket {passed} but -l says {named}" in out
+    assert "make the .socket unit's ListenStream= and -l name the same socket" in out
+    assert not named.exists()
+
+
+# -- the client, installed alone ------------------------------------------------------
+
+
+def test_client_installs_alone_and_talks_to_a_daemon(daemon, spawn, tmp_path: Path) -> None:
+    # a copy of the folder: the install builds in it, and it must need nothing from the rest of the tree
+    source = tmp_path / "src" / "memcr_client"
+    shutil.copytree(ROOT / "memcr_client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=RUN_TIMEOUT)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert install.returncode == 0, install.stderr
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+    ).stdout
+    names = {line.split("==")[0].lower() for line in listed.split()}
+    assert "memcr-py-client" in names
+    assert names <= {"memcr-py-client", "pip", "setuptools"}, names  # nothing of memcr's dependencies
+    # run outside the tree, so that nothing of it is importable
+    no_engine = subprocess.run([python, "-c", "import memcr"], capture_output=True, text=True, cwd=tmp_path)
+    assert "No module named 'memcr'" in no_engine.stderr
+
+    d = daemon()
+    target = spawn("pattern", 16)
+    own = tmp_path / "own"
+    own.mkdir(0o700)
+    client = venv / "bin" / "memcr-client"
+
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [client, "-l", d.listen, "-p", str(target.pid), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            cwd=tmp_path,
+        )
+
+    checkpointed = run("-c", "-d", own, "-z", "lz4")
+    assert checkpointed.returncode == 0, checkpointed.stderr
+    assert [p.name for p in own.iterdir()] == [f"pages-{target.pid}.img"]
+    restored = run("-r", "-t", 60)
+    assert restored.returncode == 0, restored.stderr
+    assert (run("-c", "-r").returncode, run("-r").returncode) == (0, 1)
+    assert target.verify() == 0
