@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py memcr_client/pyproject.toml
 	# the client first: memcr-py depends on it, and it is this tree's, not PyPI's
 	$(BIN)/python -m pip install -q -e ./memcr_client
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# a venv from before the split: removing the old memcr-py took the memcr-client script with it
+	test -x $(BIN)/memcr-client || $(BIN)/python -m pip install -q --no-deps --force-reinstall -e ./memcr_client
 	touch $@
 
 # memcr and memcr-client into .venv/bin (editable installs of this tree)
