@@ -97,6 +97,8 @@ class Parked:
         self.reserve = reserve
         self.report = report
         self.log = log
+        self._direct = True  # restore with process_vm_writev (memcr.upload), else through the parasite
+        self._written: set[int] = set()  # records memcr has begun to write back
 
     @property
     def pid(self) -> int:
@@ -166,12 +168,20 @@ class Parked:
     def _put_back(self) -> None:
         """Write every dropped page back from the dump, checked before use."""
         records = self.dump.verified_records()
-        self._check_untouched(records)
+        # pages memcr itself began to write back (an upload that failed midway) are not the kernel's doing
+        self._check_untouched([r for r in records if r.addr not in self._written])
         writable = [r for r in records if self._containing(r.addr).prot & mmap.PROT_WRITE]
-        try:
-            upload(self.pid, self.dump, writable)
-        except Unavailable:
-            self._upload_through_parasite(writable)
+        self._written.update(r.addr for r in writable)
+        if self._direct:
+            try:
+                upload(self.pid, self.dump, writable)
+                writable = []
+            except Unavailable as e:
+                self.log(f"restoring pid {self.pid} through the parasite: {e}")
+            except BaseException:
+                self._direct = False  # a second attempt (the rollback) takes the parasite's way
+                raise
+        self._upload_through_parasite(writable)
         # process_vm_writev and the parasite write a read-only mapping only after an mprotect, which
         # leaves a trace: /proc/<pid>/mem writes through the protection
         for record in records:

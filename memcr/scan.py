@@ -32,8 +32,9 @@ PM_EXCLUSIVE = 1 << 56  # mapped by this process only
 PM_PFN = (1 << 55) - 1
 
 # VmFlags of mappings memcr must leave alone: device memory (io, pf), locked
-# memory that madvise refuses to drop (lo), userfaultfd-managed ranges (um, uw)
-UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw"})
+# memory that madvise refuses to drop (lo), userfaultfd-managed ranges (um, uw, ui: their faults
+# go to the frozen target's own handler), shadow stacks (ss: writable only by the CPU)
+UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw", "ui", "ss"})
 MAX_EXTENT = 8 << 20  # bytes per dump record: bounds memcr's buffers
 WINDOW = 65536  # pagemap entries read at once (512 KiB)
 

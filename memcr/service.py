@@ -60,6 +60,7 @@ from memcr_client.protocol import Address as Address  # re-exported: the CLI par
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 REQUEST_TIMEOUT = 5.0  # for all of a request's bytes to arrive
+MAX_CONNECTIONS = 256  # connections read or answered at once
 # After 8 bytes, how long to wait for the 4 more of the 12-byte form. A v1
 # client sends 8 bytes and waits, so each v1 request pays this once; Thunder
 # writes its 12 bytes at once, which arrive together, so this only has to
@@ -532,6 +533,13 @@ class Service:
             self._shutdown()
 
     def _accept(self, listener: Listener) -> None:
+        with self.lock:
+            busy = len(self.connections)
+        if busy >= MAX_CONNECTIONS:
+            # the next clients wait in the listen backlog: a flood of idle connections must not
+            # take every thread the daemon may start (and with them, the restores)
+            time.sleep(POLL / 10)
+            return
         try:
             conn, _ = listener.accept()
         except OSError as e:
@@ -545,7 +553,14 @@ class Service:
         thread = threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True)
         with self.lock:
             self.connections.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
+            with self.lock:
+                self.connections.discard(thread)
+            conn.close()
+            self.log(f"dropped a connection: {e}")
+            time.sleep(POLL)
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -655,47 +670,55 @@ def check_request_directory(text: str) -> Path:
     its owner or its writers could swap a folder for a symlink between this
     check and the dump's creation, or remove the dump of a parked target.
     """
-    path = Path(text)
+    path, shown = Path(text), _shown(text)
     if not path.is_absolute():
-        raise StorageError(f"the dump directory {text!r} is not an absolute path", path=text, what="dump-dir")
+        raise StorageError(f"the dump directory {shown} is not an absolute path", path=text, what="dump-dir")
     if ".." in path.parts:
-        raise StorageError(f"the dump directory {text!r} has a '..' in it: give its plain path", path=text)
+        raise StorageError(f"the dump directory {shown} has a '..' in it: give its plain path", path=text)
     folder = Path(path.anchor)
     _check_dump_folder(folder, os.lstat(folder), text)
     for name in path.parts[1:]:
         folder /= name
+        where = _shown(folder)
         try:
             st = os.lstat(folder)
         except OSError as e:
-            raise StorageError(f"dump directory {text}: {folder}: {e.strerror}", path=text, errno=e.errno) from None
+            raise StorageError(f"dump directory {shown}: {where}: {e.strerror}", path=text, errno=e.errno) from None
         if stat.S_ISLNK(st.st_mode):
             raise StorageError(
-                f"dump directory {text}: {folder} is a symlink, which memcr does not follow for a client: "
-                f"give the real path ({os.path.realpath(path)})",
+                f"dump directory {shown}: {where} is a symlink, which memcr does not follow for a client: "
+                f"give the real path ({_shown(os.path.realpath(path))})",
                 path=text,
             )
         if not stat.S_ISDIR(st.st_mode):
-            raise StorageError(f"dump directory {text}: {folder} is not a directory", path=text, errno=errno.ENOTDIR)
+            raise StorageError(f"dump directory {shown}: {where} is not a directory", path=text, errno=errno.ENOTDIR)
         _check_dump_folder(folder, st, text)
     check_directory(path)  # -d's own checks: a directory, writable
     return path
 
 
 def _check_dump_folder(folder: Path, st: os.stat_result, text: str) -> None:
+    shown, where = _shown(text), _shown(folder)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
-            f"dump directory {text}: {folder} belongs to {_user(st.st_uid)}, who could swap what is in it: "
+            f"dump directory {shown}: {where} belongs to {_user(st.st_uid)}, who could swap what is in it: "
             "use folders owned by root or by memcr's user",
             path=text,
         )
     others = stat.S_IWGRP | stat.S_IWOTH
     if st.st_mode & others and not st.st_mode & stat.S_ISVTX:
         raise StorageError(
-            f"dump directory {text}: {folder} is writable by users other than its owner "
+            f"dump directory {shown}: {where} is writable by users other than its owner "
             f"(mode {stat.S_IMODE(st.st_mode):04o}), who could swap what is in it: "
-            f"take that right away (chmod go-w {folder}) or make it sticky (chmod +t {folder})",
+            f"take that right away (chmod go-w {where}) or make it sticky (chmod +t {where})",
             path=text,
         )
+
+
+def _shown(value: object) -> str:
+    """A client's path as the log shows it: quoted (a newline in it cannot start a line of its own), and short."""
+    text = repr(str(value))
+    return text if len(text) <= 300 else text[:290] + "...'"
 
 
 def _free_descriptors() -> int:

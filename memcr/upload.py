@@ -10,6 +10,7 @@ the parasite's RECV instead (memcr.parked), slower but the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Callable
@@ -18,35 +19,102 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from memcr import process_vm
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
+from memcr.errors import DumpError
 
 PIECE = 2 << 20  # bytes per process_vm_writev: a huge page, small enough to share out evenly
+WINDOW = 32 << 20  # bytes of the dump mapped at a time: a 32-bit memcr has little address space
+
+Piece = tuple[int, int, int]  # target address, file offset, length
 
 
 def upload(pid: int, dump: DumpReader, records: list[Record]) -> None:
-    """Write the pages of `records` into the target; process_vm.Unavailable before a byte moved if it cannot."""
+    """Write the pages of `records` into the target.
+
+    process_vm.Unavailable, before a byte moved, when this way cannot even
+    start (no process_vm_writev, no room to map the dump): the caller then
+    takes the parasite's way.
+    """
     if not records:
         return
     if isinstance(dump, PlainReader):
         pieces = [
             (r.addr + at, r.offset + at, min(PIECE, r.length - at)) for r in records for at in range(0, r.length, PIECE)
         ]
-        with dump.mapped() as (base, done):
-            # the first piece alone: a kernel without process_vm_writev is found before anything is half done
-            _write_piece(pid, base, done, *pieces[0])
-            with ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="memcr-upload") as pool:
-                _all([pool.submit(_write_piece, pid, base, done, *piece) for piece in pieces[1:]])
+        windows = _windows(pieces)
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="memcr-upload") as pool:
+            for i, window in enumerate(windows):
+                _plain_window(pid, dump, window, pool, first=i == 0)
     elif isinstance(dump, FramedReader):
         # every frame located before any is written: a damaged index changes nothing in the target
         frames = [frame for r in records for frame in dump.frames(r)]
-        _write_frame(pid, dump, frames[0])
-        _all([dump.pool.submit(_write_frame, pid, dump, frame) for frame in frames[1:]])
+        _starting(lambda: _write_frame(pid, dump, frames[0]))
+        _all([_submit(dump.pool, _write_frame, pid, dump, frame) for frame in frames[1:]])
     else:
         raise TypeError(f"no upload for {type(dump).__name__}")
 
 
-def _write_piece(pid: int, base: int, done: Callable[[int, int], None], addr: int, offset: int, size: int) -> None:
-    process_vm.write(pid, addr, base + offset, size)
-    done(offset, size)
+def _windows(pieces: list[Piece]) -> list[list[Piece]]:
+    """Runs of pieces (in file order) whose span is about WINDOW bytes."""
+    windows: list[list[Piece]] = [[]]
+    for piece in pieces:
+        current = windows[-1]
+        if current and piece[1] + piece[2] - current[0][1] > WINDOW:
+            windows.append(current := [])
+        current.append(piece)
+    return windows
+
+
+def _plain_window(pid: int, dump: PlainReader, window: list[Piece], pool: ThreadPoolExecutor, first: bool) -> None:
+    low = window[0][1]
+    high = window[-1][1] + window[-1][2]
+
+    def write(addr: int, offset: int, size: int) -> None:
+        local = base + offset - low
+        process_vm.write(pid, addr, local, size)
+        done(local, size)
+
+    with _mapped(dump, low, high - low, first) as (base, done):
+        rest = window
+        if first:
+            # the first piece alone: a way that cannot work is found before anything is half done
+            _starting(lambda: write(*window[0]))
+            rest = window[1:]
+        _all([_submit(pool, write, *piece) for piece in rest])
+
+
+def _mapped(
+    dump: PlainReader, offset: int, length: int, first: bool
+) -> contextlib.AbstractContextManager[tuple[int, Callable[[int, int], None]]]:
+    try:
+        return dump.mapped(offset, length)
+    except DumpError as e:
+        if first:
+            raise process_vm.Unavailable(str(e), errno=e.errno) from e
+        raise
+
+
+def _starting(work: Callable[[], None]) -> None:
+    """The first write: any failure there means this way does not work here, and nothing was written."""
+    try:
+        work()
+    except process_vm.Unavailable:
+        raise
+    except OSError as e:
+        raise process_vm.Unavailable(f"process_vm_writev failed: {e.strerror}", errno=e.errno) from e
+
+
+def _submit(pool: ThreadPoolExecutor, work: Callable[..., None], *args: object) -> Future[None]:
+    """Hand the work to a thread; where no thread can be started (a task limit), do it here."""
+    try:
+        return pool.submit(work, *args)
+    except RuntimeError:
+        done: Future[None] = Future()
+        try:
+            work(*args)
+            done.set_result(None)
+        except BaseException as e:
+            done.set_exception(e)
+        return done
 
 
 def _write_frame(pid: int, dump: FramedReader, frame: Frame) -> None:

@@ -302,3 +302,11 @@ def test_random_layouts_round_trip(binaries, memcr: Memcr, shapes: list[str], op
         round_trip(target, memcr, *options)
     finally:
         target.stop()
+
+
+def test_userfaultfd_minor_range_is_left_alone(spawn, memcr: Memcr) -> None:
+    """Faults in a minor-mode range go to the target's own handler, frozen: memcr must not drop its pages."""
+    target = spawn("uffdminor")
+    result = memcr.run("-p", target.pid, "-n")
+    assert result.returncode == 0, result.stderr
+    assert target.verify() == 0

@@ -99,22 +99,22 @@ def _libc() -> ctypes.CDLL:
 
 class PlainReader(DumpReader):
     @contextlib.contextmanager
-    def mapped(self) -> Iterator[tuple[int, Callable[[int, int], None]]]:
-        """(address, done) of the whole file mapped read-only while the block runs.
+    def mapped(self, offset: int, length: int) -> Iterator[tuple[int, Callable[[int, int], None]]]:
+        """(address, done) of the file's bytes from `offset` (page-aligned), mapped read-only while the block runs.
 
-        done(offset, length) unmaps the pages of a piece once it is used, so
-        that the mapping never counts much of the dump's page cache in
-        memcr's RSS (mapping piece by piece instead is no faster).
+        done(address, length) unmaps the pages of a piece once it is used,
+        so that the mapping never counts much of the dump's page cache in
+        memcr's RSS.
         """
         libc = _libc()
-        base = libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, 0)
+        base = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, offset)
         if base in (None, ctypes.c_void_p(-1).value):
             code = ctypes.get_errno()
             raise DumpError(f"cannot map the dump {self.path}: {os.strerror(code)}", path=str(self.path), errno=code)
         try:
-            yield int(base), lambda offset, length: libc.madvise(base + offset, length, mmap.MADV_DONTNEED)
+            yield int(base), lambda at, size: libc.madvise(at, size, mmap.MADV_DONTNEED)
         finally:
-            libc.munmap(base, self.size)
+            libc.munmap(base, length)
 
     def file_span(self, record: Record) -> tuple[int, int] | None:
         return self.file.fd, record.offset

@@ -485,9 +485,9 @@ def test_request_directory_traps(tmp_path: Path) -> None:
     (open_dir / "inner").mkdir(0o700)
     assert "not an absolute path" in refused_dir("relative/dir")
     assert "'..'" in refused_dir(f"{real}/../real")
-    assert f"{tmp_path}/link is a symlink" in refused_dir(f"{tmp_path}/link")
-    assert f"give the real path ({real})" in refused_dir(f"{tmp_path}/link")
-    assert f"{tmp_path}/link is a symlink" in refused_dir(f"{tmp_path}/link/sub")  # on the way, too
+    assert f"'{tmp_path}/link' is a symlink" in refused_dir(f"{tmp_path}/link")
+    assert f"give the real path ('{real}')" in refused_dir(f"{tmp_path}/link")
+    assert f"'{tmp_path}/link' is a symlink" in refused_dir(f"{tmp_path}/link/sub")  # on the way, too
     assert "No such file or directory" in refused_dir(f"{tmp_path}/missing")
     assert "is not a directory" in refused_dir(f"{tmp_path}/file")
     assert "mode 0777" in refused_dir(str(open_dir))
@@ -549,3 +549,11 @@ def test_listen_variables_of_two_sockets_are_refused(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("LISTEN_FDS", "2")
     with pytest.raises(StorageError, match="exactly one ListenStream="):
         service.inherited_socket(print)
+
+
+def test_a_client_path_cannot_forge_log_lines() -> None:
+    """A newline in a client's dump directory must not start a line of its own in the daemon's log."""
+    forged = '/nonexistent\nmemcr: pid 1 restored\n{"event":"restore","pid":1}'
+    with pytest.raises(StorageError) as caught:
+        service.check_request_directory(forged)
+    assert "\n" not in str(caught.value)
