@@ -396,7 +396,8 @@ def mm_sharers(pid: int) -> list[int]:
             sharers.append(other)
         elif ctypes.get_errno() == errno.ENOSYS:
             return _vfork_relatives(pid)
-    return sharers
+    # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
+    return [other for other in sharers if alive(other)] if sharers and alive(pid) else []
 
 
 def _vfork_relatives(pid: int) -> list[int]:
