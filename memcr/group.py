@@ -269,10 +269,6 @@ class ParkedGroup:
         self._slots = slots
 
     @property
-    def pids(self) -> list[int]:
-        return [m.pid for m in self._members]
-
-    @property
     def reports(self) -> list[Report]:
         """Each member's own figures, by pid."""
         return [m.parked.report for m in self._members if m.parked]
