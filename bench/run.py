@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import app_memory, plot, service_load
+from bench import app_memory, groups, plot, service_load
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -243,6 +243,7 @@ def main() -> int:
     parser.add_argument("--no-variants", action="store_true", help="skip the -z/-c/-e runs")
     parser.add_argument("--no-service", action="store_true", help="skip the daemon figures")
     parser.add_argument("--no-apps", action="store_true", help="skip the real apps (tests/apps)")
+    parser.add_argument("--no-groups", action="store_true", help="skip the 4-process app: as a tree, one by one")
     parser.add_argument(
         "--sweep", default="64,128,256,512,1024,2048", help="target sizes in MiB for the throughput plot ('' to skip)"
     )
@@ -280,6 +281,7 @@ def main() -> int:
                     variants[name].append(variant_run)
         daemon = None if args.no_service else service_load.measure(target_bin, directory)
         app_figures = None if args.no_apps else app_memory.measure()
+        group_figures = None if args.no_groups else groups.measure(directory)
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -289,6 +291,7 @@ def main() -> int:
     results["codec_one_core_mib_s"] = codec_speeds
     results["service"] = daemon
     results["apps"] = app_figures
+    results["groups"] = group_figures
     results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
@@ -296,6 +299,8 @@ def main() -> int:
         service_load.print_table(daemon)
     if app_figures:
         app_memory.print_table(app_figures)
+    if group_figures:
+        groups.print_table(group_figures)
     if sweep:
         plot.throughput_png(sweep, args.png)
         print(f"bench: throughput against size in {args.png}")

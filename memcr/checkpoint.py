@@ -106,14 +106,26 @@ def refuse_shared_memory(pid: int) -> None:
 
 
 def checkpoint(
-    pid: int, options: Options, log: Log, cancel: Cancel | None = None, progress: Progress | None = None
+    pid: int,
+    options: Options,
+    log: Log,
+    cancel: Cancel | None = None,
+    progress: Progress | None = None,
+    seized: Callable[[], None] | None = None,
 ) -> Parked:
-    """Freeze the target, dump and drop its private pages; it stays frozen, parked."""
+    """Freeze the target, dump and drop its private pages; it stays frozen, parked.
+
+    `seized` is called once every thread is held, before anything in the
+    target changes: a group park waits there until all its members are
+    held, and an error it raises lets this target go as it was.
+    """
     with _descriptor_limit():
-        return _checkpoint(pid, options, log, cancel or Cancel(), progress)
+        return _checkpoint(pid, options, log, cancel or Cancel(), progress, seized)
 
 
-def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None) -> Parked:
+def _checkpoint(
+    pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None, seized: Callable[[], None] | None
+) -> Parked:
     page_size = arch.page_size()
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)))
     # smaps walks every page table (~15 ms per GiB): read it while the
@@ -136,6 +148,8 @@ def _checkpoint(pid: int, options: Options, log: Log, cancel: Cancel, progress: 
     report.threads = len(frozen.tids)
     try:
         log(f"seized {report.threads} threads of pid {pid}")
+        if seized:
+            seized()
         refuse_shared_memory(pid)  # a vfork() may have come between the check and the freeze
         parasite = Parasite.start(
             frozen, arch.blobs(), SocketSpec(pid, options.socket_dir, options.socket_gid), options.netns, page_size

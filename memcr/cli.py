@@ -9,6 +9,7 @@ import select
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ import click
 
 from memcr import __version__, heap, service
 from memcr.advice import explain
+from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.errors import MemcrError, UsageError
+from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
-from memcr.report import error_json, rate
+from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
 
@@ -65,6 +68,12 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--pid", type=int, help="Process to checkpoint (interactive mode).")
+@click.option("--tree", is_flag=True, help="With -p: PID and every descendant, parked all or nothing.")
+@click.option(
+    "--cgroup",
+    metavar="PATH",
+    help="Every process of this cgroup v2 and its sub-cgroups, parked all or nothing (absolute or under the mount).",
+)
 @click.option(
     "-d",
     "--dir",
@@ -133,7 +142,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     callback=_version,
     help="Print version, architecture and kernel.",
 )
-def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
+def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
@@ -146,7 +155,13 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
             "and the dump key; use it only to debug memcr")  # fmt: skip
     if listen is not None and pid is not None:
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
-    if listen is None:
+    if listen is not None and (tree or cgroup is not None):
+        raise UsageError("--tree and --cgroup are for interactive mode, not with -l/--listen")
+    if cgroup is not None and pid is not None:
+        raise UsageError("-p/--pid and --cgroup exclude each other: a process (tree) or a cgroup")
+    if tree and pid is None:
+        raise UsageError("--tree needs -p PID: the process at the top of the tree")
+    if listen is None and cgroup is None:
         for name, value in (("-g/--listen-gid", listen_gid), ("-t/--timeout", timeout)):
             if value is not None:
                 raise UsageError(f"{name} only applies to service mode (-l)")
@@ -175,6 +190,10 @@ def command(pid: int | None, dump_dir: Path, parasite_socket_dir: Path | None,
     )
     if listen is not None:
         service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports)
+    elif cgroup is not None:
+        interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, json_reports=json_reports)
+    elif pid is not None and tree:
+        interactive_group(Tree(pid), options, wait=not no_wait, json_reports=json_reports)
     elif pid is not None:
         interactive(pid, options, wait=not no_wait, json_reports=json_reports)
 
@@ -195,12 +214,7 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
             bar.close()
     r = parked.report
     try:
-        log(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
-        log(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
-        before, after = r.rss_before, r.rss_after
-        log(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
-        log(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
-        _emit(r.json("checkpoint"), json_reports)
+        _checkpointed(r, log, json_reports)
         if wait:
             log(f"pid {pid} checkpointed, press enter to restore")
             _wait_for_enter(cancel)
@@ -211,10 +225,68 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
         except MemcrError as e:
             _emit(error_json(pid, "restore", e), json_reports)
             raise
-    log(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
-    log(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
-    log(f"pid {pid} restored")
+    _restored(r, log, json_reports)
+
+
+def _checkpointed(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
+    say(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
+    say(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
+    before, after = r.rss_before, r.rss_after
+    say(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
+    say(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
+    _emit(r.json("checkpoint"), json_reports)
+
+
+def _restored(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
+    say(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
+    say(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
+    log(f"pid {r.pid} restored")
     _emit(r.json("restore"), json_reports)
+
+
+def interactive_group(membership: Membership, options: Options, wait: bool, json_reports: bool) -> None:
+    """Park a tree or a cgroup all or nothing; the lines of each member, then one for the group."""
+    cancel = Cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: cancel.cancel())
+    heap.tune()
+    try:
+        group = park(membership, options, log, cancel)
+    except MemcrError as e:
+        _emit(error_json(e.pid, "checkpoint", e, group=str(membership)), json_reports)
+        raise
+    g = group.report
+    try:
+        for r in group.reports:
+            _checkpointed(r, _member_log(r.pid), json_reports)
+        shared = g.shared_pages * g.page_size / 2**20
+        log(f"{g.group}: {_processes(g.members)} parked in {g.park_ms:.0f} ms, {g.pages} pages "
+            f"({g.pages * g.page_size / 2**20:.1f} MiB) dumped; {g.shared_pages} pages ({shared:.1f} MiB) stayed "
+            "in memory because other processes map them too (fork, KSM); "
+            f"VmRSS {g.rss_before['VmRSS']} kB -> {g.rss_after['VmRSS']} kB")  # fmt: skip
+        _emit(g.json("checkpoint"), json_reports)
+        if wait:
+            log(f"{g.group}: {_processes(g.members)} checkpointed, press enter to restore")
+            _wait_for_enter(cancel)
+    finally:
+        # whatever happened meanwhile, no member may stay parked when memcr exits
+        try:
+            group.restore()
+        except MemcrError as e:
+            _emit(error_json(e.pid, "restore", e, group=g.group), json_reports)
+            raise
+    for r in group.reports:
+        _restored(r, _member_log(r.pid), json_reports)
+    log(f"{g.group}: {_processes(g.members)} restored in {g.wake_ms:.0f} ms")
+    _emit(g.json("restore"), json_reports)
+
+
+def _processes(pids: list[int]) -> str:
+    return f"{len(pids)} process{'' if len(pids) == 1 else 'es'}"
+
+
+def _member_log(pid: int) -> Callable[[str], None]:
+    return lambda message: log(f"pid {pid}: {message}")
 
 
 class ProgressBar:

@@ -99,3 +99,29 @@ class TargetKilled(MemcrError):
     """Restoring was impossible, so the target was killed (the cardinal rule)."""
 
     exit_code: int = ExitCode.TARGET_KILLED
+
+
+class GroupError(MemcrError):
+    """A group of processes could not be parked (or woken) as a whole; `cause` is the first member's failure.
+
+    Its pid is that member's (None when the failure was the group's own,
+    such as its cgroup), with the path, errno and what of its failure (so
+    that its advice applies); `killed` lists the members memcr had to kill
+    to keep the cardinal rule, `gone` those that died meanwhile. Its exit
+    code is the cause's, or TargetKilled's when a member was killed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        cause: BaseException,
+        member: int | None,
+        killed: list[int] | None = None,
+        gone: list[int] | None = None,
+    ) -> None:
+        data = cause if isinstance(cause, MemcrError) else MemcrError()
+        super().__init__(message, pid=member, path=data.path, errno=data.errno, what=data.what)
+        self.cause = cause
+        self.killed = killed or []
+        self.gone = gone or []
+        self.exit_code = TargetKilled.exit_code if self.killed else data.exit_code

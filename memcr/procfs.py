@@ -222,6 +222,53 @@ def parse_stat(text: str) -> Stat:
     return Stat(pid=int(pid), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6]))
 
 
+def descendants(root: int, stats: list[Stat]) -> set[int]:
+    """Every process below `root` in the parent links of `stats` (a snapshot of /proc/<pid>/stat).
+
+    Zombies are left out: they have exited and hold no memory (and no
+    children: those were handed to a reaper when they exited).
+    """
+    children: dict[int, list[int]] = {}
+    for stat in stats:
+        if stat.state not in ("Z", "X"):
+            children.setdefault(stat.ppid, []).append(stat.pid)
+    found: set[int] = set()
+    below = list(children.get(root, []))
+    while below:
+        pid = below.pop()
+        if pid not in found and pid != root:
+            found.add(pid)
+            below += children.get(pid, [])
+    return found
+
+
+def parse_pids(text: str) -> set[int]:
+    """A list of process ids, one a line (cgroup.procs)."""
+    return {int(line) for line in _lines(text)}
+
+
+def parse_cgroup2_mount(mountinfo: str) -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo; None when it is not.
+
+    A line is `id parent major:minor root mountpoint options [tags...] - fstype source super`:
+    the tags vary in number, so the filesystem type is the word after the lone "-".
+    The kernel writes a space, tab, newline or backslash in the mount point as \\040 style octal.
+    """
+    for line in _lines(mountinfo):
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        fstype = fields[fields.index("-", 6) + 1]
+        if fstype == "cgroup2":
+            return Path(_unescape_octal(fields[4]))
+    return None
+
+
+def _unescape_octal(text: str) -> str:
+    parts = text.split("\\")
+    return parts[0] + "".join(chr(int(part[:3], 8)) + part[3:] for part in parts[1:])
+
+
 # -- readers ---------------------------------------------------------------------
 
 
@@ -250,6 +297,20 @@ def stat_flags(pid: int) -> int:
 
 def thread_ids(pid: int) -> set[int]:
     return {int(name) for name in _listdir(proc_path(pid, "task"), pid)}
+
+
+def process_table() -> list[Stat]:
+    """/proc/<pid>/stat of every process now; one that exits meanwhile is left out."""
+    stats = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(TargetGone):
+                stats.append(read_stat(int(name)))
+    return stats
+
+
+def cgroup2_mount() -> Path | None:
+    return parse_cgroup2_mount(_read(proc_path("self", "mountinfo"), "self"))
 
 
 def alive(pid: int) -> bool:
@@ -396,7 +457,8 @@ def mm_sharers(pid: int) -> list[int]:
             sharers.append(other)
         elif ctypes.get_errno() == errno.ENOSYS:
             return _vfork_relatives(pid)
-    return sharers
+    # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
+    return [other for other in sharers if alive(other)] if sharers and alive(pid) else []
 
 
 def _vfork_relatives(pid: int) -> list[int]:

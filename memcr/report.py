@@ -7,6 +7,7 @@ The human lines are an interface too (the C memcr's "download took" and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from memcr.errors import MemcrError
@@ -40,19 +41,78 @@ class Report:
         return json.dumps({"event": event, **asdict(self)}, separators=(",", ":"))
 
 
-def error_json(pid: int, operation: str, error: MemcrError) -> str:
-    """One line: {"event": "error", "operation": ..., "pid", "error" (the message), "exit_code", "type"}."""
-    return json.dumps(
-        {
-            "event": "error",
-            "operation": operation,
-            "pid": pid,
-            "error": str(error),
-            "type": type(error).__name__,
-            "exit_code": error.exit_code,
-        },
-        separators=(",", ":"),
-    )
+@dataclass
+class GroupReport:
+    """A group's park or wake-up in one line: its members' figures summed, and its own wall time.
+
+    shared_pages counts a page once per member that maps it: the pages a
+    fork left shared stay in memory in every one of them.
+    """
+
+    group: str  # "tree 1234" or "cgroup /sys/fs/cgroup/unified/app"
+    members: list[int]
+    page_size: int
+    threads: int = 0
+    pages: int = 0
+    dropped_pages: int = 0
+    shared_pages: int = 0
+    locked_vmas: int = 0
+    dump_bytes: int = 0
+    park_ms: float = 0.0  # from the first member's check to the last member parked
+    wake_ms: float = 0.0  # from the restore request to the last member running
+    rss_before: dict[str, int] = field(default_factory=dict)  # kB, summed over the members
+    rss_after: dict[str, int] = field(default_factory=dict)
+    rss_restored: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, group: str, reports: list[Report], park_ms: float) -> GroupReport:
+        page = reports[0].page_size if reports else 0
+        summed = cls(group, [r.pid for r in reports], page, park_ms=park_ms)
+        for r in reports:
+            summed.threads += r.threads
+            summed.pages += r.pages
+            summed.dropped_pages += r.dropped_pages
+            summed.shared_pages += r.shared_pages
+            summed.locked_vmas += r.locked_vmas
+            summed.dump_bytes += r.dump_bytes
+        summed.rss_before = _sum(r.rss_before for r in reports)
+        summed.rss_after = _sum(r.rss_after for r in reports)
+        return summed
+
+    def restored(self, reports: list[Report], wake_ms: float) -> None:
+        self.wake_ms = wake_ms
+        self.rss_restored = _sum(r.rss_restored for r in reports)
+
+    def json(self, event: str) -> str:
+        """One line: {"event": "group-checkpoint" | "group-restore", ...every field}."""
+        return json.dumps({"event": f"group-{event}", **asdict(self)}, separators=(",", ":"))
+
+
+def _sum(figures: Iterable[dict[str, int]]) -> dict[str, int]:
+    total = dict.fromkeys(RSS_KEYS, 0)
+    for one in figures:
+        for key in RSS_KEYS:
+            total[key] += one.get(key, 0)
+    return total
+
+
+def error_json(pid: int | None, operation: str, error: MemcrError, group: str | None = None) -> str:
+    """One line: {"event": "error", "operation": ..., "pid", "error" (the message), "exit_code", "type"}.
+
+    For a group: "pid" is the member that failed (null when it was the
+    group's own failure), and "group" names the group.
+    """
+    line: dict[str, object] = {
+        "event": "error",
+        "operation": operation,
+        "pid": pid,
+        "error": str(error),
+        "type": type(error).__name__,
+        "exit_code": error.exit_code,
+    }
+    if group is not None:
+        line["group"] = group
+    return json.dumps(line, separators=(",", ":"))
 
 
 def rss(status: dict[str, str]) -> dict[str, int]:

@@ -357,3 +357,64 @@ def test_errors_keep_their_plain_form() -> None:
     rich = RightsError("denied", pid=5, path=Path("/proc/5/mem"), errno=errno.EACCES, what="open")
     assert (str(rich), rich.pid, rich.path, rich.errno, rich.what) == ("denied", 5, "/proc/5/mem", errno.EACCES, "open")
     assert rich.exit_code == 4 and isinstance(rich, MemcrError)
+
+
+# a tree: 100 -> 101 (with a space and ") " in its name) -> 103, 100 -> 102 (zombie), 200 -> 201 (another tree)
+STATS = [
+    "100 (server) S 1 100 100 0 -1 4194560 0\n",
+    "101 (worker ) 1) S 100 100 100 0 -1 4194560 0\n",
+    "102 (worker) Z 100 100 100 0 -1 4194564 0\n",
+    "103 (helper) S 101 100 100 0 -1 4194560 0\n",
+    "200 (other) S 1 200 200 0 -1 4194560 0\n",
+    "201 (other) S 200 200 200 0 -1 4194560 0\n",
+]
+
+
+def test_descendants_follow_parent_links_and_leave_zombies_out() -> None:
+    stats = [procfs.parse_stat(text) for text in STATS]
+    assert procfs.descendants(100, stats) == {101, 103}
+    assert procfs.descendants(101, stats) == {103}
+    assert procfs.descendants(103, stats) == set()
+    assert procfs.descendants(200, stats) == {201}
+
+
+def test_descendants_of_a_parent_link_loop_end() -> None:
+    """pid reuse between two reads can make a loop of parent links: the walk still ends."""
+    stats = [procfs.parse_stat("5 (a) S 6 0 0 0 -1 0 0\n"), procfs.parse_stat("6 (b) S 5 0 0 0 -1 0 0\n")]
+    assert procfs.descendants(5, stats) == {6}
+
+
+def test_own_children_in_the_process_table() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in procfs.descendants(os.getpid(), procfs.process_table())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_pid_list() -> None:
+    assert procfs.parse_pids("12\n345\n") == {12, 345}
+    assert procfs.parse_pids("") == set()
+
+
+MOUNTINFO = "".join(
+    line + "\n"
+    for line in (
+        "22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw",
+        "25 22 0:23 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755",
+        "26 25 0:24 / /sys/fs/cgroup/memory rw,nosuid shared:10 - cgroup cgroup rw,memory",
+        "27 25 0:25 / /sys/fs/cgroup/unified\\040v2 rw,nosuid,nodev,noexec,relatime shared:11 master:3 - cgroup2 "
+        "cgroup2 rw,nsdelegate",
+    )
+)
+
+
+def test_cgroup2_mount_point_with_tags_and_an_escaped_space() -> None:
+    assert procfs.parse_cgroup2_mount(MOUNTINFO) == Path("/sys/fs/cgroup/unified v2")
+    assert procfs.parse_cgroup2_mount(MOUNTINFO.replace("cgroup2", "tmpfs")) is None
+
+
+def test_own_cgroup2_mount() -> None:
+    mount = procfs.cgroup2_mount()
+    assert mount is None or (mount / "cgroup.procs").is_file()

@@ -1,0 +1,255 @@
+"""Parking an app: a process tree (`-p PID --tree`) or a cgroup (`--cgroup PATH`), all or nothing.
+
+The forking server (targets/forkserver.c) checks every process's memory,
+threads and state after the round trip. A refused member, or a failure
+while streaming, must leave every member running intact; a tree that forks
+all the time is parked whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from memcr import procfs
+from tests.conftest import Memcr, reap, reports
+
+CGROUP2 = procfs.cgroup2_mount()
+needs_cgroup2 = pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy mounted")
+
+
+def members_of(target) -> set[int]:
+    return {target.pid} | {int(pid) for [pid] in target.said("child")}
+
+
+def tree(root: int) -> set[int]:
+    """root and its live descendants, now."""
+    return {root} | procfs.descendants(root, procfs.process_table())
+
+
+def tracer(pid: int) -> str:
+    return procfs.read_status(pid)["TracerPid"]
+
+
+def assert_untouched(pids: set[int], memcr: Memcr) -> None:
+    """Nobody traces them any more and no dump is left."""
+    for pid in pids:
+        assert tracer(pid) == "0", pid
+    assert memcr.dumps() == []
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Callable[[str], Path]]:
+    """cgroup("name") makes a cgroup v2 for the test; its processes go back to the root and it is removed after."""
+    assert CGROUP2 is not None
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = CGROUP2 / f"memcr-test-{os.getpid()}-{len(made)}-{name}"
+        path.mkdir()
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        for folder in [*sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True), path]:
+            for pid in (folder / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # ended meanwhile
+                    (CGROUP2 / "cgroup.procs").write_text(pid)
+            folder.rmdir()
+
+
+def test_tree_round_trip(spawn, memcr: Memcr) -> None:
+    target = spawn("forkserver", 4, 2, 16, 8)
+    members = members_of(target)
+    result = memcr.run("-p", target.pid, "--tree", "-n", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = reports(result.stdout)
+    parked = [r for r in lines if r["event"] == "checkpoint"]
+    [group] = [r for r in lines if r["event"] == "group-checkpoint"]
+    assert {r["pid"] for r in parked} == members and set(group["members"]) == members
+    assert all(r["threads"] == 3 for r in parked)
+    # the 16 MiB every worker shares with the parent since the fork stays in place, in each of them
+    assert all(r["shared_pages"] * r["page_size"] >= 16 << 20 for r in parked)
+    assert group["shared_pages"] == sum(r["shared_pages"] for r in parked)
+    assert group["rss_after"]["RssAnon"] < group["rss_before"]["RssAnon"]
+    assert [r["event"] for r in lines[-6:]] == ["restore"] * 5 + ["group-restore"]
+    assert f"tree {target.pid}: 5 processes restored" in result.stdout
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+@needs_cgroup2
+def test_cgroup_round_trip_with_a_sub_cgroup(spawn, memcr: Memcr, cgroup) -> None:
+    target = spawn("forkserver", 4, 2, 16, 8)
+    top = cgroup("app")
+    (top / "workers").mkdir()
+    members = sorted(members_of(target))
+    (top / "cgroup.procs").write_text(str(target.pid))
+    for pid in members[1:3]:
+        (top / "workers" / "cgroup.procs").write_text(str(pid))
+    # members outside the cgroup (the other workers) are not parked
+    session = memcr.interactive("--cgroup", top.relative_to(CGROUP2), "--json")
+    session.wait_prompt()
+    inside = {target.pid, *members[1:3]}
+    for pid in inside:
+        assert procfs.read_status(pid)["State"].startswith("t"), pid  # held by memcr
+    for pid in set(members) - inside:
+        assert tracer(pid) == "0", pid
+    assert "frozen 0" in (top / "cgroup.events").read_text()  # thawed again: held by ptrace alone
+    assert len(memcr.dumps()) == 3
+    assert session.press_enter() == 0, session.stderr()
+    [group] = [r for r in reports("\n".join(session.out.rest())) if r["event"] == "group-restore"]
+    assert set(group["members"]) == inside and group["group"] == f"cgroup {top}"
+    assert_untouched(set(members), memcr)
+    assert target.verify() == 0
+
+
+@needs_cgroup2
+def test_cgroup_by_absolute_path(spawn, memcr: Memcr, cgroup) -> None:
+    target = spawn("forkserver", 4, 1, 4, 4)
+    top = cgroup("abs")
+    for pid in members_of(target):
+        (top / "cgroup.procs").write_text(str(pid))
+    result = memcr.run("--cgroup", top, "-n")
+    assert result.returncode == 0, result.stderr
+    assert f"cgroup {top}: 5 processes restored" in result.stdout
+    assert target.verify() == 0
+
+
+def strace(pid: int) -> subprocess.Popen[bytes]:
+    """Another tracer on `pid`, attached when this returns."""
+    proc = subprocess.Popen(["strace", "-q", "-o", "/dev/null", "-p", str(pid)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while tracer(pid) == "0":
+        if time.monotonic() > deadline:
+            reap(proc)
+            raise AssertionError("strace did not attach")
+        time.sleep(0.01)
+    return proc
+
+
+@contextlib.contextmanager
+def traced(pid: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = strace(pid)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)  # strace detaches
+        try:
+            proc.wait(10)
+        finally:
+            reap(proc)
+
+
+@pytest.mark.parametrize("how", ["tree", "cgroup"])
+def test_a_traced_member_fails_the_whole_park(spawn, memcr: Memcr, request: pytest.FixtureRequest, how: str) -> None:
+    if how == "cgroup" and CGROUP2 is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    target = spawn("forkserver", 4, 2, 16, 8)
+    members = members_of(target)
+    victim = max(members)
+    if how == "cgroup":
+        top = request.getfixturevalue("cgroup")("refused")
+        for pid in members:
+            (top / "cgroup.procs").write_text(str(pid))
+        argv: list[object] = ["--cgroup", top]
+    else:
+        argv = ["-p", target.pid, "--tree"]
+    with traced(victim) as other:
+        result = memcr.run(*argv, "-n", "--json")
+        assert result.returncode == 3, result.stderr
+        assert f"failed at process {victim}: process {victim} is already traced by process {other.pid}" in (
+            result.stderr
+        )
+        assert "every member runs on as it was" in result.stderr
+        [error] = reports(result.stdout)
+        assert (error["event"], error["pid"], error["type"]) == ("error", victim, "GroupError")
+        assert_untouched(members - {victim}, memcr)
+    if how == "cgroup":
+        assert "frozen 0" in (top / "cgroup.events").read_text()
+    assert target.verify() == 0
+
+
+def test_a_member_waiting_for_its_vfork_child_fails_the_tree(spawn, memcr: Memcr) -> None:
+    """A thread held in clone(CLONE_VFORK) does not stop: the tree (the vfork child with it) runs on."""
+    target = spawn("states", "vfork-wait")
+    members = tree(target.pid)
+    assert len(members) == 2  # the process and its vfork child
+    result = memcr.run("-p", target.pid, "--tree", "-n")
+    assert result.returncode == 3, result.stderr
+    assert f"failed at process {target.pid}" in result.stderr and "did not stop within" in result.stderr
+    assert_untouched(members, memcr)
+    assert target.verify() == 0
+
+
+def test_a_full_disk_rolls_back_the_members_already_parked(spawn, memcr: Memcr, tmpfs) -> None:
+    """Five 10 MiB members, a 24 MiB dump directory: the first ones fit and are put back when one does not."""
+    target = spawn("forkserver", 4, 2, 4, 8)
+    members = members_of(target)
+    small = tmpfs("size=24m")
+    result = memcr.run("-p", target.pid, "--tree", "-n", dump_dir=small)
+    assert result.returncode == 5, result.stderr
+    assert "every member runs on as it was" in result.stderr
+    assert "use -d on a larger filesystem" in result.stderr  # the member's advice still applies
+    for pid in members:
+        assert tracer(pid) == "0", pid
+    assert list(small.glob("pages-*.img")) == []
+    assert target.verify() == 0
+
+
+def test_a_tree_that_forks_all_the_time(spawn, memcr: Memcr) -> None:
+    """Children come and go every few ms: the tree is parked whole, or the park fails and says so."""
+    target = spawn("forkloop")
+    outcomes = []
+    for _ in range(3):
+        session = memcr.interactive("-p", target.pid, "--tree", "--json")
+        try:
+            session.wait_prompt()
+        except AssertionError:
+            assert session.proc.wait(30) != 0  # failed: every member must run on
+            outcomes.append("failed")
+            assert_untouched({target.pid}, memcr)
+            continue
+        [group] = [r for r in reports("\n".join(session.out.seen)) if r["event"] == "group-checkpoint"]
+        now = tree(target.pid)
+        assert now <= set(group["members"]), now - set(group["members"])  # nobody runs beside the parked ones
+        for pid in now:
+            assert procfs.read_status(pid)["State"].startswith("t"), pid
+        assert session.press_enter() == 0, session.stderr()
+        outcomes.append(len(group["members"]))
+        assert memcr.dumps() == []
+    assert any(o != "failed" for o in outcomes), outcomes
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tree"], "--tree needs -p PID"),
+        (["-p", "1", "--cgroup", "x"], "-p/--pid and --cgroup exclude each other"),
+        (["-l", "/tmp/memcr-test-none.sock", "--cgroup", "x"], "--tree and --cgroup are for interactive mode"),
+        (["--cgroup", "memcr-test-no-such-cgroup"], "is not a cgroup"),
+        (["--cgroup", "/tmp"], "is not in the cgroup v2 hierarchy"),
+        (["--cgroup", "."], "the root cgroup holds every process"),
+    ],
+)
+def test_bad_group_options(memcr: Memcr, argv: list[str], message: str) -> None:
+    if "--cgroup" in argv and "-l" not in argv and "-p" not in argv and CGROUP2 is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    result = memcr.run(*argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_a_tree_whose_root_does_not_exist(memcr: Memcr) -> None:
+    result = memcr.run("-p", 2**22 + 1, "--tree", "-n")
+    assert result.returncode == 3, result.stderr
+    assert f"no such process: {2**22 + 1}" in result.stderr
