@@ -170,8 +170,11 @@ class Parked:
         records = self.dump.verified_records()
         # pages memcr itself began to write back (an upload that failed midway) are not the kernel's doing
         self._check_untouched([r for r in records if r.addr not in self._written])
-        writable = [r for r in records if self._containing(r.addr).prot & mmap.PROT_WRITE]
-        self._written.update(r.addr for r in writable)
+        writable: list[Record] = []
+        read_only: list[Record] = []
+        for record in records:
+            (writable if self._containing(record.addr).prot & mmap.PROT_WRITE else read_only).append(record)
+        self._written.update(r.addr for r in records)
         if self._direct:
             try:
                 upload(self.pid, self.dump, writable)
@@ -184,12 +187,11 @@ class Parked:
         self._upload_through_parasite(writable)
         # process_vm_writev and the parasite write a read-only mapping only after an mprotect, which
         # leaves a trace: /proc/<pid>/mem writes through the protection
-        for record in records:
-            if not self._containing(record.addr).prot & mmap.PROT_WRITE:
-                at = record.addr
-                for chunk in self.dump.chunks(record):
-                    self.frozen.write(at, chunk)
-                    at += len(chunk)
+        for record in read_only:
+            at = record.addr
+            for chunk in self.dump.chunks(record):
+                self.frozen.write(at, chunk)
+                at += len(chunk)
 
     def _upload_through_parasite(self, records: list[Record]) -> None:
         """Where the kernel has no process_vm_writev: the parasite receives the pages on its socket."""

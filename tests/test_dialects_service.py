@@ -24,25 +24,13 @@ from memcr.dump.format import HEADER
 from memcr_client import Client
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, memcr_argv, reap, stop
+from tests.unit.test_dialects import dump_dir, i32, v2  # the frames, written by hand from the layouts
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 ROOT = Path(__file__).resolve().parent.parent
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
-
-
-def i32(*values: int) -> bytes:
-    return b"".join(struct.pack("<i", v) for v in values)
-
-
-def v2(*payload: bytes) -> bytes:
-    body = b"".join(payload)
-    return i32(102, len(body)) + body
-
-
-def dump_dir(path: str | Path) -> bytes:
-    return i32(200) + str(path).encode() + b"\0"
 
 
 def exchange(d: Daemon, *pieces: bytes, gap: float = 0.0, shut: bool = False) -> bytes:

@@ -59,8 +59,8 @@ def v2(*payload: bytes) -> bytes:
     return i32(102, len(body)) + body
 
 
-def dump_dir(path: str | bytes) -> bytes:
-    raw = path.encode() if isinstance(path, str) else path
+def dump_dir(path: str | bytes | os.PathLike[str]) -> bytes:
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
     return i32(200) + raw + b"\0"
 
 
