@@ -35,7 +35,7 @@ SUN_PATH_LEN = 108
 PAGEMAP_MAX = 65536
 PAGEMAP_ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
 
-OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END = 1, 2, 3, 4, 5
+OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END, OP_UFFD = 1, 2, 3, 4, 5, 6
 
 ARGS = struct.Struct(f"<IiiiIIiiiiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
 ARGS_STATUS = struct.Struct("<Iiii")
@@ -257,6 +257,37 @@ class Parasite:
             self.recv_into(memoryview(chunk))
             out += chunk
         return bytes(out)
+
+    def userfaultfd(self, flags: int, device: int | None = None) -> int:
+        """A userfaultfd of the target's mm, made in the target and now memcr's; -errno when the target may not.
+
+        With `device` (memcr's descriptor of /dev/userfaultfd) the target
+        makes it with USERFAULTFD_IOC_NEW, where the system call needs a
+        capability the target lacks.
+        """
+        self._send(OP_UFFD, 0, 0 if device is None else 1, flags)
+        if device is not None:
+            self._io(lambda: socket.send_fds(self.sock, [b"\0"], [device]))
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, REPLY.size, 1, socket.MSG_CMSG_CLOEXEC)
+                break
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                self._stalled()
+            except ConnectionError as e:
+                raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
+        if len(data) < REPLY.size:
+            rest = bytearray(REPLY.size - len(data))
+            self.recv_into(memoryview(rest))
+            data += bytes(rest)
+        result = int(REPLY.unpack(data)[0])
+        if result >= 0 and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if result >= 0:
+            raise ParasiteError("the parasite made a userfaultfd but did not hand it over")
+        return result
 
     def store_file(self, addr: int, length: int, fd: int, offset: int) -> None:
         """Send `length` bytes of file `fd` at `offset` into the target at addr."""

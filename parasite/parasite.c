@@ -23,6 +23,8 @@
 #define EINTR 4
 #define EINVAL 22
 #define EPIPE 32
+#define SCM_RIGHTS 1
+#define USERFAULTFD_IOC_NEW 0xaa00 /* _IO(0xAA, 0x00) */
 
 struct parasite_args parasite_args __attribute__((visibility("hidden")));
 
@@ -121,6 +123,75 @@ static long recv_pages(int cfd, const struct parasite_cmd *c)
 	return r;
 }
 
+/* The kernel's struct msghdr and a control buffer for one descriptor, as on every 64-bit ABI. */
+struct iov {
+	void *base;
+	unsigned long len;
+};
+
+struct one_fd_msg {
+	void *name;
+	int namelen;
+	struct iov *iov;
+	unsigned long iovlen;
+	void *control;
+	unsigned long controllen;
+	int flags;
+};
+
+struct one_fd_cmsg {
+	unsigned long len;
+	int level;
+	int type;
+	int fd;
+	int pad;
+};
+
+/* sendmsg or recvmsg of len bytes at p with one descriptor (fd, or -1 to receive one). */
+static long fd_message(long nr, int cfd, void *p, unsigned long len, int *fd)
+{
+	struct iov iov = {p, len};
+	struct one_fd_cmsg cm = {20 /* CMSG_LEN(sizeof(int)) */, SOL_SOCKET, SCM_RIGHTS, *fd, 0};
+	struct one_fd_msg m = {0, 0, &iov, 1, &cm, sizeof(cm), 0};
+	long n;
+
+	do
+		n = sys3(nr, cfd, &m, nr == __NR_sendmsg ? MSG_NOSIGNAL : MSG_WAITALL);
+	while (n == -EINTR);
+	if (n >= 0 && (unsigned long)n != len)
+		return -EPIPE;
+	if (n >= 0 && nr == __NR_recvmsg) {
+		if (m.controllen < 20 || cm.level != SOL_SOCKET || cm.type != SCM_RIGHTS)
+			return -EINVAL;
+		*fd = cm.fd;
+	}
+	return n < 0 ? n : 0;
+}
+
+static long new_userfaultfd(int cfd, const struct parasite_cmd *c)
+{
+	long long result;
+	unsigned char byte;
+	int dev = -1, ufd;
+	long r;
+
+	if (c->len) {
+		r = fd_message(__NR_recvmsg, cfd, &byte, 1, &dev);
+		if (r < 0)
+			return r;
+		result = sys3(__NR_ioctl, dev, USERFAULTFD_IOC_NEW, c->arg);
+		sys3(__NR_close, dev, 0, 0);
+	} else {
+		result = sys3(__NR_userfaultfd, c->arg, 0, 0);
+	}
+	if (result < 0)
+		return reply(cfd, result);
+	ufd = (int)result;
+	r = fd_message(__NR_sendmsg, cfd, &result, sizeof(result), &ufd);
+	sys3(__NR_close, ufd, 0, 0);
+	return r;
+}
+
 /* Serve one authenticated connection until END; < 0 when the stream broke. */
 static long serve(struct parasite_args *a, int cfd)
 {
@@ -145,6 +216,9 @@ static long serve(struct parasite_args *a, int cfd)
 			r = recv_pages(cfd, &c);
 			if (r == 0)
 				r = reply(cfd, 0);
+			break;
+		case PARASITE_OP_UFFD:
+			r = new_userfaultfd(cfd, &c);
 			break;
 		case PARASITE_OP_END:
 			reply(cfd, 0);

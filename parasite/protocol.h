@@ -61,6 +61,14 @@ struct parasite_cmd {
 #define PARASITE_OP_DROP 3    /* madvise(MADV_DONTNEED); reply */
 #define PARASITE_OP_RECV 4    /* len raw bytes follow, stored at addr; reply */
 #define PARASITE_OP_END 5     /* reply, then the thread exits */
+/*
+ * A userfaultfd of the target's own mm, with arg as its flags. len 0: the
+ * userfaultfd() system call; len 1: one byte carrying a descriptor of
+ * /dev/userfaultfd follows (SCM_RIGHTS), and USERFAULTFD_IOC_NEW on it.
+ * Reply: the 8-byte result, carrying the new descriptor (SCM_RIGHTS) when
+ * it is >= 0; the parasite keeps no copy.
+ */
+#define PARASITE_OP_UFFD 6
 
 /* Largest PAGEMAP request: the parasite answers from a static buffer. */
 #define PARASITE_PAGEMAP_MAX 65536

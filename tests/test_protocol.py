@@ -46,7 +46,7 @@ def test_constants_match_header() -> None:
     assert c["PARASITE_NONCE_LEN"] == parasite.NONCE_LEN
     assert c["PARASITE_SUN_PATH_LEN"] == parasite.SUN_PATH_LEN
     assert c["PARASITE_PAGEMAP_MAX"] == parasite.PAGEMAP_MAX
-    for name in ("SEND", "PAGEMAP", "DROP", "RECV", "END"):
+    for name in ("SEND", "PAGEMAP", "DROP", "RECV", "END", "UFFD"):
         assert c[f"PARASITE_OP_{name}"] == getattr(parasite, f"OP_{name}"), name
     for name in ("STARTING", "LISTENING", "SERVING", "FAILED"):
         assert c[f"PARASITE_STATUS_{name}"] == getattr(parasite, f"STATUS_{name}"), name
