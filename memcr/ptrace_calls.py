@@ -25,17 +25,24 @@ PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 
 O_TRACESYSGOOD = 1
+O_TRACEFORK = 1 << 1
+O_TRACEVFORK = 1 << 2
 O_TRACECLONE = 1 << 3
 O_EXITKILL = 1 << 20
 
+EVENT_FORK = 1
+EVENT_VFORK = 2
 EVENT_CLONE = 3
 EVENT_STOP = 128
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # what O_TRACESYSGOOD reports at syscall entry and exit
 WALL = 0x40000000  # __WALL: wait for threads as well as processes
+WNOTHREAD = 0x20000000  # __WNOTHREAD: only the calling thread's children and tracees
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 SIGSET_SIZE = 8  # bytes of the kernel's sigset_t that GET/SETSIGMASK move
 
 Regs = Any  # the architecture's register structure, as python-ptrace lays it out
@@ -71,8 +78,13 @@ def syscall(tid: int) -> None:
     _request(PTRACE_SYSCALL, tid)
 
 
-def detach(tid: int) -> None:
-    _request(PTRACE_DETACH, tid)
+def detach(tid: int, sig: int = 0) -> None:
+    _request(PTRACE_DETACH, tid, 0, sig)
+
+
+def listen(tid: int) -> None:
+    """Leave a seized thread in its group stop, and report when the stop ends."""
+    _request(PTRACE_LISTEN, tid)
 
 
 def set_options(tid: int, options: int) -> None:
@@ -142,6 +154,11 @@ class Stop:
     @property
     def syscall_stop(self) -> bool:
         return os.WIFSTOPPED(self.status) and self.event == 0 and self.signal == SYSCALL_STOP
+
+    @property
+    def group_stop(self) -> bool:
+        """A seized thread stopped by SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU (an interrupt stop reports SIGTRAP)."""
+        return self.interrupt_stop and self.signal in STOP_SIGNALS
 
     @property
     def signal_delivery(self) -> bool:

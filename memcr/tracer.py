@@ -106,6 +106,7 @@ class _Seizing:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.tids: list[int] = []
+        self.stopped = False  # a group stop (SIGSTOP, ...) holds the process
 
     def seize_all(self) -> None:
         """Seize and stop every thread; repeat until no new thread appears."""
@@ -114,8 +115,11 @@ class _Seizing:
             self.tids += seized
             deadline = time.monotonic() + FREEZE_TIMEOUT
             for tid in seized:
-                if not _wait_interrupted(self.pid, tid, deadline):
+                stop = _wait_interrupted(self.pid, tid, deadline)
+                if stop is None:
                     self.tids.remove(tid)
+                elif stop.group_stop:
+                    self.stopped = True
         if not self.tids:
             raise TargetGone(f"process {self.pid} exited while being frozen", pid=self.pid)
 
@@ -143,8 +147,8 @@ class _Seizing:
                 pt.detach(tid)
 
 
-def _wait_interrupted(pid: int, tid: int, deadline: float | None = None) -> bool:
-    """Wait for the interrupt stop, passing on signals that come first; False if the thread exited.
+def _wait_interrupted(pid: int, tid: int, deadline: float | None = None) -> Stop | None:
+    """Wait for the interrupt stop, passing on signals that come first; None if the thread exited.
 
     With a deadline, a thread that has not stopped by then (it waits in
     the kernel for a vfork child or a hung filesystem, where no interrupt
@@ -154,9 +158,9 @@ def _wait_interrupted(pid: int, tid: int, deadline: float | None = None) -> bool
     while True:
         stop = _wait(pid, tid) if deadline is None else _wait_until(pid, tid, deadline)
         if stop.exited:
-            return False
+            return None
         if stop.interrupt_stop:
-            return True
+            return stop
         # a signal-delivery stop came before our interrupt: deliver it
         pt.cont(tid, stop.signal if stop.signal_delivery else 0)
         pt.interrupt(tid)
@@ -198,12 +202,15 @@ class FrozenProcess:
     process (the parasite), traced too so that a group stop cannot hold them.
     """
 
-    def __init__(self, pid: int, arch: Arch, tids: list[int], leader: int, memory: Memory) -> None:
+    def __init__(
+        self, pid: int, arch: Arch, tids: list[int], leader: int, memory: Memory, stopped: bool = False
+    ) -> None:
         self.pid = pid
         self.arch = arch
         self.tids = tids
         self.leader = leader
         self.memory = memory
+        self.stopped = stopped  # it was in a group stop when frozen, and stays in it
         self.helpers: list[int] = []
         self.owner = threading.get_ident()
 
@@ -221,7 +228,7 @@ class FrozenProcess:
         except BaseException:
             seizing.let_go()
             raise
-        return cls(pid, arch, seizing.tids, leader, memory)
+        return cls(pid, arch, seizing.tids, leader, memory, seizing.stopped)
 
     # -- requests, from the tracing thread only ---------------------------
 
@@ -378,6 +385,23 @@ class FrozenProcess:
         """Let every thread run on; tolerate threads that are already gone."""
         self._end(_detach)
 
+    def resume_traced(self) -> RunningProcess:
+        """Let every thread run on, still traced: should memcr die, the kernel kills the process.
+
+        Children it forks from now on are traced too (and killed with it).
+        """
+        self._tracer()
+        if self.helpers or self.stopped:
+            raise MemcrError("internal error: resuming a process that holds memcr's thread or is stopped")
+        running = RunningProcess(self.pid, set(self.tids), self.owner)
+        for tid in self.tids:
+            with contextlib.suppress(ProcessLookupError):
+                pt.set_options(tid, OPTIONS | pt.O_TRACEFORK | pt.O_TRACEVFORK)
+                pt.cont(tid)
+        self.tids.clear()
+        self.memory.close()
+        return running
+
     def collect_dead(self) -> None:
         """The process died: collect what its threads left, without waiting."""
         self._end(_collect_now)
@@ -405,6 +429,101 @@ class FrozenProcess:
         self.tids.clear()
         self.helpers.clear()
         self.memory.close()
+
+
+class RunningProcess:
+    """A process that runs again while the thread that froze it still traces it.
+
+    That thread passes on every signal and group stop (`watch`) until memcr
+    lets go of the process (`detach`) or kills it (`kill`).
+    """
+
+    def __init__(self, pid: int, tasks: set[int], owner: int) -> None:
+        self.pid = pid
+        self.tasks = tasks  # traced threads, and the processes it forked since
+        self.owner = owner
+
+    def watch(self, until: int) -> bool:
+        """Pass on stops until `until` (a child of this thread) exits: True; False once no traced task is left."""
+        self._tracer()
+        while self.tasks:
+            try:
+                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
+            except ChildProcessError:
+                self.tasks.clear()
+                break
+            if pid == until:
+                return True
+            self._pass_on(Stop(pid, status))
+        return False
+
+    def _pass_on(self, stop: Stop) -> None:
+        tid = stop.tid
+        if stop.exited:
+            self.tasks.discard(tid)
+            return
+        self.tasks.add(tid)  # a forked child may report its first stop before its parent's fork event
+        try:
+            if stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
+                self.tasks.add(pt.event_message(tid))
+            if stop.group_stop:
+                pt.listen(tid)
+            else:
+                pt.cont(tid, stop.signal if stop.signal_delivery else 0)
+        except ProcessLookupError:
+            self.tasks.discard(tid)  # killed meanwhile: its exit is reported next
+
+    def detach(self) -> None:
+        """Let every traced task go, each with the signal it was about to receive."""
+        self._tracer()
+        pending = set(self.tasks)
+        for tid in list(pending):
+            try:
+                pt.interrupt(tid)
+            except ProcessLookupError:
+                pending.discard(tid)
+        while pending:
+            try:
+                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
+            except ChildProcessError:
+                break
+            stop = Stop(pid, status)
+            pending.discard(pid)
+            if stop.exited:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                if stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
+                    pending.add(pt.event_message(pid))  # it reports its first stop next: detached then
+                pt.detach(pid, stop.signal if stop.signal_delivery else 0)
+        self.tasks.clear()
+
+    def kill(self) -> None:
+        """SIGKILL the process and every child it forked, and collect them.
+
+        PermissionError: memcr lacks CAP_KILL for another user's process.
+        """
+        self._tracer()
+        for tid in list(self.tasks):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tid, signal.SIGKILL)
+        while self.tasks:
+            try:
+                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
+            except ChildProcessError:
+                break
+            stop = Stop(pid, status)
+            if stop.exited:
+                self.tasks.discard(pid)
+            elif stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
+                child = pt.event_message(pid)
+                self.tasks.add(child)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+        self.tasks.clear()
+
+    def _tracer(self) -> None:
+        if threading.get_ident() != self.owner:
+            raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
 
 
 def _detach(tid: int) -> None:
