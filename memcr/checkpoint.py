@@ -50,6 +50,7 @@ class Options:
     rss_file: bool = False
     allow_async_io: bool = False
     coding: Coding = field(default_factory=Coding)
+    lazy: bool = False  # on restore: run at once, pages on first touch (memcr.lazy)
 
 
 class Cancel:

@@ -120,6 +120,12 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     help="Service mode: a checkpoint running longer is rolled back (and a slow restore answered -1).",
 )
 @click.option(
+    "--lazy",
+    is_flag=True,
+    help="Restore lazily: the process runs again at once, each page comes back on its first touch "
+    "or from a background stream (userfaultfd; eager where that cannot be).",
+)
+@click.option(
     "--allow-async-io",
     is_flag=True,
     help="Park processes with io_uring or Linux AIO; one written while parked is killed.",
@@ -146,7 +152,7 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
-            allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
+            lazy: bool, allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
     harden(allow_tracer)
     raise_descriptor_limit()
@@ -157,6 +163,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
     if listen is not None and (tree or cgroup is not None):
         raise UsageError("--tree and --cgroup are for interactive mode, not with -l/--listen")
+    if lazy and (tree or cgroup is not None):
+        raise UsageError("--lazy restores one process: not with --tree or --cgroup yet")
     if cgroup is not None and pid is not None:
         raise UsageError("-p/--pid and --cgroup exclude each other: a process (tree) or a cgroup")
     if tree and pid is None:
@@ -182,6 +190,7 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         proc_mem=proc_mem,
         rss_file=rss_file,
         allow_async_io=allow_async_io,
+        lazy=lazy,
         coding=Coding(
             compress=compressor_name(compress) if compress else None,
             checksum=checksum,
@@ -221,7 +230,10 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
     finally:
         # whatever happened meanwhile, the target must not stay parked when memcr exits
         try:
-            parked.restore()
+            phase = parked.restore(lazy=options.lazy)
+            if phase is not None:
+                log(f"pid {pid} runs again after {r.upload_ms:.1f} ms; its pages come back lazily")
+                phase.finish()
         except MemcrError as e:
             _emit(error_json(pid, "restore", e), json_reports)
             raise
@@ -238,8 +250,11 @@ def _checkpointed(r: Report, say: Callable[[str], None], json_reports: bool) -> 
 
 
 def _restored(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
-    say(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
-    say(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
+    if r.lazy_ms:
+        say(f"lazy restore took {r.lazy_ms:.0f} ms after the wake-up ({r.lazy_faults} faults waited for a page)")
+    else:
+        say(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
+        say(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
     log(f"pid {r.pid} restored")
     _emit(r.json("restore"), json_reports)
 

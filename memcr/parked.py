@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from functools import cache
 
-from memcr import arch, procfs, scan
+from memcr import arch, procfs, scan, uffd
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
 from memcr.errors import MemcrError, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
+from memcr.lazy import Guardian, LazyRestore, PageServer, Source
 from memcr.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.process_vm import Unavailable
 from memcr.procfs import Vma
@@ -104,27 +105,131 @@ class Parked:
     def pid(self) -> int:
         return self.frozen.pid
 
-    def restore(self) -> None:
-        """Put every dropped page back and let the target run on."""
+    def restore(self, lazy: bool = False) -> LazyRestore | None:
+        """Put every dropped page back and let the target run on.
+
+        lazy: let it run first, and return the LazyRestore that puts the
+        rest back (its `finish` must run on this thread). None when the
+        restore is complete: eager, or lazy where it cannot be (logged).
+        """
         started = time.monotonic()
+        phase: LazyRestore | None = None
         try:
             if not self.dump.file.still_in_place():
                 self.log(
                     f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
                     "restoring from the copy memcr holds open"
                 )
-            self._put_back()
+            watched = self._watch_faults() if lazy else None
+            if watched is None:
+                self._put_back()
+            else:
+                phase = self._start_lazy(watched)
             self.report.upload_ms = (time.monotonic() - started) * 1000
-            self._let_run()
+            if phase is None:
+                self._let_run()
         except WrittenWhileParked as e:
             self.kill()
             raise TargetKilled(f"pid {self.pid} was killed: {e}", pid=self.pid) from e
         except BaseException as e:
             self.rollback(e)
             raise
+        if phase is not None:
+            return phase
+        self._restored()
+        return None
+
+    def _restored(self) -> None:
         self._clean_up()
         with contextlib.suppress(MemcrError):  # it runs again: gone by now is its own business
             self.report.rss_restored = rss(procfs.read_status(self.pid))
+
+    def _watch_faults(self) -> uffd.Userfaultfd | None:
+        """A userfaultfd of the target watching each mapping with pages to fill lazily; None (logged) if none can."""
+        try:
+            if self.frozen.stopped:
+                raise uffd.Unavailable("it is stopped (SIGSTOP): it would not run before all its pages are back")
+            try:
+                os.kill(self.pid, 0)
+            except PermissionError:
+                raise uffd.Unavailable(
+                    "memcr may not kill it (CAP_KILL), which it must be able to should a page fail to come back"
+                ) from None
+            ranges = sorted({(v.start, v.end) for v in map(self._containing, self._lazy_addrs())})
+            if not ranges:
+                return None
+            watched = uffd.Userfaultfd(self._new_userfaultfd(), self.pagemap.page_size)
+            try:
+                watched.handshake()
+                for start, end in ranges:
+                    watched.register(start, end)
+            except BaseException:
+                watched.close()  # which also stops watching
+                raise
+            return watched
+        except uffd.Unavailable as e:
+            self.log(f"restoring pid {self.pid} eagerly, not lazily: {e}")
+            return None
+
+    def _lazy_addrs(self) -> list[int]:
+        return [r.addr for r in self.dump.records if r.dropped and self._lazy(r)]
+
+    def _lazy(self, record: Record) -> bool:
+        """userfaultfd serves private anonymous mappings; a read-only one is written through /proc/pid/mem."""
+        vma = self._containing(record.addr)
+        return vma.anonymous and vma.private and bool(vma.prot & mmap.PROT_WRITE) and "ht" not in vma.flags
+
+    def _new_userfaultfd(self) -> int:
+        """Made in the target: by the system call, or from memcr's /dev/userfaultfd where the target lacks the right."""
+        fd = self.parasite.userfaultfd(uffd.NEW_FLAGS)
+        if fd >= 0:
+            return fd
+        refused = os.strerror(-fd)
+        try:
+            device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise uffd.Unavailable(
+                f"the target may not make a userfaultfd ({refused}) and memcr cannot open /dev/userfaultfd "
+                f"({e.strerror})"
+            ) from None
+        try:
+            fd = self.parasite.userfaultfd(uffd.NEW_FLAGS, device)
+        finally:
+            os.close(device)
+        if fd < 0:
+            raise uffd.Unavailable(
+                f"the target may not make a userfaultfd ({refused}), nor with /dev/userfaultfd ({os.strerror(-fd)})"
+            )
+        return fd
+
+    def _start_lazy(self, watched: uffd.Userfaultfd) -> LazyRestore:
+        """Put back what cannot wait, start the guardian and the page server, let the target run."""
+        guardian = Guardian()
+        server: PageServer | None = None
+        try:
+            later = self._put_back(self._lazy)
+            guardian.hold(watched.fd)
+            server = PageServer(self.pid, watched, guardian, Source(self.dump, later, self.pagemap.page_size))
+            self._written.update(r.addr for r in later)  # from now on the server writes them
+            self.parasite.cure()
+            if server.error is not None:
+                raise server.error
+            running = self.frozen.resume_traced()
+        except BaseException:
+            if server is not None:
+                server.stop()
+                server.close()
+            else:
+                guardian.end()
+                guardian.reap()
+                watched.close()
+            raise
+        return LazyRestore(running, server, self.log, self._lazily_restored)
+
+    def _lazily_restored(self, phase: LazyRestore) -> None:
+        self.report.lazy_ms = phase.elapsed_ms
+        self.report.lazy_faults = phase.faults
+        self._restored()
 
     def rollback(self, error: BaseException) -> None:
         """After `error`: put back what was dropped and let the target run on.
@@ -165,11 +270,18 @@ class Parked:
         self.frozen.collect_dead()
         self._clean_up()
 
-    def _put_back(self) -> None:
-        """Write every dropped page back from the dump, checked before use."""
+    def _put_back(self, later: Callable[[Record], bool] = lambda record: False) -> list[Record]:
+        """Write the dropped pages back from the dump, checked before use, but for the records `later` picks.
+
+        Those are returned, but for any that holds a page refilled while
+        parked: that one goes back now, as a present page takes no fault.
+        """
         records = self.dump.verified_records()
         # pages memcr itself began to write back (an upload that failed midway) are not the kernel's doing
-        self._check_untouched([r for r in records if r.addr not in self._written])
+        refilled = self._check_untouched([r for r in records if r.addr not in self._written])
+        deferred = [r for r in records if later(r) and r.addr not in refilled]
+        skip = {r.addr for r in deferred}
+        records = [r for r in records if r.addr not in skip]
         writable: list[Record] = []
         read_only: list[Record] = []
         for record in records:
@@ -192,6 +304,7 @@ class Parked:
             for chunk in self.dump.chunks(record):
                 self.frozen.write(at, chunk)
                 at += len(chunk)
+        return deferred
 
     def _upload_through_parasite(self, records: list[Record]) -> None:
         """Where the kernel has no process_vm_writev: the parasite receives the pages on its socket."""
@@ -202,8 +315,8 @@ class Parked:
             else:
                 self.parasite.store_chunks(record.addr, record.length, self.dump.chunks(record))
 
-    def _check_untouched(self, records: list[Record]) -> None:
-        """Raise unless every dropped page is still empty, or was refilled with zeros.
+    def _check_untouched(self, records: list[Record]) -> set[int]:
+        """Raise unless every dropped page is still empty, or was refilled with zeros; the records with such zeros.
 
         A page written while parked (io_uring, Linux AIO, another process
         writing this one's memory) holds bytes neither the dump nor the
@@ -212,11 +325,16 @@ class Parked:
         """
         page, read = self.pagemap.page_size, self.pagemap.reader(self.parasite)
         written = []
+        zeroed: set[int] = set()
         for record in records:
             anonymous = self._containing(record.addr).anonymous
             found = scan.refilled(record.addr, record.length, anonymous, read, self.pagemap.zero_pfn, self.pagemap.fd)
             # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
-            written += [addr for addr in found if self.frozen.read(addr, page).count(0) != page]
+            for addr in found:
+                if self.frozen.read(addr, page).count(0) != page:
+                    written.append(addr)
+                else:
+                    zeroed.add(record.addr)
         if written:
             raise WrittenWhileParked(
                 f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
@@ -224,6 +342,7 @@ class Parked:
                 "Neither the dump nor the new bytes alone make the page right",
                 pid=self.pid,
             )
+        return zeroed
 
     def _containing(self, addr: int) -> Vma:
         """The mapping that holds addr, by bisection: a process may have 65530 mappings."""

@@ -30,6 +30,8 @@ class Report:
     download_ms: float = 0.0
     upload_ms: float = 0.0
     release_ms: float = 0.0  # parasite out, threads let go: frozen time after the last page
+    lazy_ms: float = 0.0  # a lazy restore: from the target running again until every page was back
+    lazy_faults: int = 0  # of those pages, faults the target waited for
     rss_before: dict[str, int] = field(default_factory=dict)  # kB, RSS_KEYS
     rss_after: dict[str, int] = field(default_factory=dict)  # parked
     rss_restored: dict[str, int] = field(default_factory=dict)  # after the restore

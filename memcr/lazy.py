@@ -1,0 +1,490 @@
+"""Lazy restore: the target runs again at once, its pages arrive on first touch or from a background stream.
+
+The parasite makes a userfaultfd inside the target (it must belong to the
+target's mm) and hands it to memcr, which watches every mapping that holds
+dumped pages for missing-page faults. Then the target runs, still traced
+by the thread that froze it; that thread passes signals and stops on while
+others here fill pages, first those a thread of the target waits for, then
+the rest in address order. Once none is missing memcr lets go.
+
+The cardinal rule in this phase: a page must never read as zeros because
+memcr is gone. Closing the userfaultfd would make every missing page read
+as zeros, and when memcr dies its descriptors close before the kernel
+kills its tracees (EXITKILL), so a guardian process, started by the
+tracing thread, holds a copy of each userfaultfd: it dies (PR_SET_PDEATHSIG)
+only after that thread's exit has killed the target.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from memcr.codec import FRAME
+from memcr.dump.format import Record
+from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
+from memcr.errors import MemcrError, TargetKilled
+from memcr.tracer import RunningProcess
+from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
+
+PIECE = 256 << 10  # bytes per copy from a plain dump: one fault brings its neighbours, and stays short
+POLL_MS = 20
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Piece:
+    start: int  # where the pages go now (a remap moves them)
+    end: int
+    origin: int  # the dump address of `start`
+
+
+class _Shared:
+    """Copies run side by side; reading the target's mapping changes waits for them all (a readers-writer lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._copies = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def copying(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._copies += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._copies -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._copies:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Space:
+    """One mm whose missing pages memcr fills: the target's, or that of a child it forked meanwhile."""
+
+    uffd: Userfaultfd
+    pieces: list[Piece]  # not yet copied, in address order
+    busy: list[Piece] = field(default_factory=list)  # being copied now
+    faults: list[int] = field(default_factory=list)  # addresses a thread waits on, to serve again
+    gone: bool = False  # its process exited or exec'd: nothing more to fill
+
+    def take(self, addr: int) -> Piece | None:
+        i = bisect.bisect_right(self.pieces, addr, key=lambda p: p.start) - 1
+        if i >= 0 and addr < self.pieces[i].end:
+            return self.pieces.pop(i)
+        return None
+
+    def put(self, piece: Piece) -> None:
+        if piece.start < piece.end:
+            bisect.insort(self.pieces, piece, key=lambda p: p.start)
+
+    def cut(self, start: int, end: int) -> list[Piece]:
+        """Take [start, end) out of every piece; the parts that were inside, in order."""
+        inside: list[Piece] = []
+        kept: list[Piece] = []
+        for p in self.pieces:
+            if p.end <= start or p.start >= end:
+                kept.append(p)
+                continue
+            lo, hi = max(p.start, start), min(p.end, end)
+            if p.start < lo:
+                kept.append(Piece(p.start, lo, p.origin))
+            inside.append(Piece(lo, hi, p.origin + lo - p.start))
+            if hi < p.end:
+                kept.append(Piece(hi, p.end, p.origin + hi - p.start))
+        self.pieces = kept
+        return inside
+
+    def is_busy(self, addr: int) -> bool:
+        return any(p.start <= addr < p.end for p in self.busy)
+
+    def clone(self, uffd: Userfaultfd) -> Space:
+        return Space(uffd, [Piece(p.start, p.end, p.origin) for p in self.pieces])
+
+
+class Source:
+    """The dump's bytes for a piece, at an address UFFDIO_COPY can read."""
+
+    def __init__(self, dump: DumpReader, records: list[Record], page_size: int) -> None:
+        self.dump = dump
+        self.page_size = page_size
+        self._records = sorted(records, key=lambda r: r.addr)
+        self._base = 0
+        self._size = 0
+        self._frames: list[tuple[int, int, Frame]] = []  # dump address, plain length, frame
+        self._framed = dump if isinstance(dump, FramedReader) else None
+        if isinstance(dump, PlainReader):
+            self._map_plain()
+        elif isinstance(dump, FramedReader):
+            head_len = FRAME.size
+            for record in self._records:
+                for frame in dump.frames(record):
+                    plain_len = FRAME.unpack(frame[0][:head_len])[0]
+                    self._frames.append((frame[3], plain_len, frame))
+
+    def _map_plain(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        self._size = self.dump.size
+        base = libc.mmap(None, self._size, mmap.PROT_READ, mmap.MAP_SHARED, self.dump.file.fd, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise MemcrError(f"cannot map the dump {self.dump.path}: {os.strerror(ctypes.get_errno())}")
+        self._base = int(base)
+        self._libc = libc
+
+    def pieces(self) -> list[Piece]:
+        """The records cut into the pieces one copy moves: PIECE bytes, or one frame."""
+        if self._frames:
+            return [Piece(addr, addr + length, addr) for addr, length, _ in self._frames]
+        return [
+            Piece(r.addr + at, r.addr + min(at + PIECE, r.length), r.addr + at)
+            for r in self._records
+            for at in range(0, r.length, PIECE)
+        ]
+
+    @contextlib.contextmanager
+    def bytes_at(self, origin: int, length: int) -> Iterator[int]:
+        """The address of `length` dump bytes for the pages at dump address `origin`, checked where the dump can be."""
+        if self._framed is not None:
+            i = bisect.bisect_right(self._frames, origin, key=lambda f: f[0]) - 1
+            addr, plain_len, frame = self._frames[i]
+            if not (addr <= origin and origin + length <= addr + plain_len):
+                raise MemcrError(f"internal error: no frame holds {origin:#x}+{length:#x}")
+            data = self._framed.decode(frame)
+            if isinstance(data, memoryview):
+                data = data.tobytes()
+            buffer = ctypes.c_char_p(data)
+            yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + origin - addr
+            return
+        i = bisect.bisect_right(self._records, origin, key=lambda r: r.addr) - 1
+        record = self._records[i]
+        offset = record.offset + origin - record.addr
+        yield self._base + offset
+        # the page cache stays; memcr's RSS does not count it once its use is over
+        first = offset - offset % self.page_size
+        self._libc.madvise(ctypes.c_void_p(self._base + first), ctypes.c_size_t(offset + length - first), 4)
+
+    def close(self) -> None:
+        if self._base:
+            self._libc.munmap(ctypes.c_void_p(self._base), ctypes.c_size_t(self._size))
+            self._base = 0
+
+
+_GUARD = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the memcr thread that traces the target
+if os.getppid() != int(sys.argv[1]):
+    os._exit(0)  # that thread is gone already, and its exit killed the target
+while True:
+    signal.pause()
+"""
+
+
+class Guardian:
+    """A process holding a copy of each userfaultfd, so none closes before the target is killed.
+
+    The copies travel in a socket message it never reads: the message,
+    and the userfaultfds in it, live as long as its end of the socket.
+    """
+
+    def __init__(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-S", "-I", "-c", _GUARD, str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C for memcr must not reach it
+            )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = mine
+        self.ended = False
+
+    def hold(self, fd: int) -> None:
+        """Keep `fd` open until the guardian ends; once it has, no page is missing any more (or the target dies)."""
+        if not self.ended:
+            socket.send_fds(self._sock, [b"u"], [fd])
+
+    def end(self) -> None:
+        """Kill it; `RunningProcess.watch`, which waits for its exit, returns."""
+        self.ended = True
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self._sock.close()
+
+    def reap(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            self.process.wait()
+
+
+class PageServer:
+    """Threads that fill one target's missing pages: those a thread waits for first, then the rest in order.
+
+    Started while the target is still frozen (memcr's own injected code may
+    touch a missing page too); it ends the guardian once every page is
+    back, or when a page cannot be put back.
+    """
+
+    def __init__(self, pid: int, uffd: Userfaultfd, guardian: Guardian, source: Source) -> None:
+        self.pid = pid
+        self.guardian = guardian
+        self.source = source
+        self.spaces = [Space(uffd, source.pieces())]
+        self.faults = 0  # pages a thread of the target waited for
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # the pieces of every space
+        self._shared = _Shared()
+        self._work = threading.Condition(self._lock)
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
+        fillers = max(1, len(os.sched_getaffinity(0)) - 1)
+        self._threads += [
+            threading.Thread(target=self._fill, name="memcr-lazy-fill", daemon=True) for _ in range(fillers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        with self._lock:
+            self._work.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self.guardian.end()
+
+    def close(self) -> None:
+        """Once the target was let go or killed: a userfaultfd closed while it runs would turn its missing
+        pages into zeros."""
+        for space in self.spaces:
+            space.uffd.close()
+        self.source.close()
+        self.guardian.reap()
+
+    # -- the threads -----------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self._done.set()
+        self.guardian.end()  # wakes the tracing thread, which kills the target
+
+    def _serve(self) -> None:
+        """Read each userfaultfd: apply mapping changes, serve the faults."""
+        try:
+            poller = select.poll()
+            watched: set[int] = set()
+            complete = False
+            while not self._done.is_set():
+                for space in self.spaces:
+                    if space.uffd.fd not in watched and not space.gone:
+                        poller.register(space.uffd.fd, select.POLLIN)
+                        watched.add(space.uffd.fd)
+                poller.poll(POLL_MS)
+                with self._shared.exclusive():
+                    events = [(space, event) for space in list(self.spaces) for event in space.uffd.events()]
+                    for space, event in events:
+                        if event.kind != EVENT_PAGEFAULT:
+                            self._changed(space, event)
+                for space, event in events:
+                    if event.kind == EVENT_PAGEFAULT:
+                        self.faults += 1
+                        space.faults.append(event.start - event.start % self.source.page_size)
+                for space in self.spaces:
+                    self._serve_faults(space)
+                if not complete and self._complete():
+                    complete = True
+                    # wakes the tracing thread, which lets the target go; until then mapping changes
+                    # (a fork waits for its message to be read) and faults on never-used pages go on
+                    self.guardian.end()
+        except BaseException as e:
+            self.fail(e)
+
+    def _changed(self, space: Space, event: Event) -> None:
+        """The target changed its mappings (the thread that did so waits until this reads the message)."""
+        with self._lock:
+            if event.kind == EVENT_FORK:
+                child = space.clone(Userfaultfd(event.fd, space.uffd.page_size))
+                self.guardian.hold(event.fd)
+                self.spaces.append(child)
+            elif event.kind == EVENT_REMAP:
+                for p in space.cut(event.start, event.end):
+                    space.put(Piece(p.start - event.start + event.to, p.end - event.start + event.to, p.origin))
+            else:  # REMOVE or UNMAP: those pages read as zeros now, or are gone
+                space.cut(event.start, event.end)
+            self._work.notify_all()
+
+    def _serve_faults(self, space: Space) -> None:
+        faults, space.faults = space.faults, []
+        for addr in faults:
+            with self._shared.copying():
+                with self._lock:
+                    piece = space.take(addr)
+                    if piece is None and space.is_busy(addr):
+                        space.faults.append(addr)  # a filler is copying it: served again should that copy fail
+                        continue
+                    if piece is not None:
+                        space.busy.append(piece)
+                if piece is not None:
+                    if not self._copy(space, piece):
+                        space.faults.append(addr)
+                    continue
+                # a page the dump does not hold (never touched, or given back since): zeros, as without memcr
+                code = space.uffd.zeropage(addr)
+            if code == errno.EAGAIN:
+                space.faults.append(addr)
+            elif code in (errno.EEXIST, errno.ENOENT):
+                space.uffd.wake(addr, self.source.page_size)
+            elif code == errno.ESRCH:
+                space.gone = True
+            elif code:
+                raise MemcrError(f"cannot map a zero page at {addr:#x}: {os.strerror(code)}")
+
+    def _fill(self) -> None:
+        """Copy the pieces nobody waits for yet, in address order."""
+        try:
+            while not self._done.is_set():
+                with self._lock:
+                    if not self._has_work():
+                        self._work.wait(0.05)
+                        continue
+                # taken only inside copying(): a mapping change is never applied while a taken piece waits
+                with self._shared.copying():
+                    with self._lock:
+                        found = self._next()
+                        if found is None:
+                            continue
+                        space, piece = found
+                        space.busy.append(piece)
+                    copied = self._copy(space, piece)
+                if not copied:
+                    time.sleep(0.0002)  # the target is changing its mappings: the reader applies that first
+        except BaseException as e:
+            self.fail(e)
+
+    def _has_work(self) -> bool:
+        return any(space.pieces and not space.gone for space in self.spaces)
+
+    def _next(self) -> tuple[Space, Piece] | None:
+        for space in self.spaces:
+            if space.pieces and not space.gone:
+                return space, space.pieces.pop(0)
+        return None
+
+    def _copy(self, space: Space, piece: Piece) -> bool:
+        """Copy a taken piece into its space (inside copying()); False when mapping changes must be read first."""
+        length = piece.end - piece.start
+        with self.source.bytes_at(piece.origin, length) as src:
+            done, code = space.uffd.copy(piece.start, src, length)
+        page = self.source.page_size
+        with self._lock:
+            space.busy.remove(piece)
+            rest = Piece(piece.start + done, piece.end, piece.origin + done)
+            if code == errno.EAGAIN:
+                space.put(rest)
+                return False
+            if code == errno.ESRCH:
+                space.gone = True
+            elif code == errno.ENOENT:
+                # that page is no longer mapped (its unmap message comes next): the rest may be
+                space.put(Piece(rest.start + page, rest.end, rest.origin + page))
+            elif code == errno.EEXIST:
+                raise MemcrError(
+                    f"a page at {rest.start:#x} of process {self.pid} was filled by someone else while "
+                    "its lazy restore ran: the dump's bytes cannot go there"
+                )
+            elif code:
+                raise MemcrError(f"cannot put pages back at {rest.start:#x}: {os.strerror(code)}")
+            return True
+
+    def _complete(self) -> bool:
+        with self._lock:
+            return all(space.gone or not (space.pieces or space.busy or space.faults) for space in self.spaces)
+
+
+class LazyRestore:
+    """A target running again, traced, while its PageServer fills the pages it still misses."""
+
+    def __init__(
+        self, running: RunningProcess, server: PageServer, log: Log, ended: Callable[[LazyRestore], None]
+    ) -> None:
+        self.running = running
+        self.server = server
+        self.log = log
+        self._ended = ended  # once every page is back and the target let go: memcr's own clean-up
+        self.started = time.monotonic()
+        self.elapsed_ms = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.running.pid
+
+    @property
+    def faults(self) -> int:
+        return self.server.faults
+
+    def finish(self) -> None:
+        """On the tracing thread: watch the target until every page is back, then let it go.
+
+        Raises TargetKilled when a page could not be put back, after killing
+        the target and every child it forked meanwhile.
+        """
+        server = self.server
+        try:
+            if not self.running.watch(until=server.guardian.process.pid):
+                self.log(f"pid {self.pid} ended during its lazy restore")
+        except BaseException as e:
+            server.fail(e)
+        try:
+            if server.error is not None:
+                self.running.kill()
+            else:
+                # the server still reads the target's messages: a thread in fork() waits for that
+                self.running.detach()
+        finally:
+            server.stop()
+            server.close()
+            self.elapsed_ms = (time.monotonic() - self.started) * 1000
+            self._ended(self)
+        if server.error is not None:
+            raise TargetKilled(
+                f"pid {self.pid} was killed during its lazy restore: {server.error}", pid=self.pid
+            ) from server.error
