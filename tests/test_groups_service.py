@@ -89,7 +89,7 @@ def test_cgroup_round_trip_with_memcr_client(daemon, spawn, cgroup) -> None:
     in_cgroup(top / "workers", members - {target.pid})
     worker = max(members)
     # the request's pid names one of the cgroup's processes, here a worker in a sub-cgroup
-    result = client("-l", d.listen, "-p", worker, "-c", "--cgroup", top.relative_to(CGROUP2))
+    result = client("-l", d.listen, "-p", worker, "-c", "--cgroup", top.relative_to(CGROUP2), "-z", "zstd")
     assert result.returncode == 0, result.stderr
     assert held(members)
     assert "frozen 0" in (top / "cgroup.events").read_text()  # thawed again: held by ptrace alone
@@ -143,7 +143,8 @@ def test_a_member_parked_on_its_own_refuses_the_group(daemon, spawn) -> None:
     assert target.verify() == 0
 
 
-def test_restore_during_the_park_aborts_it(daemon, spawn) -> None:
+@pytest.mark.parametrize("how", ["restore", "sigterm"])
+def test_a_restore_or_sigterm_during_the_park_aborts_it(daemon, spawn, how: str) -> None:
     d = daemon("-z", "zstd", "-c", "-e")
     target = spawn("forkserver", 4, 1, 16, 256)
     members = members_of(target)
@@ -152,10 +153,13 @@ def test_restore_during_the_park_aborts_it(daemon, spawn) -> None:
     checkpoint.start()
     try:
         wait_traced(max(members))
-        assert d.code(RESTORE, max(members)) == OK  # every member runs on, whole
+        if how == "restore":
+            assert d.code(RESTORE, max(members)) == OK  # every member runs on, whole
+        else:
+            assert d.terminate() == 0
     finally:
         checkpoint.join(RUN_TIMEOUT)
-    assert replies == [ERROR]  # the park did not happen
+    assert replies == [ERROR]  # the park did not happen, and the client heard so
     assert "was cancelled" in d.out.wait_for("checkpoint failed")
     assert untouched(members, d)
     assert target.verify() == 0
