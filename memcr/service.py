@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from memcr import heap, procfs
@@ -679,8 +680,6 @@ class Service:
 
     def _park_group(self, request: Request, options: Options, limit: float | None) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
-        if self.stop.is_set():
-            return ERROR
         pid = request.pid
         membership: Membership = Tree(pid)
         if request.cgroup is not None:
@@ -691,6 +690,9 @@ class Service:
                 return ERROR
         group = GroupWorker(self, pid, membership, options, limit)
         with self.lock:
+            # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
+            if self.stop.is_set():
+                return ERROR
             if pid in self.workers or pid in self.groups:
                 self.log(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
                 return INVALID_PID
@@ -722,13 +724,13 @@ class Service:
             group.claimed |= pids
             self.groups.update(dict.fromkeys(pids, group))
 
-    def release(self, group: GroupWorker, keep: set[int] | None = None) -> None:
+    def release(self, group: GroupWorker, keep: AbstractSet[int] = frozenset()) -> None:
         """Forget the pids `group` claimed, but those in `keep`."""
         with self.lock:
-            for pid in group.claimed - (keep or set()):
+            for pid in group.claimed - keep:
                 if self.groups.get(pid) is group:
                     del self.groups[pid]
-            group.claimed &= keep or set()
+            group.claimed &= keep
 
 
 def check_request_cgroup(text: str) -> Cgroup:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from memcr import procfs, service
+from memcr.errors import UsageError
 from memcr_client import Client, Dialect, ProtocolError
 from memcr_client.protocol import (
     PATH_MAX_V2,
@@ -153,3 +155,27 @@ def test_cli_group_usage_errors(
     code, _, err = run_cli([*argv, "-l", str(tmp_path / "nobody.sock")], capsys)
     assert code == 2
     assert f"memcr-client: error: {message}" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("app/../../etc", "has a '..' in it: give its plain path"),
+        ("/sys/fs/cgroup/../../tmp", "has a '..' in it"),
+        ("app\nmemcr: pid 1 restored", "has a control character in it"),
+        ("app\x7f", "has a control character in it"),
+    ],
+)
+def test_a_client_s_cgroup_path_is_plain(text: str, reason: str) -> None:
+    with pytest.raises(UsageError) as refused:
+        service.check_request_cgroup(text)
+    assert reason in str(refused.value)
+    assert "\n" not in str(refused.value)  # quoted: no line of the log is the client's
+
+
+@pytest.mark.skipif(procfs.cgroup2_mount() is None, reason="no cgroup v2 hierarchy mounted")
+def test_a_client_s_cgroup_is_under_the_mount() -> None:
+    with pytest.raises(UsageError, match="is not under the cgroup v2 mount"):
+        service.check_request_cgroup("/tmp")
+    with pytest.raises(UsageError, match="the root cgroup holds every process"):
+        service.check_request_cgroup(".")
