@@ -128,6 +128,19 @@ def test_a_traced_member_fails_the_whole_group(daemon, spawn, request: pytest.Fi
     assert target.verify() == 0
 
 
+def test_a_member_waiting_for_its_vfork_child_fails_the_tree(daemon, spawn) -> None:
+    """A thread held in clone(CLONE_VFORK) does not stop: the tree (the vfork child with it) runs on."""
+    d = daemon()
+    target = spawn("states", "vfork-wait")
+    members = {target.pid} | procfs.descendants(target.pid, procfs.process_table())
+    assert len(members) == 2  # the process and its vfork child
+    assert park(d, target.pid, tree=True) == INVALID_PID
+    line = d.out.wait_for("checkpoint failed")
+    assert f"failed at process {target.pid}" in line and "did not stop within" in line
+    assert untouched(members, d)
+    assert target.verify() == 0
+
+
 def test_a_member_parked_on_its_own_refuses_the_group(daemon, spawn) -> None:
     d = daemon()
     target = spawn("forkserver", 4, 1, 4, 4)
