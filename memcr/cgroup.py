@@ -32,19 +32,24 @@ class Cgroup:
         self.path = path
 
     @classmethod
-    def find(cls, spec: str | os.PathLike[str]) -> Cgroup:
-        """The cgroup at `spec`: absolute, or relative to the v2 mount (e.g. system.slice/app.service)."""
+    def find(cls, spec: str | os.PathLike[str], label: str | None = None) -> Cgroup:
+        """The cgroup at `spec`: absolute, or relative to the v2 mount (e.g. system.slice/app.service).
+
+        `label` names `spec` in the messages (the daemon quotes a client's);
+        by default, as the command line gave it.
+        """
+        label = label or f"--cgroup {spec}"
         mount = procfs.cgroup2_mount()
         if mount is None:
-            raise RightsError("no cgroup v2 hierarchy is mounted: --cgroup needs one (cgroup2)", what="cgroup")
+            raise RightsError(f"{label}: no cgroup v2 hierarchy is mounted (cgroup2)", what="cgroup")
         given = Path(spec)
         path = Path(os.path.realpath(given if given.is_absolute() else mount / given))
         if path != mount and mount not in path.parents:
-            raise UsageError(f"--cgroup {spec}: {path} is not in the cgroup v2 hierarchy at {mount}", path=path)
+            raise UsageError(f"{label}: {path} is not in the cgroup v2 hierarchy at {mount}", path=path)
         if not (path / "cgroup.procs").is_file():
-            raise UsageError(f"--cgroup {spec}: {path} is not a cgroup", path=path, errno=errno.ENOENT)
+            raise UsageError(f"{label}: {path} is not a cgroup", path=path, errno=errno.ENOENT)
         if path == mount:
-            raise UsageError(f"--cgroup {spec}: the root cgroup holds every process of the system", path=path)
+            raise UsageError(f"{label}: the root cgroup holds every process of the system", path=path)
         return cls(path)
 
     def __str__(self) -> str:

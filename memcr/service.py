@@ -6,7 +6,8 @@ v1, Thunder's 12 bytes, Dobby's V2), with a time limit so that a slow
 client stalls nobody, and hands it to the target's worker. Each
 checkpointed target has one worker thread: it seized the target, so by the
 ptrace rule it is the only thread that may touch it, and it lives until
-the target is released.
+the target is released. A process tree or a cgroup (V2 options 1000 and
+1001) has a GroupWorker instead (memcr.service_group).
 
 Under systemd the listening socket may come from a .socket unit (socket
 activation: LISTEN_FDS and LISTEN_PID, the socket on fd 3); -l must then
@@ -31,15 +32,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from memcr import heap, procfs
 from memcr.advice import explain
+from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.dump.format import check_directory
-from memcr.errors import MemcrError, StorageError, TargetError, TargetGone, TargetKilled
+from memcr.errors import LimitError, MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
+from memcr.group import CgroupMembers, Membership, Tree
 from memcr.parked import Parked
-from memcr.report import Report, error_json
+from memcr.report import GroupReport, Report, error_json
+from memcr.service_group import GroupWorker
 from memcr_client.protocol import (
     CMD_CHECKPOINT,
     CMD_RESTORE,
@@ -505,11 +510,12 @@ class Service:
         self.timeout = timeout
         self.json_reports = json_reports
         self.workers: dict[int, Worker] = {}
+        self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def report(self, report: Report, event: str) -> None:
+    def report(self, report: Report | GroupReport, event: str) -> None:
         if self.json_reports:
             self.log(report.json(event))
 
@@ -590,7 +596,10 @@ class Service:
         if cmd == CMD_RESTORE:
             if request.options:
                 # the target stays as it is, parked or not: the client learns its request was wrong
-                self.log(f"refused the V2 restore of pid {pid}: a dump directory or compression applies to checkpoints")
+                self.log(
+                    f"refused the V2 restore of pid {pid}: a dump directory, compression, tree or cgroup applies "
+                    "to checkpoints (a restore of any member's pid wakes its whole group)"
+                )
                 return ERROR
             return self._restore(pid, limit)
         try:
@@ -598,6 +607,8 @@ class Service:
         except StorageError as e:
             self.log(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
             return ERROR
+        if request.group:
+            return self._park_group(request, options, limit)
         return self._checkpoint(pid, options, limit)
 
     def _time_limit(self, request: Request) -> float | None:
@@ -621,7 +632,7 @@ class Service:
         if self.stop.is_set():
             return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
         with self.lock:
-            if pid in self.workers:
+            if pid in self.workers or pid in self.groups:  # parked, or in a group parked or being parked
                 return INVALID_PID
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
@@ -634,6 +645,9 @@ class Service:
     def _restore(self, pid: int, limit: float | None) -> int:
         with self.lock:
             worker = self.workers.get(pid)
+            group = self.groups.get(pid)
+        if group is not None:
+            return group.wake(limit)
         answer: queue.Queue[int] = queue.Queue(1)
         if worker is None or not worker.restore(answer.put, limit):  # during a checkpoint: aborts it
             return INVALID_PID
@@ -646,18 +660,97 @@ class Service:
         return answer.get()
 
     def _shutdown(self) -> None:
-        """Restore every target (kill only those whose restore fails), then wait for all."""
+        """Restore every target and group (kill only those whose restore fails), then wait for all."""
         with self.lock:
             workers = list(self.workers.values())
+            groups = set(self.groups.values())
         for worker in workers:
             worker.restore(None)
+        for group in groups:
+            group.restore(None)
         for worker in workers:
             worker.join()
+        for group in groups:
+            group.join()
         # every request that reached the daemon gets its answer before it exits
         with self.lock:
             connections = list(self.connections)
         for thread in connections:
             thread.join(REQUEST_TIMEOUT)
+
+    def _park_group(self, request: Request, options: Options, limit: float | None) -> int:
+        """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
+        pid = request.pid
+        membership: Membership = Tree(pid)
+        if request.cgroup is not None:
+            try:
+                membership = CgroupMembers(check_request_cgroup(request.cgroup))
+            except MemcrError as e:
+                self.log(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
+                return ERROR
+        group = GroupWorker(self, pid, membership, options, limit)
+        with self.lock:
+            # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
+            if self.stop.is_set():
+                return ERROR
+            if pid in self.workers or pid in self.groups:
+                self.log(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
+                return INVALID_PID
+            self.groups[pid] = group
+            group.start()
+        group.checkpointed.wait()
+        return group.checkpoint_code
+
+    def claim(self, group: GroupWorker, pids: set[int]) -> None:
+        """Register `pids` as `group`'s, or none of them: a pid is parked once, and each needs its descriptors.
+
+        Raises TargetError for a pid the daemon parks already (on its own or
+        in another group), LimitError when the descriptors for every member
+        claimed are not free.
+        """
+        with self.lock:
+            for pid in sorted(pids):
+                other = self.workers.get(pid) or self.groups.get(pid)
+                if other is not None and other is not group:
+                    where = f" in {other}" if isinstance(other, GroupWorker) else ""
+                    raise TargetError(f"process {pid} is already checkpointed{where}", pid=pid)
+            members = len(group.claimed | pids)
+            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT * members:
+                raise LimitError(
+                    f"only {free} file descriptors are left (RLIMIT_NOFILE) for {members} processes, "
+                    f"each needing {DESCRIPTORS_PER_CHECKPOINT}",
+                    what="descriptors",
+                )
+            group.claimed |= pids
+            self.groups.update(dict.fromkeys(pids, group))
+
+    def release(self, group: GroupWorker, keep: AbstractSet[int] = frozenset()) -> None:
+        """Forget the pids `group` claimed, but those in `keep`."""
+        with self.lock:
+            for pid in group.claimed - keep:
+                if self.groups.get(pid) is group:
+                    del self.groups[pid]
+            group.claimed &= keep
+
+
+def check_request_cgroup(text: str) -> Cgroup:
+    """A cgroup a client named: in the cgroup v2 hierarchy by its plain path, as --cgroup takes it.
+
+    Relative to the v2 mount or absolute under it; a ".." is refused rather
+    than resolved, and so is a control character, which no log line may
+    carry. The checks of --cgroup follow: it exists, is a cgroup and not
+    the root one.
+    """
+    shown = _shown(text)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise UsageError(f"the cgroup {shown} has a control character in it", path=text, what="cgroup")
+    path = Path(text)
+    if ".." in path.parts:
+        raise UsageError(f"the cgroup {shown} has a '..' in it: give its plain path", path=text, what="cgroup")
+    mount = procfs.cgroup2_mount()
+    if path.is_absolute() and mount is not None and mount not in path.parents:
+        raise UsageError(f"the cgroup {shown} is not under the cgroup v2 mount {mount}", path=text, what="cgroup")
+    return Cgroup.find(text, label=f"the cgroup {shown}")
 
 
 def check_request_directory(text: str) -> Path:

@@ -43,9 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Ask a memcr daemon to checkpoint and/or restore a process.",
-        epilog="Without -d, -z, -t or --v2 the request is the C memcr's 8 bytes (v1), which every memcr "
-        "daemon understands. -d and -z send Dobby's V2 request (every request of the run, as the C "
-        "client variant does), -t Thunder's 12-byte one.",
+        epilog="Without -d, -z, --tree, --cgroup, -t or --v2 the request is the C memcr's 8 bytes (v1), which "
+        "every memcr daemon understands. -d, -z, --tree and --cgroup send Dobby's V2 request (every request "
+        "of the run, as the C client variant does), -t Thunder's 12-byte one.",
     )
     p.add_argument(
         "-l",
@@ -54,7 +54,9 @@ def parser() -> argparse.ArgumentParser:
         help=f"The daemon: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH "
         f"(default: ${LOCATION_ENV}, else {DEFAULT_LOCATION}).",
     )
-    p.add_argument("-p", "--pid", type=int, required=True, help="Target process.")
+    p.add_argument(
+        "-p", "--pid", type=int, required=True, help="Target process (with --cgroup: one of the cgroup's processes)."
+    )
     p.add_argument("-c", "--checkpoint", action="store_true", help="Checkpoint the process.")
     p.add_argument("-r", "--restore", action="store_true", help="Restore the process.")
     p.add_argument("-d", "--dir", metavar="DIR", help="With -c: the daemon writes the dump into DIR (V2 request).")
@@ -64,6 +66,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="ALG",
         type=_compression,
         help="With -c: compress the dump with lz4 or zstd, or not at all with none (V2 request).",
+    )
+    p.add_argument(
+        "--tree",
+        action="store_true",
+        help="With -c: the process and every descendant, parked all or nothing (V2 request, memcr-py's daemon).",
+    )
+    p.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        help="With -c: every process of this cgroup v2 (absolute, or under its mount), all or nothing; "
+        "-p names one of them (V2 request, memcr-py's daemon). -r of any member's pid wakes the whole group.",
     )
     p.add_argument(
         "-t",
@@ -88,25 +101,39 @@ def run(argv: list[str] | None = None) -> None:
         p.error("give -c/--checkpoint, -r/--restore or both")
     if args.pid <= 0:
         p.error(f"-p/--pid must be a positive process id, not {args.pid}")
-    v2_options = args.dir is not None or args.compress is not None
+    if args.tree and args.cgroup is not None:
+        p.error("--tree and --cgroup exclude each other: a process tree or a cgroup")
+    group = args.tree or args.cgroup is not None
+    v2_options = args.dir is not None or args.compress is not None or group
     if v2_options and not args.checkpoint:
-        p.error("-d/--dir and -z/--compress apply to -c/--checkpoint only")
+        p.error(
+            "-d/--dir, -z/--compress, --tree and --cgroup apply to -c/--checkpoint only "
+            "(-r of any member's pid wakes the whole group)"
+        )
     if args.v1 and (v2_options or args.timeout is not None):
-        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z or -t")
+        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup or -t")
     if args.timeout is not None and (v2_options or args.v2):
-        p.error("-t/--timeout goes in the 12-byte request, V2 (-d, -z, --v2) has no field for it")
+        p.error("-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --v2) has no field for it")
     dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options else None
     try:
         client = Client(args.location or default_location(), dialect=dialect)
     except AddressError as e:
         p.error(f"-l/--location: {e}")
+    what = " and its tree" if args.tree else f" and cgroup {args.cgroup}" if args.cgroup is not None else ""
     try:
         if args.checkpoint:
-            client.checkpoint(args.pid, dump_dir=args.dir, compress=args.compress, time_limit=args.timeout)
-            print(f"pid {args.pid} checkpointed", flush=True)
+            client.checkpoint(
+                args.pid,
+                dump_dir=args.dir,
+                compress=args.compress,
+                time_limit=args.timeout,
+                tree=args.tree,
+                cgroup=args.cgroup,
+            )
+            print(f"pid {args.pid}{what} checkpointed", flush=True)
         if args.restore:
             client.restore(args.pid, time_limit=args.timeout)
-            print(f"pid {args.pid} restored", flush=True)
+            print(f"pid {args.pid}{what} restored", flush=True)
     except ProtocolError as e:  # a value no request can carry, such as a dump directory over 1023 bytes
         p.error(str(e))
 

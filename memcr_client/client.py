@@ -15,6 +15,7 @@ from memcr_client.protocol import (
     Command,
     Compression,
     Dialect,
+    PathValue,
     ProtocolError,
     compression_named,
     decode_answer,
@@ -25,7 +26,7 @@ from memcr_client.protocol import (
     time_limit_ms,
 )
 
-DumpDir = str | bytes | os.PathLike[str]
+DumpDir = PathValue
 
 
 class MemcrClientError(Exception):
@@ -47,7 +48,8 @@ class Client:
 
     `dialect` None sends each request in the plainest form that carries it:
     v1 (which the C daemon understands), the 12-byte form when it has a time
-    limit, V2 when it has a dump directory or a compression. Dialect.V2
+    limit, V2 when it has a dump directory, a compression, a tree or a
+    cgroup. Dialect.V2
     sends every request as V2, restores included, as Dobby does; Dialect.V1
     refuses anything v1 cannot carry. `timeout` (seconds) bounds connecting
     and waiting for each answer; None waits as long as the daemon works.
@@ -89,25 +91,29 @@ class Client:
         dump_dir: DumpDir | None = None,
         compress: str | int | None = None,
         time_limit: float | None = None,
+        tree: bool = False,
+        cgroup: PathValue | None = None,
     ) -> list[bytes]:
         """The writes a request is sent as: one, or a V2 header and its payload (as Dobby writes them).
 
         Raises ProtocolError (a ValueError) for a request no form can carry.
         """
         compression = None if compress is None else compression_named(compress)
-        v2 = dump_dir is not None or compression is not None
+        v2 = dump_dir is not None or compression is not None or tree or cgroup is not None
         dialect = self.dialect
         if dialect is None:
             dialect = Dialect.V2 if v2 else Dialect.TIMED if time_limit is not None else Dialect.V1
         if v2 and dialect is not Dialect.V2:
-            raise ProtocolError(f"a dump directory or a compression needs a V2 request, not {dialect.value}")
+            raise ProtocolError(
+                f"a dump directory, a compression, a tree or a cgroup needs a V2 request, not {dialect.value}"
+            )
         if time_limit is not None and dialect is not Dialect.TIMED:
             raise ProtocolError(
                 f"a time limit goes only in the 12-byte request, not in {dialect.value}"
-                + (" (which has no field for it): send it without the dump directory and compression" if v2 else "")
+                + (" (which has no field for it): send it without the V2 options (the daemon's -t holds)" if v2 else "")
             )
         if dialect is Dialect.V2:
-            payload = encode_v2_payload(cmd, pid, dump_dir, compression)
+            payload = encode_v2_payload(cmd, pid, dump_dir, compression, tree=tree, cgroup=cgroup)
             return [V2_HEADER.pack(CMDS_V2, len(payload)), payload]
         if dialect is Dialect.TIMED:
             # no time limit with the 12-byte form chosen: 0, none of its own (the daemon's -t still holds)
@@ -122,14 +128,19 @@ class Client:
         dump_dir: DumpDir | None = None,
         compress: str | int | None = None,
         time_limit: float | None = None,
+        tree: bool = False,
+        cgroup: PathValue | None = None,
     ) -> int:
         """Send one command and return the daemon's answer code.
 
-        `dump_dir` and `compress` (none, lz4, zstd) apply to a checkpoint and
-        go in a V2 request; `time_limit` (seconds) goes in the 12-byte one,
-        and the daemon rolls back a checkpoint that takes longer.
+        `dump_dir`, `compress` (none, lz4, zstd), `tree` and `cgroup` apply
+        to a checkpoint and go in a V2 request; `time_limit` (seconds) goes
+        in the 12-byte one, and the daemon rolls back a checkpoint that
+        takes longer.
         """
-        frames = self.frames(cmd, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit)
+        frames = self.frames(
+            cmd, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit, tree=tree, cgroup=cgroup
+        )
         # the C daemon knows only v1: it closes the connection on a V2 header (command 102)
         hint = "; a daemon that knows only v1 requests (the C memcr) does that: send v1 (-v/--v1)"
         hint = hint if len(frames) > 1 else ""
@@ -163,11 +174,33 @@ class Client:
         dump_dir: DumpDir | None = None,
         compress: str | Compression | None = None,
         time_limit: float | None = None,
+        tree: bool = False,
+        cgroup: PathValue | None = None,
     ) -> None:
-        """Park `pid`; the options as for request()."""
-        code = self.request(Command.CHECKPOINT, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit)
-        self._check(code, pid, "already checkpointed or no such process")
+        """Park `pid`; the options as for request().
+
+        With `tree`, `pid` and every descendant; with `cgroup` (absolute or
+        under the cgroup v2 mount), every process of that cgroup, `pid`
+        being one of them. All or nothing: the daemon answers OK only when
+        every member is parked. restore() of any member's pid wakes them all.
+        """
+        code = self.request(
+            Command.CHECKPOINT,
+            pid,
+            dump_dir=dump_dir,
+            compress=compress,
+            time_limit=time_limit,
+            tree=tree,
+            cgroup=cgroup,
+        )
+        invalid = "already checkpointed or no such process"
+        if tree or cgroup is not None:
+            invalid = "no such process, not in that cgroup, or a member is already checkpointed"
+        self._check(code, pid, invalid)
 
     def restore(self, pid: int, *, time_limit: float | None = None) -> None:
-        """Wake `pid`; with `time_limit`, a restore that takes longer is answered -1 (it still completes)."""
+        """Wake `pid`, and every member of the group it was parked with.
+
+        With `time_limit`, a restore that takes longer is answered -1 (it still completes).
+        """
         self._check(self.request(Command.RESTORE, pid, time_limit=time_limit), pid, "not checkpointed")

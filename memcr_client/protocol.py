@@ -12,7 +12,9 @@ use, and the daemon serves all of them on the same socket:
         C memcr-client variant with -d/-z; socket /tmp/memcrcom):
         header  int32 102, int32 N (the payload's length)
         payload N bytes: int32 command, int32 pid, then options, each an
-                int32 id and its value (Option below)
+                int32 id and its value (Option below). memcr-py's own
+                options park a group: 1000 the pid's process tree, 1001 a
+                cgroup whose member the pid is (docs/groups.md).
 
     answer, 4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
 
@@ -81,13 +83,17 @@ class Option(IntEnum):
 
     200-299 are RDK's (Dobby and the C memcr-client variant); 1000-1999 are
     memcr-py's own, far from RDK's so that an id RDK adds next cannot
-    collide. The reserved ones are refused until a daemon serves them.
+    collide. TREE and CGROUP make a CHECKPOINT park a group, all or nothing;
+    they exclude each other, and a RESTORE carries neither: the restore of
+    any member's pid wakes the whole group.
     """
 
-    DUMP_DIR = 200  # the dump's directory: a NUL-terminated path, at most DUMP_DIR_MAX bytes with its NUL
+    DUMP_DIR = 200  # the dump's directory: a NUL-terminated path, at most PATH_MAX_V2 bytes with its NUL
     COMPRESSION = 201  # int32 Compression
-    TREE = 1000  # reserved (issue 19): the process and all its descendants
-    CGROUP = 1001  # reserved (issue 19): every process of a cgroup
+    TREE = 1000  # int32 1 (0: the pid alone, as without it): the pid and every descendant
+    # a NUL-terminated cgroup v2 path, absolute or under the mount, at most PATH_MAX_V2 bytes with its NUL:
+    # every process of it and its sub-cgroups; the request's pid must be one of them, and names the group
+    CGROUP = 1001
 
 
 class Compression(IntEnum):
@@ -113,9 +119,11 @@ RESPONSE = INT32
 
 CMDS_V2 = 102  # a V2 header's first int32 (MEMCR_CMDS_V2 of its senders)
 DUMP_DIR_MAX = 1024  # bytes of a V2 dump directory, its NUL included (the senders' buffer)
+PATH_MAX_V2 = DUMP_DIR_MAX  # bytes of any path option, its NUL included
 # Dobby's longest payload is 1044 bytes; the rest is room for memcr-py's own options
 V2_PAYLOAD_MAX = 8192
-RESERVED_OPTIONS = {Option.TREE: "the process tree", Option.CGROUP: "a cgroup"}
+PATH_OPTIONS = {Option.DUMP_DIR: "the dump directory", Option.CGROUP: "the cgroup"}  # a NUL-terminated path
+INT_OPTIONS = {Option.COMPRESSION: "compression", Option.TREE: "the process tree"}  # an int32
 
 LOCATION_ENV = "MEMCR_LOCATION"
 DEFAULT_LOCATION = "/tmp/memcr/memcr.sock"
@@ -139,11 +147,18 @@ class Request(NamedTuple):
     timeout_ms: int | None = None  # the 12-byte form's time limit; 0: none of its own
     dump_dir: str | None = None  # V2 Option.DUMP_DIR, decoded as os.fsdecode does
     compression: Compression | None = None  # V2 Option.COMPRESSION
+    tree: bool = False  # V2 Option.TREE
+    cgroup: str | None = None  # V2 Option.CGROUP, decoded as os.fsdecode does
 
     @property
     def options(self) -> bool:
         """Whether the request carries V2 options."""
-        return self.dump_dir is not None or self.compression is not None
+        return self.dump_dir is not None or self.compression is not None or self.group
+
+    @property
+    def group(self) -> bool:
+        """Whether the request is for a process tree or a cgroup rather than its pid alone."""
+        return self.tree or self.cgroup is not None
 
 
 def _pack(layout: struct.Struct, *values: int) -> bytes:
@@ -207,32 +222,57 @@ def _compressions() -> str:
     return ", ".join(f"{c.value} {c.name.lower()}" for c in Compression)
 
 
+PathValue = str | bytes | os.PathLike[str]  # a path as a request carries it: bytes, as paths are
+
+
 def encode_v2_payload(
-    cmd: int, pid: int, dump_dir: str | bytes | os.PathLike[str] | None = None, compression: int | None = None
+    cmd: int,
+    pid: int,
+    dump_dir: PathValue | None = None,
+    compression: int | None = None,
+    *,
+    tree: bool = False,
+    cgroup: PathValue | None = None,
 ) -> bytes:
     """The V2 payload: command, pid, then the options given (dump directory first, as its senders order them)."""
+    if tree and cgroup is not None:
+        raise ProtocolError("a request is for a process tree or for a cgroup, not both")
     payload = _pack(REQUEST, cmd, pid)
     if dump_dir is not None:
-        path = os.fsencode(dump_dir)
-        if not path:
-            raise ProtocolError("the dump directory is empty")
-        if b"\0" in path:
-            raise ProtocolError("the dump directory contains a NUL byte")
-        if len(path) + 1 > DUMP_DIR_MAX:
-            raise ProtocolError(
-                f"the dump directory is {len(path)} bytes: at most {DUMP_DIR_MAX - 1} fit in a V2 request"
-            )
-        payload += INT32.pack(Option.DUMP_DIR) + path + b"\0"
+        payload += _encode_path(Option.DUMP_DIR, dump_dir)
     if compression is not None:
         payload += INT32.pack(Option.COMPRESSION) + INT32.pack(compression_named(compression))
+    if tree:
+        payload += INT32.pack(Option.TREE) + INT32.pack(1)
+    if cgroup is not None:
+        payload += _encode_path(Option.CGROUP, cgroup)
     return payload
 
 
+def _encode_path(option: Option, value: PathValue) -> bytes:
+    """A path option: its id, the path and its NUL."""
+    what = PATH_OPTIONS[option]
+    path = os.fsencode(value)
+    if not path:
+        raise ProtocolError(f"{what} is empty")
+    if b"\0" in path:
+        raise ProtocolError(f"{what} contains a NUL byte")
+    if len(path) + 1 > PATH_MAX_V2:
+        raise ProtocolError(f"{what} is {len(path)} bytes: at most {PATH_MAX_V2 - 1} fit in a V2 request")
+    return INT32.pack(option) + path + b"\0"
+
+
 def encode_v2_request(
-    cmd: int, pid: int, dump_dir: str | bytes | os.PathLike[str] | None = None, compression: int | None = None
+    cmd: int,
+    pid: int,
+    dump_dir: PathValue | None = None,
+    compression: int | None = None,
+    *,
+    tree: bool = False,
+    cgroup: PathValue | None = None,
 ) -> bytes:
     """Header and payload of a V2 request (its senders write them in two writes; one is as good)."""
-    payload = encode_v2_payload(cmd, pid, dump_dir, compression)
+    payload = encode_v2_payload(cmd, pid, dump_dir, compression, tree=tree, cgroup=cgroup)
     return V2_HEADER.pack(CMDS_V2, len(payload)) + payload
 
 
@@ -257,8 +297,9 @@ def decode_v2_payload(payload: bytes) -> Request:
     if len(payload) < REQUEST.size:
         raise ProtocolError(f"a V2 payload of {len(payload)} bytes cannot hold its command and pid")
     cmd, pid = REQUEST.unpack_from(payload)
-    dump_dir: str | None = None
+    paths: dict[Option, str] = {}
     compression: Compression | None = None
+    tree = False
     at = REQUEST.size
     seen: set[int] = set()
     while at < len(payload):
@@ -269,30 +310,45 @@ def decode_v2_payload(payload: bytes) -> Request:
         if option in seen:
             raise ProtocolError(f"option {option} is given twice")
         seen.add(option)
-        if option == Option.DUMP_DIR:
-            end = payload.find(b"\0", at, at + DUMP_DIR_MAX)
+        if option in PATH_OPTIONS:
+            what = f"{PATH_OPTIONS[Option(option)]} (option {option})"
+            end = payload.find(b"\0", at, at + PATH_MAX_V2)
             if end < 0:
-                if len(payload) - at >= DUMP_DIR_MAX:
-                    raise ProtocolError(f"the dump directory (option 200) is over {DUMP_DIR_MAX} bytes with its NUL")
-                raise ProtocolError("the dump directory (option 200) is not NUL-terminated")
+                if len(payload) - at >= PATH_MAX_V2:
+                    raise ProtocolError(f"{what} is over {PATH_MAX_V2} bytes with its NUL")
+                raise ProtocolError(f"{what} is not NUL-terminated")
             if end == at:
-                raise ProtocolError("the dump directory (option 200) is empty")
-            dump_dir = os.fsdecode(payload[at:end])
+                raise ProtocolError(f"{what} is empty")
+            paths[Option(option)] = os.fsdecode(payload[at:end])
             at = end + 1
-        elif option == Option.COMPRESSION:
+        elif option in INT_OPTIONS:
             if len(payload) - at < INT32.size:
-                raise ProtocolError(f"compression (option 201) needs 4 bytes, {len(payload) - at} are left")
+                what = f"{INT_OPTIONS[Option(option)]} (option {option})"
+                raise ProtocolError(f"{what} needs 4 bytes, {len(payload) - at} are left")
             (value,) = INT32.unpack_from(payload, at)
             at += INT32.size
-            compression = compression_named(value)
-        elif option in RESERVED_OPTIONS:
-            raise ProtocolError(
-                f"option {option} ({RESERVED_OPTIONS[Option(option)]}) is reserved for a later memcr-py "
-                "and not served yet"
-            )
+            if option == Option.COMPRESSION:
+                compression = compression_named(value)
+            elif value not in (0, 1):
+                raise ProtocolError(f"the process tree (option 1000) is 1 (or 0: the pid alone), not {value}")
+            else:
+                tree = value == 1
         else:
-            raise ProtocolError(f"option {option} is unknown: known are 200 (dump directory) and 201 (compression)")
-    return Request(cmd, pid, Dialect.V2, dump_dir=dump_dir, compression=compression)
+            raise ProtocolError(
+                f"option {option} is unknown: known are 200 (dump directory), 201 (compression), "
+                "1000 (process tree) and 1001 (cgroup)"
+            )
+    if Option.TREE in seen and Option.CGROUP in seen:
+        raise ProtocolError("options 1000 (process tree) and 1001 (cgroup) exclude each other")
+    return Request(
+        cmd,
+        pid,
+        Dialect.V2,
+        dump_dir=paths.get(Option.DUMP_DIR),
+        compression=compression,
+        tree=tree,
+        cgroup=paths.get(Option.CGROUP),
+    )
 
 
 def encode_answer(code: int) -> bytes:

@@ -9,6 +9,7 @@ another user, those are skipped with the reason, and tests/unit runs alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from memcr import procfs
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, REQUEST, RESPONSE
 
 TARGETS = Path(__file__).parent / "targets"
@@ -31,6 +33,7 @@ UNIT = Path(__file__).parent / "unit"
 READY_TIMEOUT = 60
 RUN_TIMEOUT = 180
 PROMPT = "press enter to restore"
+CGROUP2 = procfs.cgroup2_mount()
 NEEDS_ROOT = (
     "needs root: ptrace of other processes, their /proc/<pid>/mem and pagemap, mounts, other users and capabilities"
 )
@@ -336,10 +339,10 @@ CHECKPOINT, RESTORE = CMD_CHECKPOINT, CMD_RESTORE
 
 
 class Daemon:
-    def __init__(self, listen: str, *args: object, dump_dir: Path) -> None:
+    def __init__(self, listen: str, *args: object, dump_dir: Path, prefix: list[str] | None = None) -> None:
         self.listen = listen
         self.dump_dir = dump_dir
-        argv = memcr_argv("-l", listen, "-d", dump_dir, *args)
+        argv = [*(prefix or []), *memcr_argv("-l", listen, "-d", dump_dir, *args)]  # prefix: prlimit ...
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.out = Lines(self.proc.stdout)
         try:
@@ -378,11 +381,32 @@ def daemon(tmp_path: Path) -> Iterator:
     dumps = tmp_path / "dumps"
     dumps.mkdir()
 
-    def start(*args: object, listen: str | None = None) -> Daemon:
-        d = Daemon(listen or str(tmp_path / "memcr.sock"), *args, dump_dir=dumps)
+    def start(*args: object, listen: str | None = None, prefix: list[str] | None = None) -> Daemon:
+        d = Daemon(listen or str(tmp_path / "memcr.sock"), *args, dump_dir=dumps, prefix=prefix)
         started.append(d)
         return d
 
     yield start
     for d in started:
         d.terminate()
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Callable[[str], Path]]:
+    """cgroup("name") makes a cgroup v2 for the test; its processes go back to the root and it is removed after."""
+    assert CGROUP2 is not None
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = CGROUP2 / f"memcr-test-{os.getpid()}-{len(made)}-{name}"
+        path.mkdir()
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        for folder in [*sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True), path]:
+            for pid in (folder / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # ended meanwhile
+                    (CGROUP2 / "cgroup.procs").write_text(pid)
+            folder.rmdir()

@@ -9,19 +9,16 @@ all the time is parked whole or not at all.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from memcr import procfs
-from tests.conftest import Memcr, reap, reports
+from tests.conftest import CGROUP2, Memcr, reap, reports
 
-CGROUP2 = procfs.cgroup2_mount()
 needs_cgroup2 = pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy mounted")
 
 
@@ -43,27 +40,6 @@ def assert_untouched(pids: set[int], memcr: Memcr) -> None:
     for pid in pids:
         assert tracer(pid) == "0", pid
     assert memcr.dumps() == []
-
-
-@pytest.fixture
-def cgroup() -> Iterator[Callable[[str], Path]]:
-    """cgroup("name") makes a cgroup v2 for the test; its processes go back to the root and it is removed after."""
-    assert CGROUP2 is not None
-    made: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = CGROUP2 / f"memcr-test-{os.getpid()}-{len(made)}-{name}"
-        path.mkdir()
-        made.append(path)
-        return path
-
-    yield make
-    for path in reversed(made):
-        for folder in [*sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True), path]:
-            for pid in (folder / "cgroup.procs").read_text().split():
-                with contextlib.suppress(OSError):  # ended meanwhile
-                    (CGROUP2 / "cgroup.procs").write_text(pid)
-            folder.rmdir()
 
 
 def test_tree_round_trip(spawn, memcr: Memcr) -> None:
