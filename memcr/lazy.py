@@ -39,7 +39,9 @@ from memcr.errors import MemcrError, TargetKilled
 from memcr.tracer import RunningProcess
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
-PIECE = 256 << 10  # bytes per copy from a plain dump: one fault brings its neighbours, and stays short
+FAULT_PIECE = 256 << 10  # bytes a fault brings in: its neighbours come along, and it stays short
+FILL_PIECE = 2 << 20  # bytes per background copy: a huge page
+WHOLE = 1 << 62  # a framed dump's piece is one frame: it is decoded whole anyway
 POLL_MS = 20
 
 Log = Callable[[str], None]
@@ -100,11 +102,24 @@ class Space:
     faults: list[int] = field(default_factory=list)  # addresses a thread waits on, to serve again
     gone: bool = False  # its process exited or exec'd: nothing more to fill
 
-    def take(self, addr: int) -> Piece | None:
+    def take(self, addr: int, size: int) -> Piece | None:
+        """The `size`-aligned part around addr of the piece that holds it; the rest stays."""
         i = bisect.bisect_right(self.pieces, addr, key=lambda p: p.start) - 1
-        if i >= 0 and addr < self.pieces[i].end:
-            return self.pieces.pop(i)
-        return None
+        if i < 0 or addr >= self.pieces[i].end:
+            return None
+        return self._carve(i, max(self.pieces[i].start, addr - addr % size), size)
+
+    def take_first(self, size: int) -> Piece:
+        return self._carve(0, self.pieces[0].start, size)
+
+    def _carve(self, i: int, lo: int, size: int) -> Piece:
+        p = self.pieces.pop(i)
+        hi = min(p.end, lo - lo % size + size)
+        if hi < p.end:
+            self.pieces.insert(i, Piece(hi, p.end, p.origin + hi - p.start))
+        if p.start < lo:
+            self.pieces.insert(i, Piece(p.start, lo, p.origin))
+        return Piece(lo, hi, p.origin + lo - p.start)
 
     def put(self, piece: Piece) -> None:
         if piece.start < piece.end:
@@ -165,15 +180,19 @@ class Source:
         self._base = int(base)
         self._libc = libc
 
+    @property
+    def fault_piece(self) -> int:
+        return WHOLE if self._framed is not None else FAULT_PIECE
+
+    @property
+    def fill_piece(self) -> int:
+        return WHOLE if self._framed is not None else FILL_PIECE
+
     def pieces(self) -> list[Piece]:
-        """The records cut into the pieces one copy moves: PIECE bytes, or one frame."""
-        if self._frames:
+        """One piece per record, or per frame: a copy never takes bytes from two."""
+        if self._framed is not None:
             return [Piece(addr, addr + length, addr) for addr, length, _ in self._frames]
-        return [
-            Piece(r.addr + at, r.addr + min(at + PIECE, r.length), r.addr + at)
-            for r in self._records
-            for at in range(0, r.length, PIECE)
-        ]
+        return [Piece(r.addr, r.addr + r.length, r.addr) for r in self._records]
 
     @contextlib.contextmanager
     def bytes_at(self, origin: int, length: int) -> Iterator[int]:
@@ -275,7 +294,7 @@ class PageServer:
         self._work = threading.Condition(self._lock)
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
-        fillers = max(1, len(os.sched_getaffinity(0)) - 1)
+        fillers = len(os.sched_getaffinity(0))
         self._threads += [
             threading.Thread(target=self._fill, name="memcr-lazy-fill", daemon=True) for _ in range(fillers)
         ]
@@ -357,7 +376,7 @@ class PageServer:
         for addr in faults:
             with self._shared.copying():
                 with self._lock:
-                    piece = space.take(addr)
+                    piece = space.take(addr, self.source.fault_piece)
                     if piece is None and space.is_busy(addr):
                         space.faults.append(addr)  # a filler is copying it: served again should that copy fail
                         continue
@@ -406,7 +425,7 @@ class PageServer:
     def _next(self) -> tuple[Space, Piece] | None:
         for space in self.spaces:
             if space.pieces and not space.gone:
-                return space, space.pieces.pop(0)
+                return space, space.take_first(self.source.fill_piece)
         return None
 
     def _copy(self, space: Space, piece: Piece) -> bool:

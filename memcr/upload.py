@@ -23,6 +23,7 @@ from memcr.errors import DumpError
 
 PIECE = 2 << 20  # bytes per process_vm_writev: a huge page, small enough to share out evenly
 WINDOW = 32 << 20  # bytes of the dump mapped at a time: a 32-bit memcr has little address space
+INLINE = 4 << 20  # bytes written by the calling thread alone: starting threads would take longer
 
 Piece = tuple[int, int, int]  # target address, file offset, length
 
@@ -41,6 +42,10 @@ def upload(pid: int, dump: DumpReader, records: list[Record]) -> None:
             (r.addr + at, r.offset + at, min(PIECE, r.length - at)) for r in records for at in range(0, r.length, PIECE)
         ]
         windows = _windows(pieces)
+        if sum(r.length for r in records) <= INLINE:
+            for i, window in enumerate(windows):
+                _plain_window(pid, dump, window, None, first=i == 0)
+            return
         with ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="memcr-upload") as pool:
             for i, window in enumerate(windows):
                 _plain_window(pid, dump, window, pool, first=i == 0)
@@ -64,7 +69,9 @@ def _windows(pieces: list[Piece]) -> list[list[Piece]]:
     return windows
 
 
-def _plain_window(pid: int, dump: PlainReader, window: list[Piece], pool: ThreadPoolExecutor, first: bool) -> None:
+def _plain_window(
+    pid: int, dump: PlainReader, window: list[Piece], pool: ThreadPoolExecutor | None, first: bool
+) -> None:
     low = window[0][1]
     high = window[-1][1] + window[-1][2]
 
@@ -103,18 +110,20 @@ def _starting(work: Callable[[], None]) -> None:
         raise process_vm.Unavailable(f"process_vm_writev failed: {e.strerror}", errno=e.errno) from e
 
 
-def _submit(pool: ThreadPoolExecutor, work: Callable[..., None], *args: object) -> Future[None]:
-    """Hand the work to a thread; where no thread can be started (a task limit), do it here."""
+def _submit(pool: ThreadPoolExecutor | None, work: Callable[..., None], *args: object) -> Future[None]:
+    """Hand the work to a thread; without a pool, or where no thread can be started (a task limit), do it here."""
     try:
-        return pool.submit(work, *args)
+        if pool is not None:
+            return pool.submit(work, *args)
     except RuntimeError:
-        done: Future[None] = Future()
-        try:
-            work(*args)
-            done.set_result(None)
-        except BaseException as e:
-            done.set_exception(e)
-        return done
+        pass
+    done: Future[None] = Future()
+    try:
+        work(*args)
+        done.set_result(None)
+    except BaseException as e:
+        done.set_exception(e)
+    return done
 
 
 def _write_frame(pid: int, dump: FramedReader, frame: Frame) -> None:
