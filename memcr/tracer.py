@@ -394,10 +394,22 @@ class FrozenProcess:
         if self.helpers or self.stopped:
             raise MemcrError("internal error: resuming a process that holds memcr's thread or is stopped")
         running = RunningProcess(self.pid, set(self.tids), self.owner)
+        resumed = []
         for tid in self.tids:
             with contextlib.suppress(ProcessLookupError):
                 pt.set_options(tid, OPTIONS | pt.O_TRACEFORK | pt.O_TRACEVFORK)
+                # by way of one more interrupt stop, as a detach does: on that way out of the kernel a
+                # system call the freeze interrupted is restarted (else read(2) would return -ERESTARTSYS)
+                pt.interrupt(tid)
                 pt.cont(tid)
+                resumed.append(tid)
+        for tid in resumed:
+            stop = _wait_interrupted(self.pid, tid)
+            with contextlib.suppress(ProcessLookupError):
+                if stop is not None and stop.group_stop:
+                    pt.listen(tid)
+                elif stop is not None:
+                    pt.cont(tid)
         self.tids.clear()
         self.memory.close()
         return running

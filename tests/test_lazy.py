@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Memcr, Target, as_user, log_value, memcr_argv, reports
+from tests.conftest import Memcr, Target, as_user, log_value, memcr_argv, reap, reports
 
 MODES = ["touch", "syscalls", "fork", "remap", "signals"]
 
@@ -145,3 +145,32 @@ def test_lazy_for_an_ordinary_users_target(binaries, memcr: Memcr, accounts, pub
         assert target.verify() == 0
     finally:
         target.stop()
+
+
+@pytest.mark.parametrize("mode", ["plain", "handlers", "pending", "blocking", "seccomp-strict", "trap-thread"])
+def test_odd_states_survive_a_lazy_round_trip(spawn, memcr: Memcr, mode: str) -> None:
+    """Threads blocked in system calls when frozen resume them, not -ERESTARTSYS; signal state is kept."""
+    target = spawn("states", mode)
+    result = memcr.run("-p", target.pid, "-n", "--lazy")
+    assert result.returncode == 0, result.stderr
+    assert target.verify() == 0
+
+
+def test_blocked_reader_gets_its_bytes(binaries, memcr: Memcr) -> None:
+    """A single-threaded target blocked in read(2) when frozen reads what was written while it was parked."""
+    target = subprocess.Popen(
+        [str(binaries["lazy"]), "64", "reader"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert target.stdout is not None and target.stdin is not None
+        assert target.stdout.readline() == f"ready {target.pid}\n"
+        session = memcr.interactive("-p", target.pid, "--lazy")
+        session.wait_prompt()
+        target.stdin.write("x\n")
+        target.stdin.flush()
+        assert session.press_enter() == 0, session.stderr()
+        assert target.stdout.readline() == "read x\n"
+        target.stdin.close()
+        assert target.wait(60) == 0
+    finally:
+        reap(target)

@@ -11,6 +11,9 @@
  *             MADV_DONTNEED and replaces pages with munmap + mmap, keeping
  *             track of what each page must hold
  *   signals   sends itself SIGUSR2 whose handler checks a random page
+ *   reader    no worker: the only thread waits in read(2) on stdin, into a
+ *             page that is not back yet; it prints "read <first byte>" and,
+ *             at the end of its input, checks everything and exits
  *
  * Each check counts; on SIGUSR1 the worker stops, the whole memory and the
  * process state are checked, and the exit code says whether all was intact.
@@ -204,6 +207,17 @@ int main(int argc, char **argv)
 	signal(SIGUSR2, on_usr2);
 	remember_args(argc, argv);
 	block_usr1(&set);
+	if (!strcmp(mode, "reader")) {
+		static char line[PAGE];
+
+		announce();
+		if (read(0, line, sizeof(line)) < 1)
+			return 3;
+		printf("read %c\n", line[0]);
+		while (read(0, line, sizeof(line)) > 0)
+			;
+		return check("region", region, region_bytes, 1) && state_intact(1) ? 0 : 1;
+	}
 	pthread_create(&worker, NULL, work, NULL);
 	while (atomic_load(&checks) < 100)
 		usleep(1000);
