@@ -32,3 +32,29 @@ def throughput_png(sweep: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def wakeup_png(results: dict, path: Path) -> None:
+    """results: size MiB -> {eager, lazy} -> {wake_p50, wake_p99, complete_p50} in ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(results)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for mode, style in (("eager", "s"), ("lazy", "o")):
+        ax.plot(sizes, [results[s][mode]["wake_p50"] for s in sizes], f"{style}-", label=f"{mode}: wake-up p50")
+        ax.plot(sizes, [results[s][mode]["wake_p99"] for s in sizes], f"{style}:", label=f"{mode}: wake-up p99")
+        ax.plot(sizes, [results[s][mode]["complete_p50"] for s in sizes], f"{style}--", label=f"{mode}: complete p50")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes])
+    ax.set_xlabel("target size")
+    ax.set_ylabel("ms from restore (log scale)")
+    ax.set_title("wake-up: until the target answers a ping; complete: every page back")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import app_memory, groups, plot, service_load
+from bench import app_memory, groups, plot, service_load, wakeup
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -248,6 +248,9 @@ def main() -> int:
         "--sweep", default="64,128,256,512,1024,2048", help="target sizes in MiB for the throughput plot ('' to skip)"
     )
     parser.add_argument("--png", type=Path, default=HERE / "throughput.png")
+    parser.add_argument("--no-wakeup", action="store_true", help="skip the wake-up figures, eager against lazy")
+    parser.add_argument("--wake-runs", type=int, default=10, help="round trips per size and mode for the wake-up")
+    parser.add_argument("--wake-png", type=Path, default=HERE / "wakeup.png")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
@@ -282,6 +285,7 @@ def main() -> int:
         daemon = None if args.no_service else service_load.measure(target_bin, directory)
         app_figures = None if args.no_apps else app_memory.measure()
         group_figures = None if args.no_groups else groups.measure(directory)
+        wake = None if args.no_wakeup else wakeup.measure(target_bin, directory, args.wake_runs)
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -292,6 +296,7 @@ def main() -> int:
     results["service"] = daemon
     results["apps"] = app_figures
     results["groups"] = group_figures
+    results["wakeup"] = wake
     results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
@@ -301,6 +306,10 @@ def main() -> int:
         app_memory.print_table(app_figures)
     if group_figures:
         groups.print_table(group_figures)
+    if wake:
+        wakeup.print_table(wake)
+        plot.wakeup_png(wake, args.wake_png)
+        print(f"bench: wake-up against size in {args.wake_png}")
     if sweep:
         plot.throughput_png(sweep, args.png)
         print(f"bench: throughput against size in {args.png}")

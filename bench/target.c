@@ -5,6 +5,10 @@
  * `target SIZE_MIB send`: the same pages, written instead to the socket on
  * fd 0 once the bench answers "r" with "g": the sender of the write limit,
  * so the limit moves exactly the bytes memcr moves.
+ *
+ * `target SIZE_MIB ping`: after "ready", each byte read on fd 0 is written
+ * back on fd 1 (the wake-up bench: the answer shows the target runs its
+ * own code again); "v" verifies every page instead and exits.
  */
 #include <signal.h>
 #include <stdint.h>
@@ -76,7 +80,14 @@ int main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &set, NULL);
 	printf("ready %d\n", getpid());
 	fflush(stdout);
-	sigwait(&set, &sig);
+	if (argc > 2 && strcmp(argv[2], "ping") == 0) {
+		char c;
+		while (read(0, &c, 1) == 1 && c != 'v')
+			if (write(1, &c, 1) != 1)
+				return 2;
+	} else {
+		sigwait(&set, &sig);
+	}
 	for (size_t p = 0; p < pages; p++) {
 		make_page(expect, p);
 		if (memcmp(expect, mem + p * PAGE, PAGE)) {
