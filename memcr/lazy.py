@@ -277,9 +277,10 @@ class Guardian:
 class PageServer:
     """Threads that fill one target's missing pages: those a thread waits for first, then the rest in order.
 
-    Started while the target is still frozen (memcr's own injected code may
-    touch a missing page too); it ends the guardian once every page is
-    back, or when a page cannot be put back.
+    The fault server starts while the target is still frozen (memcr's own
+    injected code may touch a missing page too), the background stream
+    once it runs. The server ends the guardian once every page is back, or
+    when a page cannot be put back.
     """
 
     def __init__(self, pid: int, uffd: Userfaultfd, guardian: Guardian, source: Source) -> None:
@@ -294,11 +295,15 @@ class PageServer:
         self._work = threading.Condition(self._lock)
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
-        fillers = len(os.sched_getaffinity(0))
-        self._threads += [
-            threading.Thread(target=self._fill, name="memcr-lazy-fill", daemon=True) for _ in range(fillers)
+        self._threads[0].start()
+
+    def stream(self) -> None:
+        """Start filling the pages nobody waits for: once the target runs, the cores are not needed for its wake-up."""
+        fillers = [
+            threading.Thread(target=self._fill, name="memcr-lazy-fill", daemon=True) for _ in os.sched_getaffinity(0)
         ]
-        for thread in self._threads:
+        self._threads += fillers
+        for thread in fillers:
             thread.start()
 
     def stop(self) -> None:

@@ -215,6 +215,7 @@ class Parked:
             if server.error is not None:
                 raise server.error
             running = self.frozen.resume_traced()
+            server.stream()
         except BaseException:
             if server is not None:
                 server.stop()
