@@ -294,24 +294,32 @@ class PageServer:
         self._shared = _Shared()
         self._work = threading.Condition(self._lock)
         self._done = threading.Event()
+        self._streaming = threading.Event()
+        # every thread is started here, before the target runs: one that cannot start fails the restore
+        # while it can still be rolled back
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
-        self._threads[0].start()
-
-    def stream(self) -> None:
-        """Start filling the pages nobody waits for: once the target runs, the cores are not needed for its wake-up."""
-        fillers = [
+        self._threads += [
             threading.Thread(target=self._fill, name="memcr-lazy-fill", daemon=True) for _ in os.sched_getaffinity(0)
         ]
-        self._threads += fillers
-        for thread in fillers:
-            thread.start()
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stream(self) -> None:
+        """Let the fillers copy the pages nobody waits for: the target runs, its wake-up had the cores."""
+        self._streaming.set()
 
     def stop(self) -> None:
         self._done.set()
+        self._streaming.set()
         with self._lock:
             self._work.notify_all()
         for thread in self._threads:
-            thread.join()
+            if thread.ident is not None:
+                thread.join()
         self.guardian.end()
 
     def close(self) -> None:
@@ -404,6 +412,7 @@ class PageServer:
 
     def _fill(self) -> None:
         """Copy the pieces nobody waits for yet, in address order."""
+        self._streaming.wait()
         try:
             while not self._done.is_set():
                 with self._lock:

@@ -214,8 +214,7 @@ class Parked:
             self.parasite.cure()
             if server.error is not None:
                 raise server.error
-            running = self.frozen.resume_traced()
-            server.stream()
+            running = self.frozen.resume_traced()  # the last step that may fail: then nothing runs yet
         except BaseException:
             if server is not None:
                 server.stop()
@@ -225,6 +224,7 @@ class Parked:
                 guardian.reap()
                 watched.close()
             raise
+        server.stream()
         return LazyRestore(running, server, self.log, self._lazily_restored)
 
     def _lazily_restored(self, phase: LazyRestore) -> None:

@@ -404,7 +404,10 @@ class FrozenProcess:
                 pt.cont(tid)
                 resumed.append(tid)
         for tid in resumed:
-            stop = _wait_interrupted(self.pid, tid)
+            try:
+                stop = _wait_interrupted(self.pid, tid)
+            except TargetGone:
+                continue  # it exited; the rest runs on and must not see a failure (its pages are being served)
             with contextlib.suppress(ProcessLookupError):
                 if stop is not None and stop.group_stop:
                     pt.listen(tid)
