@@ -21,7 +21,18 @@ from tests.apps.launch import REQUEST_TIMEOUT, RunningApp, compile_java, start_j
 from tests.conftest import Memcr
 
 CYCLES = int(os.environ.get("MEMCR_APP_CYCLES", "2"))
-OPTION_SETS = [[], ["-z"], ["-z", "zstd", "-c"], ["-e"], ["-m"], ["-f"], ["-z", "-c", "-e", "aes-256-cbc"]]
+OPTION_SETS = [
+    [],
+    ["--lazy"],
+    ["-z", "zstd", "-c"],
+    ["-z", "-c", "--lazy"],
+    ["-e"],
+    ["-m"],
+    ["-f"],
+    ["-e", "--lazy"],
+    ["-z"],
+    ["-z", "-c", "-e", "aes-256-cbc"],
+]
 
 
 class Load(threading.Thread):
@@ -76,6 +87,9 @@ def park_cycles(memcr: Memcr, pids: Callable[[], list[int]], request: Callable[[
             assert session.press_enter() == 0, f"cycle {cycle} {options}: {session.stderr()}"
             asking.join(REQUEST_TIMEOUT)
             assert answered == [None], f"cycle {cycle} {options}: the request sent while parked: {answered}"
+            if "--lazy" in options:
+                lines = session.out.rest()
+                assert any("its pages come back lazily" in line for line in lines), lines
 
 
 @pytest.fixture(scope="session")
