@@ -629,9 +629,10 @@ class Service:
         return options
 
     def _checkpoint(self, pid: int, options: Options, limit: float | None) -> int:
-        if self.stop.is_set():
-            return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
         with self.lock:
+            # under the lock _shutdown takes to list the workers: none is started unlisted
+            if self.stop.is_set():
+                return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
             if pid in self.workers or pid in self.groups:  # parked, or in a group parked or being parked
                 return INVALID_PID
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
