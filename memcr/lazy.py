@@ -223,27 +223,31 @@ class Source:
 
 
 _GUARD = """
-import ctypes, os, signal, sys
+import ctypes, os, resource, signal, socket, sys
 ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the memcr thread that traces the target
 if os.getppid() != int(sys.argv[1]):
     os._exit(0)  # that thread is gone already, and its exit killed the target
-while True:
-    signal.pause()
+_, most = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+held, inbox = [], socket.socket(fileno=int(sys.argv[2]))
+while True:  # no end: memcr closing its side must not end this
+    held += socket.recv_fds(inbox, 1, 64)[1]
 """
 
 
 class Guardian:
     """A process holding a copy of each userfaultfd, so none closes before the target is killed.
 
-    The copies travel in a socket message it never reads: the message,
-    and the userfaultfds in it, live as long as its end of the socket.
+    The copies travel over a socket; until the guardian takes them into
+    its own descriptor table, the message holds them, and the message
+    lives as long as the guardian's end of the socket.
     """
 
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-S", "-I", "-c", _GUARD, str(os.getpid())],
+                [sys.executable, "-S", "-I", "-c", _GUARD, str(os.getpid()), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -255,19 +259,22 @@ class Guardian:
         finally:
             theirs.close()
         self._sock = mine
+        self._lock = threading.Lock()  # hold() from the page server, end() from any thread
         self.ended = False
 
     def hold(self, fd: int) -> None:
         """Keep `fd` open until the guardian ends; once it has, no page is missing any more (or the target dies)."""
-        if not self.ended:
-            socket.send_fds(self._sock, [b"u"], [fd])
+        with self._lock:
+            if not self.ended:
+                socket.send_fds(self._sock, [b"u"], [fd])
 
     def end(self) -> None:
         """Kill it; `RunningProcess.watch`, which waits for its exit, returns."""
-        self.ended = True
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        self._sock.close()
+        with self._lock:
+            self.ended = True
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            self._sock.close()
 
     def reap(self) -> None:
         with contextlib.suppress(ChildProcessError):

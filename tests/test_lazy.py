@@ -100,7 +100,7 @@ def test_killing_memcr_mid_stream_kills_the_target(spawn, memcr: Memcr) -> None:
 def _no_guardian_left(memcr_pid: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        ours = subprocess.run(["pgrep", "-f", f"-S -I -c .*PR_SET_PDEATHSIG.* {memcr_pid}$"], capture_output=True)
+        ours = subprocess.run(["pgrep", "-f", f"PR_SET_PDEATHSIG.* {memcr_pid} [0-9]+$"], capture_output=True)
         if ours.returncode != 0:
             return
         time.sleep(0.05)
