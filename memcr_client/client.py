@@ -18,6 +18,7 @@ from memcr_client.protocol import (
     Dialect,
     PathValue,
     ProtocolError,
+    check_keywords,
     compression_named,
     decode_answer,
     default_location,
@@ -100,6 +101,7 @@ class Client:
 
         Raises ProtocolError (a ValueError) for a request no form can carry.
         """
+        check_keywords(options, RequestOptions, "frames")
         compress, time_limit = options.get("compress"), options.get("time_limit")
         compression = None if compress is None else compression_named(compress)
         dump_dir, tree, cgroup, lazy = (

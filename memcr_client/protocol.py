@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -246,8 +247,16 @@ class V2Options(TypedDict, total=False):
     lazy: bool | None  # Option.LAZY; None: not sent, the daemon's default holds
 
 
+def check_keywords(options: Mapping[str, object], known: type, where: str) -> None:
+    """Refuse a keyword `known` (a TypedDict) does not name, as a signature would: else a typo'd option is lost."""
+    unknown = sorted(set(options) - set(known.__annotations__))
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+
+
 def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes:
     """The V2 payload: command, pid, then the options given (dump directory first, as its senders order them)."""
+    check_keywords(options, V2Options, "encode_v2_payload")
     dump_dir, compression = options.get("dump_dir"), options.get("compression")
     tree, cgroup, lazy = options.get("tree", False), options.get("cgroup"), options.get("lazy")
     if tree and cgroup is not None:

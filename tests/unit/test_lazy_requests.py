@@ -144,3 +144,11 @@ def test_daemon_still_refuses_checkpoint_options_with_a_lazy_restore() -> None:
 @pytest.mark.parametrize("lazy", [True, False])
 def test_a_lazy_or_eager_restore_of_nothing_parked_is_minus_2(lazy: bool) -> None:
     assert _dispatch(Request(RESTORE, NOBODY, Dialect.V2, lazy=lazy), lazy_daemon=not lazy)[0] == Answer.INVALID_PID
+
+
+def test_a_misspelt_option_is_refused_not_lost() -> None:
+    """The options are one keyword set (a TypedDict): a name outside it fails as with a plain signature."""
+    with pytest.raises(TypeError, match="frames\\(\\) got an unexpected keyword argument 'lazzy'"):
+        Client("x.sock").frames(RESTORE, 9, lazzy=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dumpdir'"):
+        encode_v2_request(Command.CHECKPOINT, 9, dumpdir="/d")  # type: ignore[call-arg]
