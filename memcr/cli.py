@@ -123,7 +123,8 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     "--lazy",
     is_flag=True,
     help="Restore lazily: the process runs again at once, each page comes back on its first touch "
-    "or from a background stream (userfaultfd; eager where that cannot be).",
+    "or from a background stream (userfaultfd; eager where that cannot be). With -l: the default of every "
+    "restore but a group's, which a request's V2 option 1002 overrides.",
 )
 @click.option(
     "--allow-async-io",

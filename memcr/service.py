@@ -42,6 +42,7 @@ from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import LimitError, MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
 from memcr.group import CgroupMembers, Membership, Tree
+from memcr.lazy import LazyRestore
 from memcr.parked import Parked
 from memcr.report import GroupReport, Report, error_json
 from memcr.service_group import GroupWorker
@@ -381,8 +382,9 @@ class Worker(threading.Thread):
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
         self.checkpoint_error: MemcrError | None = None  # why it failed, when it did
-        # each restore request: who gets the answer (None at shutdown), and the request's time limit
-        self.requests: queue.Queue[tuple[Reply | None, float | None]] = queue.Queue()
+        # each restore request: who gets the answer (None at shutdown), its time limit, and whether lazily
+        # (None: as the daemon's --lazy says)
+        self.requests: queue.Queue[tuple[Reply | None, float | None, bool | None]] = queue.Queue()
         self.restore_asked = False
 
     def run(self) -> None:
@@ -440,7 +442,7 @@ class Worker(threading.Thread):
     def _serve_restore(self, parked: Parked) -> None:
         while True:
             try:
-                reply, limit = self.requests.get(timeout=1.0)
+                reply, limit, lazy = self.requests.get(timeout=1.0)
                 break
             except queue.Empty:
                 if self._target_died():
@@ -450,12 +452,20 @@ class Worker(threading.Thread):
                     return
         with self.lock:
             self.state = "restoring"
+        why = "as its request asks" if lazy is not None else "the daemon's default"
+        lazy = self.service.options.lazy if lazy is None else lazy
+        self.service.log(f"restoring pid {self.pid} {'lazily' if lazy else 'eagerly'} ({why})")
         code, started = OK, time.monotonic()
+        phase: LazyRestore | None = None
         try:
-            parked.restore()
+            phase = parked.restore(lazy=lazy)
             elapsed = time.monotonic() - started
-            self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
-            self.service.report(parked.report, "restore")
+            if phase is None:
+                self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
+                self.service.report(parked.report, "restore")
+            else:
+                self.service.log(f"pid {self.pid} runs again after {elapsed * 1000:.0f} ms; its pages come back lazily")
+            # of a lazy restore, the time limit bounds the wake-up: that is what the answer is about
             if limit and elapsed > limit:
                 self.service.log(f"pid {self.pid}: restore took longer than its time limit of {limit:g} s")
                 code = ERROR
@@ -465,9 +475,36 @@ class Worker(threading.Thread):
         except Exception:
             self.service.log(f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
-        self.service.remove_worker(self)
+        if phase is None:
+            self.service.remove_worker(self)
+            if reply:
+                reply(code)
+            return
+        # the target runs again, which is what the client waits for; its pages follow on this thread, the
+        # tracing one, and until they are all back the pid stays listed: a CHECKPOINT or another RESTORE of
+        # it meanwhile is answered -2
         if reply:
             reply(code)
+        self._finish_lazily(parked, phase)
+        self.service.remove_worker(self)
+
+    def _finish_lazily(self, parked: Parked, phase: LazyRestore) -> None:
+        """Watch the running target until every page is back, and log how that went; the client has its answer."""
+        try:
+            phase.finish()
+        except TargetKilled as e:
+            self.service.log(
+                f"pid {self.pid}: restore failed during its lazy phase, after the client was answered "
+                f"that it runs again: {explain(e)}"
+            )
+            if self.service.json_reports:
+                self.service.log(error_json(self.pid, "restore", e))
+            return
+        except Exception:
+            self.service.log(f"pid {self.pid}: internal error during its lazy restore:\n{traceback.format_exc()}")
+            return
+        self.service.log(f"pid {self.pid}: lazy restore complete in {phase.elapsed_ms:.0f} ms ({phase.faults} faults)")
+        self.service.report(parked.report, "restore")
 
     def _leave(self) -> None:
         """Stop taking requests; answer any that came in meanwhile."""
@@ -475,7 +512,7 @@ class Worker(threading.Thread):
             self.state = "gone"
         self.service.remove_worker(self)
         while not self.requests.empty():
-            reply, _ = self.requests.get()
+            reply, _, _ = self.requests.get()
             if reply:
                 reply(INVALID_PID)
 
@@ -485,18 +522,21 @@ class Worker(threading.Thread):
         except OSError:
             return False  # out of descriptors, say: it may well be alive, look again later
 
-    def restore(self, reply: Reply | None, limit: float | None = None) -> bool:
+    def restore(self, reply: Reply | None, limit: float | None = None, lazy: bool | None = None) -> bool:
         """Queue the restore (during a checkpoint, abort it first); False if too late.
 
         A restore that takes longer than `limit` seconds is answered -1; it
         cannot be stopped halfway, so the target is restored all the same.
+        `lazy` (None: the daemon's --lazy): answer once the target runs
+        again, and put its pages back after (-1 then means the wake-up took
+        longer than `limit`).
         """
         with self.lock:
             if self.state in ("restoring", "gone") or self.restore_asked:
-                return False  # one restore per checkpoint: a second request gets -2, not silence
+                return False  # one restore per checkpoint (its lazy phase included): a second gets -2
             self.restore_asked = True
             self.abort()
-            self.requests.put((reply, limit))
+            self.requests.put((reply, limit, lazy))
             return True
 
 
@@ -528,6 +568,8 @@ class Service:
         heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid, self.log)
         self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        if self.options.lazy:
+            self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)
@@ -601,7 +643,13 @@ class Service:
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
                 return ERROR
-            return self._restore(pid, limit)
+            return self._restore(pid, limit, request.lazy)
+        if request.lazy is not None:
+            self.log(
+                f"refused the V2 checkpoint of pid {pid}, which stays untouched: a lazy or eager restore "
+                "(option 1002) goes with its RESTORE, not with the CHECKPOINT"
+            )
+            return ERROR
         try:
             options = self._options(request)
         except StorageError as e:
@@ -643,14 +691,21 @@ class Service:
         worker.checkpointed.wait()
         return worker.checkpoint_code
 
-    def _restore(self, pid: int, limit: float | None) -> int:
+    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
+        """Restore `pid` (or wake its group); `lazy` None: as the daemon's --lazy says."""
         with self.lock:
             worker = self.workers.get(pid)
             group = self.groups.get(pid)
         if group is not None:
+            if lazy:
+                # a parked group has no lazy phase (as `memcr --tree --lazy` is refused): the request still
+                # wakes it, eagerly, rather than leave it parked
+                self.log(f"restoring {group} eagerly: a group's restore is never lazy (option 1002 ignored)")
             return group.wake(limit)
         answer: queue.Queue[int] = queue.Queue(1)
-        if worker is None or not worker.restore(answer.put, limit):  # during a checkpoint: aborts it
+        if worker is None or not worker.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
+            if worker is not None and worker.restore_asked:
+                self.log(f"answered -2 to another restore of pid {pid}: its first is still under way")
             return INVALID_PID
         worker.checkpointed.wait()
         if worker.checkpoint_code != OK:
@@ -666,7 +721,7 @@ class Service:
             workers = list(self.workers.values())
             groups = set(self.groups.values())
         for worker in workers:
-            worker.restore(None)
+            worker.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
         for group in groups:
             group.restore(None)
         for worker in workers:

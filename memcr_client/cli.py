@@ -43,9 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Ask a memcr daemon to checkpoint and/or restore a process.",
-        epilog="Without -d, -z, --tree, --cgroup, -t or --v2 the request is the C memcr's 8 bytes (v1), which "
-        "every memcr daemon understands. -d, -z, --tree and --cgroup send Dobby's V2 request (every request "
-        "of the run, as the C client variant does), -t Thunder's 12-byte one.",
+        epilog="Without -d, -z, --tree, --cgroup, --lazy, --eager, -t or --v2 the request is the C memcr's 8 bytes "
+        "(v1), which every memcr daemon understands. -d, -z, --tree, --cgroup, --lazy and --eager send Dobby's V2 "
+        "request (every request of the run, as the C client variant does), -t Thunder's 12-byte one.",
     )
     p.add_argument(
         "-l",
@@ -78,6 +78,23 @@ def parser() -> argparse.ArgumentParser:
         help="With -c: every process of this cgroup v2 (absolute, or under its mount), all or nothing; "
         "-p names one of them (V2 request, memcr-py's daemon). -r of any member's pid wakes the whole group.",
     )
+    restores = p.add_mutually_exclusive_group()
+    restores.add_argument(
+        "--lazy",
+        action="store_const",
+        const=True,
+        dest="lazy",
+        help="With -r: the process runs again at once and its pages follow; the answer comes once it runs "
+        "(V2 request, memcr-py's daemon; a group is restored eagerly).",
+    )
+    restores.add_argument(
+        "--eager",
+        action="store_const",
+        const=False,
+        dest="lazy",
+        help="With -r: every page is back before the process runs again, whatever the daemon's --lazy "
+        "(V2 request, memcr-py's daemon).",
+    )
     p.add_argument(
         "-t",
         "--timeout",
@@ -104,16 +121,22 @@ def run(argv: list[str] | None = None) -> None:
     if args.tree and args.cgroup is not None:
         p.error("--tree and --cgroup exclude each other: a process tree or a cgroup")
     group = args.tree or args.cgroup is not None
-    v2_options = args.dir is not None or args.compress is not None or group
-    if v2_options and not args.checkpoint:
+    checkpoint_options = args.dir is not None or args.compress is not None or group
+    if checkpoint_options and not args.checkpoint:
         p.error(
             "-d/--dir, -z/--compress, --tree and --cgroup apply to -c/--checkpoint only "
             "(-r of any member's pid wakes the whole group)"
         )
+    if args.lazy is not None and not args.restore:
+        p.error("--lazy and --eager apply to -r/--restore only")
+    v2_options = checkpoint_options or args.lazy is not None
     if args.v1 and (v2_options or args.timeout is not None):
-        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup or -t")
+        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup, --lazy, --eager or -t")
     if args.timeout is not None and (v2_options or args.v2):
-        p.error("-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --v2) has no field for it")
+        p.error(
+            "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --lazy, --eager, --v2) "
+            "has no field for it"
+        )
     dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options else None
     try:
         client = Client(args.location or default_location(), dialect=dialect)
@@ -132,7 +155,7 @@ def run(argv: list[str] | None = None) -> None:
             )
             print(f"pid {args.pid}{what} checkpointed", flush=True)
         if args.restore:
-            client.restore(args.pid, time_limit=args.timeout)
+            client.restore(args.pid, time_limit=args.timeout, lazy=args.lazy)
             print(f"pid {args.pid}{what} restored", flush=True)
     except ProtocolError as e:  # a value no request can carry, such as a dump directory over 1023 bytes
         p.error(str(e))

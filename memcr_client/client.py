@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 from memcr_client.protocol import (
     CMDS_V2,
@@ -17,6 +18,7 @@ from memcr_client.protocol import (
     Dialect,
     PathValue,
     ProtocolError,
+    check_keywords,
     compression_named,
     decode_answer,
     default_location,
@@ -27,6 +29,17 @@ from memcr_client.protocol import (
 )
 
 DumpDir = PathValue
+
+
+class RequestOptions(TypedDict, total=False):
+    """What a request may carry besides its command and pid, as Client.frames and Client.request take it."""
+
+    dump_dir: DumpDir | None  # V2
+    compress: str | int | None  # V2: none, lz4, zstd, or a Compression
+    time_limit: float | None  # the 12-byte form, in seconds
+    tree: bool  # V2
+    cgroup: PathValue | None  # V2
+    lazy: bool | None  # V2, restores only; None: the daemon's default
 
 
 class MemcrClientError(Exception):
@@ -48,8 +61,8 @@ class Client:
 
     `dialect` None sends each request in the plainest form that carries it:
     v1 (which the C daemon understands), the 12-byte form when it has a time
-    limit, V2 when it has a dump directory, a compression, a tree or a
-    cgroup. Dialect.V2
+    limit, V2 when it has a dump directory, a compression, a tree, a
+    cgroup or a lazy or eager restore. Dialect.V2
     sends every request as V2, restores included, as Dobby does; Dialect.V1
     refuses anything v1 cannot carry. `timeout` (seconds) bounds connecting
     and waiting for each answer; None waits as long as the daemon works.
@@ -83,29 +96,28 @@ class Client:
         except OSError as e:
             raise MemcrClientError(f"cannot connect to memcr at {where}: {e.strerror or e}") from None
 
-    def frames(
-        self,
-        cmd: int,
-        pid: int,
-        *,
-        dump_dir: DumpDir | None = None,
-        compress: str | int | None = None,
-        time_limit: float | None = None,
-        tree: bool = False,
-        cgroup: PathValue | None = None,
-    ) -> list[bytes]:
+    def frames(self, cmd: int, pid: int, **options: Unpack[RequestOptions]) -> list[bytes]:
         """The writes a request is sent as: one, or a V2 header and its payload (as Dobby writes them).
 
         Raises ProtocolError (a ValueError) for a request no form can carry.
         """
+        check_keywords(options, RequestOptions, "frames")
+        compress, time_limit = options.get("compress"), options.get("time_limit")
         compression = None if compress is None else compression_named(compress)
-        v2 = dump_dir is not None or compression is not None or tree or cgroup is not None
+        dump_dir, tree, cgroup, lazy = (
+            options.get("dump_dir"),
+            options.get("tree", False),
+            options.get("cgroup"),
+            options.get("lazy"),
+        )
+        v2 = dump_dir is not None or compression is not None or tree or cgroup is not None or lazy is not None
         dialect = self.dialect
         if dialect is None:
             dialect = Dialect.V2 if v2 else Dialect.TIMED if time_limit is not None else Dialect.V1
         if v2 and dialect is not Dialect.V2:
             raise ProtocolError(
-                f"a dump directory, a compression, a tree or a cgroup needs a V2 request, not {dialect.value}"
+                "a dump directory, a compression, a lazy or eager restore, a tree or a cgroup needs a V2 request, "
+                f"not {dialect.value}"
             )
         if time_limit is not None and dialect is not Dialect.TIMED:
             raise ProtocolError(
@@ -113,34 +125,25 @@ class Client:
                 + (" (which has no field for it): send it without the V2 options (the daemon's -t holds)" if v2 else "")
             )
         if dialect is Dialect.V2:
-            payload = encode_v2_payload(cmd, pid, dump_dir, compression, tree=tree, cgroup=cgroup)
+            payload = encode_v2_payload(
+                cmd, pid, dump_dir=dump_dir, compression=compression, tree=tree, cgroup=cgroup, lazy=lazy
+            )
             return [V2_HEADER.pack(CMDS_V2, len(payload)), payload]
         if dialect is Dialect.TIMED:
             # no time limit with the 12-byte form chosen: 0, none of its own (the daemon's -t still holds)
             return [encode_timed_request(cmd, pid, 0 if time_limit is None else time_limit_ms(time_limit))]
         return [encode_request(cmd, pid)]
 
-    def request(
-        self,
-        cmd: int,
-        pid: int,
-        *,
-        dump_dir: DumpDir | None = None,
-        compress: str | int | None = None,
-        time_limit: float | None = None,
-        tree: bool = False,
-        cgroup: PathValue | None = None,
-    ) -> int:
+    def request(self, cmd: int, pid: int, **options: Unpack[RequestOptions]) -> int:
         """Send one command and return the daemon's answer code.
 
         `dump_dir`, `compress` (none, lz4, zstd), `tree` and `cgroup` apply
         to a checkpoint and go in a V2 request; `time_limit` (seconds) goes
         in the 12-byte one, and the daemon rolls back a checkpoint that
-        takes longer.
+        takes longer; `lazy` (True or False) applies to a restore and goes
+        in a V2 request.
         """
-        frames = self.frames(
-            cmd, pid, dump_dir=dump_dir, compress=compress, time_limit=time_limit, tree=tree, cgroup=cgroup
-        )
+        frames = self.frames(cmd, pid, **options)
         # the C daemon knows only v1: it closes the connection on a V2 header (command 102)
         hint = "; a daemon that knows only v1 requests (the C memcr) does that: send v1 (-v/--v1)"
         hint = hint if len(frames) > 1 else ""
@@ -198,9 +201,14 @@ class Client:
             invalid = "no such process, not in that cgroup, or a member is already checkpointed"
         self._check(code, pid, invalid)
 
-    def restore(self, pid: int, *, time_limit: float | None = None) -> None:
+    def restore(self, pid: int, *, time_limit: float | None = None, lazy: bool | None = None) -> None:
         """Wake `pid`, and every member of the group it was parked with.
 
         With `time_limit`, a restore that takes longer is answered -1 (it still completes).
+        `lazy` True or False (a V2 request, so no `time_limit` with it) restores
+        lazily or eagerly whatever the daemon's default (memcr -l --lazy); a
+        lazy restore is answered once the target runs again, before its pages
+        are all back. A group's restore is eager either way.
         """
-        self._check(self.request(Command.RESTORE, pid, time_limit=time_limit), pid, "not checkpointed")
+        code = self.request(Command.RESTORE, pid, time_limit=time_limit, lazy=lazy)
+        self._check(code, pid, "not checkpointed, or its lazy restore is still under way")

@@ -14,7 +14,9 @@ use, and the daemon serves all of them on the same socket:
         payload N bytes: int32 command, int32 pid, then options, each an
                 int32 id and its value (Option below). memcr-py's own
                 options park a group: 1000 the pid's process tree, 1001 a
-                cgroup whose member the pid is (docs/groups.md).
+                cgroup whose member the pid is (docs/groups.md); 1002
+                makes a restore lazy or eager, whatever the daemon's
+                default (--lazy).
 
     answer, 4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
 
@@ -37,10 +39,11 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict, Unpack
 
 
 class Command(IntEnum):
@@ -85,7 +88,8 @@ class Option(IntEnum):
     memcr-py's own, far from RDK's so that an id RDK adds next cannot
     collide. TREE and CGROUP make a CHECKPOINT park a group, all or nothing;
     they exclude each other, and a RESTORE carries neither: the restore of
-    any member's pid wakes the whole group.
+    any member's pid wakes the whole group. LAZY goes with a RESTORE only,
+    and none of the others does.
     """
 
     DUMP_DIR = 200  # the dump's directory: a NUL-terminated path, at most PATH_MAX_V2 bytes with its NUL
@@ -94,6 +98,9 @@ class Option(IntEnum):
     # a NUL-terminated cgroup v2 path, absolute or under the mount, at most PATH_MAX_V2 bytes with its NUL:
     # every process of it and its sub-cgroups; the request's pid must be one of them, and names the group
     CGROUP = 1001
+    # int32 1: restore lazily (the target runs at once, its pages follow), 0: eagerly; without it the
+    # daemon's default (memcr -l --lazy); a group's restore is eager either way
+    LAZY = 1002
 
 
 class Compression(IntEnum):
@@ -123,7 +130,11 @@ PATH_MAX_V2 = DUMP_DIR_MAX  # bytes of any path option, its NUL included
 # Dobby's longest payload is 1044 bytes; the rest is room for memcr-py's own options
 V2_PAYLOAD_MAX = 8192
 PATH_OPTIONS = {Option.DUMP_DIR: "the dump directory", Option.CGROUP: "the cgroup"}  # a NUL-terminated path
-INT_OPTIONS = {Option.COMPRESSION: "compression", Option.TREE: "the process tree"}  # an int32
+INT_OPTIONS = {  # an int32
+    Option.COMPRESSION: "compression",
+    Option.TREE: "the process tree",
+    Option.LAZY: "the lazy restore",
+}
 
 LOCATION_ENV = "MEMCR_LOCATION"
 DEFAULT_LOCATION = "/tmp/memcr/memcr.sock"
@@ -149,10 +160,11 @@ class Request(NamedTuple):
     compression: Compression | None = None  # V2 Option.COMPRESSION
     tree: bool = False  # V2 Option.TREE
     cgroup: str | None = None  # V2 Option.CGROUP, decoded as os.fsdecode does
+    lazy: bool | None = None  # V2 Option.LAZY; None: the daemon's default
 
     @property
     def options(self) -> bool:
-        """Whether the request carries V2 options."""
+        """Whether the request carries V2 options that apply to a checkpoint (all but LAZY)."""
         return self.dump_dir is not None or self.compression is not None or self.group
 
     @property
@@ -225,16 +237,28 @@ def _compressions() -> str:
 PathValue = str | bytes | os.PathLike[str]  # a path as a request carries it: bytes, as paths are
 
 
-def encode_v2_payload(
-    cmd: int,
-    pid: int,
-    dump_dir: PathValue | None = None,
-    compression: int | None = None,
-    *,
-    tree: bool = False,
-    cgroup: PathValue | None = None,
-) -> bytes:
+class V2Options(TypedDict, total=False):
+    """The options of a V2 request by name, as encode_v2_payload and encode_v2_request take them."""
+
+    dump_dir: PathValue | None  # Option.DUMP_DIR
+    compression: int | None  # Option.COMPRESSION: a Compression value
+    tree: bool  # Option.TREE
+    cgroup: PathValue | None  # Option.CGROUP
+    lazy: bool | None  # Option.LAZY; None: not sent, the daemon's default holds
+
+
+def check_keywords(options: Mapping[str, object], known: type, where: str) -> None:
+    """Refuse a keyword `known` (a TypedDict) does not name, as a signature would: else a typo'd option is lost."""
+    unknown = sorted(set(options) - set(known.__annotations__))
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes:
     """The V2 payload: command, pid, then the options given (dump directory first, as its senders order them)."""
+    check_keywords(options, V2Options, "encode_v2_payload")
+    dump_dir, compression = options.get("dump_dir"), options.get("compression")
+    tree, cgroup, lazy = options.get("tree", False), options.get("cgroup"), options.get("lazy")
     if tree and cgroup is not None:
         raise ProtocolError("a request is for a process tree or for a cgroup, not both")
     payload = _pack(REQUEST, cmd, pid)
@@ -246,6 +270,8 @@ def encode_v2_payload(
         payload += INT32.pack(Option.TREE) + INT32.pack(1)
     if cgroup is not None:
         payload += _encode_path(Option.CGROUP, cgroup)
+    if lazy is not None:
+        payload += INT32.pack(Option.LAZY) + INT32.pack(int(lazy))
     return payload
 
 
@@ -262,17 +288,9 @@ def _encode_path(option: Option, value: PathValue) -> bytes:
     return INT32.pack(option) + path + b"\0"
 
 
-def encode_v2_request(
-    cmd: int,
-    pid: int,
-    dump_dir: PathValue | None = None,
-    compression: int | None = None,
-    *,
-    tree: bool = False,
-    cgroup: PathValue | None = None,
-) -> bytes:
+def encode_v2_request(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes:
     """Header and payload of a V2 request (its senders write them in two writes; one is as good)."""
-    payload = encode_v2_payload(cmd, pid, dump_dir, compression, tree=tree, cgroup=cgroup)
+    payload = encode_v2_payload(cmd, pid, **options)
     return V2_HEADER.pack(CMDS_V2, len(payload)) + payload
 
 
@@ -300,6 +318,7 @@ def decode_v2_payload(payload: bytes) -> Request:
     paths: dict[Option, str] = {}
     compression: Compression | None = None
     tree = False
+    lazy: bool | None = None
     at = REQUEST.size
     seen: set[int] = set()
     while at < len(payload):
@@ -330,13 +349,16 @@ def decode_v2_payload(payload: bytes) -> Request:
             if option == Option.COMPRESSION:
                 compression = compression_named(value)
             elif value not in (0, 1):
-                raise ProtocolError(f"the process tree (option 1000) is 1 (or 0: the pid alone), not {value}")
-            else:
+                meaning = "1 (or 0: the pid alone)" if option == Option.TREE else "1 (lazily) or 0 (eagerly)"
+                raise ProtocolError(f"{INT_OPTIONS[Option(option)]} (option {option}) is {meaning}, not {value}")
+            elif option == Option.TREE:
                 tree = value == 1
+            else:
+                lazy = value == 1
         else:
             raise ProtocolError(
                 f"option {option} is unknown: known are 200 (dump directory), 201 (compression), "
-                "1000 (process tree) and 1001 (cgroup)"
+                "1000 (process tree), 1001 (cgroup) and 1002 (lazy restore)"
             )
     if Option.TREE in seen and Option.CGROUP in seen:
         raise ProtocolError("options 1000 (process tree) and 1001 (cgroup) exclude each other")
@@ -348,6 +370,7 @@ def decode_v2_payload(payload: bytes) -> Request:
         compression=compression,
         tree=tree,
         cgroup=paths.get(Option.CGROUP),
+        lazy=lazy,
     )
 
 

@@ -86,7 +86,7 @@ def test_timed_request_refuses_a_negative_limit() -> None:
 
 
 def test_v2_request_bytes() -> None:
-    frame = encode_v2_request(Command.CHECKPOINT, 77, "/var/d", Compression.ZSTD)
+    frame = encode_v2_request(Command.CHECKPOINT, 77, dump_dir="/var/d", compression=Compression.ZSTD)
     expected = v2(i32(CHECKPOINT, 77), dump_dir("/var/d"), i32(201, 2))
     assert frame == expected
     assert len(frame) == 8 + 8 + 4 + 7 + 8
@@ -110,7 +110,7 @@ def test_v2_path_of_exactly_the_limit() -> None:
     with pytest.raises(ProtocolError, match="over 1024 bytes"):
         decode_v2_payload(i32(CHECKPOINT, 5) + dump_dir(longest + "a"))
     with pytest.raises(ProtocolError, match="at most 1023"):
-        encode_v2_request(Command.CHECKPOINT, 5, longest + "a")
+        encode_v2_request(Command.CHECKPOINT, 5, dump_dir=longest + "a")
 
 
 @pytest.mark.parametrize(

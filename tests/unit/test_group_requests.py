@@ -47,7 +47,9 @@ def test_tree_request_bytes() -> None:
 
 
 def test_cgroup_request_bytes() -> None:
-    frame = encode_v2_request(Command.CHECKPOINT, 31, "/var/d", Compression.LZ4, cgroup="app.slice/app")
+    frame = encode_v2_request(
+        Command.CHECKPOINT, 31, dump_dir="/var/d", compression=Compression.LZ4, cgroup="app.slice/app"
+    )
     # the RDK options first, as their senders order them, then memcr-py's
     assert frame == v2(i32(CHECKPOINT, 31, 200), b"/var/d\0", i32(201, 1), cgroup("app.slice/app"))
     request = decode_v2_payload(frame[8:])
@@ -88,7 +90,10 @@ def test_cgroup_path_of_exactly_the_limit() -> None:
         (i32(CHECKPOINT, 5, 1001) + b"\0", "the cgroup (option 1001) is empty"),
         (i32(CHECKPOINT, 5, 1000, 1) + cgroup("app"), "options 1000 (process tree) and 1001 (cgroup) exclude each"),
         (i32(CHECKPOINT, 5, 1000, 0) + cgroup("app"), "exclude each other"),  # even a tree of 0: one says which
-        (i32(CHECKPOINT, 5, 1003, 0), "known are 200 (dump directory), 201 (compression), 1000 (process tree) and"),
+        (
+            i32(CHECKPOINT, 5, 1003, 0),
+            "known are 200 (dump directory), 201 (compression), 1000 (process tree), 1001 (cgroup) and 1002",
+        ),
     ],
 )
 def test_group_payloads_refused(payload: bytes, reason: str) -> None:
