@@ -42,7 +42,7 @@ from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaul
 FAULT_PIECE = 256 << 10  # bytes a fault brings in: its neighbours come along, and it stays short
 FILL_PIECE = 2 << 20  # bytes per background copy: a huge page
 WHOLE = 1 << 62  # a framed dump's piece is one frame: it is decoded whole anyway
-POLL_MS = 20
+POLL_MS = 1000  # a stop wakes the server through its pipe; this is only a safety net
 
 Log = Callable[[str], None]
 
@@ -302,6 +302,7 @@ class PageServer:
         self._work = threading.Condition(self._lock)
         self._done = threading.Event()
         self._streaming = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() wakes the server's poll
         # every thread is started here, before the target runs: one that cannot start fails the restore
         # while it can still be rolled back
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
@@ -319,9 +320,14 @@ class PageServer:
         """Let the fillers copy the pages nobody waits for: the target runs, its wake-up had the cores."""
         self._streaming.set()
 
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
     def stop(self) -> None:
         self._done.set()
         self._streaming.set()
+        self._wake()
         with self._lock:
             self._work.notify_all()
         for thread in self._threads:
@@ -335,6 +341,8 @@ class PageServer:
         for space in self.spaces:
             space.uffd.close()
         self.source.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         self.guardian.reap()
 
     # -- the threads -----------------------------------------------------------
@@ -350,6 +358,7 @@ class PageServer:
         """Read each userfaultfd: apply mapping changes, serve the faults."""
         try:
             poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
             watched: set[int] = set()
             complete = False
             while not self._done.is_set():
@@ -357,7 +366,10 @@ class PageServer:
                     if space.uffd.fd not in watched and not space.gone:
                         poller.register(space.uffd.fd, select.POLLIN)
                         watched.add(space.uffd.fd)
-                poller.poll(POLL_MS)
+                waiting = any(space.faults for space in self.spaces)  # retried soon: a copy came first
+                poller.poll(1 if waiting else POLL_MS)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
                 with self._shared.exclusive():
                     events = [(space, event) for space in list(self.spaces) for event in space.uffd.events()]
                     for space, event in events:
@@ -435,6 +447,10 @@ class PageServer:
                         space, piece = found
                         space.busy.append(piece)
                     copied = self._copy(space, piece)
+                with self._lock:
+                    last = not self._has_work()
+                if last:
+                    self._wake()  # that was the last piece: the server sees it is complete
                 if not copied:
                     time.sleep(0.0002)  # the target is changing its mappings: the reader applies that first
         except BaseException as e:
