@@ -47,6 +47,7 @@ def wakeup_png(results: dict, path: Path) -> None:
         ax.plot(sizes, [results[s][mode]["wake_p50"] for s in sizes], f"{style}-", label=f"{mode}: wake-up p50")
         ax.plot(sizes, [results[s][mode]["wake_p99"] for s in sizes], f"{style}:", label=f"{mode}: wake-up p99")
         ax.plot(sizes, [results[s][mode]["complete_p50"] for s in sizes], f"{style}--", label=f"{mode}: complete p50")
+    ax.axhline(20, color="grey", linewidth=0.8, linestyle="-.", label="aim: lazy wake-up within 20 ms")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes])
