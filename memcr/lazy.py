@@ -297,6 +297,7 @@ class PageServer:
         self.spaces = [Space(uffd, source.pieces())]
         self.faults = 0  # pages a thread of the target waited for
         self.error: BaseException | None = None
+        self.complete = False  # every page is back
         self._lock = threading.Lock()  # the pieces of every space
         self._shared = _Shared()
         self._work = threading.Condition(self._lock)
@@ -319,6 +320,17 @@ class PageServer:
     def stream(self) -> None:
         """Let the fillers copy the pages nobody waits for: the target runs, its wake-up had the cores."""
         self._streaming.set()
+
+    def replace_guardian(self) -> None:
+        """The guardian died with pages still missing (killed by someone): a new one holds the userfaultfds."""
+        guardian = Guardian()
+        with self._lock:
+            for space in self.spaces:
+                guardian.hold(space.uffd.fd)
+            old, self.guardian = self.guardian, guardian
+        old.end()  # its socket: the process is gone and collected already
+        if self.complete or self.error is not None:
+            guardian.end()  # it ended meanwhile: the tracing thread must not wait for this one
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -360,7 +372,6 @@ class PageServer:
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
             watched: set[int] = set()
-            complete = False
             while not self._done.is_set():
                 for space in self.spaces:
                     if space.uffd.fd not in watched and not space.gone:
@@ -381,8 +392,8 @@ class PageServer:
                         space.faults.append(event.start - event.start % self.source.page_size)
                 for space in self.spaces:
                     self._serve_faults(space)
-                if not complete and self._complete():
-                    complete = True
+                if not self.complete and self._complete():
+                    self.complete = True
                     # wakes the tracing thread, which lets the target go; until then mapping changes
                     # (a fork waits for its message to be read) and faults on never-used pages go on
                     self.guardian.end()
@@ -525,7 +536,12 @@ class LazyRestore:
         """
         server = self.server
         try:
-            if not self.running.watch(until=server.guardian.process.pid):
+            while self.running.watch(until=server.guardian.process.pid):
+                if server.complete or server.error is not None:
+                    break
+                self.log(f"pid {self.pid}: memcr's guardian process was killed; starting another")
+                server.replace_guardian()
+            else:
                 self.log(f"pid {self.pid} ended during its lazy restore")
         except BaseException as e:
             server.fail(e)

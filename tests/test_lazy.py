@@ -174,3 +174,21 @@ def test_blocked_reader_gets_its_bytes(binaries, memcr: Memcr) -> None:
         assert target.wait(60) == 0
     finally:
         reap(target)
+
+
+def test_a_killed_guardian_is_replaced(spawn, memcr: Memcr) -> None:
+    """Someone kills memcr's guardian mid-stream: memcr starts another and finishes, byte-exact."""
+    target = spawn("lazy", 1024, "touch")
+    session = memcr.interactive("-p", target.pid, "--lazy")
+    session.wait_prompt()
+    session.proc.stdin.write("\n")
+    session.proc.stdin.flush()
+    session.out.wait_for("come back lazily")
+    killed = subprocess.run(["pkill", "-KILL", "-f", f"PR_SET_PDEATHSIG.* {session.proc.pid} [0-9]+$"])
+    assert session.proc.wait(120) == 0, session.stderr()
+    lines = session.out.rest()
+    assert killed.returncode == 0, "no guardian to kill: the lazy phase of 1 GiB ended within a pkill"
+    assert any("guardian process was killed; starting another" in line for line in lines), lines
+    assert any(f"pid {target.pid} restored" in line for line in lines), lines
+    _no_guardian_left(session.proc.pid)
+    assert target.verify() == 0
