@@ -1,28 +1,30 @@
 """Typed ptrace requests and wait statuses: the binding the engine is built on.
 
-python-ptrace supplies the raw system call and the register layout; this
-module adds the requests it lacks (SEIZE, INTERRUPT, the signal mask) and
-turns every failure into the OSError subclass of its errno
-(ProcessLookupError for ESRCH, PermissionError for EPERM), so the engine
-above never sees python-ptrace's types.
+libc's ptrace(2) through ctypes, the same on every CPU: registers move as
+the NT_PRSTATUS register set (PTRACE_GETREGSET), laid out by the
+architecture's `Regs` structure, which is what arm64 offers (it has no
+PTRACE_GETREGS). Every failure becomes the OSError subclass of its errno
+(ProcessLookupError for ESRCH, PermissionError for EPERM).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
-from collections.abc import Callable
+from functools import cache
 from typing import Any, TypeVar
 
-from ptrace.binding import func as _func
-from ptrace.error import PtraceError
-
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
@@ -44,21 +46,38 @@ WALL = 0x40000000  # __WALL: wait for threads as well as processes
 WNOTHREAD = 0x20000000  # __WNOTHREAD: only the calling thread's children and tracees
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 SIGSET_SIZE = 8  # bytes of the kernel's sigset_t that GET/SETSIGMASK move
+NT_PRSTATUS = 1  # the general-purpose registers, as a register set
 
-Regs = Any  # the architecture's register structure, as python-ptrace lays it out
-T = TypeVar("T")
+Regs = Any  # an instance of the architecture's Regs structure (memcr.arch)
+R = TypeVar("R", bound=ctypes.Structure)
 
 
-def _checked(call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except PtraceError as e:
-        code = e.errno or 0
-        raise OSError(code, os.strerror(code)) from None
+class ShortRegset(OSError):
+    """The kernel filled fewer bytes of a register set than the architecture's layout has.
+
+    A 32-bit (compat) task: its registers come in the 32-bit layout.
+    """
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+@cache
+def _ptrace() -> Any:  # a ctypes function; CDLL releases the GIL during the call
+    func = ctypes.CDLL(None, use_errno=True).ptrace
+    func.restype = ctypes.c_long
+    func.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    return func
 
 
 def _request(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
-    return int(_checked(lambda: _func.ptrace(request, tid, addr, data)))
+    """One ptrace call; its result. A PEEK's result may be -1 as a value, hence errno."""
+    ctypes.set_errno(0)
+    result = int(_ptrace()(request, tid, addr, data))
+    if result == -1 and (code := ctypes.get_errno()):
+        raise OSError(code, os.strerror(code))
+    return result
 
 
 def seize(tid: int, options: int) -> None:
@@ -108,21 +127,42 @@ def set_sigmask(tid: int, mask: int) -> None:
     _request(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(value))
 
 
-def get_regs(tid: int) -> Regs:
-    return _checked(lambda: _func.ptrace_getregs(tid))
+def get_regs(tid: int, layout: type[R]) -> R:
+    """The thread's general-purpose registers. ShortRegset: a 32-bit task's."""
+    regs = layout()
+    iov = _Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    _request(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
+    if iov.len != ctypes.sizeof(regs):
+        raise ShortRegset(errno.EIO, f"thread {tid} has {iov.len} bytes of registers, not {ctypes.sizeof(regs)}")
+    return regs
 
 
-def set_regs(tid: int, regs: Regs) -> None:
-    _checked(lambda: _func.ptrace_setregs(tid, regs))
+def set_regs(tid: int, regs: ctypes.Structure) -> None:
+    iov = _Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    _request(PTRACE_SETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
+
+
+def get_regset(tid: int, kind: int, size: int) -> bytes:
+    """Up to `size` bytes of another register set (NT_ARM_SVE ...), as the kernel lays it out."""
+    buffer = ctypes.create_string_buffer(size)
+    iov = _Iovec(ctypes.addressof(buffer), size)
+    _request(PTRACE_GETREGSET, tid, kind, ctypes.addressof(iov))
+    return buffer.raw[: iov.len]
+
+
+def set_regset(tid: int, kind: int, data: bytes) -> None:
+    buffer = ctypes.create_string_buffer(data, len(data))
+    iov = _Iovec(ctypes.addressof(buffer), len(data))
+    _request(PTRACE_SETREGSET, tid, kind, ctypes.addressof(iov))
 
 
 def peek(tid: int, addr: int) -> int:
-    """One word of the tracee's memory, as an unsigned or signed int (mask it)."""
-    return int(_checked(lambda: _func.ptrace_peekdata(tid, addr)) or 0)
+    """One word of the tracee's memory, as a signed int (mask it)."""
+    return _request(PTRACE_PEEKDATA, tid, addr)
 
 
 def poke(tid: int, addr: int, word: int) -> None:
-    _checked(lambda: _func.ptrace_pokedata(tid, addr, word))
+    _request(PTRACE_POKEDATA, tid, addr, word)
 
 
 class Stop:

@@ -8,6 +8,7 @@ thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -194,6 +195,16 @@ def _wait_until(pid: int, tid: int, deadline: float) -> Stop:
         pause = min(pause * 2, 0.005)
 
 
+class _Saved:
+    """A thread's registers before an injected syscall, and the register sets the syscall would discard."""
+
+    __slots__ = ("regs", "regsets")
+
+    def __init__(self, regs: Regs, regsets: list[tuple[int, bytes]]) -> None:
+        self.regs = regs
+        self.regsets = regsets
+
+
 class FrozenProcess:
     """Every thread of `pid` held in a ptrace stop by the calling thread.
 
@@ -223,6 +234,7 @@ class FrozenProcess:
             for tid in seizing.tids:
                 pt.set_options(tid, OPTIONS)
             leader = procfs.unconfined_thread(pid, seizing.tids)
+            _check_word_size(pid, leader, arch)
             fd = procfs.open_mem(pid)
             memory: Memory = ProcMem(pid, fd) if fd is not None else PtraceMem(pid, leader, arch.WORD, word_mask(arch))
         except BaseException:
@@ -246,7 +258,7 @@ class FrozenProcess:
 
     def get_regs(self, tid: int) -> Regs:
         self._tracer()
-        return pt.get_regs(tid)
+        return pt.get_regs(tid, self.arch.Regs)
 
     def set_regs(self, tid: int, regs: Regs) -> None:
         self._tracer()
@@ -318,7 +330,7 @@ class FrozenProcess:
         comes first is delivered with the thread's own registers in place,
         then the call is tried again.
         """
-        saved = self.get_regs(tid)
+        saved = self._save(tid)
         while True:
             self.set_regs(tid, call_regs)
             self._syscall(tid)
@@ -326,12 +338,27 @@ class FrozenProcess:
             if stop.syscall_stop:
                 regs, child = self._finish_syscall(tid)
                 if self.arch.syscall_result(regs) not in RESTART:
-                    self.set_regs(tid, saved)
+                    self._put_back(tid, saved)
                     return regs, child
                 # a signal interrupted it (only SIGKILL and SIGSTOP get through the parasite's mask)
                 stop = self._run_own_code_briefly(tid, saved)
-            self.set_regs(tid, saved)
+            self._put_back(tid, saved)
             self._let_through(tid, stop)
+
+    def _save(self, tid: int) -> _Saved:
+        regsets = []
+        for kind, size in self.arch.KEPT_REGSETS:
+            try:
+                regsets.append((kind, pt.get_regset(tid, kind, size)))
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENODEV):  # this CPU or kernel has no such state
+                    raise
+        return _Saved(self.get_regs(tid), regsets)
+
+    def _put_back(self, tid: int, saved: _Saved) -> None:
+        self.set_regs(tid, saved.regs)
+        for kind, data in saved.regsets:
+            pt.set_regset(tid, kind, data)
 
     def _finish_syscall(self, tid: int) -> tuple[Regs, int]:
         """From syscall entry to exit; the tid of a clone's child when PTRACE_O_TRACECLONE is on."""
@@ -348,9 +375,9 @@ class FrozenProcess:
             elif not stop.interrupt_stop:
                 raise MemcrError(f"unexpected stop {stop.status:#x} of thread {tid} inside an injected syscall")
 
-    def _run_own_code_briefly(self, tid: int, saved: Regs) -> Stop:
+    def _run_own_code_briefly(self, tid: int, saved: _Saved) -> Stop:
         """Resume the thread on its own registers until it stops again, so a pending signal is dequeued."""
-        self.set_regs(tid, saved)
+        self._put_back(tid, saved)
         self.cont(tid)
         pt.interrupt(tid)
         return self.wait(tid)
@@ -539,6 +566,18 @@ class RunningProcess:
     def _tracer(self) -> None:
         if threading.get_ident() != self.owner:
             raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
+
+
+def _check_word_size(pid: int, tid: int, arch: Arch) -> None:
+    """Refuse a 32-bit (compat) process: its registers, system calls and blobs are another CPU's."""
+    try:
+        pt.get_regs(tid, arch.Regs)
+    except pt.ShortRegset:
+        raise TargetError(
+            f"process {pid} is a 32-bit program: memcr parks {arch.name} programs only", pid=pid, what="compat"
+        ) from None
+    except ProcessLookupError:
+        raise TargetGone(f"process {pid} is gone", pid=pid) from None
 
 
 def _detach(tid: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Memcr
+from tests.conftest import RUN_TIMEOUT, Memcr, reap
 
 
 def refused(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
@@ -157,3 +158,48 @@ def test_stale_listen_socket_is_replaced(tmp_path: Path) -> None:
         stopped = stop(daemon)  # SIGTERM, and reaped whatever happens
     assert stopped == 0
     assert not path.exists()
+
+
+# i386, no libc: say "ready", wait for a byte on stdin, exit 0 (a 32-bit task has no x86_64 syscalls)
+COMPAT_TARGET = r"""
+static const char ready[] = "ready\n";
+static char byte;
+void _start(void)
+{
+	long r;
+	__asm__ volatile("int $0x80" : "=a"(r) : "a"(4), "b"(1), "c"(ready), "d"(sizeof(ready) - 1) : "memory");
+	__asm__ volatile("int $0x80" : "=a"(r) : "a"(3), "b"(0), "c"(&byte), "d"(1) : "memory");
+	__asm__ volatile("int $0x80" : : "a"(1), "b"(byte == 'x' ? 0 : 1));
+	for (;;)
+		;
+}
+"""
+
+
+def compat_program(tmp_path: Path) -> Path:
+    if platform.machine() != "x86_64":
+        pytest.skip(
+            f"a 32-bit target is built with gcc -m32 on x86_64; {platform.machine()} has no such toolchain here"
+        )
+    source, binary = tmp_path / "compat.c", tmp_path / "compat"
+    source.write_text(COMPAT_TARGET)
+    built = subprocess.run(
+        ["gcc", "-m32", "-O1", "-nostdlib", "-static", "-ffreestanding", "-fno-pic", "-o", binary, source],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    return binary
+
+
+def test_32_bit_program_is_refused_and_runs_on(memcr: Memcr, tmp_path: Path) -> None:
+    """Its registers come in the 32-bit layout: memcr used to inject x86_64 code and kill it with SIGILL."""
+    proc = subprocess.Popen([compat_program(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        refused(memcr.run("-p", proc.pid, "-n"), 3, f"process {proc.pid} is a 32-bit program")
+        assert memcr.dumps() == []
+        proc.communicate(b"x", timeout=RUN_TIMEOUT)
+        assert proc.returncode == 0
+    finally:
+        reap(proc)

@@ -6,6 +6,7 @@ the rest of memcr talks to it only through `Arch`.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import mmap
@@ -19,7 +20,8 @@ from memcr.errors import MemcrError
 
 
 class Arch(Protocol):
-    name: str
+    name: str  # platform.machine() of the CPU, and the folder of its blobs in memcr/_blobs
+    Regs: type[ctypes.Structure]  # the NT_PRSTATUS register set, as the kernel lays it out
     WORD: int  # bytes moved by one PTRACE_PEEKDATA or PTRACE_POKEDATA: the register width
     SYS_CLOSE: int
     SYS_MMAP: int
@@ -28,6 +30,9 @@ class Arch(Protocol):
     SYS_EXIT: int
     SYS_KILL: int
     SYS_KCMP: int  # the host's number: memcr runs on the target's CPU
+    # (register set, its largest size in bytes): state a system call discards, which memcr
+    # puts back after each one it runs in a thread
+    KEPT_REGSETS: tuple[tuple[int, int], ...]
 
     def pc(self, regs: Any) -> int: ...
     def copy_regs(self, regs: Any) -> Any: ...

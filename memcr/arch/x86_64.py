@@ -1,8 +1,8 @@
-"""x86_64: registers as python-ptrace lays them out, syscall numbers."""
+"""x86_64: the register set, syscall numbers, how a thread is made to run one syscall."""
 
 from __future__ import annotations
 
-from ptrace.binding.linux_struct import user_regs_struct
+import ctypes
 
 name = "x86_64"
 WORD = 8
@@ -16,16 +16,31 @@ SYS_EXIT = 60
 SYS_KILL = 62
 SYS_KCMP = 312
 
-
-def copy_regs(regs: user_regs_struct) -> user_regs_struct:
-    return user_regs_struct.from_buffer_copy(regs)
+KEPT_REGSETS = ()  # a system call keeps the vector registers
 
 
-def pc(regs: user_regs_struct) -> int:
+class Regs(ctypes.Structure):
+    """struct user_regs_struct (<sys/user.h>)."""
+
+    _fields_ = tuple(
+        (field, ctypes.c_uint64)
+        for field in (
+            *("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8"),
+            *("rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags"),
+            *("rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs"),
+        )
+    )
+
+
+def copy_regs(regs: Regs) -> Regs:
+    return Regs.from_buffer_copy(regs)
+
+
+def pc(regs: Regs) -> int:
     return int(regs.rip)
 
 
-def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, ...]) -> user_regs_struct:
+def prepare_syscall(regs: Regs, pc: int, nr: int, args: tuple[int, ...]) -> Regs:
     """Registers that make the thread run the syscall blob at pc."""
     call = copy_regs(regs)
     call.rip = pc
@@ -37,6 +52,6 @@ def prepare_syscall(regs: user_regs_struct, pc: int, nr: int, args: tuple[int, .
     return call
 
 
-def syscall_result(regs: user_regs_struct) -> int:
+def syscall_result(regs: Regs) -> int:
     value = int(regs.rax)
     return value - (_MASK + 1) if value >> (8 * WORD - 1) else value
