@@ -16,7 +16,7 @@ import pytest
 from memcr import procfs
 from tests.conftest import Memcr, reap
 
-KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict"]
+KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict", "vector-regs"]
 
 
 def state(pid: int) -> str:

@@ -18,6 +18,10 @@
  *   leader-exited  the main thread calls pthread_exit; two threads run on
  *   vfork-wait     a thread waits in clone(CLONE_VFORK) (its child has its own
  *                  memory), where no ptrace interrupt reaches it, until SIGUSR1
+ *   vector-regs    the main thread, the one memcr runs its system calls on,
+ *                  spins in user space with values in vector registers (on
+ *                  arm64 with SVE: z8 beyond its low 128 bits and p7, which the
+ *                  kernel discards at every system call) until SIGUSR1
  */
 #include <errno.h>
 #include <linux/filter.h>
@@ -268,6 +272,101 @@ static void *vfork_waiter(void *arg)
 	return NULL;
 }
 
+/* ---- vector-regs */
+
+static volatile int vector_spinning, vector_stop, vector_verified;
+
+static void *vector_checker(void *arg)
+{
+	(void)arg;
+	while (!vector_spinning)
+		usleep(1000);
+	announce();
+	wait_usr1();
+	vector_verified = verify(1); /* while both threads run, as when the state was taken */
+	vector_stop = 1;
+	return NULL;
+}
+
+#if defined(__x86_64__)
+/* 1 if xmm8 kept its value until vector_stop */
+static int vector_spin(void)
+{
+	static const unsigned char pattern[16] __attribute__((aligned(16))) = {1, 4, 7, 10, 13, 16, 19, 22,
+									      25, 28, 31, 34, 37, 40, 43, 46};
+	unsigned int same;
+
+	__asm__ volatile("movdqa %[pat], %%xmm8\n\t"
+			 "movl $1, %[spinning]\n"
+			 "1:\n\t"
+			 "movdqa %[pat], %%xmm9\n\t"
+			 "pcmpeqb %%xmm8, %%xmm9\n\t"
+			 "pmovmskb %%xmm9, %[same]\n\t"
+			 "cmpl $0xffff, %[same]\n\t"
+			 "jne 2f\n\t"
+			 "cmpl $0, %[stop]\n\t"
+			 "je 1b\n"
+			 "2:\n"
+			 : [same] "=&r"(same), [spinning] "=m"(vector_spinning)
+			 : [pat] "m"(pattern), [stop] "m"(vector_stop)
+			 : "xmm8", "xmm9", "cc", "memory");
+	return same == 0xffff;
+}
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
+
+/* 1 if z8 and p7 (SVE) or v8 (no SVE) kept their values until vector_stop */
+static int vector_spin(void)
+{
+	long ok = 1;
+
+	if (getauxval(AT_HWCAP) & HWCAP_SVE)
+		__asm__ volatile(".arch_extension sve\n\t"
+				 "ptrue p7.b\n\t"
+				 "index z8.b, #1, #3\n\t"
+				 "mov w2, #1\n\t"
+				 "str w2, [%[spinning]]\n"
+				 "1:\n\t"
+				 "index z9.b, #1, #3\n\t"
+				 "cmpne p1.b, p7/z, z8.b, z9.b\n\t"
+				 "b.ne 2f\n\t" /* some byte of z8 changed */
+				 "cntp x2, p7, p7.b\n\t"
+				 "cntb x3\n\t"
+				 "cmp x2, x3\n\t"
+				 "b.ne 2f\n\t" /* p7 is no longer all true */
+				 "ldr w2, [%[stop]]\n\t"
+				 "cbz w2, 1b\n\t"
+				 "b 3f\n"
+				 "2:\n\t"
+				 "mov %[ok], #0\n"
+				 "3:\n"
+				 : [ok] "+r"(ok)
+				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
+				 : "x2", "x3", "v8", "v9", "cc", "memory");
+	else
+		__asm__ volatile("movi v8.16b, #0x5a\n\t"
+				 "mov w2, #1\n\t"
+				 "str w2, [%[spinning]]\n"
+				 "1:\n\t"
+				 "movi v9.16b, #0x5a\n\t"
+				 "cmeq v9.16b, v8.16b, v9.16b\n\t"
+				 "uminv b9, v9.16b\n\t"
+				 "umov w2, v9.b[0]\n\t"
+				 "cmp w2, #0xff\n\t"
+				 "b.ne 2f\n\t"
+				 "ldr w2, [%[stop]]\n\t"
+				 "cbz w2, 1b\n\t"
+				 "b 3f\n"
+				 "2:\n\t"
+				 "mov %[ok], #0\n"
+				 "3:\n"
+				 : [ok] "+r"(ok)
+				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
+				 : "x2", "v8", "v9", "cc", "memory");
+	return (int)ok;
+}
+#endif
+
 static void *leaderless_checker(void *arg)
 {
 	(void)arg;
@@ -355,6 +454,13 @@ int main(int argc, char **argv)
 			return 2;
 		pthread_join(thread, NULL);
 		return ok && !atomic_load(&bad) ? 0 : 1;
+	} else if (strcmp(mode, "vector-regs") == 0) {
+		int kept;
+
+		pthread_create(&thread, NULL, vector_checker, NULL);
+		kept = vector_spin();
+		pthread_join(thread, NULL);
+		return kept && vector_verified ? 0 : 1;
 	} else if (strcmp(mode, "plain") != 0) {
 		fprintf(stderr, "unknown mode %s\n", mode);
 		return 2;
