@@ -18,7 +18,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define PAGE 4096
+static size_t page_bytes; /* the kernel's page size, read at start */
 
 static const char *words[] = {"memory", "process", "restore", "checkpoint", "kernel", "page",
 			      "the", "of", "and", "parasite", "socket", "frozen", "dump", "file"};
@@ -36,39 +36,45 @@ static void make_page(unsigned char *page, size_t index)
 	uint64_t state = index * 0x9e3779b97f4a7c15ULL + 1;
 
 	if (index % 2) {
-		for (size_t i = 0; i < PAGE; i += 8) {
+		for (size_t i = 0; i < page_bytes; i += 8) {
 			uint64_t v = next(&state);
 			memcpy(page + i, &v, 8);
 		}
 		return;
 	}
-	for (size_t i = 0; i < PAGE;) {
+	for (size_t i = 0; i < page_bytes;) {
 		const char *w = words[next(&state) % (sizeof(words) / sizeof(words[0]))];
-		for (size_t j = 0; w[j] && i < PAGE; j++)
+		for (size_t j = 0; w[j] && i < page_bytes; j++)
 			page[i++] = w[j];
-		if (i < PAGE)
+		if (i < page_bytes)
 			page[i++] = ' ';
 	}
 }
 
 int main(int argc, char **argv)
 {
-	size_t pages = ((size_t)(argc > 1 ? atol(argv[1]) : 1024) << 20) / PAGE;
-	unsigned char *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	unsigned char expect[PAGE];
+	long page_size = sysconf(_SC_PAGESIZE);
+	size_t pages;
+	unsigned char *mem, *expect;
 	sigset_t set;
 	int sig;
 
-	if (mem == MAP_FAILED)
+	if (page_size <= 0)
+		return 2;
+	page_bytes = (size_t)page_size;
+	pages = ((size_t)(argc > 1 ? atol(argv[1]) : 1024) << 20) / page_bytes;
+	mem = mmap(NULL, pages * page_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	expect = malloc(page_bytes);
+	if (mem == MAP_FAILED || !expect)
 		return 2;
 	for (size_t p = 0; p < pages; p++)
-		make_page(mem + p * PAGE, p);
+		make_page(mem + p * page_bytes, p);
 	if (argc > 2 && strcmp(argv[2], "send") == 0) {
 		char go;
 		if (write(0, "r", 1) != 1 || read(0, &go, 1) != 1)
 			return 2;
-		for (size_t done = 0; done < pages * PAGE;) {
-			ssize_t n = write(0, mem + done, pages * PAGE - done);
+		for (size_t done = 0; done < pages * page_bytes;) {
+			ssize_t n = write(0, mem + done, pages * page_bytes - done);
 			if (n <= 0)
 				return 2;
 			done += n;
@@ -90,7 +96,7 @@ int main(int argc, char **argv)
 	}
 	for (size_t p = 0; p < pages; p++) {
 		make_page(expect, p);
-		if (memcmp(expect, mem + p * PAGE, PAGE)) {
+		if (memcmp(expect, mem + p * page_bytes, page_bytes)) {
 			fprintf(stderr, "page %zu differs\n", p);
 			return 1;
 		}

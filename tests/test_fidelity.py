@@ -118,18 +118,22 @@ def test_protections_and_huge_pages_round_trip(spawn, memcr: Memcr) -> None:
     round_trip(target, memcr)
 
 
+# a mapping of 16 pages, page-aligned whatever the page size (0x10000-0x20000 with 4 KiB pages)
+START, END = 16 * PAGE, 32 * PAGE
+
+
 def test_plan_that_lists_a_page_twice_is_refused() -> None:
-    vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "")
-    plan = scan.Plan(vmas=[vma], copy=[scan.Extent(0x10000, 2 * PAGE, vma), scan.Extent(0x11000, PAGE, vma)])
+    vma = procfs.Vma(START, END, "rw-p", 0, 0, "")
+    plan = scan.Plan(vmas=[vma], copy=[scan.Extent(START, 2 * PAGE, vma), scan.Extent(START + PAGE, PAGE, vma)])
     with pytest.raises(scan.PlanError, match="twice or out of order"):
         scan.check_plan(plan)
-    plan.copy = [scan.Extent(0x1F000, 2 * PAGE, vma)]
+    plan.copy = [scan.Extent(END - PAGE, 2 * PAGE, vma)]
     with pytest.raises(scan.PlanError, match="outside its mapping"):
         scan.check_plan(plan)
 
 
 def test_a_scan_that_missed_pages_is_refused() -> None:
-    vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "", resident=4 * PAGE)
+    vma = procfs.Vma(START, END, "rw-p", 0, 0, "", resident=4 * PAGE)
     plan = scan.Plan(vmas=[vma], found={(vma.start, vma.end): 3})
     with pytest.raises(scan.PlanError, match=r"found 3 pages .* the kernel counts 4"):
         scan.confirm([vma], plan)

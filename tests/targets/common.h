@@ -15,6 +15,24 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+/*
+ * The kernel's page size, read at run time: 4 KiB on x86-64, 4, 16 or
+ * 64 KiB on arm64. A static array that must hold a page is MAX_PAGE_SIZE
+ * bytes; a kernel with larger pages is refused rather than overrun.
+ */
+#define MAX_PAGE_SIZE (64u << 10)
+
+static inline size_t page_size(void)
+{
+	long size = sysconf(_SC_PAGESIZE);
+
+	if (size <= 0 || (unsigned long)size > MAX_PAGE_SIZE) {
+		fprintf(stderr, "unsupported page size %ld\n", size);
+		exit(2);
+	}
+	return (size_t)size;
+}
+
 static inline uint64_t mix(uint64_t x)
 {
 	x += 0x9e3779b97f4a7c15ULL;

@@ -25,19 +25,20 @@
 #include <sys/wait.h>
 #include "common.h"
 
-#define PAGE 4096u
 #define SIDE (16u << 20) /* bytes of each remap-mode mapping */
+#define LINE 4096u /* the reader's buffer: any size does, it gets one short line */
 
 static uint64_t *region;
 static size_t region_bytes;
 static atomic_int stop, bad;
 static atomic_long checks;
 static const char *mode;
+static size_t page_bytes; /* the kernel's page size */
 static uint64_t rng = 88172645463325252ULL;
 
 /* remap mode: a mapping that moves, one whose pages are given back, one whose pages are replaced */
 static uint64_t *moving, *spare, *given, *replaced;
-static unsigned char given_zero[SIDE / PAGE], replaced_zero[SIDE / PAGE];
+static unsigned char *given_zero, *replaced_zero; /* one flag per page of SIDE */
 
 static uint64_t next_random(void)
 {
@@ -55,12 +56,12 @@ static void fail(const char *what, size_t page)
 
 static int page_ok(const uint64_t *base, size_t page, uint64_t seed)
 {
-	return same(base + page * (PAGE / 8), PAGE, seed + page * (PAGE / 8));
+	return same(base + page * (page_bytes / 8), page_bytes, seed + page * (page_bytes / 8));
 }
 
 static void touch(void)
 {
-	size_t page = next_random() % (region_bytes / PAGE);
+	size_t page = next_random() % (region_bytes / page_bytes);
 
 	if (!page_ok(region, page, 1))
 		fail("touch", page);
@@ -68,18 +69,18 @@ static void touch(void)
 
 static void syscalls(int pipe_fds[2])
 {
-	size_t page = next_random() % (region_bytes / PAGE);
-	uint64_t *at = region + page * (PAGE / 8) + 16;
+	size_t page = next_random() % (region_bytes / page_bytes);
+	uint64_t *at = region + page * (page_bytes / 8) + 16;
 	uint64_t got[32];
 
 	/* the kernel reads the page: copy_from_user faults it in */
 	if (write(pipe_fds[1], at, sizeof(got)) != sizeof(got) || read(pipe_fds[0], got, sizeof(got)) != sizeof(got) ||
-	    !same(got, sizeof(got), 1 + page * (PAGE / 8) + 16))
+	    !same(got, sizeof(got), 1 + page * (page_bytes / 8) + 16))
 		fail("write(2) from", page);
 	/* the kernel writes the page (the same bytes): copy_to_user faults it in */
-	page = next_random() % (region_bytes / PAGE);
-	at = region + page * (PAGE / 8) + 64;
-	fill(got, sizeof(got), 1 + page * (PAGE / 8) + 64);
+	page = next_random() % (region_bytes / page_bytes);
+	at = region + page * (page_bytes / 8) + 64;
+	fill(got, sizeof(got), 1 + page * (page_bytes / 8) + 64);
 	if (write(pipe_fds[1], got, sizeof(got)) != sizeof(got) || read(pipe_fds[0], at, sizeof(got)) != sizeof(got) ||
 	    !page_ok(region, page, 1))
 		fail("read(2) into", page);
@@ -94,7 +95,7 @@ static void forks(void)
 		int ok = 1;
 
 		for (int i = 0; i < 256; i++) {
-			size_t page = next_random() % (region_bytes / PAGE);
+			size_t page = next_random() % (region_bytes / page_bytes);
 			ok &= page_ok(region, page, 1);
 		}
 		_exit(ok ? 0 : 1);
@@ -106,10 +107,10 @@ static void forks(void)
 
 static int side_ok(const uint64_t *base, const unsigned char *zero, uint64_t seed, size_t page)
 {
-	const uint64_t *p = base + page * (PAGE / 8);
+	const uint64_t *p = base + page * (page_bytes / 8);
 
 	if (zero[page]) {
-		for (size_t i = 0; i < PAGE / 8; i++)
+		for (size_t i = 0; i < page_bytes / 8; i++)
 			if (p[i])
 				return 0;
 		return 1;
@@ -119,7 +120,7 @@ static int side_ok(const uint64_t *base, const unsigned char *zero, uint64_t see
 
 static void remaps(void)
 {
-	size_t page = next_random() % (SIDE / PAGE);
+	size_t page = next_random() % (SIDE / page_bytes);
 	void *to = spare;
 
 	/* the moving mapping trades places with the spare one; its pages go along */
@@ -133,27 +134,27 @@ static void remaps(void)
 	if (!page_ok(moving, page, 7))
 		fail("moved", page);
 	/* a page given back reads as zeros from then on */
-	madvise(given + page * (PAGE / 8), PAGE, MADV_DONTNEED);
+	madvise(given + page * (page_bytes / 8), page_bytes, MADV_DONTNEED);
 	given_zero[page] = 1;
-	page = next_random() % (SIDE / PAGE);
+	page = next_random() % (SIDE / page_bytes);
 	if (!side_ok(given, given_zero, 8, page))
 		fail("given back", page);
 	/* a page replaced by a new mapping reads as zeros too */
-	page = next_random() % (SIDE / PAGE);
-	if (mmap(replaced + page * (PAGE / 8), PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
-		 0) == MAP_FAILED) {
+	page = next_random() % (SIDE / page_bytes);
+	if (mmap(replaced + page * (page_bytes / 8), page_bytes, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED) {
 		perror("mmap");
 		exit(2);
 	}
 	replaced_zero[page] = 1;
-	page = next_random() % (SIDE / PAGE);
+	page = next_random() % (SIDE / page_bytes);
 	if (!side_ok(replaced, replaced_zero, 9, page))
 		fail("replaced", page);
 }
 
 static void on_usr2(int sig)
 {
-	size_t page = (size_t)(next_random() % (region_bytes / PAGE));
+	size_t page = (size_t)(next_random() % (region_bytes / page_bytes));
 
 	(void)sig;
 	if (!page_ok(region, page, 1))
@@ -193,6 +194,13 @@ int main(int argc, char **argv)
 	sigset_t set;
 	int ok = 1;
 
+	page_bytes = page_size();
+	given_zero = calloc(SIDE / page_bytes, 1);
+	replaced_zero = calloc(SIDE / page_bytes, 1);
+	if (!given_zero || !replaced_zero) {
+		perror("calloc");
+		return 2;
+	}
 	region_bytes = (size_t)(argc > 1 ? atol(argv[1]) : 64) << 20;
 	mode = argc > 2 ? argv[2] : "touch";
 	region = map_anon(region_bytes);
@@ -208,7 +216,7 @@ int main(int argc, char **argv)
 	remember_args(argc, argv);
 	block_usr1(&set);
 	if (!strcmp(mode, "reader")) {
-		static char line[PAGE];
+		static char line[LINE];
 
 		announce();
 		if (read(0, line, sizeof(line)) < 1)
@@ -229,7 +237,7 @@ int main(int argc, char **argv)
 	ok &= !atomic_load(&bad);
 	ok &= check("region", region, region_bytes, 1);
 	ok &= check("moving", moving, SIDE, 7);
-	for (size_t page = 0; page < SIDE / PAGE; page++) {
+	for (size_t page = 0; page < SIDE / page_bytes; page++) {
 		if (!side_ok(given, given_zero, 8, page))
 			ok = 0, fprintf(stderr, "given back: page %zu is wrong\n", page);
 		if (!side_ok(replaced, replaced_zero, 9, page))

@@ -12,7 +12,6 @@
 #include "common.h"
 
 #define WORKER_BYTES (4u << 20)
-#define PAGE 4096u
 
 static uint64_t data_array[8192] = {1};
 static uint64_t bss_array[8192];
@@ -28,20 +27,21 @@ struct worker {
 static void *work(void *arg)
 {
 	struct worker *w = arg;
-	size_t words_per_page = PAGE / 8;
+	size_t page_bytes = page_size();
+	size_t words_per_page = page_bytes / 8;
 
 	while (!atomic_load(&stop)) {
-		for (size_t p = 0; p < WORKER_BYTES / PAGE; p++) {
+		for (size_t p = 0; p < WORKER_BYTES / page_bytes; p++) {
 			uint64_t *page = w->mem + p * words_per_page;
 			uint64_t seed = ((uint64_t)w->id << 48) ^ (p << 24);
 			/* report only the first damage: stderr is a pipe nobody drains */
 			if (w->pass && (page[0] != w->pass ||
-					!same(page + 1, PAGE - 8, seed + w->pass)) &&
+					!same(page + 1, page_bytes - 8, seed + w->pass)) &&
 			    !atomic_exchange(&corrupt, 1))
 				fprintf(stderr, "worker %d: page %zu is not what it wrote in pass %llu\n",
 					w->id, p, (unsigned long long)w->pass);
 			page[0] = w->pass + 1;
-			fill(page + 1, PAGE - 8, seed + w->pass + 1);
+			fill(page + 1, page_bytes - 8, seed + w->pass + 1);
 		}
 		if (w->pass++ == 0)
 			atomic_fetch_add(&primed, 1);

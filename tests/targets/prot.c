@@ -38,13 +38,14 @@ static int has_perms(void *addr, const char *perms)
 int main(void)
 {
 	uint64_t *regions[KINDS];
+	size_t page = page_size();
 	sigset_t set;
 	int ok = 1;
 
 	for (unsigned i = 0; i < KINDS; i++) {
 		/* a guard page between regions keeps each its own mapping */
-		char *p = map_anon(REGION + 4096);
-		munmap(p + REGION, 4096);
+		char *p = map_anon(REGION + page);
+		munmap(p + REGION, page);
 		regions[i] = (uint64_t *)p;
 		fill(regions[i], REGION, 20 + i);
 		mprotect(regions[i], REGION, kinds[i].prot);

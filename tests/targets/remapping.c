@@ -11,10 +11,11 @@
 static void *grow(void *arg)
 {
 	const struct timespec pause = {0, 10000};
+	size_t page = page_size();
 
 	(void)arg;
 	for (;;) {
-		if (mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) == MAP_FAILED) {
+		if (mmap(NULL, page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) == MAP_FAILED) {
 			perror("mmap");
 			exit(2);
 		}

@@ -15,7 +15,6 @@
  */
 #include "common.h"
 
-#define PAGE 4096u
 #define MAX_SHAPES 32
 
 struct shape {
@@ -27,10 +26,12 @@ struct shape {
 };
 
 static struct shape shapes[MAX_SHAPES];
+static size_t page_bytes; /* the kernel's page size: SPEC's PAGES count these */
 
+/* the page's offset in bytes in the middle: with any page size no two pages' words share a seed */
 static uint64_t page_seed(int shape, size_t page, int file)
 {
-	return ((uint64_t)(shape + 1) << 40) ^ ((uint64_t)page << 12) ^ (file ? 1ULL << 60 : 0);
+	return ((uint64_t)(shape + 1) << 40) ^ ((uint64_t)page * page_bytes) ^ (file ? 1ULL << 60 : 0);
 }
 
 #define MADV_GUARD_INSTALL 102
@@ -77,19 +78,19 @@ static int prot_of(const char *prot)
 
 static void make(int i, struct shape *s)
 {
-	size_t bytes = s->pages * PAGE;
+	size_t bytes = s->pages * page_bytes;
 	int file = strcmp(s->kind, "file") == 0;
 	uint64_t *mem;
 
 	if (file) {
 		char path[] = "/tmp/memcr-shape-XXXXXX";
-		uint64_t *page = malloc(PAGE);
+		uint64_t *page = malloc(page_bytes);
 
 		s->fd = mkstemp(path);
 		unlink(path);
 		for (size_t p = 0; p < s->pages; p++) {
-			fill(page, PAGE, page_seed(i, p, 1));
-			if (write(s->fd, page, PAGE) != PAGE) {
+			fill(page, page_bytes, page_seed(i, p, 1));
+			if (write(s->fd, page, page_bytes) != (ssize_t)page_bytes) {
 				perror("write");
 				exit(2);
 			}
@@ -111,12 +112,12 @@ static void make(int i, struct shape *s)
 	for (size_t p = 0; p < s->pages; p++)
 		if (written(s->pattern, p)) {
 			s->written[p] = 1;
-			fill(mem + p * (PAGE / 8), PAGE, page_seed(i, p, 0));
+			fill(mem + p * (page_bytes / 8), page_bytes, page_seed(i, p, 0));
 		}
 	if (guard_every(s->pattern))
 		for (size_t p = 0; p < s->pages; p += guard_every(s->pattern)) {
 			s->written[p] = 2;
-			if (madvise(mem + p * (PAGE / 8), PAGE, MADV_GUARD_INSTALL) != 0) {
+			if (madvise(mem + p * (page_bytes / 8), page_bytes, MADV_GUARD_INSTALL) != 0) {
 				perror("madvise(MADV_GUARD_INSTALL)");
 				exit(3);
 			}
@@ -135,7 +136,7 @@ static int is_guard(const void *page)
 
 	if (fd < 0)
 		fd = open("/proc/self/pagemap", O_RDONLY);
-	if (pread(fd, &entry, 8, (off_t)((uintptr_t)page / PAGE * 8)) != 8)
+	if (pread(fd, &entry, 8, (off_t)((uintptr_t)page / page_bytes * 8)) != 8)
 		return 0;
 	return (entry & PM_GUARD) != 0;
 }
@@ -144,20 +145,20 @@ static int verify(int i, struct shape *s)
 {
 	int file = strcmp(s->kind, "file") == 0;
 
-	mprotect(s->mem, s->pages * PAGE, PROT_READ);
+	mprotect(s->mem, s->pages * page_bytes, PROT_READ);
 	for (size_t p = 0; p < s->pages; p++) {
-		uint64_t *page = s->mem + p * (PAGE / 8);
+		uint64_t *page = s->mem + p * (page_bytes / 8);
 		int good;
 
 		if (s->written[p] == 2)
 			good = is_guard(page);
 		else if (s->written[p])
-			good = same(page, PAGE, page_seed(i, p, 0));
+			good = same(page, page_bytes, page_seed(i, p, 0));
 		else if (file)
-			good = same(page, PAGE, page_seed(i, p, 1));
+			good = same(page, page_bytes, page_seed(i, p, 1));
 		else {
 			good = 1;
-			for (size_t w = 0; w < PAGE / 8; w++)
+			for (size_t w = 0; w < page_bytes / 8; w++)
 				good &= page[w] == 0;
 		}
 		if (!good) {
@@ -175,6 +176,7 @@ int main(int argc, char **argv)
 	sigset_t set;
 	int ok = 1;
 
+	page_bytes = page_size();
 	if (n > MAX_SHAPES) {
 		fprintf(stderr, "at most %d shapes\n", MAX_SHAPES);
 		return 2;

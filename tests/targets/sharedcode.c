@@ -15,11 +15,30 @@
 #include "common.h"
 
 #define REGION (16u << 20)
-#define CODE 4096
 
 static uint64_t *region;
-static unsigned char *code, copy[CODE];
+static size_t code_bytes; /* the code takes one page, of the kernel's page size */
+static unsigned char *code, copy[MAX_PAGE_SIZE];
 static sigset_t usr1;
+
+/* Fill the page with no-ops and, 96 bytes before its end, a jump back to its start: a spin. */
+static void write_spin(unsigned char *page, size_t bytes)
+{
+	size_t at = bytes - 96;
+#if defined(__x86_64__)
+	int rel = -(int)(at + 5);
+
+	memset(page, 0x90, bytes); /* nop */
+	page[at] = 0xe9;           /* jmp rel32 */
+	memcpy(page + at + 1, &rel, 4);
+#elif defined(__aarch64__)
+	uint32_t nop = 0xd503201f, b = 0x14000000u | ((uint32_t)(-(int32_t)(at / 4)) & 0x03ffffffu);
+
+	for (size_t i = 0; i < bytes; i += 4)
+		memcpy(page + i, &nop, 4);
+	memcpy(page + at, &b, 4); /* b <start> */
+#endif
+}
 
 static void *checker(void *arg)
 {
@@ -29,7 +48,7 @@ static void *checker(void *arg)
 	while (sigwait(&usr1, &sig) != 0 || sig != SIGUSR1)
 		;
 	ok = state_intact(1) & check("region", region, REGION, 91);
-	if (memcmp(copy, code, CODE) != 0) {
+	if (memcmp(copy, code, code_bytes) != 0) {
 		fprintf(stderr, "the code page changed\n");
 		ok = 0;
 	}
@@ -40,9 +59,9 @@ int main(int argc, char **argv)
 {
 	const char *mode = argc > 1 ? argv[1] : "memfd";
 	unsigned char *writable;
-	int rel = -(CODE - 96 + 5);
 	pthread_t thread;
 
+	code_bytes = page_size();
 	region = map_anon(REGION);
 	fill(region, REGION, 91);
 	sigemptyset(&usr1);
@@ -51,19 +70,19 @@ int main(int argc, char **argv)
 	if (strcmp(mode, "memfd") == 0) {
 		int fd = memfd_create("code", 0);
 
-		if (fd < 0 || ftruncate(fd, CODE) != 0)
+		if (fd < 0 || ftruncate(fd, code_bytes) != 0)
 			return 2;
-		writable = mmap(NULL, CODE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-		code = mmap(NULL, CODE, PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0);
+		writable = mmap(NULL, code_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		code = mmap(NULL, code_bytes, PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0);
 	} else {
-		writable = code = mmap(NULL, CODE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+		writable = code = mmap(NULL, code_bytes, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_SHARED | MAP_ANONYMOUS,
+				       -1, 0);
 	}
 	if (writable == MAP_FAILED || code == MAP_FAILED)
 		return 2;
-	memset(writable, 0x90, CODE);		 /* nop ... */
-	writable[CODE - 96] = 0xe9;		 /* ... jmp back to the start: spin */
-	memcpy(writable + CODE - 95, &rel, 4);
-	memcpy(copy, writable, CODE);
+	write_spin(writable, code_bytes);
+	__builtin___clear_cache((char *)code, (char *)code + code_bytes); /* arm64: the instruction cache */
+	memcpy(copy, writable, code_bytes);
 	if (strcmp(mode, "fork") == 0) {
 		pid_t child = fork();
 

@@ -427,14 +427,14 @@ int main(int argc, char **argv)
 		syscall(__NR_exit, 4);
 	} else if (strcmp(mode, "seccomp-kill") == 0) {
 		set_handler(SIGSYS, SA_SIGINFO, 0);
-		pthread_create(&thread, NULL, spinner, map_anon(4096));
+		pthread_create(&thread, NULL, spinner, map_anon(page_size()));
 		if (seccomp_filter(SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_TRAP))
 			return 2;
 	} else if (strcmp(mode, "seccomp-errno") == 0) {
 		if (seccomp_filter(SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW))
 			return 2;
 	} else if (strcmp(mode, "leader-exited") == 0) {
-		pthread_create(&thread, NULL, spinner, map_anon(4096));
+		pthread_create(&thread, NULL, spinner, map_anon(page_size()));
 		pthread_create(&thread, NULL, leaderless_checker, NULL);
 		announce();
 		pthread_exit(NULL);

@@ -12,8 +12,8 @@
 
 #include "common.h"
 
-#define BUFFER (64u << 10)
-#define AT 4096u
+#define BUFFER_PAGES 16 /* the buffer's size: 64 KiB with 4 KiB pages */
+#define AT_PAGE 1       /* where in it the bytes land: the start of its second page */
 static const char expected[8] = "parkedIO";
 
 static long ring_setup(unsigned entries, struct io_uring_params *p)
@@ -29,14 +29,16 @@ static long ring_enter(int fd, unsigned submit, unsigned wait)
 int main(int argc, char **argv)
 {
 	struct io_uring_params p = {0};
-	uint64_t *buffer = map_anon(BUFFER);
-	uint64_t *want = malloc(BUFFER);
+	size_t page = page_size();
+	size_t buffer_bytes = BUFFER_PAGES * page, at = AT_PAGE * page;
+	uint64_t *buffer = map_anon(buffer_bytes);
+	uint64_t *want = malloc(buffer_bytes);
 	sigset_t set;
 	int ok = 1;
 
-	fill(buffer, BUFFER, 41);
-	memcpy(want, buffer, BUFFER);
-	memcpy((char *)want + AT, expected, sizeof(expected));
+	fill(buffer, buffer_bytes, 41);
+	memcpy(want, buffer, buffer_bytes);
+	memcpy((char *)want + at, expected, sizeof(expected));
 
 	int fd = (int)ring_setup(4, &p);
 	if (fd < 0) {
@@ -58,7 +60,7 @@ int main(int argc, char **argv)
 	memset(&sqes[0], 0, sizeof(sqes[0]));
 	sqes[0].opcode = IORING_OP_READ;
 	sqes[0].fd = 0;
-	sqes[0].addr = (unsigned long)((char *)buffer + AT);
+	sqes[0].addr = (unsigned long)((char *)buffer + at);
 	sqes[0].len = sizeof(expected);
 	sqes[0].off = (unsigned long long)-1;
 	if (argc > 1 && strcmp(argv[1], "async") == 0)
@@ -82,7 +84,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "the read completed with %d\n", cqe[0].res);
 		ok = 0;
 	}
-	for (size_t i = 0; i < BUFFER / 8; i++)
+	for (size_t i = 0; i < buffer_bytes / 8; i++)
 		if (buffer[i] != want[i]) {
 			fprintf(stderr, "buffer: bad word at offset %zu\n", i * 8);
 			ok = 0;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from memcr.dump.reader import DumpReader
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
 from memcr.errors import DumpError, StorageError
 
-PAGE = 4096
+PAGE = mmap.PAGESIZE
 PID = 4242
 CODINGS = {
     "plain": Coding(),

@@ -6,6 +6,7 @@ Rootless; the parks themselves are tested on real processes in tests/test_groups
 from __future__ import annotations
 
 import json
+import mmap
 
 from memcr.cgroup import parse_events
 from memcr.errors import GroupError, StorageError, TargetError, TargetKilled
@@ -18,8 +19,11 @@ def test_cgroup_events() -> None:
     assert parse_events("") == {}
 
 
+PAGE = mmap.PAGESIZE
+
+
 def member(pid: int, pages: int, shared: int) -> Report:
-    r = Report(pid, 4096, threads=2, pages=pages, dropped_pages=pages, shared_pages=shared, dump_bytes=pages * 4096)
+    r = Report(pid, PAGE, threads=2, pages=pages, dropped_pages=pages, shared_pages=shared, dump_bytes=pages * PAGE)
     r.rss_before = {"VmRSS": 1000, "RssAnon": 800, "RssFile": 200}
     r.rss_after = {"VmRSS": 300, "RssAnon": 100, "RssFile": 200}
     return r
@@ -28,7 +32,7 @@ def member(pid: int, pages: int, shared: int) -> Report:
 def test_group_report_sums_its_members() -> None:
     g = GroupReport.of("tree 10", [member(10, 100, 7), member(11, 50, 7)], park_ms=12.5)
     assert (g.members, g.threads, g.pages, g.dropped_pages, g.shared_pages) == ([10, 11], 4, 150, 150, 14)
-    assert g.dump_bytes == 150 * 4096
+    assert g.dump_bytes == 150 * PAGE
     assert g.rss_before == {"VmRSS": 2000, "RssAnon": 1600, "RssFile": 400}
     assert g.rss_after["RssAnon"] == 200
     line = json.loads(g.json("checkpoint"))
