@@ -59,12 +59,11 @@ class Injector:
     def syscall(self, nr: int, *args: int) -> int:
         """Run one system call on the leader; its result (-errno on failure)."""
         f, tid, at = self.frozen, self.frozen.leader, self.site
-        regs = f.get_regs(tid)
         code = self.blobs.syscall
         original = f.read(at, len(code))
         f.write(at, code)
         try:
-            done, _ = f.run_syscall(tid, f.arch.prepare_syscall(regs, at, nr, args))
+            done, _ = f.run_syscall(tid, at, nr, args)
         finally:
             self._put_code_back(at, original)
         return f.arch.syscall_result(done)
@@ -72,9 +71,8 @@ class Injector:
     def kill_process(self, ns_pid: int) -> None:
         """Make the process SIGKILL itself (memcr may lack the right to signal it) and collect it."""
         f, at = self.frozen, self.site
-        regs = f.get_regs(f.leader)
         f.write(at, self.blobs.syscall)  # never put back: the process is about to die
-        f.run_to_death(f.arch.prepare_syscall(regs, at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL)))
+        f.run_to_death(at, f.arch.SYS_KILL, (ns_pid, signal.SIGKILL))
 
     def _put_code_back(self, at: int, original: bytes) -> None:
         try:
@@ -142,17 +140,12 @@ class Infection:
     def start(self) -> int:
         """Start the blob's thread at its clone trampoline; its tid."""
         f, tid = self.frozen, self.frozen.leader
-        regs = f.get_regs(tid)
-        call = f.arch.prepare_syscall(
-            regs,
-            self.base + self.injector.blobs.offsets["clone_trampoline"],
-            f.arch.SYS_CLONE,
-            (CLONE_FLAGS, self.base + self.size, 0, 0, 0),
-        )
+        trampoline = self.base + self.injector.blobs.offsets["clone_trampoline"]
+        args = (CLONE_FLAGS, self.base + self.size, 0, 0, 0)
         # traced from birth: a group stop must not hold it (see FrozenProcess.keep_running)
         f.set_options(tid, OPTIONS | pt.O_TRACECLONE)
         try:
-            done, child = f.run_syscall(tid, call)
+            done, child = f.run_syscall(tid, trampoline, f.arch.SYS_CLONE, args)
         finally:
             f.set_options(tid, OPTIONS)
         result = f.arch.syscall_result(done)
@@ -192,11 +185,10 @@ class Infection:
             return  # it exited meanwhile
         # the blob's own code page is ours to overwrite
         f.write(self.base, self.injector.blobs.syscall)
-        regs = f.get_regs(tid)
         for fd in open_fds:
             if fd >= 0:
-                f.run_syscall(tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_CLOSE, (fd,)))
-        f.set_regs(tid, f.arch.prepare_syscall(regs, self.base, f.arch.SYS_EXIT, (0,)))
+                f.run_syscall(tid, self.base, f.arch.SYS_CLOSE, (fd,))
+        f.set_regs(tid, f.arch.prepare_syscall(f.own_regs(tid), self.base, f.arch.SYS_EXIT, (0,)))
         f.cont(tid)
         if not f.wait(tid).exited:
             raise ParasiteError(f"the parasite in process {f.pid} would not exit", pid=f.pid)

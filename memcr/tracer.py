@@ -8,7 +8,6 @@ thread.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import threading
@@ -196,7 +195,7 @@ def _wait_until(pid: int, tid: int, deadline: float) -> Stop:
 
 
 class _Saved:
-    """A thread's registers before an injected syscall, and the register sets the syscall would discard."""
+    """A thread's own registers, and the register sets a system call would change (Arch.kept_state)."""
 
     __slots__ = ("regs", "regsets")
 
@@ -224,6 +223,7 @@ class FrozenProcess:
         self.stopped = stopped  # it was in a group stop when frozen, and stays in it
         self.helpers: list[int] = []
         self.owner = threading.get_ident()
+        self._own: dict[int, _Saved] = {}  # each thread's own state, once memcr has read it
 
     @classmethod
     def freeze(cls, pid: int, arch: Arch) -> FrozenProcess:
@@ -277,7 +277,9 @@ class FrozenProcess:
         pt.set_options(tid, options)
 
     def cont(self, tid: int, sig: int = 0) -> None:
+        """Let the thread run its own code until its next stop."""
         self._tracer()
+        self._own.pop(tid, None)  # its registers change
         pt.cont(tid, sig)
 
     def wait(self, tid: int) -> Stop:
@@ -319,45 +321,50 @@ class FrozenProcess:
             if tid in group:
                 group.remove(tid)
 
-    def run_syscall(self, tid: int, call_regs: Regs) -> tuple[Regs, int]:
-        """Run the thread from call_regs (pc on a syscall instruction) through that one syscall.
+    def own_regs(self, tid: int) -> Regs:
+        """The registers the thread runs on with when memcr lets it go.
+
+        Read at a stop outside a system call, once, and again only after the
+        thread ran its own code: at a syscall stop arm64 shows the stop's
+        direction in x7 instead of the thread's own value.
+        """
+        return self._own_state(tid).regs
+
+    def _own_state(self, tid: int) -> _Saved:
+        if (state := self._own.get(tid)) is None:
+            state = self._own[tid] = _Saved(self.get_regs(tid), self.arch.kept_state(tid))
+        return state
+
+    def run_syscall(self, tid: int, pc: int, nr: int, args: tuple[int, ...]) -> tuple[Regs, int]:
+        """Run system call `nr` in the thread, from the syscall instruction at `pc`.
 
         Returns its registers at the syscall's exit and, for a clone traced
-        with PTRACE_O_TRACECLONE, the new thread's tid (else 0). The thread
-        stops at syscall entry and exit (PTRACE_SYSCALL), not at a trap
-        instruction: a trap raises SIGTRAP, which would reset a handler the
-        target blocked and swallow a SIGTRAP it has pending. A signal that
-        comes first is delivered with the thread's own registers in place,
-        then the call is tried again.
+        with PTRACE_O_TRACECLONE, the new thread's tid (else 0); the thread
+        has its own registers back. It stops at syscall entry and exit
+        (PTRACE_SYSCALL), not at a trap instruction: a trap raises SIGTRAP,
+        which would reset a handler the target blocked and swallow a SIGTRAP
+        it has pending. A signal that comes first is delivered with the
+        thread's own registers in place, then the call is tried again.
         """
-        saved = self._save(tid)
         while True:
-            self.set_regs(tid, call_regs)
+            own = self._own_state(tid)
+            self.set_regs(tid, self.arch.prepare_syscall(own.regs, pc, nr, args))
             self._syscall(tid)
             stop = self.wait(tid)
             if stop.syscall_stop:
                 regs, child = self._finish_syscall(tid)
                 if self.arch.syscall_result(regs) not in RESTART:
-                    self._put_back(tid, saved)
+                    self._put_back(tid, own)
                     return regs, child
                 # a signal interrupted it (only SIGKILL and SIGSTOP get through the parasite's mask)
-                stop = self._run_own_code_briefly(tid, saved)
-            self._put_back(tid, saved)
+                stop = self._run_own_code_briefly(tid, own)
+            else:
+                self._put_back(tid, own)
             self._let_through(tid, stop)
 
-    def _save(self, tid: int) -> _Saved:
-        regsets = []
-        for kind, size in self.arch.KEPT_REGSETS:
-            try:
-                regsets.append((kind, pt.get_regset(tid, kind, size)))
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENODEV):  # this CPU or kernel has no such state
-                    raise
-        return _Saved(self.get_regs(tid), regsets)
-
-    def _put_back(self, tid: int, saved: _Saved) -> None:
-        self.set_regs(tid, saved.regs)
-        for kind, data in saved.regsets:
+    def _put_back(self, tid: int, state: _Saved) -> None:
+        self.set_regs(tid, state.regs)
+        for kind, data in state.regsets:
             pt.set_regset(tid, kind, data)
 
     def _finish_syscall(self, tid: int) -> tuple[Regs, int]:
@@ -457,9 +464,9 @@ class FrozenProcess:
             os.kill(self.pid, signal.SIGKILL)
         self._end(_collect)
 
-    def run_to_death(self, regs: Regs) -> None:
-        """Resume the leader on `regs` (its own kill(2) of the process) and collect the dead."""
-        self.set_regs(self.leader, regs)
+    def run_to_death(self, pc: int, nr: int, args: tuple[int, ...]) -> None:
+        """Resume the leader on system call `nr` at `pc` (its own kill(2) of the process) and collect the dead."""
+        self.set_regs(self.leader, self.arch.prepare_syscall(self.own_regs(self.leader), pc, nr, args))
         self.cont(self.leader)
         self._end(_collect)
 

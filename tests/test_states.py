@@ -16,7 +16,7 @@ import pytest
 from memcr import procfs
 from tests.conftest import Memcr, reap
 
-KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict", "vector-regs"]
+KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict", "registers"]
 
 
 def state(pid: int) -> str:
@@ -84,6 +84,19 @@ def test_sigstop_during_the_park_is_kept(spawn, memcr: Memcr, when: str) -> None
     assert session.press_enter() == 0, session.stderr()
     assert time.monotonic() - started < 20
     assert wait_state(target.pid, "T") == "T"  # the stop the user asked for
+    target.proc.send_signal(signal.SIGCONT)
+    assert target.verify() == 0
+
+
+def test_sigstop_while_parked_keeps_the_registers(spawn, memcr: Memcr) -> None:
+    """The stop comes between memcr's system calls in the main thread: its registers must be its own after."""
+    target = spawn("states", "registers")
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    target.proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.3)
+    assert session.press_enter() == 0, session.stderr()
+    assert wait_state(target.pid, "T") == "T"
     target.proc.send_signal(signal.SIGCONT)
     assert target.verify() == 0
 

@@ -30,14 +30,15 @@ class Arch(Protocol):
     SYS_EXIT: int
     SYS_KILL: int
     SYS_KCMP: int  # the host's number: memcr runs on the target's CPU
-    # (register set, its largest size in bytes): state a system call discards, which memcr
-    # puts back after each one it runs in a thread
-    KEPT_REGSETS: tuple[tuple[int, int], ...]
 
     def pc(self, regs: Any) -> int: ...
     def copy_regs(self, regs: Any) -> Any: ...
     def prepare_syscall(self, regs: Any, pc: int, nr: int, args: tuple[int, ...]) -> Any: ...
     def syscall_result(self, regs: Any) -> int: ...
+    def kept_state(self, tid: int) -> list[tuple[int, bytes]]:
+        """Register sets beyond NT_PRSTATUS (kind, bytes) that a system call memcr runs in the thread
+        would change; they are put back after each one."""
+        ...
 
 
 def page_size() -> int:

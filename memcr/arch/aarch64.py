@@ -10,6 +10,10 @@ either: its keys are per process and the parasite thread shares them.
 from __future__ import annotations
 
 import ctypes
+import errno
+
+from memcr import ptrace_calls as pt
+from memcr.errors import TargetError
 
 name = "aarch64"
 WORD = 8
@@ -26,11 +30,11 @@ SYS_EXIT = 93
 SYS_KILL = 129
 SYS_KCMP = 272
 
-# The SVE registers beyond their low 128 bits, and the predicates, are zero after any system call
-# (the SVE ABI): a thread stopped in the middle of SVE code would lose them to memcr's calls.
-# 16 KiB holds the set at the largest vector length the architecture allows (2048 bits).
+NT_ARM_SYSTEM_CALL = 0x404  # the number of the system call the thread is in, -1 for none
 NT_ARM_SVE = 0x405
-KEPT_REGSETS = ((NT_ARM_SVE, 16 << 10),)
+NT_ARM_SSVE = 0x40B  # the SVE registers of SME's streaming mode
+SVE_SET_SIZE = 16 << 10  # the set at the largest vector length the architecture allows (2048 bits)
+SVE_PT_REGS_SVE = 1  # in the set's header flags: it holds SVE registers, not only the FPSIMD ones
 
 
 class Regs(ctypes.Structure):
@@ -66,3 +70,42 @@ def prepare_syscall(regs: Regs, pc: int, nr: int, args: tuple[int, ...]) -> Regs
 def syscall_result(regs: Regs) -> int:
     value = int(regs.regs[0])
     return value - (_MASK + 1) if value >> (8 * WORD - 1) else value
+
+
+def kept_state(tid: int) -> list[tuple[int, bytes]]:
+    """The thread's system call number and, while it uses SVE, its SVE registers.
+
+    The number is not in NT_PRSTATUS: left at that of memcr's last call, a
+    thread whose x0 happens to hold -ERESTARTSYS would be rewound by 4 bytes
+    when it runs on. The SVE registers beyond their low 128 bits, and the
+    predicates, are zero after any system call (the SVE ABI); a set in
+    FPSIMD form holds nothing a system call changes, and writing it back
+    would cancel a vector length the thread chose for its next exec.
+
+    A thread in SME streaming mode is refused (TargetError, before memcr
+    has run anything in it): a system call ends that mode, and writing the
+    registers back is not known to start it again (not tested: memcr's
+    emulated CPU has no SME).
+    """
+    if _sve_in_use(tid, NT_ARM_SSVE) is not None:
+        raise TargetError(
+            f"thread {tid} is in SME streaming mode, which a system call memcr ran in it would end: "
+            "try again once it has left that mode",
+            what="sme",
+        )
+    kept = [(NT_ARM_SYSTEM_CALL, pt.get_regset(tid, NT_ARM_SYSTEM_CALL, 4))]
+    if (sve := _sve_in_use(tid, NT_ARM_SVE)) is not None:
+        kept.append((NT_ARM_SVE, sve))
+    return kept
+
+
+def _sve_in_use(tid: int, kind: int) -> bytes | None:
+    """The register set `kind` if it holds live SVE state; None if not, or if the CPU lacks it (EINVAL)."""
+    try:
+        data = pt.get_regset(tid, kind, SVE_SET_SIZE)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return None
+    # struct user_sve_header: u32 size, u32 max_size, u16 vl, u16 max_vl, u16 flags
+    return data if int.from_bytes(data[12:14], "little") & SVE_PT_REGS_SVE else None

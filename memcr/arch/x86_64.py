@@ -16,8 +16,6 @@ SYS_EXIT = 60
 SYS_KILL = 62
 SYS_KCMP = 312
 
-KEPT_REGSETS = ()  # a system call keeps the vector registers
-
 
 class Regs(ctypes.Structure):
     """struct user_regs_struct (<sys/user.h>)."""
@@ -55,3 +53,8 @@ def prepare_syscall(regs: Regs, pc: int, nr: int, args: tuple[int, ...]) -> Regs
 def syscall_result(regs: Regs) -> int:
     value = int(regs.rax)
     return value - (_MASK + 1) if value >> (8 * WORD - 1) else value
+
+
+def kept_state(tid: int) -> list[tuple[int, bytes]]:
+    """Nothing: orig_rax is in the register set, and a system call keeps the vector registers."""
+    return []

@@ -18,10 +18,11 @@
  *   leader-exited  the main thread calls pthread_exit; two threads run on
  *   vfork-wait     a thread waits in clone(CLONE_VFORK) (its child has its own
  *                  memory), where no ptrace interrupt reaches it, until SIGUSR1
- *   vector-regs    the main thread, the one memcr runs its system calls on,
- *                  spins in user space with values in vector registers (on
- *                  arm64 with SVE: z8 beyond its low 128 bits and p7, which the
- *                  kernel discards at every system call) until SIGUSR1
+ *   registers      the main thread, the one memcr runs its system calls on,
+ *                  spins in user space with values in registers that a
+ *                  system call or a syscall stop changes (rcx and r11; x7, and
+ *                  with SVE z8 beyond its low 128 bits and p7) and in vector
+ *                  registers, checking them, until SIGUSR1
  */
 #include <errno.h>
 #include <linux/filter.h>
@@ -272,7 +273,7 @@ static void *vfork_waiter(void *arg)
 	return NULL;
 }
 
-/* ---- vector-regs */
+/* ---- registers */
 
 static volatile int vector_spinning, vector_stop, vector_verified;
 
@@ -289,7 +290,7 @@ static void *vector_checker(void *arg)
 }
 
 #if defined(__x86_64__)
-/* 1 if xmm8 kept its value until vector_stop */
+/* 1 if rcx, r11 and xmm8 kept their values until vector_stop */
 static int vector_spin(void)
 {
 	static const unsigned char pattern[16] __attribute__((aligned(16))) = {1, 4, 7, 10, 13, 16, 19, 22,
@@ -297,8 +298,15 @@ static int vector_spin(void)
 	unsigned int same;
 
 	__asm__ volatile("movdqa %[pat], %%xmm8\n\t"
+			 "movq $0x1234, %%rcx\n\t"
+			 "movq $0x5678, %%r11\n\t"
 			 "movl $1, %[spinning]\n"
 			 "1:\n\t"
+			 "xorl %[same], %[same]\n\t"
+			 "cmpq $0x1234, %%rcx\n\t"
+			 "jne 2f\n\t"
+			 "cmpq $0x5678, %%r11\n\t"
+			 "jne 2f\n\t"
 			 "movdqa %[pat], %%xmm9\n\t"
 			 "pcmpeqb %%xmm8, %%xmm9\n\t"
 			 "pmovmskb %%xmm9, %[same]\n\t"
@@ -309,13 +317,13 @@ static int vector_spin(void)
 			 "2:\n"
 			 : [same] "=&r"(same), [spinning] "=m"(vector_spinning)
 			 : [pat] "m"(pattern), [stop] "m"(vector_stop)
-			 : "xmm8", "xmm9", "cc", "memory");
+			 : "rcx", "r11", "xmm8", "xmm9", "cc", "memory");
 	return same == 0xffff;
 }
 #elif defined(__aarch64__)
 #include <sys/auxv.h>
 
-/* 1 if z8 and p7 (SVE) or v8 (no SVE) kept their values until vector_stop */
+/* 1 if x7 and x16, and z8 and p7 (SVE) or v8 (no SVE), kept their values until vector_stop */
 static int vector_spin(void)
 {
 	long ok = 1;
@@ -324,9 +332,15 @@ static int vector_spin(void)
 		__asm__ volatile(".arch_extension sve\n\t"
 				 "ptrue p7.b\n\t"
 				 "index z8.b, #1, #3\n\t"
+				 "mov x7, #0x777\n\t"
+				 "mov x16, #0x616\n\t"
 				 "mov w2, #1\n\t"
 				 "str w2, [%[spinning]]\n"
 				 "1:\n\t"
+				 "cmp x7, #0x777\n\t"
+				 "b.ne 2f\n\t"
+				 "cmp x16, #0x616\n\t"
+				 "b.ne 2f\n\t"
 				 "index z9.b, #1, #3\n\t"
 				 "cmpne p1.b, p7/z, z8.b, z9.b\n\t"
 				 "b.ne 2f\n\t" /* some byte of z8 changed */
@@ -342,12 +356,18 @@ static int vector_spin(void)
 				 "3:\n"
 				 : [ok] "+r"(ok)
 				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
-				 : "x2", "x3", "v8", "v9", "cc", "memory");
+				 : "x2", "x3", "x7", "x16", "v8", "v9", "cc", "memory");
 	else
 		__asm__ volatile("movi v8.16b, #0x5a\n\t"
+				 "mov x7, #0x777\n\t"
+				 "mov x16, #0x616\n\t"
 				 "mov w2, #1\n\t"
 				 "str w2, [%[spinning]]\n"
 				 "1:\n\t"
+				 "cmp x7, #0x777\n\t"
+				 "b.ne 2f\n\t"
+				 "cmp x16, #0x616\n\t"
+				 "b.ne 2f\n\t"
 				 "movi v9.16b, #0x5a\n\t"
 				 "cmeq v9.16b, v8.16b, v9.16b\n\t"
 				 "uminv b9, v9.16b\n\t"
@@ -362,7 +382,7 @@ static int vector_spin(void)
 				 "3:\n"
 				 : [ok] "+r"(ok)
 				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
-				 : "x2", "v8", "v9", "cc", "memory");
+				 : "x2", "x7", "x16", "v8", "v9", "cc", "memory");
 	return (int)ok;
 }
 #endif
@@ -454,7 +474,7 @@ int main(int argc, char **argv)
 			return 2;
 		pthread_join(thread, NULL);
 		return ok && !atomic_load(&bad) ? 0 : 1;
-	} else if (strcmp(mode, "vector-regs") == 0) {
+	} else if (strcmp(mode, "registers") == 0) {
 		int kept;
 
 		pthread_create(&thread, NULL, vector_checker, NULL);
