@@ -33,8 +33,10 @@ PM_PFN = (1 << 55) - 1
 
 # VmFlags of mappings memcr must leave alone: device memory (io, pf), locked
 # memory that madvise refuses to drop (lo), userfaultfd-managed ranges (um, uw, ui: their faults
-# go to the frozen target's own handler), shadow stacks (ss: writable only by the CPU)
-UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw", "ui", "ss"})
+# go to the frozen target's own handler), shadow stacks (ss: writable only by the CPU), arm64
+# memory tagging (mt: a dropped page comes back with its tags cleared, and the target's tagged
+# pointers would fault on it)
+UNTOUCHABLE = frozenset({"io", "pf", "lo", "um", "uw", "ui", "ss", "mt"})
 MAX_EXTENT = 8 << 20  # bytes per dump record: bounds memcr's buffers
 WINDOW = 65536  # pagemap entries read at once (512 KiB)
 

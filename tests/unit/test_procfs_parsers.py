@@ -6,6 +6,7 @@ Rootless: nothing here needs more than the test's own process.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -115,6 +116,14 @@ def test_smaps_flags_and_counters() -> None:
     assert (deleted.flags, deleted.resident, deleted.shared) == (frozenset({"rd", "wr", "mr", "mw", "me"}), 0, 0)
     assert vsyscall.flags == frozenset({"ex"})
     assert not scan.is_candidate(heap, (0, 0))  # lo: locked, madvise would refuse it
+
+
+@pytest.mark.parametrize("flag", ["mt", "ss", "um", "io"])
+def test_mappings_memcr_must_not_drop(flag: str) -> None:
+    """arm64 memory tagging (mt) among them: a dropped page would come back with its tags cleared."""
+    vma = procfs.Vma(0x10000, 0x20000, "rw-p", 0, 0, "", flags=frozenset({"rd", "wr", "mr", "mw", "me", "ac", flag}))
+    assert not scan.is_candidate(vma, (0, 0))
+    assert scan.is_candidate(dataclasses.replace(vma, flags=vma.flags - {flag}), (0, 0))
 
 
 def test_own_maps_with_odd_file_names(tmp_path: Path) -> None:
