@@ -135,6 +135,7 @@ static inline void block_usr1(sigset_t *set)
  * read(): taking the snapshot must not change the memory map it records.
  */
 #include <fcntl.h>
+#include <sys/syscall.h>
 
 #define STATE_TEXT (1 << 16)
 #define MAX_SIGNAL 64
@@ -150,7 +151,7 @@ static struct state state_before, state_after;
 static char stdout_buffer[4096];
 
 static const char *const STATUS_KEYS[] = {
-	"Threads:", "SigPnd:", "ShdPnd:", "SigBlk:", "SigIgn:", "SigCgt:",
+	"SigPnd:", "ShdPnd:", "SigBlk:", "SigIgn:", "SigCgt:",
 	"NoNewPrivs:", "Seccomp:", "Seccomp_filters:", NULL,
 };
 
@@ -211,11 +212,59 @@ static inline void keep_vmflags(const char *smaps, char *out, size_t size)
 }
 
 static char smaps_text[4 * STATE_TEXT];
+static char task_dirents[STATE_TEXT];
+
+struct task_dirent {
+	uint64_t ino;
+	int64_t off;
+	unsigned short reclen;
+	unsigned char type;
+	char name[];
+};
+
+/*
+ * The threads of the process, not counting the kernel's io_uring workers:
+ * the kernel starts and ends those on its own, at times that differ between
+ * its versions. A worker has PF_IO_WORKER in the flags of its stat from its
+ * creation (its name, iou-wrk-N, comes later).
+ */
+#define PF_IO_WORKER 0x10
+
+static inline int own_threads(void)
+{
+	int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC), n = 0;
+	long got;
+
+	while (fd >= 0 && (got = syscall(SYS_getdents64, fd, task_dirents, sizeof(task_dirents))) > 0)
+		for (long at = 0; at < got;) {
+			struct task_dirent *d = (struct task_dirent *)(task_dirents + at);
+			char path[64], stat[512], *after_name;
+			unsigned long flags = 0;
+
+			at += d->reclen;
+			if (d->name[0] == '.')
+				continue;
+			snprintf(path, sizeof(path), "/proc/self/task/%s/stat", d->name);
+			read_text(path, stat, sizeof(stat));
+			/* pid (comm) state ppid pgrp session tty_nr tpgid flags */
+			after_name = strrchr(stat, ')');
+			if (after_name)
+				sscanf(after_name + 1, " %*c %*d %*d %*d %*d %*d %lu", &flags);
+			n += !(flags & PF_IO_WORKER);
+		}
+	if (fd >= 0)
+		close(fd);
+	return n;
+}
 
 static inline void take_state(struct state *s)
 {
+	size_t len;
+
 	read_text("/proc/self/status", s->status, sizeof(s->status));
 	keep_state_lines(s->status);
+	len = strlen(s->status);
+	snprintf(s->status + len, sizeof(s->status) - len, "Threads (no io_uring workers):\t%d\n", own_threads());
 	read_text("/proc/self/maps", s->maps, sizeof(s->maps));
 	read_text("/proc/self/smaps", smaps_text, sizeof(smaps_text));
 	keep_vmflags(smaps_text, s->vmflags, sizeof(s->vmflags));
