@@ -45,6 +45,11 @@ test-apps: install apps
 apps:
 	sh scripts/setup-apps.sh
 
+# the suite in an emulated arm64 Debian machine, as root (scripts/arm64/vm.py; its first run takes minutes);
+# another command: make test-arm64 ARGS='-- sh -c "uname -m"'
+test-arm64:
+	$(PYTHON) scripts/arm64/vm.py $(ARGS)
+
 bench: install apps
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench
@@ -62,4 +67,4 @@ clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info memcr_client/build memcr_client/*.egg-info
 
-.PHONY: all parasite system apps install install-system demo test test-apps bench profile clean
+.PHONY: all parasite system apps install install-system demo test test-apps test-arm64 bench profile clean
