@@ -323,6 +323,29 @@ static int vector_spin(void)
 #elif defined(__aarch64__)
 #include <sys/auxv.h>
 
+/*
+ * The two loops around their vector checks: x7 and x16 set, "spinning" said;
+ * then, each round, x7 and x16 checked (to 2: failed), the vector check, and
+ * vector_stop read (set: to 3, done).
+ */
+#define SPIN_START                                                                                                     \
+	"mov x7, #0x777\n\t"                                                                                           \
+	"mov x16, #0x616\n\t"                                                                                          \
+	"mov w2, #1\n\t"                                                                                               \
+	"str w2, [%[spinning]]\n"                                                                                      \
+	"1:\n\t"                                                                                                       \
+	"cmp x7, #0x777\n\t"                                                                                           \
+	"b.ne 2f\n\t"                                                                                                  \
+	"cmp x16, #0x616\n\t"                                                                                          \
+	"b.ne 2f\n\t"
+#define SPIN_END                                                                                                       \
+	"ldr w2, [%[stop]]\n\t"                                                                                        \
+	"cbz w2, 1b\n\t"                                                                                               \
+	"b 3f\n"                                                                                                       \
+	"2:\n\t"                                                                                                       \
+	"mov %[ok], #0\n"                                                                                              \
+	"3:\n"
+
 /* 1 if x7 and x16, and z8 and p7 (SVE) or v8 (no SVE), kept their values until vector_stop */
 static int vector_spin(void)
 {
@@ -331,16 +354,7 @@ static int vector_spin(void)
 	if (getauxval(AT_HWCAP) & HWCAP_SVE)
 		__asm__ volatile(".arch_extension sve\n\t"
 				 "ptrue p7.b\n\t"
-				 "index z8.b, #1, #3\n\t"
-				 "mov x7, #0x777\n\t"
-				 "mov x16, #0x616\n\t"
-				 "mov w2, #1\n\t"
-				 "str w2, [%[spinning]]\n"
-				 "1:\n\t"
-				 "cmp x7, #0x777\n\t"
-				 "b.ne 2f\n\t"
-				 "cmp x16, #0x616\n\t"
-				 "b.ne 2f\n\t"
+				 "index z8.b, #1, #3\n\t" SPIN_START
 				 "index z9.b, #1, #3\n\t"
 				 "cmpne p1.b, p7/z, z8.b, z9.b\n\t"
 				 "b.ne 2f\n\t" /* some byte of z8 changed */
@@ -348,38 +362,19 @@ static int vector_spin(void)
 				 "cntb x3\n\t"
 				 "cmp x2, x3\n\t"
 				 "b.ne 2f\n\t" /* p7 is no longer all true */
-				 "ldr w2, [%[stop]]\n\t"
-				 "cbz w2, 1b\n\t"
-				 "b 3f\n"
-				 "2:\n\t"
-				 "mov %[ok], #0\n"
-				 "3:\n"
+				 SPIN_END
 				 : [ok] "+r"(ok)
 				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
 				 : "x2", "x3", "x7", "x16", "v8", "v9", "cc", "memory");
 	else
-		__asm__ volatile("movi v8.16b, #0x5a\n\t"
-				 "mov x7, #0x777\n\t"
-				 "mov x16, #0x616\n\t"
-				 "mov w2, #1\n\t"
-				 "str w2, [%[spinning]]\n"
-				 "1:\n\t"
-				 "cmp x7, #0x777\n\t"
-				 "b.ne 2f\n\t"
-				 "cmp x16, #0x616\n\t"
-				 "b.ne 2f\n\t"
+		__asm__ volatile("movi v8.16b, #0x5a\n\t" SPIN_START
 				 "movi v9.16b, #0x5a\n\t"
 				 "cmeq v9.16b, v8.16b, v9.16b\n\t"
 				 "uminv b9, v9.16b\n\t"
 				 "umov w2, v9.b[0]\n\t"
 				 "cmp w2, #0xff\n\t"
-				 "b.ne 2f\n\t"
-				 "ldr w2, [%[stop]]\n\t"
-				 "cbz w2, 1b\n\t"
-				 "b 3f\n"
-				 "2:\n\t"
-				 "mov %[ok], #0\n"
-				 "3:\n"
+				 "b.ne 2f\n\t" /* v8 changed */
+				 SPIN_END
 				 : [ok] "+r"(ok)
 				 : [spinning] "r"(&vector_spinning), [stop] "r"(&vector_stop)
 				 : "x2", "x7", "x16", "v8", "v9", "cc", "memory");
