@@ -8,6 +8,7 @@ real entry point in a child process.
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -174,6 +175,7 @@ def test_help_and_version(memcr: Callable[..., Outcome]) -> None:
     assert shown.code == 0 and "Usage:" in shown.out and "--compress" in shown.out and shown.runs == []
     version = memcr("-V")
     assert version.code == 0 and version.out.startswith("memcr ") and version.runs == []
+    assert f"({platform.machine()}, Linux " in version.out  # the CPU: x86_64 or aarch64
 
 
 def test_the_real_entry_point_refuses_bad_options() -> None:
