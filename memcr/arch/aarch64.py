@@ -48,17 +48,9 @@ class Regs(ctypes.Structure):
     )
 
 
-def copy_regs(regs: Regs) -> Regs:
-    return Regs.from_buffer_copy(regs)
-
-
-def pc(regs: Regs) -> int:
-    return int(regs.pc)
-
-
 def prepare_syscall(regs: Regs, pc: int, nr: int, args: tuple[int, ...]) -> Regs:
     """Registers that make the thread run the syscall blob at pc: number in x8, arguments in x0-x5."""
-    call = copy_regs(regs)
+    call = Regs.from_buffer_copy(regs)
     call.pc = pc
     call.pstate &= ~_PSTATE_BTYPE
     call.regs[8] = nr

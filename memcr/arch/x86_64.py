@@ -30,17 +30,9 @@ class Regs(ctypes.Structure):
     )
 
 
-def copy_regs(regs: Regs) -> Regs:
-    return Regs.from_buffer_copy(regs)
-
-
-def pc(regs: Regs) -> int:
-    return int(regs.rip)
-
-
 def prepare_syscall(regs: Regs, pc: int, nr: int, args: tuple[int, ...]) -> Regs:
     """Registers that make the thread run the syscall blob at pc."""
-    call = copy_regs(regs)
+    call = Regs.from_buffer_copy(regs)
     call.rip = pc
     call.rax = nr
     # orig_rax = -1: the kernel must not restart the syscall the thread was in
