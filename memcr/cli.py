@@ -20,9 +20,10 @@ from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
-from memcr.errors import MemcrError, UsageError
+from memcr.errors import MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
+from memcr.lazy import LazyRestore
 from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
@@ -223,6 +224,7 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
         if bar:
             bar.close()
     r = parked.report
+    phase: LazyRestore | None = None
     try:
         _checkpointed(r, log, json_reports)
         if wait:
@@ -239,6 +241,25 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
             _emit(error_json(pid, "restore", e), json_reports)
             raise
     _restored(r, log, json_reports)
+    if phase is not None and phase.lingering:
+        _finish_children(phase)
+    if r.ended:
+        raise TargetEnded(f"pid {pid} ended during its lazy restore ({r.ended}), not by memcr's hand", pid=pid)
+
+
+def _finish_children(phase: LazyRestore) -> None:
+    """Children forked during the lazy phase get their pages as they touch them, until each exits or execs."""
+    children = ", ".join(map(str, sorted(phase.running.children)))
+    log(
+        f"pid {phase.pid} forked {children} during its lazy restore: memcr serves their missing pages as they "
+        "touch them, until each exits or execs (SIGINT or SIGTERM: fill them now and exit)"
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: phase.server.stream_children())
+    try:
+        phase.finish_children()
+    finally:
+        log(f"let go of the processes pid {phase.pid} forked during its lazy restore")
 
 
 def _checkpointed(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
@@ -251,12 +272,15 @@ def _checkpointed(r: Report, say: Callable[[str], None], json_reports: bool) -> 
 
 
 def _restored(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
-    if r.lazy_ms:
+    if r.ended:
+        say(f"lazy restore ended after {r.lazy_ms:.0f} ms: the process ended ({r.ended})")
+    elif r.lazy_ms:
         say(f"lazy restore took {r.lazy_ms:.0f} ms after the wake-up ({r.lazy_faults} faults waited for a page)")
     else:
         say(f"upload took {r.upload_ms:.0f} ms ({rate(r.pages, r.page_size, r.upload_ms):.0f} MiB/s)")
         say(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
-    log(f"pid {r.pid} restored")
+    if not r.ended:
+        log(f"pid {r.pid} restored")
     _emit(r.json("restore"), json_reports)
 
 

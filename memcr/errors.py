@@ -101,6 +101,12 @@ class TargetKilled(MemcrError):
     exit_code: int = ExitCode.TARGET_KILLED
 
 
+class TargetEnded(MemcrError):
+    """The target ended after it ran again, while memcr still held it (its lazy phase): not by memcr's hand."""
+
+    exit_code: int = ExitCode.TARGET_ENDED
+
+
 class GroupError(MemcrError):
     """A group of processes could not be parked (or woken) as a whole; `cause` is the first member's failure.
 

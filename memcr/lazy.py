@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import enum
 import errno
 import mmap
 import os
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from memcr.codec import FRAME
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
-from memcr.errors import MemcrError, TargetKilled
+from memcr.errors import DumpError, MemcrError, TargetKilled
 from memcr.tracer import RunningProcess
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
@@ -92,15 +93,37 @@ class _Shared:
                 self._cond.notify_all()
 
 
+class Outcome(enum.Enum):
+    """What one UFFDIO_COPY of a taken piece came to."""
+
+    DONE = 1  # copied, or its process is gone
+    SPLIT = 2  # it crossed a mapping's end (the target split the mapping): its parts go one by one, now
+    RETRY = 3  # after the target's mapping changes are read: its pages are still to come
+
+
 @dataclass
 class Space:
     """One mm whose missing pages memcr fills: the target's, or that of a child it forked meanwhile."""
 
     uffd: Userfaultfd
     pieces: list[Piece]  # not yet copied, in address order
+    streamed: bool  # filled in the background too; a child's pages come only as its threads touch them
     busy: list[Piece] = field(default_factory=list)  # being copied now
     faults: list[int] = field(default_factory=list)  # addresses a thread waits on, to serve again
+    # pages a one-page copy found unmapped, and since when: the message of their unmap or move is due,
+    # and until it is read they are not given up
+    stuck: dict[int, float] = field(default_factory=dict)
+    copied: int = 0  # bytes put back
     gone: bool = False  # its process exited or exec'd: nothing more to fill
+    retired: bool = False  # every page is back and memcr closed its userfaultfd
+
+    @property
+    def live(self) -> bool:
+        return not (self.gone or self.retired)
+
+    @property
+    def complete(self) -> bool:
+        return not self.live or not (self.pieces or self.busy or self.faults)
 
     def take(self, addr: int, size: int) -> Piece | None:
         """The `size`-aligned part around addr of the piece that holds it; the rest stays."""
@@ -142,11 +165,16 @@ class Space:
         self.pieces = kept
         return inside
 
+    def holds(self, addr: int) -> bool:
+        i = bisect.bisect_right(self.pieces, addr, key=lambda p: p.start) - 1
+        return i >= 0 and addr < self.pieces[i].end
+
     def is_busy(self, addr: int) -> bool:
         return any(p.start <= addr < p.end for p in self.busy)
 
     def clone(self, uffd: Userfaultfd) -> Space:
-        return Space(uffd, [Piece(p.start, p.end, p.origin) for p in self.pieces])
+        """A forked child's: the pages still missing here are missing there too, and come as it touches them."""
+        return Space(uffd, [Piece(p.start, p.end, p.origin) for p in self.pieces], streamed=False)
 
 
 class Source:
@@ -216,6 +244,20 @@ class Source:
         first = offset - offset % self.page_size
         self._libc.madvise(ctypes.c_void_p(self._base + first), ctypes.c_size_t(offset + length - first), 4)
 
+    def unreadable(self, origin: int, length: int) -> MemcrError:
+        """Why UFFDIO_COPY could not read the dump's bytes for `origin` (EFAULT): most likely it was cut short."""
+        try:
+            size = os.fstat(self.dump.file.fd).st_size
+        except OSError as e:
+            return DumpError(f"cannot read the dump {self.dump.path}: {e.strerror}", path=str(self.dump.path))
+        if size < self.dump.size:
+            return DumpError(
+                f"the dump {self.dump.path} ends early: it is {size} bytes, memcr wrote {self.dump.size} "
+                "(it was cut short while its pages were coming back)",
+                path=str(self.dump.path),
+            )
+        return MemcrError(f"cannot read the dump's bytes for {origin:#x}+{length:#x}: {os.strerror(errno.EFAULT)}")
+
     def close(self) -> None:
         if self._base:
             self._libc.munmap(ctypes.c_void_p(self._base), ctypes.c_size_t(self._size))
@@ -231,8 +273,20 @@ _, most = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
 held, inbox = [], socket.socket(fileno=int(sys.argv[2]))
 while True:  # no end: memcr closing its side must not end this
-    held += socket.recv_fds(inbox, 1, 64)[1]
+    message, fds, _, _ = socket.recv_fds(inbox, 16, 64)
+    held += fds
+    if message[:1] == b"d":  # memcr let go of that userfaultfd: so does this
+        os.close(held[int(message[1:])])
+        try:
+            inbox.send(b"k")
+        except OSError:
+            pass
+    elif message == b"r":  # a bell: the tracing thread waits for its children, and sees this stop
+        os.kill(os.getpid(), signal.SIGSTOP)
 """
+
+DROP_TIMEOUT = 10.0  # seconds the guardian may take to close a copy
+STUCK_LIMIT = 10.0  # seconds a page may stay unmapped without a message saying so
 
 
 class Guardian:
@@ -240,7 +294,9 @@ class Guardian:
 
     The copies travel over a socket; until the guardian takes them into
     its own descriptor table, the message holds them, and the message
-    lives as long as the guardian's end of the socket.
+    lives as long as the guardian's end of the socket. It is also the
+    page server's bell: it stops itself when asked, which wakes the
+    tracing thread (its parent) in waitpid.
     """
 
     def __init__(self) -> None:
@@ -259,17 +315,45 @@ class Guardian:
         finally:
             theirs.close()
         self._sock = mine
-        self._lock = threading.Lock()  # hold() from the page server, end() from any thread
+        self._lock = threading.Lock()  # hold(), drop() and ring() from the page server, end() from any thread
+        self._held: dict[int, int] = {}  # memcr's descriptor -> the place of its copy in the guardian's list
+        self._sent = 0
         self.ended = False
 
     def hold(self, fd: int) -> None:
-        """Keep `fd` open until the guardian ends; once it has, no page is missing any more (or the target dies)."""
+        """Keep `fd` open until the guardian ends or drops it; until then no page reads as zeros for want of it."""
         with self._lock:
             if not self.ended:
                 socket.send_fds(self._sock, [b"u"], [fd])
+                self._held[fd] = self._sent
+                self._sent += 1
+
+    def drop(self, fd: int) -> None:
+        """Close the guardian's copy of `fd`, and wait until it has: memcr is about to close its own."""
+        with self._lock:
+            place = self._held.pop(fd, None)
+            if self.ended or place is None:
+                return
+            try:
+                self._sock.send(b"d%d" % place)
+                self._sock.settimeout(DROP_TIMEOUT)
+                self._sock.recv(1)
+            except TimeoutError:
+                raise MemcrError("memcr's guardian process did not answer within 10 s") from None
+            except OSError:
+                return  # it was killed: its copies went with it
+            finally:
+                self._sock.settimeout(None)
+
+    def ring(self) -> None:
+        """Wake the tracing thread in `RunningProcess.watch`."""
+        with self._lock:
+            if not self.ended:
+                with contextlib.suppress(OSError):  # killed: its exit wakes that thread all the same
+                    self._sock.send(b"r")
 
     def end(self) -> None:
-        """Kill it; `RunningProcess.watch`, which waits for its exit, returns."""
+        """Kill it (which wakes the tracing thread, should it watch)."""
         with self._lock:
             self.ended = True
             with contextlib.suppress(ProcessLookupError):
@@ -286,24 +370,29 @@ class PageServer:
 
     The fault server starts while the target is still frozen (memcr's own
     injected code may touch a missing page too), the background stream
-    once it runs. The server ends the guardian once every page is back, or
-    when a page cannot be put back.
+    once it runs. The server rings the guardian once the target's pages are
+    all back, once every page is back (children included), and when a page
+    cannot be put back.
     """
 
     def __init__(self, pid: int, uffd: Userfaultfd, guardian: Guardian, source: Source) -> None:
         self.pid = pid
         self.guardian = guardian
         self.source = source
-        self.spaces = [Space(uffd, source.pieces())]
+        self.own = Space(uffd, source.pieces(), streamed=True)
+        self.spaces = [self.own]
         self.faults = 0  # pages a thread of the target waited for
         self.error: BaseException | None = None
-        self.complete = False  # every page is back
+        self._rung = (False, False)  # target_done, all_done when the guardian last rang
         self._lock = threading.Lock()  # the pieces of every space
         self._shared = _Shared()
         self._work = threading.Condition(self._lock)
         self._done = threading.Event()
         self._streaming = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() wakes the server's poll
+        self._stream_children = threading.Event()
+        self._retire = threading.Event()
+        self._retired = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # wakes the server's poll
         # every thread is started here, before the target runs: one that cannot start fails the restore
         # while it can still be rolled back
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
@@ -317,20 +406,49 @@ class PageServer:
             self.stop()
             raise
 
+    @property
+    def target_done(self) -> bool:
+        """Every page of the target's own is back (or it is gone)."""
+        with self._lock:
+            return self.own.complete
+
+    @property
+    def all_done(self) -> bool:
+        """Every page is back, the children's too."""
+        with self._lock:
+            return all(space.complete for space in self.spaces)
+
+    @property
+    def child_bytes(self) -> int:
+        """Bytes put back into children forked during the lazy phase."""
+        with self._lock:
+            return sum(space.copied for space in self.spaces if space is not self.own)
+
     def stream(self) -> None:
         """Let the fillers copy the pages nobody waits for: the target runs, its wake-up had the cores."""
         self._streaming.set()
+
+    def stream_children(self) -> None:
+        """Fill the children's missing pages too, so that memcr can let go of them (safe in a signal handler)."""
+        self._stream_children.set()
+        self._wake()
+
+    def retire_target(self) -> None:
+        """The target's pages are all back: close its userfaultfd (memcr's copies), children's stay served."""
+        self._retire.set()
+        self._wake()
+        if not self._retired.wait(DROP_TIMEOUT + 5) and self.error is None:
+            self.fail(MemcrError("internal error: the page server did not let go of the target's userfaultfd"))
 
     def replace_guardian(self) -> None:
         """The guardian died with pages still missing (killed by someone): a new one holds the userfaultfds."""
         guardian = Guardian()
         with self._lock:
             for space in self.spaces:
-                guardian.hold(space.uffd.fd)
+                if not space.retired:
+                    guardian.hold(space.uffd.fd)
             old, self.guardian = self.guardian, guardian
         old.end()  # its socket: the process is gone and collected already
-        if self.complete or self.error is not None:
-            guardian.end()  # it ended meanwhile: the tracing thread must not wait for this one
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -348,8 +466,8 @@ class PageServer:
         self.guardian.end()
 
     def close(self) -> None:
-        """Once the target was let go or killed: a userfaultfd closed while it runs would turn its missing
-        pages into zeros."""
+        """Once the target and its children were let go or killed: a userfaultfd closed while they run would
+        turn their missing pages into zeros."""
         for space in self.spaces:
             space.uffd.close()
         self.source.close()
@@ -364,25 +482,24 @@ class PageServer:
             if self.error is None:
                 self.error = error
         self._done.set()
-        self.guardian.end()  # wakes the tracing thread, which kills the target
+        self.guardian.ring()  # the tracing thread wakes and kills the target
 
     def _serve(self) -> None:
         """Read each userfaultfd: apply mapping changes, serve the faults."""
         try:
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            watched: set[int] = set()
             while not self._done.is_set():
-                for space in self.spaces:
-                    if space.uffd.fd not in watched and not space.gone:
-                        poller.register(space.uffd.fd, select.POLLIN)
-                        watched.add(space.uffd.fd)
-                waiting = any(space.faults for space in self.spaces)  # retried soon: a copy came first
+                self._requests()
+                live = [space for space in self.spaces if space.live]
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                for space in live:
+                    poller.register(space.uffd.fd, select.POLLIN)
+                waiting = any(space.faults or space.stuck for space in live)  # retried soon: a copy came first
                 poller.poll(1 if waiting else POLL_MS)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 64)
                 with self._shared.exclusive():
-                    events = [(space, event) for space in list(self.spaces) for event in space.uffd.events()]
+                    events = [(space, event) for space in live for event in space.uffd.events()]
                     for space, event in events:
                         if event.kind != EVENT_PAGEFAULT:
                             self._changed(space, event)
@@ -390,15 +507,33 @@ class PageServer:
                     if event.kind == EVENT_PAGEFAULT:
                         self.faults += 1
                         space.faults.append(event.start - event.start % self.source.page_size)
-                for space in self.spaces:
+                for space in live:
                     self._serve_faults(space)
-                if not self.complete and self._complete():
-                    self.complete = True
-                    # wakes the tracing thread, which lets the target go; until then mapping changes
-                    # (a fork waits for its message to be read) and faults on never-used pages go on
-                    self.guardian.end()
+                    self._check_stuck(space)
+                self._ring_on_change()
         except BaseException as e:
             self.fail(e)
+
+    def _requests(self) -> None:
+        """What other threads asked of this one since it last looked."""
+        if self._stream_children.is_set():
+            with self._lock:
+                for space in self.spaces:
+                    space.streamed = True
+                self._work.notify_all()
+        if self._retire.is_set() and not self.own.retired:
+            # the guardian's copy first: the kernel lets go of the mappings once the last copy is closed
+            self.guardian.drop(self.own.uffd.fd)
+            with self._lock:
+                self.own.retired = True
+            self.own.uffd.close()
+            self._retired.set()
+
+    def _ring_on_change(self) -> None:
+        state = (self.target_done, self.all_done)
+        if state != self._rung:
+            self._rung = state
+            self.guardian.ring()
 
     def _changed(self, space: Space, event: Event) -> None:
         """The target changed its mappings (the thread that did so waits until this reads the message)."""
@@ -417,28 +552,49 @@ class PageServer:
     def _serve_faults(self, space: Space) -> None:
         faults, space.faults = space.faults, []
         for addr in faults:
-            with self._shared.copying():
-                with self._lock:
-                    piece = space.take(addr, self.source.fault_piece)
-                    if piece is None and space.is_busy(addr):
-                        space.faults.append(addr)  # a filler is copying it: served again should that copy fail
-                        continue
-                    if piece is not None:
-                        space.busy.append(piece)
-                if piece is not None:
-                    if not self._copy(space, piece):
-                        space.faults.append(addr)
-                    continue
-                # a page the dump does not hold (never touched, or given back since): zeros, as without memcr
-                code = space.uffd.zeropage(addr)
-            if code == errno.EAGAIN:
+            outcome = Outcome.SPLIT
+            while outcome is Outcome.SPLIT:  # the part that holds addr is smaller now: at once
+                outcome = self._serve_fault(space, addr)
+            if outcome is Outcome.RETRY:
                 space.faults.append(addr)
-            elif code in (errno.EEXIST, errno.ENOENT):
-                space.uffd.wake(addr, self.source.page_size)
-            elif code == errno.ESRCH:
-                space.gone = True
-            elif code:
-                raise MemcrError(f"cannot map a zero page at {addr:#x}: {os.strerror(code)}")
+
+    def _serve_fault(self, space: Space, addr: int) -> Outcome:
+        # a child's fault brings back that page alone: a fork must cost no more than the child touches
+        size = self.source.fault_piece if space.streamed else self.source.page_size
+        with self._shared.copying():
+            with self._lock:
+                piece = space.take(addr, size)
+                if piece is None and space.is_busy(addr):
+                    return Outcome.RETRY  # a filler is copying it: served again should that copy fail
+                if piece is not None:
+                    space.busy.append(piece)
+            if piece is not None:
+                return self._copy(space, piece)
+            # a page the dump does not hold (never touched, or given back since): zeros, as without memcr
+            code = space.uffd.zeropage(addr)
+        if code == errno.EAGAIN:
+            return Outcome.RETRY
+        if code in (errno.EEXIST, errno.ENOENT):
+            space.uffd.wake(addr, self.source.page_size)
+        elif code == errno.ESRCH:
+            space.gone = True
+        elif code:
+            raise MemcrError(f"cannot map a zero page at {addr:#x}: {os.strerror(code)}")
+        return Outcome.DONE
+
+    def _check_stuck(self, space: Space) -> None:
+        """A page still missing where the kernel says nothing is mapped, and no message says why: give up."""
+        now = time.monotonic()
+        with self._lock:
+            for addr, since in list(space.stuck.items()):
+                if not space.holds(addr):
+                    del space.stuck[addr]  # its unmap or move message came: it is handled
+                elif now - since > STUCK_LIMIT:
+                    raise MemcrError(
+                        f"memcr cannot tell where the page at {addr:#x} of process {self.pid} went: "
+                        f"the kernel says nothing is mapped there, and no unmap or move of it came in "
+                        f"{STUCK_LIMIT:g} s"
+                    )
 
     def _fill(self) -> None:
         """Copy the pieces nobody waits for yet, in address order."""
@@ -457,68 +613,97 @@ class PageServer:
                             continue
                         space, piece = found
                         space.busy.append(piece)
-                    copied = self._copy(space, piece)
+                    outcome = self._copy(space, piece)
                 with self._lock:
                     last = not self._has_work()
                 if last:
                     self._wake()  # that was the last piece: the server sees it is complete
-                if not copied:
+                if outcome is Outcome.RETRY:
                     time.sleep(0.0002)  # the target is changing its mappings: the reader applies that first
         except BaseException as e:
             self.fail(e)
 
     def _has_work(self) -> bool:
-        return any(space.pieces and not space.gone for space in self.spaces)
+        return any(space.pieces and space.streamed and space.live for space in self.spaces)
 
     def _next(self) -> tuple[Space, Piece] | None:
         for space in self.spaces:
-            if space.pieces and not space.gone:
+            if space.pieces and space.streamed and space.live:
                 return space, space.take_first(self.source.fill_piece)
         return None
 
-    def _copy(self, space: Space, piece: Piece) -> bool:
-        """Copy a taken piece into its space (inside copying()); False when mapping changes must be read first."""
+    def _copy(self, space: Space, piece: Piece) -> Outcome:
+        """Copy a taken piece into its space (inside copying()).
+
+        ENOENT never means the pages are gone: the range may cross the end
+        of a mapping the target split (mprotect, mlock, madvise), or the
+        target may have unmapped or moved it, and then its message comes
+        and says so. EAGAIN: the target is changing its mappings.
+        """
         length = piece.end - piece.start
         with self.source.bytes_at(piece.origin, length) as src:
             done, code = space.uffd.copy(piece.start, src, length)
         page = self.source.page_size
         with self._lock:
             space.busy.remove(piece)
+            space.copied += done
             rest = Piece(piece.start + done, piece.end, piece.origin + done)
-            if code == errno.EAGAIN:
-                space.put(rest)
-                return False
+            if code == 0:
+                for addr in [a for a in space.stuck if piece.start <= a < piece.end]:
+                    del space.stuck[addr]
+                return Outcome.DONE
             if code == errno.ESRCH:
                 space.gone = True
-            elif code == errno.ENOENT:
-                # that page is no longer mapped (its unmap message comes next): the rest may be
-                space.put(Piece(rest.start + page, rest.end, rest.origin + page))
-            elif code == errno.EEXIST:
+                return Outcome.DONE
+            if code == errno.EAGAIN:
+                space.put(rest)
+                return Outcome.RETRY
+            if code == errno.ENOENT and rest.end - rest.start > page:
+                middle = rest.start + (rest.end - rest.start) // page // 2 * page
+                space.put(Piece(rest.start, middle, rest.origin))
+                space.put(Piece(middle, rest.end, rest.origin + middle - rest.start))
+                return Outcome.SPLIT
+            if code == errno.ENOENT:
+                space.put(rest)
+                space.stuck.setdefault(rest.start, time.monotonic())
+                return Outcome.RETRY
+            if code == errno.EEXIST:
                 raise MemcrError(
                     f"a page at {rest.start:#x} of process {self.pid} was filled by someone else while "
                     "its lazy restore ran: the dump's bytes cannot go there"
                 )
-            elif code:
-                raise MemcrError(f"cannot put pages back at {rest.start:#x}: {os.strerror(code)}")
-            return True
-
-    def _complete(self) -> bool:
-        with self._lock:
-            return all(space.gone or not (space.pieces or space.busy or space.faults) for space in self.spaces)
+            if code == errno.EFAULT:
+                raise self.source.unreadable(rest.origin, rest.end - rest.start)
+            raise MemcrError(f"cannot put pages back at {rest.start:#x}: {os.strerror(code)}")
 
 
 class LazyRestore:
-    """A target running again, traced, while its PageServer fills the pages it still misses."""
+    """A target running again, traced, while its PageServer fills the pages it still misses.
+
+    `finish` watches it until its own pages are back and lets it go;
+    children it forked meanwhile run on memory of the fork, so memcr serves
+    their missing pages as they touch them until each exits or execs
+    (`finish_children`), or fills them whole when asked to end sooner.
+    """
 
     def __init__(
-        self, running: RunningProcess, server: PageServer, log: Log, ended: Callable[[LazyRestore], None]
+        self,
+        running: RunningProcess,
+        server: PageServer,
+        log: Log,
+        restored: Callable[[LazyRestore], None],
+        closed: Callable[[], None],
     ) -> None:
         self.running = running
         self.server = server
         self.log = log
-        self._ended = ended  # once every page is back and the target let go: memcr's own clean-up
+        self._restored = restored  # the target's pages are back: its report
+        self._closed = closed  # memcr is done with it, children included: the dump goes
         self.started = time.monotonic()
         self.elapsed_ms = 0.0
+        self.ended: str | None = None  # the target ended during the lazy phase, not by memcr's hand: how
+        self.forked = 0  # children it forked during the lazy phase
+        self.lingering = False  # children still need memcr after the target was let go
 
     @property
     def pid(self) -> int:
@@ -529,34 +714,70 @@ class LazyRestore:
         return self.server.faults
 
     def finish(self) -> None:
-        """On the tracing thread: watch the target until every page is back, then let it go.
+        """On the tracing thread: watch the target until its own pages are back, then let it go.
 
-        Raises TargetKilled when a page could not be put back, after killing
-        the target and every child it forked meanwhile.
+        Raises TargetKilled when a page could not be put back, after
+        killing the target and every child it forked meanwhile. A target
+        that ended meanwhile (killed by someone, or exited) is not an
+        error here: `ended` says how. When `lingering` is set afterwards,
+        `finish_children` must follow on this thread.
         """
-        server = self.server
+        server, running = self.server, self.running
         try:
-            while self.running.watch(until=server.guardian.process.pid):
-                if server.complete or server.error is not None:
-                    break
-                self.log(f"pid {self.pid}: memcr's guardian process was killed; starting another")
-                server.replace_guardian()
-            else:
-                self.log(f"pid {self.pid} ended during its lazy restore")
+            self._watch(lambda: server.target_done or server.error is not None, lambda: not running.threads)
         except BaseException as e:
             server.fail(e)
-        try:
-            if server.error is not None:
-                self.running.kill()
-            else:
-                # the server still reads the target's messages: a thread in fork() waits for that
-                self.running.detach()
-        finally:
-            server.stop()
-            server.close()
-            self.elapsed_ms = (time.monotonic() - self.started) * 1000
-            self._ended(self)
+        self.elapsed_ms = (time.monotonic() - self.started) * 1000
         if server.error is not None:
+            self._end(kill=True)
             raise TargetKilled(
                 f"pid {self.pid} was killed during its lazy restore: {server.error}", pid=self.pid
             ) from server.error
+        # the server still reads the target's messages: a thread in fork() waits for that
+        running.detach(set(running.threads))
+        self.ended = running.ended  # its threads were gone, or went meanwhile
+        self.forked = len(server.spaces) - 1
+        self.lingering = bool(running.children) and not server.all_done
+        if self.lingering:
+            server.retire_target()
+        else:
+            self._end(kill=False)
+        self._restored(self)
+
+    def finish_children(self) -> None:
+        """On the tracing thread: serve the children until each exits or execs, or `stream_children` filled
+        them; then let them go. Raises TargetKilled when a page of theirs could not be put back."""
+        server, running = self.server, self.running
+        try:
+            self._watch(lambda: server.all_done or server.error is not None, lambda: not running.children)
+        except BaseException as e:
+            server.fail(e)
+        killed = sorted(running.children) if server.error is not None else []
+        self._end(kill=server.error is not None)
+        if server.error is not None:
+            raise TargetKilled(
+                f"the processes {', '.join(map(str, killed))}, forked by pid {self.pid} during its lazy restore, "
+                f"were killed: {server.error}",
+                pid=self.pid,
+            ) from server.error
+
+    def _watch(self, ready: Callable[[], bool], done: Callable[[], bool]) -> None:
+        """Pass the target's stops on until `ready()` (the server rings), or `done()` when a task ended."""
+        while not ready():
+            status = self.running.watch(until=self.server.guardian.process.pid, done=done)
+            if status is None:
+                return
+            if not os.WIFSTOPPED(status) and not ready():
+                self.log(f"pid {self.pid}: memcr's guardian process was killed; starting another")
+                self.server.replace_guardian()
+
+    def _end(self, kill: bool) -> None:
+        try:
+            if kill:
+                self.running.kill()
+            else:
+                self.running.detach()
+        finally:
+            self.server.stop()
+            self.server.close()
+            self._closed()

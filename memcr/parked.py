@@ -139,8 +139,8 @@ class Parked:
         self._restored()
         return None
 
-    def _restored(self) -> None:
-        self._clean_up()
+    def _restored(self, keep_dump_open: bool = False) -> None:
+        self._clean_up(keep_dump_open)
         with contextlib.suppress(MemcrError):  # it runs again: gone by now is its own business
             self.report.rss_restored = rss(procfs.read_status(self.pid))
 
@@ -225,12 +225,19 @@ class Parked:
                 watched.close()
             raise
         server.stream()
-        return LazyRestore(running, server, self.log, self._lazily_restored)
+        return LazyRestore(running, server, self.log, self._lazily_restored, self._lazily_closed)
 
     def _lazily_restored(self, phase: LazyRestore) -> None:
         self.report.lazy_ms = phase.elapsed_ms
         self.report.lazy_faults = phase.faults
-        self._restored()
+        self.report.lazy_children = phase.forked
+        self.report.ended = phase.ended or ""
+        # children forked meanwhile may still need the dump: its name goes now, its bytes with them
+        self._restored(keep_dump_open=phase.lingering)
+
+    def _lazily_closed(self) -> None:
+        if problem := self.dump.remove():
+            self.log(f"warning: {problem}")
 
     def rollback(self, error: BaseException) -> None:
         """After `error`: put back what was dropped and let the target run on.
@@ -359,16 +366,19 @@ class Parked:
         self.frozen.release()
         self.report.release_ms = (time.monotonic() - releasing) * 1000
 
-    def _clean_up(self) -> None:
+    def _clean_up(self, keep_dump_open: bool = False) -> None:
         """Remove memcr's files and close every descriptor it held for this target; never raises.
 
         It runs once the target runs again (or is dead): deleting a large
         dump is no longer the target's time, and a failure here must not
-        be taken for a failure to restore.
+        be taken for a failure to restore. `keep_dump_open`: the dump's
+        name goes, the file stays open (and locked) for a lazy phase's
+        children.
         """
         self.reserve.close()
         self.pagemap.close()
-        if problem := self.dump.remove():
+        problem = self.dump.file.unlink() if keep_dump_open else self.dump.remove()
+        if problem:
             self.log(f"warning: {problem}")
 
 

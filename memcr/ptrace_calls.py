@@ -35,11 +35,13 @@ O_TRACESYSGOOD = 1
 O_TRACEFORK = 1 << 1
 O_TRACEVFORK = 1 << 2
 O_TRACECLONE = 1 << 3
+O_TRACEEXEC = 1 << 4
 O_EXITKILL = 1 << 20
 
 EVENT_FORK = 1
 EVENT_VFORK = 2
 EVENT_CLONE = 3
+EVENT_EXEC = 4
 EVENT_STOP = 128
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # what O_TRACESYSGOOD reports at syscall entry and exit
 WALL = 0x40000000  # __WALL: wait for threads as well as processes

@@ -32,6 +32,8 @@ class Report:
     release_ms: float = 0.0  # parasite out, threads let go: frozen time after the last page
     lazy_ms: float = 0.0  # a lazy restore: from the target running again until every page was back
     lazy_faults: int = 0  # of those pages, faults the target waited for
+    lazy_children: int = 0  # processes it forked during the lazy phase (each served as it touched its pages)
+    ended: str = ""  # it ended during the lazy phase, not by memcr's hand: "killed by SIGKILL", "exited with 3"
     rss_before: dict[str, int] = field(default_factory=dict)  # kB, RSS_KEYS
     rss_after: dict[str, int] = field(default_factory=dict)  # parked
     rss_restored: dict[str, int] = field(default_factory=dict)  # after the restore

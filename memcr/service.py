@@ -489,22 +489,55 @@ class Worker(threading.Thread):
         self.service.remove_worker(self)
 
     def _finish_lazily(self, parked: Parked, phase: LazyRestore) -> None:
-        """Watch the running target until every page is back, and log how that went; the client has its answer."""
+        """Watch the running target until every page is back, and log how that went; the client has its answer.
+
+        Children it forked meanwhile are served after that, until each exits
+        or execs; the pid is free for new requests by then.
+        """
         try:
             phase.finish()
         except TargetKilled as e:
-            self.service.log(
-                f"pid {self.pid}: restore failed during its lazy phase, after the client was answered "
-                f"that it runs again: {explain(e)}"
-            )
-            if self.service.json_reports:
-                self.service.log(error_json(self.pid, "restore", e))
+            self._lazy_failed(e)
             return
         except Exception:
             self.service.log(f"pid {self.pid}: internal error during its lazy restore:\n{traceback.format_exc()}")
             return
-        self.service.log(f"pid {self.pid}: lazy restore complete in {phase.elapsed_ms:.0f} ms ({phase.faults} faults)")
+        if phase.ended:
+            self.service.log(
+                f"pid {self.pid} ended during its lazy restore ({phase.ended}), {phase.elapsed_ms:.0f} ms after "
+                "the wake-up, not by memcr's hand"
+            )
+        else:
+            self.service.log(
+                f"pid {self.pid}: lazy restore complete in {phase.elapsed_ms:.0f} ms ({phase.faults} faults)"
+            )
         self.service.report(parked.report, "restore")
+        if not phase.lingering:
+            return
+        children = ", ".join(map(str, sorted(phase.running.children)))
+        self.service.log(
+            f"pid {self.pid} forked {children} during its lazy restore: their missing pages are served as they "
+            "touch them, until each exits or execs"
+        )
+        self.service.linger(self, phase)
+        try:
+            phase.finish_children()
+        except TargetKilled as e:
+            self._lazy_failed(e)
+        except Exception:
+            self.service.log(f"pid {self.pid}: internal error serving its children:\n{traceback.format_exc()}")
+        else:
+            self.service.log(f"pid {self.pid}: let go of the processes it forked during its lazy restore")
+        finally:
+            self.service.unlinger(self)
+
+    def _lazy_failed(self, error: TargetKilled) -> None:
+        self.service.log(
+            f"pid {self.pid}: restore failed during its lazy phase, after the client was answered "
+            f"that it runs again: {explain(error)}"
+        )
+        if self.service.json_reports:
+            self.service.log(error_json(self.pid, "restore", error))
 
     def _leave(self) -> None:
         """Stop taking requests; answer any that came in meanwhile."""
@@ -550,6 +583,7 @@ class Service:
         self.timeout = timeout
         self.json_reports = json_reports
         self.workers: dict[int, Worker] = {}
+        self.lingering: dict[Worker, LazyRestore] = {}  # serving the children a target forked in its lazy phase
         self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
         self.lock = threading.Lock()
@@ -563,6 +597,21 @@ class Service:
         with self.lock:
             if self.workers.get(worker.pid) is worker:
                 del self.workers[worker.pid]
+
+    def linger(self, worker: Worker, phase: LazyRestore) -> None:
+        """The target is back; its worker serves the children it forked meanwhile, and its pid is free."""
+        with self.lock:
+            # stop is looked at under the lock that _shutdown takes to list the lingering: none is missed
+            self.lingering[worker] = phase
+            if self.workers.get(worker.pid) is worker:
+                del self.workers[worker.pid]
+            stopping = self.stop.is_set()
+        if stopping:
+            phase.server.stream_children()
+
+    def unlinger(self, worker: Worker) -> None:
+        with self.lock:
+            self.lingering.pop(worker, None)
 
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
@@ -720,11 +769,14 @@ class Service:
         with self.lock:
             workers = list(self.workers.values())
             groups = set(self.groups.values())
+            lingering = dict(self.lingering)
         for worker in workers:
             worker.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
         for group in groups:
             group.restore(None)
-        for worker in workers:
+        for phase in lingering.values():
+            phase.server.stream_children()  # their pages all go back now, so that memcr can let go of them
+        for worker in [*workers, *lingering]:
             worker.join()
         for group in groups:
             group.join()

@@ -422,7 +422,8 @@ class FrozenProcess:
     def resume_traced(self) -> RunningProcess:
         """Let every thread run on, still traced: should memcr die, the kernel kills the process.
 
-        Children it forks from now on are traced too (and killed with it).
+        Threads it starts and children it forks from now on are traced too (and killed with it); children
+        until they exec.
         """
         self._tracer()
         if self.helpers or self.stopped:
@@ -431,7 +432,7 @@ class FrozenProcess:
         resumed = []
         for tid in self.tids:
             with contextlib.suppress(ProcessLookupError):
-                pt.set_options(tid, OPTIONS | pt.O_TRACEFORK | pt.O_TRACEVFORK)
+                pt.set_options(tid, OPTIONS | pt.O_TRACEFORK | pt.O_TRACEVFORK | pt.O_TRACECLONE | pt.O_TRACEEXEC)
                 # by way of one more interrupt stop, as a detach does: on that way out of the kernel a
                 # system call the freeze interrupted is restarted (else read(2) would return -ERESTARTSYS)
                 pt.interrupt(tid)
@@ -484,67 +485,147 @@ class RunningProcess:
     """A process that runs again while the thread that froze it still traces it.
 
     That thread passes on every signal and group stop (`watch`) until memcr
-    lets go of the process (`detach`) or kills it (`kill`).
+    lets go of the process (`detach`) or kills it (`kill`). Threads it
+    starts meanwhile are traced too, and so are the processes it forks, as
+    `children`, until they exec: until then they run on memory of the
+    fork, whose missing pages memcr serves.
     """
 
     def __init__(self, pid: int, tasks: set[int], owner: int) -> None:
         self.pid = pid
-        self.tasks = tasks  # traced threads, and the processes it forked since
+        self.threads = tasks  # the target's own traced threads
+        self.children: set[int] = set()  # tasks of processes forked since (by it or by them), not exec'd yet
         self.owner = owner
+        self.ended: str | None = None  # how the target ended, once every thread of it has
+        # a new task's first stop can come before its creator's event, which says what it is: it waits here
+        self._early: dict[int, Stop] = {}
+        self._others: dict[int, int] = {}  # wait statuses of this thread's other children, reaped meanwhile
 
-    def watch(self, until: int) -> bool:
-        """Pass on stops until `until` (a child of this thread) exits: True; False once no traced task is left."""
+    def watch(self, until: int, done: Callable[[], bool]) -> int | None:
+        """Pass on stops until `until` (a child of this thread) stops or exits: its wait status. None once
+        `done()` holds after a task of the target or a child ended or exec'd, or no traced task is left."""
         self._tracer()
-        while self.tasks:
+        if until in self._others:
+            return self._others.pop(until)
+        while self.threads or self.children:
             try:
-                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
+                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD | os.WUNTRACED)
             except ChildProcessError:
-                self.tasks.clear()
+                self.threads.clear()
+                self.children.clear()
                 break
             if pid == until:
-                return True
-            self._pass_on(Stop(pid, status))
-        return False
+                if os.WIFSTOPPED(status):
+                    os.kill(pid, signal.SIGCONT)  # a bell: it stopped itself to wake this thread
+                return status
+            if self._pass_on(Stop(pid, status)) and done():
+                return None
+        return None
 
-    def _pass_on(self, stop: Stop) -> None:
+    def _pass_on(self, stop: Stop) -> bool:
+        """Pass one stop on; True when a task left the set memcr cares about (exit, or a child's exec)."""
         tid = stop.tid
         if stop.exited:
-            self.tasks.discard(tid)
-            return
-        self.tasks.add(tid)  # a forked child may report its first stop before its parent's fork event
+            if tid == self.pid:
+                self.ended = _ending(stop.status)
+            known = tid in self.threads or tid in self.children
+            self.threads.discard(tid)
+            self.children.discard(tid)
+            if not known:
+                self._others[tid] = stop.status
+            return known
+        if tid not in self.threads and tid not in self.children:
+            self._early[tid] = stop  # left stopped until its creator's event says what it is
+            return False
         try:
             if stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
-                self.tasks.add(pt.event_message(tid))
-            if stop.group_stop:
-                pt.listen(tid)
-            else:
-                pt.cont(tid, stop.signal if stop.signal_delivery else 0)
+                self._adopt(pt.event_message(tid), self.children)
+            elif stop.event == pt.EVENT_CLONE:
+                # a new thread (or a process sharing the memory): it belongs where its creator does
+                self._adopt(pt.event_message(tid), self.threads if tid in self.threads else self.children)
+            elif stop.event == pt.EVENT_EXEC and self._exec(tid):
+                return True
+            self._resume(stop)
         except ProcessLookupError:
-            self.tasks.discard(tid)  # killed meanwhile: its exit is reported next
+            self.threads.discard(tid)  # killed meanwhile: its exit is reported next
+            self.children.discard(tid)
+            return True
+        return False
 
-    def detach(self) -> None:
-        """Let every traced task go, each with the signal it was about to receive."""
+    def _adopt(self, tid: int, into: set[int]) -> None:
+        into.add(tid)
+        first = self._early.pop(tid, None)
+        if first is not None:
+            self._pass_on(first)
+
+    def _exec(self, tid: int) -> bool:
+        """A task ran execve(); True when that was a child, which memcr lets go of: its memory is new."""
+        former = pt.event_message(tid)  # the thread that ran it: it has taken over the leader's tid
+        ours = self.threads if former in self.threads or tid in self.threads else self.children
+        self.threads.discard(former)
+        self.children.discard(former)
+        ours.add(tid)
+        if ours is self.children:
+            self.children.discard(tid)
+            pt.detach(tid)
+            return True
+        return False
+
+    @staticmethod
+    def _resume(stop: Stop) -> None:
+        if stop.group_stop:
+            pt.listen(stop.tid)
+        else:
+            pt.cont(stop.tid, stop.signal if stop.signal_delivery else 0)
+
+    def detach(self, tids: set[int] | None = None) -> None:
+        """Let `tids` (default: every traced task) go, each with the signal it was about to receive.
+
+        A thread they start meanwhile goes too. A child they fork meanwhile
+        goes along only when every task goes; else it stays traced, as one
+        of the `children`: its fork may have begun while pages were still
+        missing, which it then misses too.
+        """
         self._tracer()
-        pending = set(self.tasks)
+        every = tids is None
+        pending = set(self.threads | self.children) if tids is None else set(tids)
         for tid in list(pending):
             try:
                 pt.interrupt(tid)
             except ProcessLookupError:
                 pending.discard(tid)
+        stops: list[Stop] = []  # first stops of new tasks that go too, taken from _early
         while pending:
-            try:
-                pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
-            except ChildProcessError:
-                break
-            stop = Stop(pid, status)
-            pending.discard(pid)
+            if stops:
+                stop = stops.pop()
+            else:
+                # any task's: a leader's exit is reported only after its other threads' were collected
+                try:
+                    stop = Stop(*os.waitpid(-1, pt.WALL | pt.WNOTHREAD))
+                except ChildProcessError:
+                    break
+            tid = stop.tid
+            if tid not in pending:
+                self._pass_on(stop)  # a task that stays, or a new one: waits in _early for its creator's event
+                continue
+            pending.discard(tid)
+            self.threads.discard(tid)
+            self.children.discard(tid)
             if stop.exited:
+                if tid == self.pid:
+                    self.ended = _ending(stop.status)
                 continue
             with contextlib.suppress(ProcessLookupError):
-                if stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
-                    pending.add(pt.event_message(pid))  # it reports its first stop next: detached then
-                pt.detach(pid, stop.signal if stop.signal_delivery else 0)
-        self.tasks.clear()
+                if stop.event == pt.EVENT_CLONE or (every and stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK)):
+                    new = pt.event_message(tid)
+                    pending.add(new)  # its first stop, come or to come, lets it go too
+                    if new in self._early:
+                        stops.append(self._early.pop(new))
+                elif stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
+                    self._adopt(pt.event_message(tid), self.children)
+                elif stop.event == pt.EVENT_EXEC:
+                    pending.discard(pt.event_message(tid))  # the thread that ran it took over this tid
+                pt.detach(tid, stop.signal if stop.signal_delivery else 0)
 
     def kill(self) -> None:
         """SIGKILL the process and every child it forked, and collect them.
@@ -552,27 +633,43 @@ class RunningProcess:
         PermissionError: memcr lacks CAP_KILL for another user's process.
         """
         self._tracer()
-        for tid in list(self.tasks):
+        tasks = self.threads | self.children | set(self._early)
+        self._early.clear()
+        for tid in list(tasks):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(tid, signal.SIGKILL)
-        while self.tasks:
+        while tasks:
             try:
                 pid, status = os.waitpid(-1, pt.WALL | pt.WNOTHREAD)
             except ChildProcessError:
                 break
             stop = Stop(pid, status)
             if stop.exited:
-                self.tasks.discard(pid)
-            elif stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
+                if pid not in tasks:
+                    self._others[pid] = status
+                tasks.discard(pid)
+            elif stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK, pt.EVENT_CLONE):
                 child = pt.event_message(pid)
-                self.tasks.add(child)
+                tasks.add(child)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-        self.tasks.clear()
+        self.threads.clear()
+        self.children.clear()
 
     def _tracer(self) -> None:
         if threading.get_ident() != self.owner:
             raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
+
+
+def _ending(status: int) -> str:
+    """How a process ended, in words: "exited with 3", "killed by SIGKILL"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with {os.WEXITSTATUS(status)}"
 
 
 def _check_word_size(pid: int, tid: int, arch: Arch) -> None:

@@ -71,6 +71,7 @@ class ExitCode(IntEnum):
     RIGHTS = 4  # a permission, capability or kernel feature is missing
     STORAGE = 5  # the dump or socket directory or file failed
     TARGET_KILLED = 6  # restoring was impossible, so the target was killed
+    TARGET_ENDED = 7  # the target ended while memcr held it, not by memcr's hand (killed by someone, exited)
 
 
 class Dialect(Enum):

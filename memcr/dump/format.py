@@ -139,15 +139,19 @@ class DumpFile:
         """
         if self.fd < 0:
             return None
-        # someone may have replaced the file: delete only the one we wrote
-        ours = self.still_in_place()
+        problem = self.unlink()
         os.close(self.fd)
         self.fd = -1
-        if ours:
-            try:
-                os.unlink(self.path)
-            except OSError as e:
-                return f"could not delete the dump {self.path}: {e.strerror}; delete it by hand"
+        return problem
+
+    def unlink(self) -> str | None:
+        """Delete the dump's name, if it still names the file memcr wrote; the open file stays readable."""
+        if self.fd < 0 or not self.still_in_place():  # someone may have replaced the file: only ours goes
+            return None
+        try:
+            os.unlink(self.path)
+        except OSError as e:
+            return f"could not delete the dump {self.path}: {e.strerror}; delete it by hand"
         return None
 
 
@@ -172,25 +176,62 @@ def _create(path: Path) -> int:
 def _remove_stale(path: Path) -> None:
     """Delete a dump whose memcr died (and whose target the kernel killed with it); refuse anything else."""
     st = os.lstat(path)
-    ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
-    if not ours or not _looks_like_dump(path):
+    if not _ours(st) or not _looks_like_dump(path):
         raise StorageError(
             f"{path} already exists and is not a dump memcr left behind: move it away and retry",
             path=str(path),
             errno=errno.EEXIST,
         )
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _remove_if_orphaned(path):
         raise StorageError(
             f"{path} is the dump of another memcr working on the same process: wait for it to finish",
             path=str(path),
             errno=errno.EBUSY,
-        ) from None
+        )
+
+
+def remove_orphans(directory: Path) -> list[tuple[Path, int]]:
+    """Delete the dumps in `directory` that no memcr holds any more (it was killed); each one's path and size.
+
+    A live memcr holds its dump locked (flock) from its creation on, so
+    only a dump without a lock is an orphan; an empty file may be one
+    being created, and a file without memcr-py's magic is none of its
+    business (the C memcr names its dumps the same way).
+    """
+    removed = []
+    try:
+        names = sorted(directory.glob("pages-*.img"))
+    except OSError:
+        return []
+    for path in names:
+        try:
+            st = os.lstat(path)
+            if _ours(st) and st.st_size > 0 and _looks_like_dump(path) and _remove_if_orphaned(path):
+                removed.append((path, st.st_size))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read: left alone
+    return removed
+
+
+def _ours(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+
+
+def _remove_if_orphaned(path: Path) -> bool:
+    """Delete `path` if no memcr holds it; False when one does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        # its memcr may have just finished and deleted it, and another made a new one under the same name
+        now, locked = os.lstat(path), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+            os.unlink(path)  # while locked: no memcr can take this one for its own meanwhile
+        return True
     finally:
         os.close(fd)
-    os.unlink(path)
 
 
 def _looks_like_dump(path: Path) -> bool:
