@@ -20,6 +20,7 @@ from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
+from memcr.dump.format import remove_orphans
 from memcr.errors import MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
@@ -199,6 +200,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
             cipher=cipher_name(encrypt) if encrypt else None,
         ),
     )
+    for path, size in remove_orphans(dump_dir):
+        log(f"removed {path} ({size} bytes): the dump of a memcr that was killed (its target was killed with it)")
     if listen is not None:
         service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports)
     elif cgroup is not None:
