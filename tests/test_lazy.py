@@ -7,17 +7,22 @@ the wake-up, and checks every byte and its own state afterwards.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Memcr, Target, as_user, log_value, memcr_argv, reap, reports
+from memcr import procfs, scan
+from tests.conftest import CHECKPOINT, RESTORE, Daemon, Memcr, Target, as_user, log_value, memcr_argv, reap, reports
+from tests.test_dump_pipeline import mix
 
 MODES = ["touch", "syscalls", "fork", "remap", "signals"]
 
@@ -192,3 +197,173 @@ def test_a_killed_guardian_is_replaced(spawn, memcr: Memcr) -> None:
     assert any(f"pid {target.pid} restored" in line for line in lines), lines
     _no_guardian_left(session.proc.pid)
     assert target.verify() == 0
+
+
+@pytest.mark.parametrize(
+    ("op", "ending", "code"), [("kill", "killed by SIGKILL", -signal.SIGKILL), ("exit", "exited with 3", 3)]
+)
+def test_a_target_that_ends_during_the_lazy_phase_is_reported(
+    spawn, memcr: Memcr, op: str, ending: str, code: int
+) -> None:
+    """Not "restored" and exit 0: exit code 7, the log and the JSON report say how it ended."""
+    target = spawn("reshape", 256, op, 1)
+    result = memcr.run("-p", target.pid, "-n", "--lazy", "--json")
+    assert target.proc.wait(60) == code
+    [acted] = [line.split() for line in target.out.rest() if line.startswith(f"op {op} ")]
+    back, pages = map(int, acted[3].split("/"))
+    assert back < pages, acted  # it ended with pages still missing
+    assert result.returncode == 7, result.stderr
+    assert f"pid {target.pid} ended during its lazy restore ({ending}), not by memcr's hand" in result.stderr
+    assert f"pid {target.pid} restored" not in result.stdout
+    _, restored = reports(result.stdout)
+    assert restored["event"] == "restore" and restored["ended"] == ending
+    assert memcr.dumps() == []
+
+
+def test_a_target_that_ends_during_the_lazy_phase_through_the_daemon(spawn, daemon) -> None:
+    served = daemon("--lazy", "--json")
+    target = spawn("reshape", 256, "kill", 1)
+    assert served.code(CHECKPOINT, target.pid) == 0
+    assert served.code(RESTORE, target.pid) == 0
+    line = served.out.wait_for(f"pid {target.pid} ended during its lazy restore (killed by SIGKILL)")
+    assert "not by memcr's hand" in line
+    report = reports(served.out.wait_for('"event":"restore"'))[0]
+    assert report["pid"] == target.pid and report["ended"] == "killed by SIGKILL"
+    assert target.proc.wait(60) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("coding", [[], ["-z"]], ids=["plain", "framed"])
+def test_a_dump_cut_short_during_the_lazy_phase_says_so(spawn, memcr: Memcr, coding: list[str]) -> None:
+    """The target is killed (its pages cannot all come back), and the message names the cause."""
+    target = spawn("lazy", 1024, "touch")
+    session = memcr.interactive("-p", target.pid, "--lazy", *coding)
+    session.wait_prompt()
+    [dump] = memcr.dumps()
+    session.proc.stdin.write("\n")
+    session.proc.stdin.flush()
+    session.out.wait_for("come back lazily")
+    os.truncate(dump, 1 << 20)
+    assert session.proc.wait(120) == 6, session.stderr()
+    assert f"the dump {dump} ends early" in session.stderr()
+    assert target.proc.wait(60) == -signal.SIGKILL
+    assert memcr.dumps() == []
+
+
+def test_proc_pid_mem_of_a_missing_page_fails_with_eio_never_wrong_bytes(spawn, memcr: Memcr) -> None:
+    """/proc/PID/mem cannot wait for a missing page (the kernel gives up: EIO); process_vm_readv waits.
+
+    Pinned as docs/lazy.md says: a read during the lazy phase gives the
+    page's own bytes or EIO, never zeros.
+    """
+    target = spawn("reshape", 1024, "dontdump", 7)
+    maps = procfs.read_maps(target.pid, flags=False)
+    start = next(v.start for v in maps if v.end - v.start == 1024 << 20 and v.prot & mmap.PROT_WRITE)
+    session = memcr.interactive("-p", target.pid, "--lazy")
+    session.wait_prompt()
+    session.proc.stdin.write("\n")
+    session.proc.stdin.flush()
+    session.out.wait_for("come back lazily")
+    outcomes = []
+    fd = os.open(f"/proc/{target.pid}/mem", os.O_RDONLY)
+    try:
+        for page in range(262143, 0, -4099):  # from the end: the last pages to come back
+            at = start + page * scan.PAGE
+            try:
+                data = os.pread(fd, scan.PAGE, at)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                outcomes.append("EIO")
+                continue
+            assert data == _pattern(page), f"page {page} read wrong bytes through /proc/PID/mem"
+            outcomes.append("bytes")
+    finally:
+        os.close(fd)
+    assert session.proc.wait(120) == 0, session.stderr()
+    assert target.verify() == 0
+    print("reads during the lazy phase:", {o: outcomes.count(o) for o in set(outcomes)})
+
+
+def _pattern(page: int) -> bytes:
+    """Page `page` of a target region filled by tests/targets/common.h fill(..., seed 1)."""
+    words = scan.PAGE // 8
+    return struct.pack(f"<{words}Q", *(mix(1 + page * words + i) for i in range(words)))
+
+
+def test_orphaned_dumps_are_removed_at_start(spawn, memcr: Memcr) -> None:
+    """A killed memcr leaves its dump; the next memcr (or daemon) in that directory removes it, and
+    nothing else: not a live memcr's dump, not a file without memcr-py's magic, not an empty one."""
+    orphaned = spawn("lazy", 64, "touch")
+    session = memcr.interactive("-p", orphaned.pid)
+    session.wait_prompt()
+    [orphan] = memcr.dumps()
+    session.proc.kill()
+    session.proc.wait(10)
+    assert orphaned.proc.wait(10) == -signal.SIGKILL  # the kernel killed the half-parked target
+    parked = spawn("lazy", 16, "touch")
+    live = memcr.interactive("-p", parked.pid)
+    live.out.wait_for(f"removed {orphan} (")
+    live.wait_prompt()
+    assert not orphan.exists()
+    foreign = memcr.dump_dir / "pages-999999.img"
+    foreign.write_bytes(b"a C memcr's dump")
+    empty = memcr.dump_dir / "pages-999998.img"
+    empty.touch(mode=0o600)
+    other = spawn("lazy", 16, "touch")
+    result = memcr.run("-p", other.pid, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "removed" not in result.stdout
+    assert {p.name for p in memcr.dumps()} == {f"pages-{parked.pid}.img", foreign.name, empty.name}
+    assert live.press_enter() == 0, live.stderr()
+    assert parked.verify() == 0 and other.verify() == 0
+    # a daemon does the same at start
+    again = spawn("lazy", 16, "touch")
+    session = memcr.interactive("-p", again.pid)
+    session.wait_prompt()
+    orphan = memcr.dump_dir / f"pages-{again.pid}.img"
+    session.proc.kill()
+    session.proc.wait(10)
+    assert again.proc.wait(10) == -signal.SIGKILL and orphan.exists()
+    served = Daemon(str(memcr.dump_dir.parent / "memcr.sock"), dump_dir=memcr.dump_dir)
+    try:
+        assert f"removed {orphan} (" in "\n".join(served.out.seen)
+        assert not orphan.exists()
+    finally:
+        served.terminate()
+
+
+def test_a_child_still_missing_pages_is_served_then_filled_on_sigterm(spawn, memcr: Memcr) -> None:
+    """memcr -n --lazy waits for a child forked in the lazy phase; SIGTERM fills what it misses, then memcr exits."""
+    target = spawn("reshape", 64, "fork-linger", 5)
+    session = memcr.interactive("-p", target.pid, "-n", "--lazy")
+    child = int(target.out.wait_for("child ").split()[1])
+    session.out.wait_for(f"pid {target.pid} forked {child} during its lazy restore")
+    assert f"memcr: pid {target.pid} restored" in session.out.seen
+    assert _tracer(child) == session.proc.pid and _tracer(target.pid) == 0
+    session.proc.send_signal(signal.SIGTERM)
+    assert session.proc.wait(60) == 0, session.stderr()
+    assert _tracer(child) == 0
+    os.kill(child, signal.SIGUSR2)  # it checks every page, and its parent collects it
+    assert target.verify() == 0
+    assert memcr.dumps() == []
+
+
+def test_the_daemon_frees_the_pid_while_children_linger_and_fills_them_at_shutdown(spawn, daemon) -> None:
+    served = daemon("--lazy")
+    target = spawn("reshape", 64, "fork-linger", 5)
+    assert served.code(CHECKPOINT, target.pid) == 0
+    assert served.code(RESTORE, target.pid) == 0
+    child = int(target.out.wait_for("child ").split()[1])
+    served.out.wait_for(f"pid {target.pid} forked {child} during its lazy restore")
+    # the target itself is back and free for the next park, while memcr still serves its child
+    assert served.code(CHECKPOINT, target.pid) == 0
+    assert served.code(RESTORE, target.pid) == 0
+    served.out.wait_for(f"pid {target.pid}: lazy restore complete")
+    assert served.terminate() == 0
+    assert any(f"pid {target.pid}: let go of the processes it forked" in line for line in served.out.rest())
+    assert _tracer(child) == 0
+    os.kill(child, signal.SIGUSR2)
+    assert target.verify() == 0
+
+
+def _tracer(pid: int) -> int:
+    return int(procfs.read_status(pid)["TracerPid"])
