@@ -23,6 +23,7 @@ from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_nam
 from memcr.errors import MemcrError, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
+from memcr.peer import Scope
 from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
@@ -100,6 +101,12 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
 )
 @click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
+@click.option(
+    "--client-scope",
+    type=click.Choice([scope.value for scope in Scope]),
+    help="Service mode: which processes a client may park. any (the default): every one; own: a client "
+    "that is not root, its own uid's only (UNIX socket clients only, by their credentials).",
+)
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
@@ -151,7 +158,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 )
 def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
-            listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
+            listen_gid: int | None, client_scope: str | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
             lazy: bool, allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
@@ -164,6 +171,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
     if listen is not None and (tree or cgroup is not None):
         raise UsageError("--tree and --cgroup are for interactive mode, not with -l/--listen")
+    if client_scope is not None and listen is None:
+        raise UsageError("--client-scope only applies to service mode (-l): it says whom the daemon serves")
     if lazy and (tree or cgroup is not None):
         raise UsageError("--lazy restores one process: not with --tree or --cgroup yet")
     if cgroup is not None and pid is not None:
@@ -199,7 +208,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         ),
     )
     if listen is not None:
-        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports)
+        scope = Scope(client_scope or Scope.ANY.value)
+        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
         interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, json_reports=json_reports)
     elif pid is not None and tree:

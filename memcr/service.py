@@ -40,10 +40,20 @@ from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.dump.format import check_directory
-from memcr.errors import LimitError, MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
+from memcr.errors import (
+    ClientRefused,
+    LimitError,
+    MemcrError,
+    StorageError,
+    TargetError,
+    TargetGone,
+    TargetKilled,
+    UsageError,
+)
 from memcr.group import CgroupMembers, Membership, Tree
 from memcr.lazy import LazyRestore
 from memcr.parked import Parked
+from memcr.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.report import GroupReport, Report, error_json
 from memcr.service_group import GroupWorker
 from memcr_client.protocol import (
@@ -367,15 +377,18 @@ class Worker(threading.Thread):
 
     `options` and `timeout` are the daemon's, or what the checkpoint's
     request made of them (a V2 dump directory or compression, a 12-byte
-    time limit).
+    time limit). `seized` runs once every thread of the target is held, and
+    may refuse it before anything in it changes.
     """
 
-    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None) -> None:
+    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None,
+                 seized: Callable[[], None]) -> None:  # fmt: skip
         super().__init__(name=f"memcr-{pid}", daemon=True)
         self.service = service
         self.pid = pid
         self.options = options
         self.timeout = timeout
+        self.seized = seized
         self.cancel = Cancel()  # of the checkpoint, until it has ended
         self.state = "checkpointing"
         self.lock = threading.Lock()  # guards state against requests handed over meanwhile
@@ -391,7 +404,7 @@ class Worker(threading.Thread):
         timer = self._deadline()
         parked = None
         try:
-            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel)
+            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel, seized=self.seized)
             self.checkpoint_code = OK
         except TargetError as e:
             self._note("checkpoint", e)
@@ -542,13 +555,15 @@ class Worker(threading.Thread):
 
 class Service:
     def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
-                 timeout: float | None = None, json_reports: bool = False) -> None:  # fmt: skip
+                 timeout: float | None = None, json_reports: bool = False,
+                 scope: Scope = Scope.ANY) -> None:  # fmt: skip
         self.address = address
         self.options = options
         self.log = log
         self.gid = gid
         self.timeout = timeout
         self.json_reports = json_reports
+        self.policy = Policy(scope)
         self.workers: dict[int, Worker] = {}
         self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
@@ -568,6 +583,8 @@ class Service:
         heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid, self.log)
         self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
+            self.log(note)
         if self.options.lazy:
             self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
         try:
@@ -589,7 +606,7 @@ class Service:
             time.sleep(POLL / 10)
             return
         try:
-            conn, _ = listener.accept()
+            conn, address = listener.accept()
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 # the waiting connection stays in the backlog: try again once descriptors may be free
@@ -598,7 +615,7 @@ class Service:
             elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                 self.log(f"accept failed: {e.strerror}")
             return
-        thread = threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True)
+        thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
         with self.lock:
             self.connections.add(thread)
         try:
@@ -610,23 +627,25 @@ class Service:
             self.log(f"dropped a connection: {e}")
             time.sleep(POLL)
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, address: object) -> None:
         try:
             with conn:
+                peer = Peer.of(conn, address)
                 try:
                     request = _read_request(conn)
                 except Refusal as e:
-                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'}: {e}")
+                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
                     if e.answer:
                         _send(conn, ERROR)
                     return
-                _send(conn, self.dispatch(request))
+                self.log(f"{peer} asks: {_asked(request)}")
+                _send(conn, self.dispatch(request, peer))
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
-    def dispatch(self, request: Request) -> int:
-        """Carry out one request and return its answer."""
+    def dispatch(self, request: Request, peer: Peer = UNKNOWN) -> int:
+        """Carry out one request of `peer` and return its answer."""
         cmd, pid = request.cmd, request.pid
         if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
             self.log(f"unknown command {cmd} for pid {pid}")
@@ -643,6 +662,8 @@ class Service:
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
                 return ERROR
+            if not self._permitted(peer, f"restore of pid {pid}", self._parked_with(pid)):
+                return ERROR
             return self._restore(pid, limit, request.lazy)
         if request.lazy is not None:
             self.log(
@@ -656,8 +677,26 @@ class Service:
             self.log(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
             return ERROR
         if request.group:
-            return self._park_group(request, options, limit)
-        return self._checkpoint(pid, options, limit)
+            return self._park_group(request, options, limit, peer)
+        if not self._permitted(peer, f"checkpoint of pid {pid}", {pid}):
+            return ERROR
+        # once the target is held it can change its uids no more: what was vetted before may have changed meanwhile
+        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}))
+
+    def _permitted(self, peer: Peer, action: str, pids: AbstractSet[int]) -> bool:
+        """Whether `peer` may have `action` done on `pids`; a refusal is logged."""
+        try:
+            self.policy.vet(peer, pids)
+        except ClientRefused as e:
+            self.log(f"refused the {action} asked by {peer}, nothing touched: {e}")
+            return False
+        return True
+
+    def _parked_with(self, pid: int) -> set[int]:
+        """`pid` and, when it is in a group the daemon parks, every other member: a restore wakes them all."""
+        with self.lock:
+            group = self.groups.get(pid)
+            return set(group.claimed) if group is not None else {pid}
 
     def _time_limit(self, request: Request) -> float | None:
         """The -t limit, or the 12-byte request's own when that is shorter: both were asked for."""
@@ -676,7 +715,7 @@ class Service:
             options = dataclasses.replace(options, coding=coding)
         return options
 
-    def _checkpoint(self, pid: int, options: Options, limit: float | None) -> int:
+    def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None]) -> int:
         with self.lock:
             # under the lock _shutdown takes to list the workers: none is started unlisted
             if self.stop.is_set():
@@ -686,7 +725,7 @@ class Service:
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            worker = self.workers[pid] = Worker(self, pid, options, limit)
+            worker = self.workers[pid] = Worker(self, pid, options, limit, seized)
             worker.start()
         worker.checkpointed.wait()
         return worker.checkpoint_code
@@ -734,7 +773,7 @@ class Service:
         for thread in connections:
             thread.join(REQUEST_TIMEOUT)
 
-    def _park_group(self, request: Request, options: Options, limit: float | None) -> int:
+    def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         pid = request.pid
         membership: Membership = Tree(pid)
@@ -744,7 +783,13 @@ class Service:
             except MemcrError as e:
                 self.log(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
                 return ERROR
-        group = GroupWorker(self, pid, membership, options, limit)
+        try:
+            # before the park holds anything (a cgroup is frozen first); each of its walks vets again what it finds
+            self.policy.vet(peer, membership.walk())
+        except MemcrError as e:
+            self.log(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
+            return INVALID_PID if isinstance(e, TargetError) else ERROR
+        group = GroupWorker(self, pid, membership, options, limit, vet=lambda pids: self.policy.vet(peer, pids))
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
             if self.stop.is_set():
@@ -955,15 +1000,25 @@ def _refuse_more(conn: socket.socket, what: str) -> None:
         raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
 
 
+def _asked(request: Request) -> str:
+    """A request as the log shows it."""
+    verbs: dict[int, str] = {CMD_CHECKPOINT: "checkpoint", CMD_RESTORE: "restore"}
+    verb = verbs.get(request.cmd, f"command {request.cmd}")
+    if request.cgroup is not None:
+        what = f"the cgroup {_shown(request.cgroup)} of pid"
+    else:
+        what = "the tree of pid" if request.tree else "pid"
+    return f"{verb} {what} {request.pid} ({request.dialect.value})"
+
+
 def _send(conn: socket.socket, code: int) -> None:
     with contextlib.suppress(OSError):  # the client may have gone: the operation stands
         conn.sendall(encode_answer(code))
 
 
-def run(
-    address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool
-) -> None:
-    service = Service(address, options, log, gid, timeout, json_reports)
+def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,
+        scope: Scope) -> None:  # fmt: skip
+    service = Service(address, options, log, gid, timeout, json_reports, scope)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop.set())
     service.serve()
