@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from memcr import __version__, heap, service
+from memcr import __version__, accounts, heap, service
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
@@ -191,6 +191,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError(f"-t/--timeout must be a positive number of seconds, not {timeout}")
     if parasite_socket_gid is not None and parasite_socket_dir is None:
         raise UsageError("-G/--parasite-socket-gid needs -S/--parasite-socket-dir")
+    if parasite_socket_gid is not None and os.geteuid() != 0 and not accounts.in_group(parasite_socket_gid):
+        # found now, not at the first checkpoint of a daemon that would fail every one
+        raise accounts.not_in_group(
+            parasite_socket_gid, "it could not connect to the parasite sockets, which get that group and mode 0660 (-G)"
+        )
     options = Options(
         dump_dir=dump_dir,
         # the parasite binds in the target's working directory, memcr connects from its own

@@ -384,6 +384,12 @@ def thread_uids(pid: int) -> dict[int, tuple[int, ...]]:
     }
 
 
+def groups(pid: int) -> set[int]:
+    """The groups a process acts with on files: its effective gid and its supplementary groups."""
+    status = read_status(pid)
+    return {int(status["Gid"].split()[1]), *(int(gid) for gid in status.get("Groups", "").split())}
+
+
 def unconfined_thread(pid: int, tids: list[int] | set[int]) -> int:
     """A thread (the main one if it can) under no seccomp mode: memcr's injected system calls run there.
 

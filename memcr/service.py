@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import ipaddress
 import os
-import pwd
 import queue
 import resource
 import selectors
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
-from memcr import heap, procfs
+from memcr import accounts, heap, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
@@ -243,8 +242,15 @@ def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
             except FileExistsError:
                 continue  # made meanwhile by someone else: the check below judges it
             except OSError as e:
+                fix = ""
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    user = accounts.user_name(os.geteuid())
+                    fix = (
+                        f": memcr's user {user} may not write in {path.parent}; as root, make the folder for it "
+                        f"(install -d -o {user} {folder}) or choose another -l path"
+                    )
                 raise StorageError(
-                    f"cannot create the folder {path} for the socket: {e.strerror}", path=path, errno=e.errno
+                    f"cannot create the folder {path} for the socket: {e.strerror}{fix}", path=path, errno=e.errno
                 ) from None
             made.append(path)
             _settle_folder(path, mode, gid)
@@ -268,7 +274,7 @@ def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
         raise StorageError(f"the folder {path} memcr just made changed under it: {e.strerror}", path=path) from None
     try:
         if gid is not None:
-            os.fchown(fd, -1, gid)
+            _give_group(fd, gid, f"it cannot give the folder {path} that group (-g)")
         os.fchmod(fd, mode)
     except OSError as e:
         raise StorageError(
@@ -294,7 +300,7 @@ def _check_folder(folder: Path) -> None:
         raise StorageError(f"{folder} is not a folder: choose another -l path", path=folder)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
-            f"the socket's folder {folder} belongs to {_user(st.st_uid)}, who could replace the socket in it: "
+            f"the socket's folder {folder} belongs to {accounts.user(st.st_uid)}, who could replace the socket in it: "
             "use a folder owned by root or by memcr's user, or a missing one that memcr makes",
             path=folder,
         )
@@ -305,13 +311,6 @@ def _check_folder(folder: Path) -> None:
             f"who could replace the socket in it: take that right away (chmod o-w {folder}) or choose another folder",
             path=folder,
         )
-
-
-def _user(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _remove_folders(made: list[Path], log: Log) -> None:
@@ -327,6 +326,19 @@ def _remove_folders(made: list[Path], log: Log) -> None:
         log(f"removed the folder {path}")
 
 
+def _give_group(file: int | Path, gid: int, consequence: str) -> None:
+    """chown to group `gid`; refused to memcr outside that group, as the error says (RightsError)."""
+    try:
+        if isinstance(file, Path):
+            os.chown(file, -1, gid, follow_symlinks=False)
+        else:
+            os.fchown(file, -1, gid)
+    except PermissionError:
+        if not accounts.in_group(gid):
+            raise accounts.not_in_group(gid, consequence) from None
+        raise
+
+
 def _unix_listener(path: Path, gid: int | None) -> socket.socket:
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -336,17 +348,22 @@ def _unix_listener(path: Path, gid: int | None) -> socket.socket:
             # the group can connect between bind() and chown()
             os.fchmod(sock.fileno(), 0o660)
         sock.bind(str(path))
-        if gid is not None:
-            os.chown(path, -1, gid, follow_symlinks=False)
-            os.chmod(path, 0o660)  # bind() applied the umask
-        sock.listen(128)
-    except PermissionError as e:
-        sock.close()
-        group = f" with group {gid}" if gid is not None else ""
-        raise StorageError(f"cannot create the socket {path}{group}: {e.strerror}", path=path, errno=e.errno) from None
     except OSError as e:
         sock.close()
-        raise StorageError(f"cannot listen on {path}: {e.strerror}", path=path, errno=e.errno) from None
+        raise StorageError(f"cannot create the socket {path}: {e.strerror}", path=path, errno=e.errno) from None
+    try:
+        if gid is not None:
+            _give_group(path, gid, f"it cannot give its socket {path} that group (-g)")
+            os.chmod(path, 0o660)  # bind() applied the umask
+        sock.listen(128)
+    except BaseException as error:
+        sock.close()
+        os.unlink(path)  # this start made it: a failed start leaves no socket file behind
+        if isinstance(error, OSError):
+            raise StorageError(
+                f"cannot set up the socket {path}: {error.strerror}", path=path, errno=error.errno
+            ) from None
+        raise
     return sock
 
 
@@ -895,7 +912,7 @@ def _check_dump_folder(folder: Path, st: os.stat_result, text: str) -> None:
     shown, where = _shown(text), _shown(folder)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
-            f"dump directory {shown}: {where} belongs to {_user(st.st_uid)}, who could swap what is in it: "
+            f"dump directory {shown}: {where} belongs to {accounts.user(st.st_uid)}, who could swap what is in it: "
             "use folders owned by root or by memcr's user",
             path=text,
         )
