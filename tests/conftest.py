@@ -188,6 +188,34 @@ def memcr_argv(*args: object) -> list[str]:
     return [sys.executable, "-m", "memcr", *[str(a) for a in args]]
 
 
+# What systemd does for a .socket unit, in short: make the listening socket, with SocketUser=, SocketGroup=
+# and SocketMode= when given, hand it over as descriptor 3 with LISTEN_FDS=1 and LISTEN_PID = the pid of
+# the process it then executes (exec keeps the pid).
+ACTIVATE = r"""
+import os, shutil, socket, sys
+path, user, group, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(path)
+if user or group:
+    shutil.chown(path, user or None, group or None)
+if mode:
+    os.chmod(path, int(mode, 8))
+sock.listen(16)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+    sock.close()
+os.set_inheritable(3, True)  # Python made it close-on-exec; dup2 onto itself would not change that
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+print("socket ready", flush=True)
+os.execvp(argv[0], argv)
+"""
+
+
+def activation(path: Path | str, argv: list[str], user: str = "", group: str = "", mode: str = "") -> list[str]:
+    """argv started as systemd starts a service for its .socket unit (ACTIVATE)."""
+    return [sys.executable, "-c", ACTIVATE, str(path), user, group, mode, *argv]
+
+
 class Interactive:
     """memcr -p PID in interactive mode, driven through its stdin."""
 
@@ -291,6 +319,14 @@ def log_value(lines: list[str] | str, pattern: str) -> re.Match[str]:
 
 
 def as_user(user: str, argv: list[str], gid: int | None = None) -> list[str]:
+    """argv run as `user`, in its groups, with the same pid (setpriv executes it).
+
+    The program then runs as the user, without capabilities; but setpriv
+    still holds root's until its execve(), so the kernel lets it execute a
+    file the user could not (this is how the user reaches this checkout's
+    interpreter under /root). A test of who may execute a file runs the
+    user's command through runuser instead, as an administrator would.
+    """
     import pwd
 
     primary = gid if gid is not None else pwd.getpwnam(user).pw_gid
