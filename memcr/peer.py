@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from memcr import procfs
 from memcr.errors import ClientRefused, TargetGone
 
-UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 
 
 class Scope(enum.Enum):

@@ -358,7 +358,8 @@ def _unix_listener(path: Path, gid: int | None) -> socket.socket:
         sock.listen(128)
     except BaseException as error:
         sock.close()
-        os.unlink(path)  # this start made it: a failed start leaves no socket file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # this start made it: a failed start leaves no socket file behind
         if isinstance(error, OSError):
             raise StorageError(
                 f"cannot set up the socket {path}: {error.strerror}", path=path, errno=error.errno

@@ -175,6 +175,13 @@ def system_install() -> Iterator[Install]:
         yield dataclasses.replace(install, said=result.stdout)
 
 
+@pytest.fixture
+def app(system_install: Install, made_accounts) -> str:
+    """A user whose processes the daemon parks, in the group the docs tell such users to join."""
+    name, _ = made_accounts.user("msa", [system_install.targets])
+    return name
+
+
 def owner_group_mode(path: Path) -> tuple[str, str, int]:
     st = path.lstat()
     return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)
@@ -231,6 +238,18 @@ def test_install_makes_users_groups_and_folders(system_install: Install) -> None
     verify = subprocess.run(["systemd-analyze", "verify", str(share / "memcr.service"), str(share / "memcr.socket")],
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+
+def test_install_again_makes_nothing_new(system_install: Install) -> None:
+    """An update: the same install over itself keeps the users, groups and folders, and says nothing about them."""
+    i = system_install
+    again = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env={**os.environ, **i.variables()},
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert not re.search(r"created|added|warning", again.stdout), again.stdout
+    assert groups_of(i.user) == {i.group, i.clients, i.targets}
+    assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
+    assert owner_group_mode(i.run / "targets") == (i.user, i.targets, 0o1770)
 
 
 @pytest.mark.parametrize("shared", ["MEMCR_CLIENTS", "MEMCR_TARGETS"])
@@ -309,10 +328,9 @@ def test_by_hand_start_as_documented(system_install: Install, made_accounts, spa
     assert not i.sock.exists() and i.run.is_dir()  # its socket went with it; the folder is the install's
 
 
-def test_a_target_user_gets_no_power(system_install: Install, made_accounts, spawn, processes) -> None:
+def test_a_target_user_gets_no_power(system_install: Install, app: str, spawn, processes) -> None:
     """In every group the docs tell targets to join, it cannot start the launcher nor park root's process."""
     i = system_install
-    app, _ = made_accounts.user("msa", [i.targets])
     assert groups_of(app) == {"nogroup", i.targets}
     by_hand(processes, i)
     root_s = spawn("pattern", 16, 2)
@@ -385,14 +403,15 @@ def executed_as_systemd_would(service: configparser.SectionProxy) -> list[str]:
 
 
 @pytest.mark.parametrize("activated", [False, True], ids=["service", "socket"])
-def test_units_as_systemd_runs_them(system_install: Install, made_accounts, spawn, processes, activated: bool) -> None:
+def test_units_as_systemd_runs_them(
+    system_install: Install, app: str, made_accounts, spawn, processes, activated: bool
+) -> None:
     """After a boot, /run empty: memcr.service alone, or started by memcr.socket."""
     i = system_install
     service = unit(i.prefix / "share" / "memcr.service")["Service"]
     sock = unit(i.prefix / "share" / "memcr.socket")["Socket"]
     assert set(service) <= EMULATED | SANDBOX and set(sock) <= SOCKET_LINES
     assert {str(i.run), str(i.state)} <= set(service["ReadWritePaths"].split())
-    app, _ = made_accounts.user("msa", [i.targets])
     client, _ = made_accounts.user("msq", [i.clients])
     env = {"PATH": SYSTEMD_PATH}
     shutil.rmtree(i.run)
@@ -421,10 +440,9 @@ def test_units_as_systemd_runs_them(system_install: Install, made_accounts, spaw
         i.sock.unlink(missing_ok=True)
 
 
-def test_non_root_daemon_without_capability(system_install: Install, made_accounts, spawn, processes) -> None:
+def test_non_root_daemon_without_capability(system_install: Install, app: str, spawn, processes) -> None:
     """The daemon's user, started without its launcher: the advice names the launcher, which it may start."""
     i = system_install
-    app, _ = made_accounts.user("msa", [i.targets])
     sock = i.run / "plain.sock"
     plain_python = [str(i.prefix / "venv" / "bin" / "python"), "-I", "-m", "memcr"]
     daemon = ByHand(runuser(i.user, [*plain_python, "-l", sock, "-d", i.state]))
@@ -439,9 +457,8 @@ def test_non_root_daemon_without_capability(system_install: Install, made_accoun
     assert target.verify() == 0
 
 
-def test_proc_mem_refused_without_root(system_install: Install, made_accounts, spawn) -> None:
+def test_proc_mem_refused_without_root(system_install: Install, app: str, spawn) -> None:
     i = system_install
-    app, _ = made_accounts.user("msa", [i.targets])
     target = spawn("pattern", 16, 2, user=app)
     result = run_as(i.user, [i.launcher, "-p", target.pid, "-n", "-m", "-d", i.state])
     assert result.returncode == 4
@@ -449,10 +466,9 @@ def test_proc_mem_refused_without_root(system_install: Install, made_accounts, s
     assert target.verify() == 0
 
 
-def test_non_root_kills_a_target_it_cannot_restore(system_install: Install, made_accounts, spawn) -> None:
+def test_non_root_kills_a_target_it_cannot_restore(system_install: Install, app: str, spawn) -> None:
     """Without CAP_KILL memcr may not signal another user's process: it has the target kill itself."""
     i = system_install
-    app, _ = made_accounts.user("msa", [i.targets])
     target = spawn("pattern", 16, 2, user=app)
     argv = runuser(i.user, [i.launcher, "-p", target.pid, "-c", "-d", i.state])
     memcr = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
