@@ -23,6 +23,7 @@ import socket
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from memcr import procfs
 from memcr.errors import ClientRefused, TargetGone
@@ -51,15 +52,13 @@ class Peer:
     address: str | None = None
 
     @classmethod
-    def of(cls, conn: socket.socket, address: object) -> Peer:
-        """The client at the other end of `conn`, which accept() returned with `address`."""
+    def of(cls, conn: socket.socket, address: Any) -> Peer:
+        """The client at the other end of `conn`, which accept() returned with `address` ((host, port, ...) on TCP)."""
         if conn.family == socket.AF_UNIX:
             pid, uid, gid = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
             return cls(pid or None, uid, gid)
-        if isinstance(address, tuple):
-            host, port = address[0], address[1]
-            return cls(address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return cls()
+        host, port = address[:2]
+        return cls(address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     def __str__(self) -> str:
         if self.uid is not None:

@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import Any
 
 from memcr import accounts, heap, procfs
 from memcr.advice import explain
@@ -645,7 +646,7 @@ class Service:
             self.log(f"dropped a connection: {e}")
             time.sleep(POLL)
 
-    def _handle(self, conn: socket.socket, address: object) -> None:
+    def _handle(self, conn: socket.socket, address: Any) -> None:
         try:
             with conn:
                 peer = Peer.of(conn, address)
