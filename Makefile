@@ -1,8 +1,15 @@
 # memcr-py: build the parasite, install into .venv, demo, test, bench.
 PYTHON ?= python3
 VENV ?= .venv
+# make install-system: where, the daemon's user, its group (alone may start the launcher), the clients' group
+# (-g), the targets' group (-G), the folders for the sockets and the dumps (docs/SECURITY.md)
 PREFIX ?= /opt/memcr
+MEMCR_USER ?= memcr
 MEMCR_GROUP ?= memcr
+MEMCR_CLIENTS ?= memcr-clients
+MEMCR_TARGETS ?= memcr-targets
+MEMCR_RUN ?= /run/memcr
+MEMCR_STATE ?= /var/lib/memcr
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
@@ -61,7 +68,8 @@ profile: install
 
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
-	sh deploy/install-system.sh $(PREFIX) $(MEMCR_GROUP)
+	PREFIX=$(PREFIX) MEMCR_USER=$(MEMCR_USER) MEMCR_GROUP=$(MEMCR_GROUP) MEMCR_CLIENTS=$(MEMCR_CLIENTS) \
+	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) sh deploy/install-system.sh
 
 clean:
 	$(MAKE) -C parasite clean

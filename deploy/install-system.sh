@@ -1,16 +1,64 @@
 #!/bin/sh
-# Install a self-contained memcr that any member of GROUP can run with
-# CAP_SYS_PTRACE and nothing else (see docs/SECURITY.md). Run as root:
-#   sh deploy/install-system.sh PREFIX GROUP [PYTHON]
+# Install a self-contained memcr for a non-root deployment (docs/SECURITY.md). As root:
+#   make install-system [PREFIX=/opt/memcr MEMCR_USER=memcr MEMCR_GROUP=memcr MEMCR_CLIENTS=memcr-clients
+#                        MEMCR_TARGETS=memcr-targets MEMCR_RUN=/run/memcr MEMCR_STATE=/var/lib/memcr]
+# which runs this script with those variables. It makes whatever of these is missing, and says so:
+# the daemon's user, and its group, which alone may start the launcher that holds CAP_SYS_PTRACE;
+# the clients' group (-g) and the targets' group (-G), which are other groups; the folders; the
+# virtual environment, the launcher and the systemd units, which name all of them.
 set -eu
-prefix=$1
-group=$2
-python=${3:-/usr/bin/python3}
+prefix=${PREFIX:-/opt/memcr}
+user=${MEMCR_USER:-memcr}
+group=${MEMCR_GROUP:-memcr}
+clients=${MEMCR_CLIENTS:-memcr-clients}
+targets=${MEMCR_TARGETS:-memcr-targets}
+run=${MEMCR_RUN:-/run/memcr}
+state=${MEMCR_STATE:-/var/lib/memcr}
+python=${MEMCR_PYTHON:-/usr/bin/python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-[ "$(id -u)" -eq 0 ] || { echo "install-system: run as root (it sets a file capability)" >&2; exit 1; }
-[ -x "$python" ] || { echo "install-system: $python missing: install Debian's python3 and python3-venv" >&2; exit 1; }
-getent group "$group" >/dev/null || groupadd --system "$group"
+say() { echo "install-system: $*"; }
+fail() { echo "install-system: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || fail "run as root (it makes users and groups and sets a file capability)"
+[ -x "$python" ] || fail "$python missing: install Debian's python3 and python3-venv"
+tmpfiles=$(command -v systemd-tmpfiles) || fail "systemd-tmpfiles missing (Debian: systemd): it makes memcr's folders"
+# the launcher's group is the power to read and write every process: no group the docs give others to join
+for other in "$clients" "$targets"; do
+    [ "$other" != "$group" ] || fail "MEMCR_GROUP=$group may start the launcher, which holds CAP_SYS_PTRACE:" \
+        "the clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
+done
+for path in "$run" "$state"; do
+    case $path in
+        /?*) ;;
+        *) fail "MEMCR_RUN=$run and MEMCR_STATE=$state must be absolute paths of folders" ;;
+    esac
+done
+
+make_group() {
+    getent group "$1" >/dev/null && return
+    groupadd --system "$1"
+    say "created group $1: $2"
+}
+make_group "$group" "the daemon's user's; only it may start the launcher"
+make_group "$clients" "the clients' (-g): add each user who may ask the daemon"
+make_group "$targets" "the targets' (-G): add each user whose processes the daemon parks"
+if ! getent passwd "$user" >/dev/null; then
+    useradd --system --gid "$group" --home-dir "$state" --no-create-home --shell /usr/sbin/nologin "$user"
+    say "created user $user, the daemon's, of group $group"
+fi
+# the launcher's group to start it; -g's, to give its socket that group; -G's, to reach the parasites' sockets
+for needed in "$group" "$clients" "$targets"; do
+    if ! id -nG "$user" | tr ' ' '\n' | grep -qx "$needed"; then
+        usermod -aG "$needed" "$user"
+        say "added user $user to group $needed"
+    fi
+done
+gid=$(getent group "$group" | cut -d: -f3)
+others=$({ getent group "$group" | cut -d: -f4 | tr ',' '\n'; getent passwd | awk -F: -v gid="$gid" '$4 == gid { print $1 }'; } |
+    grep -vx -e "$user" -e '' | sort -u | tr '\n' ' ' || true)
+[ -z "$others" ] || say "warning: besides $user, these users are in group $group and so may start the launcher," \
+    "which holds CAP_SYS_PTRACE (they could freeze, read and kill any process): ${others}(gpasswd -d USER $group)"
 
 # a venv on the system interpreter: one under /root would be unreachable for other users
 "$python" -m venv --clear "$prefix/venv"
@@ -26,15 +74,28 @@ rm -rf "$client/memcr_client/build" "$client/memcr_client/"*.egg-info
 mkdir -p "$prefix/bin" "$prefix/share"
 gcc -O2 -Wall -Wextra -Werror -DPYTHON="\"$prefix/venv/bin/python\"" \
     -o "$prefix/bin/memcr.new" "$here/deploy/memcr-launch.c"
-# only GROUP may start a program that can read every process's memory
+# only GROUP, the daemon's user's, may start a program that can read every process's memory
 chown root:"$group" "$prefix/bin/memcr.new"
 chmod 0750 "$prefix/bin/memcr.new"
 setcap cap_sys_ptrace=ep "$prefix/bin/memcr.new"
 mv "$prefix/bin/memcr.new" "$prefix/bin/memcr"
 ln -sf ../venv/bin/memcr-client "$prefix/bin/memcr-client"
-for unit in memcr.service memcr.socket; do
-    sed "s|@PREFIX@|$prefix|g; s|@GROUP@|$group|g" "$here/deploy/$unit" > "$prefix/share/$unit"
+for file in memcr.service memcr.socket memcr-tmpfiles.conf; do
+    sed -e "s|@PREFIX@|$prefix|g" -e "s|@USER@|$user|g" -e "s|@GROUP@|$group|g" -e "s|@CLIENTS@|$clients|g" \
+        -e "s|@TARGETS@|$targets|g" -e "s|@RUN@|$run|g" -e "s|@STATE@|$state|g" -e "s|@TMPFILES@|$tmpfiles|g" \
+        "$here/deploy/$file" > "$prefix/share/$file"
 done
 chmod -R go-w "$prefix"
 chmod -R a+rX "$prefix/venv" "$prefix/share"
-echo "install-system: memcr in $prefix/bin (CAP_SYS_PTRACE, group $group); units in $prefix/share (memcr.service, memcr.socket)"
+
+missing=
+for folder in "$run" "$run/targets" "$state"; do
+    [ -e "$folder" ] || missing="$missing $folder"
+done
+"$tmpfiles" --create "$prefix/share/memcr-tmpfiles.conf"
+[ -z "$missing" ] || say "created the folders$missing ($prefix/share/memcr-tmpfiles.conf lists them)"
+say "memcr in $prefix/bin (the launcher, with CAP_SYS_PTRACE for group $group alone; memcr-client);" \
+    "in $prefix/share the units memcr.service and memcr.socket, and memcr-tmpfiles.conf"
+say "next, for each user whose processes memcr parks: usermod -aG $targets USER; for each who asks it:" \
+    "usermod -aG $clients USER. Then start it (docs/SECURITY.md):"
+say "  runuser -u $user -- $prefix/bin/memcr -l $run/memcr.sock -g $clients -S $run/targets -G $targets -d $state"

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from memcr import __version__, heap, service
+from memcr import __version__, accounts, heap, service
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
@@ -25,6 +25,7 @@ from memcr.errors import MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.lazy import LazyRestore
+from memcr.peer import Scope
 from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
@@ -102,6 +103,12 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
 )
 @click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
+@click.option(
+    "--client-scope",
+    type=click.Choice([scope.value for scope in Scope]),
+    help="Service mode: which processes a client may park. any (the default): every one; own: a client "
+    "that is not root, its own uid's only (UNIX socket clients only, by their credentials).",
+)
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
@@ -153,7 +160,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 )
 def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
-            listen_gid: int | None, no_wait: bool, proc_mem: bool, rss_file: bool,
+            listen_gid: int | None, client_scope: str | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
             lazy: bool, allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
@@ -166,6 +173,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
     if listen is not None and (tree or cgroup is not None):
         raise UsageError("--tree and --cgroup are for interactive mode, not with -l/--listen")
+    if client_scope is not None and listen is None:
+        raise UsageError("--client-scope only applies to service mode (-l): it says whom the daemon serves")
     if lazy and (tree or cgroup is not None):
         raise UsageError("--lazy restores one process: not with --tree or --cgroup yet")
     if cgroup is not None and pid is not None:
@@ -184,6 +193,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError(f"-t/--timeout must be a positive number of seconds, not {timeout}")
     if parasite_socket_gid is not None and parasite_socket_dir is None:
         raise UsageError("-G/--parasite-socket-gid needs -S/--parasite-socket-dir")
+    if parasite_socket_gid is not None and os.geteuid() != 0 and not accounts.in_group(parasite_socket_gid):
+        # found now, not at the first checkpoint of a daemon that would fail every one
+        raise accounts.not_in_group(
+            parasite_socket_gid, "it could not connect to the parasite sockets, which get that group and mode 0660 (-G)"
+        )
     options = Options(
         dump_dir=dump_dir,
         # the parasite binds in the target's working directory, memcr connects from its own
@@ -203,7 +217,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
     for path, size in remove_orphans(dump_dir):
         log(f"removed {path} ({size} bytes): the dump of a memcr that was killed (its target was killed with it)")
     if listen is not None:
-        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports)
+        scope = Scope(client_scope or Scope.ANY.value)
+        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
         interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, json_reports=json_reports)
     elif pid is not None and tree:

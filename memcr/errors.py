@@ -71,6 +71,10 @@ class StorageError(MemcrError):
     exit_code: int = ExitCode.STORAGE
 
 
+class ClientRefused(MemcrError):
+    """A client of the daemon may not have this done: it asked about itself, or --client-scope forbids it."""
+
+
 class ParasiteError(MemcrError):
     """The parasite could not be started or stopped answering."""
 

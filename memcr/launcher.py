@@ -49,23 +49,30 @@ def may_trace() -> bool:
 
 
 def capability_advice(launcher: Path | None = None, capable: bool | None = None) -> str:
-    """How to give memcr CAP_SYS_PTRACE without root: which file gets it, with what command.
+    """How memcr may get CAP_SYS_PTRACE without root, in terms of what this user may do.
 
     "" when memcr holds the capability already: then the kernel refused for
     another reason (Yama's ptrace_scope, a security module), which the
-    error's message names.
+    error's message names. The launcher is named only to a user who may
+    start it (memcr's own user); anyone else is sent to the daemon, whose
+    clients an administrator chooses.
     """
     if may_trace() if capable is None else capable:
         return ""
-    found = launcher_path() if launcher is None else launcher
-    if found is not None:
+    found = launcher if launcher is not None else launcher_path() or launcher_path(DEFAULT_PREFIX / "venv")
+    if found is None:
+        documented = DEFAULT_PREFIX / "bin" / "memcr"
         return (
-            f"without root, start memcr through its launcher {found}, which must hold the capability: "
-            f"setcap cap_sys_ptrace=ep {found}"
+            "without root, memcr needs its launcher, which holds the capability: an administrator installs it "
+            f"with `make install-system`, as {documented} (docs/SECURITY.md)"
         )
-    documented = DEFAULT_PREFIX / "bin" / "memcr"
+    if not os.access(found, os.X_OK):
+        return (
+            "without root, only memcr's own user may start it with the capability: ask the memcr daemon instead "
+            "(memcr-client); an administrator lets a user do so by adding it to the daemon's clients' group "
+            "(docs/SECURITY.md)"
+        )
     return (
-        "without root, start memcr through its launcher, which must hold the capability: "
-        f"`make install-system` installs it as {documented} and runs setcap cap_sys_ptrace=ep {documented} "
-        "(docs/SECURITY.md)"
+        f"without root, start memcr through its launcher {found}, which must hold the capability: "
+        f"setcap cap_sys_ptrace=ep {found}"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -22,14 +23,16 @@ from functools import partial
 from pathlib import Path
 
 from memcr import procfs
+from memcr.accounts import not_in_group
 from memcr.arch import Blobs
-from memcr.errors import ParasiteError, RightsError, Uncured
+from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
 from memcr.infect import Infection, Injector
 from memcr.tracer import FrozenProcess
 
 ARGS_MAGIC = 0x4D435031
 STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
 STEP_NAMES = {1: "create", 2: "bind", 3: "set the owner and mode of", 4: "listen on", 5: "accept on"}
+STEP_BIND, STEP_MODE = 2, 3
 NONCE_LEN = 16
 SUN_PATH_LEN = 108
 PAGEMAP_MAX = 65536
@@ -382,15 +385,31 @@ def _open_fds(infection: Infection) -> tuple[int, ...]:
     return tuple(ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size)))
 
 
+def _socket_failure(spec: SocketSpec, step: int, err: int) -> MemcrError:
+    """Why the parasite could not make its socket; a group the target lacks for it (-S, -G) is named with the fix."""
+    failed = f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}: {os.strerror(err)}"
+    if spec.directory is not None and err in (errno.EACCES, errno.EPERM):
+        # the folder admits the targets by its group (bind), and the socket gets the group of -G (chown)
+        gid = spec.gid if step == STEP_MODE else _group_of(spec.directory) if step == STEP_BIND else None
+        if gid is not None and gid not in procfs.groups(spec.pid):
+            return not_in_group(gid, failed, target=spec.pid)
+    return ParasiteError(failed)
+
+
+def _group_of(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_gid
+    except OSError:
+        return None
+
+
 def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
     """Wait for the parasite to listen, connect and prove each other."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
         _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
         if status == STATUS_FAILED:
-            raise ParasiteError(
-                f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}: {os.strerror(err)}"
-            )
+            raise _socket_failure(spec, step, err)
         if status == STATUS_LISTENING:
             break
         if not infection.keep_running() or time.monotonic() > deadline:

@@ -373,6 +373,23 @@ def _thread_statuses(pid: int, tids: list[int] | set[int]) -> list[tuple[int, di
     return found
 
 
+def thread_uids(pid: int) -> dict[int, tuple[int, ...]]:
+    """Each thread's uids by thread id: real, effective, saved and filesystem (the Uid: line of its status).
+
+    Threads carry their own credentials: a raw setresuid() changes only the
+    calling thread's. Threads that end meanwhile are left out.
+    """
+    return {
+        tid: tuple(int(uid) for uid in status["Uid"].split()) for tid, status in _thread_statuses(pid, thread_ids(pid))
+    }
+
+
+def groups(pid: int) -> set[int]:
+    """The groups a process acts with on files: its effective gid and its supplementary groups."""
+    status = read_status(pid)
+    return {int(status["Gid"].split()[1]), *(int(gid) for gid in status.get("Groups", "").split())}
+
+
 def unconfined_thread(pid: int, tids: list[int] | set[int]) -> int:
     """A thread (the main one if it can) under no seccomp mode: memcr's injected system calls run there.
 

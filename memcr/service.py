@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import ipaddress
 import os
-import pwd
 import queue
 import resource
 import selectors
@@ -34,16 +33,27 @@ import traceback
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import Any
 
-from memcr import heap, procfs
+from memcr import accounts, heap, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.dump.format import check_directory
-from memcr.errors import LimitError, MemcrError, StorageError, TargetError, TargetGone, TargetKilled, UsageError
+from memcr.errors import (
+    ClientRefused,
+    LimitError,
+    MemcrError,
+    StorageError,
+    TargetError,
+    TargetGone,
+    TargetKilled,
+    UsageError,
+)
 from memcr.group import CgroupMembers, Membership, Tree
 from memcr.lazy import LazyRestore
 from memcr.parked import Parked
+from memcr.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.report import GroupReport, Report, error_json
 from memcr.service_group import GroupWorker
 from memcr_client.protocol import (
@@ -233,8 +243,15 @@ def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
             except FileExistsError:
                 continue  # made meanwhile by someone else: the check below judges it
             except OSError as e:
+                fix = ""
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    user = accounts.user_name(os.geteuid())
+                    fix = (
+                        f": memcr's user {user} may not write in {path.parent}; as root, make the folder for it "
+                        f"(install -d -o {user} {folder}) or choose another -l path"
+                    )
                 raise StorageError(
-                    f"cannot create the folder {path} for the socket: {e.strerror}", path=path, errno=e.errno
+                    f"cannot create the folder {path} for the socket: {e.strerror}{fix}", path=path, errno=e.errno
                 ) from None
             made.append(path)
             _settle_folder(path, mode, gid)
@@ -258,7 +275,7 @@ def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
         raise StorageError(f"the folder {path} memcr just made changed under it: {e.strerror}", path=path) from None
     try:
         if gid is not None:
-            os.fchown(fd, -1, gid)
+            _give_group(fd, gid, f"it cannot give the folder {path} that group (-g)")
         os.fchmod(fd, mode)
     except OSError as e:
         raise StorageError(
@@ -284,7 +301,7 @@ def _check_folder(folder: Path) -> None:
         raise StorageError(f"{folder} is not a folder: choose another -l path", path=folder)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
-            f"the socket's folder {folder} belongs to {_user(st.st_uid)}, who could replace the socket in it: "
+            f"the socket's folder {folder} belongs to {accounts.user(st.st_uid)}, who could replace the socket in it: "
             "use a folder owned by root or by memcr's user, or a missing one that memcr makes",
             path=folder,
         )
@@ -295,13 +312,6 @@ def _check_folder(folder: Path) -> None:
             f"who could replace the socket in it: take that right away (chmod o-w {folder}) or choose another folder",
             path=folder,
         )
-
-
-def _user(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _remove_folders(made: list[Path], log: Log) -> None:
@@ -317,6 +327,19 @@ def _remove_folders(made: list[Path], log: Log) -> None:
         log(f"removed the folder {path}")
 
 
+def _give_group(file: int | Path, gid: int, consequence: str) -> None:
+    """chown to group `gid`; refused to memcr outside that group, as the error says (RightsError)."""
+    try:
+        if isinstance(file, Path):
+            os.chown(file, -1, gid, follow_symlinks=False)
+        else:
+            os.fchown(file, -1, gid)
+    except PermissionError:
+        if not accounts.in_group(gid):
+            raise accounts.not_in_group(gid, consequence) from None
+        raise
+
+
 def _unix_listener(path: Path, gid: int | None) -> socket.socket:
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -326,17 +349,23 @@ def _unix_listener(path: Path, gid: int | None) -> socket.socket:
             # the group can connect between bind() and chown()
             os.fchmod(sock.fileno(), 0o660)
         sock.bind(str(path))
-        if gid is not None:
-            os.chown(path, -1, gid, follow_symlinks=False)
-            os.chmod(path, 0o660)  # bind() applied the umask
-        sock.listen(128)
-    except PermissionError as e:
-        sock.close()
-        group = f" with group {gid}" if gid is not None else ""
-        raise StorageError(f"cannot create the socket {path}{group}: {e.strerror}", path=path, errno=e.errno) from None
     except OSError as e:
         sock.close()
-        raise StorageError(f"cannot listen on {path}: {e.strerror}", path=path, errno=e.errno) from None
+        raise StorageError(f"cannot create the socket {path}: {e.strerror}", path=path, errno=e.errno) from None
+    try:
+        if gid is not None:
+            _give_group(path, gid, f"it cannot give its socket {path} that group (-g)")
+            os.chmod(path, 0o660)  # bind() applied the umask
+        sock.listen(128)
+    except BaseException as error:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # this start made it: a failed start leaves no socket file behind
+        if isinstance(error, OSError):
+            raise StorageError(
+                f"cannot set up the socket {path}: {error.strerror}", path=path, errno=error.errno
+            ) from None
+        raise
     return sock
 
 
@@ -367,15 +396,18 @@ class Worker(threading.Thread):
 
     `options` and `timeout` are the daemon's, or what the checkpoint's
     request made of them (a V2 dump directory or compression, a 12-byte
-    time limit).
+    time limit). `seized` runs once every thread of the target is held, and
+    may refuse it before anything in it changes.
     """
 
-    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None) -> None:
+    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None,
+                 seized: Callable[[], None]) -> None:  # fmt: skip
         super().__init__(name=f"memcr-{pid}", daemon=True)
         self.service = service
         self.pid = pid
         self.options = options
         self.timeout = timeout
+        self.seized = seized
         self.cancel = Cancel()  # of the checkpoint, until it has ended
         self.state = "checkpointing"
         self.lock = threading.Lock()  # guards state against requests handed over meanwhile
@@ -391,7 +423,7 @@ class Worker(threading.Thread):
         timer = self._deadline()
         parked = None
         try:
-            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel)
+            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel, seized=self.seized)
             self.checkpoint_code = OK
         except TargetError as e:
             self._note("checkpoint", e)
@@ -575,13 +607,15 @@ class Worker(threading.Thread):
 
 class Service:
     def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
-                 timeout: float | None = None, json_reports: bool = False) -> None:  # fmt: skip
+                 timeout: float | None = None, json_reports: bool = False,
+                 scope: Scope = Scope.ANY) -> None:  # fmt: skip
         self.address = address
         self.options = options
         self.log = log
         self.gid = gid
         self.timeout = timeout
         self.json_reports = json_reports
+        self.policy = Policy(scope)
         self.workers: dict[int, Worker] = {}
         self.lingering: dict[Worker, LazyRestore] = {}  # serving the children a target forked in its lazy phase
         self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
@@ -617,6 +651,8 @@ class Service:
         heap.tune(arenas=1)  # idle worker threads stay cheap
         listener = listen(self.address, self.gid, self.log)
         self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
+            self.log(note)
         if self.options.lazy:
             self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
         try:
@@ -638,7 +674,7 @@ class Service:
             time.sleep(POLL / 10)
             return
         try:
-            conn, _ = listener.accept()
+            conn, address = listener.accept()
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 # the waiting connection stays in the backlog: try again once descriptors may be free
@@ -647,7 +683,7 @@ class Service:
             elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                 self.log(f"accept failed: {e.strerror}")
             return
-        thread = threading.Thread(target=self._handle, args=(conn,), name="memcr-conn", daemon=True)
+        thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
         with self.lock:
             self.connections.add(thread)
         try:
@@ -659,23 +695,25 @@ class Service:
             self.log(f"dropped a connection: {e}")
             time.sleep(POLL)
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, address: Any) -> None:
         try:
             with conn:
+                peer = Peer.of(conn, address)
                 try:
                     request = _read_request(conn)
                 except Refusal as e:
-                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'}: {e}")
+                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
                     if e.answer:
                         _send(conn, ERROR)
                     return
-                _send(conn, self.dispatch(request))
+                self.log(f"{peer} asks: {_asked(request)}")
+                _send(conn, self.dispatch(request, peer))
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
-    def dispatch(self, request: Request) -> int:
-        """Carry out one request and return its answer."""
+    def dispatch(self, request: Request, peer: Peer = UNKNOWN) -> int:
+        """Carry out one request of `peer` and return its answer."""
         cmd, pid = request.cmd, request.pid
         if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
             self.log(f"unknown command {cmd} for pid {pid}")
@@ -692,6 +730,8 @@ class Service:
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
                 return ERROR
+            if not self._permitted(peer, f"restore of pid {pid}", self._parked_with(pid)):
+                return ERROR
             return self._restore(pid, limit, request.lazy)
         if request.lazy is not None:
             self.log(
@@ -705,8 +745,26 @@ class Service:
             self.log(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
             return ERROR
         if request.group:
-            return self._park_group(request, options, limit)
-        return self._checkpoint(pid, options, limit)
+            return self._park_group(request, options, limit, peer)
+        if not self._permitted(peer, f"checkpoint of pid {pid}", {pid}):
+            return ERROR
+        # once the target is held it can change its uids no more: what was vetted before may have changed meanwhile
+        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}))
+
+    def _permitted(self, peer: Peer, action: str, pids: AbstractSet[int]) -> bool:
+        """Whether `peer` may have `action` done on `pids`; a refusal is logged."""
+        try:
+            self.policy.vet(peer, pids)
+        except ClientRefused as e:
+            self.log(f"refused the {action} asked by {peer}, nothing touched: {e}")
+            return False
+        return True
+
+    def _parked_with(self, pid: int) -> set[int]:
+        """`pid` and, when it is in a group the daemon parks, every other member: a restore wakes them all."""
+        with self.lock:
+            group = self.groups.get(pid)
+            return set(group.claimed) if group is not None else {pid}
 
     def _time_limit(self, request: Request) -> float | None:
         """The -t limit, or the 12-byte request's own when that is shorter: both were asked for."""
@@ -725,7 +783,7 @@ class Service:
             options = dataclasses.replace(options, coding=coding)
         return options
 
-    def _checkpoint(self, pid: int, options: Options, limit: float | None) -> int:
+    def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None]) -> int:
         with self.lock:
             # under the lock _shutdown takes to list the workers: none is started unlisted
             if self.stop.is_set():
@@ -735,7 +793,7 @@ class Service:
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            worker = self.workers[pid] = Worker(self, pid, options, limit)
+            worker = self.workers[pid] = Worker(self, pid, options, limit, seized)
             worker.start()
         worker.checkpointed.wait()
         return worker.checkpoint_code
@@ -786,7 +844,7 @@ class Service:
         for thread in connections:
             thread.join(REQUEST_TIMEOUT)
 
-    def _park_group(self, request: Request, options: Options, limit: float | None) -> int:
+    def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         pid = request.pid
         membership: Membership = Tree(pid)
@@ -796,7 +854,13 @@ class Service:
             except MemcrError as e:
                 self.log(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
                 return ERROR
-        group = GroupWorker(self, pid, membership, options, limit)
+        try:
+            # before the park holds anything (a cgroup is frozen first); each of its walks vets again what it finds
+            self.policy.vet(peer, membership.walk())
+        except MemcrError as e:
+            self.log(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
+            return INVALID_PID if isinstance(e, TargetError) else ERROR
+        group = GroupWorker(self, pid, membership, options, limit, vet=lambda pids: self.policy.vet(peer, pids))
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
             if self.stop.is_set():
@@ -902,7 +966,7 @@ def _check_dump_folder(folder: Path, st: os.stat_result, text: str) -> None:
     shown, where = _shown(text), _shown(folder)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
-            f"dump directory {shown}: {where} belongs to {_user(st.st_uid)}, who could swap what is in it: "
+            f"dump directory {shown}: {where} belongs to {accounts.user(st.st_uid)}, who could swap what is in it: "
             "use folders owned by root or by memcr's user",
             path=text,
         )
@@ -1007,15 +1071,25 @@ def _refuse_more(conn: socket.socket, what: str) -> None:
         raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
 
 
+def _asked(request: Request) -> str:
+    """A request as the log shows it."""
+    verbs: dict[int, str] = {CMD_CHECKPOINT: "checkpoint", CMD_RESTORE: "restore"}
+    verb = verbs.get(request.cmd, f"command {request.cmd}")
+    if request.cgroup is not None:
+        what = f"the cgroup {_shown(request.cgroup)} of pid"
+    else:
+        what = "the tree of pid" if request.tree else "pid"
+    return f"{verb} {what} {request.pid} ({request.dialect.value})"
+
+
 def _send(conn: socket.socket, code: int) -> None:
     with contextlib.suppress(OSError):  # the client may have gone: the operation stands
         conn.sendall(encode_answer(code))
 
 
-def run(
-    address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool
-) -> None:
-    service = Service(address, options, log, gid, timeout, json_reports)
+def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,
+        scope: Scope) -> None:  # fmt: skip
+    service = Service(address, options, log, gid, timeout, json_reports, scope)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop.set())
     service.serve()

@@ -59,6 +59,8 @@ class Claimed:
                 f"process {self.worker.pid} is not in {self.membership}: a cgroup request names one of its processes",
                 pid=self.worker.pid,
             )
+        # every walk, and the last one finds every member held, when none can change its uids any more
+        self.worker.vet(pids)
         self.worker.service.claim(self.worker, pids)
         return pids
 
@@ -74,14 +76,17 @@ def answer(error: GroupError) -> int:
 
 
 class GroupWorker(threading.Thread):
-    """One group from its park to its wake-up; `claimed` (guarded by the service's lock) are its pids."""
+    """One group from its park to its wake-up; `claimed` (guarded by the service's lock) are its pids.
 
-    def __init__(
-        self, service: Service, pid: int, membership: Membership, options: Options, timeout: float | None
-    ) -> None:
+    `vet` refuses, by raising, members the client may not have parked.
+    """
+
+    def __init__(self, service: Service, pid: int, membership: Membership, options: Options, timeout: float | None,
+                 vet: Callable[[set[int]], None]) -> None:  # fmt: skip
         super().__init__(name=f"memcr-group-{pid}", daemon=True)
         self.service = service
         self.pid = pid  # the group's id: the tree's root, or the process a cgroup request named
+        self.vet = vet
         self.membership = Claimed(membership, self)
         self.options = options
         self.timeout = timeout

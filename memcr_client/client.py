@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypedDict, Unpack
 
 from memcr_client.protocol import (
@@ -29,6 +32,21 @@ from memcr_client.protocol import (
 )
 
 DumpDir = PathValue
+
+
+def _admits(path: Path | None) -> str:
+    """Whom a socket that refused this user admits, and how one is added: for its error message."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return ""  # its folder is closed to this user too: nothing more to tell
+    if st is None or not st.st_mode & stat.S_IWGRP:
+        return ""
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f": it admits group {group}, to which an administrator adds a user (usermod -aG {group} USER)"
 
 
 class RequestOptions(TypedDict, total=False):
@@ -90,7 +108,7 @@ class Client:
                 raise
             return sock
         except PermissionError:
-            raise MemcrClientError(f"permission denied on the memcr socket {where}") from None
+            raise MemcrClientError(f"permission denied on the memcr socket {where}{_admits(where.path)}") from None
         except (ConnectionRefusedError, FileNotFoundError):
             raise MemcrClientError(f"no memcr daemon listens on {where}") from None
         except OSError as e:

@@ -166,12 +166,16 @@ class Target:
 
 @pytest.fixture
 def spawn(binaries: dict[str, Path]) -> Iterator[Callable[..., Target]]:
-    """spawn("pattern", 64, 8) or spawn("pydict") starts a target; stdin=True gives it a pipe."""
+    """spawn("pattern", 64, 8) or spawn("pydict") starts a target.
+
+    stdin=True gives it a pipe; user="name" starts it as that user, in the user's groups.
+    """
     started: list[Target] = []
 
-    def start(name: str, *args: object, stdin: bool = False) -> Target:
+    def start(name: str, *args: object, stdin: bool = False, user: str | None = None) -> Target:
         argv = [sys.executable, str(TARGETS / "pydict.py")] if name == "pydict" else [str(binaries[name])]
-        target = Target(argv + [str(a) for a in args], stdin)
+        argv += [str(a) for a in args]
+        target = Target(as_user(user, argv) if user else argv, stdin)
         started.append(target)
         return target
 
@@ -182,6 +186,34 @@ def spawn(binaries: dict[str, Path]) -> Iterator[Callable[..., Target]]:
 
 def memcr_argv(*args: object) -> list[str]:
     return [sys.executable, "-m", "memcr", *[str(a) for a in args]]
+
+
+# What systemd does for a .socket unit, in short: make the listening socket, with SocketUser=, SocketGroup=
+# and SocketMode= when given, hand it over as descriptor 3 with LISTEN_FDS=1 and LISTEN_PID = the pid of
+# the process it then executes (exec keeps the pid).
+ACTIVATE = r"""
+import os, shutil, socket, sys
+path, user, group, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(path)
+if user or group:
+    shutil.chown(path, user or None, group or None)
+if mode:
+    os.chmod(path, int(mode, 8))
+sock.listen(16)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+    sock.close()
+os.set_inheritable(3, True)  # Python made it close-on-exec; dup2 onto itself would not change that
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+print("socket ready", flush=True)
+os.execvp(argv[0], argv)
+"""
+
+
+def activation(path: Path | str, argv: list[str], user: str = "", group: str = "", mode: str = "") -> list[str]:
+    """argv started as systemd starts a service for its .socket unit (ACTIVATE)."""
+    return [sys.executable, "-c", ACTIVATE, str(path), user, group, mode, *argv]
 
 
 class Interactive:
@@ -287,6 +319,14 @@ def log_value(lines: list[str] | str, pattern: str) -> re.Match[str]:
 
 
 def as_user(user: str, argv: list[str], gid: int | None = None) -> list[str]:
+    """argv run as `user`, in its groups, with the same pid (setpriv executes it).
+
+    The program then runs as the user, without capabilities; but setpriv
+    still holds root's until its execve(), so the kernel lets it execute a
+    file the user could not (this is how the user reaches this checkout's
+    interpreter under /root). A test of who may execute a file runs the
+    user's command through runuser instead, as an administrator would.
+    """
     import pwd
 
     primary = gid if gid is not None else pwd.getpwnam(user).pw_gid
@@ -305,34 +345,65 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def accounts() -> Iterator[dict[str, int]]:
-    """A group and two users, one in the group and one outside; removed afterwards."""
-    suffix = str(os.getpid())[-5:]
-    group, inside, outside = f"mcg{suffix}", f"mci{suffix}", f"mco{suffix}"
-    subprocess.run(["groupadd", group], check=True)
-    made = [group]
-    try:
-        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-G", group, inside], check=True)
-        made.append(inside)
-        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", outside], check=True)
-        made.append(outside)
+class Accounts:
+    """Users and groups made for a test, with names unique to this run; remove() takes them away again."""
+
+    def __init__(self) -> None:
+        self.suffix = str(os.getpid())[-5:]
+        self.users: list[str] = []
+        self.groups: list[str] = []
+
+    def group(self, prefix: str) -> tuple[str, int]:
+        """A new group named PREFIX + this run's suffix: its name and gid."""
         import grp
+
+        name = prefix + self.suffix
+        subprocess.run(["groupadd", name], check=True)
+        self.groups.append(name)
+        return name, grp.getgrnam(name).gr_gid
+
+    def user(self, prefix: str, groups: list[str] | tuple[str, ...] = ()) -> tuple[str, int]:
+        """A new user without a home, of primary group nogroup and in `groups`: its name and uid."""
         import pwd
 
-        yield {
-            "gid": grp.getgrnam(group).gr_gid,
-            "inside": pwd.getpwnam(inside).pw_uid,
-            "outside": pwd.getpwnam(outside).pw_uid,
-            "inside_name": inside,  # type: ignore[dict-item]
-            "outside_name": outside,  # type: ignore[dict-item]
-        }
-    finally:
-        for user in made[1:]:
+        name = prefix + self.suffix
+        subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", *(["-G", ",".join(groups)] if groups else []), name],
+                       check=True)  # fmt: skip
+        self.users.append(name)
+        return name, pwd.getpwnam(name).pw_uid
+
+    def remove(self) -> None:
+        for user in reversed(self.users):
             # a process of the user still running would make userdel refuse
             subprocess.run(["pkill", "-KILL", "-u", user], check=False)
             subprocess.run(["userdel", "-f", user], check=False)
-        subprocess.run(["groupdel", group], check=False)
+        for group in reversed(self.groups):
+            subprocess.run(["groupdel", group], check=False)
+
+
+@pytest.fixture
+def made_accounts() -> Iterator[Accounts]:
+    """Accounts for the test; removed afterwards, also when it fails."""
+    made = Accounts()
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+@pytest.fixture
+def accounts(made_accounts: Accounts) -> dict[str, int]:
+    """A group and two users, one in the group and one outside; removed afterwards."""
+    group, gid = made_accounts.group("mcg")
+    inside, inside_uid = made_accounts.user("mci", [group])
+    outside, outside_uid = made_accounts.user("mco")
+    return {
+        "gid": gid,
+        "inside": inside_uid,
+        "outside": outside_uid,
+        "inside_name": inside,  # type: ignore[dict-item]
+        "outside_name": outside,  # type: ignore[dict-item]
+    }
 
 
 CHECKPOINT, RESTORE = CMD_CHECKPOINT, CMD_RESTORE

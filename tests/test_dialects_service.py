@@ -23,7 +23,7 @@ from memcr.codec import COMPRESSORS
 from memcr.dump.format import HEADER
 from memcr_client import Client
 from memcr_client.protocol import Answer
-from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, memcr_argv, reap, stop
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, activation, memcr_argv, reap, stop
 from tests.unit.test_dialects import dump_dir, i32, v2  # the frames, written by hand from the layouts
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -257,29 +257,9 @@ def test_c_senders(daemon, spawn, tmp_path: Path) -> None:
 
 # -- systemd socket activation -------------------------------------------------------
 
-# What systemd does for a .socket unit, in short: make the listening socket,
-# hand it over as descriptor 3 with LISTEN_FDS=1 and LISTEN_PID = the pid of
-# the process it then executes.
-ACTIVATE = r"""
-import os, socket, sys
-path, argv = sys.argv[1], sys.argv[2:]
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.bind(path)
-sock.listen(16)
-if sock.fileno() != 3:
-    os.dup2(sock.fileno(), 3)
-    sock.close()
-os.set_inheritable(3, True)  # Python made it close-on-exec; dup2 onto itself would not change that
-os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))  # exec keeps the pid
-print("socket ready", flush=True)
-os.execv(argv[0], argv)
-"""
 
-
-def activated(tmp_path: Path, socket_path: Path, *args: object) -> subprocess.Popen[str]:
-    wrapper = tmp_path / "activate.py"
-    wrapper.write_text(ACTIVATE)
-    argv = [sys.executable, str(wrapper), str(socket_path), *memcr_argv(*args)]
+def activated(socket_path: Path, *args: object) -> subprocess.Popen[str]:
+    argv = activation(socket_path, memcr_argv(*args))
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
@@ -290,7 +270,7 @@ def test_socket_activation(spawn, tmp_path: Path) -> None:
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     target = spawn("pattern", 16, 2)
-    proc = activated(tmp_path, path, "-l", path, "-d", dumps, "-g", 0)
+    proc = activated(path, "-l", path, "-d", dumps, "-g", 0)
     try:
         out = Lines(proc.stdout)
         out.wait_for("socket ready")
@@ -310,7 +290,7 @@ def test_socket_activation(spawn, tmp_path: Path) -> None:
 
 def test_socket_activation_for_another_socket_is_refused(tmp_path: Path) -> None:
     passed, named = tmp_path / "passed.sock", tmp_path / "named.sock"
-    proc = activated(tmp_path, passed, "-l", named, "-d", tmp_path)
+    proc = activated(passed, "-l", named, "-d", tmp_path)
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     finally:

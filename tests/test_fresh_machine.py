@@ -10,6 +10,7 @@ user or someone else's; removed at stop when memcr made it and it is empty.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import shutil
 import signal
@@ -70,9 +71,10 @@ def client(
     return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env or client_env())
 
 
-def refusal(*args: object) -> subprocess.CompletedProcess[str]:
-    """memcr run to its end: for daemons that must refuse to start."""
-    return subprocess.run([str(BIN / "memcr"), *map(str, args)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+def refusal(*args: object, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """memcr run to its end, as `user` if given: for daemons that must refuse to start."""
+    argv = [str(BIN / "memcr"), *map(str, args)]
+    return subprocess.run(as_user(user, argv) if user else argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
 
 
 def mode(path: Path) -> tuple[int, int, int]:
@@ -228,20 +230,57 @@ def test_refusal_removes_the_folders_it_made(public_dir: Path, accounts) -> None
     home = public_dir / "home"
     home.mkdir()
     os.chown(home, accounts["inside"], -1)
-    argv = [str(BIN / "memcr"), "-l", str(home / "a" / "b" / "memcr.sock"), "-g", "0"]
-    result = subprocess.run(as_user(accounts["inside_name"], argv), capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert result.returncode == 5, result.stderr
-    assert f"cannot give the folder {home}/a group 0 and mode 0750: Operation not permitted" in result.stderr
+    user = accounts["inside_name"]
+    result = refusal("-l", home / "a" / "b" / "memcr.sock", "-g", "0", user=user)
+    assert result.returncode == 4, result.stderr  # a missing right
+    assert (
+        f"memcr's user {user} (uid {accounts['inside']}) is not in group root (gid 0), so it cannot give the "
+        f"folder {home}/a that group (-g): add it to the group (usermod -aG root {user}) and start memcr again"
+    ) in result.stderr
     assert list(home.iterdir()) == []
 
 
-def test_daemon_without_rights_for_the_folder_says_so(public_dir: Path, accounts) -> None:
-    """A daemon user that may not create the folder: exit 5, the path and the reason."""
-    result = subprocess.run(
-        as_user(accounts["inside_name"], [str(BIN / "memcr"), "-l", str(public_dir / "sub" / "memcr.sock")]),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
+def test_daemon_without_rights_for_the_folder_says_so(public_dir: Path, accounts, daemons: list[Running]) -> None:
+    """A daemon user that may not create the folder: exit 5, the path, the reason, and the fix, which works."""
+    user, sock = accounts["inside_name"], public_dir / "sub" / "memcr.sock"
+    result = refusal("-l", sock, "-d", public_dir, user=user)
     assert result.returncode == 5, result.stderr
-    assert f"cannot create the folder {public_dir}/sub for the socket: Permission denied" in result.stderr
+    fix = f"install -d -o {user} {public_dir}/sub"
+    assert (
+        f"cannot create the folder {public_dir}/sub for the socket: Permission denied: memcr's user {user} may not "
+        f"write in {public_dir}; as root, make the folder for it ({fix}) or choose another -l path"
+    ) in result.stderr
+    subprocess.run(fix.split(), check=True)
+    start(daemons, "-l", sock, "-d", public_dir, user=user).out.wait_for("listening on")
+
+
+def test_daemon_outside_the_clients_group_leaves_no_socket(public_dir: Path, accounts, daemons: list[Running]) -> None:
+    """Issue 27: the daemon's user not in -g's group. The message says so; no socket file stays; the fix works."""
+    run = public_dir / "run"
+    run.mkdir()
+    user, gid = accounts["outside_name"], accounts["gid"]
+    shutil.chown(run, user)
+    result = refusal("-l", run / "memcr.sock", "-g", gid, "-d", public_dir, user=user)
+    assert result.returncode == 4, result.stderr
+    group = grp.getgrgid(gid).gr_name
+    assert (
+        f"memcr's user {user} (uid {accounts['outside']}) is not in group {group} (gid {gid}), so it cannot give "
+        f"its socket {run}/memcr.sock that group (-g): add it to the group (usermod -aG {group} {user}) and start "
+        "memcr again"
+    ) in result.stderr
+    assert list(run.iterdir()) == []  # the socket it had bound is gone with it
+    subprocess.run(["usermod", "-aG", group, user], check=True)
+    start(daemons, "-l", run / "memcr.sock", "-g", gid, "-d", public_dir, user=user).out.wait_for("listening on")
+    assert mode(run / "memcr.sock") == (accounts["outside"], gid, 0o660)
+
+
+def test_daemon_outside_the_parasites_group_is_refused_at_start(public_dir: Path, accounts) -> None:
+    """-G: the parasite sockets get that group and mode 0660, so a daemon outside it could park nobody."""
+    user, gid = accounts["outside_name"], accounts["gid"]
+    result = refusal("-l", public_dir / "run" / "memcr.sock", "-S", public_dir, "-G", gid, user=user)
+    assert result.returncode == 4, result.stderr
+    assert (
+        f"is not in group {grp.getgrgid(gid).gr_name} (gid {gid}), so it could not connect to the parasite sockets, "
+        "which get that group and mode 0660 (-G)"
+    ) in result.stderr
+    assert not (public_dir / "run").exists()

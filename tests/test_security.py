@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import configparser
+import contextlib
+import dataclasses
 import grp
 import os
+import pwd
+import re
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from memcr import procfs
 from memcr_client import Client
-from tests.conftest import CHECKPOINT, RUN_TIMEOUT, Lines, as_user, memcr_argv, reap, stop
+from tests.conftest import CHECKPOINT, RUN_TIMEOUT, Lines, activation, as_user, memcr_argv, reap, stop
+from tests.test_client_scope import Asker
 
 ROOT = Path(__file__).resolve().parent.parent
 PTRACE_ATTACH = 16  # <sys/ptrace.h>
@@ -23,10 +33,10 @@ ATTACH = f"import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace({PTRACE_ATTACH},
 
 
 class Process:
-    """A memcr started with `argv`, its output readable line by line, stopped at the end."""
+    """A memcr started with `argv` (in `env`, or this one), its output readable line by line, stopped at the end."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.out = Lines(self.proc.stdout)
 
     def stop(self) -> int:
@@ -41,8 +51,8 @@ def processes() -> Iterator[list[Process]]:
         p.stop()
 
 
-def start(processes: list[Process], argv: list[str]) -> Process:
-    p = Process(argv)
+def start(processes: list[Process], argv: list[str], env: dict[str, str] | None = None) -> Process:
+    p = Process(argv, env)
     processes.append(p)
     return p
 
@@ -86,144 +96,385 @@ def test_allow_tracer_runs_and_says_what_it_gives_up() -> None:
 
 # -- non-root deployment, as docs/SECURITY.md describes it --------------------
 
+DOCS = ROOT / "docs" / "SECURITY.md"
+SUFFIX = str(os.getpid())[-5:]
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the environment systemd gives
+
+
+@dataclass(frozen=True)
+class Install:
+    """A `make install-system` with names of its own; `said` is what it printed."""
+
+    base: Path
+    user: str = f"msd{SUFFIX}"
+    group: str = f"msl{SUFFIX}"
+    clients: str = f"msc{SUFFIX}"
+    targets: str = f"mst{SUFFIX}"
+    said: str = ""
+
+    @property
+    def prefix(self) -> Path:
+        return self.base / "opt"
+
+    @property
+    def run(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def launcher(self) -> Path:
+        return self.prefix / "bin" / "memcr"
+
+    @property
+    def sock(self) -> Path:
+        return self.run / "memcr.sock"
+
+    def variables(self) -> dict[str, str]:
+        return {"PREFIX": str(self.prefix), "MEMCR_USER": self.user, "MEMCR_GROUP": self.group,
+                "MEMCR_CLIENTS": self.clients, "MEMCR_TARGETS": self.targets, "MEMCR_RUN": str(self.run),
+                "MEMCR_STATE": str(self.state)}  # fmt: skip
+
+    def documented(self, start: str, **more: object) -> list[str]:
+        """The line of docs/SECURITY.md that starts with `start`, in this install's names (and `more`), as argv."""
+        [line] = [line.strip() for line in DOCS.read_text().splitlines() if line.strip().startswith(start)]
+        names = {"/opt/memcr": str(self.prefix), "/run/memcr": str(self.run), "/var/lib/memcr": str(self.state),
+                 "memcr-clients": self.clients, "memcr-targets": self.targets, "-u memcr ": f"-u {self.user} ",
+                 **{key: str(value) for key, value in more.items()}}  # fmt: skip
+        pattern = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+        return shlex.split(re.sub(pattern, lambda m: names[m.group()], line), comments=True)
+
+
+@contextlib.contextmanager
+def installed(install: Install, script_only: bool = False) -> Iterator[subprocess.CompletedProcess[str]]:
+    """Run make install-system (or its script alone); take away all it made afterwards, also on failure."""
+    os.chmod(install.base, 0o755)
+    if script_only:
+        argv = ["sh", str(ROOT / "deploy" / "install-system.sh")]
+        env = {**os.environ, **install.variables()}
+    else:
+        argv = ["make", "-C", str(ROOT), "install-system", *(f"{k}={v}" for k, v in install.variables().items())]
+        env = None
+    try:
+        yield subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", install.user], check=False)
+        subprocess.run(["userdel", "-f", install.user], capture_output=True, check=False)
+        for group in (install.group, install.clients, install.targets):
+            subprocess.run(["groupdel", group], capture_output=True, check=False)
+        shutil.rmtree(install.base, ignore_errors=True)
+
 
 @pytest.fixture(scope="module")
-def system_install() -> Iterator[tuple[Path, str]]:
-    """`make install-system` into a fresh prefix with its own launcher group."""
-    group = f"mcl{os.getpid() % 100000}"
-    prefix = Path(tempfile.mkdtemp(prefix="memcr-prefix-", dir="/tmp"))
-    os.chmod(prefix, 0o755)
-    try:
-        subprocess.run(
-            ["make", "-C", str(ROOT), "install-system", f"PREFIX={prefix}", f"MEMCR_GROUP={group}"],
-            check=True,
-            capture_output=True,
-            timeout=900,
-        )
-        yield prefix, group
-    finally:
-        shutil.rmtree(prefix, ignore_errors=True)
-        subprocess.run(["groupdel", group], check=False)
-
-
-def test_launcher_holds_only_ptrace_for_its_group(system_install) -> None:
-    prefix, group = system_install
-    launcher = prefix / "bin" / "memcr"
-    st = launcher.stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, grp.getgrnam(group).gr_gid, 0o750)
-    caps = subprocess.run(["getcap", str(launcher)], capture_output=True, text=True).stdout
-    assert "cap_sys_ptrace=ep" in caps
+def system_install() -> Iterator[Install]:
+    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")))
+    with installed(install) as result:
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield dataclasses.replace(install, said=result.stdout)
 
 
 @pytest.fixture
-def deployment(system_install, accounts, public_dir: Path) -> Iterator[dict]:
-    """Users as in docs/SECURITY.md: the daemon's user in the launcher's group and the
-    targets' group; a target of another user in the targets' group; a run directory
-    both may write."""
-    prefix, launcher_group = system_install
-    shared = accounts["gid"]  # the targets' group
-    suffix = str(os.getpid())[-5:]
-    daemon_user = f"mcd{suffix}"
-    subprocess.run(["useradd", "-M", "-N", "-g", launcher_group, "-G", str(shared), daemon_user], check=True)
-    try:
-        run = public_dir / "run"
-        run.mkdir()
-        os.chown(run, 0, shared)
-        os.chmod(run, 0o770)
-        dumps = public_dir / "dumps"
-        dumps.mkdir()
-        shutil.chown(dumps, daemon_user)
-        os.chmod(dumps, 0o700)
-        yield {"prefix": prefix, "daemon_user": daemon_user, "target_user": accounts["inside_name"],
-               "shared": shared, "run": run, "dumps": dumps}  # fmt: skip
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", daemon_user], check=False)
-        subprocess.run(["userdel", "-f", daemon_user], check=False)
+def app(system_install: Install, made_accounts) -> str:
+    """A user whose processes the daemon parks, in the group the docs tell such users to join."""
+    name, _ = made_accounts.user("msa", [system_install.targets])
+    return name
 
 
-def start_target(deployment: dict, binaries: dict[str, Path]) -> subprocess.Popen[str]:
-    argv = as_user(deployment["target_user"], [str(binaries["pattern"]), "16", "2"], deployment["shared"])
-    target = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    try:
-        Lines(target.stdout).wait_for("ready")
-    except BaseException:
-        reap(target)
-        raise
-    return target
+def owner_group_mode(path: Path) -> tuple[str, str, int]:
+    st = path.lstat()
+    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)
 
 
-def finish_target(target: subprocess.Popen[str]) -> int:
-    """Let the target check its memory; its exit code (0: intact)."""
-    return stop(target, signal.SIGUSR1)
+def groups_of(user: str) -> set[str]:
+    return set(subprocess.run(["id", "-nG", user], capture_output=True, text=True, check=True).stdout.split())
 
 
-def test_non_root_daemon_with_capability(binaries, deployment, processes) -> None:
-    d = deployment
-    sock = d["run"] / "memcr.sock"
-    argv = [str(d["prefix"] / "bin" / "memcr"), "-l", str(sock), "-S", str(d["run"]), "-G", str(d["shared"]),
-            "-d", str(d["dumps"])]  # fmt: skip
-    daemon = start(processes, as_user(d["daemon_user"], argv))
+def unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd's keys are case-sensitive
+    parser.read_string(path.read_text())
+    return parser
+
+
+def runuser(user: str, argv: list[object]) -> list[str]:
+    """As the user would run argv: with its rights from the start (as_user executes argv with root's)."""
+    return ["runuser", "-u", user, "--", *map(str, argv)]
+
+
+def run_as(user: str, argv: list[object]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(runuser(user, argv), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def test_install_makes_users_groups_and_folders(system_install: Install) -> None:
+    i = system_install
+    for group in (i.group, i.clients, i.targets):
+        assert f"install-system: created group {group}: " in i.said
+    assert f"install-system: created user {i.user}, the daemon's, of group {i.group}" in i.said
+    for group in (i.clients, i.targets):
+        assert f"install-system: added user {i.user} to group {group}" in i.said
+    assert f"install-system: created the folders {i.run} {i.run}/targets {i.state}" in i.said
+    assert "warning" not in i.said
+    # the launcher: CAP_SYS_PTRACE for the launcher's group, which is the daemon's user's alone
+    assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
+    assert "cap_sys_ptrace=ep" in subprocess.run(["getcap", str(i.launcher)], capture_output=True, text=True).stdout
+    gid = grp.getgrnam(i.group).gr_gid
+    assert grp.getgrnam(i.group).gr_mem == [] and [u.pw_name for u in pwd.getpwall() if u.pw_gid == gid] == [i.user]
+    assert groups_of(i.user) == {i.group, i.clients, i.targets}
+    assert owner_group_mode(i.run) == (i.user, i.group, 0o751)
+    assert owner_group_mode(i.run / "targets") == (i.user, i.targets, 0o1770)
+    assert owner_group_mode(i.state) == (i.user, i.group, 0o700)
+    # the units name this install's choices, each of them
+    share = i.prefix / "share"
+    for name in ("memcr.service", "memcr.socket", "memcr-tmpfiles.conf"):
+        assert not re.search(r"@[A-Z]+@", (share / name).read_text()), name
+    service, sock = unit(share / "memcr.service")["Service"], unit(share / "memcr.socket")["Socket"]
+    assert (service["User"], service["Group"], service["SupplementaryGroups"]) == (
+        i.user, i.group, f"{i.clients} {i.targets}"
+    )  # fmt: skip
+    assert (sock["SocketUser"], sock["SocketGroup"], sock["ListenStream"]) == (i.user, i.clients, str(i.sock))
+    # and systemd's own reading of them finds nothing to say
+    verify = subprocess.run(["systemd-analyze", "verify", str(share / "memcr.service"), str(share / "memcr.socket")],
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+
+def test_install_again_makes_nothing_new(system_install: Install) -> None:
+    """An update: the same install over itself keeps the users, groups and folders, and says nothing about them."""
+    i = system_install
+    again = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env={**os.environ, **i.variables()},
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert not re.search(r"created|added|warning", again.stdout), again.stdout
+    assert groups_of(i.user) == {i.group, i.clients, i.targets}
+    assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
+    assert owner_group_mode(i.run / "targets") == (i.user, i.targets, 0o1770)
+
+
+@pytest.mark.parametrize("shared", ["MEMCR_CLIENTS", "MEMCR_TARGETS"])
+def test_install_refuses_a_shared_launcher_group(shared: str) -> None:
+    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
+                      group=f"msy{SUFFIX}", clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
+    install = dataclasses.replace(install, **{shared.removeprefix("MEMCR_").lower(): install.group})
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 1
+        assert (
+            f"install-system: MEMCR_GROUP={install.group} may start the launcher, which holds CAP_SYS_PTRACE: the "
+            "clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
+        ) in result.stderr
+        assert subprocess.run(["getent", "group", install.group], capture_output=True).returncode == 2
+        assert subprocess.run(["getent", "passwd", install.user], capture_output=True).returncode == 2
+        assert list(install.base.iterdir()) == []
+
+
+def test_install_warns_when_others_may_start_the_launcher(made_accounts) -> None:
+    shared, _ = made_accounts.group("msg")
+    admin, _ = made_accounts.user("msh", [shared])
+    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
+                      group=shared, clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"install-system: warning: besides {install.user}, these users are in group {shared} and so may start "
+            f"the launcher, which holds CAP_SYS_PTRACE (they could freeze, read and kill any process): {admin} "
+        ) in result.stdout
+
+
+class ByHand(Process):
+    """The documented start: runuser forks the daemon as its child and waits for it."""
+
+    def daemon_pid(self) -> int:
+        [child] = [s.pid for s in procfs.process_table() if s.ppid == self.proc.pid]
+        return child
+
+    def stop(self) -> int:
+        """Stop the daemon; runuser's exit code, which is the daemon's. A SIGTERM to runuser would be its own."""
+        with contextlib.suppress(ValueError, ProcessLookupError):  # ended already
+            os.kill(self.daemon_pid(), signal.SIGTERM)
+        try:
+            return self.proc.wait(RUN_TIMEOUT)
+        finally:
+            reap(self.proc)
+
+
+def by_hand(processes: list[Process], install: Install, *more: str) -> ByHand:
+    daemon = ByHand([*install.documented("runuser -u memcr -- /opt/memcr/bin/memcr -l"), *more])
+    processes.append(daemon)
     daemon.out.wait_for("listening on")
-    caps = Path(f"/proc/{daemon.proc.pid}/status").read_text()
-    assert "CapEff:\t0000000000080000" in caps  # CAP_SYS_PTRACE and nothing else
-    target = start_target(d, binaries)
+    return daemon
+
+
+def test_by_hand_start_as_documented(system_install: Install, made_accounts, spawn, processes) -> None:
+    i = system_install
+    app, _ = made_accounts.user("msa")
+    client, _ = made_accounts.user("msq")
+    for line in ("usermod -aG memcr-targets APPUSER", "usermod -aG memcr-clients CLIENTUSER"):
+        subprocess.run(i.documented(line, APPUSER=app, CLIENTUSER=client), check=True)
+    start = i.documented("runuser -u memcr -- /opt/memcr/bin/memcr -l")
+    assert f"install-system:   {shlex.join(start)}\n" in i.said  # what the install tells to run next
+    daemon = by_hand(processes, i)
+    assert "CapEff:\t0000000000080000" in procfs.proc_path(daemon.daemon_pid(), "status").read_text()
+    target = spawn("pattern", 16, 2, user=app)
+    ask = i.documented("runuser -u CLIENTUSER -- /opt/memcr/bin/memcr-client", CLIENTUSER=client, PID=target.pid)
+    parked = subprocess.run(ask, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert parked.returncode == 0, parked.stderr
+    assert owner_group_mode(i.run / "targets" / f"memcr{target.pid}") == (app, i.targets, 0o660)
+    assert target.status()["TracerPid"] != "0"
+    woken = subprocess.run([*ask[:-1], "-r"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert woken.returncode == 0, woken.stderr
+    assert target.verify() == 0
+    assert daemon.stop() == 0
+    assert not i.sock.exists() and i.run.is_dir()  # its socket went with it; the folder is the install's
+
+
+def test_a_target_user_gets_no_power(system_install: Install, app: str, spawn, processes) -> None:
+    """In every group the docs tell targets to join, it cannot start the launcher nor park root's process."""
+    i = system_install
+    assert groups_of(app) == {"nogroup", i.targets}
+    by_hand(processes, i)
+    root_s = spawn("pattern", 16, 2)
+    started = run_as(app, [i.launcher, "-p", root_s.pid, "-n"])
+    assert started.returncode != 0 and "Permission denied" in started.stderr
+    for memcr in ([i.prefix / "venv" / "bin" / "python", "-I", "-m", "memcr"], [i.prefix / "venv" / "bin" / "memcr"]):
+        refused = run_as(app, [*memcr, "-p", root_s.pid, "-n"])
+        assert refused.returncode == 4, refused.stderr
+        assert f"not permitted to trace process {root_s.pid}" in refused.stderr
+        assert str(i.launcher) not in refused.stderr  # it may not start it: no use naming it
+        assert "ask the memcr daemon instead (memcr-client); an administrator lets a user do so" in refused.stderr
+    asked = run_as(app, [i.prefix / "bin" / "memcr-client", "-l", i.sock, "-p", root_s.pid, "-c"])
+    assert asked.returncode == 1
+    assert (
+        f"permission denied on the memcr socket {i.sock}: it admits group {i.clients}, to which an administrator "
+        f"adds a user (usermod -aG {i.clients} USER)"
+    ) in asked.stderr
+    assert root_s.status()["TracerPid"] == "0"
+    assert root_s.verify() == 0
+
+
+def test_a_client_in_own_scope_parks_only_its_own(system_install: Install, made_accounts, spawn, processes) -> None:
+    """The app manager runs as the apps' user, in both groups; another app user is in the targets' group."""
+    i = system_install
+    manager, manager_uid = made_accounts.user("msm", [i.clients, i.targets])
+    other, _ = made_accounts.user("mso", [i.targets])
+    daemon = by_hand(processes, i, "--client-scope", "own")
+    own, foreign = spawn("pattern", 16, 2, user=manager), spawn("pattern", 16, 2, user=other)
+    client = [i.prefix / "bin" / "memcr-client", "-l", i.sock, "-p"]
+    assert run_as(manager, [*client, own.pid, "-c"]).returncode == 0
+    assert own.status()["TracerPid"] != "0"
+    refused = run_as(manager, [*client, foreign.pid, "-c"])
+    assert refused.returncode == 1 and "-1" in refused.stderr
+    line = daemon.out.wait_for(f"refused the checkpoint of pid {foreign.pid}")
+    assert f"uid {manager_uid}" in line and f"process {foreign.pid} runs as uids" in line
+    asker = Asker(i.sock, CHECKPOINT, "self", manager, wait=False, options={})
     try:
-        client = Client(str(sock))
-        client.checkpoint(target.pid)
-        parasite = (d["run"] / f"memcr{target.pid}").stat()
-        assert (parasite.st_gid, parasite.st_mode & 0o777) == (d["shared"], 0o660)
-        assert parasite.st_uid != 0 and parasite.st_uid == Path(f"/proc/{target.pid}").stat().st_uid
-        client.restore(target.pid)
+        assert asker.answer() == -1  # it read its answer: it was not frozen
     finally:
-        intact = finish_target(target)
-    assert intact == 0
+        reap(asker.proc)
+    assert run_as(manager, [*client, own.pid, "-r"]).returncode == 0
+    assert foreign.status()["TracerPid"] == "0"
+    assert [own.verify(), foreign.verify()] == [0, 0]
 
 
-def test_non_root_daemon_without_capability(binaries, deployment, processes) -> None:
-    d = deployment
-    sock = d["run"] / "memcr.sock"
-    plain_python = [str(d["prefix"] / "venv" / "bin" / "python"), "-I", "-m", "memcr"]
-    daemon = start(processes, as_user(d["daemon_user"], [*plain_python, "-l", str(sock), "-d", str(d["dumps"])]))
+# What systemd does with the units' lines, for the machine that runs the tests, where systemd is not process 1.
+# A line not listed fails the test: no unit grows a line this emulation passes over unseen.
+EMULATED = {"User", "Group", "SupplementaryGroups", "AmbientCapabilities", "CapabilityBoundingSet",
+            "NoNewPrivileges", "ExecStartPre", "ExecStart"}  # fmt: skip
+SANDBOX = {"ProtectSystem", "ProtectHome", "PrivateTmp", "ReadWritePaths", "Restart"}  # systemd's, not memcr's
+SOCKET_LINES = {"ExecStartPre", "ListenStream", "SocketUser", "SocketGroup", "SocketMode", "Accept"}
+
+
+def capabilities(names: str) -> str:
+    return ",".join("+" + name.removeprefix("CAP_").lower() for name in names.split())
+
+
+def executed_as_systemd_would(service: configparser.SectionProxy) -> list[str]:
+    """ExecStart= as User= and Group=, in the user's groups and SupplementaryGroups= (systemd sets both),
+    with the capabilities and NoNewPrivileges= of the unit."""
+    user, group = service["User"], service["Group"]
+    groups = {grp.getgrgid(gid).gr_name for gid in os.getgrouplist(user, grp.getgrnam(group).gr_gid)}
+    groups |= set(service["SupplementaryGroups"].split())
+    ambient = capabilities(service["AmbientCapabilities"])
+    return ["setpriv", f"--reuid={user}", f"--regid={group}", f"--groups={','.join(sorted(groups))}",
+            f"--inh-caps={ambient}", f"--ambient-caps={ambient}",
+            f"--bounding-set=-all,{capabilities(service['CapabilityBoundingSet'])}",
+            *(["--no-new-privs"] if service["NoNewPrivileges"] == "yes" else []),
+            "--", *shlex.split(service["ExecStart"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("activated", [False, True], ids=["service", "socket"])
+def test_units_as_systemd_runs_them(
+    system_install: Install, app: str, made_accounts, spawn, processes, activated: bool
+) -> None:
+    """After a boot, /run empty: memcr.service alone, or started by memcr.socket."""
+    i = system_install
+    service = unit(i.prefix / "share" / "memcr.service")["Service"]
+    sock = unit(i.prefix / "share" / "memcr.socket")["Socket"]
+    assert set(service) <= EMULATED | SANDBOX and set(sock) <= SOCKET_LINES
+    assert {str(i.run), str(i.state)} <= set(service["ReadWritePaths"].split())
+    client, _ = made_accounts.user("msq", [i.clients])
+    env = {"PATH": SYSTEMD_PATH}
+    shutil.rmtree(i.run)
+    try:
+        argv = executed_as_systemd_would(service)
+        if activated:
+            assert sock["Accept"] == "no"
+            subprocess.run(shlex.split(sock["ExecStartPre"]), check=True, env=env)  # as root: the unit has no User=
+            argv = activation(sock["ListenStream"], argv, sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"])
+        # "+": as root and outside the sandbox
+        subprocess.run(shlex.split(service["ExecStartPre"].removeprefix("+")), check=True, env=env)
+        daemon = start(processes, argv, env)
+        daemon.out.wait_for("listening on")
+        assert owner_group_mode(i.sock) == (i.user, i.clients, 0o660)
+        target = spawn("pattern", 16, 2, user=app)
+        ask = [i.prefix / "bin" / "memcr-client", "-l", i.sock, "-p", target.pid]
+        parked = run_as(client, [*ask, "-c"])
+        assert parked.returncode == 0, parked.stderr + "\n".join(daemon.out.seen)
+        assert target.status()["TracerPid"] != "0"
+        assert run_as(client, [*ask, "-r"]).returncode == 0
+        assert target.verify() == 0
+        assert daemon.stop() == 0
+        assert i.sock.exists() == activated  # systemd's socket stays for the next start, memcr's own goes
+    finally:
+        subprocess.run(shlex.split(service["ExecStartPre"].removeprefix("+")), check=True)  # for the next tests
+        i.sock.unlink(missing_ok=True)
+
+
+def test_non_root_daemon_without_capability(system_install: Install, app: str, spawn, processes) -> None:
+    """The daemon's user, started without its launcher: the advice names the launcher, which it may start."""
+    i = system_install
+    sock = i.run / "plain.sock"
+    plain_python = [str(i.prefix / "venv" / "bin" / "python"), "-I", "-m", "memcr"]
+    daemon = ByHand(runuser(i.user, [*plain_python, "-l", sock, "-d", i.state]))
+    processes.append(daemon)
     daemon.out.wait_for("listening on")
-    target = start_target(d, binaries)
-    try:
-        assert Client(str(sock)).request(CHECKPOINT, target.pid) == -1
-        line = daemon.out.wait_for("not permitted to trace")
-        assert "CAP_SYS_PTRACE" in line
-        assert line.endswith(f"setcap cap_sys_ptrace=ep {d['prefix']}/bin/memcr")  # the launcher, not the script
-        assert Path(f"/proc/{target.pid}/status").read_text().count("TracerPid:\t0") == 1
-    finally:
-        intact = finish_target(target)
-    assert intact == 0
+    target = spawn("pattern", 16, 2, user=app)
+    assert Client(str(sock)).request(CHECKPOINT, target.pid) == -1
+    line = daemon.out.wait_for("not permitted to trace")
+    assert "CAP_SYS_PTRACE" in line
+    assert line.endswith(f"setcap cap_sys_ptrace=ep {i.launcher}")  # the launcher, not the script
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0
 
 
-def test_proc_mem_refused_without_root(deployment, binaries) -> None:
-    d = deployment
-    target = start_target(d, binaries)
-    try:
-        argv = [str(d["prefix"] / "bin" / "memcr"), "-p", str(target.pid), "-n", "-m", "-d", str(d["dumps"])]
-        result = subprocess.run(as_user(d["daemon_user"], argv), capture_output=True, text=True, timeout=60)
-        assert result.returncode == 4
-        assert "needs root" in result.stderr
-    finally:
-        intact = finish_target(target)
-    assert intact == 0
+def test_proc_mem_refused_without_root(system_install: Install, app: str, spawn) -> None:
+    i = system_install
+    target = spawn("pattern", 16, 2, user=app)
+    result = run_as(i.user, [i.launcher, "-p", target.pid, "-n", "-m", "-d", i.state])
+    assert result.returncode == 4
+    assert "needs root" in result.stderr
+    assert target.verify() == 0
 
 
-def test_non_root_kills_a_target_it_cannot_restore(binaries, deployment) -> None:
+def test_non_root_kills_a_target_it_cannot_restore(system_install: Install, app: str, spawn) -> None:
     """Without CAP_KILL memcr may not signal another user's process: it has the target kill itself."""
-    d = deployment
-    target = start_target(d, binaries)
-    argv = [str(d["prefix"] / "bin" / "memcr"), "-p", str(target.pid), "-c", "-d", str(d["dumps"])]
-    try:
-        memcr = subprocess.Popen(as_user(d["daemon_user"], argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
-    except BaseException:
-        reap(target)
-        raise
+    i = system_install
+    target = spawn("pattern", 16, 2, user=app)
+    argv = runuser(i.user, [i.launcher, "-p", target.pid, "-c", "-d", i.state])
+    memcr = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         Lines(memcr.stdout).wait_for("press enter to restore")
-        dump = d["dumps"] / f"pages-{target.pid}.img"
+        dump = i.state / f"pages-{target.pid}.img"
         with open(dump, "r+b") as f:
             f.seek(dump.stat().st_size // 2)
             byte = f.read(1)
@@ -234,8 +485,7 @@ def test_non_root_kills_a_target_it_cannot_restore(binaries, deployment) -> None
         memcr.stdin.flush()
         assert memcr.wait(RUN_TIMEOUT) == 6
         assert "was killed" in (memcr.stderr.read() if memcr.stderr else "")
-        assert target.wait(60) == -signal.SIGKILL
+        assert target.proc.wait(60) == -signal.SIGKILL
         assert not dump.exists()
     finally:
         reap(memcr)
-        reap(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import signal
 import socket
@@ -299,6 +300,35 @@ def test_example_3_groups_on_every_socket(public_dir: Path, spawn, binaries, acc
         reap(proc)
         stopped = d.terminate()
     assert stopped == 0
+
+
+@pytest.mark.parametrize(("folder_mode", "step"), [(0o1770, "bind"), (0o1777, "set the owner and mode of")])
+def test_a_target_outside_the_parasites_group_is_named(
+    public_dir: Path, spawn, accounts, folder_mode: int, step: str
+) -> None:
+    """Its user may not make its socket in the folder of -S (1770, group GID), or give it group GID (-G)."""
+    run_dir = public_dir / "run"
+    run_dir.mkdir()
+    os.chown(run_dir, 0, accounts["gid"])
+    os.chmod(run_dir, folder_mode)
+    dumps = public_dir / "d"
+    dumps.mkdir()
+    d = Daemon(str(public_dir / "memcr.sock"), "-S", run_dir, "-G", accounts["gid"], dump_dir=dumps)
+    try:
+        user = accounts["outside_name"]
+        target = spawn("pattern", 8, user=user)
+        assert d.code(CHECKPOINT, target.pid) == ERROR
+        line = d.out.wait_for("checkpoint failed")
+        group = grp.getgrgid(accounts["gid"]).gr_name
+        assert (
+            f"process {target.pid}'s user {user} (uid {accounts['outside']}) is not in group {group} "
+            f"(gid {accounts['gid']}), so the parasite could not {step} its socket {run_dir}/memcr{target.pid}: "
+        ) in line
+        assert f"add it to the group (usermod -aG {group} {user}) and start process {target.pid} again" in line
+        assert target.status()["TracerPid"] == "0"
+        assert target.verify() == 0
+    finally:
+        d.terminate()
 
 
 def test_sigkill_of_the_daemon_kills_its_frozen_targets(daemon, spawn) -> None:

@@ -21,6 +21,7 @@ from memcr import cli
 from memcr.checkpoint import Options
 from memcr.codec import DEFAULT_CIPHER
 from memcr.errors import UsageError
+from memcr.peer import Scope
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,9 @@ def refused(outcome: Outcome, text: str) -> None:
         (["-p", "1", "-l", "9000"], "-p/--pid and -l/--listen exclude each other"),
         (["-p", "1", "-t", "5"], "-t/--timeout only applies to service mode (-l)"),
         (["-p", "1", "-g", "0"], "-g/--listen-gid only applies to service mode (-l)"),
+        (["-p", "1", "--client-scope", "own"], "--client-scope only applies to service mode (-l)"),
+        (["--cgroup", "a", "--client-scope", "any"], "--client-scope only applies to service mode (-l)"),
+        (["-l", "9000", "--client-scope", "mine"], "'mine' is not one of 'any', 'own'"),
         (["-l", "9000", "-t", "0"], "-t/--timeout must be a positive number of seconds, not 0"),
         (["-p", "1", "-G", "4321"], "-G/--parasite-socket-gid needs -S/--parasite-socket-dir"),
         (["-p", "1", "-S", "/tmp", "-G", "no-such-group-memcr"], "no group named 'no-such-group-memcr'"),
@@ -162,6 +166,8 @@ def test_service_mode_starts_the_daemon(memcr: Callable[..., Outcome]) -> None:
     [run] = outcome.runs
     assert run[0] == "service"
     assert any(isinstance(arg, Options) and arg.coding.compress == "lz4" for arg in run)
+    assert run[-1] is Scope.ANY  # the C memcr's model unless told otherwise
+    assert memcr("-l", "9000", "--client-scope", "own").runs[0][-1] is Scope.OWN
 
 
 def test_allow_tracer_warns(memcr: Callable[..., Outcome]) -> None:

@@ -48,16 +48,23 @@ def test_an_unreadable_launcher_is_still_named(tmp_path: Path) -> None:
     assert launcher.launcher_path(tmp_path / "venv") == path
 
 
-def test_advice_names_the_found_launcher_and_the_command(tmp_path: Path) -> None:
-    path = tmp_path / "bin" / "memcr"
+def test_advice_names_the_launcher_to_who_may_start_it(tmp_path: Path) -> None:
+    path = install(tmp_path, b"\x7fELF")  # 0750, this user's: as for memcr's own user
     text = launcher.capability_advice(path, capable=False)
     assert f"launcher {path}" in text and f"setcap cap_sys_ptrace=ep {path}" in text
 
 
-def test_advice_without_an_install_names_the_documented_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher, "launcher_path", lambda: None)
+def test_advice_to_who_may_not_start_the_launcher_names_the_daemon(tmp_path: Path) -> None:
+    path = install(tmp_path, b"\x7fELF", 0o640)  # as for a user outside its group: not even root may run it
+    text = launcher.capability_advice(path, capable=False)
+    assert str(path) not in text and "setcap" not in text
+    assert "ask the memcr daemon instead (memcr-client)" in text and "clients' group" in text
+
+
+def test_advice_without_an_install_names_the_administrator_s_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "launcher_path", lambda prefix=None: None)
     text = launcher.capability_advice(capable=False)
-    assert "make install-system" in text and "setcap cap_sys_ptrace=ep /opt/memcr/bin/memcr" in text
+    assert "an administrator installs it with `make install-system`, as /opt/memcr/bin/memcr" in text
 
 
 def test_no_advice_when_memcr_holds_the_capability() -> None:
@@ -72,7 +79,7 @@ def test_may_trace_reads_memcr_s_own_capabilities() -> None:
 def test_trace_denied_gets_the_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What `memcr -p PID` prints and the daemon logs, as a user without the capability."""
     monkeypatch.setattr(launcher, "may_trace", lambda: False)
-    monkeypatch.setattr(launcher, "launcher_path", lambda: tmp_path / "bin" / "memcr")
+    monkeypatch.setattr(launcher, "launcher_path", lambda prefix=None: install(tmp_path, b"\x7fELF"))
     text = advice.explain(procfs.trace_denied(1234))
     assert text.startswith("not permitted to trace process 1234: memcr needs root or CAP_SYS_PTRACE")
     assert text.endswith(f"setcap cap_sys_ptrace=ep {tmp_path}/bin/memcr")
