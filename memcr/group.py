@@ -194,6 +194,11 @@ class _Park:
             new = self.membership.walk() - self.members.keys()
             if not new:
                 return
+            if (never := _never(new)) is not None:
+                # before any member is held: the rest of the group (a tree under init: every process)
+                # would be frozen for nothing
+                self._fail(None, TargetError(f"{self.membership} holds {never}, which memcr never parks"))
+                return
             for pid in sorted(new):
                 member = self.members[pid] = _Member(pid, self)
                 member.start()
@@ -242,6 +247,14 @@ class _Park:
         return GroupError(
             f"parking {self.membership} failed{where}: {reason}; {outcome}", cause, culprit, killed=killed, gone=gone
         )
+
+
+def _never(pids: set[int]) -> str | None:
+    """The process among `pids` that no park may hold, in words, or None."""
+    for pid, what in ((1, "pid 1 (init)"), (os.getpid(), "memcr itself"), (os.getppid(), "memcr's parent")):
+        if pid in pids:
+            return f"{what}, pid {pid}" if pid != 1 else what
+    return None
 
 
 def _ended(pid: int, error: Exception) -> bool:

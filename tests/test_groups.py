@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from memcr import procfs
-from tests.conftest import CGROUP2, Memcr, reap, reports
+from tests.conftest import CGROUP2, Memcr, memcr_argv, reap, reports
 
 needs_cgroup2 = pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy mounted")
 
@@ -229,3 +229,23 @@ def test_a_tree_whose_root_does_not_exist(memcr: Memcr) -> None:
     result = memcr.run("-p", 2**22 + 1, "--tree", "-n")
     assert result.returncode == 3, result.stderr
     assert f"no such process: {2**22 + 1}" in result.stderr
+
+
+def test_a_tree_holding_memcr_is_refused_before_anything_is_held(binaries, memcr: Memcr) -> None:
+    """The tree of memcr's parent holds memcr: refused at once, no member frozen even for a moment."""
+    script = (
+        f'{binaries["lazy"]} 16 touch >/dev/null 2>&1 & "$@" -p $$ --tree -n -d {memcr.dump_dir}; code=$?; '
+        "kill $!; exit $code"
+    )
+    shell = subprocess.Popen(
+        ["sh", "-c", script, "sh", *memcr_argv()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = shell.communicate(timeout=60)
+    finally:
+        reap(shell)
+    assert shell.returncode == 3, err
+    assert f"parking tree {shell.pid} failed: tree {shell.pid} holds memcr itself, pid " in err, err
+    assert "which memcr never parks; every member runs on as it was" in err
+    assert "seized" not in out
+    assert memcr.dumps() == []
