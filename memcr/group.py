@@ -162,6 +162,7 @@ class _Park:
     def run(self) -> ParkedGroup:
         started = time.monotonic()
         try:
+            self._refuse_never(self.membership.walk())  # before a cgroup's freezer too
             with self.membership.hold(self.log):
                 self._hold_all()
         except Exception as e:  # the walk or the hold itself: no member is to blame
@@ -194,15 +195,19 @@ class _Park:
             new = self.membership.walk() - self.members.keys()
             if not new:
                 return
-            if (never := _never(new)) is not None:
-                # before any member is held: the rest of the group (a tree under init: every process)
-                # would be frozen for nothing
-                self._fail(None, TargetError(f"{self.membership} holds {never}, which memcr never parks"))
-                return
+            self._refuse_never(new)
             for pid in sorted(new):
+                if self.aborting:
+                    break  # a member that failed already: no other is held for nothing
                 member = self.members[pid] = _Member(pid, self)
                 member.start()
             self._wait(lambda: all(m.held or m.done for m in self.members.values()) or self.aborting)
+
+    def _refuse_never(self, pids: set[int]) -> None:
+        """Refuse a group holding a process no park may hold, before any member is: the rest of it (a tree
+        under init: every process) would be frozen for nothing."""
+        if (never := _never(pids)) is not None:
+            raise TargetError(f"{self.membership} holds {never}, which memcr never parks")
 
     def _wait(self, ready: Callable[[], bool]) -> None:
         with self.changed:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from memcr import procfs
+from memcr_client import Client
+from memcr_client.protocol import CMD_CHECKPOINT
 from tests.conftest import CGROUP2, Memcr, memcr_argv, reap, reports
 
 needs_cgroup2 = pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy mounted")
@@ -249,3 +252,34 @@ def test_a_tree_holding_memcr_is_refused_before_anything_is_held(binaries, memcr
     assert "which memcr never parks; every member runs on as it was" in err
     assert "seized" not in out
     assert memcr.dumps() == []
+
+
+@needs_cgroup2
+def test_a_cgroup_holding_the_daemons_parent_is_refused_before_its_freezer_runs(spawn, daemon, cgroup) -> None:
+    """The daemon's parent (as pid 1 is under systemd) in the cgroup asked for: refused, never frozen."""
+    served = daemon(prefix=["sh", "-c", '"$@"; exit $?', "sh"])  # the shell stays the daemon's parent
+    group = cgroup("holds-parent")
+    target = spawn("lazy", 16, "touch")
+    for pid in (served.proc.pid, target.pid):
+        (group / "cgroup.procs").write_text(str(pid))
+    frozen: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            if "frozen 1" in (events := (group / "cgroup.events").read_text()):
+                frozen.append(events)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        answer = Client(served.listen).request(CMD_CHECKPOINT, target.pid, cgroup=str(group))
+    finally:
+        watching.set()
+        watcher.join()
+    assert answer == -2  # a process memcr may not freeze, as for one pid
+    refusal = served.out.wait_for("which memcr never parks")
+    assert f"holds memcr's parent, pid {served.proc.pid}, which memcr never parks" in refusal
+    assert frozen == []
+    assert tracer(target.pid) == "0"
+    assert target.verify() == 0
