@@ -207,10 +207,13 @@ class Parked:
         guardian = Guardian()
         server: PageServer | None = None
         try:
-            later = self._put_back(self._lazy)
+            now, later = self._split(self._lazy)
             guardian.hold(watched.fd)
+            # faults are served before the writes below: a record that goes back now may lie in a watched
+            # mapping (a page of it was refilled while parked), and writing its missing pages faults there
             server = PageServer(self.pid, watched, guardian, Source(self.dump, later, self.pagemap.page_size))
             self._written.update(r.addr for r in later)  # from now on the server writes them
+            self._write_back(now)
             self.parasite.cure()
             if server.error is not None:
                 raise server.error
@@ -278,18 +281,24 @@ class Parked:
         self.frozen.collect_dead()
         self._clean_up()
 
-    def _put_back(self, later: Callable[[Record], bool] = lambda record: False) -> list[Record]:
-        """Write the dropped pages back from the dump, checked before use, but for the records `later` picks.
+    def _put_back(self) -> None:
+        """Write every dropped page back from the dump, checked before use."""
+        self._write_back(self._split(lambda record: False)[0])
 
-        Those are returned, but for any that holds a page refilled while
-        parked: that one goes back now, as a present page takes no fault.
+    def _split(self, later: Callable[[Record], bool]) -> tuple[list[Record], list[Record]]:
+        """The records of dropped pages, checked, as (those to write back now, those `later` picks).
+
+        A record that holds a page refilled while parked goes back now
+        whatever `later` says: a present page takes no fault.
         """
         records = self.dump.verified_records()
         # pages memcr itself began to write back (an upload that failed midway) are not the kernel's doing
         refilled = self._check_untouched([r for r in records if r.addr not in self._written])
         deferred = [r for r in records if later(r) and r.addr not in refilled]
         skip = {r.addr for r in deferred}
-        records = [r for r in records if r.addr not in skip]
+        return [r for r in records if r.addr not in skip], deferred
+
+    def _write_back(self, records: list[Record]) -> None:
         writable: list[Record] = []
         read_only: list[Record] = []
         for record in records:
@@ -312,7 +321,6 @@ class Parked:
             for chunk in self.dump.chunks(record):
                 self.frozen.write(at, chunk)
                 at += len(chunk)
-        return deferred
 
     def _upload_through_parasite(self, records: list[Record]) -> None:
         """Where the kernel has no process_vm_writev: the parasite receives the pages on its socket."""
@@ -336,7 +344,9 @@ class Parked:
         zeroed: set[int] = set()
         for record in records:
             anonymous = self._containing(record.addr).anonymous
-            found = scan.refilled(record.addr, record.length, anonymous, read, self.pagemap.zero_pfn, self.pagemap.fd)
+            # a read while parked (ps reading /proc/PID/cmdline, a debugger) maps the zero page there, which
+            # no fault would replace in a lazy restore: counted too (zero_pfn 0), it makes the record eager
+            found = scan.refilled(record.addr, record.length, anonymous, read, 0, self.pagemap.fd)
             # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
             for addr in found:
                 if self.frozen.read(addr, page).count(0) != page:

@@ -7,6 +7,7 @@ the wake-up, and checks every byte and its own state afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -206,12 +207,16 @@ def test_a_target_that_ends_during_the_lazy_phase_is_reported(
     spawn, memcr: Memcr, op: str, ending: str, code: int
 ) -> None:
     """Not "restored" and exit 0: exit code 7, the log and the JSON report say how it ended."""
-    target = spawn("reshape", 256, op, 1)
-    result = memcr.run("-p", target.pid, "-n", "--lazy", "--json")
-    assert target.proc.wait(60) == code
-    [acted] = [line.split() for line in target.out.rest() if line.startswith(f"op {op} ")]
-    back, pages = map(int, acted[3].split("/"))
-    assert back < pages, acted  # it ended with pages still missing
+    for _ in range(3):  # a run on a machine so busy that every page was back first tells nothing: again
+        target = spawn("reshape", 1024, op, 1)
+        result = memcr.run("-p", target.pid, "-n", "--lazy", "--json")
+        assert target.proc.wait(60) == code
+        [acted] = [line.split() for line in target.out.rest() if line.startswith(f"op {op} ")]
+        back, pages = map(int, acted[3].split("/"))
+        if back < pages:  # it ended with pages still missing
+            break
+    else:
+        pytest.fail("the target's pages were all back before it ended, three times")
     assert result.returncode == 7, result.stderr
     assert f"pid {target.pid} ended during its lazy restore ({ending}), not by memcr's hand" in result.stderr
     assert f"pid {target.pid} restored" not in result.stdout
@@ -222,7 +227,7 @@ def test_a_target_that_ends_during_the_lazy_phase_is_reported(
 
 def test_a_target_that_ends_during_the_lazy_phase_through_the_daemon(spawn, daemon) -> None:
     served = daemon("--lazy", "--json")
-    target = spawn("reshape", 256, "kill", 1)
+    target = spawn("reshape", 1024, "kill", 1)
     assert served.code(CHECKPOINT, target.pid) == 0
     assert served.code(RESTORE, target.pid) == 0
     line = served.out.wait_for(f"pid {target.pid} ended during its lazy restore (killed by SIGKILL)")
@@ -367,3 +372,16 @@ def test_the_daemon_frees_the_pid_while_children_linger_and_fills_them_at_shutdo
 
 def _tracer(pid: int) -> int:
     return int(procfs.read_status(pid)["TracerPid"])
+
+
+@pytest.mark.parametrize("reader", ["cmdline", "environ"])
+def test_reading_argv_of_a_parked_target_does_not_cost_its_bytes(spawn, memcr: Memcr, reader: str) -> None:
+    """`ps` reads /proc/PID/cmdline (and environ): while parked, that maps the zero page over dropped
+    argv pages. A lazy restore must put those pages back all the same (the target checks its argv)."""
+    target = spawn("lazy", 64, "touch")
+    session = memcr.interactive("-p", target.pid, "--lazy")
+    session.wait_prompt()
+    with contextlib.suppress(OSError):  # empty or an error: the page is not there, which is the point
+        Path(f"/proc/{target.pid}/{reader}").read_bytes()
+    assert session.press_enter() == 0, session.stderr()
+    assert target.verify() == 0
