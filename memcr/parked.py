@@ -258,6 +258,9 @@ class Parked:
                 self._put_back()
             self._let_run()
         except BaseException as cleanup:
+            if _dead(self.frozen, grace=1.0):  # killed from outside meanwhile: that is what happened
+                self.close_dead()
+                raise _gone(self.pid) from error
             self.kill()
             if dropped:
                 raise TargetKilled(
@@ -407,15 +410,27 @@ def let_go(frozen: FrozenProcess, reserve: Reserve, error: BaseException) -> Non
             raise error
         frozen.release()
     except BaseException as cleanup:
+        if _dead(frozen, grace=1.0):  # killed from outside meanwhile: that, not the release, is what happened
+            frozen.collect_dead()
+            raise _gone(frozen.pid) from error
         _kill(frozen, None)
         raise TargetKilled(
             f"pid {frozen.pid} was killed: memcr could not release it ({cleanup})", pid=frozen.pid
         ) from error
 
 
-def _dead(frozen: FrozenProcess) -> bool:
-    """Killed from outside, or it exited: nothing left to protect."""
-    return frozen.exiting() or not procfs.alive(frozen.pid)
+def _dead(frozen: FrozenProcess, grace: float = 0.0) -> bool:
+    """Killed from outside, or it exited: nothing left to protect.
+
+    `grace`: seconds to wait for a death under way to show (after a
+    ptrace request failed with ESRCH, a SIGKILL may have just arrived).
+    """
+    deadline = time.monotonic() + grace
+    while not (frozen.exiting() or not procfs.alive(frozen.pid)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _gone(pid: int) -> TargetGone:

@@ -44,7 +44,12 @@ class ProcMem:
         self.fd = fd
 
     def read(self, addr: int, size: int) -> bytes:
-        return os.pread(self.fd, size, addr)
+        data = os.pread(self.fd, size, addr)
+        if len(data) != size:
+            if not procfs.alive(self.pid):
+                raise TargetGone(f"process {self.pid} is gone", pid=self.pid)
+            raise MemcrError(f"short read from process {self.pid} at {addr:#x}: {len(data)} of {size} bytes")
+        return data
 
     def write(self, addr: int, data: bytes | memoryview) -> None:
         if os.pwrite(self.fd, data, addr) != len(data):
