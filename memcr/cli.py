@@ -260,20 +260,22 @@ def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> N
             raise
     _restored(r, log, json_reports)
     if phase is not None and phase.lingering:
-        _finish_children(phase)
+        _finish_children(phase, cancel)
     if r.ended:
         raise TargetEnded(f"pid {pid} ended during its lazy restore ({r.ended}), not by memcr's hand", pid=pid)
 
 
-def _finish_children(phase: LazyRestore) -> None:
+def _finish_children(phase: LazyRestore, cancel: Cancel) -> None:
     """Children forked during the lazy phase get their pages as they touch them, until each exits or execs."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the line that tells they are served so
+        signal.signal(sig, lambda *_: phase.server.stream_children())
+    if cancel.cancelled:  # asked to end during the target's own lazy phase
+        phase.server.stream_children()
     children = ", ".join(map(str, sorted(phase.running.children)))
     log(
         f"pid {phase.pid} forked {children} during its lazy restore: memcr serves their missing pages as they "
         "touch them, until each exits or execs (SIGINT or SIGTERM: fill them now and exit)"
     )
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: phase.server.stream_children())
     try:
         phase.finish_children()
     finally:

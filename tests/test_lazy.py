@@ -210,13 +210,12 @@ def test_a_target_that_ends_during_the_lazy_phase_is_reported(
     for _ in range(3):  # a run on a machine so busy that every page was back first tells nothing: again
         target = spawn("reshape", 1024, op, 1)
         result = memcr.run("-p", target.pid, "-n", "--lazy", "--json")
+        if target.proc.poll() is None and target.verify() == 0:
+            continue  # it found every page back before it could look ("op kill late"), and ran on
         assert target.proc.wait(60) == code
-        [acted] = [line.split() for line in target.out.rest() if line.startswith(f"op {op} ")]
-        back, pages = map(int, acted[3].split("/"))
-        if back < pages:  # it ended with pages still missing
-            break
+        break
     else:
-        pytest.fail("the target's pages were all back before it ended, three times")
+        pytest.fail("the target's pages were all back before it could end, three times")
     assert result.returncode == 7, result.stderr
     assert f"pid {target.pid} ended during its lazy restore ({ending}), not by memcr's hand" in result.stderr
     assert f"pid {target.pid} restored" not in result.stdout

@@ -54,12 +54,12 @@ OPS = [
     "guard",
 ]
 CODINGS = {"plain": [], "z-c": ["-z", "-c"], "e": ["-e"]}
-ACTED = re.compile(r"^op \S+ present \d+/\d+ missing (\d+)/\d+$")
+ACTED = re.compile(r"^op \S+ (?:present \d+/\d+ missing (\d+)/\d+|late)$")
 
 
 def _missing(target: Target) -> int:
-    """How many pages of the range were still missing when the target acted on it."""
-    return next(int(m.group(1)) for line in target.out.rest() if (m := ACTED.match(line)))
+    """How many pages of the range were still missing when the target acted on it (0: it came too late)."""
+    return next(int(m.group(1) or 0) for line in target.out.rest() if (m := ACTED.match(line)))
 
 
 def _checked(target: Target, op: str, seed: int, how: str) -> int:

@@ -1,7 +1,9 @@
 /*
  * reshape MIB OP SEED: the lazy phase's zdtm target. MIB MiB of patterned
  * memory, and a worker that waits for a lazy restore to begin (pages of
- * the region missing from /proc/self/pagemap), lets it fill a random part
+ * the region missing from /proc/self/pagemap: the process is frozen while
+ * they are dropped, so it sees them missing only once it runs again before
+ * they are all back), lets it fill a random part
  * of the region (0-90 %, from SEED), then reshapes part of the region
  * that is still missing, as apps do in their first second after a
  * wake-up:
@@ -38,8 +40,9 @@
  *
  * It prints "op OP present P/N missing M/R" when it acted: P of the N
  * region pages were back, and M of the R pages of the range were still
- * missing. On SIGUSR1 it checks every page of the region as the operation
- * leaves it, that no tracer is left, its signal state, dispositions and
+ * missing; "op OP late" when every page was back before it could look
+ * (then nothing was done, and everything must be as it was). On SIGUSR1
+ * it checks every page of the region as the operation leaves it, that no tracer is left, its signal state, dispositions and
  * thread count (and the memory map where the operation undoes its change),
  * and exits 0 when everything is as it must be.
  */
@@ -72,7 +75,6 @@
 #define RANGE_PAGES 1000u
 #define CHILD_COST_LIMIT_KB 1024 /* a child that execs at once may cost this much private memory */
 #define SAMPLE 512
-#define FROZEN_MS 60 /* a pause this long between two looks: the process was parked */
 
 enum expect { INTACT, ZERO, ZERO_OR_INTACT, GONE };
 
@@ -81,7 +83,9 @@ static uint64_t *region, *moved_to;
 static size_t page_bytes, words_per_page, pages, region_bytes;
 static size_t first, count; /* the range: pages of the region */
 static uint64_t rng;
-static atomic_int stop, bad, acting, acted;
+static atomic_int stop, bad;
+enum phase { WAITING, ACTING, ACTED, LATE };
+static atomic_int phase; /* the worker and main agree once on whether it acts */
 static int pagemap_fd, skipped, undone; /* undone: the map is as before once the op is over */
 static uint64_t *entries;
 static long child_private_kb = -1;
@@ -493,14 +497,6 @@ static long tracer(void)
 	return at ? atol(at + 10) : -1;
 }
 
-static double now_ms(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-
 static void *work(void *arg)
 {
 	struct timespec tick = {0, 500000};
@@ -510,18 +506,16 @@ static void *work(void *arg)
 	(void)arg;
 	/* an ending comes as soon as the lazy phase is seen: pages are surely missing then */
 	target = strcmp(op, "exit") && strcmp(op, "kill") ? (size_t)((next_random() % 91) * pages / 100) : 0;
-	for (double last = now_ms(); !atomic_load(&stop); last = now_ms()) {
+	while (!atomic_load(&stop)) {
 		got = present(&missing_from);
-		/* woken lazily: pages come back from now on, memcr still traces it; or so fast that this thread
-		 * only saw the freeze */
-		if (got < pages || tracer() != 0 || now_ms() - last > FROZEN_MS)
+		if (got < pages) /* woken lazily: its pages come back from now on (frozen while they were dropped) */
 			lazy = 1;
 		if (lazy && (got >= target || got == pages))
 			break;
 		nanosleep(&tick, NULL);
 	}
-	if (atomic_load(&stop))
-		return NULL;
+	if (!atomic_compare_exchange_strong(&phase, &(int){WAITING}, ACTING))
+		return NULL; /* too late: main checks a process nothing was done to */
 	/* a range from the first missing page on: not aligned, so that it splits a huge page's worth */
 	first = missing_from < pages ? missing_from : next_random() % (pages / 2);
 	first += 1 + next_random() % 63;
@@ -532,9 +526,8 @@ static void *work(void *arg)
 	}
 	present(&missing_from);
 	printf("op %s present %zu/%zu missing %zu/%zu\n", op, got, pages, missing_in_range(), count);
-	atomic_store(&acting, 1);
 	act();
-	atomic_store(&acted, 1);
+	atomic_store(&phase, ACTED);
 	while (!atomic_load(&stop)) /* alive until the check: the thread count is part of the state */
 		nanosleep(&tick, NULL);
 	return NULL;
@@ -617,10 +610,20 @@ int main(int argc, char **argv)
 	block_usr1(&set);
 	pthread_create(&worker, NULL, work, NULL);
 	announce_and_wait(&set);
-	for (int i = 0; i < 10000 && !atomic_load(&acted); i++)
+	if (atomic_compare_exchange_strong(&phase, &(int){WAITING}, LATE)) {
+		/* every page was back and memcr gone before the worker ran: nothing done, all must be intact */
+		atomic_store(&stop, 1);
+		pthread_join(worker, NULL);
+		printf("op %s late\n", op);
+		fflush(stdout);
+		return check("region", region, region_bytes, SEED) && untraced() && state_intact(1) && check_args(argv)
+			       ? 0
+			       : 1;
+	}
+	for (int i = 0; i < 10000 && atomic_load(&phase) != ACTED; i++)
 		usleep(1000);
-	if (!atomic_load(&acted)) {
-		fprintf(stderr, "%s: %s\n", op, atomic_load(&acting) ? "still at it 10 s later" : "never saw a lazy restore");
+	if (atomic_load(&phase) != ACTED) {
+		fprintf(stderr, "%s: still at it 10 s later\n", op);
 		return 1;
 	}
 	ok &= state_intact(undone);
