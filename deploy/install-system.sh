@@ -7,6 +7,8 @@
 # the clients' group (-g) and the targets' group (-G), which are other groups; the folders; the
 # virtual environment, the launcher and the systemd units, which name all of them.
 set -eu
+# what this script makes is root's and writable by root alone, whatever umask it was started with
+umask 022
 prefix=${PREFIX:-/opt/memcr}
 user=${MEMCR_USER:-memcr}
 group=${MEMCR_GROUP:-memcr}
@@ -28,12 +30,58 @@ for other in "$clients" "$targets"; do
     [ "$other" != "$group" ] || fail "MEMCR_GROUP=$group may start the launcher, which holds CAP_SYS_PTRACE:" \
         "the clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
 done
-for path in "$run" "$state"; do
-    case $path in
-        /?*) ;;
-        *) fail "MEMCR_RUN=$run and MEMCR_STATE=$state must be absolute paths of folders" ;;
+for variable in PREFIX="$prefix" MEMCR_RUN="$run" MEMCR_STATE="$state"; do
+    case ${variable#*=} in
+        /*/ | *//* | */./* | */. | */../* | */..) ;;
+        /?*) continue ;;
     esac
+    fail "$variable: give the folder as an absolute path without '.', '..', '//' or a trailing '/'"
 done
+
+# PREFIX holds what the launcher runs with CAP_SYS_PTRACE; MEMCR_RUN and MEMCR_STATE, memcr's sockets and
+# dumps. Whoever owns one of them or a folder above, or may write in it, could swap what it holds (say
+# PREFIX/venv/bin/python for a program of theirs), so, as memcr judges a dump folder a client names, each
+# folder on the way must be root's and writable by root alone, or sticky (as /tmp) above the install's
+# folder: nobody else may rename what is root's in it. MEMCR_RUN and MEMCR_STATE, which the install gives
+# the daemon's user, may be its already.
+check_folders() {  # VARIABLE FOLDER WHAT [UID that may own FOLDER itself besides root]
+    walk=$2
+    while :; do
+        if [ -e "$walk" ] || [ -L "$walk" ]; then
+            read -r uid owner raw perms <<EOF
+$(stat -c '%u %U %f %a' -- "$walk")
+EOF
+            where="$1=$2: $walk"
+            if [ $((0x$raw & 0170000)) -eq $((0120000)) ]; then
+                fail "$where is a symlink, which its owner or whoever may write in its folder could point" \
+                    "elsewhere: give the real path ($(realpath -m -- "$2"))"
+            fi
+            [ $((0x$raw & 0170000)) -eq $((0040000)) ] || fail "$where is not a folder"
+            if [ "$uid" -ne 0 ] && { [ "$walk" != "$2" ] || [ "$uid" != "${4:-0}" ]; }; then
+                fail "$where belongs to user $owner (uid $uid), who could swap $3 in it: choose folders of" \
+                    "root's, or make them so once you trust what they hold (chown root $walk)"
+            fi
+            if [ $((0x$raw & 022)) -ne 0 ] && { [ "$walk" = "$2" ] || [ $((0x$raw & 01000)) -eq 0 ]; }; then
+                fail "$where may be written by users other than its owner (mode $perms), who could swap $3" \
+                    "in it: take that right away (chmod go-w $walk) or choose other folders"
+            fi
+        fi
+        [ "$walk" != / ] || break
+        walk=$(dirname -- "$walk")
+    done
+}
+daemon_uid=$(id -u "$user" 2>/dev/null) || daemon_uid=0
+check_folders PREFIX "$prefix" "the programs the launcher runs with CAP_SYS_PTRACE"
+check_folders MEMCR_RUN "$run" "memcr's sockets" "$daemon_uid"
+check_folders MEMCR_STATE "$state" "memcr's dumps" "$daemon_uid"
+if [ -d "$prefix" ]; then
+    strangers=$(find "$prefix" ! -user 0 | head -n 3 | tr '\n' ' ')
+    [ -z "$strangers" ] || fail "PREFIX=$prefix holds files that are not root's, whose owners could have swapped" \
+        "what the launcher runs: ${strangers}(find $prefix ! -user root): remove them, or choose another PREFIX"
+fi
+mkdir -p "$prefix/share"
+# a prefix made just now under a sticky folder: someone may have made it first
+check_folders PREFIX "$prefix" "the programs the launcher runs with CAP_SYS_PTRACE"
 
 make_group() {
     getent group "$1" >/dev/null && return
@@ -71,7 +119,7 @@ cp -R "$here/memcr_client" "$client/"
 rm -rf "$client/memcr_client/build" "$client/memcr_client/"*.egg-info
 "$prefix/venv/bin/python" -m pip install -q "$client/memcr_client" "$here"
 
-mkdir -p "$prefix/bin" "$prefix/share"
+mkdir -p "$prefix/bin"
 gcc -O2 -Wall -Wextra -Werror -DPYTHON="\"$prefix/venv/bin/python\"" \
     -o "$prefix/bin/memcr.new" "$here/deploy/memcr-launch.c"
 # only GROUP, the daemon's user's, may start a program that can read every process's memory

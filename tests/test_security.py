@@ -147,10 +147,19 @@ class Install:
         return shlex.split(re.sub(pattern, lambda m: names[m.group()], line), comments=True)
 
 
+def fresh(**names: str) -> Install:
+    """An install in a folder of its own under /tmp, root's and 0755 (mkdtemp makes it 0700), with `names`."""
+    base = Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    return Install(base, **names)
+
+
+OTHER_NAMES = {"user": f"msx{SUFFIX}", "group": f"msy{SUFFIX}", "clients": f"msv{SUFFIX}", "targets": f"msw{SUFFIX}"}
+
+
 @contextlib.contextmanager
 def installed(install: Install, script_only: bool = False) -> Iterator[subprocess.CompletedProcess[str]]:
     """Run make install-system (or its script alone); take away all it made afterwards, also on failure."""
-    os.chmod(install.base, 0o755)
     if script_only:
         argv = ["sh", str(ROOT / "deploy" / "install-system.sh")]
         env = {**os.environ, **install.variables()}
@@ -169,7 +178,7 @@ def installed(install: Install, script_only: bool = False) -> Iterator[subproces
 
 @pytest.fixture(scope="module")
 def system_install() -> Iterator[Install]:
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")))
+    install = fresh()
     with installed(install) as result:
         assert result.returncode == 0, result.stdout + result.stderr
         yield dataclasses.replace(install, said=result.stdout)
@@ -254,9 +263,7 @@ def test_install_again_makes_nothing_new(system_install: Install) -> None:
 
 @pytest.mark.parametrize("shared", ["MEMCR_CLIENTS", "MEMCR_TARGETS"])
 def test_install_refuses_a_shared_launcher_group(shared: str) -> None:
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
-                      group=f"msy{SUFFIX}", clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
-    install = dataclasses.replace(install, **{shared.removeprefix("MEMCR_").lower(): install.group})
+    install = fresh(**{**OTHER_NAMES, shared.removeprefix("MEMCR_").lower(): OTHER_NAMES["group"]})
     with installed(install, script_only=True) as result:
         assert result.returncode == 1
         assert (
@@ -268,11 +275,98 @@ def test_install_refuses_a_shared_launcher_group(shared: str) -> None:
         assert list(install.base.iterdir()) == []
 
 
+def refused_install(install: Install) -> str:
+    """What the install says as it refuses: it must have made nothing, no user, group or file."""
+    made = sorted(install.base.rglob("*"))
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 1, result.stdout + result.stderr
+        for name in {install.user, install.group, install.clients, install.targets}:
+            assert subprocess.run(["getent", "group", name], capture_output=True).returncode == 2
+        assert subprocess.run(["getent", "passwd", install.user], capture_output=True).returncode == 2
+        assert sorted(install.base.rglob("*")) == made
+        return result.stderr
+
+
+SWAP = "who could swap the programs the launcher runs with CAP_SYS_PTRACE in it"
+
+
+@pytest.mark.parametrize("folder", ["prefix", "above", "group-writable", "sticky", "symlink", "state"])
+def test_install_refuses_folders_others_could_swap(made_accounts, folder: str) -> None:
+    """Issue 27's review: with PREFIX a folder a user made (mkdir /tmp/evil), that user could swap
+    PREFIX/venv/bin/python for a script, which the launcher would run with CAP_SYS_PTRACE."""
+    evil, uid = made_accounts.user("mse")
+    install = fresh(**OTHER_NAMES)
+    prefix, base = install.prefix, install.base
+    if folder in ("prefix", "group-writable", "sticky"):
+        prefix.mkdir()
+        os.chown(prefix, uid if folder == "prefix" else 0, -1)
+        prefix.chmod({"prefix": 0o755, "group-writable": 0o775, "sticky": 0o1777}[folder])
+    elif folder == "above":
+        os.chown(base, uid, -1)  # the user may make, rename or remove what it holds, PREFIX with the rest
+    elif folder == "symlink":
+        (base / "real").mkdir()
+        prefix.symlink_to(base / "real")
+    else:
+        install.state.mkdir()
+        os.chown(install.state, uid, -1)
+    said = refused_install(install)
+    wrong = {
+        "prefix": f"PREFIX={prefix}: {prefix} belongs to user {evil} (uid {uid}), {SWAP}",
+        "above": f"PREFIX={prefix}: {base} belongs to user {evil} (uid {uid}), {SWAP}",
+        "group-writable": f"PREFIX={prefix}: {prefix} may be written by users other than its owner (mode 775), "
+        f"{SWAP}: take that right away (chmod go-w {prefix})",
+        "sticky": f"PREFIX={prefix}: {prefix} may be written by users other than its owner (mode 1777)",
+        "symlink": f"PREFIX={prefix}: {prefix} is a symlink, which its owner or whoever may write in its folder "
+        f"could point elsewhere: give the real path ({base / 'real'})",
+        "state": f"MEMCR_STATE={install.state}: {install.state} belongs to user {evil} (uid {uid}), who could swap "
+        "memcr's dumps in it",
+    }[folder]
+    assert f"install-system: {wrong}" in said
+
+
+@pytest.mark.parametrize("swap", ["writable", "owned", "script"])
+def test_the_launcher_refuses_an_interpreter_others_could_swap(
+    system_install: Install, made_accounts, public_dir: Path, swap: str
+) -> None:
+    """Whatever let another user swap PREFIX/venv/bin/python, the launcher does not run it with CAP_SYS_PTRACE."""
+    i = system_install
+    _, uid = made_accounts.user("mse")
+    python = i.prefix / "venv" / "bin" / "python"
+    folder, link = python.parent, os.readlink(python)
+    kept = folder.stat()
+    script = public_dir / "python"  # where the daemon's user may run it
+    try:
+        if swap == "writable":
+            folder.chmod(0o777)
+        elif swap == "owned":
+            os.chown(folder, uid, -1)
+        else:
+            script.write_text("#!/bin/sh\ngrep CapEff /proc/self/status\n")
+            script.chmod(0o755)
+            os.chown(script, uid, -1)
+            python.unlink()
+            python.symlink_to(script)
+        started = run_as(i.user, [i.launcher, "-V"])
+    finally:
+        python.unlink()
+        python.symlink_to(link)
+        os.chown(folder, kept.st_uid, kept.st_gid)
+        folder.chmod(stat.S_IMODE(kept.st_mode))
+    unsafe = {"writable": f"{folder} (uid 0, mode 0777)", "owned": f"{folder} (uid {uid}, mode 0755)",
+              "script": f"{script} (uid {uid}, mode 0755)"}[swap]  # fmt: skip
+    assert started.returncode == 1 and started.stdout == ""  # nothing ran
+    assert started.stderr == (
+        f"memcr launcher: refusing to run {python}: {unsafe} could be swapped by a user other than root, whose "
+        "program would get CAP_SYS_PTRACE: make it root's and writable by root alone, or install memcr again "
+        "(make install-system)\n"
+    )
+    assert run_as(i.user, [i.launcher, "-V"]).stdout.startswith("memcr ")  # as installed, it runs
+
+
 def test_install_warns_when_others_may_start_the_launcher(made_accounts) -> None:
     shared, _ = made_accounts.group("msg")
     admin, _ = made_accounts.user("msh", [shared])
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
-                      group=shared, clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
+    install = fresh(**{**OTHER_NAMES, "group": shared})
     with installed(install, script_only=True) as result:
         assert result.returncode == 0, result.stderr
         assert (
