@@ -30,6 +30,10 @@ for other in "$clients" "$targets"; do
     [ "$other" != "$group" ] || fail "MEMCR_GROUP=$group may start the launcher, which holds CAP_SYS_PTRACE:" \
         "the clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
 done
+# the targets' users join the targets' group: were it the clients' too, each of them could drive the daemon
+[ "$clients" != "$targets" ] || fail "MEMCR_CLIENTS=$clients and MEMCR_TARGETS=$targets are one group: every" \
+    "user whose processes memcr parks would then drive the daemon, and so park any process, root's included:" \
+    "give the clients and the targets a group each"
 for variable in PREFIX="$prefix" MEMCR_RUN="$run" MEMCR_STATE="$state"; do
     case ${variable#*=} in
         /*/ | *//* | */./* | */. | */../* | */..) ;;
