@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 import resource
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memcr import arch, codec, procfs, scan
+from memcr import accounts, arch, codec, procfs, scan
 from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
@@ -71,13 +72,8 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
     """Every check that needs no change to the target; returns its status."""
     status = procfs.check_target(pid)
     check_directory(options.dump_dir)
-    if options.socket_dir is not None and not options.socket_dir.is_dir():
-        raise StorageError(
-            f"parasite socket directory {options.socket_dir} is not an existing directory",
-            path=str(options.socket_dir),
-            errno=errno.ENOENT,
-            what="socket-dir",
-        )
+    if options.socket_dir is not None:
+        check_socket_dir(options.socket_dir, options.socket_gid)
     if options.proc_mem and os.geteuid() != 0:
         raise RightsError("reading /proc/<pid>/mem directly needs root", pid=pid, what="proc-mem")
     procfs.require_page_monitor()
@@ -91,6 +87,53 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
             what="async-io",
         )
     return status
+
+
+def check_socket_dir(folder: Path, gid: int | None) -> None:
+    """Refuse a parasites' folder (-S) in which someone other than root or memcr could swap a socket.
+
+    The parasite of each target makes its socket there, as the target's
+    user, and then gives it its group: whoever owns the folder, or every
+    user where all may write in it without the sticky bit, could remove or
+    replace that socket meanwhile. With -G, the targets' users make their
+    sockets there as members of that group.
+    """
+    try:
+        st = os.lstat(folder)
+    except OSError as e:
+        raise StorageError(
+            f"parasite socket directory {folder} is not an existing directory",
+            path=folder,
+            errno=e.errno,
+            what="socket-dir",
+        ) from None
+    where = f"the parasite socket folder {folder} (-S)"
+    if stat.S_ISLNK(st.st_mode):
+        raise StorageError(
+            f"{where} is a symlink, which whoever may change it could point elsewhere: give -S the real folder "
+            f"({os.path.realpath(folder)})",
+            path=folder,
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{where} is not a folder: choose another -S", path=folder, errno=errno.ENOTDIR)
+    if st.st_uid not in (0, os.geteuid()):
+        raise StorageError(
+            f"{where} belongs to {accounts.user(st.st_uid)}, who could replace the sockets in it: give it to "
+            f"root or memcr's user (chown {accounts.user_name(os.geteuid())} {folder})",
+            path=folder,
+        )
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise StorageError(
+            f"{where} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), who could replace the "
+            f"sockets in it: make it sticky (chmod +t {folder}) or take that right away (chmod o-w {folder})",
+            path=folder,
+        )
+    if gid is not None and st.st_gid != gid:
+        raise StorageError(
+            f"{where} is of {accounts.group(st.st_gid)}, not of -G's {accounts.group(gid)}: the targets' users, "
+            f"in that group, make their sockets there (chgrp {accounts.group_name(gid)} {folder})",
+            path=folder,
+        )
 
 
 def refuse_shared_memory(pid: int) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 from memcr import accounts, heap, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Log, Options, checkpoint
+from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import (
     ClientRefused,
@@ -649,6 +649,9 @@ class Service:
 
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
+        if self.options.socket_dir is not None:
+            # now, not at the first checkpoint of a daemon that would fail every one
+            check_socket_dir(self.options.socket_dir, self.options.socket_gid)
         listener = listen(self.address, self.gid, self.log)
         self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -75,6 +76,7 @@ def test_named_parasite_socket(spawn, memcr: Memcr, tmp_path) -> None:
 def test_named_parasite_socket_with_group(spawn, memcr: Memcr, tmp_path) -> None:
     sockets = tmp_path / "sockets"
     sockets.mkdir()
+    os.chown(sockets, -1, 4321)  # -G's group: the targets' users make their sockets there as its members
     target = spawn("pattern", 16)
     session = memcr.interactive("-p", target.pid, "-S", sockets, "-G", 4321)
     session.wait_prompt()
