@@ -18,7 +18,7 @@ import resource
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from memcr import accounts, arch, codec, procfs, scan
 from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
-from memcr.errors import Aborted, LimitError, RightsError, StorageError, TargetError
+from memcr.errors import Aborted, Folder, LimitError, MissingFolders, RightsError, StorageError, TargetError
 from memcr.parasite import Parasite, SocketSpec
 from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma
@@ -89,25 +89,36 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
     return status
 
 
-def check_socket_dir(folder: Path, gid: int | None) -> None:
+def parasites_folder(folder: Path, gid: int | None) -> Folder:
+    """The parasites' folder (-S) as an administrator makes it: the targets' users make their sockets in it, as
+    members of -G's group or else as anyone, and its sticky bit keeps each from removing another's."""
+    return Folder(folder, os.geteuid(), gid, 0o1770 if gid is not None else 0o1777)
+
+
+def check_socket_dir(folder: Path, gid: int | None, besides: Sequence[Folder] = ()) -> None:
     """Refuse a parasites' folder (-S) in which someone other than root or memcr could swap a socket.
 
     The parasite of each target makes its socket there, as the target's
     user, and then gives it its group: whoever owns the folder, or every
     user where all may write in it without the sticky bit, could remove or
     replace that socket meanwhile. With -G, the targets' users make their
-    sockets there as members of that group.
+    sockets there as members of that group. A missing folder is named
+    with those of `besides` that are missing too (the daemon socket's,
+    which /run loses with it at each boot), for the advice to make them all.
     """
+    where = f"the parasite socket folder {folder} (-S)"
     try:
         st = os.lstat(folder)
-    except OSError as e:
-        raise StorageError(
-            f"parasite socket directory {folder} is not an existing directory",
+    except FileNotFoundError:
+        needed = [*besides, parasites_folder(folder, gid)]
+        raise MissingFolders(
+            f"{where} does not exist",
+            [f for f in needed if not os.path.lexists(f.path)],
             path=folder,
-            errno=e.errno,
-            what="socket-dir",
+            errno=errno.ENOENT,
         ) from None
-    where = f"the parasite socket folder {folder} (-S)"
+    except OSError as e:
+        raise StorageError(f"cannot use {where}: {e.strerror}", path=folder, errno=e.errno) from None
     if stat.S_ISLNK(st.st_mode):
         raise StorageError(
             f"{where} is a symlink, which whoever may change it could point elsewhere: give -S the real folder "

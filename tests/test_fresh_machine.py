@@ -245,13 +245,45 @@ def test_daemon_without_rights_for_the_folder_says_so(public_dir: Path, accounts
     user, sock = accounts["inside_name"], public_dir / "sub" / "memcr.sock"
     result = refusal("-l", sock, "-d", public_dir, user=user)
     assert result.returncode == 5, result.stderr
-    fix = f"install -d -o {user} {public_dir}/sub"
+    fix = f"install -d -o {user} -m 0755 {public_dir}/sub"
     assert (
         f"cannot create the folder {public_dir}/sub for the socket: Permission denied: memcr's user {user} may not "
-        f"write in {public_dir}; as root, make the folder for it ({fix}) or choose another -l path"
+        f"write in {public_dir}: as root, make memcr's folders ({fix})"
     ) in result.stderr
     subprocess.run(fix.split(), check=True)
     start(daemons, "-l", sock, "-d", public_dir, user=user).out.wait_for("listening on")
+
+
+def test_a_daemon_without_its_folders_is_told_each_one(
+    public_dir: Path, made_accounts, daemons: list[Running], spawn
+) -> None:
+    """Issue 27's review: after a boot (/run emptied), the advice made the socket's folder alone, and the daemon
+    then failed every checkpoint for want of the parasites' (-S). Outside an install, which lists them for
+    systemd-tmpfiles, the advice names each missing folder with its owner, group and mode; they then serve."""
+    group, gid = made_accounts.group("mcf")
+    user, _ = made_accounts.user("mcd", [group])  # the daemon's: it joins -g's and -G's group
+    app, _ = made_accounts.user("mca", [group])  # the targets' and the clients' at once, for this test
+    run, dumps = public_dir / "run", public_dir / "dumps"
+    dumps.mkdir()
+    shutil.chown(dumps, user)
+    args = ["-l", run / "memcr.sock", "-g", gid, "-S", run / "targets", "-G", gid, "-d", dumps]
+    result = refusal(*args, user=user)
+    assert result.returncode == 5, result.stderr
+    make = f"install -d -o {user} -g {group} -m 0751 {run} && install -d -o {user} -g {group} -m 1770 {run}/targets"
+    assert (
+        f"the parasite socket folder {run}/targets (-S) does not exist: as root, make memcr's folders ({make})"
+    ) in result.stderr
+    for command in make.split(" && "):
+        subprocess.run(command.split(), check=True)
+    capable = ["--inh-caps=+sys_ptrace", "--ambient-caps=+sys_ptrace"]  # as the units give it, without a launcher
+    argv = as_user(user, [str(BIN / "memcr"), *map(str, args)])
+    daemon = Running([*argv[:4], *capable, *argv[4:]])
+    daemons.append(daemon)
+    daemon.out.wait_for("listening on")
+    target = spawn("pattern", 8, user=app)
+    parked = client("-l", run / "memcr.sock", "-p", target.pid, "-c", "-r", user=app)
+    assert parked.returncode == 0, parked.stderr + "\n".join(daemon.out.seen)
+    assert target.verify() == 0
 
 
 def test_daemon_outside_the_clients_group_leaves_no_socket(public_dir: Path, accounts, daemons: list[Running]) -> None:

@@ -427,6 +427,35 @@ def test_by_hand_start_as_documented(system_install: Install, made_accounts, spa
     assert not i.sock.exists() and i.run.is_dir()  # its socket went with it; the folder is the install's
 
 
+def test_a_start_after_a_boot_is_told_the_install_s_list(
+    system_install: Install, app: str, made_accounts, spawn, processes
+) -> None:
+    """Issue 27's review: /run emptied by a boot, the advice made the daemon socket's folder alone, and the daemon
+    then failed every checkpoint for want of the parasites'. The advice is the install's list, which makes both."""
+    i = system_install
+    client, _ = made_accounts.user("msq", [i.clients])
+    listed = i.prefix / "share" / "memcr-tmpfiles.conf"
+    shutil.rmtree(i.run)
+    try:
+        start = i.documented("runuser -u memcr -- /opt/memcr/bin/memcr -l")
+        refused = subprocess.run(start, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        fix = f"systemd-tmpfiles --create {listed}"
+        assert (refused.returncode, refused.stderr) == (5, (
+            f"memcr: error: the parasite socket folder {i.run}/targets (-S) does not exist: as root, make memcr's "
+            f"folders as its install lists them ({fix})\n"
+        ))  # fmt: skip
+        subprocess.run(fix.split(), check=True)
+        by_hand(processes, i)
+        target = spawn("pattern", 16, 2, user=app)
+        ask = [i.prefix / "bin" / "memcr-client", "-l", i.sock, "-p", target.pid]
+        parked = run_as(client, [*ask, "-c"])
+        assert parked.returncode == 0, parked.stderr
+        assert run_as(client, [*ask, "-r"]).returncode == 0
+        assert target.verify() == 0
+    finally:
+        subprocess.run(["systemd-tmpfiles", "--create", str(listed)], check=True)  # for the next tests
+
+
 def test_a_target_user_gets_no_power(system_install: Install, app: str, spawn, processes) -> None:
     """In every group the docs tell targets to join, it cannot start the launcher nor park root's process."""
     i = system_install
