@@ -10,6 +10,8 @@ MEMCR_CLIENTS ?= memcr-clients
 MEMCR_TARGETS ?= memcr-targets
 MEMCR_RUN ?= /run/memcr
 MEMCR_STATE ?= /var/lib/memcr
+# 1: install under /tmp, /var/tmp, /home, /root or /run/user, which memcr.service cannot see (a start by hand only)
+MEMCR_ALLOW_TMP_PREFIX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
@@ -69,7 +71,8 @@ profile: install
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
 	PREFIX=$(PREFIX) MEMCR_USER=$(MEMCR_USER) MEMCR_GROUP=$(MEMCR_GROUP) MEMCR_CLIENTS=$(MEMCR_CLIENTS) \
-	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) sh deploy/install-system.sh
+	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) \
+	MEMCR_ALLOW_TMP_PREFIX=$(MEMCR_ALLOW_TMP_PREFIX) sh deploy/install-system.sh
 
 clean:
 	$(MAKE) -C parasite clean

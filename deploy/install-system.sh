@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install a self-contained memcr for a non-root deployment (docs/SECURITY.md). As root:
 #   make install-system [PREFIX=/opt/memcr MEMCR_USER=memcr MEMCR_GROUP=memcr MEMCR_CLIENTS=memcr-clients
-#                        MEMCR_TARGETS=memcr-targets MEMCR_RUN=/run/memcr MEMCR_STATE=/var/lib/memcr]
+#                        MEMCR_TARGETS=memcr-targets MEMCR_RUN=/run/memcr MEMCR_STATE=/var/lib/memcr
+#                        MEMCR_ALLOW_TMP_PREFIX=1 (folders the units cannot see: for a start by hand)]
 # which runs this script with those variables. It makes whatever of these is missing, and says so:
 # the daemon's user, and its group, which alone may start the launcher that holds CAP_SYS_PTRACE;
 # the clients' group (-g) and the targets' group (-G), which are other groups; the folders; the
@@ -41,6 +42,22 @@ for variable in PREFIX="$prefix" MEMCR_RUN="$run" MEMCR_STATE="$state"; do
     esac
     fail "$variable: give the folder as an absolute path without '.', '..', '//' or a trailing '/'"
 done
+
+# memcr.service runs with PrivateTmp=yes (a /tmp and /var/tmp of its own) and ProtectHome=yes (no /home,
+# /root or /run/user): it could not start memcr from there, nor reach its folders
+hidden=
+for variable in PREFIX="$prefix" MEMCR_RUN="$run" MEMCR_STATE="$state"; do
+    case ${variable#*=}/ in
+        /tmp/* | /var/tmp/* | /home/* | /root/* | /run/user/*) hidden="$hidden $variable" ;;
+    esac
+done
+if [ -n "$hidden" ]; then
+    [ "${MEMCR_ALLOW_TMP_PREFIX:-}" = 1 ] || fail "${hidden# }: memcr.service cannot see /tmp, /var/tmp" \
+        "(PrivateTmp=yes), /home, /root or /run/user (ProtectHome=yes), so the units could not start memcr: choose" \
+        "other folders, or set MEMCR_ALLOW_TMP_PREFIX=1 to install for a start by hand only"
+    say "WARNING:$hidden: memcr.service cannot see /tmp, /var/tmp, /home, /root or /run/user, so the units" \
+        "in $prefix/share cannot start this memcr: start it by hand only (MEMCR_ALLOW_TMP_PREFIX=1)"
+fi
 
 # PREFIX holds what the launcher runs with CAP_SYS_PTRACE; MEMCR_RUN and MEMCR_STATE, memcr's sockets and
 # dumps. Whoever owns one of them or a folder above, or may write in it, could swap what it holds (say

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +112,7 @@ class Install:
     clients: str = f"msc{SUFFIX}"
     targets: str = f"mst{SUFFIX}"
     said: str = ""
+    by_hand_only: bool = True  # MEMCR_ALLOW_TMP_PREFIX: the tests install under /tmp, which memcr.service cannot see
 
     @property
     def prefix(self) -> Path:
@@ -135,7 +137,7 @@ class Install:
     def variables(self) -> dict[str, str]:
         return {"PREFIX": str(self.prefix), "MEMCR_USER": self.user, "MEMCR_GROUP": self.group,
                 "MEMCR_CLIENTS": self.clients, "MEMCR_TARGETS": self.targets, "MEMCR_RUN": str(self.run),
-                "MEMCR_STATE": str(self.state)}  # fmt: skip
+                "MEMCR_STATE": str(self.state), "MEMCR_ALLOW_TMP_PREFIX": "1" if self.by_hand_only else ""}  # fmt: skip
 
     def documented(self, start: str, **more: object) -> list[str]:
         """The line of docs/SECURITY.md that starts with `start`, in this install's names (and `more`), as argv."""
@@ -147,11 +149,11 @@ class Install:
         return shlex.split(re.sub(pattern, lambda m: names[m.group()], line), comments=True)
 
 
-def fresh(**names: str) -> Install:
-    """An install in a folder of its own under /tmp, root's and 0755 (mkdtemp makes it 0700), with `names`."""
+def fresh(**fields: Any) -> Install:
+    """An install in a folder of its own under /tmp, root's and 0755 (mkdtemp makes it 0700), with `fields`."""
     base = Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp"))
     os.chmod(base, 0o755)
-    return Install(base, **names)
+    return Install(base, **fields)
 
 
 OTHER_NAMES = {"user": f"msx{SUFFIX}", "group": f"msy{SUFFIX}", "clients": f"msv{SUFFIX}", "targets": f"msw{SUFFIX}"}
@@ -225,6 +227,11 @@ def test_install_makes_users_groups_and_folders(system_install: Install) -> None
         assert f"install-system: added user {i.user} to group {group}" in i.said
     assert f"install-system: created the folders {i.run} {i.run}/targets {i.state}" in i.said
     assert "warning" not in i.said
+    assert (
+        f"install-system: WARNING: PREFIX={i.prefix} MEMCR_RUN={i.run} MEMCR_STATE={i.state}: memcr.service cannot "
+        f"see /tmp, /var/tmp, /home, /root or /run/user, so the units in {i.prefix}/share cannot start this memcr: "
+        "start it by hand only (MEMCR_ALLOW_TMP_PREFIX=1)\n"
+    ) in i.said
     # the launcher: CAP_SYS_PTRACE for the launcher's group, which is the daemon's user's alone
     assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
     assert "cap_sys_ptrace=ep" in subprocess.run(["getcap", str(i.launcher)], capture_output=True, text=True).stdout
@@ -289,6 +296,16 @@ def test_install_refuses_one_group_for_clients_and_targets() -> None:
         f"install-system: MEMCR_CLIENTS={install.clients} and MEMCR_TARGETS={install.clients} are one group: every "
         "user whose processes memcr parks would then drive the daemon, and so park any process, root's included: "
         "give the clients and the targets a group each"
+    ) in refused_install(install)
+
+
+def test_install_refuses_folders_the_units_cannot_see() -> None:
+    """memcr.service has PrivateTmp=yes and ProtectHome=yes: installed under /tmp, it could not start memcr."""
+    install = fresh(**OTHER_NAMES, by_hand_only=False)
+    assert (
+        f"install-system: PREFIX={install.prefix} MEMCR_RUN={install.run} MEMCR_STATE={install.state}: memcr.service "
+        "cannot see /tmp, /var/tmp (PrivateTmp=yes), /home, /root or /run/user (ProtectHome=yes), so the units could "
+        "not start memcr: choose other folders, or set MEMCR_ALLOW_TMP_PREFIX=1 to install for a start by hand only"
     ) in refused_install(install)
 
 
