@@ -74,8 +74,12 @@ install-system: system
 	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) \
 	MEMCR_ALLOW_TMP_PREFIX=$(MEMCR_ALLOW_TMP_PREFIX) sh deploy/install-system.sh
 
+# take away what install-system made, as root, given the install's PREFIX (it lists the rest in PREFIX/share)
+uninstall-system:
+	PREFIX=$(PREFIX) sh deploy/uninstall-system.sh
+
 clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info memcr_client/build memcr_client/*.egg-info
 
-.PHONY: all parasite system apps install install-system demo test test-apps test-arm64 bench profile clean
+.PHONY: all parasite system apps install install-system uninstall-system demo test test-apps test-arm64 bench profile clean

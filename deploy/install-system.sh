@@ -6,7 +6,8 @@
 # which runs this script with those variables. It makes whatever of these is missing, and says so:
 # the daemon's user, and its group, which alone may start the launcher that holds CAP_SYS_PTRACE;
 # the clients' group (-g) and the targets' group (-G), which are other groups; the folders; the
-# virtual environment, the launcher and the systemd units, which name all of them.
+# virtual environment, the launcher and the systemd units, which name all of them. The users, groups,
+# memberships and folders it made are listed in PREFIX/share/memcr-installed, for make uninstall-system.
 set -eu
 # what this script makes is root's and writable by root alone, whatever umask it was started with
 umask 022
@@ -19,6 +20,7 @@ run=${MEMCR_RUN:-/run/memcr}
 state=${MEMCR_STATE:-/var/lib/memcr}
 python=${MEMCR_PYTHON:-/usr/bin/python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
+installed=$prefix/share/memcr-installed
 
 say() { echo "install-system: $*"; }
 fail() { echo "install-system: $*" >&2; exit 1; }
@@ -104,9 +106,14 @@ mkdir -p "$prefix/share"
 # a prefix made just now under a sticky folder: someone may have made it first
 check_folders PREFIX "$prefix" "the programs the launcher runs with CAP_SYS_PTRACE"
 
+# what the install made outside PREFIX, a line each, for make uninstall-system to take away that and no more
+made() {
+    echo "$*" >>"$installed"
+}
 make_group() {
     getent group "$1" >/dev/null && return
     groupadd --system "$1"
+    made group "$1"
     say "created group $1: $2"
 }
 make_group "$group" "the daemon's user's; only it may start the launcher"
@@ -114,12 +121,14 @@ make_group "$clients" "the clients' (-g): add each user who may ask the daemon"
 make_group "$targets" "the targets' (-G): add each user whose processes the daemon parks"
 if ! getent passwd "$user" >/dev/null; then
     useradd --system --gid "$group" --home-dir "$state" --no-create-home --shell /usr/sbin/nologin "$user"
+    made user "$user"
     say "created user $user, the daemon's, of group $group"
 fi
 # the launcher's group to start it; -g's, to give its socket that group; -G's, to reach the parasites' sockets
 for needed in "$group" "$clients" "$targets"; do
     if ! id -nG "$user" | tr ' ' '\n' | grep -qx "$needed"; then
         usermod -aG "$needed" "$user"
+        made member "$user" "$needed"
         say "added user $user to group $needed"
     fi
 done
@@ -162,6 +171,9 @@ for folder in "$run" "$run/targets" "$state"; do
     [ -e "$folder" ] || missing="$missing $folder"
 done
 "$tmpfiles" --create "$prefix/share/memcr-tmpfiles.conf"
+for folder in $missing; do
+    made folder "$folder"
+done
 [ -z "$missing" ] || say "created the folders$missing ($prefix/share/memcr-tmpfiles.conf lists them)"
 say "memcr in $prefix/bin (the launcher, with CAP_SYS_PTRACE for group $group alone; memcr-client);" \
     "in $prefix/share the units memcr.service and memcr.socket, and memcr-tmpfiles.conf"

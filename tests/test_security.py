@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,10 +260,15 @@ def test_install_makes_users_groups_and_folders(system_install: Install) -> None
 def test_install_again_makes_nothing_new(system_install: Install) -> None:
     """An update: the same install over itself keeps the users, groups and folders, and says nothing about them."""
     i = system_install
+    made = (i.prefix / "share" / "memcr-installed").read_text()
+    assert made.splitlines() == [f"group {i.group}", f"group {i.clients}", f"group {i.targets}", f"user {i.user}",
+                                 f"member {i.user} {i.clients}", f"member {i.user} {i.targets}", f"folder {i.run}",
+                                 f"folder {i.run}/targets", f"folder {i.state}"]  # fmt: skip
     again = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env={**os.environ, **i.variables()},
                            capture_output=True, text=True, timeout=900)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert not re.search(r"created|added|warning", again.stdout), again.stdout
+    assert (i.prefix / "share" / "memcr-installed").read_text() == made  # for make uninstall-system, the first's
     assert groups_of(i.user) == {i.group, i.clients, i.targets}
     assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
     assert owner_group_mode(i.run / "targets") == (i.user, i.targets, 0o1770)
@@ -395,6 +401,79 @@ def test_install_warns_when_others_may_start_the_launcher(made_accounts) -> None
             f"install-system: warning: besides {install.user}, these users are in group {shared} and so may start "
             f"the launcher, which holds CAP_SYS_PTRACE (they could freeze, read and kill any process): {admin} "
         ) in result.stdout
+
+
+def uninstall(install: Install) -> subprocess.CompletedProcess[str]:
+    argv = ["make", "-s", "-C", str(ROOT), "uninstall-system", f"PREFIX={install.prefix}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def exists(database: str, name: str) -> bool:
+    return subprocess.run(["getent", database, name], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("found", [False, True], ids=["made", "found"])
+def test_uninstall_takes_away_what_the_install_made(made_accounts, found: bool) -> None:
+    """Issue 27's review: nothing removed the install, its user and groups, its folders; the user deleted by hand,
+    whoever got its uid next would own the dumps left. What the install found (a user, a group) stays as it was."""
+    names = dict(OTHER_NAMES)
+    if found:
+        names["user"], _ = made_accounts.user("msf")
+        names["clients"], _ = made_accounts.group("msk")
+    install = fresh(**names)
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 0, result.stderr
+        (install.state / "pages-4242.img").write_bytes(b"a dump left")
+        gone = uninstall(install)
+        assert gone.returncode == 0, gone.stderr
+        said = gone.stdout.splitlines()
+        made_groups = [install.group, *([] if found else [install.clients]), install.targets]
+        assert said == [
+            f"uninstall-system: removed the folder {install.run} and what it held",
+            f"uninstall-system: removed the folder {install.state} and what it held",
+            *([f"uninstall-system: took user {install.user} out of group {install.clients}"] if found else []),
+            *([] if found else [f"uninstall-system: removed user {install.user}"]),
+            *(f"uninstall-system: removed group {group}" for group in made_groups),
+            f"uninstall-system: removed the install in {install.prefix}: the launcher with CAP_SYS_PTRACE, the virtual "
+            "environment, memcr-client, the units and the folders' list",
+        ]
+        assert not any(exists("group", group) for group in made_groups)
+        assert exists("passwd", install.user) == found
+        if found:
+            assert exists("group", install.clients) and groups_of(install.user) == {"nogroup"}
+        assert list(install.base.iterdir()) == []
+
+
+@pytest.mark.parametrize("holder", ["user", "group"])
+def test_uninstall_refuses_a_user_or_group_a_process_runs_with(made_accounts, holder: str) -> None:
+    """Removed, its number could go to a new user or group, who would share the process's rights."""
+    install = fresh(**OTHER_NAMES)
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 0, result.stderr
+        runner = install.user if holder == "user" else made_accounts.user("msa", [install.targets])[0]
+        uid = pwd.getpwnam(runner).pw_uid
+        proc = subprocess.Popen(as_user(runner, ["sleep", "600"]))
+        try:
+            for _ in range(100):  # setpriv becomes the user, then executes sleep
+                if procfs.read_status(proc.pid)["Uid"].split()[0] == str(uid):
+                    break
+                time.sleep(0.05)
+            refused = uninstall(install)
+        finally:
+            reap(proc)
+        pid = proc.pid
+        targets = grp.getgrnam(install.targets).gr_gid
+        assert refused.returncode != 0 and refused.stdout == ""
+        assert {
+            "user": f"uninstall-system: user {runner} (uid {uid}) runs the processes {pid} (ps -fp '{pid}'): stop them "
+            "(the daemon: systemctl stop memcr.socket memcr.service), then uninstall again",
+            "group": f"uninstall-system: group {install.targets} (gid {targets}) is a group of the processes {pid} "
+            f"(ps -fp '{pid}'): stop them, or start them again once their users are out of it (gpasswd -d USER "
+            f"{install.targets}), then uninstall again",
+        }[holder] in refused.stderr
+        assert install.launcher.exists() and exists("passwd", install.user) and exists("group", install.targets)
+        assert uninstall(install).returncode == 0  # once it has ended
+        assert not exists("passwd", install.user) and not install.prefix.exists()
 
 
 class ByHand(Process):
