@@ -107,26 +107,43 @@ def check_socket_dir(folder: Path, gid: int | None, besides: Sequence[Folder] = 
     which /run loses with it at each boot), for the advice to make them all.
     """
     where = f"the parasite socket folder {folder} (-S)"
-    try:
-        st = os.lstat(folder)
-    except FileNotFoundError:
+    if not os.path.lexists(folder):
         needed = [*besides, parasites_folder(folder, gid)]
         raise MissingFolders(
             f"{where} does not exist",
             [f for f in needed if not os.path.lexists(f.path)],
             path=folder,
             errno=errno.ENOENT,
-        ) from None
+        )
+    st = check_socket_folder(folder, where, "-S")
+    if gid is not None and st.st_gid != gid:
+        raise StorageError(
+            f"{where} is of {accounts.group(st.st_gid)}, not of -G's {accounts.group(gid)}: the targets' users, "
+            f"in that group, make their sockets there (chgrp {accounts.group_name(gid)} {folder})",
+            path=folder,
+        )
+
+
+def check_socket_folder(folder: Path, where: str, option: str) -> os.stat_result:
+    """Refuse a folder of sockets (the daemon's, -l; the parasites', -S) where others could replace one.
+
+    That is a symlink, whose target whoever may change it could swap; a
+    folder of a user other than root and memcr's; or one every user may
+    write in without the sticky bit (as /tmp has, which keeps each from
+    removing or renaming what is another's). Returns its status.
+    """
+    try:
+        st = os.lstat(folder)
     except OSError as e:
         raise StorageError(f"cannot use {where}: {e.strerror}", path=folder, errno=e.errno) from None
     if stat.S_ISLNK(st.st_mode):
         raise StorageError(
-            f"{where} is a symlink, which whoever may change it could point elsewhere: give -S the real folder "
+            f"{where} is a symlink, which whoever may change it could point elsewhere: give {option} the real folder "
             f"({os.path.realpath(folder)})",
             path=folder,
         )
     if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(f"{where} is not a folder: choose another -S", path=folder, errno=errno.ENOTDIR)
+        raise StorageError(f"{where} is not a folder: choose another {option}", path=folder, errno=errno.ENOTDIR)
     if st.st_uid not in (0, os.geteuid()):
         raise StorageError(
             f"{where} belongs to {accounts.user(st.st_uid)}, who could replace the sockets in it: give it to "
@@ -139,12 +156,7 @@ def check_socket_dir(folder: Path, gid: int | None, besides: Sequence[Folder] = 
             f"sockets in it: make it sticky (chmod +t {folder}) or take that right away (chmod o-w {folder})",
             path=folder,
         )
-    if gid is not None and st.st_gid != gid:
-        raise StorageError(
-            f"{where} is of {accounts.group(st.st_gid)}, not of -G's {accounts.group(gid)}: the targets' users, "
-            f"in that group, make their sockets there (chgrp {accounts.group_name(gid)} {folder})",
-            path=folder,
-        )
+    return st
 
 
 def refuse_shared_memory(pid: int) -> None:

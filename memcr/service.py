@@ -38,7 +38,7 @@ from typing import Any
 from memcr import accounts, heap, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, checkpoint
+from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, check_socket_folder, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import (
     ClientRefused,
@@ -273,7 +273,7 @@ def _socket_folder(folder: Path, gid: int | None, log: Log, parasites: Path | No
             folders = "the folder" if len(made) == 1 else "the folders"
             group = f", group {gid}" if gid is not None else ""
             log(f"created {folders} {', '.join(map(str, made))} for the socket (mode {mode:04o}{group})")
-        _check_folder(folder)
+        check_socket_folder(folder, f"the socket's folder {folder}", "-l")
     except BaseException:
         _remove_folders(made, log)
         raise
@@ -297,35 +297,6 @@ def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
         ) from None
     finally:
         os.close(fd)
-
-
-def _check_folder(folder: Path) -> None:
-    """Refuse a socket folder that others could use to replace the socket or redirect its clients."""
-    try:
-        st = os.lstat(folder)
-    except OSError as e:
-        raise StorageError(f"cannot use the folder {folder} for the socket: {e.strerror}", path=folder) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise StorageError(
-            f"the socket's folder {folder} is a symlink, and whoever can change it can redirect memcr's clients: "
-            f"give -l the real folder ({os.path.realpath(folder)})",
-            path=folder,
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(f"{folder} is not a folder: choose another -l path", path=folder)
-    if st.st_uid not in (0, os.geteuid()):
-        raise StorageError(
-            f"the socket's folder {folder} belongs to {accounts.user(st.st_uid)}, who could replace the socket in it: "
-            "use a folder owned by root or by memcr's user, or a missing one that memcr makes",
-            path=folder,
-        )
-    # the sticky bit (as on /tmp) keeps others from removing or renaming memcr's socket
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise StorageError(
-            f"the socket's folder {folder} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), "
-            f"who could replace the socket in it: take that right away (chmod o-w {folder}) or choose another folder",
-            path=folder,
-        )
 
 
 def _remove_folders(made: list[Path], log: Log) -> None:
