@@ -352,6 +352,23 @@ def test_install_refuses_folders_others_could_swap(made_accounts, folder: str) -
     assert f"install-system: {wrong}" in said
 
 
+@pytest.mark.parametrize("prefix", ["opt/memcr", "/opt/../tmp/memcr", "/opt//memcr", "/opt/memcr/"])
+def test_install_refuses_a_prefix_not_plainly_named(prefix: str) -> None:
+    """The launcher runs PREFIX/venv/bin/python: relative, it would be looked up from wherever it was started."""
+    install = fresh(**OTHER_NAMES)
+    env = {**os.environ, **install.variables(), "PREFIX": prefix}
+    try:
+        result = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env=env, capture_output=True,
+                                text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    finally:
+        shutil.rmtree(install.base)
+    assert result.returncode == 1 and not exists("passwd", install.user)
+    assert (
+        f"install-system: PREFIX={prefix}: give the folder as an absolute path without '.', '..', '//' or a "
+        "trailing '/'\n"
+    ) == result.stderr
+
+
 @pytest.mark.parametrize("swap", ["writable", "owned", "script"])
 def test_the_launcher_refuses_an_interpreter_others_could_swap(
     system_install: Install, made_accounts, public_dir: Path, swap: str
