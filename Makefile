@@ -10,6 +10,8 @@ MEMCR_CLIENTS ?= memcr-clients
 MEMCR_TARGETS ?= memcr-targets
 MEMCR_RUN ?= /run/memcr
 MEMCR_STATE ?= /var/lib/memcr
+# 1: install under /tmp, /var/tmp, /home, /root or /run/user, which memcr.service cannot see (a start by hand only)
+MEMCR_ALLOW_TMP_PREFIX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
@@ -69,10 +71,15 @@ profile: install
 # a self-contained copy for non-root deployment (docs/SECURITY.md), as root
 install-system: system
 	PREFIX=$(PREFIX) MEMCR_USER=$(MEMCR_USER) MEMCR_GROUP=$(MEMCR_GROUP) MEMCR_CLIENTS=$(MEMCR_CLIENTS) \
-	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) sh deploy/install-system.sh
+	MEMCR_TARGETS=$(MEMCR_TARGETS) MEMCR_RUN=$(MEMCR_RUN) MEMCR_STATE=$(MEMCR_STATE) \
+	MEMCR_ALLOW_TMP_PREFIX=$(MEMCR_ALLOW_TMP_PREFIX) sh deploy/install-system.sh
+
+# take away what install-system made, as root, given the install's PREFIX (it lists the rest in PREFIX/share)
+uninstall-system:
+	PREFIX=$(PREFIX) sh deploy/uninstall-system.sh
 
 clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info memcr_client/build memcr_client/*.egg-info
 
-.PHONY: all parasite system apps install install-system demo test test-apps test-arm64 bench profile clean
+.PHONY: all parasite system apps install install-system uninstall-system demo test test-apps test-arm64 bench profile clean

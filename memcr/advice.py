@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import errno
 
-from memcr.errors import MemcrError, RightsError
-from memcr.launcher import capability_advice
+from memcr.accounts import group_name, user_name
+from memcr.errors import Folder, MemcrError, MissingFolders, RightsError
+from memcr.launcher import capability_advice, folders_list
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -29,8 +30,6 @@ def advice(error: MemcrError) -> str:
             return "free space or use -d on a larger filesystem"
         if code in _NOT_WRITABLE:
             return "choose a writable directory with -d"
-    if what == "socket-dir":
-        return "create it or choose another with -S"
     if what == "proc-mem":
         return "run memcr as root, or leave out -m/--proc-mem"
     if what == "async-io":
@@ -40,9 +39,24 @@ def advice(error: MemcrError) -> str:
         )
     if what == "descriptors":
         return "Raise the limit (ulimit -n, LimitNOFILE=) or park fewer processes at once"
+    if isinstance(error, MissingFolders):
+        return make_folders(error.folders)
     if isinstance(error, RightsError) and "CAP_SYS_PTRACE" in str(error):
         return capability_advice()  # which file gets the capability, and the command
     return ""
+
+
+def make_folders(folders: list[Folder]) -> str:
+    """The administrator's step that makes `folders`: the install's list of memcr's folders, when it has them all."""
+    listed = folders_list(f.path for f in folders)
+    if listed is not None:
+        return f"as root, make memcr's folders as its install lists them (systemd-tmpfiles --create {listed})"
+    commands = " && ".join(
+        f"install -d -o {user_name(f.uid)}{'' if f.gid is None else ' -g ' + group_name(f.gid)} -m {f.mode:04o} "
+        f"{f.path}"
+        for f in folders
+    )
+    return f"as root, make memcr's folders ({commands})"
 
 
 def explain(error: MemcrError) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from memcr_client.protocol import ExitCode
 
@@ -69,6 +71,29 @@ class StorageError(MemcrError):
     """The dump directory or file failed: missing, not writable, full."""
 
     exit_code: int = ExitCode.STORAGE
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder memcr needs, as an administrator makes it for memcr: owner, group (None: the owner's), mode."""
+
+    path: Path
+    uid: int
+    gid: int | None
+    mode: int
+
+
+class MissingFolders(StorageError):
+    """Folders memcr needs are missing, and it may not make them.
+
+    `folders` are the missing ones, outermost first, as they should be
+    (the one the message names, and the others memcr would miss next):
+    memcr.advice names the command that makes them all.
+    """
+
+    def __init__(self, message: str, folders: list[Folder], path: str | os.PathLike[str], errno: int | None) -> None:
+        super().__init__(message, path=path, errno=errno)
+        self.folders = folders
 
 
 class ClientRefused(MemcrError):

@@ -1,4 +1,4 @@
-"""The capability launcher of a system install, for the advice memcr gives when it may not trace.
+"""A system install's layout, for the advice memcr gives: its capability launcher, and its list of folders.
 
 A Python script cannot carry a file capability, so non-root deployments
 start memcr through a small C launcher (deploy/memcr-launch.c) that holds
@@ -6,13 +6,15 @@ CAP_SYS_PTRACE. deploy/install-system.sh installs it as PREFIX/bin/memcr
 next to the virtual environment PREFIX/venv, whose python it runs with
 `-I -m memcr`; so from inside memcr, sys.prefix is PREFIX/venv. The
 launcher passes no trace of itself on (it replaces the environment and
-argv[0]), which leaves that layout as the way to find it.
+argv[0]), which leaves that layout as the way to find it. Beside it,
+PREFIX/share/memcr-tmpfiles.conf lists memcr's folders for systemd-tmpfiles.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from memcr import procfs
@@ -37,6 +39,21 @@ def launcher_path(prefix: str | os.PathLike[str] | None = None) -> Path | None:
         return candidate  # mode 0750 for its group only: no script is installed that way
     except OSError:
         return None
+
+
+def folders_list(folders: Iterable[Path], prefix: str | os.PathLike[str] | None = None) -> Path | None:
+    """The list of memcr's folders of the install whose venv is `prefix` (default: this interpreter's), or None
+    unless it lists each of `folders` (a memcr started with other folders than the install's)."""
+    venv = Path(sys.prefix if prefix is None else prefix)
+    if venv.name != "venv":
+        return None
+    listed = venv.parent / "share" / "memcr-tmpfiles.conf"
+    try:
+        lines = listed.read_text().splitlines()
+    except OSError:
+        return None
+    made = {fields[1] for fields in map(str.split, lines) if len(fields) > 1 and fields[0] == "d"}
+    return listed if all(str(folder) in made for folder in folders) else None
 
 
 def may_trace() -> bool:

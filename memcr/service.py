@@ -38,12 +38,14 @@ from typing import Any
 from memcr import accounts, heap, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Log, Options, checkpoint
+from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, check_socket_folder, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import (
     ClientRefused,
+    Folder,
     LimitError,
     MemcrError,
+    MissingFolders,
     StorageError,
     TargetError,
     TargetGone,
@@ -118,8 +120,11 @@ class Listener:
         _remove_folders(self.made, self.log)
 
 
-def listen(address: Address, gid: int | None, log: Log) -> Listener:
-    """Listen on `address`, or take systemd's socket for it; a UNIX socket's missing folders are made (and logged)."""
+def listen(address: Address, gid: int | None, log: Log, parasites: Path | None = None) -> Listener:
+    """Listen on `address`, or take systemd's socket for it; a UNIX socket's missing folders are made (and logged).
+
+    `parasites` is the parasites' folder (-S), for the advice when memcr may not make its socket's.
+    """
     inherited = inherited_socket(log)
     if inherited is not None:
         try:
@@ -141,7 +146,7 @@ def listen(address: Address, gid: int | None, log: Log) -> Listener:
             sock.close()
             raise StorageError(f"cannot listen on {address}: {e.strerror}", errno=e.errno) from None
         return Listener(sock, log)
-    made = _socket_folder(address.path.parent, gid, log)
+    made = _socket_folder(address.path.parent, gid, log, parasites)
     try:
         sock = _unix_listener(address.path, gid)
     except BaseException:
@@ -220,7 +225,17 @@ def _check_inherited(sock: socket.socket, address: Address) -> None:
         )
 
 
-def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
+def socket_folder(folder: Path, gid: int | None, parasites: Path | None) -> Folder:
+    """The daemon socket's folder as an administrator makes it for memcr: as memcr makes it, and passable by
+    everyone when it holds the parasites' folder, which the targets' users reach through it."""
+    folder = Path(os.path.abspath(folder))  # the administrator's command runs in another folder
+    mode = FOLDER_MODE if gid is None else GROUP_FOLDER_MODE
+    if parasites is not None and folder in parasites.parents:
+        mode |= 0o001
+    return Folder(folder, os.geteuid(), gid, mode)
+
+
+def _socket_folder(folder: Path, gid: int | None, log: Log, parasites: Path | None) -> list[Path]:
     """Make the socket's folder if it is missing; refuse one that would not protect the socket.
 
     Missing folders are made as `mkdir -p` does, intermediate ones with the
@@ -243,23 +258,22 @@ def _socket_folder(folder: Path, gid: int | None, log: Log) -> list[Path]:
             except FileExistsError:
                 continue  # made meanwhile by someone else: the check below judges it
             except OSError as e:
-                fix = ""
+                failed = f"cannot create the folder {path} for the socket: {e.strerror}"
                 if e.errno in (errno.EACCES, errno.EPERM):
-                    user = accounts.user_name(os.geteuid())
-                    fix = (
-                        f": memcr's user {user} may not write in {path.parent}; as root, make the folder for it "
-                        f"(install -d -o {user} {folder}) or choose another -l path"
-                    )
-                raise StorageError(
-                    f"cannot create the folder {path} for the socket: {e.strerror}{fix}", path=path, errno=e.errno
-                ) from None
+                    raise MissingFolders(
+                        f"{failed}: memcr's user {accounts.user_name(os.geteuid())} may not write in {path.parent}",
+                        [socket_folder(folder, gid, parasites)],
+                        path=path,
+                        errno=e.errno,
+                    ) from None
+                raise StorageError(failed, path=path, errno=e.errno) from None
             made.append(path)
             _settle_folder(path, mode, gid)
         if made:
             folders = "the folder" if len(made) == 1 else "the folders"
             group = f", group {gid}" if gid is not None else ""
             log(f"created {folders} {', '.join(map(str, made))} for the socket (mode {mode:04o}{group})")
-        _check_folder(folder)
+        check_socket_folder(folder, f"the socket's folder {folder}", "-l")
     except BaseException:
         _remove_folders(made, log)
         raise
@@ -283,35 +297,6 @@ def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
         ) from None
     finally:
         os.close(fd)
-
-
-def _check_folder(folder: Path) -> None:
-    """Refuse a socket folder that others could use to replace the socket or redirect its clients."""
-    try:
-        st = os.lstat(folder)
-    except OSError as e:
-        raise StorageError(f"cannot use the folder {folder} for the socket: {e.strerror}", path=folder) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise StorageError(
-            f"the socket's folder {folder} is a symlink, and whoever can change it can redirect memcr's clients: "
-            f"give -l the real folder ({os.path.realpath(folder)})",
-            path=folder,
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(f"{folder} is not a folder: choose another -l path", path=folder)
-    if st.st_uid not in (0, os.geteuid()):
-        raise StorageError(
-            f"the socket's folder {folder} belongs to {accounts.user(st.st_uid)}, who could replace the socket in it: "
-            "use a folder owned by root or by memcr's user, or a missing one that memcr makes",
-            path=folder,
-        )
-    # the sticky bit (as on /tmp) keeps others from removing or renaming memcr's socket
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise StorageError(
-            f"the socket's folder {folder} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), "
-            f"who could replace the socket in it: take that right away (chmod o-w {folder}) or choose another folder",
-            path=folder,
-        )
 
 
 def _remove_folders(made: list[Path], log: Log) -> None:
@@ -649,7 +634,13 @@ class Service:
 
     def serve(self) -> None:
         heap.tune(arenas=1)  # idle worker threads stay cheap
-        listener = listen(self.address, self.gid, self.log)
+        parasites = self.options.socket_dir
+        if parasites is not None:
+            # now, not at the first checkpoint of a daemon that would fail every one; a missing folder with the
+            # socket's, when it is missing too (as both are after a boot, /run emptied)
+            besides = [socket_folder(self.address.path.parent, self.gid, parasites)] if self.address.path else []
+            check_socket_dir(parasites, self.options.socket_gid, besides)
+        listener = listen(self.address, self.gid, self.log, parasites)
         self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
             self.log(note)

@@ -4,15 +4,15 @@
  * serves the commands of protocol.h on the target's own memory. No libc:
  * it shares the address space of a process whose libc state is unknown.
  */
+#include <linux/fcntl.h>
+#include <linux/stat.h>
+
 #include "protocol.h"
 #include "syscall.h"
 
 #define AF_UNIX 1
 #define SOCK_STREAM 1
 #define SOCK_CLOEXEC 02000000
-#define O_RDONLY 0
-#define O_CLOEXEC 02000000
-#define AT_FDCWD (-100)
 #define MSG_WAITALL 0x100
 #define MSG_NOSIGNAL 0x4000
 #define SOL_SOCKET 1
@@ -23,6 +23,7 @@
 #define EINTR 4
 #define EINVAL 22
 #define EPIPE 32
+#define ENOTSOCK 88
 #define SCM_RIGHTS 1
 #define USERFAULTFD_IOC_NEW 0xaa00 /* _IO(0xAA, 0x00) */
 
@@ -278,11 +279,36 @@ static int accept_memcr(struct parasite_args *a, int lfd)
 	}
 }
 
+/*
+ * Give the socket file just bound the group sock_gid through a descriptor
+ * of what its path names now, which must be a socket of this user with no
+ * other name: a user who may write in the folder and put something else
+ * there meanwhile (a symlink, a hard link to another socket) makes the
+ * checkpoint fail (-ENOTSOCK) rather than have another file change group.
+ */
+static long give_group(const struct parasite_args *a)
+{
+	struct statx st;
+	long fd, r;
+
+	fd = sys4(__NR_openat, AT_FDCWD, a->sun_path, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+	if (fd < 0)
+		return fd;
+	r = sys6(__NR_statx, fd, (long)"", AT_EMPTY_PATH, STATX_TYPE | STATX_NLINK | STATX_UID, (long)&st, 0);
+	if (r == 0 && (!S_ISSOCK(st.stx_mode) || st.stx_nlink != 1 ||
+		       st.stx_uid != (unsigned int)sys3(__NR_geteuid, 0, 0, 0)))
+		r = -ENOTSOCK;
+	if (r == 0)
+		r = sys6(__NR_fchownat, fd, (long)"", -1, a->sock_gid, AT_EMPTY_PATH, 0);
+	sys3(__NR_close, fd, 0, 0);
+	return r;
+}
+
 int parasite_main(struct parasite_args *a) __attribute__((visibility("hidden")));
 
 int parasite_main(struct parasite_args *a)
 {
-	long lfd, r;
+	long lfd, r, umask = 0;
 	int cfd;
 
 	/* a zero page size would divide by zero in send_pagemap, killing the target */
@@ -293,20 +319,26 @@ int parasite_main(struct parasite_args *a)
 		return fail(a, PARASITE_STEP_SOCKET, lfd);
 	a->listen_fd = (int)lfd;
 	if (named_socket(a)) {
-		/* the inode mode of an unbound socket becomes the file's mode */
+		/*
+		 * bind() gives the file the mode of the unbound socket's inode
+		 * less the umask: without one, the file is born with sock_mode
+		 * and its mode is never set through its path, which a user who
+		 * may write in the folder could point elsewhere meanwhile. The
+		 * umask is the whole target's (CLONE_FS): memcr holds its every
+		 * other thread stopped meanwhile.
+		 */
 		r = sys3(__NR_fchmod, lfd, a->sock_mode, 0);
 		if (r < 0)
 			return fail_closing(a, PARASITE_STEP_CHMOD, r);
+		umask = sys3(__NR_umask, 0, 0, 0);
 	}
 	r = sys3(__NR_bind, lfd, &a->sun_family, a->addrlen);
+	if (named_socket(a))
+		sys3(__NR_umask, umask, 0, 0);
 	if (r < 0)
 		return fail_closing(a, PARASITE_STEP_BIND, r);
-	if (named_socket(a)) {
-		/* bind() applied the target's umask: set the exact mode and group */
-		r = sys4(__NR_fchmodat, AT_FDCWD, a->sun_path, a->sock_mode, 0);
-		if (r == 0 && a->sock_gid >= 0)
-			r = sys6(__NR_fchownat, AT_FDCWD, (long)a->sun_path, -1, a->sock_gid,
-				 0x100 /* AT_SYMLINK_NOFOLLOW */, 0);
+	if (named_socket(a) && a->sock_gid >= 0) {
+		r = give_group(a);
 		if (r < 0) {
 			sys3(__NR_unlinkat, AT_FDCWD, a->sun_path, 0);
 			return fail_closing(a, PARASITE_STEP_CHMOD, r);

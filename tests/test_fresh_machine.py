@@ -245,13 +245,45 @@ def test_daemon_without_rights_for_the_folder_says_so(public_dir: Path, accounts
     user, sock = accounts["inside_name"], public_dir / "sub" / "memcr.sock"
     result = refusal("-l", sock, "-d", public_dir, user=user)
     assert result.returncode == 5, result.stderr
-    fix = f"install -d -o {user} {public_dir}/sub"
+    fix = f"install -d -o {user} -m 0755 {public_dir}/sub"
     assert (
         f"cannot create the folder {public_dir}/sub for the socket: Permission denied: memcr's user {user} may not "
-        f"write in {public_dir}; as root, make the folder for it ({fix}) or choose another -l path"
+        f"write in {public_dir}: as root, make memcr's folders ({fix})"
     ) in result.stderr
     subprocess.run(fix.split(), check=True)
     start(daemons, "-l", sock, "-d", public_dir, user=user).out.wait_for("listening on")
+
+
+def test_a_daemon_without_its_folders_is_told_each_one(
+    public_dir: Path, made_accounts, daemons: list[Running], spawn
+) -> None:
+    """Issue 27's review: after a boot (/run emptied), the advice made the socket's folder alone, and the daemon
+    then failed every checkpoint for want of the parasites' (-S). Outside an install, which lists them for
+    systemd-tmpfiles, the advice names each missing folder with its owner, group and mode; they then serve."""
+    group, gid = made_accounts.group("mcf")
+    user, _ = made_accounts.user("mcd", [group])  # the daemon's: it joins -g's and -G's group
+    app, _ = made_accounts.user("mca", [group])  # the targets' and the clients' at once, for this test
+    run, dumps = public_dir / "run", public_dir / "dumps"
+    dumps.mkdir()
+    shutil.chown(dumps, user)
+    args = ["-l", run / "memcr.sock", "-g", gid, "-S", run / "targets", "-G", gid, "-d", dumps]
+    result = refusal(*args, user=user)
+    assert result.returncode == 5, result.stderr
+    make = f"install -d -o {user} -g {group} -m 0751 {run} && install -d -o {user} -g {group} -m 1770 {run}/targets"
+    assert (
+        f"the parasite socket folder {run}/targets (-S) does not exist: as root, make memcr's folders ({make})"
+    ) in result.stderr
+    for command in make.split(" && "):
+        subprocess.run(command.split(), check=True)
+    capable = ["--inh-caps=+sys_ptrace", "--ambient-caps=+sys_ptrace"]  # as the units give it, without a launcher
+    argv = as_user(user, [str(BIN / "memcr"), *map(str, args)])
+    daemon = Running([*argv[:4], *capable, *argv[4:]])
+    daemons.append(daemon)
+    daemon.out.wait_for("listening on")
+    target = spawn("pattern", 8, user=app)
+    parked = client("-l", run / "memcr.sock", "-p", target.pid, "-c", "-r", user=app)
+    assert parked.returncode == 0, parked.stderr + "\n".join(daemon.out.seen)
+    assert target.verify() == 0
 
 
 def test_daemon_outside_the_clients_group_leaves_no_socket(public_dir: Path, accounts, daemons: list[Running]) -> None:
@@ -284,3 +316,64 @@ def test_daemon_outside_the_parasites_group_is_refused_at_start(public_dir: Path
         "which get that group and mode 0660 (-G)"
     ) in result.stderr
     assert not (public_dir / "run").exists()
+
+
+# -- the parasites' folder (-S) --------------------------------------------------
+
+
+@pytest.mark.parametrize("wrong", ["symlink", "theirs", "open", "group"])
+def test_a_parasite_folder_others_could_use_is_refused_at_start(tmp_path: Path, wrong: str) -> None:
+    """Issue 27's review: memcr took a 0777 -S folder, where anyone could swap a target's socket as it was set up."""
+    folder = tmp_path / "targets"
+    if wrong == "symlink":
+        (tmp_path / "real").mkdir()
+        folder.symlink_to(tmp_path / "real")
+    else:
+        folder.mkdir()
+    if wrong == "theirs":
+        os.chown(folder, NOBODY, -1)
+    elif wrong == "open":
+        folder.chmod(0o777)
+    result = refusal("-l", tmp_path / "memcr.sock", "-S", folder, *(["-G", NOBODY] if wrong == "group" else []))
+    assert result.returncode == 5, result.stderr
+    where = f"the parasite socket folder {folder} (-S)"
+    assert {
+        "symlink": f"{where} is a symlink, which whoever may change it could point elsewhere: give -S the real "
+        f"folder ({tmp_path / 'real'})",
+        "theirs": f"{where} belongs to user nobody (uid {NOBODY}), who could replace the sockets in it: give it to "
+        f"root or memcr's user (chown root {folder})",
+        "open": f"{where} is writable by every user (mode 0777), who could replace the sockets in it: make it "
+        f"sticky (chmod +t {folder}) or take that right away (chmod o-w {folder})",
+        "group": f"{where} is of group root (gid 0), not of -G's group nogroup (gid {NOBODY}): the targets' users, in "
+        f"that group, make their sockets there (chgrp nogroup {folder})",
+    }[wrong] in result.stderr
+    assert not (tmp_path / "memcr.sock").exists()
+
+
+def test_a_parasite_folder_opened_later_fails_the_checkpoint(tmp_path: Path, daemons: list[Running], spawn) -> None:
+    """Checked again before each checkpoint: the target of one that cannot be safe is not touched."""
+    folder, sock = tmp_path / "targets", tmp_path / "memcr.sock"
+    folder.mkdir()
+    d = start(daemons, "-l", sock, "-S", folder, "-d", tmp_path)
+    d.out.wait_for("listening on")
+    target = spawn("pattern", 8)
+    folder.chmod(0o777)
+    refused = client("-l", sock, "-p", target.pid, "-c")
+    assert refused.returncode == 1
+    assert f"the parasite socket folder {folder} (-S) is writable by every user" in d.out.wait_for("checkpoint failed")
+    assert target.status()["TracerPid"] == "0"
+    folder.chmod(0o1777)  # sticky, as /tmp: nobody may remove or replace another's socket
+    assert client("-l", sock, "-p", target.pid, "-c", "-r").returncode == 0
+    assert target.verify() == 0
+
+
+def test_a_root_target_is_not_parked_through_an_open_parasite_folder(tmp_path: Path, spawn) -> None:
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    folder.chmod(0o777)
+    target = spawn("pattern", 8)
+    result = refusal("-p", target.pid, "-n", "-S", folder, "-d", tmp_path)
+    assert result.returncode == 5, result.stderr
+    assert f"the parasite socket folder {folder} (-S) is writable by every user" in result.stderr
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0

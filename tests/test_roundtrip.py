@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import stat
+import struct
+from pathlib import Path
 
 import pytest
 
@@ -75,12 +79,73 @@ def test_named_parasite_socket(spawn, memcr: Memcr, tmp_path) -> None:
 def test_named_parasite_socket_with_group(spawn, memcr: Memcr, tmp_path) -> None:
     sockets = tmp_path / "sockets"
     sockets.mkdir()
+    os.chown(sockets, -1, 4321)  # -G's group: the targets' users make their sockets there as its members
     target = spawn("pattern", 16)
     session = memcr.interactive("-p", target.pid, "-S", sockets, "-G", 4321)
     session.wait_prompt()
     st = (sockets / f"memcr{target.pid}").stat()
     assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 0o660)
     assert session.press_enter() == 0, session.stderr()
+    assert target.verify() == 0
+
+
+IN_ATTRIB, IN_CREATE, IN_DELETE = 0x4, 0x100, 0x200  # <sys/inotify.h>
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
+
+
+def inotify(folder: Path) -> int:
+    """A descriptor that reports each file made, changed in its mode, owner or group, or removed in `folder`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    assert libc.inotify_add_watch(fd, os.fsencode(folder), IN_ATTRIB | IN_CREATE | IN_DELETE) >= 0
+    return fd
+
+
+def changes(fd: int, name: str) -> list[int]:
+    """The events of file `name` reported so far, in order."""
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return []
+    masks, at = [], 0
+    while at < len(data):
+        _, mask, _, length = INOTIFY_EVENT.unpack_from(data, at)
+        at += INOTIFY_EVENT.size
+        if data[at : at + length].rstrip(b"\0").decode() == name:
+            masks.append(mask)
+        at += length
+    return masks
+
+
+@pytest.mark.parametrize("gid", [None, 4321])
+def test_named_parasite_socket_is_born_with_its_mode(spawn, memcr: Memcr, tmp_path: Path, gid: int | None) -> None:
+    """Issue 27's review: the parasite set its socket's mode through its path, which a user who may write in the
+    folder could point elsewhere meanwhile. The file is born with its mode, whatever the target's umask, and
+    only its group is given afterwards, through a descriptor of the file."""
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    if gid is not None:
+        os.chown(sockets, -1, gid)
+    old = os.umask(0o027)  # the target's: the socket's mode owes it nothing, and memcr leaves it as it was
+    try:
+        target = spawn("pattern", 16)
+    finally:
+        os.umask(old)
+    name = f"memcr{target.pid}"
+    watch = inotify(sockets)
+    try:
+        session = memcr.interactive("-p", target.pid, "-S", sockets, *(["-G", gid] if gid is not None else []))
+        session.wait_prompt()
+        st = (sockets / name).stat()
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == ((0, 0o600) if gid is None else (gid, 0o660))
+        assert target.status()["Umask"] == "0027"
+        assert session.press_enter() == 0, session.stderr()
+        events = changes(watch, name)
+    finally:
+        os.close(watch)
+    assert events == [IN_CREATE, *([] if gid is None else [IN_ATTRIB]), IN_DELETE]
+    assert target.status()["Umask"] == "0027"
     assert target.verify() == 0
 
 

@@ -16,9 +16,11 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +113,7 @@ class Install:
     clients: str = f"msc{SUFFIX}"
     targets: str = f"mst{SUFFIX}"
     said: str = ""
+    by_hand_only: bool = True  # MEMCR_ALLOW_TMP_PREFIX: the tests install under /tmp, which memcr.service cannot see
 
     @property
     def prefix(self) -> Path:
@@ -135,7 +138,7 @@ class Install:
     def variables(self) -> dict[str, str]:
         return {"PREFIX": str(self.prefix), "MEMCR_USER": self.user, "MEMCR_GROUP": self.group,
                 "MEMCR_CLIENTS": self.clients, "MEMCR_TARGETS": self.targets, "MEMCR_RUN": str(self.run),
-                "MEMCR_STATE": str(self.state)}  # fmt: skip
+                "MEMCR_STATE": str(self.state), "MEMCR_ALLOW_TMP_PREFIX": "1" if self.by_hand_only else ""}  # fmt: skip
 
     def documented(self, start: str, **more: object) -> list[str]:
         """The line of docs/SECURITY.md that starts with `start`, in this install's names (and `more`), as argv."""
@@ -147,10 +150,19 @@ class Install:
         return shlex.split(re.sub(pattern, lambda m: names[m.group()], line), comments=True)
 
 
+def fresh(**fields: Any) -> Install:
+    """An install in a folder of its own under /tmp, root's and 0755 (mkdtemp makes it 0700), with `fields`."""
+    base = Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    return Install(base, **fields)
+
+
+OTHER_NAMES = {"user": f"msx{SUFFIX}", "group": f"msy{SUFFIX}", "clients": f"msv{SUFFIX}", "targets": f"msw{SUFFIX}"}
+
+
 @contextlib.contextmanager
 def installed(install: Install, script_only: bool = False) -> Iterator[subprocess.CompletedProcess[str]]:
     """Run make install-system (or its script alone); take away all it made afterwards, also on failure."""
-    os.chmod(install.base, 0o755)
     if script_only:
         argv = ["sh", str(ROOT / "deploy" / "install-system.sh")]
         env = {**os.environ, **install.variables()}
@@ -169,7 +181,7 @@ def installed(install: Install, script_only: bool = False) -> Iterator[subproces
 
 @pytest.fixture(scope="module")
 def system_install() -> Iterator[Install]:
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")))
+    install = fresh()
     with installed(install) as result:
         assert result.returncode == 0, result.stdout + result.stderr
         yield dataclasses.replace(install, said=result.stdout)
@@ -216,6 +228,11 @@ def test_install_makes_users_groups_and_folders(system_install: Install) -> None
         assert f"install-system: added user {i.user} to group {group}" in i.said
     assert f"install-system: created the folders {i.run} {i.run}/targets {i.state}" in i.said
     assert "warning" not in i.said
+    assert (
+        f"install-system: WARNING: PREFIX={i.prefix} MEMCR_RUN={i.run} MEMCR_STATE={i.state}: memcr.service cannot "
+        f"see /tmp, /var/tmp, /home, /root or /run/user, so the units in {i.prefix}/share cannot start this memcr: "
+        "start it by hand only (MEMCR_ALLOW_TMP_PREFIX=1)\n"
+    ) in i.said
     # the launcher: CAP_SYS_PTRACE for the launcher's group, which is the daemon's user's alone
     assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
     assert "cap_sys_ptrace=ep" in subprocess.run(["getcap", str(i.launcher)], capture_output=True, text=True).stdout
@@ -243,42 +260,237 @@ def test_install_makes_users_groups_and_folders(system_install: Install) -> None
 def test_install_again_makes_nothing_new(system_install: Install) -> None:
     """An update: the same install over itself keeps the users, groups and folders, and says nothing about them."""
     i = system_install
+    made = (i.prefix / "share" / "memcr-installed").read_text()
+    assert made.splitlines() == [f"group {i.group}", f"group {i.clients}", f"group {i.targets}", f"user {i.user}",
+                                 f"member {i.user} {i.clients}", f"member {i.user} {i.targets}", f"folder {i.run}",
+                                 f"folder {i.run}/targets", f"folder {i.state}"]  # fmt: skip
     again = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env={**os.environ, **i.variables()},
                            capture_output=True, text=True, timeout=900)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert not re.search(r"created|added|warning", again.stdout), again.stdout
+    assert (i.prefix / "share" / "memcr-installed").read_text() == made  # for make uninstall-system, the first's
     assert groups_of(i.user) == {i.group, i.clients, i.targets}
     assert owner_group_mode(i.launcher) == ("root", i.group, 0o750)
     assert owner_group_mode(i.run / "targets") == (i.user, i.targets, 0o1770)
 
 
+def refused_install(install: Install) -> str:
+    """What the install says as it refuses: it must have made nothing, no user, group or file."""
+    made = sorted(install.base.rglob("*"))
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 1, result.stdout + result.stderr
+        for name in {install.user, install.group, install.clients, install.targets}:
+            assert subprocess.run(["getent", "group", name], capture_output=True).returncode == 2
+        assert subprocess.run(["getent", "passwd", install.user], capture_output=True).returncode == 2
+        assert sorted(install.base.rglob("*")) == made
+        return result.stderr
+
+
 @pytest.mark.parametrize("shared", ["MEMCR_CLIENTS", "MEMCR_TARGETS"])
 def test_install_refuses_a_shared_launcher_group(shared: str) -> None:
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
-                      group=f"msy{SUFFIX}", clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
-    install = dataclasses.replace(install, **{shared.removeprefix("MEMCR_").lower(): install.group})
-    with installed(install, script_only=True) as result:
-        assert result.returncode == 1
-        assert (
-            f"install-system: MEMCR_GROUP={install.group} may start the launcher, which holds CAP_SYS_PTRACE: the "
-            "clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
-        ) in result.stderr
-        assert subprocess.run(["getent", "group", install.group], capture_output=True).returncode == 2
-        assert subprocess.run(["getent", "passwd", install.user], capture_output=True).returncode == 2
-        assert list(install.base.iterdir()) == []
+    install = fresh(**{**OTHER_NAMES, shared.removeprefix("MEMCR_").lower(): OTHER_NAMES["group"]})
+    assert (
+        f"install-system: MEMCR_GROUP={install.group} may start the launcher, which holds CAP_SYS_PTRACE: the "
+        "clients' group (MEMCR_CLIENTS) and the targets' group (MEMCR_TARGETS) must be other groups"
+    ) in refused_install(install)
+
+
+def test_install_refuses_one_group_for_clients_and_targets() -> None:
+    """Each user whose processes memcr parks joins the targets' group: as the clients', it would drive the daemon."""
+    install = fresh(**{**OTHER_NAMES, "targets": OTHER_NAMES["clients"]})
+    assert (
+        f"install-system: MEMCR_CLIENTS={install.clients} and MEMCR_TARGETS={install.clients} are one group: every "
+        "user whose processes memcr parks would then drive the daemon, and so park any process, root's included: "
+        "give the clients and the targets a group each"
+    ) in refused_install(install)
+
+
+def test_install_refuses_folders_the_units_cannot_see() -> None:
+    """memcr.service has PrivateTmp=yes and ProtectHome=yes: installed under /tmp, it could not start memcr."""
+    install = fresh(**OTHER_NAMES, by_hand_only=False)
+    assert (
+        f"install-system: PREFIX={install.prefix} MEMCR_RUN={install.run} MEMCR_STATE={install.state}: memcr.service "
+        "cannot see /tmp, /var/tmp (PrivateTmp=yes), /home, /root or /run/user (ProtectHome=yes), so the units could "
+        "not start memcr: choose other folders, or set MEMCR_ALLOW_TMP_PREFIX=1 to install for a start by hand only"
+    ) in refused_install(install)
+
+
+SWAP = "who could swap the programs the launcher runs with CAP_SYS_PTRACE in it"
+
+
+@pytest.mark.parametrize("folder", ["prefix", "above", "group-writable", "sticky", "symlink", "state"])
+def test_install_refuses_folders_others_could_swap(made_accounts, folder: str) -> None:
+    """Issue 27's review: with PREFIX a folder a user made (mkdir /tmp/evil), that user could swap
+    PREFIX/venv/bin/python for a script, which the launcher would run with CAP_SYS_PTRACE."""
+    evil, uid = made_accounts.user("mse")
+    install = fresh(**OTHER_NAMES)
+    prefix, base = install.prefix, install.base
+    if folder in ("prefix", "group-writable", "sticky"):
+        prefix.mkdir()
+        os.chown(prefix, uid if folder == "prefix" else 0, -1)
+        prefix.chmod({"prefix": 0o755, "group-writable": 0o775, "sticky": 0o1777}[folder])
+    elif folder == "above":
+        os.chown(base, uid, -1)  # the user may make, rename or remove what it holds, PREFIX with the rest
+    elif folder == "symlink":
+        (base / "real").mkdir()
+        prefix.symlink_to(base / "real")
+    else:
+        install.state.mkdir()
+        os.chown(install.state, uid, -1)
+    said = refused_install(install)
+    wrong = {
+        "prefix": f"PREFIX={prefix}: {prefix} belongs to user {evil} (uid {uid}), {SWAP}",
+        "above": f"PREFIX={prefix}: {base} belongs to user {evil} (uid {uid}), {SWAP}",
+        "group-writable": f"PREFIX={prefix}: {prefix} may be written by users other than its owner (mode 775), "
+        f"{SWAP}: take that right away (chmod go-w {prefix})",
+        "sticky": f"PREFIX={prefix}: {prefix} may be written by users other than its owner (mode 1777)",
+        "symlink": f"PREFIX={prefix}: {prefix} is a symlink, which its owner or whoever may write in its folder "
+        f"could point elsewhere: give the real path ({base / 'real'})",
+        "state": f"MEMCR_STATE={install.state}: {install.state} belongs to user {evil} (uid {uid}), who could swap "
+        "memcr's dumps in it",
+    }[folder]
+    assert f"install-system: {wrong}" in said
+
+
+@pytest.mark.parametrize("prefix", ["opt/memcr", "/opt/../tmp/memcr", "/opt//memcr", "/opt/memcr/"])
+def test_install_refuses_a_prefix_not_plainly_named(prefix: str) -> None:
+    """The launcher runs PREFIX/venv/bin/python: relative, it would be looked up from wherever it was started."""
+    install = fresh(**OTHER_NAMES)
+    env = {**os.environ, **install.variables(), "PREFIX": prefix}
+    try:
+        result = subprocess.run(["sh", str(ROOT / "deploy" / "install-system.sh")], env=env, capture_output=True,
+                                text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    finally:
+        shutil.rmtree(install.base)
+    assert result.returncode == 1 and not exists("passwd", install.user)
+    assert (
+        f"install-system: PREFIX={prefix}: give the folder as an absolute path without '.', '..', '//' or a "
+        "trailing '/'\n"
+    ) == result.stderr
+
+
+@pytest.mark.parametrize("swap", ["writable", "owned", "script"])
+def test_the_launcher_refuses_an_interpreter_others_could_swap(
+    system_install: Install, made_accounts, public_dir: Path, swap: str
+) -> None:
+    """Whatever let another user swap PREFIX/venv/bin/python, the launcher does not run it with CAP_SYS_PTRACE."""
+    i = system_install
+    _, uid = made_accounts.user("mse")
+    python = i.prefix / "venv" / "bin" / "python"
+    folder, link = python.parent, os.readlink(python)
+    kept = folder.stat()
+    script = public_dir / "python"  # where the daemon's user may run it
+    try:
+        if swap == "writable":
+            folder.chmod(0o777)
+        elif swap == "owned":
+            os.chown(folder, uid, -1)
+        else:
+            script.write_text("#!/bin/sh\ngrep CapEff /proc/self/status\n")
+            script.chmod(0o755)
+            os.chown(script, uid, -1)
+            python.unlink()
+            python.symlink_to(script)
+        started = run_as(i.user, [i.launcher, "-V"])
+    finally:
+        python.unlink()
+        python.symlink_to(link)
+        os.chown(folder, kept.st_uid, kept.st_gid)
+        folder.chmod(stat.S_IMODE(kept.st_mode))
+    unsafe = {"writable": f"{folder} (uid 0, mode 0777)", "owned": f"{folder} (uid {uid}, mode 0755)",
+              "script": f"{script} (uid {uid}, mode 0755)"}[swap]  # fmt: skip
+    assert started.returncode == 1 and started.stdout == ""  # nothing ran
+    assert started.stderr == (
+        f"memcr launcher: refusing to run {python}: {unsafe} could be swapped by a user other than root, whose "
+        "program would get CAP_SYS_PTRACE: make it root's and writable by root alone, or install memcr again "
+        "(make install-system)\n"
+    )
+    assert run_as(i.user, [i.launcher, "-V"]).stdout.startswith("memcr ")  # as installed, it runs
 
 
 def test_install_warns_when_others_may_start_the_launcher(made_accounts) -> None:
     shared, _ = made_accounts.group("msg")
     admin, _ = made_accounts.user("msh", [shared])
-    install = Install(Path(tempfile.mkdtemp(prefix="memcr-system-", dir="/tmp")), user=f"msx{SUFFIX}",
-                      group=shared, clients=f"msv{SUFFIX}", targets=f"msw{SUFFIX}")  # fmt: skip
+    install = fresh(**{**OTHER_NAMES, "group": shared})
     with installed(install, script_only=True) as result:
         assert result.returncode == 0, result.stderr
         assert (
             f"install-system: warning: besides {install.user}, these users are in group {shared} and so may start "
             f"the launcher, which holds CAP_SYS_PTRACE (they could freeze, read and kill any process): {admin} "
         ) in result.stdout
+
+
+def uninstall(install: Install) -> subprocess.CompletedProcess[str]:
+    argv = ["make", "-s", "-C", str(ROOT), "uninstall-system", f"PREFIX={install.prefix}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def exists(database: str, name: str) -> bool:
+    return subprocess.run(["getent", database, name], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("found", [False, True], ids=["made", "found"])
+def test_uninstall_takes_away_what_the_install_made(made_accounts, found: bool) -> None:
+    """Issue 27's review: nothing removed the install, its user and groups, its folders; the user deleted by hand,
+    whoever got its uid next would own the dumps left. What the install found (a user, a group) stays as it was."""
+    names = dict(OTHER_NAMES)
+    if found:
+        names["user"], _ = made_accounts.user("msf")
+        names["clients"], _ = made_accounts.group("msk")
+    install = fresh(**names)
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 0, result.stderr
+        (install.state / "pages-4242.img").write_bytes(b"a dump left")
+        gone = uninstall(install)
+        assert gone.returncode == 0, gone.stderr
+        said = gone.stdout.splitlines()
+        made_groups = [install.group, *([] if found else [install.clients]), install.targets]
+        assert said == [
+            f"uninstall-system: removed the folder {install.run} and what it held",
+            f"uninstall-system: removed the folder {install.state} and what it held",
+            *([f"uninstall-system: took user {install.user} out of group {install.clients}"] if found else []),
+            *([] if found else [f"uninstall-system: removed user {install.user}"]),
+            *(f"uninstall-system: removed group {group}" for group in made_groups),
+            f"uninstall-system: removed the install in {install.prefix}: the launcher with CAP_SYS_PTRACE, the virtual "
+            "environment, memcr-client, the units and the folders' list",
+        ]
+        assert not any(exists("group", group) for group in made_groups)
+        assert exists("passwd", install.user) == found
+        if found:
+            assert exists("group", install.clients) and groups_of(install.user) == {"nogroup"}
+        assert list(install.base.iterdir()) == []
+
+
+@pytest.mark.parametrize("holder", ["user", "group"])
+def test_uninstall_refuses_a_user_or_group_a_process_runs_with(made_accounts, holder: str) -> None:
+    """Removed, its number could go to a new user or group, who would share the process's rights."""
+    install = fresh(**OTHER_NAMES)
+    with installed(install, script_only=True) as result:
+        assert result.returncode == 0, result.stderr
+        runner = install.user if holder == "user" else made_accounts.user("msa", [install.targets])[0]
+        uid = pwd.getpwnam(runner).pw_uid
+        proc = subprocess.Popen(as_user(runner, ["sleep", "600"]))
+        try:
+            for _ in range(100):  # setpriv becomes the user, then executes sleep
+                if procfs.read_status(proc.pid)["Uid"].split()[0] == str(uid):
+                    break
+                time.sleep(0.05)
+            refused = uninstall(install)
+        finally:
+            reap(proc)
+        pid = proc.pid
+        targets = grp.getgrnam(install.targets).gr_gid
+        assert refused.returncode != 0 and refused.stdout == ""
+        assert {
+            "user": f"uninstall-system: user {runner} (uid {uid}) runs the processes {pid} (ps -fp '{pid}'): stop them "
+            "(the daemon: systemctl stop memcr.socket memcr.service), then uninstall again",
+            "group": f"uninstall-system: group {install.targets} (gid {targets}) is a group of the processes {pid} "
+            f"(ps -fp '{pid}'): stop them, or start them again once their users are out of it (gpasswd -d USER "
+            f"{install.targets}), then uninstall again",
+        }[holder] in refused.stderr
+        assert install.launcher.exists() and exists("passwd", install.user) and exists("group", install.targets)
+        assert uninstall(install).returncode == 0  # once it has ended
+        assert not exists("passwd", install.user) and not install.prefix.exists()
 
 
 class ByHand(Process):
@@ -326,6 +538,35 @@ def test_by_hand_start_as_documented(system_install: Install, made_accounts, spa
     assert target.verify() == 0
     assert daemon.stop() == 0
     assert not i.sock.exists() and i.run.is_dir()  # its socket went with it; the folder is the install's
+
+
+def test_a_start_after_a_boot_is_told_the_install_s_list(
+    system_install: Install, app: str, made_accounts, spawn, processes
+) -> None:
+    """Issue 27's review: /run emptied by a boot, the advice made the daemon socket's folder alone, and the daemon
+    then failed every checkpoint for want of the parasites'. The advice is the install's list, which makes both."""
+    i = system_install
+    client, _ = made_accounts.user("msq", [i.clients])
+    listed = i.prefix / "share" / "memcr-tmpfiles.conf"
+    shutil.rmtree(i.run)
+    try:
+        start = i.documented("runuser -u memcr -- /opt/memcr/bin/memcr -l")
+        refused = subprocess.run(start, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        fix = f"systemd-tmpfiles --create {listed}"
+        assert (refused.returncode, refused.stderr) == (5, (
+            f"memcr: error: the parasite socket folder {i.run}/targets (-S) does not exist: as root, make memcr's "
+            f"folders as its install lists them ({fix})\n"
+        ))  # fmt: skip
+        subprocess.run(fix.split(), check=True)
+        by_hand(processes, i)
+        target = spawn("pattern", 16, 2, user=app)
+        ask = [i.prefix / "bin" / "memcr-client", "-l", i.sock, "-p", target.pid]
+        parked = run_as(client, [*ask, "-c"])
+        assert parked.returncode == 0, parked.stderr
+        assert run_as(client, [*ask, "-r"]).returncode == 0
+        assert target.verify() == 0
+    finally:
+        subprocess.run(["systemd-tmpfiles", "--create", str(listed)], check=True)  # for the next tests
 
 
 def test_a_target_user_gets_no_power(system_install: Install, app: str, spawn, processes) -> None:

@@ -5,14 +5,16 @@ Rootless: install layouts are made in tmp_path, the errors are built by hand.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import sys
 from pathlib import Path
 
 import pytest
 
 from memcr import advice, launcher, procfs
-from memcr.errors import RightsError
+from memcr.errors import Folder, MissingFolders, RightsError
 
 
 def install(prefix: Path, launcher_bytes: bytes, mode: int = 0o750) -> Path:
@@ -101,3 +103,37 @@ def test_install_layout_matches_install_system() -> None:
     text = script.read_text()
     assert '-m venv --clear "$prefix/venv"' in text
     assert 'mv "$prefix/bin/memcr.new" "$prefix/bin/memcr"' in text
+
+
+def test_missing_folders_are_made_by_the_install_s_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a boot, /run emptied: the command that makes every folder the daemon needs at once."""
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "share").mkdir()
+    listed = tmp_path / "share" / "memcr-tmpfiles.conf"
+    listed.write_text("# Type Path Mode User Group Age\nd /run/memcr 0751 memcr memcr -\n"
+                      "d /run/memcr/targets 1770 memcr memcr-targets -\n")  # fmt: skip
+    run, targets = Path("/run/memcr"), Path("/run/memcr/targets")
+    assert launcher.folders_list([run, targets], tmp_path / "venv") == listed
+    assert launcher.folders_list([run, Path("/run/elsewhere")], tmp_path / "venv") is None  # not the install's -S
+    assert launcher.folders_list([run], tmp_path / ".venv") is None  # a development venv
+    monkeypatch.setattr(advice, "folders_list", lambda folders: launcher.folders_list(folders, tmp_path / "venv"))
+    folders = [Folder(run, 0, 0, 0o751), Folder(targets, 0, 0, 0o1770)]
+    missing = MissingFolders("the parasite socket folder /run/memcr/targets (-S) does not exist", folders,
+                             path=targets, errno=2)  # fmt: skip
+    assert advice.explain(missing) == (
+        "the parasite socket folder /run/memcr/targets (-S) does not exist: as root, make memcr's folders as its "
+        f"install lists them (systemd-tmpfiles --create {listed})"
+    )
+
+
+def test_missing_folders_outside_an_install_are_named_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(advice, "folders_list", lambda folders: None)
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    missing = MissingFolders("the parasite socket folder /srv/m/targets (-S) does not exist",
+                             [Folder(Path("/srv/m"), os.getuid(), None, 0o755),
+                              Folder(Path("/srv/m/targets"), os.getuid(), os.getgid(), 0o1770)],
+                             path="/srv/m/targets", errno=2)  # fmt: skip
+    assert advice.explain(missing).endswith(
+        f": as root, make memcr's folders (install -d -o {user} -m 0755 /srv/m && "
+        f"install -d -o {user} -g {group} -m 1770 /srv/m/targets)"
+    )
