@@ -113,7 +113,6 @@ class Space:
     # pages a one-page copy found unmapped, and since when: the message of their unmap or move is due,
     # and until it is read they are not given up
     stuck: dict[int, float] = field(default_factory=dict)
-    copied: int = 0  # bytes put back
     gone: bool = False  # its process exited or exec'd: nothing more to fill
     retired: bool = False  # every page is back and memcr closed its userfaultfd
 
@@ -418,12 +417,6 @@ class PageServer:
         with self._lock:
             return all(space.complete for space in self.spaces)
 
-    @property
-    def child_bytes(self) -> int:
-        """Bytes put back into children forked during the lazy phase."""
-        with self._lock:
-            return sum(space.copied for space in self.spaces if space is not self.own)
-
     def stream(self) -> None:
         """Let the fillers copy the pages nobody waits for: the target runs, its wake-up had the cores."""
         self._streaming.set()
@@ -646,7 +639,6 @@ class PageServer:
         page = self.source.page_size
         with self._lock:
             space.busy.remove(piece)
-            space.copied += done
             rest = Piece(piece.start + done, piece.end, piece.origin + done)
             if code == 0:
                 for addr in [a for a in space.stuck if piece.start <= a < piece.end]:

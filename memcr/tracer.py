@@ -539,17 +539,17 @@ class RunningProcess:
             if not known:
                 self._others[tid] = stop.status
             return known
-        if tid not in self.threads and tid not in self.children:
-            self._early[tid] = stop  # left stopped until its creator's event says what it is
-            return False
         try:
+            if stop.event == pt.EVENT_EXEC:  # before the next test: its tid may look new (below)
+                return self._exec(stop)
+            if tid not in self.threads and tid not in self.children:
+                self._early[tid] = stop  # left stopped until its creator's event says what it is
+                return False
             if stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
                 self._adopt(pt.event_message(tid), self.children)
             elif stop.event == pt.EVENT_CLONE:
                 # a new thread (or a process sharing the memory): it belongs where its creator does
                 self._adopt(pt.event_message(tid), self.threads if tid in self.threads else self.children)
-            elif stop.event == pt.EVENT_EXEC and self._exec(tid):
-                return True
             self._resume(stop)
         except ProcessLookupError:
             self.threads.discard(tid)  # killed meanwhile: its exit is reported next
@@ -563,17 +563,26 @@ class RunningProcess:
         if first is not None:
             self._pass_on(first)
 
-    def _exec(self, tid: int) -> bool:
-        """A task ran execve(); True when that was a child, which memcr lets go of: its memory is new."""
-        former = pt.event_message(tid)  # the thread that ran it: it has taken over the leader's tid
-        ours = self.threads if former in self.threads or tid in self.threads else self.children
-        self.threads.discard(former)
-        self.children.discard(former)
-        ours.add(tid)
-        if ours is self.children:
-            self.children.discard(tid)
+    def _exec(self, stop: Stop) -> bool:
+        """A task ran execve(); True when that was a child, which memcr lets go of: its memory is new.
+
+        A thread other than the leader that runs it takes over the leader's
+        tid, and the leader's end may have been reported meanwhile: that
+        was the exec's doing, not the process's end.
+        """
+        tid = stop.tid
+        former = pt.event_message(tid)
+        child = former in self.children or tid in self.children or (tid != self.pid and tid not in self.threads)
+        for tasks in (self.threads, self.children):
+            tasks.discard(former)
+            tasks.discard(tid)
+        if child:
             pt.detach(tid)
             return True
+        self.threads.add(tid)
+        if tid == self.pid:
+            self.ended = None
+        self._resume(stop)
         return False
 
     @staticmethod
@@ -610,6 +619,9 @@ class RunningProcess:
                 except ChildProcessError:
                     break
             tid = stop.tid
+            if stop.event == pt.EVENT_EXEC and (former := pt.event_message(tid)) in pending:
+                pending.discard(former)  # the thread that ran it took over this tid, whatever was said of it
+                pending.add(tid)
             if tid not in pending:
                 self._pass_on(stop)  # a task that stays, or a new one: waits in _early for its creator's event
                 continue
@@ -628,8 +640,8 @@ class RunningProcess:
                         stops.append(self._early.pop(new))
                 elif stop.event in (pt.EVENT_FORK, pt.EVENT_VFORK):
                     self._adopt(pt.event_message(tid), self.children)
-                elif stop.event == pt.EVENT_EXEC:
-                    pending.discard(pt.event_message(tid))  # the thread that ran it took over this tid
+                elif stop.event == pt.EVENT_EXEC and tid == self.pid:
+                    self.ended = None  # the leader's end, if reported, was the exec's
                 pt.detach(tid, stop.signal if stop.signal_delivery else 0)
 
     def kill(self) -> None:
