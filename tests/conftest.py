@@ -98,13 +98,21 @@ class Lines:
         self._queue.put(None)
 
     def wait_for(self, needle: str, timeout: float = READY_TIMEOUT) -> str:
+        line = self.until(needle, timeout)
+        if line is None:
+            raise AssertionError(f"stream ended before a line with {needle!r}; got {self.seen}")
+        return line
+
+    def until(self, needle: str, timeout: float = READY_TIMEOUT) -> str | None:
+        """The first line with `needle`, or None when the stream ends before one."""
         while True:
             try:
                 line = self._queue.get(timeout=timeout)
             except queue.Empty:
                 raise AssertionError(f"no line with {needle!r} within {timeout}s; got {self.seen}") from None
             if line is None:
-                raise AssertionError(f"stream ended before a line with {needle!r}; got {self.seen}")
+                self._queue.put(None)  # rest() and later waits see the end too
+                return None
             self.seen.append(line)
             if needle in line:
                 return line

@@ -504,8 +504,10 @@ static void *work(void *arg)
 	int lazy = 0;
 
 	(void)arg;
-	/* an ending comes as soon as the lazy phase is seen: pages are surely missing then */
-	target = strcmp(op, "exit") && strcmp(op, "kill") ? (size_t)((next_random() % 91) * pages / 100) : 0;
+	/* an ending or a lingering child comes as soon as the lazy phase is seen: pages are surely missing then */
+	target = strcmp(op, "exit") && strcmp(op, "kill") && strcmp(op, "fork-linger")
+			 ? (size_t)((next_random() % 91) * pages / 100)
+			 : 0;
 	while (!atomic_load(&stop)) {
 		got = present(&missing_from);
 		if (got < pages) /* woken lazily: its pages come back from now on (frozen while they were dropped) */
