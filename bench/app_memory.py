@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tests.apps.launch import RunningApp, compile_java, start_jvm, start_nginx, start_node, start_redis
-from tests.conftest import PROMPT, Lines, reap, reports
+from tests.conftest import Lines, reap, reports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def park_and_wake(app: RunningApp, dump_dir: Path) -> dict:
     try:
         outputs = [Lines(s.stdout) for s in sessions]
         for out in outputs:
-            out.wait_for(PROMPT, 300)
+            out.wait_for('{"event":"checkpoint"', 300)  # parked; with --json stdout holds the reports alone
         parked = status_kb(pids)
         started = time.monotonic()
         for s in sessions:

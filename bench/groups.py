@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import PROMPT, Lines, reap, reports
+from tests.conftest import Lines, reap, reports
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ("3", "2", "16", "256")  # workers, threads each, shared MiB, private MiB each: 4 x 256 MiB
@@ -64,7 +64,8 @@ def _park_and_wake(commands: list[list[str]], dump_dir: Path) -> tuple[float, fl
         for args in commands:
             sessions.append(_memcr(args, dump_dir))
             outputs.append(Lines(sessions[-1].stdout))
-            outputs[-1].wait_for(PROMPT, 300)
+            # parked: its last report, on stdout, which holds the reports alone with --json
+            outputs[-1].wait_for('{"event":"group-checkpoint"' if "--tree" in args else '{"event":"checkpoint"', 300)
         park_ms = (time.monotonic() - started) * 1000
         started = time.monotonic()
         for session in sessions:

@@ -53,6 +53,17 @@ class Options:
     coding: Coding = field(default_factory=Coding)
     lazy: bool = False  # on restore: run at once, pages on first touch (memcr.lazy)
 
+    def reported(self) -> dict[str, object]:
+        """The options a report names (memcr.report.OPTION_FIELDS): those that change what the dump is."""
+        return {
+            "compress": self.coding.compress,
+            "checksum": self.coding.checksum,
+            "cipher": self.coding.cipher,
+            "lazy": self.lazy,
+            "proc_mem": self.proc_mem,
+            "rss_file": self.rss_file,
+        }
+
 
 class Cancel:
     """Asks a checkpoint under way to roll back and let its target run on; usable from any thread."""
@@ -194,7 +205,7 @@ def _checkpoint(
     pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None, seized: Callable[[], None] | None
 ) -> Parked:
     page_size = arch.page_size()
-    report = Report(pid, page_size, rss_before=rss(preflight(pid, options)))
+    report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
     try:

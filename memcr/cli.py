@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import platform
@@ -9,9 +10,9 @@ import select
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -21,38 +22,20 @@ from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.dump.format import remove_orphans
-from memcr.errors import MemcrError, TargetEnded, UsageError
+from memcr.errors import EXIT_MEANINGS, INTACT, MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.lazy import LazyRestore
+from memcr.logs import Level, Logger, write
 from memcr.peer import Scope
 from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
 
-def _print(line: str) -> None:
-    try:
-        click.echo(line)
-        sys.stdout.flush()
-    except OSError:
-        # stdout closed (memcr ... | head): the work matters more than its log, which goes nowhere from here
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def log(message: str) -> None:
-    _print(f"memcr: {message}")
-
-
-def _emit(line: str, json_reports: bool) -> None:
-    """A --json line, unprefixed so that `grep '^{'` finds it."""
-    if json_reports:
-        _print(line)
-
-
 class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
     """A group as a number or a name."""
 
-    name = "GID"
+    name = "GROUP"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int) or str(value).isdigit():
@@ -65,12 +48,19 @@ class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in new
 
 def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
-        click.echo(f"memcr {__version__} ({platform.machine()}, Linux {platform.release()})")
+        write(sys.stdout, f"memcr {__version__} ({platform.machine()}, Linux {platform.release()})")
         ctx.exit(0)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-p", "--pid", type=int, help="Process to checkpoint (interactive mode).")
+def _exit_codes() -> str:
+    """--help's epilog: memcr.errors.EXIT_MEANINGS, one code a line (\b keeps click from rewrapping them)."""
+    lines = [f"  {int(code)}  {meaning}" for code, meaning in sorted(EXIT_MEANINGS.items())]
+    intact = f"{min(INTACT)} to {max(INTACT)}"  # a range: tests/unit/test_exit_codes.py checks it is one
+    return "\b\nExit codes:\n" + "\n".join(lines) + f"\n\nExit codes {intact} leave the target running intact."
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_codes())
+@click.option("-p", "--pid", type=int, metavar="PID", help="Process to checkpoint (interactive mode).")
 @click.option("--tree", is_flag=True, help="With -p: PID and every descendant, parked all or nothing.")
 @click.option(
     "--cgroup",
@@ -82,6 +72,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     "--dir",
     "dump_dir",
     type=click.Path(path_type=Path),
+    metavar="DIR",
     default=Path("/tmp"),
     show_default=True,
     help="Directory for the dump pages-<pid>.img.",
@@ -90,9 +81,15 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     "-S",
     "--parasite-socket-dir",
     type=click.Path(path_type=Path),
+    metavar="DIR",
     help="Parasite socket is DIR/memcr<pid> instead of an abstract socket.",
 )
-@click.option("-G", "--parasite-socket-gid", type=GroupId(), help="With -S: socket group GID, mode 0660.")
+@click.option(
+    "-G",
+    "--parasite-socket-gid",
+    type=GroupId(),
+    help="With -S: the parasite sockets get this group (a gid or a name) and mode 0660.",
+)
 @click.option(
     "-N", "--parasite-socket-netns", is_flag=True, help="Connect to the parasite from the target's network namespace."
 )
@@ -102,7 +99,9 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     metavar="PORT|HOST:PORT|PATH",
     help="Service mode: TCP PORT on 127.0.0.1, HOST:PORT, or a UNIX socket PATH.",
 )
-@click.option("-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket (mode 0660).")
+@click.option(
+    "-g", "--listen-gid", type=GroupId(), help="Group of the UNIX listen socket, a gid or a name (mode 0660)."
+)
 @click.option(
     "--client-scope",
     type=click.Choice([scope.value for scope in Scope]),
@@ -112,14 +111,22 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("-n", "--no-wait", is_flag=True, help="Restore right after the checkpoint.")
 @click.option("-m", "--proc-mem", is_flag=True, help="Read pages through /proc/<pid>/mem (root only).")
 @click.option("-f", "--rss-file", is_flag=True, help="Also drop file-backed pages the kernel can re-read.")
-@click.option("-z", "--compress", is_flag=False, flag_value="lz4", help="Compress the dump: lz4 (the default) or zstd.")
+@click.option(
+    "-z",
+    "--compress",
+    is_flag=False,
+    flag_value="lz4",
+    metavar=f"[{'|'.join(COMPRESSORS)}]",
+    help="Compress the dump: lz4 (the default) or zstd.",
+)
 @click.option("-c", "--checksum", is_flag=True, help="MD5 over the dump, checked on restore.")
 @click.option(
     "-e",
     "--encrypt",
     is_flag=False,
     flag_value=DEFAULT_CIPHER,
-    help=f"Encrypt the dump: {', '.join(CIPHERS)} (default {DEFAULT_CIPHER}).",
+    metavar=f"[{'|'.join(CIPHERS)}]",
+    help=f"Encrypt the dump with this cipher (default {DEFAULT_CIPHER}).",
 )
 @click.option(
     "-t",
@@ -132,8 +139,9 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     "--lazy",
     is_flag=True,
     help="Restore lazily: the process runs again at once, each page comes back on its first touch "
-    "or from a background stream (userfaultfd; eager where that cannot be). With -l: the default of every "
-    "restore but a group's, which a request's V2 option 1002 overrides.",
+    "or from a background stream (userfaultfd; eager where that cannot be). A group's restore (--tree, "
+    "--cgroup) is eager. With -l: the default of every restore but a group's, which a request's V2 option "
+    "1002 overrides.",
 )
 @click.option(
     "--allow-async-io",
@@ -144,7 +152,14 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     "--json",
     "json_reports",
     is_flag=True,
-    help='Also print a JSON line per checkpoint and restore: {"event": ..., figures} (in the log in service mode).',
+    help="Print a JSON line per checkpoint, restore and failure (docs/reports.md) on stdout, and the log on "
+    "stderr; with -l, in the log.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Log errors and warnings only: as --log-level error.")
+@click.option(
+    "--log-level",
+    type=click.Choice([level.name.lower() for level in Level]),
+    help="error: errors and warnings only; info (the default): every step, with its figures.",
 )
 @click.option(
     "--allow-tracer", is_flag=True, help="Debugging only: run even when a debugger or strace is attached to memcr."
@@ -162,21 +177,24 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, client_scope: str | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
-            lazy: bool, allow_async_io: bool, json_reports: bool, allow_tracer: bool) -> None:  # fmt: skip
+            lazy: bool, allow_async_io: bool, json_reports: bool, quiet: bool, log_level: str | None,
+            allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
+    if quiet and log_level not in (None, "error"):
+        raise UsageError(f"-q/--quiet is --log-level error: not with --log-level {log_level}")
+    level = Level.ERROR if quiet else Level[(log_level or "info").upper()]
+    log = Logger(level, json_reports, service=listen is not None)
     harden(allow_tracer)
     raise_descriptor_limit()
     if allow_tracer:
-        log("WARNING: --allow-tracer: a debugger attached to memcr can read every page it saves "
-            "and the dump key; use it only to debug memcr")  # fmt: skip
+        log.error("WARNING: --allow-tracer: a debugger attached to memcr can read every page it saves "
+                  "and the dump key; use it only to debug memcr")  # fmt: skip
     if listen is not None and pid is not None:
         raise UsageError("-p/--pid and -l/--listen exclude each other: interactive mode or service mode")
     if listen is not None and (tree or cgroup is not None):
         raise UsageError("--tree and --cgroup are for interactive mode, not with -l/--listen")
     if client_scope is not None and listen is None:
         raise UsageError("--client-scope only applies to service mode (-l): it says whom the daemon serves")
-    if lazy and (tree or cgroup is not None):
-        raise UsageError("--lazy restores one process: not with --tree or --cgroup yet")
     if cgroup is not None and pid is not None:
         raise UsageError("-p/--pid and --cgroup exclude each other: a process (tree) or a cgroup")
     if tree and pid is None:
@@ -220,52 +238,51 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         scope = Scope(client_scope or Scope.ANY.value)
         service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
-        interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, json_reports=json_reports)
+        interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, log=log)
     elif pid is not None and tree:
-        interactive_group(Tree(pid), options, wait=not no_wait, json_reports=json_reports)
+        interactive_group(Tree(pid), options, wait=not no_wait, log=log)
     elif pid is not None:
-        interactive(pid, options, wait=not no_wait, json_reports=json_reports)
+        interactive(pid, options, wait=not no_wait, log=log)
 
 
-def interactive(pid: int, options: Options, wait: bool, json_reports: bool) -> None:
+def interactive(pid: int, options: Options, wait: bool, log: Logger) -> None:
     cancel = Cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: cancel.cancel())
-    bar = ProgressBar() if sys.stdout.isatty() else None
     heap.tune()
-    try:
-        parked = checkpoint(pid, options, log, cancel, bar)
-    except MemcrError as e:
-        _emit(error_json(pid, "checkpoint", e), json_reports)
-        raise
-    finally:
-        if bar:
-            bar.close()
+    reported = options.reported()
+    with ProgressBar.of("dumping", log) as bar:
+        try:
+            parked = checkpoint(pid, options, log, cancel, bar)
+        except MemcrError as e:
+            log.json(error_json(pid, "checkpoint", e, options=reported))
+            raise
     r = parked.report
     phase: LazyRestore | None = None
     try:
-        _checkpointed(r, log, json_reports)
+        _checkpointed(r, log, log)
         if wait:
-            log(f"pid {pid} checkpointed, press enter to restore")
+            log.always(f"pid {pid} checkpointed, press enter to restore")
             _wait_for_enter(cancel)
     finally:
         # whatever happened meanwhile, the target must not stay parked when memcr exits
         try:
-            phase = parked.restore(lazy=options.lazy)
+            with ProgressBar.of("restoring", log) as bar:
+                phase = parked.restore(lazy=options.lazy, progress=bar)
             if phase is not None:
                 log(f"pid {pid} runs again after {r.upload_ms:.1f} ms; its pages come back lazily")
                 phase.finish()
         except MemcrError as e:
-            _emit(error_json(pid, "restore", e), json_reports)
+            log.json(error_json(pid, "restore", e, options=r.options))
             raise
-    _restored(r, log, json_reports)
+    _restored(r, log, log)
     if phase is not None and phase.lingering:
-        _finish_children(phase, cancel)
+        _finish_children(phase, cancel, log)
     if r.ended:
         raise TargetEnded(f"pid {pid} ended during its lazy restore ({r.ended}), not by memcr's hand", pid=pid)
 
 
-def _finish_children(phase: LazyRestore, cancel: Cancel) -> None:
+def _finish_children(phase: LazyRestore, cancel: Cancel, log: Logger) -> None:
     """Children forked during the lazy phase get their pages as they touch them, until each exits or execs."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the line that tells they are served so
         signal.signal(sig, lambda *_: phase.server.stream_children())
@@ -282,16 +299,16 @@ def _finish_children(phase: LazyRestore, cancel: Cancel) -> None:
         log(f"let go of the processes pid {phase.pid} forked during its lazy restore")
 
 
-def _checkpointed(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
+def _checkpointed(r: Report, say: Callable[[str], None], log: Logger) -> None:
     say(f"set-up took {r.setup_ms:.1f} ms (seize, inject, scan)")
     say(f"download took {r.download_ms:.0f} ms ({rate(r.pages, r.page_size, r.download_ms):.0f} MiB/s)")
     before, after = r.rss_before, r.rss_after
     say(", ".join(f"{key} {before[key]} kB -> {after[key]} kB" for key in before))
     say(f"dump {r.dump_path} ({r.dump_bytes} bytes)")
-    _emit(r.json("checkpoint"), json_reports)
+    log.json(r.json("checkpoint"))
 
 
-def _restored(r: Report, say: Callable[[str], None], json_reports: bool) -> None:
+def _restored(r: Report, say: Callable[[str], None], log: Logger) -> None:
     if r.ended:
         say(f"lazy restore ended after {r.lazy_ms:.0f} ms: the process ended ({r.ended})")
     elif r.lazy_ms:
@@ -301,75 +318,92 @@ def _restored(r: Report, say: Callable[[str], None], json_reports: bool) -> None
         say(f"release took {r.release_ms:.1f} ms (parasite out, threads released)")
     if not r.ended:
         log(f"pid {r.pid} restored")
-    _emit(r.json("restore"), json_reports)
+    log.json(r.json("restore"))
 
 
-def interactive_group(membership: Membership, options: Options, wait: bool, json_reports: bool) -> None:
+def interactive_group(membership: Membership, options: Options, wait: bool, log: Logger) -> None:
     """Park a tree or a cgroup all or nothing; the lines of each member, then one for the group."""
     cancel = Cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: cancel.cancel())
     heap.tune()
+    reported = options.reported()
     try:
         group = park(membership, options, log, cancel)
     except MemcrError as e:
-        _emit(error_json(e.pid, "checkpoint", e, group=str(membership)), json_reports)
+        log.json(error_json(e.pid, "checkpoint", e, group=str(membership), options=reported))
         raise
     g = group.report
     try:
         for r in group.reports:
-            _checkpointed(r, _member_log(r.pid), json_reports)
+            _checkpointed(r, _member_log(r.pid, log), log)
         shared = g.shared_pages * g.page_size / 2**20
         log(f"{g.group}: {_processes(g.members)} parked in {g.park_ms:.0f} ms, {g.pages} pages "
             f"({g.pages * g.page_size / 2**20:.1f} MiB) dumped; {g.shared_pages} pages ({shared:.1f} MiB) stayed "
             "in memory because other processes map them too (fork, KSM); "
             f"VmRSS {g.rss_before['VmRSS']} kB -> {g.rss_after['VmRSS']} kB")  # fmt: skip
-        _emit(g.json("checkpoint"), json_reports)
+        log.json(g.json("checkpoint"))
         if wait:
-            log(f"{g.group}: {_processes(g.members)} checkpointed, press enter to restore")
+            log.always(f"{g.group}: {_processes(g.members)} checkpointed, press enter to restore")
             _wait_for_enter(cancel)
     finally:
         # whatever happened meanwhile, no member may stay parked when memcr exits
+        if options.lazy:
+            log(f"restoring {g.group} eagerly: a group's restore is never lazy (--lazy restores one process)")
         try:
             group.restore()
         except MemcrError as e:
-            _emit(error_json(e.pid, "restore", e, group=g.group), json_reports)
+            log.json(error_json(e.pid, "restore", e, group=g.group, options=g.options))
             raise
     for r in group.reports:
-        _restored(r, _member_log(r.pid), json_reports)
+        _restored(r, _member_log(r.pid, log), log)
     log(f"{g.group}: {_processes(g.members)} restored in {g.wake_ms:.0f} ms")
-    _emit(g.json("restore"), json_reports)
+    log.json(g.json("restore"))
 
 
 def _processes(pids: list[int]) -> str:
     return f"{len(pids)} process{'' if len(pids) == 1 else 'es'}"
 
 
-def _member_log(pid: int) -> Callable[[str], None]:
+def _member_log(pid: int, log: Logger) -> Callable[[str], None]:
     return lambda message: log(f"pid {pid}: {message}")
 
 
 class ProgressBar:
-    """A bar on the terminal for dumps big enough to take a noticeable time."""
+    """A bar on the terminal for dumps and eager restores big enough to take a noticeable time."""
 
     MIN_BYTES = 256 << 20
 
-    def __init__(self) -> None:
-        self._bar: Any = None  # click's bar, once the dump is big enough for one
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self._label = f"memcr: {label}"
+        self._stream = stream
+        self._bar: Any = None  # click's bar, once the work is big enough for one
         self._shown = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def of(cls, label: str, log: Logger) -> Iterator[ProgressBar | None]:
+        """A bar where the log goes when it is a terminal (Logger.shows_progress), else None; closed at the end."""
+        bar = cls(label, log.stream) if log.shows_progress() else None
+        try:
+            yield bar
+        finally:
+            if bar is not None:
+                bar.close()
 
     def __call__(self, done: int, total: int) -> None:
         if total < self.MIN_BYTES:
             return
         if self._bar is None:
-            self._bar = click.progressbar(length=total, label="memcr: dumping", file=sys.stdout)
+            self._bar = click.progressbar(length=total, label=self._label, file=self._stream)
             self._bar.__enter__()
         self._bar.update(done - self._shown)
         self._shown = done
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.__exit__(None, None, None)
+            with contextlib.suppress(OSError):  # the terminal went away: the bar with it
+                self._bar.__exit__(None, None, None)
 
 
 def _wait_for_enter(cancel: Cancel) -> None:
@@ -381,7 +415,7 @@ def _wait_for_enter(cancel: Cancel) -> None:
             return
 
 
-BOOLEAN_SHORT = set("cnmfNhV")
+BOOLEAN_SHORT = set("cnmfNhVq")
 
 
 def split_optional_values(argv: list[str]) -> list[str]:
@@ -403,23 +437,28 @@ def split_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _error(message: str) -> None:
+    """The last word, on stderr: a closed stderr loses it, not the exit code (memcr.logs.write)."""
+    write(sys.stderr, f"memcr: error: {message}")
+
+
 def main() -> None:
     try:
         command.main(args=split_optional_values(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"memcr: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         sys.exit(ExitCode.USAGE)
     except click.Abort:
         sys.exit(ExitCode.FAILED)
     except AddressError as e:  # from memcr_client, which knows no memcr errors
-        click.echo(f"memcr: error: -l/--listen: {e}", err=True)
+        _error(f"-l/--listen: {e}")
         sys.exit(ExitCode.USAGE)
     except MemcrError as e:
-        click.echo(f"memcr: error: {explain(e)}", err=True)
+        _error(explain(e))
         sys.exit(e.exit_code)
     except Exception as e:
-        traceback.print_exc()
-        click.echo(f"memcr: error: internal error, please report it: {e!r}", err=True)
+        write(sys.stderr, traceback.format_exc().rstrip("\n"))
+        _error(f"internal error, please report it: {e!r}")
         sys.exit(ExitCode.FAILED)

@@ -1,4 +1,4 @@
-"""Typed failures. Each carries the exit code the CLI returns for it."""
+"""Typed failures, and the one table from each of them to the exit code the CLI returns for it (EXIT_CODES)."""
 
 from __future__ import annotations
 
@@ -44,13 +44,9 @@ class MemcrError(Exception):
 class UsageError(MemcrError):
     """A bad option or option value."""
 
-    exit_code: int = ExitCode.USAGE
-
 
 class TargetError(MemcrError):
     """The pid is not something memcr may or can freeze."""
-
-    exit_code: int = ExitCode.TARGET
 
 
 class TargetGone(TargetError):
@@ -60,7 +56,9 @@ class TargetGone(TargetError):
 class RightsError(MemcrError):
     """A permission, capability or kernel feature memcr needs is missing."""
 
-    exit_code: int = ExitCode.RIGHTS
+
+class HardeningError(MemcrError):
+    """memcr could not protect itself (memcr.harden) and refuses to run."""
 
 
 class LimitError(RightsError):
@@ -69,8 +67,6 @@ class LimitError(RightsError):
 
 class StorageError(MemcrError):
     """The dump directory or file failed: missing, not writable, full."""
-
-    exit_code: int = ExitCode.STORAGE
 
 
 @dataclass(frozen=True)
@@ -127,13 +123,9 @@ class Aborted(MemcrError):
 class TargetKilled(MemcrError):
     """Restoring was impossible, so the target was killed (the cardinal rule)."""
 
-    exit_code: int = ExitCode.TARGET_KILLED
-
 
 class TargetEnded(MemcrError):
     """The target ended after it ran again, while memcr still held it (its lazy phase): not by memcr's hand."""
-
-    exit_code: int = ExitCode.TARGET_ENDED
 
 
 class GroupError(MemcrError):
@@ -160,3 +152,48 @@ class GroupError(MemcrError):
         self.killed = killed or []
         self.gone = gone or []
         self.exit_code = TargetKilled.exit_code if self.killed else data.exit_code
+
+
+# The exit code of each failure, in one place: the class attributes below come from it, `memcr --help`
+# lists the codes and tests/unit/test_exit_codes.py checks the README against it. A new failure class
+# (here or in another module) gets a row; a class without one takes the code of its nearest ancestor
+# that has one. GroupError's code is its cause's (or TargetKilled's): its row is for a failure of its own.
+EXIT_CODES: dict[type[MemcrError], ExitCode] = {
+    MemcrError: ExitCode.FAILED,
+    UsageError: ExitCode.USAGE,
+    TargetError: ExitCode.TARGET,
+    TargetGone: ExitCode.TARGET,
+    RightsError: ExitCode.RIGHTS,
+    HardeningError: ExitCode.RIGHTS,
+    LimitError: ExitCode.RIGHTS,
+    StorageError: ExitCode.STORAGE,
+    MissingFolders: ExitCode.STORAGE,
+    ClientRefused: ExitCode.FAILED,
+    ParasiteError: ExitCode.FAILED,
+    Uncured: ExitCode.FAILED,
+    PlanError: ExitCode.FAILED,
+    DumpError: ExitCode.FAILED,
+    WrittenWhileParked: ExitCode.FAILED,
+    Aborted: ExitCode.FAILED,
+    TargetKilled: ExitCode.TARGET_KILLED,
+    TargetEnded: ExitCode.TARGET_ENDED,
+    GroupError: ExitCode.FAILED,
+}
+
+# What each exit code says, as `memcr --help` and the README put it (the README may say more after each).
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.FAILED: "another failure",
+    ExitCode.USAGE: "bad option",
+    ExitCode.TARGET: "the pid cannot be frozen",
+    ExitCode.RIGHTS: "a missing right or kernel feature, or memcr could not harden itself",
+    ExitCode.STORAGE: "the dump directory or disk failed",
+    ExitCode.TARGET_KILLED: "the target had to be killed",
+    ExitCode.TARGET_ENDED: "the target ended during its lazy restore, not by memcr's hand",
+}
+
+# The codes of failures that leave the target running intact, as it was before memcr
+INTACT = frozenset({ExitCode.FAILED, ExitCode.USAGE, ExitCode.TARGET, ExitCode.RIGHTS, ExitCode.STORAGE})
+
+for _failure, _code in EXIT_CODES.items():
+    _failure.exit_code = _code

@@ -15,16 +15,10 @@ import os
 import resource
 
 from memcr import procfs
-from memcr.errors import MemcrError
+from memcr.errors import HardeningError
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
-
-
-class HardeningError(MemcrError):
-    """memcr could not protect itself and refuses to run."""
-
-    exit_code = 4
 
 
 def tracer_pid() -> int:

@@ -26,7 +26,7 @@ from memcr.process_vm import Unavailable
 from memcr.procfs import Vma
 from memcr.report import Report, rss
 from memcr.tracer import FrozenProcess
-from memcr.upload import upload
+from memcr.upload import Progress, Tally, upload
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
 
@@ -105,12 +105,14 @@ class Parked:
     def pid(self) -> int:
         return self.frozen.pid
 
-    def restore(self, lazy: bool = False) -> LazyRestore | None:
+    def restore(self, lazy: bool = False, progress: Progress | None = None) -> LazyRestore | None:
         """Put every dropped page back and let the target run on.
 
         lazy: let it run first, and return the LazyRestore that puts the
         rest back (its `finish` must run on this thread). None when the
         restore is complete: eager, or lazy where it cannot be (logged).
+        progress: called with the bytes written back so far and in all,
+        as the checkpoint's, during an eager restore.
         """
         started = time.monotonic()
         phase: LazyRestore | None = None
@@ -121,8 +123,9 @@ class Parked:
                     "restoring from the copy memcr holds open"
                 )
             watched = self._watch_faults() if lazy else None
+            self.report.options["lazy"] = watched is not None  # the report says how it was restored
             if watched is None:
-                self._put_back()
+                self._put_back(progress)
             else:
                 phase = self._start_lazy(watched)
             self.report.upload_ms = (time.monotonic() - started) * 1000
@@ -284,9 +287,9 @@ class Parked:
         self.frozen.collect_dead()
         self._clean_up()
 
-    def _put_back(self) -> None:
+    def _put_back(self, progress: Progress | None = None) -> None:
         """Write every dropped page back from the dump, checked before use."""
-        self._write_back(self._split(lambda record: False)[0])
+        self._write_back(self._split(lambda record: False)[0], progress)
 
     def _split(self, later: Callable[[Record], bool]) -> tuple[list[Record], list[Record]]:
         """The records of dropped pages, checked, as (those to write back now, those `later` picks).
@@ -301,22 +304,23 @@ class Parked:
         skip = {r.addr for r in deferred}
         return [r for r in records if r.addr not in skip], deferred
 
-    def _write_back(self, records: list[Record]) -> None:
+    def _write_back(self, records: list[Record], progress: Progress | None = None) -> None:
         writable: list[Record] = []
         read_only: list[Record] = []
         for record in records:
             (writable if self._containing(record.addr).prot & mmap.PROT_WRITE else read_only).append(record)
         self._written.update(r.addr for r in records)
+        tally = Tally(sum(r.length for r in records), progress)
         if self._direct:
             try:
-                upload(self.pid, self.dump, writable)
+                upload(self.pid, self.dump, writable, tally)
                 writable = []
             except Unavailable as e:
                 self.log(f"restoring pid {self.pid} through the parasite: {e}")
             except BaseException:
                 self._direct = False  # a second attempt (the rollback) takes the parasite's way
                 raise
-        self._upload_through_parasite(writable)
+        self._upload_through_parasite(writable, tally)
         # process_vm_writev and the parasite write a read-only mapping only after an mprotect, which
         # leaves a trace: /proc/<pid>/mem writes through the protection
         for record in read_only:
@@ -324,8 +328,9 @@ class Parked:
             for chunk in self.dump.chunks(record):
                 self.frozen.write(at, chunk)
                 at += len(chunk)
+                tally.add(len(chunk))
 
-    def _upload_through_parasite(self, records: list[Record]) -> None:
+    def _upload_through_parasite(self, records: list[Record], tally: Tally) -> None:
         """Where the kernel has no process_vm_writev: the parasite receives the pages on its socket."""
         for record in records:
             span = self.dump.file_span(record)
@@ -333,6 +338,7 @@ class Parked:
                 self.parasite.store_file(record.addr, record.length, *span)
             else:
                 self.parasite.store_chunks(record.addr, record.length, self.dump.chunks(record))
+            tally.add(record.length)
 
     def _check_untouched(self, records: list[Record]) -> set[int]:
         """Raise unless every dropped page is still empty, or was refilled with zeros; the records with such zeros.

@@ -1,7 +1,8 @@
 """What one checkpoint and restore did, in figures: for the log lines and for `--json`.
 
 The human lines are an interface too (the C memcr's "download took" and
-"upload took" are what its users grep), but programs read the JSON.
+"upload took" are what its users grep), but programs read the JSON: its
+fields and their types are SCHEMA, documented in docs/reports.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from memcr.errors import MemcrError
 from memcr.procfs import memory_kb
 
 RSS_KEYS = ("VmRSS", "RssAnon", "RssFile")
+
+# "schema" of every JSON line: raised when a field is removed or changes its meaning or type (a program
+# that reads the lines checks it); a field added to a line leaves it as it is
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -39,10 +44,13 @@ class Report:
     rss_restored: dict[str, int] = field(default_factory=dict)  # after the restore
     dump_path: str = ""
     dump_bytes: int = 0
+    # how the dump was made and the restore done: OPTION_FIELDS (memcr.checkpoint.Options.reported);
+    # "lazy" in a restore's line: whether it was lazy, as asked and where it could be
+    options: dict[str, object] = field(default_factory=dict)
 
     def json(self, event: str) -> str:
-        """One line: {"event": "checkpoint" | "restore", ...every field}."""
-        return json.dumps({"event": event, **asdict(self)}, separators=(",", ":"))
+        """One line: {"event": "checkpoint" | "restore", "schema", ...every field}."""
+        return _line(event, asdict(self))
 
 
 @dataclass
@@ -67,11 +75,14 @@ class GroupReport:
     rss_before: dict[str, int] = field(default_factory=dict)  # kB, summed over the members
     rss_after: dict[str, int] = field(default_factory=dict)
     rss_restored: dict[str, int] = field(default_factory=dict)
+    options: dict[str, object] = field(default_factory=dict)  # the members', "lazy" false: a group wakes eagerly
 
     @classmethod
     def of(cls, group: str, reports: list[Report], park_ms: float) -> GroupReport:
         page = reports[0].page_size if reports else 0
         summed = cls(group, [r.pid for r in reports], page, park_ms=park_ms)
+        if reports:
+            summed.options = {**reports[0].options, "lazy": False}
         for r in reports:
             summed.threads += r.threads
             summed.pages += r.pages
@@ -88,8 +99,12 @@ class GroupReport:
         self.rss_restored = _sum(r.rss_restored for r in reports)
 
     def json(self, event: str) -> str:
-        """One line: {"event": "group-checkpoint" | "group-restore", ...every field}."""
-        return json.dumps({"event": f"group-{event}", **asdict(self)}, separators=(",", ":"))
+        """One line: {"event": "group-checkpoint" | "group-restore", "schema", ...every field}."""
+        return _line(f"group-{event}", asdict(self))
+
+
+def _line(event: str, fields: dict[str, object]) -> str:
+    return json.dumps({"event": event, "schema": SCHEMA_VERSION, **fields}, separators=(",", ":"))
 
 
 def _sum(figures: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -100,19 +115,100 @@ def _sum(figures: Iterable[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def error_json(pid: int | None, operation: str, error: MemcrError, group: str | None = None) -> str:
-    """One line: {"event": "error", "operation": ..., "pid", "error" (the message), "exit_code", "type"}.
+# The JSON lines' fields, as data: docs/reports.md documents each, and tests check every line memcr prints
+# against it. Types: int, float, str, bool, list[int], rss (an object of RSS_KEYS, each an int in kB),
+# options (an object of OPTION_FIELDS); "|null" when it may be null; a type ending in "?" marks a field
+# that only some lines have.
+OPTION_FIELDS: dict[str, str] = {
+    "compress": "str|null",  # "lz4", "zstd", or null
+    "checksum": "bool",
+    "cipher": "str|null",  # "aes-256-gcm" ..., or null
+    "lazy": "bool",
+    "proc_mem": "bool",
+    "rss_file": "bool",
+}
+_PROCESS: dict[str, str] = {
+    "pid": "int",
+    "page_size": "int",
+    "threads": "int",
+    "vmas": "int",
+    "pages": "int",
+    "dropped_pages": "int",
+    "locked_vmas": "int",
+    "shared_pages": "int",
+    "setup_ms": "float",
+    "download_ms": "float",
+    "upload_ms": "float",
+    "release_ms": "float",
+    "lazy_ms": "float",
+    "lazy_faults": "int",
+    "lazy_children": "int",
+    "ended": "str",
+    "rss_before": "rss",
+    "rss_after": "rss",
+    "rss_restored": "rss",
+    "dump_path": "str",
+    "dump_bytes": "int",
+    "options": "options",
+}
+_GROUP: dict[str, str] = {
+    "group": "str",
+    "members": "list[int]",
+    "page_size": "int",
+    "threads": "int",
+    "pages": "int",
+    "dropped_pages": "int",
+    "shared_pages": "int",
+    "locked_vmas": "int",
+    "dump_bytes": "int",
+    "park_ms": "float",
+    "wake_ms": "float",
+    "rss_before": "rss",
+    "rss_after": "rss",
+    "rss_restored": "rss",
+    "options": "options",
+}
+_COMMON = {"event": "str", "schema": "int"}
+SCHEMA: dict[str, dict[str, str]] = {
+    "checkpoint": {**_COMMON, **_PROCESS},
+    "restore": {**_COMMON, **_PROCESS},
+    "group-checkpoint": {**_COMMON, **_GROUP},
+    "group-restore": {**_COMMON, **_GROUP},
+    "error": {
+        **_COMMON,
+        "operation": "str",
+        "pid": "int|null",
+        "error": "str",
+        "type": "str",
+        "exit_code": "int",
+        "options": "options|null",
+        "group": "str?",
+    },
+}
+
+
+def error_json(
+    pid: int | None,
+    operation: str,
+    error: MemcrError,
+    group: str | None = None,
+    options: dict[str, object] | None = None,
+) -> str:
+    """One line: {"event": "error", "schema", "operation", "pid", "error" (the message), "exit_code", "type", ...}.
 
     For a group: "pid" is the member that failed (null when it was the
-    group's own failure), and "group" names the group.
+    group's own failure), and "group" names the group. "options" as in
+    a report (null where the caller does not know them).
     """
     line: dict[str, object] = {
         "event": "error",
+        "schema": SCHEMA_VERSION,
         "operation": operation,
         "pid": pid,
         "error": str(error),
         "type": type(error).__name__,
         "exit_code": error.exit_code,
+        "options": options,
     }
     if group is not None:
         line["group"] = group

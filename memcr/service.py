@@ -35,7 +35,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
-from memcr import accounts, heap, procfs
+from memcr import accounts, heap, logs, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, check_socket_folder, checkpoint
@@ -418,7 +418,7 @@ class Worker(threading.Thread):
             self._note("checkpoint", e)
             self.checkpoint_error = e
         except Exception:
-            self.service.log(f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
         finally:
             if timer:
                 timer.cancel()
@@ -434,7 +434,7 @@ class Worker(threading.Thread):
             self._serve_restore(parked)
         except BaseException:
             # a target must not stay parked with nobody left to serve it
-            self.service.log(f"pid {self.pid}: internal error while parked:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"pid {self.pid}: internal error while parked:\n{traceback.format_exc()}")
             with contextlib.suppress(Exception):
                 parked.restore()
             self._leave()
@@ -452,9 +452,9 @@ class Worker(threading.Thread):
         self.cancel.cancel()
 
     def _note(self, operation: str, error: MemcrError) -> None:
-        self.service.log(f"pid {self.pid}: {operation} failed: {explain(error)}")
+        logs.error(self.service.log, f"pid {self.pid}: {operation} failed: {explain(error)}")
         if self.service.json_reports:
-            self.service.log(error_json(self.pid, operation, error))
+            logs.report(self.service.log, error_json(self.pid, operation, error, options=self.options.reported()))
 
     def _serve_restore(self, parked: Parked) -> None:
         while True:
@@ -484,13 +484,13 @@ class Worker(threading.Thread):
                 self.service.log(f"pid {self.pid} runs again after {elapsed * 1000:.0f} ms; its pages come back lazily")
             # of a lazy restore, the time limit bounds the wake-up: that is what the answer is about
             if limit and elapsed > limit:
-                self.service.log(f"pid {self.pid}: restore took longer than its time limit of {limit:g} s")
+                logs.error(self.service.log, f"pid {self.pid}: restore took longer than its time limit of {limit:g} s")
                 code = ERROR
         except MemcrError as e:
             self._note("restore", e)
             code = ERROR
         except Exception:
-            self.service.log(f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
         if phase is None:
             self.service.remove_worker(self)
@@ -517,7 +517,8 @@ class Worker(threading.Thread):
             self._lazy_failed(e)
             return
         except Exception:
-            self.service.log(f"pid {self.pid}: internal error during its lazy restore:\n{traceback.format_exc()}")
+            trace = traceback.format_exc()
+            logs.error(self.service.log, f"pid {self.pid}: internal error during its lazy restore:\n{trace}")
             return
         if phase.ended:
             self.service.log(
@@ -542,19 +543,21 @@ class Worker(threading.Thread):
         except TargetKilled as e:
             self._lazy_failed(e)
         except Exception:
-            self.service.log(f"pid {self.pid}: internal error serving its children:\n{traceback.format_exc()}")
+            trace = traceback.format_exc()
+            logs.error(self.service.log, f"pid {self.pid}: internal error serving its children:\n{trace}")
         else:
             self.service.log(f"pid {self.pid}: let go of the processes it forked during its lazy restore")
         finally:
             self.service.unlinger(self)
 
     def _lazy_failed(self, error: TargetKilled) -> None:
-        self.service.log(
+        logs.error(
+            self.service.log,
             f"pid {self.pid}: restore failed during its lazy phase, after the client was answered "
-            f"that it runs again: {explain(error)}"
+            f"that it runs again: {explain(error)}",
         )
         if self.service.json_reports:
-            self.service.log(error_json(self.pid, "restore", error))
+            logs.report(self.service.log, error_json(self.pid, "restore", error, options=self.options.reported()))
 
     def _leave(self) -> None:
         """Stop taking requests; answer any that came in meanwhile."""
@@ -610,7 +613,7 @@ class Service:
 
     def report(self, report: Report | GroupReport, event: str) -> None:
         if self.json_reports:
-            self.log(report.json(event))
+            logs.report(self.log, report.json(event))
 
     def remove_worker(self, worker: Worker) -> None:
         with self.lock:
@@ -641,7 +644,8 @@ class Service:
             besides = [socket_folder(self.address.path.parent, self.gid, parasites)] if self.address.path else []
             check_socket_dir(parasites, self.options.socket_gid, besides)
         listener = listen(self.address, self.gid, self.log, parasites)
-        self.log(f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        # at every level (-q too): what a program that starts the daemon waits for
+        logs.always(self.log, f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
             self.log(note)
         if self.options.lazy:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
+from memcr import logs
 from memcr.advice import explain
 from memcr.checkpoint import Cancel, Log, Options
 from memcr.errors import GroupError, TargetError
@@ -123,7 +124,7 @@ class GroupWorker(threading.Thread):
             self.checkpoint_code = answer(e)
             self.checkpoint_error = e
         except Exception:
-            self.service.log(f"{self}: internal error during checkpoint:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"{self}: internal error during checkpoint:\n{traceback.format_exc()}")
         finally:
             if timer:
                 timer.cancel()
@@ -144,15 +145,16 @@ class GroupWorker(threading.Thread):
             self._serve_restore(group)
         except BaseException:
             # no member may stay parked with nobody left to serve it
-            self.service.log(f"{self}: internal error while parked:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"{self}: internal error while parked:\n{traceback.format_exc()}")
             with contextlib.suppress(Exception):
                 group.restore()
             self._leave()
 
     def _note(self, operation: str, error: GroupError) -> None:
-        self.service.log(f"{self}: {operation} failed: {explain(error)}")
+        logs.error(self.service.log, f"{self}: {operation} failed: {explain(error)}")
         if self.service.json_reports:
-            self.service.log(error_json(error.pid, operation, error, group=str(self.membership)))
+            line = error_json(error.pid, operation, error, group=str(self.membership), options=self.options.reported())
+            logs.report(self.service.log, line)
 
     def _serve_restore(self, group: ParkedGroup) -> None:
         while True:
@@ -177,13 +179,13 @@ class GroupWorker(threading.Thread):
                 self.service.report(report, "restore")
             self.service.report(group.report, "restore")
             if limit and elapsed > limit:
-                self.service.log(f"{self}: restore took longer than its time limit of {limit:g} s")
+                logs.error(self.service.log, f"{self}: restore took longer than its time limit of {limit:g} s")
                 code = ERROR
         except GroupError as e:
             self._note("restore", e)
             code = ERROR
         except Exception:
-            self.service.log(f"{self}: internal error during restore:\n{traceback.format_exc()}")
+            logs.error(self.service.log, f"{self}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
         self.service.release(self)
         if reply:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -26,10 +27,32 @@ WINDOW = 32 << 20  # bytes of the dump mapped at a time: a 32-bit memcr has litt
 INLINE = 4 << 20  # bytes written by the calling thread alone: starting threads would take longer
 
 Piece = tuple[int, int, int]  # target address, file offset, length
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all), as memcr.checkpoint's
 
 
-def upload(pid: int, dump: DumpReader, records: list[Record]) -> None:
-    """Write the pages of `records` into the target.
+class Tally:
+    """Bytes written back so far, summed over every thread that writes, for a Progress callback.
+
+    The callback (a progress bar) is called under a lock, one call at a
+    time, with figures that only grow.
+    """
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            self.done += size
+            self._progress(self.done, self.total)
+
+
+def upload(pid: int, dump: DumpReader, records: list[Record], tally: Tally | None = None) -> None:
+    """Write the pages of `records` into the target, adding each piece to `tally` once it is in.
 
     process_vm.Unavailable, before a byte moved, when this way cannot even
     start (no process_vm_writev, no room to map the dump): the caller then
@@ -44,16 +67,16 @@ def upload(pid: int, dump: DumpReader, records: list[Record]) -> None:
         windows = _windows(pieces)
         if sum(r.length for r in records) <= INLINE:
             for i, window in enumerate(windows):
-                _plain_window(pid, dump, window, None, first=i == 0)
+                _plain_window(pid, dump, window, None, tally, first=i == 0)
             return
         with ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="memcr-upload") as pool:
             for i, window in enumerate(windows):
-                _plain_window(pid, dump, window, pool, first=i == 0)
+                _plain_window(pid, dump, window, pool, tally, first=i == 0)
     elif isinstance(dump, FramedReader):
         # every frame located before any is written: a damaged index changes nothing in the target
         frames = [frame for r in records for frame in dump.frames(r)]
-        _starting(lambda: _write_frame(pid, dump, frames[0]))
-        _all([_submit(dump.pool, _write_frame, pid, dump, frame) for frame in frames[1:]])
+        _starting(lambda: _write_frame(pid, dump, frames[0], tally))
+        _all([_submit(dump.pool, _write_frame, pid, dump, frame, tally) for frame in frames[1:]])
     else:
         raise TypeError(f"no upload for {type(dump).__name__}")
 
@@ -70,7 +93,7 @@ def _windows(pieces: list[Piece]) -> list[list[Piece]]:
 
 
 def _plain_window(
-    pid: int, dump: PlainReader, window: list[Piece], pool: ThreadPoolExecutor | None, first: bool
+    pid: int, dump: PlainReader, window: list[Piece], pool: ThreadPoolExecutor | None, tally: Tally | None, first: bool
 ) -> None:
     low = window[0][1]
     high = window[-1][1] + window[-1][2]
@@ -79,6 +102,8 @@ def _plain_window(
         local = base + offset - low
         process_vm.write(pid, addr, local, size)
         done(local, size)
+        if tally:
+            tally.add(size)
 
     with _mapped(dump, low, high - low, first) as (base, done):
         rest = window
@@ -126,11 +151,13 @@ def _submit(pool: ThreadPoolExecutor | None, work: Callable[..., None], *args: o
     return done
 
 
-def _write_frame(pid: int, dump: FramedReader, frame: Frame) -> None:
+def _write_frame(pid: int, dump: FramedReader, frame: Frame, tally: Tally | None) -> None:
     data = dump.decode(frame)
     if isinstance(data, memoryview):
         data = data.tobytes()  # ctypes gives the address of bytes, not of a view
     process_vm.write(pid, frame[3], ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0, len(data))
+    if tally:
+        tally.add(len(data))
 
 
 def _all(futures: list[Future[None]]) -> None:

@@ -236,6 +236,10 @@ class Interactive:
     def wait_prompt(self) -> str:
         return self.out.wait_for(PROMPT)
 
+    def wait_report(self, event: str) -> dict[str, Any]:
+        """With --json, where stdout holds the JSON lines alone (the prompt is in the log, on stderr)."""
+        return json.loads(self.out.wait_for(f'{{"event":"{event}"'))
+
     def press_enter(self) -> int:
         assert self.proc.stdin is not None
         self.proc.stdin.write("\n")

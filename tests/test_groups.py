@@ -60,8 +60,30 @@ def test_tree_round_trip(spawn, memcr: Memcr) -> None:
     assert group["shared_pages"] == sum(r["shared_pages"] for r in parked)
     assert group["rss_after"]["RssAnon"] < group["rss_before"]["RssAnon"]
     assert [r["event"] for r in lines[-6:]] == ["restore"] * 5 + ["group-restore"]
-    assert f"tree {target.pid}: 5 processes restored" in result.stdout
+    assert f"tree {target.pid}: 5 processes restored" in result.stderr  # the log, with --json
     assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+def test_lazy_tree_is_restored_eagerly(spawn, memcr: Memcr) -> None:
+    """--lazy restores one process: a group is accepted with it, restored eagerly, and the log says so."""
+    target = spawn("forkserver", 4, 2, 16, 8)
+    members = members_of(target)
+    result = memcr.run("-p", target.pid, "--tree", "-n", "--lazy", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("eagerly") == 1, result.stderr
+    assert f"restoring tree {target.pid} eagerly: a group's restore is never lazy (--lazy restores one process)" in (
+        result.stderr
+    )
+    assert "lazily" not in result.stderr and "lazy restore took" not in result.stderr
+    lines = reports(result.stdout)
+    restored = [r for r in lines if r["event"] == "restore"]
+    assert {r["pid"] for r in restored} == members
+    assert all(r["lazy_ms"] == 0 and r["upload_ms"] > 0 and not r["options"]["lazy"] for r in restored)
+    assert all(r["options"]["lazy"] for r in lines if r["event"] == "checkpoint")  # as asked
+    [group] = [r for r in lines if r["event"] == "group-restore"]
+    assert group["options"]["lazy"] is False
+    assert_untouched(members, memcr)
     assert target.verify() == 0
 
 
@@ -76,7 +98,7 @@ def test_cgroup_round_trip_with_a_sub_cgroup(spawn, memcr: Memcr, cgroup) -> Non
         (top / "workers" / "cgroup.procs").write_text(str(pid))
     # members outside the cgroup (the other workers) are not parked
     session = memcr.interactive("--cgroup", top.relative_to(CGROUP2), "--json")
-    session.wait_prompt()
+    session.wait_report("group-checkpoint")
     inside = {target.pid, *members[1:3]}
     for pid in inside:
         assert procfs.read_status(pid)["State"].startswith("t"), pid  # held by memcr
@@ -191,7 +213,7 @@ def test_a_tree_that_forks_all_the_time(spawn, memcr: Memcr) -> None:
     for _ in range(3):
         session = memcr.interactive("-p", target.pid, "--tree", "--json")
         try:
-            session.wait_prompt()
+            session.wait_report("group-checkpoint")
         except AssertionError:
             assert session.proc.wait(30) != 0  # failed: every member must run on
             outcomes.append("failed")

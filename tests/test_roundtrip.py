@@ -21,14 +21,14 @@ def test_round_trip(spawn, memcr: Memcr, mode: list[str], threads: int) -> None:
     target = spawn("pattern", 64, threads)
     result = memcr.run("-p", target.pid, "-n", "--json", *mode)
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    log = result.stderr  # with --json the log is on stderr, stdout holds the JSON lines alone
     # the human lines are an interface too: scripts written for the C memcr grep them
-    assert log_value(out, rf"seized {threads + 1} threads")
-    assert log_value(out, r"download took \d+ ms")
-    assert log_value(out, r"upload took \d+ ms")
-    assert log_value(out, rf"dump \S+/pages-{target.pid}\.img \(\d+ bytes\)")
-    assert log_value(out, rf"pid {target.pid} restored")
-    parked, restored = reports(out)
+    assert log_value(log, rf"seized {threads + 1} threads")
+    assert log_value(log, r"download took \d+ ms")
+    assert log_value(log, r"upload took \d+ ms")
+    assert log_value(log, rf"dump \S+/pages-{target.pid}\.img \(\d+ bytes\)")
+    assert log_value(log, rf"pid {target.pid} restored")
+    parked, restored = reports(result.stdout)
     assert (parked["event"], restored["event"]) == ("checkpoint", "restore")
     assert parked["pid"] == target.pid and parked["threads"] == threads + 1
     assert parked["pages"] >= 64 * 2**20 // parked["page_size"]

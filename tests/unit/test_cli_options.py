@@ -19,8 +19,9 @@ import pytest
 
 from memcr import cli
 from memcr.checkpoint import Options
-from memcr.codec import DEFAULT_CIPHER
-from memcr.errors import UsageError
+from memcr.codec import CIPHERS, DEFAULT_CIPHER
+from memcr.errors import EXIT_MEANINGS, UsageError
+from memcr.logs import Level, Logger
 from memcr.peer import Scope
 
 
@@ -35,7 +36,8 @@ from memcr.peer import Scope
         (["-zlz4"], ["-zlz4"]),
         (["-zLZ4"], ["-zLZ4"]),
         (["-eaes-128-cbc"], ["-eaes-128-cbc"]),
-        (["-zq"], ["-zq"]),  # not only flags: a compressor name, refused later
+        (["-zq"], ["-z", "-q"]),
+        (["-zx"], ["-zx"]),  # not only flags: a compressor name, refused later
         (["-z"], ["-z"]),
         (["-cz"], ["-cz"]),
         (["--zc"], ["--zc"]),
@@ -51,7 +53,7 @@ class Outcome:
     code: int
     out: str
     err: str
-    runs: list[tuple] = field(default_factory=list)  # ("interactive", pid, options, wait) or ("service", ...)
+    runs: list[tuple] = field(default_factory=list)  # ("interactive", pid, options, wait, log) or ("service", ...)
 
     @property
     def options(self) -> Options:
@@ -66,7 +68,7 @@ def memcr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -
     monkeypatch.setattr(cli, "harden", lambda allow_tracer=False: None)
     monkeypatch.setattr(cli, "raise_descriptor_limit", lambda: None)
     monkeypatch.setattr(
-        cli, "interactive", lambda pid, options, wait, **_: runs.append(("interactive", pid, options, wait))
+        cli, "interactive", lambda pid, options, wait, log: runs.append(("interactive", pid, options, wait, log))
     )
     monkeypatch.setattr(cli.service, "run", lambda *args, **kwargs: runs.append(("service", *args)))
 
@@ -109,7 +111,9 @@ def refused(outcome: Outcome, text: str) -> None:
         (["-p", "1", "-G", "4321"], "-G/--parasite-socket-gid needs -S/--parasite-socket-dir"),
         (["-p", "1", "-S", "/tmp", "-G", "no-such-group-memcr"], "no group named 'no-such-group-memcr'"),
         (["-p", "1", "-z", "gzip"], "unknown compression 'gzip': choose one of lz4, zstd"),
-        (["-p", "1", "-zq"], "unknown compression 'q'"),
+        (["-p", "1", "-zx"], "unknown compression 'x'"),
+        (["-p", "1", "-q", "--log-level", "info"], "-q/--quiet is --log-level error: not with --log-level info"),
+        (["-p", "1", "--log-level", "debug"], "'debug' is not one of 'error', 'info'"),
         (["-p", "1", "-e", "des"], "unknown cipher 'des': choose one of aes-128-cbc"),
     ],
 )
@@ -139,7 +143,7 @@ def test_dump_options(
 ) -> None:
     outcome = memcr("-p", 1234, "-n", *argv)
     assert outcome.code == 0, outcome
-    [(mode, pid, options, wait)] = outcome.runs
+    [(mode, pid, options, wait, _)] = outcome.runs
     assert (mode, pid, wait) == ("interactive", 1234, False)
     assert (options.coding.compress, options.coding.checksum, options.coding.cipher) == (compress, checksum, cipher)
 
@@ -147,7 +151,7 @@ def test_dump_options(
 def test_interactive_options(memcr: Callable[..., Outcome], tmp_path: Path) -> None:
     outcome = memcr("-p", 77, "-d", tmp_path, "-S", ".", "-G", 4321, "-N", "-m", "-f", "--allow-async-io")
     assert outcome.code == 0, outcome
-    [(_, pid, options, wait)] = outcome.runs
+    [(_, pid, options, wait, _)] = outcome.runs
     assert (pid, wait) == (77, True)
     assert options.dump_dir == tmp_path
     assert options.socket_dir == Path.cwd()  # made absolute: the parasite binds in the target's directory
@@ -182,6 +186,36 @@ def test_help_and_version(memcr: Callable[..., Outcome]) -> None:
     version = memcr("-V")
     assert version.code == 0 and version.out.startswith("memcr ") and version.runs == []
     assert f"({platform.machine()}, Linux " in version.out  # the CPU: x86_64 or aarch64
+
+
+def test_help_lists_the_exit_codes_and_what_each_option_takes(memcr: Callable[..., Outcome]) -> None:
+    shown = " ".join(memcr("-h").out.split())
+    for code, meaning in EXIT_MEANINGS.items():
+        assert f"{int(code)} {meaning}" in shown, code
+    for option in (
+        "-z, --compress [lz4|zstd]",
+        f"-e, --encrypt [{'|'.join(CIPHERS)}]",
+        "-g, --listen-gid GROUP",
+        "-G, --parasite-socket-gid GROUP",
+        "-p, --pid PID",
+        "-d, --dir DIR",
+        "--log-level [error|info]",
+    ):
+        assert option in shown, option
+    assert "a gid or a name" in shown
+    assert "Exit codes 1 to 5 leave the target running intact." in shown
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [([], Level.INFO), (["-q"], Level.ERROR), (["--quiet"], Level.ERROR), (["--log-level", "error"], Level.ERROR),
+     (["--log-level", "info"], Level.INFO), (["-q", "--log-level", "error"], Level.ERROR), (["-zq"], Level.ERROR)],
+)  # fmt: skip
+def test_log_levels(memcr: Callable[..., Outcome], argv: list[str], level: Level) -> None:
+    outcome = memcr("-p", 1234, "-n", *argv)
+    assert outcome.code == 0, outcome
+    [(_, _, _, _, log)] = outcome.runs
+    assert isinstance(log, Logger) and log.level is level
 
 
 def test_the_real_entry_point_refuses_bad_options() -> None:
