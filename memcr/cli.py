@@ -52,6 +52,13 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         ctx.exit(0)
 
 
+def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """click's own -h, written as every line is: a closed stdout does not turn exit 0 into 1."""
+    if value and not ctx.resilient_parsing:
+        write(sys.stdout, ctx.get_help())
+        ctx.exit(0)
+
+
 def _exit_codes() -> str:
     """--help's epilog: memcr.errors.EXIT_MEANINGS, one code a line (\b keeps click from rewrapping them)."""
     lines = [f"  {int(code)}  {meaning}" for code, meaning in sorted(EXIT_MEANINGS.items())]
@@ -59,7 +66,7 @@ def _exit_codes() -> str:
     return "\b\nExit codes:\n" + "\n".join(lines) + f"\n\nExit codes {intact} leave the target running intact."
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_codes())
+@click.command(add_help_option=False, epilog=_exit_codes())
 @click.option("-p", "--pid", type=int, metavar="PID", help="Process to checkpoint (interactive mode).")
 @click.option("--tree", is_flag=True, help="With -p: PID and every descendant, parked all or nothing.")
 @click.option(
@@ -172,6 +179,9 @@ def _exit_codes() -> str:
     is_eager=True,
     callback=_version,
     help="Print version, architecture and kernel.",
+)
+@click.option(
+    "-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_help, help="Show this message and exit."
 )
 def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, parasite_socket_dir: Path | None,
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,

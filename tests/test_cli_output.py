@@ -45,7 +45,7 @@ def test_closed_pipes_keep_the_exit_code(spawn, memcr: Memcr, json_reports: bool
     """stdout and stderr whose readers went away: the documented code all the same, and the work done."""
     extra = ["--json"] if json_reports else []
     target = spawn("pattern", 16)
-    for args, code in ((["-p", 999999999], 3), (["-p", target.pid], 0)):
+    for args, code in ((["-p", 999999999], 3), (["-p", target.pid], 0), (["-h"], 0), (["--bogus"], 2)):
         out, err = closed_pipe(), closed_pipe()
         try:
             with started(memcr_argv(*args, "-n", "-d", memcr.dump_dir, *extra), stdout=out, stderr=err) as proc:
