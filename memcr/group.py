@@ -32,11 +32,12 @@ from typing import Protocol
 from memcr import procfs
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
-from memcr.errors import Aborted, GroupError, MemcrError, TargetError, TargetGone, TargetKilled
+from memcr.errors import Aborted, GroupError, MemcrError, TargetEnded, TargetError, TargetGone, TargetKilled
 from memcr.parked import Parked
 from memcr.report import GroupReport, Report
 
 POLL = 0.1  # seconds between looks at a cancel request while waiting
+WATCH = 0.25  # seconds between looks at whether a parked member still lives
 EXIT_WAIT = 1.0  # seconds a process that said it is gone may take to show as ended
 
 
@@ -97,6 +98,7 @@ class _Member(threading.Thread):
         self.vanished = False  # ended before memcr held it: no member
         self.slot = False  # holds one of the park's streaming slots
         self.parked: Parked | None = None
+        self.ending: str | None = None  # how it ended while parked, not by memcr's hand ("killed by SIGKILL")
         self.error: Exception | None = None
         self.requests: queue.Queue[tuple[Callable[[Parked], None], Future[None]]] = queue.Queue()
 
@@ -115,13 +117,31 @@ class _Member(threading.Thread):
                 self.park.slots.release()
             self.park.ended(self)
         if self.parked is not None:
-            action, result = self.requests.get()
+            action, result = self._next_request(self.parked)
+            if self.ending is not None:
+                # nothing of it is left to restore or roll back: the request learns how it ended
+                result.set_exception(
+                    TargetEnded(f"pid {self.pid} ended while parked ({self.ending}), not by memcr's hand", pid=self.pid)
+                )
+                return
             try:
                 action(self.parked)
             except Exception as e:
                 result.set_exception(e)
             else:
                 result.set_result(None)
+
+    def _next_request(self, parked: Parked) -> tuple[Callable[[Parked], None], Future[None]]:
+        """Wait for this member's last request, meanwhile watching it: one killed from outside while the
+        group is parked is let go of at once, so that its parent can reap it (memcr, its tracer, holds its
+        exit until then), and its ending is noted for the request."""
+        while True:
+            try:
+                return self.requests.get(timeout=WATCH)
+            except queue.Empty:
+                if self.ending is None and (ending := parked.ended()) is not None:
+                    self.ending = ending
+                    self.log(f"ended while its group is parked ({ending}), not by memcr's hand: memcr let go of it")
 
     def _seized(self) -> None:
         """checkpoint's hook: wait for the whole group to be held, then for a streaming slot."""
@@ -304,8 +324,12 @@ class ParkedGroup:
         if failed:
             killed = sorted(pid for pid, e in failed.items() if isinstance(e, TargetKilled))
             gone = sorted(pid for pid, e in failed.items() if isinstance(e, TargetGone))
-            first = min(failed)
+            # a member killed by memcr's hand speaks for the group (its exit code), then one that ended on its own
+            first = min(failed, key=lambda pid: (not isinstance(failed[pid], TargetKilled), pid))
             reasons = "; ".join(f"process {pid}: {e}" for pid, e in sorted(failed.items()))
+            others = len(self._members) - len(failed)
+            if others:
+                reasons += f"; the other {others} process{'' if others == 1 else 'es'} restored"
             raise GroupError(f"restoring {self.name} failed for {reasons}", failed[first], first, killed, gone)
 
     def _restore_one(self, parked: Parked) -> None:

@@ -287,6 +287,19 @@ class Parked:
         self.frozen.collect_dead()
         self._clean_up()
 
+    def ended(self) -> str | None:
+        """If the target died while parked (killed from outside): let go of everything memcr held for it,
+        its exit included (so that its parent can reap it), and say how it ended; None while it lives.
+
+        From the tracing thread, as every request for the target.
+        """
+        if not _dead(self.frozen):
+            return None
+        self.parasite.disconnect()
+        ending = self.frozen.collect_ended()
+        self._clean_up()
+        return ending or "ended"
+
     def _put_back(self, progress: Progress | None = None) -> None:
         """Write every dropped page back from the dump, checked before use."""
         self._write_back(self._split(lambda record: False)[0], progress)

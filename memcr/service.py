@@ -41,6 +41,7 @@ from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, check_socket_folder, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import (
+    Aborted,
     ClientRefused,
     Folder,
     LimitError,
@@ -399,6 +400,11 @@ class Worker(threading.Thread):
         self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
         self.checkpoint_code = ERROR
         self.checkpoint_error: MemcrError | None = None  # why it failed, when it did
+        self.failure: str | None = None  # the line logged about the last failure: a V2 client's reason (1003)
+        # set (under `lock`) when the client was answered -1 at the time limit while the checkpoint still ran:
+        # a checkpoint that ends well after that is rolled back, since the client was told it failed
+        self.expired = False
+        self.decided = False  # set (under `lock`) once a successful checkpoint has looked at `expired`
         # each restore request: who gets the answer (None at shutdown), its time limit, and whether lazily
         # (None: as the daemon's --lazy says)
         self.requests: queue.Queue[tuple[Reply | None, float | None, bool | None]] = queue.Queue()
@@ -409,21 +415,32 @@ class Worker(threading.Thread):
         parked = None
         try:
             parked = checkpoint(self.pid, self.options, self.service.log, self.cancel, seized=self.seized)
+            with self.lock:
+                expired = self.expired
+                self.decided = True  # from here on expire() comes too late: the checkpoint's own answer stands
+            if expired:
+                # it ended between the client's -1 and the cancel taking effect: the -1 must stay true
+                late, parked = parked, None
+                late.rollback(Aborted(f"the checkpoint of pid {self.pid} took longer than {self.timeout:g} s"))
+                raise Aborted(f"took longer than its time limit of {self.timeout:g} s; rolled back", pid=self.pid)
             self.checkpoint_code = OK
         except TargetError as e:
-            self._note("checkpoint", e)
             self.checkpoint_code = INVALID_PID
             self.checkpoint_error = e
         except MemcrError as e:
-            self._note("checkpoint", e)
             self.checkpoint_error = e
         except Exception:
+            self.failure = f"pid {self.pid}: internal error during checkpoint (the daemon's log has its traceback)"
             logs.error(self.service.log, f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
         finally:
             if timer:
                 timer.cancel()
         if parked is None:
             self._leave()  # before waking anyone: a later RESTORE must find nothing
+            if self.checkpoint_error is not None:
+                # after leaving: a client that reads this line (or was answered at its limit) and asks again
+                # finds the pid free, not still "checkpointed"
+                self._note("checkpoint", self.checkpoint_error)
             self.checkpointed.set()
             return
         self.state = "checkpointed"
@@ -451,8 +468,24 @@ class Worker(threading.Thread):
         """Roll back the checkpoint if it is still under way (from any thread)."""
         self.cancel.cancel()
 
+    def expire(self) -> bool:
+        """At the client's time limit: True when the checkpoint still runs, and is now bound to roll back.
+
+        The client is answered -1 at once: the rollback of a large target
+        takes long, and a client with a time limit (Thunder's) has gone by
+        the time it ends. False when the checkpoint has ended: its own
+        answer stands.
+        """
+        with self.lock:
+            if self.decided or self.checkpointed.is_set():
+                return False
+            self.expired = True
+        self.abort()
+        return True
+
     def _note(self, operation: str, error: MemcrError) -> None:
-        logs.error(self.service.log, f"pid {self.pid}: {operation} failed: {explain(error)}")
+        self.failure = f"pid {self.pid}: {operation} failed: {explain(error)}"
+        logs.error(self.service.log, self.failure)
         if self.service.json_reports:
             logs.report(self.service.log, error_json(self.pid, operation, error, options=self.options.reported()))
 
@@ -484,12 +517,14 @@ class Worker(threading.Thread):
                 self.service.log(f"pid {self.pid} runs again after {elapsed * 1000:.0f} ms; its pages come back lazily")
             # of a lazy restore, the time limit bounds the wake-up: that is what the answer is about
             if limit and elapsed > limit:
-                logs.error(self.service.log, f"pid {self.pid}: restore took longer than its time limit of {limit:g} s")
+                self.failure = f"pid {self.pid}: restore took longer than its time limit of {limit:g} s (it completed)"
+                logs.error(self.service.log, self.failure)
                 code = ERROR
         except MemcrError as e:
             self._note("restore", e)
             code = ERROR
         except Exception:
+            self.failure = f"pid {self.pid}: internal error during restore (the daemon's log has its traceback)"
             logs.error(self.service.log, f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
         if phase is None:
@@ -593,6 +628,13 @@ class Worker(threading.Thread):
             return True
 
 
+class _Reason(threading.local):
+    """Why the request this connection thread serves failed, in the words the daemon logged."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+
+
 class Service:
     def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
                  timeout: float | None = None, json_reports: bool = False,
@@ -610,6 +652,12 @@ class Service:
         self.connections: set[threading.Thread] = set()  # each answers one request
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.reason = _Reason()
+
+    def refuse(self, message: str) -> None:
+        """Log why a request is refused or failed; that line is also its reason, for a V2 client that asks."""
+        self.reason.text = message
+        self.log(message)
 
     def report(self, report: Report | GroupReport, event: str) -> None:
         if self.json_reports:
@@ -699,28 +747,34 @@ class Service:
                 except Refusal as e:
                     self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
                     if e.answer:
-                        _send(conn, ERROR)
+                        _send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
                     return
                 self.log(f"{peer} asks: {_asked(request)}")
-                _send(conn, self.dispatch(request, peer))
+                self.reason.text = None
+                code = self.dispatch(request, peer)
+                reason = None
+                if request.reason:
+                    reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"
+                _send(conn, code, reason)
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
     def dispatch(self, request: Request, peer: Peer = UNKNOWN) -> int:
         """Carry out one request of `peer` and return its answer."""
+        asked = time.monotonic()  # a time limit counts from here: the client's own clock started about now
         cmd, pid = request.cmd, request.pid
         if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
-            self.log(f"unknown command {cmd} for pid {pid}")
+            self.refuse(f"unknown command {cmd} for pid {pid}: known are {CMD_CHECKPOINT} and {CMD_RESTORE}")
             return ERROR
         if pid <= 0 or pid == os.getpid():
-            self.log(f"refused pid {pid}")
+            self.refuse(f"refused pid {pid}: {'the daemon itself' if pid > 0 else 'no process id'}")
             return INVALID_PID
         limit = self._time_limit(request)
         if cmd == CMD_RESTORE:
             if request.options:
                 # the target stays as it is, parked or not: the client learns its request was wrong
-                self.log(
+                self.refuse(
                     f"refused the V2 restore of pid {pid}: a dump directory, compression, tree or cgroup applies "
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
@@ -729,7 +783,7 @@ class Service:
                 return ERROR
             return self._restore(pid, limit, request.lazy)
         if request.lazy is not None:
-            self.log(
+            self.refuse(
                 f"refused the V2 checkpoint of pid {pid}, which stays untouched: a lazy or eager restore "
                 "(option 1002) goes with its RESTORE, not with the CHECKPOINT"
             )
@@ -737,21 +791,24 @@ class Service:
         try:
             options = self._options(request)
         except StorageError as e:
-            self.log(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
+            self.refuse(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
             return ERROR
         if request.group:
             return self._park_group(request, options, limit, peer)
         if not self._permitted(peer, f"checkpoint of pid {pid}", {pid}):
             return ERROR
+        # a client that sent its own limit (Thunder's 12 bytes) gives up waiting then: it is answered by the limit;
+        # one that sent none waits, and is answered once the target runs on again (-t alone)
+        answer_by = asked if request.timeout_ms else None
         # once the target is held it can change its uids no more: what was vetted before may have changed meanwhile
-        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}))
+        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}), answer_by=answer_by)
 
     def _permitted(self, peer: Peer, action: str, pids: AbstractSet[int]) -> bool:
         """Whether `peer` may have `action` done on `pids`; a refusal is logged."""
         try:
             self.policy.vet(peer, pids)
         except ClientRefused as e:
-            self.log(f"refused the {action} asked by {peer}, nothing touched: {e}")
+            self.refuse(f"refused the {action} asked by {peer}, nothing touched: {e}")
             return False
         return True
 
@@ -778,19 +835,40 @@ class Service:
             options = dataclasses.replace(options, coding=coding)
         return options
 
-    def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None]) -> int:
+    def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None],
+                    answer_by: float | None = None) -> int:  # fmt: skip
+        """Checkpoint `pid`, rolled back if it takes longer than `limit` seconds.
+
+        With `answer_by` (the request's arrival, time.monotonic()), the
+        answer comes by `limit` seconds after it: a checkpoint still under
+        way then is answered -1 at once, and rolled back after the answer.
+        """
+        deadline = None if not limit or answer_by is None else answer_by + limit
         with self.lock:
             # under the lock _shutdown takes to list the workers: none is started unlisted
             if self.stop.is_set():
+                self.refuse(f"refused to checkpoint pid {pid}: the daemon is stopping")
                 return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
             if pid in self.workers or pid in self.groups:  # parked, or in a group parked or being parked
+                self.refuse(f"answered -2 to the checkpoint of pid {pid}: it is checkpointed already")
                 return INVALID_PID
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
-                self.log(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
+                self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
             worker = self.workers[pid] = Worker(self, pid, options, limit, seized)
             worker.start()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not worker.checkpointed.wait(left) and worker.expire():
+            # the client waits no longer than its limit (Thunder's hibernate gives up then): it learns of the
+            # failure now, and the rollback of a large target runs on after the answer
+            self.refuse(
+                f"pid {pid}: checkpoint took longer than its time limit of {limit:g} s: answered -1 at the limit; "
+                "the target is being rolled back and runs on intact"
+            )
+            return ERROR
         worker.checkpointed.wait()
+        if worker.checkpoint_code != OK:
+            self.reason.text = worker.failure or self.reason.text
         return worker.checkpoint_code
 
     def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
@@ -807,15 +885,26 @@ class Service:
         answer: queue.Queue[int] = queue.Queue(1)
         if worker is None or not worker.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
             if worker is not None and worker.restore_asked:
-                self.log(f"answered -2 to another restore of pid {pid}: its first is still under way")
+                self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
+            elif worker is None:
+                self.refuse(f"answered -2 to the restore of pid {pid}: it is not checkpointed")
+            else:
+                self.refuse(f"answered -2 to the restore of pid {pid}: it is being restored already")
             return INVALID_PID
         worker.checkpointed.wait()
         if worker.checkpoint_code != OK:
             # the aborted checkpoint rolled back, and the target runs intact, unless it was killed or died
             if isinstance(worker.checkpoint_error, TargetKilled):
+                self.reason.text = worker.failure
                 return ERROR
-            return INVALID_PID if isinstance(worker.checkpoint_error, TargetGone) else OK
-        return answer.get()
+            if isinstance(worker.checkpoint_error, TargetGone):
+                self.reason.text = worker.failure
+                return INVALID_PID
+            return OK
+        code = answer.get()
+        if code != OK:
+            self.reason.text = worker.failure  # set before the answer was put: the queue orders them
+        return code
 
     def _shutdown(self) -> None:
         """Restore every target and group (kill only those whose restore fails), then wait for all."""
@@ -847,25 +936,28 @@ class Service:
             try:
                 membership = CgroupMembers(check_request_cgroup(request.cgroup))
             except MemcrError as e:
-                self.log(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
+                self.refuse(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
                 return ERROR
         try:
             # before the park holds anything (a cgroup is frozen first); each of its walks vets again what it finds
             self.policy.vet(peer, membership.walk())
         except MemcrError as e:
-            self.log(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
+            self.refuse(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
             return INVALID_PID if isinstance(e, TargetError) else ERROR
         group = GroupWorker(self, pid, membership, options, limit, vet=lambda pids: self.policy.vet(peer, pids))
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
             if self.stop.is_set():
+                self.refuse(f"refused to checkpoint {group}: the daemon is stopping")
                 return ERROR
             if pid in self.workers or pid in self.groups:
-                self.log(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
+                self.refuse(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
                 return INVALID_PID
             self.groups[pid] = group
             group.start()
         group.checkpointed.wait()
+        if group.checkpoint_code != OK:
+            self.reason.text = group.failure or self.reason.text
         return group.checkpoint_code
 
     def claim(self, group: GroupWorker, pids: set[int]) -> None:
@@ -1077,9 +1169,9 @@ def _asked(request: Request) -> str:
     return f"{verb} {what} {request.pid} ({request.dialect.value})"
 
 
-def _send(conn: socket.socket, code: int) -> None:
+def _send(conn: socket.socket, code: int, reason: str | None = None) -> None:
     with contextlib.suppress(OSError):  # the client may have gone: the operation stands
-        conn.sendall(encode_answer(code))
+        conn.sendall(encode_answer(code, reason))
 
 
 def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,

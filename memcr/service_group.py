@@ -98,6 +98,7 @@ class GroupWorker(threading.Thread):
         self.checkpointed = threading.Event()  # set when the park has ended, well or not
         self.checkpoint_code: int = ERROR
         self.checkpoint_error: GroupError | None = None
+        self.failure: str | None = None  # the line logged about the last failure: a V2 client's reason (1003)
         # the restore request: who gets the answer (None at shutdown), and its time limit
         self.requests: queue.Queue[tuple[Callable[[int], None] | None, float | None]] = queue.Queue()
         self.restore_asked = False
@@ -124,6 +125,7 @@ class GroupWorker(threading.Thread):
             self.checkpoint_code = answer(e)
             self.checkpoint_error = e
         except Exception:
+            self.failure = f"{self}: internal error during checkpoint (the daemon's log has its traceback)"
             logs.error(self.service.log, f"{self}: internal error during checkpoint:\n{traceback.format_exc()}")
         finally:
             if timer:
@@ -151,7 +153,8 @@ class GroupWorker(threading.Thread):
             self._leave()
 
     def _note(self, operation: str, error: GroupError) -> None:
-        logs.error(self.service.log, f"{self}: {operation} failed: {explain(error)}")
+        self.failure = f"{self}: {operation} failed: {explain(error)}"
+        logs.error(self.service.log, self.failure)
         if self.service.json_reports:
             line = error_json(error.pid, operation, error, group=str(self.membership), options=self.options.reported())
             logs.report(self.service.log, line)
@@ -179,12 +182,14 @@ class GroupWorker(threading.Thread):
                 self.service.report(report, "restore")
             self.service.report(group.report, "restore")
             if limit and elapsed > limit:
-                logs.error(self.service.log, f"{self}: restore took longer than its time limit of {limit:g} s")
+                self.failure = f"{self}: restore took longer than its time limit of {limit:g} s (it completed)"
+                logs.error(self.service.log, self.failure)
                 code = ERROR
         except GroupError as e:
             self._note("restore", e)
             code = ERROR
         except Exception:
+            self.failure = f"{self}: internal error during restore (the daemon's log has its traceback)"
             logs.error(self.service.log, f"{self}: internal error during restore:\n{traceback.format_exc()}")
             code = ERROR
         self.service.release(self)
@@ -215,13 +220,20 @@ class GroupWorker(threading.Thread):
         """A client's RESTORE of any member's pid: the answer once every member runs again."""
         answered: queue.Queue[int] = queue.Queue(1)
         if not self.restore(answered.put, limit):
+            self.service.refuse(f"answered -2 to a restore of {self}: it is being restored already")
             return INVALID_PID
         self.checkpointed.wait()
         if self.checkpoint_code != OK:
             # the aborted park rolled back: every member runs on as it was, unless memcr had to kill one
             error = self.checkpoint_error
-            return ERROR if error is None or error.killed else OK
-        return answered.get()
+            if error is None or error.killed:
+                self.service.reason.text = self.failure
+                return ERROR
+            return OK
+        code = answered.get()
+        if code != OK:
+            self.service.reason.text = self.failure  # set before the answer was put: the queue orders them
+        return code
 
 
 def _alive(pid: int) -> bool:

@@ -461,6 +461,33 @@ class FrozenProcess:
         """The process died: collect what its threads left, without waiting."""
         self._end(_collect_now)
 
+    def collect_ended(self, grace: float = 5.0) -> str | None:
+        """The process died while frozen (a SIGKILL from outside): collect every thread's exit, and say how
+        it ended ("killed by SIGKILL"); None when the leader's exit did not show within `grace` seconds.
+
+        Collecting is what lets the kernel tell its parent: a traced
+        process's exit goes to its tracer first, and until then the parent
+        cannot reap it. Threads are polled, not waited for: a thread that
+        lives on (a kill that never came) must not hang the tracing thread.
+        """
+        self._tracer()
+        ending = None
+        deadline = time.monotonic() + grace
+        # the kernel reports a traced leader's exit only after its other threads'
+        for tid in sorted(self.tids + self.helpers, key=lambda tid: tid == self.pid):
+            with contextlib.suppress(ChildProcessError):
+                while (stop := pt.poll(tid)) is None or not stop.exited:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.005)
+                else:
+                    if tid == self.pid:
+                        ending = _ending(stop.status)
+        self.tids.clear()
+        self.helpers.clear()
+        self.memory.close()
+        return ending
+
     def kill(self) -> None:
         """SIGKILL the whole process and collect its threads.
 

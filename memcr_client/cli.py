@@ -39,6 +39,16 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+class _NoShortV1(argparse.Action):
+    """`-v`, which meant --v1 before; most programs read it as "verbose", which it never was: refused."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=argparse.SUPPRESS)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.error("-v is no option (it is not --verbose): to send the 8-byte v1 request, use --v1")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -104,8 +114,17 @@ def parser() -> argparse.ArgumentParser:
         "answered -1 (12-byte request, in milliseconds).",
     )
     forms = p.add_mutually_exclusive_group()
-    forms.add_argument("-v", "--v1", action="store_true", help="Send only the 8-byte request, as the C memcr reads.")
+    forms.add_argument("--v1", action="store_true", help="Send only the 8-byte request, as the C memcr reads.")
     forms.add_argument("--v2", action="store_true", help="Send every request as V2, restores too (as Dobby does).")
+    p.add_argument("-v", action=_NoShortV1)
+    p.add_argument(
+        "--no-reason",
+        dest="reason",
+        action="store_false",
+        help="A V2 request asks for the reason of a failure with its answer (option 1003) unless this is given: "
+        "for a daemon that does not know that option (the RDK C memcr). v1 and 12-byte answers carry no reason: "
+        "the daemon's log has it.",
+    )
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     return p
 
@@ -131,7 +150,7 @@ def run(argv: list[str] | None = None) -> None:
         p.error("--lazy and --eager apply to -r/--restore only")
     v2_options = checkpoint_options or args.lazy is not None
     if args.v1 and (v2_options or args.timeout is not None):
-        p.error("-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup, --lazy, --eager or -t")
+        p.error("--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup, --lazy, --eager or -t")
     if args.timeout is not None and (v2_options or args.v2):
         p.error(
             "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --lazy, --eager, --v2) "
@@ -139,7 +158,7 @@ def run(argv: list[str] | None = None) -> None:
         )
     dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options else None
     try:
-        client = Client(args.location or default_location(), dialect=dialect)
+        client = Client(args.location or default_location(), dialect=dialect, reasons=args.reason)
     except AddressError as e:
         p.error(f"-l/--location: {e}")
     what = " and its tree" if args.tree else f" and cgroup {args.cgroup}" if args.cgroup is not None else ""

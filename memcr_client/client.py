@@ -12,6 +12,7 @@ from typing import TypedDict, Unpack
 
 from memcr_client.protocol import (
     CMDS_V2,
+    REASON_LENGTH,
     RESPONSE,
     V2_HEADER,
     Address,
@@ -24,6 +25,7 @@ from memcr_client.protocol import (
     check_keywords,
     compression_named,
     decode_answer,
+    decode_reason_length,
     default_location,
     encode_request,
     encode_timed_request,
@@ -61,11 +63,13 @@ class RequestOptions(TypedDict, total=False):
 
 
 class MemcrClientError(Exception):
-    """A request failed; `code` is the daemon's answer code, None if there was none."""
+    """A request failed; `code` is the daemon's answer code, None if there was none; `reason` the daemon's
+    reason for it, when the request asked for one (Client.reasons) and the daemon sent it."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,18 @@ class Client:
     sends every request as V2, restores included, as Dobby does; Dialect.V1
     refuses anything v1 cannot carry. `timeout` (seconds) bounds connecting
     and waiting for each answer; None waits as long as the daemon works.
+
+    `reasons`: a V2 request asks for the reason of a failure with its answer
+    (option 1003, docs/reasons.md), which a MemcrClientError then carries.
+    Off by default: a daemon that does not know the option (memcr-py before
+    it, the RDK C memcr) refuses the whole request. v1 and 12-byte requests
+    cannot carry it: their failures point at the daemon's log.
     """
 
     address: str | os.PathLike[str] = field(default_factory=default_location)
     timeout: float | None = None
     dialect: Dialect | None = None
+    reasons: bool = False
     where: Address = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +155,14 @@ class Client:
             )
         if dialect is Dialect.V2:
             payload = encode_v2_payload(
-                cmd, pid, dump_dir=dump_dir, compression=compression, tree=tree, cgroup=cgroup, lazy=lazy
+                cmd,
+                pid,
+                dump_dir=dump_dir,
+                compression=compression,
+                tree=tree,
+                cgroup=cgroup,
+                lazy=lazy,
+                reason=self.reasons,
             )
             return [V2_HEADER.pack(CMDS_V2, len(payload)), payload]
         if dialect is Dialect.TIMED:
@@ -161,32 +179,63 @@ class Client:
         takes longer; `lazy` (True or False) applies to a restore and goes
         in a V2 request.
         """
+        return self.answer(cmd, pid, **options)[0]
+
+    def answer(self, cmd: int, pid: int, **options: Unpack[RequestOptions]) -> tuple[int, str | None]:
+        """Send one command and return the daemon's answer code and its reason.
+
+        The reason is None unless the request asked for it (a V2 request of
+        a Client with `reasons`) and the daemon sent it; "" with a code that
+        needs none.
+        """
         frames = self.frames(cmd, pid, **options)
+        asked = self.reasons and len(frames) > 1  # only a V2 request carries option 1003
         # the C daemon knows only v1: it closes the connection on a V2 header (command 102)
-        hint = "; a daemon that knows only v1 requests (the C memcr) does that: send v1 (-v/--v1)"
+        hint = "; a daemon that knows only v1 requests (the C memcr) does that: send v1 (--v1)"
         hint = hint if len(frames) > 1 else ""
         with self._connect() as sock:
             try:
                 for frame in frames:
                     sock.sendall(frame)
                 reply = sock.recv(RESPONSE.size, socket.MSG_WAITALL)
+                if not reply:
+                    raise MemcrClientError(f"memcr closed the connection without answering{hint}")
+                try:
+                    code = decode_answer(reply)
+                except ProtocolError as e:
+                    raise MemcrClientError(f"memcr sent a broken answer: {e}") from None
+                reason = self._reason(sock) if asked else None
             except TimeoutError:
                 raise MemcrClientError(f"memcr did not answer within {self.timeout:g} s") from None
             except OSError as e:
                 raise MemcrClientError(f"lost the connection to memcr: {e.strerror or e}{hint}") from None
-        if not reply:
-            raise MemcrClientError(f"memcr closed the connection without answering{hint}")
-        try:
-            return decode_answer(reply)
-        except ProtocolError as e:
-            raise MemcrClientError(f"memcr sent a broken answer: {e}") from None
+        return code, reason
 
     @staticmethod
-    def _check(code: int, pid: int, invalid: str) -> None:
+    def _reason(sock: socket.socket) -> str | None:
+        """The reason after the code; None when the daemon closed the connection instead (it knows no 1003)."""
+        head = sock.recv(REASON_LENGTH.size, socket.MSG_WAITALL)
+        if not head:
+            return None
+        try:
+            length = decode_reason_length(head)
+        except ProtocolError as e:
+            raise MemcrClientError(f"memcr sent a broken answer: {e}") from None
+        text = sock.recv(length, socket.MSG_WAITALL) if length else b""
+        if len(text) < length:
+            stopped = f"its reason stopped after {len(text)} of {length} bytes"
+            raise MemcrClientError(f"memcr sent a broken answer: {stopped}")
+        return text.decode("utf-8", "replace")
+
+    def _check(self, code: int, reason: str | None, pid: int, invalid: str) -> None:
+        if code == Answer.OK:
+            return
+        if reason:  # the daemon's own words: they name the cause, not a guess among several
+            raise MemcrClientError(f"pid {pid}: memcr answered {code}: {reason}", code, reason)
         if code == Answer.INVALID_PID:
-            raise MemcrClientError(f"pid {pid}: {invalid}", code)
-        if code != Answer.OK:
-            raise MemcrClientError(f"pid {pid}: memcr reported an error ({code})", code)
+            raise MemcrClientError(f"pid {pid}: {invalid} (the daemon's log says which)", code)
+        # a v1 or 12-byte answer has no room for a reason (nor has a daemon's that knows no option 1003)
+        raise MemcrClientError(f"pid {pid}: memcr reported an error ({code}): the daemon's log says why", code)
 
     def checkpoint(
         self,
@@ -205,7 +254,7 @@ class Client:
         being one of them. All or nothing: the daemon answers OK only when
         every member is parked. restore() of any member's pid wakes them all.
         """
-        code = self.request(
+        code, reason = self.answer(
             Command.CHECKPOINT,
             pid,
             dump_dir=dump_dir,
@@ -217,7 +266,7 @@ class Client:
         invalid = "already checkpointed or no such process"
         if tree or cgroup is not None:
             invalid = "no such process, not in that cgroup, or a member is already checkpointed"
-        self._check(code, pid, invalid)
+        self._check(code, reason, pid, invalid)
 
     def restore(self, pid: int, *, time_limit: float | None = None, lazy: bool | None = None) -> None:
         """Wake `pid`, and every member of the group it was parked with.
@@ -228,5 +277,5 @@ class Client:
         lazy restore is answered once the target runs again, before its pages
         are all back. A group's restore is eager either way.
         """
-        code = self.request(Command.RESTORE, pid, time_limit=time_limit, lazy=lazy)
-        self._check(code, pid, "not checkpointed, or its lazy restore is still under way")
+        code, reason = self.answer(Command.RESTORE, pid, time_limit=time_limit, lazy=lazy)
+        self._check(code, reason, pid, "not checkpointed, or its lazy restore is still under way")

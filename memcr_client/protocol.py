@@ -16,9 +16,13 @@ use, and the daemon serves all of them on the same socket:
                 options park a group: 1000 the pid's process tree, 1001 a
                 cgroup whose member the pid is (docs/groups.md); 1002
                 makes a restore lazy or eager, whatever the daemon's
-                default (--lazy).
+                default (--lazy); 1003 asks for the reason with the answer.
 
     answer, 4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
+    answer to a V2 request carrying option 1003 (docs/reasons.md):
+        int32 code, int32 L (0 <= L <= REASON_MAX), then L bytes of UTF-8
+        text: why the request failed, as the daemon logged it (L is 0
+        with code 0). Every other request gets the 4 bytes alone, as ever.
 
 Byte order: every sender is a C program writing packed structs of int32
 in the CPU's own order, and the C daemon reads them the same way; so do we
@@ -102,6 +106,9 @@ class Option(IntEnum):
     # int32 1: restore lazily (the target runs at once, its pages follow), 0: eagerly; without it the
     # daemon's default (memcr -l --lazy); a group's restore is eager either way
     LAZY = 1002
+    # int32 1: the answer carries the reason of a failure after its code (REASON_LENGTH and the text); 0: it
+    # does not, as without the option. Any command may carry it.
+    REASON = 1003
 
 
 class Compression(IntEnum):
@@ -135,7 +142,10 @@ INT_OPTIONS = {  # an int32
     Option.COMPRESSION: "compression",
     Option.TREE: "the process tree",
     Option.LAZY: "the lazy restore",
+    Option.REASON: "the reason wanted",
 }
+REASON_LENGTH = INT32  # after the code of an answer to a request with Option.REASON: the text's length in bytes
+REASON_MAX = 4096  # bytes of a reason at most: a longer one is cut (at a character's boundary)
 
 LOCATION_ENV = "MEMCR_LOCATION"
 DEFAULT_LOCATION = "/tmp/memcr/memcr.sock"
@@ -162,10 +172,11 @@ class Request(NamedTuple):
     tree: bool = False  # V2 Option.TREE
     cgroup: str | None = None  # V2 Option.CGROUP, decoded as os.fsdecode does
     lazy: bool | None = None  # V2 Option.LAZY; None: the daemon's default
+    reason: bool = False  # V2 Option.REASON: the answer carries the reason of a failure
 
     @property
     def options(self) -> bool:
-        """Whether the request carries V2 options that apply to a checkpoint (all but LAZY)."""
+        """Whether the request carries V2 options that apply to a checkpoint only (all but LAZY and REASON)."""
         return self.dump_dir is not None or self.compression is not None or self.group
 
     @property
@@ -246,6 +257,7 @@ class V2Options(TypedDict, total=False):
     tree: bool  # Option.TREE
     cgroup: PathValue | None  # Option.CGROUP
     lazy: bool | None  # Option.LAZY; None: not sent, the daemon's default holds
+    reason: bool  # Option.REASON: sent when True
 
 
 def check_keywords(options: Mapping[str, object], known: type, where: str) -> None:
@@ -260,6 +272,7 @@ def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes
     check_keywords(options, V2Options, "encode_v2_payload")
     dump_dir, compression = options.get("dump_dir"), options.get("compression")
     tree, cgroup, lazy = options.get("tree", False), options.get("cgroup"), options.get("lazy")
+    reason = options.get("reason", False)
     if tree and cgroup is not None:
         raise ProtocolError("a request is for a process tree or for a cgroup, not both")
     payload = _pack(REQUEST, cmd, pid)
@@ -273,6 +286,8 @@ def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes
         payload += _encode_path(Option.CGROUP, cgroup)
     if lazy is not None:
         payload += INT32.pack(Option.LAZY) + INT32.pack(int(lazy))
+    if reason:
+        payload += INT32.pack(Option.REASON) + INT32.pack(1)
     return payload
 
 
@@ -320,6 +335,7 @@ def decode_v2_payload(payload: bytes) -> Request:
     compression: Compression | None = None
     tree = False
     lazy: bool | None = None
+    reason = False
     at = REQUEST.size
     seen: set[int] = set()
     while at < len(payload):
@@ -350,16 +366,21 @@ def decode_v2_payload(payload: bytes) -> Request:
             if option == Option.COMPRESSION:
                 compression = compression_named(value)
             elif value not in (0, 1):
-                meaning = "1 (or 0: the pid alone)" if option == Option.TREE else "1 (lazily) or 0 (eagerly)"
+                meaning = {
+                    Option.TREE: "1 (or 0: the pid alone)",
+                    Option.LAZY: "1 (lazily) or 0 (eagerly)",
+                }.get(Option(option), "1 (wanted) or 0 (not)")
                 raise ProtocolError(f"{INT_OPTIONS[Option(option)]} (option {option}) is {meaning}, not {value}")
             elif option == Option.TREE:
                 tree = value == 1
-            else:
+            elif option == Option.LAZY:
                 lazy = value == 1
+            else:
+                reason = value == 1
         else:
             raise ProtocolError(
                 f"option {option} is unknown: known are 200 (dump directory), 201 (compression), "
-                "1000 (process tree), 1001 (cgroup) and 1002 (lazy restore)"
+                "1000 (process tree), 1001 (cgroup), 1002 (lazy restore) and 1003 (reason wanted)"
             )
     if Option.TREE in seen and Option.CGROUP in seen:
         raise ProtocolError("options 1000 (process tree) and 1001 (cgroup) exclude each other")
@@ -372,15 +393,36 @@ def decode_v2_payload(payload: bytes) -> Request:
         tree=tree,
         cgroup=paths.get(Option.CGROUP),
         lazy=lazy,
+        reason=reason,
     )
 
 
-def encode_answer(code: int) -> bytes:
-    """The 4 bytes of an answer."""
+def encode_answer(code: int, reason: str | None = None) -> bytes:
+    """The 4 bytes of an answer; with `reason` (a request with Option.REASON): its length and text after them.
+
+    A reason is sent whatever the code (empty with OK), so that the client
+    knows the daemon read its option; it is cut to REASON_MAX bytes.
+    """
     try:
-        return RESPONSE.pack(code)
+        answer = RESPONSE.pack(code)
     except struct.error:
         raise ProtocolError(f"answer {code} does not fit in 32 bits") from None
+    if reason is None:
+        return answer
+    text = reason.encode("utf-8", "replace")  # a lone surrogate from a path decoded by os.fsdecode
+    if len(text) > REASON_MAX:
+        text = text[:REASON_MAX].decode("utf-8", "ignore").encode()  # cut whole characters only
+    return answer + REASON_LENGTH.pack(len(text)) + text
+
+
+def decode_reason_length(data: bytes) -> int:
+    """The length of the reason that follows an answer's code, refused when it is out of bounds."""
+    if len(data) != REASON_LENGTH.size:
+        raise ProtocolError(f"a reason's length is {REASON_LENGTH.size} bytes, not {len(data)}")
+    length: int = REASON_LENGTH.unpack(data)[0]
+    if not 0 <= length <= REASON_MAX:
+        raise ProtocolError(f"a reason of {length} bytes: it is 0 to {REASON_MAX}")
+    return length
 
 
 def decode_answer(data: bytes) -> int:

@@ -33,8 +33,9 @@ if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
 
 
-def exchange(d: Daemon, *pieces: bytes, gap: float = 0.0, shut: bool = False) -> bytes:
-    """Write `pieces` on one connection, `gap` seconds apart, and return all the daemon sends back."""
+def exchange(d: Daemon, *pieces: bytes, gap: float = 0.0, shut: bool = False, size: int = 16) -> bytes:
+    """Write `pieces` on one connection, `gap` seconds apart, and return all the daemon sends back (up to `size`
+    bytes: more than any answer without a reason)."""
     with d.connect() as sock:
         for i, piece in enumerate(pieces):
             if i and gap:
@@ -42,7 +43,7 @@ def exchange(d: Daemon, *pieces: bytes, gap: float = 0.0, shut: bool = False) ->
             sock.sendall(piece)
         if shut:
             sock.shutdown(socket.SHUT_WR)
-        return sock.recv(16, socket.MSG_WAITALL)
+        return sock.recv(size, socket.MSG_WAITALL)
 
 
 def answer(reply: bytes) -> int:
@@ -84,6 +85,87 @@ def test_thunder_time_limit_expires(daemon, spawn) -> None:
     assert d.code(RESTORE, other.pid) == OK
     assert target.verify() == 0
     assert other.verify() == 0
+
+
+def test_thunder_is_answered_by_its_time_limit(daemon, spawn) -> None:
+    """Thunder gives up at its limit: the -1 must reach it by then, and the rollback of a large target follow."""
+    d = daemon("-z", "zstd", "-c")  # 1 GiB through zstd and MD5: far longer than the limit on any machine
+    target = spawn("pattern", 1024)
+    limit_ms, margin = 300, 0.150  # generous: two loaded cores, and the answer crosses a socket
+    for attempt in range(5):
+        with d.connect() as sock:
+            started = time.monotonic()  # the client's own clock, from its send
+            sock.sendall(i32(CHECKPOINT, target.pid, limit_ms))
+            reply = sock.recv(16, socket.MSG_WAITALL)
+            took = time.monotonic() - started
+        assert answer(reply) == ERROR, attempt
+        assert took < limit_ms / 1000 + margin, f"attempt {attempt}: answered after {took * 1000:.0f} ms"
+        d.out.wait_for(f"pid {target.pid}: checkpoint took longer than its time limit of 0.3 s: answered -1")
+        d.out.wait_for(f"pid {target.pid}: checkpoint failed")  # the rollback, after the answer
+        assert not frozen(target)
+    assert list(d.dump_dir.iterdir()) == []
+    assert target.verify() == 0
+
+
+def gone_pid(spawn) -> int:
+    """The pid of a process that has ended and been reaped."""
+    target = spawn("pattern", 1)
+    target.stop()
+    return target.pid
+
+
+def reason_answer(reply: bytes) -> tuple[int, str]:
+    """An answer to a request with option 1003: the code, then the reason's length and text, nothing more."""
+    code, length = struct.unpack("<ii", reply[:8])
+    assert len(reply) == 8 + length, reply
+    return code, reply[8:].decode()
+
+
+def test_reasons_for_v2_and_bare_codes_for_the_others(daemon, spawn, tmp_path: Path) -> None:
+    """Option 1003 brings the daemon's reason; v1, 12-byte and V2 requests without it get the 4 bytes as ever."""
+    d = daemon()
+    missing = gone_pid(spawn)
+    # the same failure in every form: the pid of no process
+    assert d.request(CHECKPOINT, missing) == i32(INVALID_PID)
+    assert exchange(d, i32(CHECKPOINT, missing, 60_000)) == i32(INVALID_PID)
+    assert exchange(d, v2(i32(CHECKPOINT, missing))) == i32(INVALID_PID)
+    code, reason = reason_answer(exchange(d, v2(i32(CHECKPOINT, missing, 1003, 1)), size=8192))
+    assert code == INVALID_PID and f"pid {missing}: checkpoint failed" in reason and str(missing) in reason, reason
+    assert "\n" not in reason.strip()
+    code, reason = reason_answer(exchange(d, v2(i32(RESTORE, missing, 1003, 1)), size=8192))
+    assert (code, reason) == (INVALID_PID, f"answered -2 to the restore of pid {missing}: it is not checkpointed")
+    # a dump directory that does not exist, through the real client
+    target = spawn("pattern", 16, 1)
+    nowhere = tmp_path / "nonexistent"
+
+    def client(*args: object) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "memcr_client", "-l", d.listen, "-p", str(target.pid), *map(str, args)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+    done = client("-c", "-d", nowhere)
+    assert done.returncode == 1
+    prefix = f"memcr-client: error: pid {target.pid}: memcr answered -1: refused the V2 checkpoint of pid {target.pid}"
+    assert done.stderr.startswith(prefix), done.stderr
+    assert str(nowhere) in done.stderr and "No such file or directory" in done.stderr, done.stderr
+    assert not frozen(target)
+    # the forms that carry no reason: where to look instead
+    done = client("-c", "-d", nowhere, "--no-reason")
+    assert done.stderr == (
+        f"memcr-client: error: pid {target.pid}: memcr reported an error (-1): the daemon's log says why\n"
+    )
+    assert client("-r", "--v1").stderr == (
+        f"memcr-client: error: pid {target.pid}: not checkpointed, or its lazy restore is still under way "
+        "(the daemon's log says which)\n"
+    )
+    # a malformed 1003 makes a request the daemon cannot decode: the bare -1, the target untouched
+    assert exchange(d, v2(i32(CHECKPOINT, target.pid, 1003, 2)), size=8192) == i32(ERROR)
+    assert exchange(d, v2(i32(CHECKPOINT, target.pid, 1003, 1, 1003, 1)), size=8192) == i32(ERROR)
+    assert exchange(d, v2(i32(CHECKPOINT, target.pid, 1003)), size=8192) == i32(ERROR)
+    assert not frozen(target)
+    # a request that succeeds: code 0 and an empty reason
+    assert exchange(d, v2(i32(CHECKPOINT, target.pid, 1003, 1))) == i32(OK, 0)
+    assert client("-r", "--v2").returncode == 0
+    assert target.verify() == 0
 
 
 # -- Dobby: V2 with a dump directory and a compression ---------------------------

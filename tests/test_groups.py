@@ -305,3 +305,37 @@ def test_a_cgroup_holding_the_daemons_parent_is_refused_before_its_freezer_runs(
     assert frozen == []
     assert tracer(target.pid) == "0"
     assert target.verify() == 0
+
+
+def verify_tree(target) -> tuple[int, str]:
+    """Ask the forkserver and its workers to check their memory: its exit code and what it wrote to stderr."""
+    target.proc.send_signal(signal.SIGUSR1)
+    code = target.proc.wait(120)
+    return code, target.proc.stderr.read() if target.proc.stderr else ""
+
+
+def test_a_member_killed_while_the_tree_is_parked(spawn, memcr: Memcr) -> None:
+    """Killed from outside while parked: memcr lets go of it at once, restores the rest, and says so (exit 7)."""
+    target = spawn("forkserver", 3, 2, 8, 8)
+    members = members_of(target)
+    victim = max(members - {target.pid})
+    session = memcr.interactive("-p", target.pid, "--tree")
+    session.wait_prompt()
+    assert tracer(victim) != "0"
+    signal_killed = subprocess.run(["kill", "-KILL", str(victim)], check=False, timeout=10)
+    assert signal_killed.returncode == 0
+    # memcr, its tracer, collects its exit while the group stays parked: its parent may reap it (once it runs)
+    session.out.wait_for(f"pid {victim}: ended while its group is parked (killed by SIGKILL), not by memcr's hand")
+    status = procfs.read_status(victim)
+    assert status["State"].startswith("Z") and status["TracerPid"] == "0", status
+    for pid in members - {victim}:
+        assert procfs.read_status(pid)["State"].startswith("t"), pid  # the others stay parked meanwhile
+    assert session.press_enter() == 7  # ExitCode.TARGET_ENDED
+    err = session.stderr()
+    assert f"pid {victim} ended while parked (killed by SIGKILL), not by memcr's hand" in err, err
+    assert f"the other {len(members) - 1} processes restored" in err, err
+    assert_untouched(members - {victim}, memcr)
+    # every other member finds itself intact; only the killed worker fails the parent's count
+    code, complaints = verify_tree(target)
+    assert code == 1
+    assert complaints.strip().splitlines() == [f"worker {victim} failed (status 0x9)"], complaints

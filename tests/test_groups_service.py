@@ -17,9 +17,9 @@ import pytest
 
 from memcr import procfs
 from memcr_client import Client, MemcrClientError
-from memcr_client.protocol import Answer, Command
+from memcr_client.protocol import Answer, Command, Dialect
 from tests.conftest import CGROUP2, CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, reports
-from tests.test_groups import members_of, traced, tracer
+from tests.test_groups import members_of, traced, tracer, verify_tree
 from tests.test_service import client
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -264,3 +264,27 @@ def test_the_descriptor_budget_counts_every_member(daemon, spawn) -> None:
     assert d.code(CHECKPOINT, target.pid) == OK
     assert d.code(RESTORE, target.pid) == OK
     assert target.verify() == 0
+
+
+def test_a_member_killed_while_the_tree_is_parked(daemon, spawn) -> None:
+    """The daemon lets go of a member killed from outside at once; the group's RESTORE wakes the others and is
+    answered -1, with the log line as its reason for a V2 client that asks (option 1003)."""
+    d = daemon()
+    target = spawn("forkserver", 3, 2, 8, 8)
+    members = members_of(target)
+    victim = max(members - {target.pid})
+    asking = Client(d.listen, timeout=RUN_TIMEOUT, dialect=Dialect.V2, reasons=True)
+    asking.checkpoint(target.pid, tree=True)
+    assert held(members)
+    subprocess.run(["kill", "-KILL", str(victim)], check=True, timeout=10)
+    d.out.wait_for(f"pid {victim}: ended while its group is parked (killed by SIGKILL), not by memcr's hand")
+    assert tracer(victim) == "0"  # collected: its parent may reap it once it runs
+    with pytest.raises(MemcrClientError) as failed:
+        asking.restore(target.pid)
+    ending = f"pid {victim} ended while parked (killed by SIGKILL), not by memcr's hand"
+    assert failed.value.code == ERROR
+    assert ending in (failed.value.reason or ""), failed.value
+    assert f"tree {target.pid}: restore failed" in d.out.wait_for(ending)
+    assert untouched(members - {victim}, d)
+    code, complaints = verify_tree(target)  # the others intact: only the killed worker fails the count
+    assert (code, complaints.strip().splitlines()) == (1, [f"worker {victim} failed (status 0x9)"])

@@ -51,6 +51,9 @@ def i32(*values: int) -> bytes:
     return b"".join(struct.pack("<i", v) for v in values)
 
 
+REASON = i32(1003, 1)  # memcr-client asks for the reason with every V2 request (unless --no-reason)
+
+
 def v2(*payload: bytes) -> bytes:
     body = b"".join(payload)
     return i32(102, len(body)) + body
@@ -220,7 +223,7 @@ def test_client_says_why_a_v1_daemon_drops_v2(tmp_path: Path) -> None:
         thread = threading.Thread(target=serve)
         thread.start()
         try:
-            with pytest.raises(MemcrClientError, match=r"the C memcr\) does that: send v1 \(-v/--v1\)"):
+            with pytest.raises(MemcrClientError, match=r"the C memcr\) does that: send v1 \(--v1\)"):
                 Client(str(path), timeout=10).checkpoint(5, compress="lz4")
         finally:
             thread.join(10)
@@ -243,15 +246,17 @@ def test_cli_sends_each_form(recorder: tuple[str, list[bytes]], capsys: pytest.C
     code, out, _ = run_cli(["-l", path, "-p", "23", "-c", "-r", "-d", "/srv/d", "-z", "zstd"], capsys)
     assert (code, out) == (0, "pid 23 checkpointed\npid 23 restored\n")
     assert run_cli(["-l", path, "-p", "24", "--v2", "-r"], capsys)[0] == 0
-    assert run_cli(["-l", path, "-p", "25", "-v", "-r"], capsys)[0] == 0
+    assert run_cli(["-l", path, "-p", "25", "--v1", "-r"], capsys)[0] == 0
+    assert run_cli(["-l", path, "-p", "26", "-r", "--v2", "--no-reason"], capsys)[0] == 0
     assert received == [
         i32(CHECKPOINT, 21),
         i32(RESTORE, 21),
         i32(CHECKPOINT, 22, 1500),
-        v2(i32(CHECKPOINT, 23), dump_dir("/srv/d"), i32(201, 2)),
-        v2(i32(RESTORE, 23)),  # every request of a V2 run is V2, as the C client variant sends them
-        v2(i32(RESTORE, 24)),
+        v2(i32(CHECKPOINT, 23), dump_dir("/srv/d"), i32(201, 2), REASON),
+        v2(i32(RESTORE, 23), REASON),  # every request of a V2 run is V2, as the C client variant sends them
+        v2(i32(RESTORE, 24), REASON),
         i32(RESTORE, 25),
+        v2(i32(RESTORE, 26)),  # without option 1003: for a daemon that does not know it
     ]
 
 
@@ -261,8 +266,11 @@ def test_cli_sends_each_form(recorder: tuple[str, list[bytes]], capsys: pytest.C
         (["-p", "5"], "give -c/--checkpoint, -r/--restore or both"),
         (["-p", "0", "-c"], "-p/--pid must be a positive process id, not 0"),
         (["-p", "5", "-r", "-d", "/d"], "-d/--dir, -z/--compress, --tree and --cgroup apply to -c/--checkpoint only"),
-        (["-p", "5", "-c", "-v", "-z", "lz4"], "-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree,"),
-        (["-p", "5", "-c", "-v", "--v2"], "argument --v2: not allowed with argument -v/--v1"),
+        (["-p", "5", "-c", "--v1", "-z", "lz4"], "--v1 sends the 8-byte request, which carries no -d, -z, --tree,"),
+        (["-p", "5", "-c", "--v1", "--v2"], "argument --v2: not allowed with argument --v1"),
+        # -v was --v1's short form, which reads as "verbose": refused, with the way to what it did
+        (["-p", "5", "-c", "-v"], "-v is no option (it is not --verbose): to send the 8-byte v1 request, use --v1"),
+        (["-v", "-p", "5", "-r", "--v2"], "-v is no option (it is not --verbose): to send the 8-byte v1 request"),
         (["-p", "5", "-c", "-t", "2", "-d", "/d"], "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree"),
         (["-p", "5", "-c", "-z", "gzip"], "argument -z/--compress: unknown compression 'gzip'"),
         (["-p", "5", "-c", "-t", "0"], "argument -t/--timeout: must be a positive number of seconds, not 0"),

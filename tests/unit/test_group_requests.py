@@ -24,7 +24,7 @@ from memcr_client.protocol import (
     decode_v2_payload,
     encode_v2_request,
 )
-from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
+from tests.unit.test_dialects import CHECKPOINT, REASON, RESTORE, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -91,8 +91,8 @@ def test_cgroup_path_of_exactly_the_limit() -> None:
         (i32(CHECKPOINT, 5, 1000, 1) + cgroup("app"), "options 1000 (process tree) and 1001 (cgroup) exclude each"),
         (i32(CHECKPOINT, 5, 1000, 0) + cgroup("app"), "exclude each other"),  # even a tree of 0: one says which
         (
-            i32(CHECKPOINT, 5, 1003, 0),
-            "known are 200 (dump directory), 201 (compression), 1000 (process tree), 1001 (cgroup) and 1002",
+            i32(CHECKPOINT, 5, 1004, 0),
+            "known are 200 (dump directory), 201 (compression), 1000 (process tree), 1001 (cgroup), 1002",
         ),
     ],
 )
@@ -138,9 +138,9 @@ def test_cli_sends_groups(recorder: tuple[str, list[bytes]], capsys: pytest.Capt
     code, out, _ = run_cli(["-l", path, "-p", "42", "-c", "--cgroup", "app.slice/app", "-z", "zstd"], capsys)
     assert (code, out) == (0, "pid 42 and cgroup app.slice/app checkpointed\n")
     assert received == [
-        v2(i32(CHECKPOINT, 41, 1000, 1)),
-        v2(i32(RESTORE, 41)),  # every request of a V2 run is V2, as the C client variant sends them
-        v2(i32(CHECKPOINT, 42, 201, 2), cgroup("app.slice/app")),
+        v2(i32(CHECKPOINT, 41, 1000, 1), REASON),
+        v2(i32(RESTORE, 41), REASON),  # every request of a V2 run is V2, as the C client variant sends them
+        v2(i32(CHECKPOINT, 42, 201, 2), cgroup("app.slice/app"), REASON),
     ]
 
 
@@ -149,7 +149,7 @@ def test_cli_sends_groups(recorder: tuple[str, list[bytes]], capsys: pytest.Capt
     [
         (["-p", "5", "-c", "--tree", "--cgroup", "app"], "--tree and --cgroup exclude each other"),
         (["-p", "5", "-r", "--tree"], "-d/--dir, -z/--compress, --tree and --cgroup apply to -c/--checkpoint only"),
-        (["-p", "5", "-c", "-v", "--cgroup", "app"], "-v/--v1 sends the 8-byte request, which carries no"),
+        (["-p", "5", "-c", "--v1", "--cgroup", "app"], "--v1 sends the 8-byte request, which carries no"),
         (["-p", "5", "-c", "-t", "3", "--tree"], "-t/--timeout goes in the 12-byte request"),
         (["-p", "5", "-c", "--cgroup", "c" * 1100], "the cgroup is 1100 bytes: at most 1023 fit"),
     ],

@@ -16,7 +16,7 @@ import pytest
 from memcr import service
 from memcr_client import Answer, Client, Dialect, ProtocolError
 from memcr_client.protocol import Command, Option, Request, decode_v2_payload, encode_v2_request
-from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
+from tests.unit.test_dialects import CHECKPOINT, REASON, RESTORE, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -49,7 +49,7 @@ def test_without_the_option_the_daemon_decides() -> None:
         (i32(RESTORE, 5, 1002, -1), "is 1 (lazily) or 0 (eagerly), not -1"),
         (i32(RESTORE, 5, 1002) + b"\x01\x00", "the lazy restore (option 1002) needs 4 bytes, 2 are left"),
         (i32(RESTORE, 5, 1002, 1, 1002, 0), "option 1002 is given twice"),
-        (i32(RESTORE, 5, 1003, 1), "1001 (cgroup) and 1002 (lazy restore)"),
+        (i32(RESTORE, 5, 1004, 1), "1001 (cgroup), 1002 (lazy restore) and 1003 (reason wanted)"),
     ],
 )
 def test_lazy_payloads_refused(payload: bytes, reason: str) -> None:
@@ -95,10 +95,10 @@ def test_cli_sends_lazy_and_eager(recorder: tuple[str, list[bytes]], capsys: pyt
     assert run_cli(["-l", path, "-p", "52", "-r", "--eager"], capsys)[0] == 0
     assert run_cli(["-l", path, "-p", "53", "-c", "-r", "--lazy"], capsys)[0] == 0
     assert received == [
-        v2(i32(RESTORE, 51, 1002, 1)),
-        v2(i32(RESTORE, 52, 1002, 0)),
-        v2(i32(CHECKPOINT, 53)),  # every request of a V2 run is V2; the option goes with the restore only
-        v2(i32(RESTORE, 53, 1002, 1)),
+        v2(i32(RESTORE, 51, 1002, 1), REASON),
+        v2(i32(RESTORE, 52, 1002, 0), REASON),
+        v2(i32(CHECKPOINT, 53), REASON),  # every request of a V2 run is V2; the option goes with the restore only
+        v2(i32(RESTORE, 53, 1002, 1), REASON),
     ]
 
 
@@ -107,7 +107,7 @@ def test_cli_sends_lazy_and_eager(recorder: tuple[str, list[bytes]], capsys: pyt
     [
         (["-p", "5", "-c", "--lazy"], "--lazy and --eager apply to -r/--restore only"),
         (["-p", "5", "-c", "--eager"], "--lazy and --eager apply to -r/--restore only"),
-        (["-p", "5", "-r", "-v", "--lazy"], "-v/--v1 sends the 8-byte request, which carries no -d, -z, --tree, "),
+        (["-p", "5", "-r", "--v1", "--lazy"], "--v1 sends the 8-byte request, which carries no -d, -z, --tree, "),
         (["-p", "5", "-r", "-t", "3", "--eager"], "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, "),
         (["-p", "5", "-r", "--lazy", "--eager"], "argument --eager: not allowed with argument --lazy"),
     ],

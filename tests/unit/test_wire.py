@@ -19,20 +19,25 @@ from memcr_client import Client, MemcrClientError
 from memcr_client.protocol import (
     DEFAULT_LOCATION,
     LOCATION_ENV,
+    REASON_MAX,
     REQUEST,
     RESPONSE,
     Address,
     AddressError,
     Answer,
     Command,
+    Dialect,
     ExitCode,
     ProtocolError,
     Request,
     decode_answer,
+    decode_reason_length,
     decode_request,
+    decode_v2_payload,
     default_location,
     encode_answer,
     encode_request,
+    encode_v2_payload,
 )
 
 
@@ -234,6 +239,65 @@ def test_client_sends_and_reads_the_wire_format(fake_daemon: tuple[Path, list[by
     assert received == [encode_request(Command.CHECKPOINT, 42), encode_request(Command.RESTORE, 43)] + [
         encode_request(Command.CHECKPOINT, pid) for pid in (44, 45, 46)
     ]
+
+
+def test_answer_with_a_reason() -> None:
+    """Option 1003's answer: the code, the text's length, the text; the code alone without the option."""
+    assert encode_answer(Answer.ERROR) == int32(-1)  # v1, 12-byte and V2 without 1003: as ever
+    assert encode_answer(Answer.ERROR, "no dir") == int32(-1) + int32(6) + b"no dir"
+    assert encode_answer(Answer.OK, "") == int32(0) + int32(0)
+    # cut at REASON_MAX bytes, never inside a character (a 2-byte é straddles the limit here)
+    cut = encode_answer(Answer.ERROR, "a" * (REASON_MAX - 1) + "é")
+    assert cut == int32(-1) + int32(REASON_MAX - 1) + b"a" * (REASON_MAX - 1)
+    # a path os.fsdecode made of bytes that are no UTF-8 still goes out
+    assert encode_answer(Answer.ERROR, "/d\udcff")[8:] == b"/d?"
+    assert decode_reason_length(int32(12)) == 12
+    for bad in (int32(-1), int32(REASON_MAX + 1), b"\0"):
+        with pytest.raises(ProtocolError):
+            decode_reason_length(bad)
+
+
+def test_reason_option_in_a_v2_payload() -> None:
+    payload = encode_v2_payload(Command.RESTORE, 7, reason=True)
+    assert payload == int32(101) + int32(7) + int32(1003) + int32(1)
+    assert decode_v2_payload(payload) == Request(Command.RESTORE, 7, Dialect.V2, reason=True)
+    assert not decode_v2_payload(payload).options  # a restore may carry it: it is no checkpoint option
+    assert not decode_v2_payload(int32(101) + int32(7) + int32(1003) + int32(0)).reason
+    with pytest.raises(ProtocolError, match=r"the reason wanted \(option 1003\) is 1 \(wanted\) or 0 \(not\)"):
+        decode_v2_payload(int32(101) + int32(7) + int32(1003) + int32(2))
+
+
+def test_client_reads_the_reason(tmp_path: Path) -> None:
+    """A V2 client that asks (option 1003) reads the reason after the code; the code alone means "see the log"."""
+    path = tmp_path / "fake.sock"
+    replies = [encode_answer(Answer.ERROR, "the dump directory is gone"), encode_answer(Answer.ERROR)]
+    received: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(2)
+        listener.settimeout(10)
+
+        def serve() -> None:
+            for reply in replies:
+                conn, _ = listener.accept()
+                with conn:
+                    header = conn.recv(8, socket.MSG_WAITALL)  # a V2 header, then its payload: all of it first
+                    received.append(header + conn.recv(int.from_bytes(header[4:], sys.byteorder), socket.MSG_WAITALL))
+                    conn.sendall(reply)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            client = Client(str(path), timeout=10, dialect=Dialect.V2, reasons=True)
+            with pytest.raises(MemcrClientError, match="pid 44: memcr answered -1: the dump directory is gone") as e:
+                client.checkpoint(44)
+            assert (e.value.code, e.value.reason) == (-1, "the dump directory is gone")
+            # the code alone, then the end (a daemon that knows no option 1003): the log is where to look
+            with pytest.raises(MemcrClientError, match=r"memcr reported an error \(-1\): the daemon's log says why"):
+                client.checkpoint(45)
+        finally:
+            thread.join(10)
+    assert received[0].endswith(int32(1003) + int32(1))
 
 
 def test_client_names_a_missing_daemon(tmp_path: Path) -> None:
