@@ -18,7 +18,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from memcr import arch
 from memcr.dump.format import MAGIC
+from memcr.errors import TargetLimit
+from memcr.parasite import Parasite, SocketSpec
+from memcr.tracer import FrozenProcess
 from tests.conftest import READY_TIMEOUT, RUN_TIMEOUT, Lines, Memcr, Target, memcr_argv, reap, round_trip
 from tests.test_preflight import refused
 
@@ -199,4 +205,44 @@ def test_two_memcr_at_once_end_the_same_way(spawn, memcr: Memcr) -> None:
     codes = [code for code, _ in endings]
     assert 3 in codes, f"no two runs overlapped, the race was not tried: {codes}"
     assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+def _late(target: Target, limit: str) -> TargetLimit:
+    """Freeze `target` (real ptrace, in this process), impose `limit` on it only then, and start the parasite.
+
+    The preflight saw no such limit: the injected mmap or the parasite's
+    socket meets it. Returns the error Parasite.start raised; the target
+    is released again either way.
+    """
+    frozen = FrozenProcess.freeze(target.pid, arch.current())
+    try:
+        subprocess.run(["prlimit", "--pid", str(target.pid), limit], check=True)
+        with pytest.raises(TargetLimit) as caught:
+            Parasite.start(frozen, arch.blobs(), SocketSpec(target.pid), False, arch.page_size()).cure()
+    finally:
+        frozen.release()
+    return caught.value
+
+
+def test_late_address_space_limit_names_the_limit(spawn) -> None:
+    """A limit set while memcr holds the target: the mmap's ENOMEM is still told as RLIMIT_AS, not as errno."""
+    target = spawn("pattern", 8, 1)
+    used = int(target.status()["VmSize"].split()[0]) * 1024
+    error = _late(target, f"--as={used}:")
+    assert (error.what, error.exit_code) == ("as", 3)
+    assert f"its RLIMIT_AS soft limit is {used >> 10} KiB" in str(error)
+    assert target.status()["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_late_descriptor_limit_names_the_limit(spawn) -> None:
+    """The parasite's socket() fails with EMFILE: told as RLIMIT_NOFILE, and the target keeps no descriptor."""
+    target = spawn("pattern", 8, 1)
+    fds = sorted(os.listdir(f"/proc/{target.pid}/fd"))
+    error = _late(target, f"--nofile={len(fds)}:")
+    assert (error.what, error.exit_code) == ("nofile", 3)
+    assert "RLIMIT_NOFILE soft limit is" in str(error)
+    assert sorted(os.listdir(f"/proc/{target.pid}/fd")) == fds
+    subprocess.run(["prlimit", "--pid", str(target.pid), "--nofile=64:"], check=True)  # it needs one to check itself
     assert target.verify() == 0
