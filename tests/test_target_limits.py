@@ -1,10 +1,11 @@
-"""A target memcr cannot infect as it is: refused before anything changes (exit 3), naming why and the fix.
+"""A target memcr cannot infect as it is: refused before anything changes, naming why and the fix.
 
 Each case was once a late failure of the injected mmap, clone or socket
 (exit 1, "Cannot allocate memory", "Invalid argument" ...). Each test
-drives the real memcr against a real target and checks the code, the
-message and that the target finds itself intact; where the advice is a
-command, the test runs it and parks the target after all.
+drives the real memcr against a real target and checks the code (3; 2
+for a missing -N), the message and that the target finds itself intact;
+where the advice is a command, the test runs it and parks the target
+after all. The late tests drive the engine itself, with real ptrace.
 """
 
 from __future__ import annotations
