@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 
 from memcr.accounts import group_name, user_name
-from memcr.errors import Folder, MemcrError, MissingFolders, RightsError
+from memcr.errors import Folder, MemcrError, MissingFolders, RightsError, TargetLimit
 from memcr.launcher import capability_advice, folders_list
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -39,11 +39,39 @@ def advice(error: MemcrError) -> str:
         )
     if what == "descriptors":
         return "Raise the limit (ulimit -n, LimitNOFILE=) or park fewer processes at once"
+    if isinstance(error, TargetLimit):
+        return _limit_advice(error)
+    if what == "sched-deadline":
+        return (
+            "give one of its threads another policy (chrt --other -p 0 TID) or the reset-on-fork flag "
+            "(chrt --reset-on-fork --deadline with its runtime, deadline and period), then retry"
+        )
+    if what == "pid-namespace":
+        return (
+            "this holds for the process's whole life: park the processes of its new pid namespace instead, "
+            "or have it call unshare(CLONE_NEWPID) in a child (unshare --pid --fork)"
+        )
+    if what == "netns":
+        if isinstance(error, RightsError):
+            return "give memcr CAP_SYS_ADMIN, or instead of -N a folder both reach for the parasite's socket (-S DIR)"
+        return "add -N (--parasite-socket-netns) to connect from inside it, or give a folder for its socket (-S DIR)"
     if isinstance(error, MissingFolders):
         return make_folders(error.folders)
     if isinstance(error, RightsError) and "CAP_SYS_PTRACE" in str(error):
         return capability_advice()  # which file gets the capability, and the command
     return ""
+
+
+def _limit_advice(error: TargetLimit) -> str:
+    """The command that lifts a target's limit, enough for the parasite (as root: it may raise a hard limit too)."""
+    if error.what == "max-map-count":
+        return f"raise it (sysctl -w vm.max_map_count={error.wanted}) or have the process unmap some, then retry"
+    option = {"nofile": "--nofile", "as": "--as", "data": "--data"}.get(error.what or "")
+    if option is None:
+        return ""
+    # SOFT: leaves the hard limit as it is; one below the new soft limit is raised with it
+    value = f"{error.wanted}:" if error.hard is None or error.wanted <= error.hard else f"{error.wanted}:{error.wanted}"
+    return f"raise it (prlimit --pid {error.pid} {option}={value}), then retry"
 
 
 def make_folders(folders: list[Folder]) -> str:

@@ -27,7 +27,17 @@ from memcr import accounts, arch, codec, procfs, scan
 from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
-from memcr.errors import Aborted, Folder, LimitError, MissingFolders, RightsError, StorageError, TargetError
+from memcr.errors import (
+    Aborted,
+    Folder,
+    LimitError,
+    MissingFolders,
+    RightsError,
+    StorageError,
+    TargetError,
+    UsageError,
+)
+from memcr.infect import check_room
 from memcr.parasite import Parasite, SocketSpec
 from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma
@@ -97,6 +107,17 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
             pid=pid,
             what="async-io",
         )
+    if not options.netns and options.socket_dir is None and not procfs.in_own_namespace(pid, "net"):
+        # an abstract socket exists only in the network namespace it was made in: connecting from memcr's
+        # own would be refused once the target is frozen and infected. An option is missing (exit 2; the
+        # daemon answers -1, as to a failure, not -2 as to a pid it may not park)
+        raise UsageError(
+            f"process {pid} is in another network namespace than memcr, where memcr cannot reach its parasite's "
+            "abstract socket",
+            pid=pid,
+            what="netns",
+        )
+    check_room(pid, arch.blobs(), arch.page_size())
     return status
 
 
@@ -229,9 +250,8 @@ def _checkpoint(
         if seized:
             seized()
         refuse_shared_memory(pid)  # a vfork() may have come between the check and the freeze
-        parasite = Parasite.start(
-            frozen, arch.blobs(), SocketSpec(pid, options.socket_dir, options.socket_gid), options.netns, page_size
-        )
+        spec = SocketSpec(pid, options.socket_dir, options.socket_gid)
+        parasite = Parasite.start(frozen, arch.blobs(), spec, options.netns, page_size)
     except BaseException as error:
         try:
             let_go(frozen, reserve, error)

@@ -53,6 +53,22 @@ class TargetGone(TargetError):
     """The target exited while memcr was working on it."""
 
 
+class TargetLimit(TargetError):
+    """A limit of the target's (an rlimit, vm.max_map_count) leaves no room for memcr's parasite.
+
+    `what` names the limit ("nofile", "as", "data", "max-map-count"),
+    `wanted` is the value that would make room and `hard` the rlimit's hard
+    limit (None: unlimited, or no rlimit), for memcr.advice to name the fix.
+    """
+
+    def __init__(
+        self, message: str, pid: int, what: str, wanted: int, errno: int | None = None, hard: int | None = None
+    ) -> None:
+        super().__init__(message, pid=pid, what=what, errno=errno)
+        self.wanted = wanted
+        self.hard = hard
+
+
 class RightsError(MemcrError):
     """A permission, capability or kernel feature memcr needs is missing."""
 

@@ -7,6 +7,8 @@ it to exit and removes every trace of it (the compel split).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import signal
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 from memcr import procfs
 from memcr import ptrace_calls as pt
 from memcr.arch import Blobs, word_mask
-from memcr.errors import MemcrError, ParasiteError, TargetError, TargetGone, Uncured
+from memcr.errors import MemcrError, ParasiteError, RightsError, TargetError, TargetGone, TargetLimit, Uncured
 from memcr.tracer import OPTIONS, FrozenProcess
 
 STACK_SIZE = 64 * 1024
@@ -32,6 +34,95 @@ CLONE_FLAGS = (
 PROT_RWX = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
 MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 ALL_SIGNALS = (1 << 8 * pt.SIGSET_SIZE) - 1
+
+
+def mapping_size(blobs: Blobs, page_size: int) -> int:
+    """The bytes the parasite's mapping takes in the target: its code and bss, then its stack."""
+    return -(-blobs.offsets["parasite_end"] // page_size) * page_size + STACK_SIZE
+
+
+# the parasite's descriptors in the target: its listening socket, the connection, and /proc/self/pagemap
+# (or, with -G, an O_PATH of its socket file)
+PARASITE_FDS = 3
+MIB = 1 << 20
+
+
+def room_problems(pid: int, size: int) -> list[TargetLimit]:
+    """The target's limits that leave no room for a parasite mapping of `size` bytes and its descriptors.
+
+    All are read from /proc, so that they are found before anything of the
+    target changes; an injected mmap or the parasite's socket() would fail
+    (ENOMEM, EMFILE) on any of them.
+    """
+    found = []
+    limits = procfs.limits(pid)
+    status = procfs.read_status(pid)
+    for key, status_key, what, name in (
+        ("Max address space", "VmSize", "as", "address space and its RLIMIT_AS"),
+        ("Max data size", "VmData", "data", "data (private writable memory) and its RLIMIT_DATA"),
+    ):
+        soft, hard = limits.get(key, (None, None))
+        used = procfs.memory_kb(status, status_key) * 1024
+        if soft is not None and used + size > soft:
+            found.append(
+                TargetLimit(
+                    f"process {pid} uses {used >> 10} KiB of {name} soft limit is {soft >> 10} KiB: "
+                    f"memcr's parasite needs {size >> 10} KiB more",
+                    pid=pid,
+                    what=what,
+                    wanted=-(-(used + size) // MIB) * MIB,  # whole MiB: a little room besides
+                    errno=errno.ENOMEM,
+                    hard=hard,
+                )
+            )
+    # the kernel refuses a new mapping once the count is above the limit: the parasite is one new mapping
+    highest, count = procfs.max_map_count(), procfs.map_count(pid)
+    if highest is not None and count > highest:
+        found.append(
+            TargetLimit(
+                f"process {pid} has {count} mappings, more than vm.max_map_count ({highest}) allows: "
+                "the kernel maps no more for it, not even the parasite",
+                pid=pid,
+                what="max-map-count",
+                wanted=count + 64,
+                errno=errno.ENOMEM,
+            )
+        )
+    soft, hard = limits.get("Max open files", (None, None))
+    if soft is not None:
+        used = procfs.descriptors_below(pid, soft)
+        if soft - used < PARASITE_FDS:
+            found.append(
+                TargetLimit(
+                    f"process {pid} has {used} file descriptors open and its RLIMIT_NOFILE soft limit is {soft}: "
+                    f"memcr's parasite needs {PARASITE_FDS} more for its socket",
+                    pid=pid,
+                    what="nofile",
+                    wanted=used + PARASITE_FDS,
+                    errno=errno.EMFILE,
+                    hard=hard,
+                )
+            )
+    return found
+
+
+def check_room(pid: int, blobs: Blobs, page_size: int) -> None:
+    """Refuse a target whose limits leave no room for the parasite, naming the first such limit."""
+    try:
+        problems = room_problems(pid, mapping_size(blobs, page_size))
+    except RightsError as e:
+        raise procfs.trace_denied(pid, e) from None  # its maps and descriptors are for those who may trace it
+    if problems:
+        raise problems[0]
+
+
+def room_error(pid: int, size: int, err: int, whats: tuple[str, ...], failed: str) -> MemcrError:
+    """A late failure (`err` from the target's mmap or socket) as the limit that caused it, when one shows."""
+    with contextlib.suppress(MemcrError, OSError):
+        for problem in room_problems(pid, size):
+            if problem.what in whats:
+                return problem
+    return ParasiteError(f"{failed}: {os.strerror(err)}", pid=pid, errno=err)
 
 
 def injection_site(pid: int) -> int:
@@ -106,13 +197,13 @@ class Infection:
         f, blobs = injector.frozen, injector.blobs
         sigmask = f.get_sigmask(f.leader)
         f.set_sigmask(f.leader, ALL_SIGNALS)
-        code_size = -(-blobs.offsets["parasite_end"] // page_size) * page_size
-        size = code_size + STACK_SIZE
+        size = mapping_size(blobs, page_size)
         base = -1
         try:
             base = injector.syscall(f.arch.SYS_MMAP, 0, size, PROT_RWX, MAP_PRIVATE_ANON, word_mask(f.arch), 0)
             if base < 0:
-                raise ParasiteError(f"could not map the parasite in process {f.pid}: {os.strerror(-base)}", pid=f.pid)
+                failed = f"could not map the parasite in process {f.pid}"
+                raise room_error(f.pid, size, -base, ("as", "data", "max-map-count"), failed)
             f.write(base, blobs.parasite)
         except BaseException as error:
             try:
@@ -150,7 +241,11 @@ class Infection:
             f.set_options(tid, OPTIONS)
         result = f.arch.syscall_result(done)
         if result <= 0 or not child:
-            raise ParasiteError(f"could not start the parasite thread: {os.strerror(-result)}", pid=f.pid)
+            why = os.strerror(-result)
+            if result == -errno.EAGAIN:  # the preflight ruled out SCHED_DEADLINE: what is left is a count
+                why += " (its user's process limit, RLIMIT_NPROC, or the system's kernel.threads-max is reached)"
+            failed = f"could not start the parasite thread in process {f.pid}: {why}"
+            raise ParasiteError(failed, pid=f.pid, errno=-result)
         self.tid = child
         f.helpers.append(child)  # killed and collected with the others if it comes to that
         return child

@@ -26,7 +26,7 @@ from memcr import procfs
 from memcr.accounts import not_in_group
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
-from memcr.infect import Infection, Injector
+from memcr.infect import Infection, Injector, room_error
 from memcr.tracer import FrozenProcess
 
 ARGS_MAGIC = 0x4D435031
@@ -122,10 +122,11 @@ def _netns_socket(pid: int) -> socket.socket:
                 if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
                     err = ctypes.get_errno()
                     raise RightsError(
-                        f"cannot enter the network namespace of process {pid}: {os.strerror(err)} "
-                        "(needs CAP_SYS_ADMIN)",
+                        f"cannot enter the network namespace of process {pid}, where its parasite's abstract "
+                        f"socket is: {os.strerror(err)} (needs CAP_SYS_ADMIN)",
                         pid=pid,
                         errno=err,
+                        what="netns",
                     )
             finally:
                 os.close(fd)
@@ -387,7 +388,10 @@ def _open_fds(infection: Infection) -> tuple[int, ...]:
 
 def _socket_failure(spec: SocketSpec, step: int, err: int) -> MemcrError:
     """Why the parasite could not make its socket; a group the target lacks for it (-S, -G) is named with the fix."""
-    failed = f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}: {os.strerror(err)}"
+    failed = f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}"
+    if err == errno.EMFILE:  # the target's descriptor limit, which the preflight may have seen change since
+        return room_error(spec.pid, 0, err, ("nofile",), failed)
+    failed += f": {os.strerror(err)}"
     if spec.directory is not None and err in (errno.EACCES, errno.EPERM):
         # the folder admits the targets by its group (bind), and the socket gets the group of -G (chown)
         gid = spec.gid if step == STEP_MODE else _group_of(spec.directory) if step == STEP_BIND else None

@@ -355,13 +355,29 @@ def check_target(pid: int) -> dict[str, str]:
     for tid, thread_status in statuses:
         tracer = int(thread_status.get("TracerPid", "0"))
         if tracer:
-            which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
-            raise TargetError(
-                f"{which} is already traced by process {tracer} (another memcr or a debugger): detach it first",
-                pid=pid,
-            )
-    _unconfined(pid, statuses)
+            raise already_traced(pid, tid, tracer)
+    _injection_thread(pid, statuses)
     return status
+
+
+def already_traced(pid: int, tid: int, tracer: int) -> TargetError:
+    """The refusal of a process whose thread `tid` another tracer holds: another memcr, most of the time."""
+    which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
+    args = (_read_or_none(proc_path(tracer, "cmdline")) or "").split("\0")
+    # the memcr command, its launcher, or `python -m memcr`; in a daemon, the tracer is one of its threads
+    if any(os.path.basename(a) == "memcr" for a in args[:3]) or ("-m" in args and "memcr" in args):
+        return TargetError(
+            f"{which} is already traced by process {tracer}: another memcr holds it; wait for that memcr to finish",
+            pid=pid,
+            what="another-memcr",
+        )
+    # unknown, or gone already (a memcr that just finished): the same words name both
+    return TargetError(
+        f"{which} is already traced by process {tracer}: another memcr or a tracer (a debugger, strace) holds it; "
+        "wait for it to finish or detach it",
+        pid=pid,
+        what="another-memcr",
+    )
 
 
 def _thread_statuses(pid: int, tids: list[int] | set[int]) -> list[tuple[int, dict[str, str]]]:
@@ -390,23 +406,86 @@ def groups(pid: int) -> set[int]:
     return {int(status["Gid"].split()[1]), *(int(gid) for gid in status.get("Groups", "").split())}
 
 
-def unconfined_thread(pid: int, tids: list[int] | set[int]) -> int:
-    """A thread (the main one if it can) under no seccomp mode: memcr's injected system calls run there.
+def injection_thread(pid: int, tids: list[int] | set[int]) -> int:
+    """The thread (the main one if it can) where memcr's injected system calls run and its parasite is cloned."""
+    return _injection_thread(pid, _thread_statuses(pid, tids))
+
+
+SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
+
+
+def _unfit(pid: int, tid: int, status: dict[str, str]) -> str | None:
+    """Why the parasite cannot come from this thread, or None when it can.
 
     A seccomp filter may answer mmap, clone or socket with an error, a
     SIGSYS or death, and strict mode allows nothing but read and write.
+    A SCHED_DEADLINE thread may not start a thread (clone fails with
+    EAGAIN) unless its new threads reset their policy (reset-on-fork). A
+    thread that called unshare(CLONE_NEWPID) would put its new threads in
+    another pid namespace than its own, which the kernel refuses (EINVAL).
     """
-    return _unconfined(pid, _thread_statuses(pid, tids))
+    if status.get("Seccomp", "0") != "0":
+        return "seccomp"
+    try:
+        policy = os.sched_getscheduler(tid)
+    except OSError:
+        policy = 0  # gone meanwhile: the freeze tells
+    if policy == SCHED_DEADLINE:  # with the reset-on-fork flag the value differs, and the thread may clone
+        return "sched-deadline"
+    ns = proc_path(pid, "task", str(tid), "ns")
+    try:
+        own = os.stat(ns / "pid").st_ino
+    except OSError:
+        return None  # not ours to read, or gone: the freeze names the right that is missing
+    try:
+        if os.stat(ns / "pid_for_children").st_ino != own:
+            return "pid-namespace"
+    except FileNotFoundError:
+        # a new pid namespace without its first process yet shows no link; a kernel before 4.12 none at all
+        if proc_path("self", "ns", "pid_for_children").exists():
+            return "pid-namespace"
+    except OSError:
+        pass
+    return None
 
 
-def _unconfined(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
-    for tid, thread in threads:
-        if thread.get("Seccomp", "0") == "0":
+def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
+    unfit: dict[str, list[int]] = {}
+    for tid, status in threads:
+        why = _unfit(pid, tid, status)
+        if why is None:
             return tid
+        unfit.setdefault(why, []).append(tid)
+    if list(unfit) == ["seccomp"] or not unfit:
+        raise TargetError(
+            f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
+            "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone",
+            pid=pid,
+        )
+    whose = f"process {pid}" if len(threads) == 1 else f"every thread of process {pid}"
+    if list(unfit) == ["sched-deadline"]:
+        raise TargetError(
+            f"{whose} runs under SCHED_DEADLINE, which may not start a thread (clone fails with EAGAIN): "
+            "memcr cannot start its parasite in it",
+            pid=pid,
+            errno=errno.EAGAIN,
+            what="sched-deadline",
+        )
+    if list(unfit) == ["pid-namespace"]:
+        raise TargetError(
+            f"{whose} called unshare(CLONE_NEWPID): the kernel starts no thread in a process whose new children go "
+            "to another pid namespace (clone fails with EINVAL), so memcr cannot start its parasite in it",
+            pid=pid,
+            errno=errno.EINVAL,
+            what="pid-namespace",
+        )
+    names = {"seccomp": "runs under seccomp", "sched-deadline": "runs under SCHED_DEADLINE",
+             "pid-namespace": "called unshare(CLONE_NEWPID)"}  # fmt: skip
+    said = "; ".join(f"thread{'s' if len(t) > 1 else ''} {', '.join(map(str, t))} {names[w]}" for w, t in unfit.items())
     raise TargetError(
-        f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
-        "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone",
+        f"no thread of process {pid} can start memcr's parasite: {said}",
         pid=pid,
+        what=next(w for w in unfit if w != "seccomp"),  # the advice for a cause the user can lift
     )
 
 
@@ -579,3 +658,40 @@ def open_namespace(pid: int, kind: str) -> int:
 def descriptor_count(pid: int | str = "self") -> int:
     """How many file descriptors the process (memcr itself by default) has open."""
     return len(_listdir(proc_path(pid, "fd"), pid))
+
+
+def limits(pid: int) -> dict[str, tuple[int | None, int | None]]:
+    """The process's resource limits by their /proc name ("Max open files"): (soft, hard), None = unlimited."""
+    found: dict[str, tuple[int | None, int | None]] = {}
+    for line in _read(proc_path(pid, "limits"), pid).splitlines()[1:]:
+        # "Max open files            1024                 4096                 files     "
+        name, values = line[:26].strip(), line[26:].split()
+        if len(values) >= 2:
+            soft, hard = (None if v == "unlimited" else int(v) for v in values[:2])
+            found[name] = (soft, hard)
+    return found
+
+
+def map_count(pid: int) -> int:
+    """How many mappings the process has, as the kernel counts them against vm.max_map_count."""
+    lines = _read(proc_path(pid, "maps"), pid).splitlines()
+    return sum(1 for line in lines if not line.endswith("[vsyscall]"))  # the gate area is no mapping of its own
+
+
+def max_map_count() -> int | None:
+    text = _read_or_none(Path("/proc/sys/vm/max_map_count"))
+    return int(text) if text and text.strip().isdigit() else None
+
+
+def descriptors_below(pid: int, limit: int) -> int:
+    """How many of the process's descriptors are numbered below `limit` (those above it take no free slot)."""
+    return sum(1 for name in _listdir(proc_path(pid, "fd"), pid) if int(name) < limit)
+
+
+def in_own_namespace(pid: int, kind: str) -> bool:
+    """Whether the process is in memcr's own namespace of `kind` ("net" ...); True when memcr cannot tell."""
+    try:
+        theirs, ours = os.stat(proc_path(pid, "ns", kind)), os.stat(proc_path("self", "ns", kind))
+    except OSError:
+        return True  # not ours to read, or gone: the freeze names the right that is missing
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)

@@ -26,6 +26,7 @@ OPTIONS = pt.O_EXITKILL | pt.O_TRACESYSGOOD
 # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK: the kernel restarts these after a signal
 RESTART = {-512, -513, -514, -516}
 FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT
+SEIZE_ATTEMPTS = 3  # a refusal to seize with no tracer in sight is looked at again this often
 
 
 class Memory(Protocol):
@@ -129,22 +130,25 @@ class _Seizing:
             raise TargetGone(f"process {self.pid} exited while being frozen", pid=self.pid)
 
     def _seize(self, tid: int) -> bool:
-        try:
-            # no EXITKILL yet: a thread that never stops must not take the process with memcr
-            pt.seize(tid, pt.O_TRACESYSGOOD)
-            pt.interrupt(tid)
-        except ProcessLookupError:
-            return False  # the thread exited between listing and seizing
-        except PermissionError:
-            tracer = procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0")
-            if tracer != "0":
-                raise TargetError(
-                    f"process {self.pid} is already traced by process {tracer} "
-                    "(another memcr or a debugger): detach it first",
-                    pid=self.pid,
-                ) from None
-            raise procfs.trace_denied(self.pid) from None
-        return True
+        for attempt in range(SEIZE_ATTEMPTS):
+            try:
+                # no EXITKILL yet: a thread that never stops must not take the process with memcr
+                pt.seize(tid, pt.O_TRACESYSGOOD)
+                pt.interrupt(tid)
+            except ProcessLookupError:
+                return False  # the thread exited between listing and seizing
+            except PermissionError:
+                tracer = int(procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0"))
+                if tracer:
+                    raise procfs.already_traced(self.pid, tid, tracer) from None
+                # another tracer (a second memcr) may have let go between the refusal and the look: only
+                # a refusal without any tracer, again and again, is memcr's own lack of a right
+                if attempt == SEIZE_ATTEMPTS - 1:
+                    raise procfs.trace_denied(self.pid) from None
+                time.sleep(0.001)
+            else:
+                return True
+        return False  # not reached: the last attempt returns or raises
 
     def let_go(self) -> None:
         for tid in self.tids:
@@ -212,8 +216,8 @@ class _Saved:
 class FrozenProcess:
     """Every thread of `pid` held in a ptrace stop by the calling thread.
 
-    `leader` is the thread that runs injected code (the first one seccomp
-    leaves every system call); `helpers` are threads memcr started in the
+    `leader` is the thread that runs injected code (the first one that can:
+    procfs.injection_thread); `helpers` are threads memcr started in the
     process (the parasite), traced too so that a group stop cannot hold them.
     """
 
@@ -238,7 +242,7 @@ class FrozenProcess:
             # only now that every thread is held: should memcr die from here on, the kernel kills the target
             for tid in seizing.tids:
                 pt.set_options(tid, OPTIONS)
-            leader = procfs.unconfined_thread(pid, seizing.tids)
+            leader = procfs.injection_thread(pid, seizing.tids)
             _check_word_size(pid, leader, arch)
             fd = procfs.open_mem(pid)
             memory: Memory = ProcMem(pid, fd) if fd is not None else PtraceMem(pid, leader, arch.WORD, word_mask(arch))

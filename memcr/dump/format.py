@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from memcr.errors import StorageError
+from memcr.errors import StorageError, TargetError
 
 MAGIC = b"MEMCRPY\0"
 VERSION = 1
@@ -105,7 +105,7 @@ class DumpFile:
     @classmethod
     def create(cls, directory: Path, pid: int) -> DumpFile:
         path = dump_path(directory, pid)
-        return cls(path, _create(path))
+        return cls(path, _create(path, pid))
 
     def append(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -155,39 +155,73 @@ class DumpFile:
         return None
 
 
-def _create(path: Path) -> int:
+def _create(path: Path, pid: int) -> int:
     """Create the dump 0600, never through a symlink, never over a stranger's file.
 
     The dump stays locked (flock) while memcr holds it, so that a second
     memcr on the same pid cannot take a live dump for a stale one.
     """
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            _remove_stale(path, pid)
+            continue  # removed, by this memcr or by the one that finished with it meanwhile
+        except OSError as e:
+            raise storage_error(path, e) from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours alone: cannot fail
+        return fd
+
+
+def _remove_stale(path: Path, pid: int) -> None:
+    """Delete a dump whose memcr died (and whose target the kernel killed with it); refuse anything else.
+
+    A dump another memcr holds locked means that memcr holds the process:
+    the refusal is the one its trace gives a memcr that comes a moment
+    later (a TargetError, exit 3), so that two memcr started at once on
+    one pid end the same way whichever gets where first. The lock is
+    tried before the content is judged: the other memcr may not have
+    written its header yet.
+    """
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        _remove_stale(path)
-        return _create(path)
+        st = os.lstat(path)
+        if not _ours(st):
+            raise _stranger(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # its memcr finished and removed it
     except OSError as e:
         raise storage_error(path, e) from None
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours alone: cannot fail
-    return fd
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TargetError(
+                f"another memcr holds process {pid}: its dump {path} is in use; wait for that memcr to finish",
+                pid=pid,
+                path=str(path),
+                errno=errno.EBUSY,
+                what="another-memcr",
+            ) from None
+        if os.pread(fd, len(MAGIC), 0) not in (b"", MAGIC):
+            raise _stranger(path)
+        # its memcr may have just finished and deleted it, and another made a new one under the same name
+        now, locked = os.lstat(path), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+            os.unlink(path)  # while locked: no memcr can take this one for its own meanwhile
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def _remove_stale(path: Path) -> None:
-    """Delete a dump whose memcr died (and whose target the kernel killed with it); refuse anything else."""
-    st = os.lstat(path)
-    if not _ours(st) or not _looks_like_dump(path):
-        raise StorageError(
-            f"{path} already exists and is not a dump memcr left behind: move it away and retry",
-            path=str(path),
-            errno=errno.EEXIST,
-        )
-    if not _remove_if_orphaned(path):
-        raise StorageError(
-            f"{path} is the dump of another memcr working on the same process: wait for it to finish",
-            path=str(path),
-            errno=errno.EBUSY,
-        )
+def _stranger(path: Path) -> StorageError:
+    return StorageError(
+        f"{path} already exists and is not a dump memcr left behind: move it away and retry",
+        path=str(path),
+        errno=errno.EEXIST,
+    )
 
 
 def remove_orphans(directory: Path) -> list[tuple[Path, int]]:

@@ -13,7 +13,7 @@ from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import HEADER, RECORD, check_directory, dump_path
 from memcr.dump.reader import DumpReader
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
-from memcr.errors import DumpError, StorageError
+from memcr.errors import DumpError, StorageError, TargetError
 
 PAGE = mmap.PAGESIZE
 PID = 4242
@@ -180,12 +180,16 @@ def test_directory_checks_carry_the_reason(tmp_path: Path) -> None:
 
 
 def test_a_live_dump_is_not_taken_for_a_stale_one(tmp_path: Path) -> None:
-    """A second memcr on the same pid must not delete the dump the first one is still writing."""
+    """A second memcr on the same pid must not delete the dump the first one is still writing.
+
+    It is refused as the target of another memcr (exit 3), as its trace
+    would refuse it a moment later: not as a failure of the disk (5).
+    """
     first = open_writer(tmp_path, PID, PAGE, Coding())
     try:
-        with pytest.raises(StorageError, match="another memcr") as caught:
+        with pytest.raises(TargetError, match="another memcr holds") as caught:
             open_writer(tmp_path, PID, PAGE, Coding())
-        assert caught.value.errno == errno.EBUSY
+        assert (caught.value.errno, caught.value.what, caught.value.exit_code) == (errno.EBUSY, "another-memcr", 3)
         assert first.file.still_in_place()
     finally:
         first.close()
