@@ -179,6 +179,7 @@ EXIT_CODES: dict[type[MemcrError], ExitCode] = {
     UsageError: ExitCode.USAGE,
     TargetError: ExitCode.TARGET,
     TargetGone: ExitCode.TARGET,
+    TargetLimit: ExitCode.TARGET,
     RightsError: ExitCode.RIGHTS,
     HardeningError: ExitCode.RIGHTS,
     LimitError: ExitCode.RIGHTS,

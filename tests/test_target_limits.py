@@ -180,6 +180,23 @@ def test_dump_held_by_another_memcr_is_exit_3(spawn, memcr: Memcr) -> None:
     assert target.verify() == 0
 
 
+@pytest.mark.parametrize("same_dir", [True, False])
+def test_a_parked_target_is_refused_to_a_second_memcr(spawn, memcr: Memcr, tmp_path: Path, same_dir: bool) -> None:
+    """While one memcr holds the target parked, another exits 3 naming it, whatever its -d; the first restores."""
+    target = spawn("pattern", 16, 3)
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    other = memcr.dump_dir if same_dir else tmp_path / "elsewhere"
+    other.mkdir(exist_ok=True)
+    result = memcr.run("-p", target.pid, "-n", "-d", other)
+    refused(result, 3, "another memcr")
+    session.proc.stdin.write("\n")
+    session.proc.stdin.flush()
+    assert session.proc.wait(RUN_TIMEOUT) == 0, session.stderr()
+    assert memcr.dumps() == [] and list(other.glob("pages-*")) == []
+    assert target.verify() == 0
+
+
 def test_two_memcr_at_once_end_the_same_way(spawn, memcr: Memcr) -> None:
     """Whichever comes second, at whatever moment, exits 3 saying another memcr holds the process."""
     target = spawn("pattern", 96, 2)  # a round trip long enough for most starts to overlap it
