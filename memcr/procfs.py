@@ -685,7 +685,8 @@ def max_map_count() -> int | None:
 
 def descriptors_below(pid: int, limit: int) -> int:
     """How many of the process's descriptors are numbered below `limit` (those above it take no free slot)."""
-    return sum(1 for name in _listdir(proc_path(pid, "fd"), pid) if int(name) < limit)
+    # fdinfo, not fd: listing fd/ needs the target's uid, fdinfo/ only the right to trace it (non-root memcr)
+    return sum(1 for name in _listdir(proc_path(pid, "fdinfo"), pid) if int(name) < limit)
 
 
 def in_own_namespace(pid: int, kind: str) -> bool:

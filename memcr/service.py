@@ -878,8 +878,8 @@ class Service:
             group = self.groups.get(pid)
         if group is not None:
             if lazy:
-                # a parked group has no lazy phase (as `memcr --tree --lazy` is refused): the request still
-                # wakes it, eagerly, rather than leave it parked
+                # a parked group has no lazy phase (as with `memcr --tree --lazy`): the request still wakes it,
+                # eagerly, rather than leave it parked
                 self.log(f"restoring {group} eagerly: a group's restore is never lazy (option 1002 ignored)")
             return group.wake(limit)
         answer: queue.Queue[int] = queue.Queue(1)
