@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memcr import accounts, arch, codec, procfs, scan
+from memcr import accounts, arch, codec, logs, procfs, scan
 from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
@@ -117,7 +117,7 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
             pid=pid,
             what="netns",
         )
-    check_room(pid, arch.blobs(), arch.page_size())
+    check_room(pid, arch.blobs(), arch.page_size(), options.socket_gid)
     return status
 
 
@@ -284,7 +284,7 @@ def _checkpoint(
 
 def _discard(writer: PlainWriter | FramedWriter, log: Log) -> None:
     if problem := writer.close():
-        log(f"warning: {problem}")
+        logs.error(log, f"warning: {problem}")
 
 
 class _Stream:

@@ -209,10 +209,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         raise UsageError("-p/--pid and --cgroup exclude each other: a process (tree) or a cgroup")
     if tree and pid is None:
         raise UsageError("--tree needs -p PID: the process at the top of the tree")
-    if listen is None and cgroup is None:
+    if listen is None:
         for name, value in (("-g/--listen-gid", listen_gid), ("-t/--timeout", timeout)):
             if value is not None:
                 raise UsageError(f"{name} only applies to service mode (-l)")
+    if listen is None and cgroup is None:
         if pid is None:
             raise UsageError("give the process to checkpoint with -p PID, or -l to serve (see memcr -h)")
         if pid <= 0:
@@ -389,6 +390,7 @@ class ProgressBar:
         self._stream = stream
         self._bar: Any = None  # click's bar, once the work is big enough for one
         self._shown = 0
+        self._gone = False  # its terminal went away
 
     @classmethod
     @contextlib.contextmanager
@@ -402,16 +404,21 @@ class ProgressBar:
                 bar.close()
 
     def __call__(self, done: int, total: int) -> None:
-        if total < self.MIN_BYTES:
+        if total < self.MIN_BYTES or self._gone:
             return
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self._label, file=self._stream)
-            self._bar.__enter__()
-        self._bar.update(done - self._shown)
+        try:
+            if self._bar is None:
+                self._bar = click.progressbar(length=total, label=self._label, file=self._stream)
+                self._bar.__enter__()
+            self._bar.update(done - self._shown)
+        except OSError:
+            # the terminal went away (EIO after a hang-up): the bar goes, the work and its exit code stay
+            self._gone = True
+            write(self._stream, "")  # points the stream at /dev/null (memcr.logs.write) for the lines to come
         self._shown = done
 
     def close(self) -> None:
-        if self._bar is not None:
+        if self._bar is not None and not self._gone:
             with contextlib.suppress(OSError):  # the terminal went away: the bar with it
                 self._bar.__exit__(None, None, None)
 

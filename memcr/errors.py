@@ -206,7 +206,7 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.RIGHTS: "a missing right or kernel feature, or memcr could not harden itself",
     ExitCode.STORAGE: "the dump directory or disk failed",
     ExitCode.TARGET_KILLED: "the target had to be killed",
-    ExitCode.TARGET_ENDED: "the target ended during its lazy restore, not by memcr's hand",
+    ExitCode.TARGET_ENDED: "the target ended while parked or during its lazy restore, not by memcr's hand",
 }
 
 # The codes of failures that leave the target running intact, as it was before memcr

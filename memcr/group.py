@@ -261,7 +261,8 @@ class _Park:
         outcomes: dict[int, BaseException | None] = {m.pid: m.error for m in members if not m.parked}
         outcomes |= {pid: result.exception() for pid, result in rollbacks.items()}
         killed = sorted(pid for pid, e in outcomes.items() if isinstance(e, TargetKilled))
-        gone = sorted(pid for pid, e in outcomes.items() if isinstance(e, TargetGone) and pid != culprit)
+        ended = (TargetGone, TargetEnded)  # during its checkpoint, or killed from outside once parked
+        gone = sorted(pid for pid, e in outcomes.items() if isinstance(e, ended) and pid != culprit)
         where = f" at process {culprit}" if culprit is not None else ""
         reason = str(cause) if isinstance(cause, MemcrError) else repr(cause)
         outcome = "every member runs on as it was"

@@ -41,13 +41,26 @@ def mapping_size(blobs: Blobs, page_size: int) -> int:
     return -(-blobs.offsets["parasite_end"] // page_size) * page_size + STACK_SIZE
 
 
-# the parasite's descriptors in the target: its listening socket, the connection, and /proc/self/pagemap
-# (or, with -G, an O_PATH of its socket file)
-PARASITE_FDS = 3
+# the parasite's descriptors in the target: its listening socket and the connection, all the time
+PARASITE_FDS = 2
+
+
+def parasite_descriptors(pid: int, socket_gid: int | None) -> int:
+    """How many descriptors the parasite opens in the target: one more with -G (an O_PATH of its socket
+    file, for its group), one more where memcr may not read the target's pagemap (the parasite reads its own)."""
+    extra = int(socket_gid is not None)
+    fd = procfs.open_pagemap(pid)
+    if fd is None:
+        extra += 1
+    else:
+        os.close(fd)
+    return PARASITE_FDS + extra
+
+
 MIB = 1 << 20
 
 
-def room_problems(pid: int, size: int) -> list[TargetLimit]:
+def room_problems(pid: int, size: int, descriptors: int = PARASITE_FDS) -> list[TargetLimit]:
     """The target's limits that leave no room for a parasite mapping of `size` bytes and its descriptors.
 
     All are read from /proc, so that they are found before anything of the
@@ -91,14 +104,14 @@ def room_problems(pid: int, size: int) -> list[TargetLimit]:
     soft, hard = limits.get("Max open files", (None, None))
     if soft is not None:
         used = procfs.descriptors_below(pid, soft)
-        if soft - used < PARASITE_FDS:
+        if soft - used < descriptors:
             found.append(
                 TargetLimit(
                     f"process {pid} has {used} file descriptors open and its RLIMIT_NOFILE soft limit is {soft}: "
-                    f"memcr's parasite needs {PARASITE_FDS} more for its socket",
+                    f"memcr's parasite needs {descriptors} free for its socket, {soft - used} are",
                     pid=pid,
                     what="nofile",
-                    wanted=used + PARASITE_FDS,
+                    wanted=used + descriptors,
                     errno=errno.EMFILE,
                     hard=hard,
                 )
@@ -106,10 +119,10 @@ def room_problems(pid: int, size: int) -> list[TargetLimit]:
     return found
 
 
-def check_room(pid: int, blobs: Blobs, page_size: int) -> None:
+def check_room(pid: int, blobs: Blobs, page_size: int, socket_gid: int | None) -> None:
     """Refuse a target whose limits leave no room for the parasite, naming the first such limit."""
     try:
-        problems = room_problems(pid, mapping_size(blobs, page_size))
+        problems = room_problems(pid, mapping_size(blobs, page_size), parasite_descriptors(pid, socket_gid))
     except RightsError as e:
         raise procfs.trace_denied(pid, e) from None  # its maps and descriptors are for those who may trace it
     if problems:

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from functools import cache
 
-from memcr import arch, procfs, scan, uffd
+from memcr import arch, logs, procfs, scan, uffd
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
-from memcr.errors import MemcrError, TargetGone, TargetKilled, Uncured, WrittenWhileParked
+from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
 from memcr.lazy import Guardian, LazyRestore, PageServer, Source
 from memcr.parasite import PAGEMAP_ENTRY, Parasite
@@ -114,13 +114,16 @@ class Parked:
         progress: called with the bytes written back so far and in all,
         as the checkpoint's, during an eager restore.
         """
+        if (ending := self.ended()) is not None:  # killed from outside while parked: nothing left to put back
+            raise TargetEnded(f"pid {self.pid} ended while parked ({ending}), not by memcr's hand", pid=self.pid)
         started = time.monotonic()
         phase: LazyRestore | None = None
         try:
             if not self.dump.file.still_in_place():
-                self.log(
+                logs.error(
+                    self.log,
                     f"warning: {self.dump.path} was removed or replaced while pid {self.pid} was frozen; "
-                    "restoring from the copy memcr holds open"
+                    "restoring from the copy memcr holds open",
                 )
             watched = self._watch_faults() if lazy else None
             self.report.options["lazy"] = watched is not None  # the report says how it was restored
@@ -135,7 +138,13 @@ class Parked:
             self.kill()
             raise TargetKilled(f"pid {self.pid} was killed: {e}", pid=self.pid) from e
         except BaseException as e:
-            self.rollback(e)
+            try:
+                self.rollback(e)
+            except TargetGone as gone:  # killed from outside while memcr put it back, or just before
+                raise TargetEnded(
+                    f"pid {self.pid} ended while parked (it died as memcr restored it), not by memcr's hand",
+                    pid=self.pid,
+                ) from gone
             raise
         if phase is not None:
             return phase
@@ -243,7 +252,7 @@ class Parked:
 
     def _lazily_closed(self) -> None:
         if problem := self.dump.remove():
-            self.log(f"warning: {problem}")
+            logs.error(self.log, f"warning: {problem}")
 
     def rollback(self, error: BaseException) -> None:
         """After `error`: put back what was dropped and let the target run on.
@@ -411,7 +420,7 @@ class Parked:
         self.pagemap.close()
         problem = self.dump.file.unlink() if keep_dump_open else self.dump.remove()
         if problem:
-            self.log(f"warning: {problem}")
+            logs.error(self.log, f"warning: {problem}")
 
 
 def let_go(frozen: FrozenProcess, reserve: Reserve, error: BaseException) -> None:

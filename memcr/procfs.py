@@ -456,7 +456,9 @@ def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> in
         if why is None:
             return tid
         unfit.setdefault(why, []).append(tid)
-    if list(unfit) == ["seccomp"] or not unfit:
+    if not unfit:
+        raise TargetError(f"process {pid} has no thread left (it is ending)", pid=pid)
+    if list(unfit) == ["seccomp"]:
         raise TargetError(
             f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
             "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone",
@@ -479,8 +481,8 @@ def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> in
             errno=errno.EINVAL,
             what="pid-namespace",
         )
-    names = {"seccomp": "runs under seccomp", "sched-deadline": "runs under SCHED_DEADLINE",
-             "pid-namespace": "called unshare(CLONE_NEWPID)"}  # fmt: skip
+    names = {"seccomp": "under seccomp", "sched-deadline": "under SCHED_DEADLINE",
+             "pid-namespace": "after unshare(CLONE_NEWPID)"}  # fmt: skip
     said = "; ".join(f"thread{'s' if len(t) > 1 else ''} {', '.join(map(str, t))} {names[w]}" for w, t in unfit.items())
     raise TargetError(
         f"no thread of process {pid} can start memcr's parasite: {said}",

@@ -86,6 +86,7 @@ MAX_CONNECTIONS = 256  # connections read or answered at once
 # cover a sender that splits them.
 TIMED_WINDOW = 0.05
 POLL = 0.2
+ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
 LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
@@ -436,6 +437,8 @@ class Worker(threading.Thread):
             if timer:
                 timer.cancel()
         if parked is None:
+            with self.lock:
+                self.decided = True  # a failure's own answer (-2, or -1 with its reason) stands from here on
             self._leave()  # before waking anyone: a later RESTORE must find nothing
             if self.checkpoint_error is not None:
                 # after leaving: a client that reads this line (or was answered at its limit) and asks again
@@ -497,7 +500,7 @@ class Worker(threading.Thread):
             except queue.Empty:
                 if self._target_died():
                     self._leave()
-                    self.service.log(f"pid {self.pid} died while checkpointed: forgotten")
+                    logs.error(self.service.log, f"pid {self.pid} died while checkpointed: forgotten")
                     parked.close_dead()
                     return
         with self.lock:
@@ -843,7 +846,8 @@ class Service:
         answer comes by `limit` seconds after it: a checkpoint still under
         way then is answered -1 at once, and rolled back after the answer.
         """
-        deadline = None if not limit or answer_by is None else answer_by + limit
+        # a little before the limit: the client counts it from before its request left, and gives up at once
+        deadline = None if not limit or answer_by is None else answer_by + limit - min(ANSWER_MARGIN, limit / 10)
         with self.lock:
             # under the lock _shutdown takes to list the workers: none is started unlisted
             if self.stop.is_set():

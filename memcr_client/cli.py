@@ -118,12 +118,11 @@ def parser() -> argparse.ArgumentParser:
     forms.add_argument("--v2", action="store_true", help="Send every request as V2, restores too (as Dobby does).")
     p.add_argument("-v", action=_NoShortV1)
     p.add_argument(
-        "--no-reason",
-        dest="reason",
-        action="store_false",
-        help="A V2 request asks for the reason of a failure with its answer (option 1003) unless this is given: "
-        "for a daemon that does not know that option (the RDK C memcr). v1 and 12-byte answers carry no reason: "
-        "the daemon's log has it.",
+        "--reason",
+        action="store_true",
+        help="Send the request as V2 and ask for the reason of a failure with its answer (option 1003, "
+        "memcr-py's daemon only: a daemon that does not know it refuses the request). Without it the daemon's "
+        "log has the reason.",
     )
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -156,7 +155,11 @@ def run(argv: list[str] | None = None) -> None:
             "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --lazy, --eager, --v2) "
             "has no field for it"
         )
-    dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options else None
+    if args.v1 and args.reason:
+        p.error("--v1 sends the 8-byte request, which has no room for --reason (a V2 option)")
+    if args.timeout is not None and args.reason:
+        p.error("-t/--timeout goes in the 12-byte request, which has no room for --reason (a V2 option)")
+    dialect = Dialect.V1 if args.v1 else Dialect.V2 if args.v2 or v2_options or args.reason else None
     try:
         client = Client(args.location or default_location(), dialect=dialect, reasons=args.reason)
     except AddressError as e:

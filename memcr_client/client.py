@@ -205,6 +205,12 @@ class Client:
                 except ProtocolError as e:
                     raise MemcrClientError(f"memcr sent a broken answer: {e}") from None
                 reason = self._reason(sock) if asked else None
+                if asked and reason is None and code != Answer.OK:
+                    raise MemcrClientError(
+                        f"pid {pid}: memcr answered {code} without a reason: that daemon does not know option 1003, "
+                        "and refuses a request that carries it: send it without --reason (the daemon's log says why)",
+                        code,
+                    )
             except TimeoutError:
                 raise MemcrClientError(f"memcr did not answer within {self.timeout:g} s") from None
             except OSError as e:
@@ -214,7 +220,10 @@ class Client:
     @staticmethod
     def _reason(sock: socket.socket) -> str | None:
         """The reason after the code; None when the daemon closed the connection instead (it knows no 1003)."""
-        head = sock.recv(REASON_LENGTH.size, socket.MSG_WAITALL)
+        try:
+            head = sock.recv(REASON_LENGTH.size, socket.MSG_WAITALL)
+        except ConnectionResetError:  # it closed with the request's options unread
+            return None
         if not head:
             return None
         try:
@@ -234,7 +243,7 @@ class Client:
             raise MemcrClientError(f"pid {pid}: memcr answered {code}: {reason}", code, reason)
         if code == Answer.INVALID_PID:
             raise MemcrClientError(f"pid {pid}: {invalid} (the daemon's log says which)", code)
-        # a v1 or 12-byte answer has no room for a reason (nor has a daemon's that knows no option 1003)
+        # a v1 or 12-byte answer has no room for a reason, and a V2 one has it only when asked for
         raise MemcrClientError(f"pid {pid}: memcr reported an error ({code}): the daemon's log says why", code)
 
     def checkpoint(

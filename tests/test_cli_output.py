@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -169,6 +170,12 @@ def test_quiet_and_log_levels(spawn, memcr: Memcr) -> None:
     assert prompt == f"memcr: pid {target.pid} checkpointed, press enter to restore"
     assert session.press_enter() == 0, session.stderr()
     assert session.out.rest() == [prompt]  # and nothing else
+    # a warning is shown at -q too: the dump removed while parked (memcr restores from the copy it holds)
+    session = memcr.interactive("-p", target.pid, "-q")
+    session.wait_prompt()
+    (memcr.dump_dir / f"pages-{target.pid}.img").unlink()
+    assert session.press_enter() == 0, session.stderr()
+    assert any("warning:" in line and "was removed or replaced" in line for line in session.out.rest())
     assert target.verify() == 0
 
 
@@ -229,3 +236,32 @@ def test_restore_shows_a_progress_bar_as_the_dump_does(spawn, memcr: Memcr, json
     assert shown.index("memcr: dumping") < shown.index("memcr: restoring")
     assert "100%" in shown.split("memcr: restoring", 1)[1], shown  # the bar reached its end
     assert target.verify() == 0
+
+
+@pytest.mark.parametrize("stage", ["memcr: dumping", "memcr: restoring"])
+def test_a_terminal_that_goes_away_mid_bar_costs_nothing(spawn, memcr: Memcr, stage: str) -> None:
+    """The terminal closed while its bar is drawn (SIGHUP ignored, as under nohup): exit 0, target intact."""
+    target = spawn("pattern", 512)
+    master, slave = pty.openpty()
+    argv = memcr_argv("-p", target.pid, "-n", "-z", "zstd", "-c", "-d", memcr.dump_dir)
+    try:
+        # SIGHUP ignored in memcr (kept through exec): the hang-up does not end it, its writes fail with EIO
+        with started(argv, stdout=slave, stderr=slave, preexec_fn=_ignore_hang_up) as proc:
+            os.close(slave)
+            shown = b""
+            while stage.encode() not in shown:
+                ready, _, _ = select.select([master], [], [], RUN_TIMEOUT)
+                assert ready, shown
+                shown += os.read(master, 65536)
+            os.close(master)
+            master = -1
+            assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        if master >= 0:
+            os.close(master)
+    assert memcr.dumps() == []
+    assert target.verify() == 0
+
+
+def _ignore_hang_up() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

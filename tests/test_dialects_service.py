@@ -142,14 +142,14 @@ def test_reasons_for_v2_and_bare_codes_for_the_others(daemon, spawn, tmp_path: P
         argv = [sys.executable, "-m", "memcr_client", "-l", d.listen, "-p", str(target.pid), *map(str, args)]
         return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
 
-    done = client("-c", "-d", nowhere)
+    done = client("-c", "-d", nowhere, "--reason")
     assert done.returncode == 1
     prefix = f"memcr-client: error: pid {target.pid}: memcr answered -1: refused the V2 checkpoint of pid {target.pid}"
     assert done.stderr.startswith(prefix), done.stderr
     assert str(nowhere) in done.stderr and "No such file or directory" in done.stderr, done.stderr
     assert not frozen(target)
     # the forms that carry no reason: where to look instead
-    done = client("-c", "-d", nowhere, "--no-reason")
+    done = client("-c", "-d", nowhere)  # V2 without 1003, as the C daemon takes it
     assert done.stderr == (
         f"memcr-client: error: pid {target.pid}: memcr reported an error (-1): the daemon's log says why\n"
     )

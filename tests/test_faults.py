@@ -8,6 +8,8 @@ request that reached the daemon gets its answer.
 from __future__ import annotations
 
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +56,29 @@ def test_target_killed_from_outside_is_reported_as_such(spawn, memcr: Memcr) -> 
     assert "ended while memcr was working on it (memcr did not kill it)" in stderr, stderr
     assert "could not be put back" not in stderr
     assert target.proc.wait(30) == -signal.SIGKILL
+    assert memcr.dumps() == []
+
+
+@pytest.mark.parametrize("delay", [random.uniform(0, 0.3) for _ in range(10)])
+def test_target_killed_while_parked_ends_with_7(spawn, memcr: Memcr, delay: float) -> None:
+    """Killed at the prompt, `delay` s before Enter: exit 7 (3 would say it runs on intact), how it ended."""
+    target = spawn("pattern", 16)
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    target.proc.kill()
+    time.sleep(delay)
+    session.proc.stdin.write("\n")
+    session.proc.stdin.flush()
+    code = session.proc.wait(RUN_TIMEOUT)
+    stderr = session.stderr()
+    assert code == 7, stderr
+    # how it ended, when its exit showed before the restore began
+    assert re.search(
+        rf"pid {target.pid} ended while parked \((killed by SIGKILL|it died as memcr restored it)\), "
+        "not by memcr's hand",
+        stderr,
+    ), stderr
+    assert target.proc.wait(30) == -signal.SIGKILL  # its parent could reap it: memcr let go of its exit
     assert memcr.dumps() == []
 
 

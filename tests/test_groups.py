@@ -280,6 +280,13 @@ def test_a_tree_holding_memcr_is_refused_before_anything_is_held(binaries, memcr
 def test_a_cgroup_holding_the_daemons_parent_is_refused_before_its_freezer_runs(spawn, daemon, cgroup) -> None:
     """The daemon's parent (as pid 1 is under systemd) in the cgroup asked for: refused, never frozen."""
     served = daemon(prefix=["sh", "-c", '"$@"; exit $?', "sh"])  # the shell stays the daemon's parent
+    try:
+        _refused_with_the_daemon_s_parent(served, spawn, cgroup)
+    finally:  # the fixture's SIGTERM reaches the shell only, which does not pass it on
+        subprocess.run(["pkill", "-TERM", "-P", str(served.proc.pid)], check=False)
+
+
+def _refused_with_the_daemon_s_parent(served, spawn, cgroup) -> None:
     group = cgroup("holds-parent")
     target = spawn("lazy", 16, "touch")
     for pid in (served.proc.pid, target.pid):

@@ -104,6 +104,8 @@ def refused(outcome: Outcome, text: str) -> None:
         (["-p", "1", "-l", "9000"], "-p/--pid and -l/--listen exclude each other"),
         (["-p", "1", "-t", "5"], "-t/--timeout only applies to service mode (-l)"),
         (["-p", "1", "-g", "0"], "-g/--listen-gid only applies to service mode (-l)"),
+        (["--cgroup", "app.slice", "-t", "5"], "-t/--timeout only applies to service mode (-l)"),
+        (["--cgroup", "app.slice", "-g", "0"], "-g/--listen-gid only applies to service mode (-l)"),
         (["-p", "1", "--client-scope", "own"], "--client-scope only applies to service mode (-l)"),
         (["--cgroup", "a", "--client-scope", "any"], "--client-scope only applies to service mode (-l)"),
         (["-l", "9000", "--client-scope", "mine"], "'mine' is not one of 'any', 'own'"),

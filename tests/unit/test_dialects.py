@@ -51,7 +51,7 @@ def i32(*values: int) -> bytes:
     return b"".join(struct.pack("<i", v) for v in values)
 
 
-REASON = i32(1003, 1)  # memcr-client asks for the reason with every V2 request (unless --no-reason)
+REASON = i32(1003, 1)  # memcr-client asks for the reason with --reason only
 
 
 def v2(*payload: bytes) -> bytes:
@@ -247,16 +247,16 @@ def test_cli_sends_each_form(recorder: tuple[str, list[bytes]], capsys: pytest.C
     assert (code, out) == (0, "pid 23 checkpointed\npid 23 restored\n")
     assert run_cli(["-l", path, "-p", "24", "--v2", "-r"], capsys)[0] == 0
     assert run_cli(["-l", path, "-p", "25", "--v1", "-r"], capsys)[0] == 0
-    assert run_cli(["-l", path, "-p", "26", "-r", "--v2", "--no-reason"], capsys)[0] == 0
+    assert run_cli(["-l", path, "-p", "26", "-r", "--reason"], capsys)[0] == 0
     assert received == [
         i32(CHECKPOINT, 21),
         i32(RESTORE, 21),
         i32(CHECKPOINT, 22, 1500),
-        v2(i32(CHECKPOINT, 23), dump_dir("/srv/d"), i32(201, 2), REASON),
-        v2(i32(RESTORE, 23), REASON),  # every request of a V2 run is V2, as the C client variant sends them
-        v2(i32(RESTORE, 24), REASON),
+        v2(i32(CHECKPOINT, 23), dump_dir("/srv/d"), i32(201, 2)),
+        v2(i32(RESTORE, 23)),  # every request of a V2 run is V2, as the C client variant sends them
+        v2(i32(RESTORE, 24)),
         i32(RESTORE, 25),
-        v2(i32(RESTORE, 26)),  # without option 1003: for a daemon that does not know it
+        v2(i32(RESTORE, 26), REASON),  # asked for: V2 with option 1003, which only memcr-py's daemon knows
     ]
 
 
@@ -268,6 +268,7 @@ def test_cli_sends_each_form(recorder: tuple[str, list[bytes]], capsys: pytest.C
         (["-p", "5", "-r", "-d", "/d"], "-d/--dir, -z/--compress, --tree and --cgroup apply to -c/--checkpoint only"),
         (["-p", "5", "-c", "--v1", "-z", "lz4"], "--v1 sends the 8-byte request, which carries no -d, -z, --tree,"),
         (["-p", "5", "-c", "--v1", "--v2"], "argument --v2: not allowed with argument --v1"),
+        (["-p", "5", "-c", "--v1", "--reason"], "--v1 sends the 8-byte request, which has no room for --reason"),
         # -v was --v1's short form, which reads as "verbose": refused, with the way to what it did
         (["-p", "5", "-c", "-v"], "-v is no option (it is not --verbose): to send the 8-byte v1 request, use --v1"),
         (["-v", "-p", "5", "-r", "--v2"], "-v is no option (it is not --verbose): to send the 8-byte v1 request"),
