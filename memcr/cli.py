@@ -22,7 +22,7 @@ from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.dump.format import remove_orphans
-from memcr.errors import EXIT_MEANINGS, INTACT, MemcrError, TargetEnded, UsageError
+from memcr.errors import EXIT_MEANINGS, INTACT, GroupError, MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.lazy import LazyRestore
@@ -363,6 +363,13 @@ def interactive_group(membership: Membership, options: Options, wait: bool, log:
             log(f"restoring {g.group} eagerly: a group's restore is never lazy (--lazy restores one process)")
         try:
             group.restore()
+        except GroupError as e:
+            # the members that are back say so, as after a whole restore; then the failure of the others
+            for r in group.reports:
+                if r.pid not in e.killed and r.pid not in e.gone:
+                    _restored(r, _member_log(r.pid, log), log)
+            log.json(error_json(e.pid, "restore", e, group=g.group, options=g.options))
+            raise
         except MemcrError as e:
             log.json(error_json(e.pid, "restore", e, group=g.group, options=g.options))
             raise

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from memcr import procfs
+from memcr import logs, procfs
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import Cancel, Log, Options, checkpoint
 from memcr.errors import Aborted, GroupError, MemcrError, TargetEnded, TargetError, TargetGone, TargetKilled
@@ -141,7 +141,11 @@ class _Member(threading.Thread):
             except queue.Empty:
                 if self.ending is None and (ending := parked.ended()) is not None:
                     self.ending = ending
-                    self.log(f"ended while its group is parked ({ending}), not by memcr's hand: memcr let go of it")
+                    logs.error(
+                        self.park.log,
+                        f"pid {self.pid}: ended while its group is parked ({ending}), not by memcr's hand: "
+                        "memcr let go of it",
+                    )
 
     def _seized(self) -> None:
         """checkpoint's hook: wait for the whole group to be held, then for a streaming slot."""
@@ -324,7 +328,7 @@ class ParkedGroup:
         self.report.restored(self.reports, (time.monotonic() - started) * 1000)
         if failed:
             killed = sorted(pid for pid, e in failed.items() if isinstance(e, TargetKilled))
-            gone = sorted(pid for pid, e in failed.items() if isinstance(e, TargetGone))
+            gone = sorted(pid for pid, e in failed.items() if isinstance(e, (TargetGone, TargetEnded)))
             # a member killed by memcr's hand speaks for the group (its exit code), then one that ended on its own
             first = min(failed, key=lambda pid: (not isinstance(failed[pid], TargetKilled), pid))
             reasons = "; ".join(f"process {pid}: {e}" for pid, e in sorted(failed.items()))

@@ -9,6 +9,8 @@ all the time is parked whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import signal
 import subprocess
 import threading
@@ -312,6 +314,27 @@ def _refused_with_the_daemon_s_parent(served, spawn, cgroup) -> None:
     assert frozen == []
     assert tracer(target.pid) == "0"
     assert target.verify() == 0
+
+
+@pytest.mark.parametrize("delay", [random.uniform(0, 0.3) for _ in range(10)])
+def test_a_member_killed_just_before_the_restore(spawn, memcr: Memcr, delay: float) -> None:
+    """Killed `delay` s before Enter, whether memcr saw it yet or not: exit 7, a restore line per other member."""
+    target = spawn("forkserver", 3, 2, 8, 8)
+    members = members_of(target)
+    victim = max(members - {target.pid})
+    session = memcr.interactive("-p", target.pid, "--tree", "--json")
+    session.wait_report("group-checkpoint")
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(delay)
+    assert session.press_enter() == 7, session.stderr()
+    lines = reports("\n".join(session.out.rest()))
+    assert sorted(r["pid"] for r in lines if r["event"] == "restore") == sorted(members - {victim}), lines
+    [error] = [r for r in lines if r["event"] == "error"]
+    assert error["exit_code"] == 7 and f"pid {victim} ended while parked" in error["error"], error
+    assert_untouched(members - {victim}, memcr)
+    code, complaints = verify_tree(target)
+    assert code == 1
+    assert complaints.strip().splitlines() == [f"worker {victim} failed (status 0x9)"], complaints
 
 
 def verify_tree(target) -> tuple[int, str]:
