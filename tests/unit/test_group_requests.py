@@ -24,7 +24,7 @@ from memcr_client.protocol import (
     decode_v2_payload,
     encode_v2_request,
 )
-from tests.unit.test_dialects import CHECKPOINT, REASON, RESTORE, i32, run_cli, v2
+from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -138,9 +138,9 @@ def test_cli_sends_groups(recorder: tuple[str, list[bytes]], capsys: pytest.Capt
     code, out, _ = run_cli(["-l", path, "-p", "42", "-c", "--cgroup", "app.slice/app", "-z", "zstd"], capsys)
     assert (code, out) == (0, "pid 42 and cgroup app.slice/app checkpointed\n")
     assert received == [
-        v2(i32(CHECKPOINT, 41, 1000, 1), REASON),
-        v2(i32(RESTORE, 41), REASON),  # every request of a V2 run is V2, as the C client variant sends them
-        v2(i32(CHECKPOINT, 42, 201, 2), cgroup("app.slice/app"), REASON),
+        v2(i32(CHECKPOINT, 41, 1000, 1)),
+        v2(i32(RESTORE, 41)),  # every request of a V2 run is V2, as the C client variant sends them
+        v2(i32(CHECKPOINT, 42, 201, 2), cgroup("app.slice/app")),
     ]
 
 

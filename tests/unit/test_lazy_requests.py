@@ -16,7 +16,7 @@ import pytest
 from memcr import service
 from memcr_client import Answer, Client, Dialect, ProtocolError
 from memcr_client.protocol import Command, Option, Request, decode_v2_payload, encode_v2_request
-from tests.unit.test_dialects import CHECKPOINT, REASON, RESTORE, i32, run_cli, v2
+from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -95,10 +95,10 @@ def test_cli_sends_lazy_and_eager(recorder: tuple[str, list[bytes]], capsys: pyt
     assert run_cli(["-l", path, "-p", "52", "-r", "--eager"], capsys)[0] == 0
     assert run_cli(["-l", path, "-p", "53", "-c", "-r", "--lazy"], capsys)[0] == 0
     assert received == [
-        v2(i32(RESTORE, 51, 1002, 1), REASON),
-        v2(i32(RESTORE, 52, 1002, 0), REASON),
-        v2(i32(CHECKPOINT, 53), REASON),  # every request of a V2 run is V2; the option goes with the restore only
-        v2(i32(RESTORE, 53, 1002, 1), REASON),
+        v2(i32(RESTORE, 51, 1002, 1)),
+        v2(i32(RESTORE, 52, 1002, 0)),
+        v2(i32(CHECKPOINT, 53)),  # every request of a V2 run is V2; the option goes with the restore only
+        v2(i32(RESTORE, 53, 1002, 1)),
     ]
 
 
