@@ -7,7 +7,6 @@ import grp
 import os
 import platform
 import select
-import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from memcr.dump.format import remove_orphans
 from memcr.errors import EXIT_MEANINGS, INTACT, GroupError, MemcrError, TargetEnded, UsageError
 from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
+from memcr.interrupts import Interrupts
 from memcr.lazy import LazyRestore
 from memcr.logs import Level, Logger, write
 from memcr.peer import Scope
@@ -258,8 +258,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
 
 def interactive(pid: int, options: Options, wait: bool, log: Logger) -> None:
     cancel = Cancel()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: cancel.cancel())
+    with Interrupts(cancel.cancel) as interrupts:
+        _interactive(pid, options, wait, log, cancel, interrupts)
+
+
+def _interactive(pid: int, options: Options, wait: bool, log: Logger, cancel: Cancel, interrupts: Interrupts) -> None:
     heap.tune()
     reported = options.reported()
     with ProgressBar.of("dumping", log) as bar:
@@ -288,15 +291,14 @@ def interactive(pid: int, options: Options, wait: bool, log: Logger) -> None:
             raise
     _restored(r, log, log)
     if phase is not None and phase.lingering:
-        _finish_children(phase, cancel, log)
+        _finish_children(phase, cancel, interrupts, log)
     if r.ended:
         raise TargetEnded(f"pid {pid} ended during its lazy restore ({r.ended}), not by memcr's hand", pid=pid)
 
 
-def _finish_children(phase: LazyRestore, cancel: Cancel, log: Logger) -> None:
+def _finish_children(phase: LazyRestore, cancel: Cancel, interrupts: Interrupts, log: Logger) -> None:
     """Children forked during the lazy phase get their pages as they touch them, until each exits or execs."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the line that tells they are served so
-        signal.signal(sig, lambda *_: phase.server.stream_children())
+    interrupts.act = phase.server.stream_children  # before the line that tells they are served so
     if cancel.cancelled:  # asked to end during the target's own lazy phase
         phase.server.stream_children()
     children = ", ".join(map(str, sorted(phase.running.children)))
@@ -335,8 +337,11 @@ def _restored(r: Report, say: Callable[[str], None], log: Logger) -> None:
 def interactive_group(membership: Membership, options: Options, wait: bool, log: Logger) -> None:
     """Park a tree or a cgroup all or nothing; the lines of each member, then one for the group."""
     cancel = Cancel()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: cancel.cancel())
+    with Interrupts(cancel.cancel):
+        _interactive_group(membership, options, wait, log, cancel)
+
+
+def _interactive_group(membership: Membership, options: Options, wait: bool, log: Logger, cancel: Cancel) -> None:
     heap.tune()
     reported = options.reported()
     try:
