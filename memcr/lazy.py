@@ -392,6 +392,9 @@ class PageServer:
         self._retire = threading.Event()
         self._retired = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # wakes the server's poll
+        # close() against a late wake from another thread (a SIGTERM's): the number may be another file's by then
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         # every thread is started here, before the target runs: one that cannot start fails the restore
         # while it can still be rolled back
         self._threads = [threading.Thread(target=self._serve, name="memcr-lazy-faults", daemon=True)]
@@ -422,7 +425,7 @@ class PageServer:
         self._streaming.set()
 
     def stream_children(self) -> None:
-        """Fill the children's missing pages too, so that memcr can let go of them (safe in a signal handler)."""
+        """Fill the children's missing pages too, so that memcr can let go of them (from any thread, any time)."""
         self._stream_children.set()
         self._wake()
 
@@ -444,8 +447,9 @@ class PageServer:
         old.end()  # its socket: the process is gone and collected already
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
+        with self._pipe_lock, contextlib.suppress(BlockingIOError):
+            if self._pipe_open:
+                os.write(self._wake_w, b"x")
 
     def stop(self) -> None:
         self._done.set()
@@ -464,8 +468,10 @@ class PageServer:
         for space in self.spaces:
             space.uffd.close()
         self.source.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._pipe_lock:
+            self._pipe_open = False
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self.guardian.reap()
 
     # -- the threads -----------------------------------------------------------
