@@ -13,6 +13,7 @@ MEMCR_STATE ?= /var/lib/memcr
 # 1: install under /tmp, /var/tmp, /home, /root or /run/user, which memcr.service cannot see (a start by hand only)
 MEMCR_ALLOW_TMP_PREFIX ?=
 BIN := $(VENV)/bin
+PY_PATHS := memcr memcr_client tests bench scripts parasite setup.py
 STAMP := $(VENV)/.installed-stamp
 
 all: parasite
@@ -40,12 +41,16 @@ install: $(STAMP) parasite
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# the whole suite, with a few round trips per real app (tests/apps)
-test: install apps
-	$(BIN)/ruff check memcr memcr_client tests bench scripts
-	$(BIN)/ruff format --check memcr memcr_client tests bench scripts
+# seconds, and no root for the checks themselves: lint and format of every Python file, types, the unit tests
+check: install
+	$(BIN)/ruff check $(PY_PATHS)
+	$(BIN)/ruff format --check $(PY_PATHS)
 	$(BIN)/mypy
-	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit
+
+# the checks, then the whole suite, with a few round trips per real app (tests/apps)
+test: check apps
+	MEMCR_APP_CYCLES=$${MEMCR_APP_CYCLES:-3} $(BIN)/python -m pytest -q --ignore=tests/unit
 
 # the real apps alone, each parked and woken 100 times (MEMCR_APP_CYCLES=N for another count)
 test-apps: install apps
@@ -82,4 +87,4 @@ clean:
 	$(MAKE) -C parasite clean
 	rm -rf build dist *.egg-info memcr_client/build memcr_client/*.egg-info
 
-.PHONY: all parasite system apps install install-system uninstall-system demo test test-apps test-arm64 bench profile clean
+.PHONY: all parasite system apps install install-system uninstall-system demo check test test-apps test-arm64 bench profile clean

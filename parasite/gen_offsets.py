@@ -3,8 +3,7 @@
 import json
 import sys
 
-EXPORTED = {"clone_trampoline", "clone_trap", "parasite_args", "parasite_end",
-            "syscall_blob", "syscall_trap"}
+EXPORTED = {"clone_trampoline", "clone_trap", "parasite_args", "parasite_end", "syscall_blob", "syscall_trap"}
 
 
 def offsets(nm_output: str) -> dict[str, int]:
