@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import time
 from pathlib import Path
 
 from memcr import procfs
@@ -20,8 +21,10 @@ def test_limits_are_those_the_process_has() -> None:
 
 
 def test_map_count_leaves_out_the_gate_area() -> None:
-    sleeper = subprocess.Popen(["sleep", "60"])  # maps that hold still between the two reads
+    sleeper = subprocess.Popen(["sleep", "60"])  # maps that hold still between the two reads, once it sleeps
     try:
+        while procfs.read_status(sleeper.pid)["State"][0] != "S":  # Popen returns while exec still maps
+            time.sleep(0.001)
         lines = Path(f"/proc/{sleeper.pid}/maps").read_text().splitlines()
         counted = [line for line in lines if not line.endswith("[vsyscall]")]
         assert procfs.map_count(sleeper.pid) == len(counted)
