@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memcr import accounts, arch, codec, logs, procfs, scan
+from memcr import accounts, arch, codec, logs, procfs, ptrace_calls, scan
 from memcr.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
@@ -99,6 +99,7 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
         raise RightsError("reading /proc/<pid>/mem directly needs root", pid=pid, what="proc-mem")
     procfs.require_page_monitor()
     arch.blobs()
+    ptrace_calls.load()
     refuse_shared_memory(pid)
     if not options.allow_async_io and (writers := procfs.async_writers(pid)):
         raise TargetError(

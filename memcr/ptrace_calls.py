@@ -1,10 +1,12 @@
-"""Typed ptrace requests and wait statuses: the binding the engine is built on.
+"""Typed ptrace requests and wait statuses: the layer the engine is built on.
 
-libc's ptrace(2) through ctypes, the same on every CPU: registers move as
-the NT_PRSTATUS register set (PTRACE_GETREGSET), laid out by the
-architecture's `Regs` structure, which is what arm64 offers (it has no
-PTRACE_GETREGS). Every failure becomes the OSError subclass of its errno
-(ProcessLookupError for ESRCH, PermissionError for EPERM).
+The system call is python-ptrace's binding (`ptrace.binding.func.ptrace`);
+this layer adds what it lacks: SEIZE, INTERRUPT, LISTEN, GET/SETSIGMASK by
+name, and registers as the NT_PRSTATUS register set (PTRACE_GETREGSET) laid
+out by the architecture's `Regs` structure, the same on every CPU (arm64
+has no PTRACE_GETREGS; python-ptrace picks its layouts by the host CPU and
+uses GETREGS on x86_64). Every failure becomes the OSError subclass of its
+errno (ProcessLookupError for ESRCH, PermissionError for EPERM).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import errno
 import os
 import signal
+from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
 
@@ -66,20 +69,29 @@ class _Iovec(ctypes.Structure):
 
 
 @cache
-def _ptrace() -> Any:  # a ctypes function; CDLL releases the GIL during the call
-    func = ctypes.CDLL(None, use_errno=True).ptrace
-    func.restype = ctypes.c_long
-    func.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-    return func
+def _binding() -> tuple[Callable[..., int], type[Exception]]:
+    """python-ptrace's call and its error, loaded on first use: a daemon that parks nothing never needs them."""
+    from ptrace import PtraceError
+    from ptrace.binding.func import ptrace
+
+    return ptrace, PtraceError
+
+
+def load() -> None:
+    """Load the binding now: its first load takes milliseconds (ctypes looks libc up), which must not be frozen time."""
+    _binding()
 
 
 def _request(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
-    """One ptrace call; its result. A PEEK's result may be -1 as a value, hence errno."""
-    ctypes.set_errno(0)
-    result = int(_ptrace()(request, tid, addr, data))
-    if result == -1 and (code := ctypes.get_errno()):
-        raise OSError(code, os.strerror(code))
-    return result
+    """One ptrace call; its result, signed. A PEEK's result may be -1 as a value, hence errno."""
+    call, error = _binding()
+    ctypes.set_errno(0)  # python-ptrace reads errno after a -1 without clearing it first
+    try:
+        result = call(request, tid, addr, data, check_errno=True)
+    except error as e:
+        code = e.errno  # type: ignore[attr-defined]  # PtraceError's, untyped
+        raise OSError(code, os.strerror(code)) from None
+    return ctypes.c_long(result).value
 
 
 def seize(tid: int, options: int) -> None:
