@@ -50,7 +50,7 @@ class Membership(Protocol):
 
 
 class Tree:
-    """A process and every descendant of it, by the parent links of /proc/<pid>/stat."""
+    """A process and every descendant of it, by the parent links of psutil's process table."""
 
     def __init__(self, root: int) -> None:
         self.root = root
@@ -59,14 +59,39 @@ class Tree:
         return f"tree {self.root}"
 
     def walk(self) -> set[int]:
-        stats = procfs.process_table()
-        if not any(s.pid == self.root and s.state not in ("Z", "X") for s in stats):
+        parents = _parent_links()
+        if self.root not in parents:
             raise TargetError(f"no such process: {self.root}", pid=self.root, what="look up")
-        return {self.root} | procfs.descendants(self.root, stats)
+        return {self.root} | descendants(self.root, parents)
 
     def hold(self, log: Log) -> AbstractContextManager[None]:
         # nothing freezes a tree at once: held members cannot fork, and the walks repeat until stable
         return contextlib.nullcontext()
+
+
+def _parent_links() -> dict[int, int]:
+    """pid -> parent pid of every process now, zombies left out: they have exited and hold no memory (and
+    no children: those went to a reaper when they exited). One that exits meanwhile is left out too."""
+    import psutil  # a tree's walk alone needs the process table: not loaded by a daemon that never walks one
+
+    gone = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    table = psutil.process_iter(["ppid", "status"], ad_value=None)
+    return {p.pid: p.info["ppid"] for p in table if p.info["ppid"] is not None and p.info["status"] not in gone}
+
+
+def descendants(root: int, parents: dict[int, int]) -> set[int]:
+    """Every process below `root` by the links of `parents` (pid -> parent pid)."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    below = list(children.get(root, []))
+    while below:  # pid reuse between two reads can make a loop of links: `found` ends it
+        pid = below.pop()
+        if pid not in found and pid != root:
+            found.add(pid)
+            below += children.get(pid, [])
+    return found
 
 
 class CgroupMembers:

@@ -222,26 +222,6 @@ def parse_stat(text: str) -> Stat:
     return Stat(pid=int(pid), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6]))
 
 
-def descendants(root: int, stats: list[Stat]) -> set[int]:
-    """Every process below `root` in the parent links of `stats` (a snapshot of /proc/<pid>/stat).
-
-    Zombies are left out: they have exited and hold no memory (and no
-    children: those were handed to a reaper when they exited).
-    """
-    children: dict[int, list[int]] = {}
-    for stat in stats:
-        if stat.state not in ("Z", "X"):
-            children.setdefault(stat.ppid, []).append(stat.pid)
-    found: set[int] = set()
-    below = list(children.get(root, []))
-    while below:
-        pid = below.pop()
-        if pid not in found and pid != root:
-            found.add(pid)
-            below += children.get(pid, [])
-    return found
-
-
 def parse_pids(text: str) -> set[int]:
     """A list of process ids, one a line (cgroup.procs)."""
     return {int(line) for line in _lines(text)}
@@ -297,16 +277,6 @@ def stat_flags(pid: int) -> int:
 
 def thread_ids(pid: int) -> set[int]:
     return {int(name) for name in _listdir(proc_path(pid, "task"), pid)}
-
-
-def process_table() -> list[Stat]:
-    """/proc/<pid>/stat of every process now; one that exits meanwhile is left out."""
-    stats = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(TargetGone):
-                stats.append(read_stat(int(name)))
-    return stats
 
 
 def cgroup2_mount() -> Path | None:

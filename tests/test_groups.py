@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from memcr import procfs
@@ -32,8 +33,13 @@ def members_of(target) -> set[int]:
 
 
 def tree(root: int) -> set[int]:
-    """root and its live descendants, now."""
-    return {root} | procfs.descendants(root, procfs.process_table())
+    """root and its live descendants, now, as psutil finds them (memcr's own walk is what is tested)."""
+    found = {root}
+    for child in psutil.Process(root).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.add(child.pid)
+    return found
 
 
 def tracer(pid: int) -> str:

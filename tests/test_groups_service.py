@@ -19,7 +19,7 @@ from memcr import procfs
 from memcr_client import Client, MemcrClientError
 from memcr_client.protocol import Answer, Command, Dialect
 from tests.conftest import CGROUP2, CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, reports
-from tests.test_groups import members_of, traced, tracer, verify_tree
+from tests.test_groups import members_of, traced, tracer, tree, verify_tree
 from tests.test_service import client
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -132,7 +132,7 @@ def test_a_member_waiting_for_its_vfork_child_fails_the_tree(daemon, spawn) -> N
     """A thread held in clone(CLONE_VFORK) does not stop: the tree (the vfork child with it) runs on."""
     d = daemon()
     target = spawn("states", "vfork-wait")
-    members = {target.pid} | procfs.descendants(target.pid, procfs.process_table())
+    members = tree(target.pid)
     assert len(members) == 2  # the process and its vfork child
     assert park(d, target.pid, tree=True) == INVALID_PID
     line = d.out.wait_for("checkpoint failed")

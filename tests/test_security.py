@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from memcr import procfs
@@ -497,8 +498,8 @@ class ByHand(Process):
     """The documented start: runuser forks the daemon as its child and waits for it."""
 
     def daemon_pid(self) -> int:
-        [child] = [s.pid for s in procfs.process_table() if s.ppid == self.proc.pid]
-        return child
+        [child] = psutil.Process(self.proc.pid).children()
+        return int(child.pid)
 
     def stop(self) -> int:
         """Stop the daemon; runuser's exit code, which is the daemon's. A SIGTERM to runuser would be its own."""

@@ -1,15 +1,21 @@
-"""The parts of a group park that need no process: cgroup files, the summed report, the group's error.
+"""The parts of a group park that need no ptrace: cgroup files, the summed report, the group's error, the
+tree's walk (over this process's own children).
 
 Rootless; the parks themselves are tested on real processes in tests/test_groups.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
+import os
+import signal
+import subprocess
 
 from memcr.cgroup import parse_events
 from memcr.errors import GroupError, StorageError, TargetError, TargetKilled
+from memcr.group import Tree, descendants
 from memcr.report import GroupReport, Report, error_json
 from memcr_client.protocol import ExitCode
 
@@ -53,3 +59,37 @@ def test_error_line_of_a_group() -> None:
     e = GroupError("parking cgroup /x failed", TargetError("refused"), None)
     line = json.loads(error_json(e.pid, "checkpoint", e, group="cgroup /x"))
     assert (line["pid"], line["group"], line["type"], line["exit_code"]) == (None, "cgroup /x", "GroupError", 3)
+
+
+# a tree: 100 -> 101 -> 103, 100 -> 102, 200 -> 201 (another tree); zombies are not in the links
+LINKS = {100: 1, 101: 100, 102: 100, 103: 101, 200: 1, 201: 200}
+
+
+def test_descendants_follow_parent_links() -> None:
+    assert descendants(100, LINKS) == {101, 102, 103}
+    assert descendants(101, LINKS) == {103}
+    assert descendants(103, LINKS) == set()
+    assert descendants(200, LINKS) == {201}
+
+
+def test_descendants_of_a_parent_link_loop_end() -> None:
+    """pid reuse between two reads can make a loop of parent links: the walk still ends."""
+    assert descendants(5, {5: 6, 6: 5}) == {6}
+
+
+def test_a_tree_walk_finds_grandchildren_and_leaves_zombies_out() -> None:
+    parent = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    grandchild = int(parent.stdout.readline())
+    zombie = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # it has exited, and stays a zombie
+        found = Tree(os.getpid()).walk()
+        assert {os.getpid(), parent.pid, grandchild} <= found
+        assert zombie.pid not in found
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+        zombie.wait()

@@ -368,40 +368,6 @@ def test_errors_keep_their_plain_form() -> None:
     assert rich.exit_code == 4 and isinstance(rich, MemcrError)
 
 
-# a tree: 100 -> 101 (with a space and ") " in its name) -> 103, 100 -> 102 (zombie), 200 -> 201 (another tree)
-STATS = [
-    "100 (server) S 1 100 100 0 -1 4194560 0\n",
-    "101 (worker ) 1) S 100 100 100 0 -1 4194560 0\n",
-    "102 (worker) Z 100 100 100 0 -1 4194564 0\n",
-    "103 (helper) S 101 100 100 0 -1 4194560 0\n",
-    "200 (other) S 1 200 200 0 -1 4194560 0\n",
-    "201 (other) S 200 200 200 0 -1 4194560 0\n",
-]
-
-
-def test_descendants_follow_parent_links_and_leave_zombies_out() -> None:
-    stats = [procfs.parse_stat(text) for text in STATS]
-    assert procfs.descendants(100, stats) == {101, 103}
-    assert procfs.descendants(101, stats) == {103}
-    assert procfs.descendants(103, stats) == set()
-    assert procfs.descendants(200, stats) == {201}
-
-
-def test_descendants_of_a_parent_link_loop_end() -> None:
-    """pid reuse between two reads can make a loop of parent links: the walk still ends."""
-    stats = [procfs.parse_stat("5 (a) S 6 0 0 0 -1 0 0\n"), procfs.parse_stat("6 (b) S 5 0 0 0 -1 0 0\n")]
-    assert procfs.descendants(5, stats) == {6}
-
-
-def test_own_children_in_the_process_table() -> None:
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        assert child.pid in procfs.descendants(os.getpid(), procfs.process_table())
-    finally:
-        child.kill()
-        child.wait()
-
-
 def test_pid_list() -> None:
     assert procfs.parse_pids("12\n345\n") == {12, 345}
     assert procfs.parse_pids("") == set()
