@@ -80,11 +80,6 @@ from memcr_client.protocol import Address as Address  # re-exported: the CLI par
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 REQUEST_TIMEOUT = 5.0  # for all of a request's bytes to arrive
 MAX_CONNECTIONS = 256  # connections read or answered at once
-# After 8 bytes, how long to wait for the 4 more of the 12-byte form. A v1
-# client sends 8 bytes and waits, so each v1 request pays this once; Thunder
-# writes its 12 bytes at once, which arrive together, so this only has to
-# cover a sender that splits them.
-TIMED_WINDOW = 0.05
 POLL = 0.2
 ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
 LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
@@ -1094,8 +1089,9 @@ def _read_request(conn: socket.socket) -> Request:
     """One request in any of the three forms, all of it within REQUEST_TIMEOUT; Refusal otherwise.
 
     The first 8 bytes decide: a V2 header (102, length), else a v1 request,
-    or the 12-byte form when 4 more bytes come within TIMED_WINDOW. Bytes
-    beyond the request are refused: one request per connection.
+    or the 12-byte form when more bytes came with them (its sender writes
+    all 12 at once; a v1 client sends 8 and waits, so nothing more is waited
+    for). Bytes beyond the request are refused: one request per connection.
     """
     deadline = time.monotonic() + REQUEST_TIMEOUT
     head = _receive(conn, REQUEST.size, deadline)
@@ -1115,7 +1111,7 @@ def _read_request(conn: socket.socket) -> Request:
         except ProtocolError as e:
             raise Refusal(f"V2 request: {e}", answer=True) from None
     more = TIMED_REQUEST.size - REQUEST.size
-    rest = _receive(conn, more, min(deadline, time.monotonic() + TIMED_WINDOW))
+    rest = _arrived(conn, more)
     if not rest:
         return decode_request(head)  # v1: the client sent 8 bytes and waits for its answer
     if len(rest) < more:  # the 12-byte form has begun: it has the rest of the time to end
@@ -1149,16 +1145,20 @@ def _receive(conn: socket.socket, size: int, deadline: float) -> bytes:
     return data
 
 
-def _refuse_more(conn: socket.socket, what: str) -> None:
-    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
-    conn.setblocking(False)  # a peek that must not wait (MSG_DONTWAIT alone would, under a timeout)
+def _arrived(conn: socket.socket, size: int, flags: int = 0) -> bytes:
+    """Up to `size` bytes already waiting, without waiting for any: b"" when none are, or the client is gone."""
+    conn.setblocking(False)  # MSG_DONTWAIT alone would wait, under a timeout
     try:
-        extra = conn.recv(1, socket.MSG_PEEK)
+        return conn.recv(size, flags)
     except OSError:
-        extra = b""  # nothing waiting (BlockingIOError), or the client is gone
+        return b""
     finally:
         conn.settimeout(REQUEST_TIMEOUT)
-    if extra:
+
+
+def _refuse_more(conn: socket.socket, what: str) -> None:
+    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
+    if _arrived(conn, 1, socket.MSG_PEEK):
         raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
 
 
