@@ -15,12 +15,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from memcr.codec import COMPRESSORS
 from memcr.dump.format import HEADER
+from memcr.service import MAX_CONNECTIONS
 from memcr_client import Client
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, activation, memcr_argv, reap, stop
@@ -132,6 +134,39 @@ def test_each_form_is_read_from_what_arrived(daemon, spawn, over: str) -> None:
     d.out.wait_for(f"asks: restore pid {gone} (12-byte)")
     assert answer(exchange(d, v2(i32(RESTORE, gone)))) == INVALID_PID
     d.out.wait_for(f"asks: restore pid {gone} (v2)")
+
+
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_idle_connections_hold_up_no_request(daemon, spawn, over: str) -> None:
+    """More connections that send nothing than the daemon reads at once: a real request is served meanwhile."""
+    d = daemon(listen=str(free_port())) if over == "tcp" else daemon()
+    target = spawn("pattern", 8)
+    idle = [patiently(d.connect) for _ in range(300)]
+    assert len(idle) > MAX_CONNECTIONS
+    try:
+        assert d.code(CHECKPOINT, target.pid) == OK
+        assert frozen(target)
+        assert d.code(RESTORE, target.pid) == OK
+        for conn in idle:  # the daemon closed none of them to serve the requests
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):  # open and silent; a closed one would read b""
+                conn.recv(1)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert target.verify() == 0
+
+
+def patiently(connect: Callable[[], socket.socket]) -> socket.socket:
+    """A connection, asked again while the daemon's backlog is full (a UNIX connect under a timeout says EAGAIN)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        try:
+            return connect()
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def gone_pid(spawn) -> int:
