@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import app_memory, groups, plot, service_load, wakeup
+from bench import app_memory, groups, intake, plot, service_load, wakeup
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -251,11 +251,18 @@ def main() -> int:
     parser.add_argument("--no-wakeup", action="store_true", help="skip the wake-up figures, eager against lazy")
     parser.add_argument("--wake-runs", type=int, default=10, help="round trips per size and mode for the wake-up")
     parser.add_argument("--wake-png", type=Path, default=HERE / "wakeup.png")
+    parser.add_argument("--no-intake", action="store_true", help="skip the daemon's request latency and idle figures")
+    parser.add_argument(
+        "--only", choices=["intake"], help="these figures alone, printed (the JSON file is left as it is)"
+    )
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir=args.dir or "/var/tmp") as work:
         directory = Path(work)
         target_bin = build_target(directory)
+        if args.only == "intake":
+            intake.print_table(intake.measure(target_bin, directory))
+            return 0
         writes, reads, runs = [], [], []
         c_runs: list[CRun] = []
         memcr_c = os.environ.get("MEMCR_C")
@@ -283,6 +290,7 @@ def main() -> int:
                 for name, variant_run in tried.items():
                     variants[name].append(variant_run)
         daemon = None if args.no_service else service_load.measure(target_bin, directory)
+        intake_figures = None if args.no_intake else intake.measure(target_bin, directory)
         app_figures = None if args.no_apps else app_memory.measure()
         group_figures = None if args.no_groups else groups.measure(directory)
         wake = None if args.no_wakeup else wakeup.measure(target_bin, directory, args.wake_runs)
@@ -294,6 +302,7 @@ def main() -> int:
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["codec_one_core_mib_s"] = codec_speeds
     results["service"] = daemon
+    results["intake"] = intake_figures
     results["apps"] = app_figures
     results["groups"] = group_figures
     results["wakeup"] = wake
@@ -302,6 +311,8 @@ def main() -> int:
     print_table(results)
     if daemon:
         service_load.print_table(daemon)
+    if intake_figures:
+        intake.print_table(intake_figures)
     if app_figures:
         app_memory.print_table(app_figures)
     if group_figures:

@@ -1,9 +1,12 @@
 """Service mode (`memcr -l`): checkpoint and restore on request, many targets at once.
 
-The accept loop only accepts. Each connection gets a short-lived thread
-that reads the request in any of its three forms (memcr_client.protocol:
-v1, Thunder's 12 bytes, Dobby's V2), with a time limit so that a slow
-client stalls nobody, and hands it to the target's worker. Each
+The accept loop accepts and keeps each connection in its selector until
+its first bytes arrive: an idle connection costs a descriptor and no
+thread, so a flood of them delays no request. A connection with bytes to
+read gets a short-lived thread that reads the request in any of its three
+forms (memcr_client.protocol: v1, Thunder's 12 bytes, Dobby's V2), with a
+time limit so that a slow client stalls nobody, and hands it to the
+target's worker. Each
 checkpointed target has one worker thread: it seized the target, so by the
 ptrace rule it is the only thread that may touch it, and it lives until
 the target is released. A process tree or a cgroup (V2 options 1000 and
@@ -30,6 +33,7 @@ import stat
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -78,13 +82,14 @@ from memcr_client.protocol import (
 from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
-REQUEST_TIMEOUT = 5.0  # for all of a request's bytes to arrive
-MAX_CONNECTIONS = 256  # connections read or answered at once
-# After 8 bytes, how long to wait for the 4 more of the 12-byte form. A v1
-# client sends 8 bytes and waits, so each v1 request pays this once; Thunder
-# writes its 12 bytes at once, which arrive together, so this only has to
-# cover a sender that splits them.
-TIMED_WINDOW = 0.05
+# for a connection's first bytes to arrive after its accept, then again for all of its request
+REQUEST_TIMEOUT = 5.0
+MAX_CONNECTIONS = 256  # connections read or answered at once, each by its thread
+# Idle connections (nothing sent yet) kept at most, and at most this share of
+# the descriptors: the oldest goes when a new one comes, so that new clients
+# are always accepted and checkpoints still find descriptors.
+MAX_IDLE = 4096
+IDLE_SHARE = 2
 POLL = 0.2
 ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
 LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
@@ -653,6 +658,11 @@ class Service:
         self.lingering: dict[Worker, LazyRestore] = {}  # serving the children a target forked in its lazy phase
         self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
+        # the accept loop's own: accepted, nothing to read yet (address, accepted at), oldest first; then
+        # bytes to read, waiting for a thread
+        self.idle: dict[socket.socket, tuple[Any, float]] = {}
+        self.ready: deque[tuple[socket.socket, Any]] = deque()
+        self.idle_bound = MAX_IDLE
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.reason = _Reason()
@@ -701,45 +711,80 @@ class Service:
             self.log(note)
         if self.options.lazy:
             self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)
                 while not self.stop.is_set():
-                    if selector.select(POLL):
-                        self._accept(listener)
+                    # a short wait while connections with bytes wait for a thread: one may end any moment
+                    for key, _ in selector.select(POLL / 10 if self.ready else POLL):
+                        if key.fileobj is listener:
+                            self._accept(listener, selector)
+                        else:  # its first bytes, or its end: a thread reads which
+                            selector.unregister(key.data)
+                            self.ready.append((key.data, self.idle.pop(key.data)[0]))
+                    self._start_handlers()
+                    self._expire(selector)
         finally:
             listener.close()  # its socket file and the folders made for it too
+            for conn in [*self.idle, *(conn for conn, _ in self.ready)]:
+                conn.close()  # none of them was read: their clients see the end, as of a daemon gone
             self._shutdown()
 
-    def _accept(self, listener: Listener) -> None:
-        with self.lock:
-            busy = len(self.connections)
-        if busy >= MAX_CONNECTIONS:
-            # the next clients wait in the listen backlog: a flood of idle connections must not
-            # take every thread the daemon may start (and with them, the restores)
-            time.sleep(POLL / 10)
-            return
-        try:
-            conn, address = listener.accept()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                # the waiting connection stays in the backlog: try again once descriptors may be free
-                self.log(f"accept failed: {e.strerror}; retrying in {POLL:g} s")
-                time.sleep(POLL)
-            elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                self.log(f"accept failed: {e.strerror}")
-            return
-        thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
-        with self.lock:
-            self.connections.add(thread)
-        try:
-            thread.start()
-        except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
+    def _accept(self, listener: Listener, selector: selectors.BaseSelector) -> None:
+        """Accept one connection into the selector, where it waits for its first bytes without a thread."""
+        while True:
+            try:
+                conn, address = listener.accept()
+                break
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if self.idle:  # an idle connection's descriptor serves the one that comes
+                        self._drop(next(iter(self.idle)), selector, "out of descriptors, the oldest idle goes")
+                        continue
+                    # the waiting connection stays in the backlog: try again once descriptors may be free
+                    self.log(f"accept failed: {e.strerror}; retrying in {POLL:g} s")
+                    time.sleep(POLL)
+                elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                    self.log(f"accept failed: {e.strerror}")
+                return
+        self.idle[conn] = (address, time.monotonic())
+        selector.register(conn, selectors.EVENT_READ, conn)
+        if len(self.idle) > self.idle_bound:
+            self._drop(next(iter(self.idle)), selector, f"sent nothing, and {self.idle_bound} idle are the most kept")
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        """Drop the connections that sent nothing within REQUEST_TIMEOUT of their accept (the oldest come first)."""
+        gone = time.monotonic() - REQUEST_TIMEOUT
+        while self.idle and self.idle[oldest := next(iter(self.idle))][1] < gone:
+            self._drop(oldest, selector, f"no request within {REQUEST_TIMEOUT:g} s")
+
+    def _drop(self, conn: socket.socket, selector: selectors.BaseSelector, why: str) -> None:
+        selector.unregister(conn)
+        address, _ = self.idle.pop(conn)
+        with conn:
+            self.log(f"dropped a connection from {Peer.of(conn, address)}: {why}")
+
+    def _start_handlers(self) -> None:
+        """A thread for each connection with bytes to read, at most MAX_CONNECTIONS at once."""
+        while self.ready:
             with self.lock:
-                self.connections.discard(thread)
-            conn.close()
-            self.log(f"dropped a connection: {e}")
-            time.sleep(POLL)
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    return  # the others wait, their bytes in their sockets, for a thread to end
+            conn, address = self.ready.popleft()
+            thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
+            with self.lock:
+                self.connections.add(thread)
+            try:
+                thread.start()
+            except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
+                with self.lock:
+                    self.connections.discard(thread)
+                conn.close()
+                self.log(f"dropped a connection: {e}")
+                time.sleep(POLL)
+                return
 
     def _handle(self, conn: socket.socket, address: Any) -> None:
         try:
@@ -1094,8 +1139,9 @@ def _read_request(conn: socket.socket) -> Request:
     """One request in any of the three forms, all of it within REQUEST_TIMEOUT; Refusal otherwise.
 
     The first 8 bytes decide: a V2 header (102, length), else a v1 request,
-    or the 12-byte form when 4 more bytes come within TIMED_WINDOW. Bytes
-    beyond the request are refused: one request per connection.
+    or the 12-byte form when more bytes came with them (its sender writes
+    all 12 at once; a v1 client sends 8 and waits, so nothing more is waited
+    for). Bytes beyond the request are refused: one request per connection.
     """
     deadline = time.monotonic() + REQUEST_TIMEOUT
     head = _receive(conn, REQUEST.size, deadline)
@@ -1115,7 +1161,7 @@ def _read_request(conn: socket.socket) -> Request:
         except ProtocolError as e:
             raise Refusal(f"V2 request: {e}", answer=True) from None
     more = TIMED_REQUEST.size - REQUEST.size
-    rest = _receive(conn, more, min(deadline, time.monotonic() + TIMED_WINDOW))
+    rest = _arrived(conn, more)
     if not rest:
         return decode_request(head)  # v1: the client sent 8 bytes and waits for its answer
     if len(rest) < more:  # the 12-byte form has begun: it has the rest of the time to end
@@ -1149,16 +1195,20 @@ def _receive(conn: socket.socket, size: int, deadline: float) -> bytes:
     return data
 
 
-def _refuse_more(conn: socket.socket, what: str) -> None:
-    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
-    conn.setblocking(False)  # a peek that must not wait (MSG_DONTWAIT alone would, under a timeout)
+def _arrived(conn: socket.socket, size: int, flags: int = 0) -> bytes:
+    """Up to `size` bytes already waiting, without waiting for any: b"" when none are, or the client is gone."""
+    conn.setblocking(False)  # MSG_DONTWAIT alone would wait, under a timeout
     try:
-        extra = conn.recv(1, socket.MSG_PEEK)
+        return conn.recv(size, flags)
     except OSError:
-        extra = b""  # nothing waiting (BlockingIOError), or the client is gone
+        return b""
     finally:
         conn.settimeout(REQUEST_TIMEOUT)
-    if extra:
+
+
+def _refuse_more(conn: socket.socket, what: str) -> None:
+    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
+    if _arrived(conn, 1, socket.MSG_PEEK):
         raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
 
 

@@ -32,8 +32,10 @@ means. Only a TCP client on a CPU of the other order would differ, and it
 cannot talk to the C daemon either.
 
 The daemon tells the forms apart by the first 8 bytes: 102 starts V2;
-otherwise 4 more bytes within a short window make the 12-byte form, since a
-v1 client sends 8 bytes and then waits for its answer.
+otherwise more bytes that arrived with them make the 12-byte form, whose
+senders write all 12 at once, while a v1 client sends 8 bytes and waits for
+its answer. Nothing more is waited for: 12 bytes split after the 8th are
+read as v1, without their time limit.
 
 This module imports nothing of memcr, so the client installs alone.
 """

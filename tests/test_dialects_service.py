@@ -15,15 +15,18 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from memcr.codec import COMPRESSORS
 from memcr.dump.format import HEADER
+from memcr.service import MAX_CONNECTIONS
 from memcr_client import Client
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, activation, memcr_argv, reap, stop
+from tests.test_service import free_port
 from tests.unit.test_dialects import dump_dir, i32, v2  # the frames, written by hand from the layouts
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -64,8 +67,7 @@ def test_thunder_requests(daemon, spawn) -> None:
     assert answer(exchange(d, i32(CHECKPOINT, target.pid, 60_000))) == OK
     assert frozen(target)
     assert answer(exchange(d, i32(CHECKPOINT, target.pid, 60_000))) == INVALID_PID
-    # the same 12 bytes in two writes, as a sender that splits them might
-    assert answer(exchange(d, i32(RESTORE, target.pid), i32(60_000), gap=0.01)) == OK
+    assert answer(exchange(d, i32(RESTORE, target.pid, 60_000))) == OK
     assert answer(exchange(d, i32(RESTORE, target.pid, 0))) == INVALID_PID  # 0: no limit of its own
     assert target.verify() == 0
 
@@ -105,6 +107,66 @@ def test_thunder_is_answered_by_its_time_limit(daemon, spawn) -> None:
         assert not frozen(target)
     assert list(d.dump_dir.iterdir()) == []
     assert target.verify() == 0
+
+
+def test_a_sender_that_splits_its_12_bytes_is_read_as_v1(daemon, spawn) -> None:
+    """Bytes that come after the first 8 were read are not waited for: the request was v1, with no time limit."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    with d.connect() as sock:
+        sock.sendall(i32(CHECKPOINT, target.pid))
+        d.out.wait_for(f"asks: checkpoint pid {target.pid} (v1)")
+        sock.sendall(i32(1))  # 1 ms, which the checkpoint would outlast: too late to count
+        assert answer(sock.recv(16, socket.MSG_WAITALL)) == OK
+    assert frozen(target)
+    assert d.code(RESTORE, target.pid) == OK
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_each_form_is_read_from_what_arrived(daemon, spawn, over: str) -> None:
+    """A v1 client sends 8 bytes and waits with its connection open; Thunder writes 12 at once; both are answered."""
+    d = daemon(listen=str(free_port())) if over == "tcp" else daemon()
+    gone = gone_pid(spawn)
+    assert answer(exchange(d, i32(RESTORE, gone))) == INVALID_PID
+    d.out.wait_for(f"asks: restore pid {gone} (v1)")
+    assert answer(exchange(d, i32(RESTORE, gone, 60_000))) == INVALID_PID
+    d.out.wait_for(f"asks: restore pid {gone} (12-byte)")
+    assert answer(exchange(d, v2(i32(RESTORE, gone)))) == INVALID_PID
+    d.out.wait_for(f"asks: restore pid {gone} (v2)")
+
+
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_idle_connections_hold_up_no_request(daemon, spawn, over: str) -> None:
+    """More connections that send nothing than the daemon reads at once: a real request is served meanwhile."""
+    d = daemon(listen=str(free_port())) if over == "tcp" else daemon()
+    target = spawn("pattern", 8)
+    idle = [patiently(d.connect) for _ in range(300)]
+    assert len(idle) > MAX_CONNECTIONS
+    try:
+        assert d.code(CHECKPOINT, target.pid) == OK
+        assert frozen(target)
+        assert d.code(RESTORE, target.pid) == OK
+        for conn in idle:  # the daemon closed none of them to serve the requests
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):  # open and silent; a closed one would read b""
+                conn.recv(1)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert target.verify() == 0
+
+
+def patiently(connect: Callable[[], socket.socket]) -> socket.socket:
+    """A connection, asked again while the daemon's backlog is full (a UNIX connect under a timeout says EAGAIN)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        try:
+            return connect()
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def gone_pid(spawn) -> int:
@@ -177,7 +239,7 @@ def test_dobby_checkpoint_in_its_own_directory(daemon, spawn, tmp_path: Path) ->
     d = daemon()
     target = spawn("pattern", 64, 2)
     payload = i32(CHECKPOINT, target.pid) + dump_dir(own) + i32(201, 2)
-    # header and payload apart, the payload split too, each slower than the 12-byte window
+    # header and payload apart, the payload split too, each a while after the other
     assert answer(exchange(d, i32(102, len(payload)), payload[:10], payload[10:], gap=0.2)) == OK
     dump = own / f"pages-{target.pid}.img"
     assert list(own.iterdir()) == [dump]
