@@ -503,7 +503,7 @@ class ByHand(Process):
 
     def stop(self) -> int:
         """Stop the daemon; runuser's exit code, which is the daemon's. A SIGTERM to runuser would be its own."""
-        with contextlib.suppress(ValueError, ProcessLookupError):  # ended already
+        with contextlib.suppress(ValueError, ProcessLookupError, psutil.NoSuchProcess):  # ended already
             os.kill(self.daemon_pid(), signal.SIGTERM)
         try:
             return self.proc.wait(RUN_TIMEOUT)
