@@ -289,6 +289,7 @@ def main() -> int:
                     c_runs.append(c_run)
                 for name, variant_run in tried.items():
                     variants[name].append(variant_run)
+        lazy_peak = run_memcr(target_bin, args.size_mib, directory, [*args.memcr_args.split(), "--lazy"]).peak_rss_mib
         daemon = None if args.no_service else service_load.measure(target_bin, directory)
         intake_figures = None if args.no_intake else intake.measure(target_bin, directory)
         app_figures = None if args.no_apps else app_memory.measure()
@@ -298,6 +299,7 @@ def main() -> int:
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
     results = summarise(args.size_mib, writes, reads, runs)
+    results["lazy_peak_rss_mib"] = lazy_peak
     results["c_memcr"] = against_c(runs, c_runs) if c_runs else None
     results["variants"] = {name: compare(v, runs) for name, v in variants.items()}
     results["codec_one_core_mib_s"] = codec_speeds
@@ -383,6 +385,8 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
     }
 
 
+PEAK_AIM_MIB = 20  # of `memcr -n`, the largest of the rounds
+LAZY_PEAK_AIM_MIB = 24  # of `memcr -n --lazy`
 VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", "-e"]]
 VARIANT_AIMS = {"-z lz4": 1.0, "-z zstd": 1.5, "-c": 1.5, "-e": 1.5}  # checkpoint time against plain
 
@@ -413,9 +417,12 @@ def print_table(r: dict) -> None:
               f"restore {c['upload_ratio']:.2f}, whole `memcr -n` {c['wall_ratio']:.2f} "
               f"(C: download {c['c_download_ms']:.0f} ms, upload {c['c_upload_ms']:.0f} ms, "
               f"wall {c['c_wall_ms']:.0f} ms)")  # fmt: skip
-    peak = r["peak_rss_mib_max"]
-    print(f"peak RSS of memcr: median {r['peak_rss_mib_median']:.1f} MiB, max {peak:.1f} MiB "
-          f"({'ok' if peak < 48 else 'over'} against 48 MiB)")  # fmt: skip
+    for what, peak, limit in (
+        ("memcr -n", r["peak_rss_mib_max"], PEAK_AIM_MIB),
+        ("memcr -n --lazy", r["lazy_peak_rss_mib"], LAZY_PEAK_AIM_MIB),
+    ):
+        print(f"aim: peak RSS of `{what}` on {r['size_mib']} MiB {peak:.1f} MiB, limit {limit} MiB: "
+              f"{'met' if peak <= limit else 'below'}")  # fmt: skip
     freeze = r["freeze_overhead_ms"]
     print(f"frozen beyond the transfer (set-up + release): median {freeze:.1f} ms "
           f"({'ok' if freeze < 20 else 'over'} against 20 ms)")  # fmt: skip

@@ -1,6 +1,8 @@
 """Service-mode figures for `make bench`: the daemon's footprint and its parallelism.
 
-* idle RSS/USS/PSS of `memcr -l`;
+* idle RSS/USS/PSS of `memcr -l`, against the Python floor: the same
+  interpreter (`-I`) sleeping, measured in the same run;
+* its peak RSS (VmHWM) once 8 targets of 256 MiB come back lazily at once;
 * its USS and PSS with 1, 16 and 64 processes checkpointed: what the first
   checkpoint costs once (code and libraries loaded on first use), and what
   each further checkpointed process costs;
@@ -22,11 +24,49 @@ import psutil
 from memcr_client import Client
 
 MIB = 2**20
+IDLE_AIM_MIB = 2  # idle daemon USS above the Python floor
+LAZY_AIM_MIB = 48  # the daemon's peak RSS with 8 x 256 MiB lazy restores at once
 
 
 def _memory(pid: int) -> dict[str, float]:
     info = psutil.Process(pid).memory_full_info()
     return {"rss_mib": info.rss / MIB, "uss_mib": info.uss / MIB, "pss_mib": info.pss / MIB}
+
+
+def _python_floor() -> dict[str, float]:
+    """USS/RSS/PSS of this interpreter doing nothing: what no Python daemon can go below."""
+    argv = [sys.executable, "-I", "-c", "import time; print(flush=True); time.sleep(60)"]
+    floor = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert floor.stdout is not None
+        floor.stdout.readline()
+        return _memory(floor.pid)
+    finally:
+        floor.kill()
+        floor.wait()
+
+
+def _peak_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def _lazy_peak(client: Client, target_bin: Path, daemon_pid: int) -> float:
+    """The daemon's peak RSS once 8 targets of 256 MiB are checkpointed and restored lazily, all at once."""
+    targets = _start_targets(target_bin, 8, 256)
+    Path(f"/proc/{daemon_pid}/clear_refs").write_text("5")  # resets VmHWM: this phase's peak, not an earlier one
+    try:
+        for target in targets:
+            client.checkpoint(target.pid)
+        threads = [threading.Thread(target=client.restore, args=(t.pid,), kwargs={"lazy": True}) for t in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        _verify_and_reap(targets)  # each target reads every page: every lazy restore runs to its end
+        return _peak_mib(daemon_pid)
+    finally:
+        _kill(targets)
 
 
 def _start_targets(target_bin: Path, count: int, size_mib: int) -> list[subprocess.Popen[str]]:
@@ -81,7 +121,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
         daemon.stdout.readline()  # "listening on ..."
         client = Client(str(sock))
         idle = _memory(daemon.pid)
-        results: dict = {"idle": idle, "checkpointed": {}}
+        results: dict = {"idle": idle, "python_floor": _python_floor(), "checkpointed": {}}
 
         targets = _start_targets(target_bin, 64, 4)
         done, first = 0, idle
@@ -111,6 +151,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
             _verify_and_reap(targets)
         results["checkpoint_16x64mib_s"] = timing
         results["parallel_speedup"] = timing["sequential"] / timing["parallel"]
+        results["lazy_8x256_peak_mib"] = _lazy_peak(client, target_bin, daemon.pid)
         return results
     finally:
         _kill(targets)
@@ -120,8 +161,15 @@ def measure(target_bin: Path, directory: Path) -> dict:
 
 def print_table(r: dict) -> None:
     idle = r["idle"]
-    print(f"\ndaemon idle: RSS {idle['rss_mib']:.1f} MiB, USS {idle['uss_mib']:.1f} MiB, PSS {idle['pss_mib']:.1f} MiB"
-          f" ({'ok' if idle['rss_mib'] < 24 else 'over'} against 24 MiB RSS)")  # fmt: skip
+    floor = r["python_floor"]
+    print(f"\ndaemon idle: RSS {idle['rss_mib']:.1f} MiB, USS {idle['uss_mib']:.1f} MiB, PSS {idle['pss_mib']:.1f} MiB;"
+          f" Python floor (-I, sleeping): RSS {floor['rss_mib']:.1f} MiB, USS {floor['uss_mib']:.1f} MiB")  # fmt: skip
+    limit = floor["uss_mib"] + IDLE_AIM_MIB
+    print(f"aim: idle daemon USS {idle['uss_mib']:.1f} MiB, limit {limit:.1f} MiB (floor + {IDLE_AIM_MIB}): "
+          f"{'met' if idle['uss_mib'] <= limit else 'below'}")  # fmt: skip
+    peak = r["lazy_8x256_peak_mib"]
+    print(f"aim: daemon peak RSS, 8 x 256 MiB lazy restores at once {peak:.1f} MiB, limit {LAZY_AIM_MIB} MiB: "
+          f"{'met' if peak <= LAZY_AIM_MIB else 'below'}")  # fmt: skip
     print(f"first checkpoint, once: USS +{r['first_checkpoint_uss_mib']:.2f} MiB (code loaded on first use)")
     print(f"{'checkpointed':>14}{'USS MiB':>10}{'PSS MiB':>10}{'USS/process':>14}{'PSS/process':>14}{'aim':>6}")
     for count, m in r["checkpointed"].items():

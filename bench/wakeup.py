@@ -15,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from memcr.checkpoint import Cancel, Options, checkpoint
+from memcr.checkpoint import checkpoint
+from memcr.options import Cancel, Options
 
 SIZES = (64, 256, 1024, 2048)
 

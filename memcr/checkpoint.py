@@ -15,29 +15,17 @@ import errno
 import mmap
 import os
 import resource
-import stat
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from memcr import accounts, arch, codec, logs, procfs, ptrace_calls, scan
-from memcr.codec import FRAME_PLAIN, Coding
+from memcr import arch, codec, logs, procfs, ptrace_calls, scan
+from memcr.codec import FRAME_PLAIN
 from memcr.dump.format import Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
-from memcr.errors import (
-    Aborted,
-    Folder,
-    LimitError,
-    MissingFolders,
-    RightsError,
-    StorageError,
-    TargetError,
-    UsageError,
-)
+from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.infect import check_room
+from memcr.options import Cancel, Log, Options, check_socket_dir
 from memcr.parasite import Parasite, SocketSpec
 from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma
@@ -47,46 +35,7 @@ from memcr.tracer import FrozenProcess
 
 CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
 
-Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
-
-
-@dataclass(frozen=True)
-class Options:
-    dump_dir: Path = Path("/tmp")
-    socket_dir: Path | None = None  # None: the parasite listens on an abstract socket
-    socket_gid: int | None = None
-    netns: bool = False
-    proc_mem: bool = False
-    rss_file: bool = False
-    allow_async_io: bool = False
-    coding: Coding = field(default_factory=Coding)
-    lazy: bool = False  # on restore: run at once, pages on first touch (memcr.lazy)
-
-    def reported(self) -> dict[str, object]:
-        """The options a report names (memcr.report.OPTION_FIELDS): those that change what the dump is."""
-        return {
-            "compress": self.coding.compress,
-            "checksum": self.coding.checksum,
-            "cipher": self.coding.cipher,
-            "lazy": self.lazy,
-            "proc_mem": self.proc_mem,
-            "rss_file": self.rss_file,
-        }
-
-
-class Cancel:
-    """Asks a checkpoint under way to roll back and let its target run on; usable from any thread."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 def preflight(pid: int, options: Options) -> dict[str, str]:
@@ -120,76 +69,6 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
         )
     check_room(pid, arch.blobs(), arch.page_size(), options.socket_gid)
     return status
-
-
-def parasites_folder(folder: Path, gid: int | None) -> Folder:
-    """The parasites' folder (-S) as an administrator makes it: the targets' users make their sockets in it, as
-    members of -G's group or else as anyone, and its sticky bit keeps each from removing another's."""
-    return Folder(folder, os.geteuid(), gid, 0o1770 if gid is not None else 0o1777)
-
-
-def check_socket_dir(folder: Path, gid: int | None, besides: Sequence[Folder] = ()) -> None:
-    """Refuse a parasites' folder (-S) in which someone other than root or memcr could swap a socket.
-
-    The parasite of each target makes its socket there, as the target's
-    user, and then gives it its group: whoever owns the folder, or every
-    user where all may write in it without the sticky bit, could remove or
-    replace that socket meanwhile. With -G, the targets' users make their
-    sockets there as members of that group. A missing folder is named
-    with those of `besides` that are missing too (the daemon socket's,
-    which /run loses with it at each boot), for the advice to make them all.
-    """
-    where = f"the parasite socket folder {folder} (-S)"
-    if not os.path.lexists(folder):
-        needed = [*besides, parasites_folder(folder, gid)]
-        raise MissingFolders(
-            f"{where} does not exist",
-            [f for f in needed if not os.path.lexists(f.path)],
-            path=folder,
-            errno=errno.ENOENT,
-        )
-    st = check_socket_folder(folder, where, "-S")
-    if gid is not None and st.st_gid != gid:
-        raise StorageError(
-            f"{where} is of {accounts.group(st.st_gid)}, not of -G's {accounts.group(gid)}: the targets' users, "
-            f"in that group, make their sockets there (chgrp {accounts.group_name(gid)} {folder})",
-            path=folder,
-        )
-
-
-def check_socket_folder(folder: Path, where: str, option: str) -> os.stat_result:
-    """Refuse a folder of sockets (the daemon's, -l; the parasites', -S) where others could replace one.
-
-    That is a symlink, whose target whoever may change it could swap; a
-    folder of a user other than root and memcr's; or one every user may
-    write in without the sticky bit (as /tmp has, which keeps each from
-    removing or renaming what is another's). Returns its status.
-    """
-    try:
-        st = os.lstat(folder)
-    except OSError as e:
-        raise StorageError(f"cannot use {where}: {e.strerror}", path=folder, errno=e.errno) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise StorageError(
-            f"{where} is a symlink, which whoever may change it could point elsewhere: give {option} the real folder "
-            f"({os.path.realpath(folder)})",
-            path=folder,
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(f"{where} is not a folder: choose another {option}", path=folder, errno=errno.ENOTDIR)
-    if st.st_uid not in (0, os.geteuid()):
-        raise StorageError(
-            f"{where} belongs to {accounts.user(st.st_uid)}, who could replace the sockets in it: give it to "
-            f"root or memcr's user (chown {accounts.user_name(os.geteuid())} {folder})",
-            path=folder,
-        )
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise StorageError(
-            f"{where} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), who could replace the "
-            f"sockets in it: make it sticky (chmod +t {folder}) or take that right away (chmod o-w {folder})",
-            path=folder,
-        )
-    return st
 
 
 def refuse_shared_memory(pid: int) -> None:

@@ -11,25 +11,29 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from memcr import __version__, accounts, heap, service
+from memcr import __version__, accounts, heap
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Options, checkpoint
 from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.dump.format import remove_orphans
 from memcr.errors import EXIT_MEANINGS, INTACT, GroupError, MemcrError, TargetEnded, UsageError
-from memcr.group import CgroupMembers, Membership, Tree, park
 from memcr.harden import harden, raise_descriptor_limit
 from memcr.interrupts import Interrupts
-from memcr.lazy import LazyRestore
 from memcr.logs import Level, Logger, write
+from memcr.options import Cancel, Options
 from memcr.peer import Scope
 from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
+
+# Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
+# engine while idle, and memcr -p no daemon (issue #29)
+if TYPE_CHECKING:
+    from memcr.group import Membership
+    from memcr.lazy import LazyRestore
 
 
 class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
@@ -246,11 +250,17 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
     for path, size in remove_orphans(dump_dir):
         log(f"removed {path} ({size} bytes): the dump of a memcr that was killed (its target was killed with it)")
     if listen is not None:
+        from memcr import service
+
         scope = Scope(client_scope or Scope.ANY.value)
         service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
+        from memcr.group import CgroupMembers
+
         interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, log=log)
     elif pid is not None and tree:
+        from memcr.group import Tree
+
         interactive_group(Tree(pid), options, wait=not no_wait, log=log)
     elif pid is not None:
         interactive(pid, options, wait=not no_wait, log=log)
@@ -263,6 +273,8 @@ def interactive(pid: int, options: Options, wait: bool, log: Logger) -> None:
 
 
 def _interactive(pid: int, options: Options, wait: bool, log: Logger, cancel: Cancel, interrupts: Interrupts) -> None:
+    from memcr.checkpoint import checkpoint
+
     heap.tune()
     reported = options.reported()
     with ProgressBar.of("dumping", log) as bar:
@@ -342,6 +354,8 @@ def interactive_group(membership: Membership, options: Options, wait: bool, log:
 
 
 def _interactive_group(membership: Membership, options: Options, wait: bool, log: Logger, cancel: Cancel) -> None:
+    from memcr.group import park
+
     heap.tune()
     reported = options.reported()
     try:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memcr.errors import DumpError, UsageError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 FRAME_PLAIN = 1 << 20
 FRAME = struct.Struct("<IIII")  # plain length, stored length, flags, reserved
@@ -229,6 +231,8 @@ def coding_pool(codec: FrameCodec, encoding: bool) -> ThreadPoolExecutor:
     """
     cores = len(os.sched_getaffinity(0))
     workers = cores if codec.slower_than_transfer(encoding) else max(1, cores - 1)
+    from concurrent.futures import ThreadPoolExecutor  # with logging, ~1 MiB the idle daemon need not hold
+
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcr-codec")
 
 

@@ -31,8 +31,9 @@ from typing import Protocol
 
 from memcr import logs, procfs
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Log, Options, checkpoint
+from memcr.checkpoint import checkpoint
 from memcr.errors import Aborted, GroupError, MemcrError, TargetEnded, TargetError, TargetGone, TargetKilled
+from memcr.options import Cancel, Log, Options
 from memcr.parked import Parked
 from memcr.report import GroupReport, Report
 

@@ -29,7 +29,7 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def tune(arenas: int | None = None) -> None:
-    """Serve frame buffers from the heap and keep freed ones; `arenas` caps per-thread heaps."""
+    """Serve frame buffers from the heap and keep freed ones from now on; `arenas` caps per-thread heaps."""
     libc = _libc()
     if libc is None:
         return
@@ -37,6 +37,8 @@ def tune(arenas: int | None = None) -> None:
         libc.mallopt(M_ARENA_MAX, arenas)
     libc.mallopt(M_MMAP_THRESHOLD, KEEP)
     libc.mallopt(M_TRIM_THRESHOLD, KEEP)
+    # what is free by now (loading memcr's modules leaves ~2 MiB) would stay under that threshold for good
+    release()
 
 
 def release() -> None:

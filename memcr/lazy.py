@@ -41,7 +41,7 @@ from memcr.tracer import RunningProcess
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
 FAULT_PIECE = 256 << 10  # bytes a fault brings in: its neighbours come along, and it stays short
-FILL_PIECE = 2 << 20  # bytes per background copy: a huge page
+FILL_PIECE = 1 << 20  # bytes per background copy: 8 restores at once hold 8 MiB of the dump mapped, not 16
 WHOLE = 1 << 62  # a framed dump's piece is one frame: it is decoded whole anyway
 POLL_MS = 1000  # a stop wakes the server through its pipe; this is only a safety net
 

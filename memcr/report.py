@@ -44,7 +44,7 @@ class Report:
     rss_restored: dict[str, int] = field(default_factory=dict)  # after the restore
     dump_path: str = ""
     dump_bytes: int = 0
-    # how the dump was made and the restore done: OPTION_FIELDS (memcr.checkpoint.Options.reported);
+    # how the dump was made and the restore done: OPTION_FIELDS (memcr.options.Options.reported);
     # "lazy" in a restore's line: whether it was lazy, as asked and where it could be
     options: dict[str, object] = field(default_factory=dict)
 

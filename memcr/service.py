@@ -37,12 +37,11 @@ from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memcr import accounts, heap, logs, procfs
 from memcr.advice import explain
 from memcr.cgroup import Cgroup
-from memcr.checkpoint import Cancel, Log, Options, check_socket_dir, check_socket_folder, checkpoint
 from memcr.dump.format import check_directory
 from memcr.errors import (
     Aborted,
@@ -57,12 +56,9 @@ from memcr.errors import (
     TargetKilled,
     UsageError,
 )
-from memcr.group import CgroupMembers, Membership, Tree
-from memcr.lazy import LazyRestore
-from memcr.parked import Parked
+from memcr.options import Cancel, Log, Options, check_socket_dir, check_socket_folder
 from memcr.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.report import GroupReport, Report, error_json
-from memcr.service_group import GroupWorker
 from memcr_client.protocol import (
     CMD_CHECKPOINT,
     CMD_RESTORE,
@@ -80,6 +76,14 @@ from memcr_client.protocol import (
     encode_answer,
 )
 from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
+
+# The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
+# needs it, in the function that does: an idle daemon does not hold it (issue #29)
+if TYPE_CHECKING:
+    from memcr.group import Membership
+    from memcr.lazy import LazyRestore
+    from memcr.parked import Parked
+    from memcr.service_group import GroupWorker
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 # for a connection's first bytes to arrive after its accept, then again for all of its request
@@ -417,6 +421,8 @@ class Worker(threading.Thread):
         self.restore_asked = False
 
     def run(self) -> None:
+        from memcr.checkpoint import checkpoint
+
         timer = self._deadline()
         parked = None
         try:
@@ -979,6 +985,9 @@ class Service:
 
     def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
+        from memcr.group import CgroupMembers, Tree
+        from memcr.service_group import GroupWorker
+
         pid = request.pid
         membership: Membership = Tree(pid)
         if request.cgroup is not None:
@@ -1020,7 +1029,7 @@ class Service:
             for pid in sorted(pids):
                 other = self.workers.get(pid) or self.groups.get(pid)
                 if other is not None and other is not group:
-                    where = f" in {other}" if isinstance(other, GroupWorker) else ""
+                    where = "" if isinstance(other, Worker) else f" in {other}"
                     raise TargetError(f"process {pid} is already checkpointed{where}", pid=pid)
             members = len(group.claimed | pids)
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT * members:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 from memcr import logs
 from memcr.advice import explain
-from memcr.checkpoint import Cancel, Log, Options
 from memcr.errors import GroupError, TargetError
 from memcr.group import Membership, ParkedGroup, Tree, park
+from memcr.options import Cancel, Log, Options
 from memcr.procfs import alive
 from memcr.report import error_json
 from memcr_client.protocol import Answer

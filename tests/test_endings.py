@@ -23,10 +23,11 @@ import pytest
 
 from memcr import checkpoint as checkpoint_module
 from memcr import codec, infect, parked, process_vm
-from memcr.checkpoint import Options, checkpoint
+from memcr.checkpoint import checkpoint
 from memcr.codec import Coding
 from memcr.dump.reader import PlainReader
 from memcr.errors import DumpError, LimitError, MemcrError, TargetKilled
+from memcr.options import Options
 from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Memcr, memcr_argv, reports
 
 Logs = list[str]

@@ -128,6 +128,24 @@ def test_client_takes_host_port_and_memcr_location(daemon, spawn) -> None:
     assert target.verify() == 0
 
 
+def mapped_libraries(pid: int, *parts: str) -> set[str]:
+    """The shared libraries and extension modules mapped into `pid` whose path has one of `parts` in it."""
+    paths = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if ".so" in line}
+    return {path for path in paths if any(part in path for part in parts)}
+
+
+def test_idle_daemon_loads_codecs_on_first_use(daemon, spawn) -> None:
+    """The codecs and the cipher are not in an idle daemon's memory; its first -z/-e checkpoint loads them."""
+    d = daemon("-z", "zstd", "-e")
+    # bz2 and lzma come with tempfile, which importlib.resources imports
+    assert not mapped_libraries(d.proc.pid, "/zstandard/", "/lz4/", "/cryptography/", "_bz2", "_lzma")
+    target = spawn("pattern", 32, 2)
+    assert d.code(CHECKPOINT, target.pid) == OK
+    assert d.code(RESTORE, target.pid) == OK
+    assert target.verify() == 0
+    assert mapped_libraries(d.proc.pid, "/zstandard/") and mapped_libraries(d.proc.pid, "/cryptography/")
+
+
 # -- concurrency, aborts, time limits, deaths, shutdown ------------------------
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import json
 import mmap
 import platform
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any, Protocol
 
 from memcr.errors import MemcrError
@@ -70,6 +68,10 @@ def current() -> Arch:
 
 @cache
 def blobs() -> Blobs:
+    # loaded here, not at the top: importlib.resources brings tempfile, shutil and the bz2/lzma modules
+    import json
+    from importlib import resources
+
     name = current().name
     folder = resources.files("memcr") / "_blobs" / name
     try:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from memcr import cli
-from memcr.checkpoint import Options
+from memcr import cli, service
 from memcr.codec import CIPHERS, DEFAULT_CIPHER
 from memcr.errors import EXIT_MEANINGS, UsageError
 from memcr.logs import Level, Logger
+from memcr.options import Options
 from memcr.peer import Scope
 
 
@@ -70,7 +70,7 @@ def memcr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -
     monkeypatch.setattr(
         cli, "interactive", lambda pid, options, wait, log: runs.append(("interactive", pid, options, wait, log))
     )
-    monkeypatch.setattr(cli.service, "run", lambda *args, **kwargs: runs.append(("service", *args)))
+    monkeypatch.setattr(service, "run", lambda *args, **kwargs: runs.append(("service", *args)))
 
     def run(*argv: object) -> Outcome:
         runs.clear()

@@ -11,8 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from memcr.checkpoint import Options
 from memcr.errors import GroupError, TargetError
+from memcr.options import Options
 from memcr.report import OPTION_FIELDS, SCHEMA, SCHEMA_VERSION, GroupReport, Report, error_json
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reports.md"
