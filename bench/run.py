@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import app_memory, groups, intake, plot, service_load, wakeup
+from bench import app_memory, groups, intake, plot, service_load, sparse, wakeup
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -128,9 +128,9 @@ def read_limit(size: int, path: Path) -> float:
 
 
 @contextlib.contextmanager
-def ready_target(target_bin: Path, size_mib: int, who: str) -> Iterator[subprocess.Popen[str]]:
+def ready_target(target_bin: Path, size_mib: int, who: str, mode: str = "") -> Iterator[subprocess.Popen[str]]:
     """A bench target whose memory is filled; checked for intact memory afterwards, and always reaped."""
-    target = subprocess.Popen([target_bin, str(size_mib)], stdout=subprocess.PIPE, text=True)
+    target = subprocess.Popen([target_bin, str(size_mib), *mode.split()], stdout=subprocess.PIPE, text=True)
     try:
         assert target.stdout is not None
         target.stdout.readline()
@@ -144,8 +144,8 @@ def ready_target(target_bin: Path, size_mib: int, who: str) -> Iterator[subproce
         target.wait()
 
 
-def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]) -> MemcrRun:
-    with ready_target(target_bin, size_mib, "bench") as target:
+def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str], mode: str = "") -> MemcrRun:
+    with ready_target(target_bin, size_mib, "bench", mode) as target:
         started = time.monotonic()
         memcr = subprocess.Popen(
             [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "--json", "-d", str(directory), *extra],
@@ -245,6 +245,9 @@ def main() -> int:
     parser.add_argument("--no-apps", action="store_true", help="skip the real apps (tests/apps)")
     parser.add_argument("--no-groups", action="store_true", help="skip the 4-process app: as a tree, one by one")
     parser.add_argument(
+        "--sparse-mib", type=int, default=256, help="data in the sparse figure's mapping, 8 times as large (0 to skip)"
+    )
+    parser.add_argument(
         "--sweep", default="64,128,256,512,1024,2048", help="target sizes in MiB for the throughput plot ('' to skip)"
     )
     parser.add_argument("--png", type=Path, default=HERE / "throughput.png")
@@ -294,6 +297,11 @@ def main() -> int:
         intake_figures = None if args.no_intake else intake.measure(target_bin, directory)
         app_figures = None if args.no_apps else app_memory.measure()
         group_figures = None if args.no_groups else groups.measure(directory)
+        sparse_figures = (
+            sparse.measure(target_bin, args.sparse_mib, directory, args.runs, args.memcr_args.split())
+            if args.sparse_mib
+            else None
+        )
         wake = None if args.no_wakeup else wakeup.measure(target_bin, directory, args.wake_runs)
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
@@ -307,6 +315,7 @@ def main() -> int:
     results["intake"] = intake_figures
     results["apps"] = app_figures
     results["groups"] = group_figures
+    results["sparse"] = sparse_figures
     results["wakeup"] = wake
     results["sweep"] = sweep
     results["machine"] = facts
@@ -319,6 +328,8 @@ def main() -> int:
         app_memory.print_table(app_figures)
     if group_figures:
         groups.print_table(group_figures)
+    if sparse_figures:
+        sparse.print_table(sparse_figures)
     if wake:
         wakeup.print_table(wake)
         plot.wakeup_png(wake, args.wake_png)

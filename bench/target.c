@@ -9,6 +9,10 @@
  * `target SIZE_MIB ping`: after "ready", each byte read on fd 0 is written
  * back on fd 1 (the wake-up bench: the answer shows the target runs its
  * own code again); "v" verifies every page instead and exits.
+ *
+ * `target SIZE_MIB sparse`: the same SIZE_MIB MiB of pages, each one the
+ * first of 8 in a mapping 8 times as large whose other pages are never
+ * touched (the sparse figure); those must still read as zeros afterwards.
  */
 #include <signal.h>
 #include <stdint.h>
@@ -54,7 +58,7 @@ static void make_page(unsigned char *page, size_t index)
 int main(int argc, char **argv)
 {
 	long page_size = sysconf(_SC_PAGESIZE);
-	size_t pages;
+	size_t pages, stride;
 	unsigned char *mem, *expect;
 	sigset_t set;
 	int sig;
@@ -63,12 +67,13 @@ int main(int argc, char **argv)
 		return 2;
 	page_bytes = (size_t)page_size;
 	pages = ((size_t)(argc > 1 ? atol(argv[1]) : 1024) << 20) / page_bytes;
-	mem = mmap(NULL, pages * page_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	stride = argc > 2 && strcmp(argv[2], "sparse") == 0 ? 8 : 1;
+	mem = mmap(NULL, pages * stride * page_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	expect = malloc(page_bytes);
 	if (mem == MAP_FAILED || !expect)
 		return 2;
 	for (size_t p = 0; p < pages; p++)
-		make_page(mem + p * page_bytes, p);
+		make_page(mem + p * stride * page_bytes, p);
 	if (argc > 2 && strcmp(argv[2], "send") == 0) {
 		char go;
 		if (write(0, "r", 1) != 1 || read(0, &go, 1) != 1)
@@ -94,8 +99,11 @@ int main(int argc, char **argv)
 	} else {
 		sigwait(&set, &sig);
 	}
-	for (size_t p = 0; p < pages; p++) {
-		make_page(expect, p);
+	for (size_t p = 0; p < pages * stride; p++) {
+		if (p % stride)
+			memset(expect, 0, page_bytes);
+		else
+			make_page(expect, p / stride);
 		if (memcmp(expect, mem + p * page_bytes, page_bytes)) {
 			fprintf(stderr, "page %zu differs\n", p);
 			return 1;

@@ -21,19 +21,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from memcr import arch, codec, logs, procfs, ptrace_calls, scan
 from memcr.codec import FRAME_PLAIN
-from memcr.dump.format import Record, check_directory
+from memcr.dump.format import Group, Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.infect import check_room
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.parasite import Parasite, SocketSpec
+from memcr.parasite import SEND_RUNS, Parasite, SocketSpec
 from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma
 from memcr.report import Report, rss
-from memcr.scan import Plan
+from memcr.scan import MAX_EXTENT, Extent, Plan
 from memcr.tracer import FrozenProcess
 
 CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
+AHEAD = 1 << 20  # bytes of pages asked of the parasite before memcr reads them
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -188,6 +189,7 @@ class _Stream:
         self.report = report
         self.log = log
         self.vmas: list[Vma] = []  # planned so far: where a rollback puts records back
+        self._joins: set[int] = set()  # runs with only holes between them and the run before
 
     def plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
         """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
@@ -224,20 +226,22 @@ class _Stream:
         writer, pid = self.writer, self.frozen.pid
         done, total = 0, plan.dump_bytes
         written: list[Record] = []
-        for extent in plan.copy:
+        self._joins = {e.start for e in plan.copy if e.joins}
+        for extents in _groups(plan.copy, self.options.proc_mem):
             if cancel.cancelled:
                 raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
-            record = writer.begin_pages(extent.start, extent.length)
-            if self.options.proc_mem or not extent.vma.prot & mmap.PROT_READ:
-                self._copy_from_mem(record)
+            group = writer.begin_group([(e.start, e.length) for e in extents])
+            if _by_mem(extents[0], self.options.proc_mem):
+                for record in group.runs:
+                    self._copy_from_mem(record)
             else:
-                self._copy_from_parasite(record)
-            writer.end_pages(record)
+                self._copy_from_parasite(group)
+            writer.end_group(group)
             # only pages whose bytes are in the file may go
             written += writer.completed()
             if confirmed is None or confirmed.done():
                 self._drop(written, confirmed)
-            done += extent.length
+            done += group.length
             if progress:
                 progress(done, total)
         writer.flush()
@@ -246,44 +250,65 @@ class _Stream:
             self.parasite.drop(extent.start, extent.length)
 
     def _drop(self, written: list[Record], confirmed: Future[None] | None) -> None:
-        """Drop the pages of records in the file, once the plan's VmFlags are confirmed."""
+        """Drop the pages of runs in the file, once the plan's VmFlags are confirmed.
+
+        `written` follows the plan's order with none left out: runs the scan
+        found only holes between go in one madvise, never runs with a page
+        between them that stays (another process's, a file's).
+        """
         if confirmed is not None:
             confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
+        spans: list[list[Record]] = []
         for record in written:
+            if spans and record.addr in self._joins:
+                spans[-1].append(record)
+            else:
+                spans.append([record])
+        for span in spans:
             # counted as dropped until the parasite says otherwise: if its answer is lost, the pages
             # may be gone, and a rollback must then restore them (or, unable to, kill the target)
-            record.dropped = True
-            record.dropped = self.parasite.drop(record.addr, record.length)
+            for record in span:
+                record.dropped = True
+            start, last = span[0].addr, span[-1]
+            dropped = self.parasite.drop(start, last.addr + last.length - start)
+            for record in span:
+                record.dropped = dropped
         written.clear()
 
-    def _copy_from_parasite(self, record: Record) -> None:
-        writer, parasite, length = self.writer, self.parasite, record.length
+    def _copy_from_parasite(self, group: Group) -> None:
+        writer, parasite = self.writer, self.parasite
         # everything that may fail on its own (a pipe needs descriptors) before the pages are asked for:
         # once they are, the connection is only usable again after every byte has been read
         pipe = writer.pipe() if isinstance(writer, PlainWriter) else None
-        parasite.request_pages(record.addr, length)
+        ahead = _Requests(parasite, group.runs)
         if pipe:
             assert isinstance(writer, PlainWriter)
-            self._splice_from_parasite(writer, record, *pipe)
+            self._splice_from_parasite(writer, group, ahead, *pipe)
             return
-        for offset in range(0, length, CHUNK):
-            piece = writer.buffer(min(CHUNK, length - offset))
-            parasite.recv_into(piece)
-            try:
-                writer.write_payload(record, piece)
-            except BaseException:
-                parasite.discard(length - offset - len(piece))  # the connection must stay usable for the rollback
-                raise
+        for record in group.runs:
+            for offset in range(0, record.length, CHUNK):
+                piece = writer.buffer(min(CHUNK, record.length - offset))
+                parasite.recv_into(piece)
+                ahead.received(len(piece))
+                try:
+                    writer.write_payload(record, piece)
+                except BaseException:
+                    parasite.discard(ahead.outstanding)  # the connection must stay usable for the rollback
+                    raise
 
-    def _splice_from_parasite(self, writer: PlainWriter, record: Record, pipe: int, capacity: int) -> None:
+    def _splice_from_parasite(
+        self, writer: PlainWriter, group: Group, ahead: _Requests, pipe: int, capacity: int
+    ) -> None:
+        # the runs' bytes come back to back, as the file takes them: one splice may carry many runs
         moved = 0
-        while moved < record.length:
-            n = self.parasite.splice_into(pipe, min(capacity, record.length - moved))
+        while moved < group.length:
+            n = self.parasite.splice_into(pipe, min(capacity, group.length - moved))
             moved += n
+            ahead.received(n)
             try:
-                writer.write_piped(record, n)
+                writer.write_piped(group, n)
             except BaseException:
-                self.parasite.discard(record.length - moved)  # the connection must stay usable for the rollback
+                self.parasite.discard(ahead.outstanding)  # the connection must stay usable for the rollback
                 raise
 
     def _copy_from_mem(self, record: Record) -> None:
@@ -296,6 +321,64 @@ class _Stream:
             piece = self.writer.buffer(min(CHUNK, record.length - offset))
             piece[:] = self.frozen.read(record.addr + offset, len(piece))
             self.writer.write_payload(record, piece)
+
+
+class _Requests:
+    """The parasite's SEND commands for a group's runs, written ahead of their bytes.
+
+    One command asks for many runs, and the next goes out while memcr
+    still takes the bytes of the last: a run costs neither a round trip nor
+    a command of its own. A command goes out once fewer than AHEAD/2 bytes
+    are asked for and not yet read, so the commands the parasite has not
+    read yet never fill its socket buffer while it waits for memcr to take
+    page bytes (each would wait for the other).
+    """
+
+    def __init__(self, parasite: Parasite, runs: list[Record]) -> None:
+        self.parasite = parasite
+        self.runs = runs
+        self.next = 0  # runs asked for
+        self.outstanding = 0  # bytes asked for and not read yet
+        self._top_up()
+
+    def received(self, length: int) -> None:
+        self.outstanding -= length
+        if self.outstanding < AHEAD // 2:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        first, asked = self.next, self.outstanding
+        while self.next < len(self.runs) and asked < AHEAD and self.next - first < SEND_RUNS:
+            asked += self.runs[self.next].length
+            self.next += 1
+        if self.next > first:
+            self.parasite.request_pages([(r.addr, r.length) for r in self.runs[first : self.next]])
+            self.outstanding = asked
+
+
+def _by_mem(extent: Extent, proc_mem: bool) -> bool:
+    """Whether memcr reads the extent itself: with -m, or where the parasite could not read it."""
+    return proc_mem or not extent.vma.prot & mmap.PROT_READ
+
+
+def _groups(extents: list[Extent], proc_mem: bool) -> Iterator[list[Extent]]:
+    """The extents cut into file records of at most MAX_EXTENT bytes, each read one way."""
+    group: list[Extent] = []
+    size, vma, by_mem = 0, None, False
+    for extent in extents:
+        if extent.vma is not vma:
+            vma, was = extent.vma, by_mem
+            by_mem = _by_mem(extent, proc_mem)
+            if group and by_mem != was:
+                yield group
+                group, size = [], 0
+        if size + extent.length > MAX_EXTENT:
+            yield group
+            group, size = [], 0
+        group.append(extent)
+        size += extent.length
+    if group:
+        yield group
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ STEP_BIND, STEP_MODE = 2, 3
 NONCE_LEN = 16
 SUN_PATH_LEN = 108
 PAGEMAP_MAX = 65536
+SEND_RUNS = 1024  # runs per SEND
 PAGEMAP_ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
 
 OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END, OP_UFFD = 1, 2, 3, 4, 5, 6
@@ -222,9 +223,11 @@ class Parasite:
         self._send(OP_DROP, addr, length)
         return self._result() == 0
 
-    def request_pages(self, addr: int, length: int) -> None:
-        """Ask for `length` bytes at addr; the caller takes them with recv_into or splice_into."""
-        self._send(OP_SEND, addr, length)
+    def request_pages(self, runs: Sequence[tuple[int, int]]) -> None:
+        """Ask for the bytes of each (address, length), at most SEND_RUNS; the caller takes them, back to back,
+        with recv_into or splice_into."""
+        table = struct.pack(f"<{2 * len(runs)}Q", *(n for run in runs for n in run))
+        self._send_commands(memoryview(CMD.pack(OP_SEND, 0, 0, len(table)) + table))
 
     def recv_into(self, view: memoryview) -> None:
         """Fill `view` completely from the parasite."""
@@ -361,11 +364,14 @@ class Parasite:
             sent += self._io(partial(self.sock.send, view[sent:]))
 
     def _send(self, op: int, addr: int = 0, length: int = 0, arg: int = 0) -> None:
+        CMD.pack_into(self._cmd, 0, op, arg, addr, length)
+        self._send_commands(memoryview(self._cmd))
+
+    def _send_commands(self, commands: memoryview) -> None:
         if self.broken:
             raise ParasiteError("the connection to the parasite was dropped mid-transfer")
-        CMD.pack_into(self._cmd, 0, op, arg, addr, length)
         try:
-            self._send_all(memoryview(self._cmd))
+            self._send_all(commands)
         except OSError as e:
             raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
 

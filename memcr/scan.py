@@ -55,6 +55,9 @@ class Extent:
     start: int
     length: int
     vma: Vma
+    # the pages between the previous extent of the same mapping and this one hold nothing (no page, no swap
+    # entry): one madvise may drop both, and takes nothing that stays in memory
+    joins: bool = False
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Pages:
     drop: list[range] = field(default_factory=list)  # clean file pages: the kernel re-reads them
     shared: int = 0  # another process maps them too (fork, KSM): dropping would free nothing
     found: int = 0  # present or swapped, the zero page aside: what smaps counts as Rss + Swap
+    # present or swapped (the zero page and guards too): between them, holes alone, which a drop may span
+    occupied: list[range] = field(default_factory=list)
 
 
 PageRuns = dict[tuple[int, int], Pages]  # by (start, end) of the mapping
@@ -149,7 +154,10 @@ def scan_pages(
         if regions is None:
             scan_fd = None  # not supported here: read every entry instead
             regions = [(0, vma.size // PAGE, 0)]
-        pages[vma.start, vma.end] = _classify(vma, _merged(regions), read_pagemap, zero)
+        found = _classify(vma, _merged(regions), read_pagemap, zero)
+        if scan_fd is not None:
+            found.occupied = _merged(regions)  # the zero page's entries too, as _by_category has them
+        pages[vma.start, vma.end] = found
     return pages
 
 
@@ -210,7 +218,7 @@ def build_plan(
         if found is None:
             # a frozen target cannot do this; a process sharing its memory (CLONE_VM) can
             raise TargetError(f"the memory map of the target changed while it was frozen, at {vma.start:#x}")
-        plan.copy += _extents(found.dump, vma, MAX_EXTENT)
+        plan.copy += _extents(found.dump, vma, MAX_EXTENT, found.occupied)
         if rss_file:
             plan.drop_only += _extents(found.drop, vma, vma.size)
         plan.shared_pages += found.shared
@@ -311,6 +319,7 @@ def _by_category(vma: Vma, regions: list[tuple[int, int, int]]) -> Pages:
         else:
             _append(pages.dump, run)
         pages.found += len(run)
+    pages.occupied = _merged(regions)
     return pages
 
 
@@ -342,14 +351,16 @@ def _append(runs: list[range], pages: range) -> None:
 def _class_table(anonymous: bool) -> bytes:
     """Map the top byte of a pagemap entry to a class.
 
-    d: only the target has it, dump it; s: another process maps it too (or
-    the zero page), keep it; f: a clean page of the mapped file; .: nothing.
+    d: only the target has it, dump it; s: another process maps it too,
+    keep it; f: a clean page of the mapped file; g: a guard; .: nothing
+    (z, the zero page, comes from _skip_zero_pages).
     """
     present, swapped, file = PM_PRESENT >> 56, PM_SWAPPED >> 56, PM_FILE >> 56
     guard, exclusive = PM_GUARD >> 56, PM_EXCLUSIVE >> 56
     table = bytearray(b"." * 256)
     for top in range(256):
         if top & guard:
+            table[top] = ord("g")
             continue
         if top & swapped:
             table[top] = ord("d")
@@ -361,7 +372,7 @@ def _class_table(anonymous: bool) -> bytes:
 
 
 _CLASSES = {True: _class_table(True), False: _class_table(False)}
-_RUNS = {b"d": re.compile(rb"d+"), b"f": re.compile(rb"f+")}
+_RUNS = {b"d": re.compile(rb"d+"), b"f": re.compile(rb"f+"), b"dsfgz": re.compile(rb"[dsfgz]+")}
 
 
 def _classify(vma: Vma, runs: list[range], read_pagemap: PagemapReader, zero: int) -> Pages:
@@ -372,6 +383,7 @@ def _classify(vma: Vma, runs: list[range], read_pagemap: PagemapReader, zero: in
         pages.shared += shared
         pages.found += shared + classes.count(b"d") + classes.count(b"f")
         _add_runs(pages.dump, classes, b"d", first)
+        _add_runs(pages.occupied, classes, b"dsfgz", first)
         if not vma.anonymous:
             _add_runs(pages.drop, classes, b"f", first)
     return pages
@@ -401,7 +413,7 @@ def _skip_zero_pages(entries: bytes, classes: bytearray, zero: int) -> None:
     pos = entries.find(needle)
     while pos >= 0:
         if pos % 8 == 0 and entries[pos + 6] & 0x7F == 0 and entries[pos + 7] & (PM_PRESENT >> 56):
-            classes[pos // 8] = ord(".")
+            classes[pos // 8] = ord("z")
         pos = entries.find(needle, pos + 1)
 
 
@@ -410,11 +422,25 @@ def _add_runs(runs: list[range], classes: bytearray, kind: bytes, first: int) ->
         _append(runs, range(first + match.start(), first + match.end()))
 
 
-def _extents(runs: list[range], vma: Vma, limit: int) -> list[Extent]:
-    """Cut runs of page indexes into extents of at most `limit` bytes."""
+def _extents(runs: list[range], vma: Vma, limit: int, occupied: list[range] | None = None) -> list[Extent]:
+    """Cut runs of page indexes into extents of at most `limit` bytes.
+
+    With `occupied`, each extent says whether only holes lie between it and
+    the one before (Extent.joins); without, none does.
+    """
     step = max(1, limit // PAGE)
-    return [
-        Extent(vma.start + i * PAGE, (min(i + step, run.stop) - i) * PAGE, vma)
-        for run in runs
-        for i in range(run.start, run.stop, step)
-    ]
+    starts = [r.start for r in occupied or []]
+    extents: list[Extent] = []
+    stop = -1
+    for run in runs:
+        for i in range(run.start, run.stop, step):
+            joins = occupied is not None and stop >= 0 and _only_holes(occupied, starts, stop, i)
+            extents.append(Extent(vma.start + i * PAGE, (min(i + step, run.stop) - i) * PAGE, vma, joins))
+            stop = min(i + step, run.stop)
+    return extents
+
+
+def _only_holes(occupied: list[range], starts: list[int], first: int, stop: int) -> bool:
+    """Whether no page of `occupied` (sorted, disjoint) lies in [first, stop)."""
+    i = bisect.bisect_left(starts, stop) - 1
+    return i < 0 or occupied[i].stop <= first

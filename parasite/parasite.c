@@ -169,6 +169,40 @@ static long fd_message(long nr, int cfd, void *p, unsigned long len, int *fd)
 	return n < 0 ? n : 0;
 }
 
+static struct iov send_table[PARASITE_SEND_RUNS];
+
+/*
+ * The table of runs is an iovec array as it comes: one sendmsg sends many
+ * runs, however sparse, without a command or a system call for each.
+ */
+static long send_runs(int cfd, const struct parasite_cmd *c)
+{
+	struct one_fd_msg m = {0, 0, send_table, 0, 0, 0, 0};
+	unsigned long i = 0, n = c->len / sizeof(struct iov);
+	long sent;
+
+	/* memcr waits for page bytes, not for a reply: a bad table can only end the stream */
+	if (c->len % sizeof(struct iov) || n > PARASITE_SEND_RUNS)
+		return -EINVAL;
+	sent = read_all(cfd, send_table, c->len);
+	while (sent >= 0 && i < n) {
+		while (i < n && (unsigned long)sent >= send_table[i].len)
+			sent -= send_table[i++].len;
+		if (i == n)
+			break;
+		send_table[i].base = (char *)send_table[i].base + sent;
+		send_table[i].len -= sent;
+		m.iov = send_table + i;
+		m.iovlen = n - i;
+		do
+			sent = sys3(__NR_sendmsg, cfd, &m, MSG_NOSIGNAL);
+		while (sent == -EINTR);
+		if (sent == 0)
+			sent = -EPIPE;
+	}
+	return sent < 0 ? sent : 0;
+}
+
 static long new_userfaultfd(int cfd, const struct parasite_cmd *c)
 {
 	long long result;
@@ -205,7 +239,7 @@ static long serve(struct parasite_args *a, int cfd)
 			break;
 		switch (c.op) {
 		case PARASITE_OP_SEND:
-			r = write_all(cfd, (const void *)c.addr, c.len);
+			r = send_runs(cfd, &c);
 			break;
 		case PARASITE_OP_PAGEMAP:
 			r = send_pagemap(cfd, &a->pagemap_fd, a->page_size, &c);

@@ -56,7 +56,11 @@ struct parasite_cmd {
 	unsigned long long len;
 };
 
-#define PARASITE_OP_SEND 1    /* len raw bytes from addr; no reply */
+/*
+ * len bytes follow: a table of (u64 addr, u64 len) runs, at most PARASITE_SEND_RUNS;
+ * the bytes of every run follow, back to back; no reply.
+ */
+#define PARASITE_OP_SEND 1
 #define PARASITE_OP_PAGEMAP 2 /* reply = bytes, then that many pagemap bytes */
 #define PARASITE_OP_DROP 3    /* madvise(MADV_DONTNEED); reply */
 #define PARASITE_OP_RECV 4    /* len raw bytes follow, stored at addr; reply */
@@ -69,6 +73,9 @@ struct parasite_cmd {
  * it is >= 0; the parasite keeps no copy.
  */
 #define PARASITE_OP_UFFD 6
+
+/* Most runs in one SEND (the kernel's UIO_MAXIOV): the parasite reads the table into a static buffer. */
+#define PARASITE_SEND_RUNS 1024
 
 /* Largest PAGEMAP request: the parasite answers from a static buffer. */
 #define PARASITE_PAGEMAP_MAX 65536

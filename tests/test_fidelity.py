@@ -239,24 +239,29 @@ def test_page_written_while_parked(spawn, memcr: Memcr, content: str) -> None:
 
 FRAME = struct.Struct("<IIII")
 RECORD = struct.Struct("<IIQQQ")
+RUN = struct.Struct("<QQ")
 
 
 def frames_of_first_record(dump: Path, digest: int) -> list[tuple[int, int]]:
-    """(offset, size) of each frame of the dump's first record with two frames or more."""
+    """(offset, size) of each frame of the dump's first run with two frames or more."""
     data = dump.read_bytes()
     at = 32
     while True:
-        kind, _, _, _, stored = RECORD.unpack_from(data, at)
-        assert kind == 1, "no record with two frames"
-        at += RECORD.size
-        frames, offset = [], at
-        while offset < at + stored:
-            _, stored_len, _, _ = FRAME.unpack_from(data, offset)
-            size = FRAME.size + digest + stored_len
-            frames.append((offset, size))
-            offset += size
-        if len(frames) >= 2:
-            return frames
+        kind, runs, _, _, stored = RECORD.unpack_from(data, at)
+        assert kind == 1, "no run with two frames"
+        lengths = [RUN.unpack_from(data, at + RECORD.size + i * RUN.size)[1] for i in range(runs)]
+        at += RECORD.size + RUN.size * runs
+        offset = at
+        for length in lengths:  # each run's frames in turn, none spanning two runs
+            frames = []
+            while length:
+                plain_len, stored_len, _, _ = FRAME.unpack_from(data, offset)
+                size = FRAME.size + digest + stored_len
+                frames.append((offset, size))
+                offset += size
+                length -= plain_len
+            if len(frames) >= 2:
+                return frames
         at += stored
 
 

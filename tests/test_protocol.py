@@ -46,6 +46,7 @@ def test_constants_match_header() -> None:
     assert c["PARASITE_NONCE_LEN"] == parasite.NONCE_LEN
     assert c["PARASITE_SUN_PATH_LEN"] == parasite.SUN_PATH_LEN
     assert c["PARASITE_PAGEMAP_MAX"] == parasite.PAGEMAP_MAX
+    assert c["PARASITE_SEND_RUNS"] == parasite.SEND_RUNS
     for name in ("SEND", "PAGEMAP", "DROP", "RECV", "END", "UFFD"):
         assert c[f"PARASITE_OP_{name}"] == getattr(parasite, f"OP_{name}"), name
     for name in ("STARTING", "LISTENING", "SERVING", "FAILED"):

@@ -4,10 +4,11 @@ Layout (little-endian, see docs/dump-format.md):
 
     header  magic "MEMCRPY\\0", u16 version, u16 header size, u32 page size,
             u32 pid, u32 flags, u64 reserved                      (32 bytes)
-    record  u32 kind, u32 flags, u64 addr, u64 length, u64 stored (32 bytes)
-            followed by `stored` payload bytes; zero padding before each
-            record puts a plain payload on a page boundary of the file
-    end     a record of kind END: addr 0, length = page bytes, stored 0
+    record  u32 kind, u32 runs, u64 addr, u64 length, u64 stored (32 bytes),
+            then `runs` entries of u64 addr, u64 length: the runs of pages it
+            carries, back to back in `stored` payload bytes; zero padding
+            before each record puts a plain payload on a page boundary
+    end     a record of kind END: runs 0, addr 0, length = page bytes, stored 0
 
 A dump never outlives the memcr process that wrote it: memcr keeps the
 index of what it wrote and checks every record against it before a byte
@@ -21,34 +22,65 @@ import fcntl
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memcr.errors import StorageError, TargetError
 
 MAGIC = b"MEMCRPY\0"
-VERSION = 1
+VERSION = 2  # dumps never outlive the memcr that wrote them: no reader of another version is needed
 HEADER = struct.Struct("<8sHHIIIQ")
 RECORD = struct.Struct("<IIQQQ")
+RUN = struct.Struct("<QQ")
 KIND_PAGES = 1
 KIND_END = 2
 
 
-@dataclass
+@dataclass(eq=False)
 class Record:
     """One run of pages: where it lives in the target and in the file."""
 
     addr: int
     length: int
-    offset: int = -1  # of the payload in the file, once its header is there
-    stored: int = 0  # payload bytes in the file
+    group: Group = field(repr=False)  # the file record that carries it
+    offset: int = -1  # of its first byte in the file, once known
+    stored: int = 0  # bytes of its in the file (a framed run: its frames)
     written: int = 0  # page bytes handed over so far
-    ended: bool = False  # all its page bytes are handed over
     dropped: bool = False
+
+
+class Group:
+    """One pages record of the file: the runs it carries, its pages back to back after their table."""
+
+    def __init__(self, runs: Sequence[tuple[int, int]]) -> None:
+        self.runs = [Record(addr, length, self) for addr, length in runs]
+        self.length = sum(length for _, length in runs)
+        self._table = struct.pack(f"<{2 * len(runs)}Q", *(n for run in runs for n in run))
+        self.offset = -1  # of the payload in the file, once the header is there
+        self.stored = 0  # payload bytes in the file
+        self.filled = 0  # runs whose every byte is handed over
+        self.ended = False  # all its page bytes are handed over
+
+    @property
+    def header_size(self) -> int:
+        return RECORD.size + RUN.size * len(self.runs)
 
     @property
     def header(self) -> bytes:
-        return RECORD.pack(KIND_PAGES, 0, self.addr, self.length, self.stored)
+        return RECORD.pack(KIND_PAGES, len(self.runs), self.runs[0].addr, self.length, self.stored) + self._table
+
+    def count(self, length: int) -> None:
+        """`length` more bytes of the payload are in the file: they belong to the runs in order (plain)."""
+        self.stored += length
+        while length:
+            run = self.runs[self.filled]
+            n = min(length, run.length - run.written)
+            run.written += n
+            run.stored += n
+            length -= n
+            if run.written == run.length:
+                self.filled += 1
 
 
 def header(page_size: int, pid: int, flags: int) -> bytes:

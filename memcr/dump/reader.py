@@ -44,7 +44,7 @@ class DumpReader:
         return DumpError(f"the dump {self.path} {what}", path=str(self.path))
 
     def verified_records(self) -> list[Record]:
-        """The records holding dropped pages, after checking the file still says what we wrote.
+        """The runs holding dropped pages, after checking the file still says what we wrote.
 
         A finished dump is checked whole; an unfinished one (a checkpoint
         being rolled back) up to the records whose pages were dropped.
@@ -57,9 +57,10 @@ class DumpReader:
                 raise self._damaged(f"is {size} bytes, memcr wrote {self.size}: it was modified")
             if os.pread(fd, HEADER.size, 0) != self._header:
                 raise self._damaged("has a damaged header")
-            for record in dropped:
-                if os.pread(fd, RECORD.size, record.offset - RECORD.size) != record.header:
-                    raise self._damaged(f"has a damaged record at offset {record.offset}")
+            for group in dict.fromkeys(r.group for r in dropped):
+                head = group.header
+                if os.pread(fd, len(head), group.offset - len(head)) != head:
+                    raise self._damaged(f"has a damaged record at offset {group.offset}")
             if self.finished and os.pread(fd, RECORD.size, self.size - RECORD.size) != end_record(self.page_bytes):
                 raise self._damaged("has a damaged end record")
         except OSError as e:

@@ -1,8 +1,9 @@
 """Writing a dump while the target is frozen: plain (copied or spliced) or framed (coded on other cores).
 
-Both writers hand out the records whose pages are wholly in the file
-(`completed`), because only those pages may be dropped, and end as a
-DumpReader over the same file (`finish`, or `abandon` for a rollback).
+Both writers take the pages a group of runs at a time (one file record,
+`begin_group` .. `end_group`), hand out the runs whose record is wholly in
+the file (`completed`), because only those pages may be dropped, and end
+as a DumpReader over the same file (`finish`, or `abandon` for a rollback).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import contextlib
 import fcntl
 import os
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from memcr import heap
 from memcr.codec import FRAME_PLAIN, Coding, FrameCodec, coding_pool
-from memcr.dump.format import RECORD, DumpFile, Record, end_record, header, storage_error
+from memcr.dump.format import DumpFile, Group, Record, end_record, header, storage_error
 from memcr.dump.reader import DumpReader, FramedReader, PlainReader
 
 PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
@@ -41,23 +43,24 @@ class Writer:
     def path(self) -> Path:
         return self.file.path
 
-    def begin_pages(self, addr: int, length: int) -> Record:
-        record = Record(addr, length)
-        self.records.append(record)
-        return record
+    def begin_group(self, runs: Sequence[tuple[int, int]]) -> Group:
+        """A new record for these runs of pages, (address, length) in address order."""
+        group = Group(runs)
+        self.records += group.runs
+        return group
 
     def completed(self) -> list[Record]:
-        """The records whose pages are all in the file since the last call: theirs may be dropped."""
+        """The runs whose pages are all in the file since the last call: theirs may be dropped."""
         done, self._complete = self._complete, []
         return done
 
-    def _write_record_header(self, record: Record) -> None:
-        record.offset = self.file.size + RECORD.size
-        self.file.append(record.header)  # stored length still 0: rewritten by _finish_record
+    def _write_group_header(self, group: Group) -> None:
+        group.offset = self.file.size + group.header_size
+        self.file.append(group.header)  # stored length still 0: rewritten by _finish_group
 
-    def _finish_record(self, record: Record) -> None:
-        self.file.rewrite(record.header, record.offset - RECORD.size)
-        self._complete.append(record)
+    def _finish_group(self, group: Group) -> None:
+        self.file.rewrite(group.header, group.offset - group.header_size)
+        self._complete += group.runs
 
     def flush(self) -> None:
         """Write everything still on its way to the file."""
@@ -89,29 +92,34 @@ class PlainWriter(Writer):
         self._pipe: tuple[int, int, int] | None = None  # read end, write end, capacity
         self._splices = True
 
-    def begin_pages(self, addr: int, length: int) -> Record:
-        record = super().begin_pages(addr, length)
+    def begin_group(self, runs: Sequence[tuple[int, int]]) -> Group:
+        group = super().begin_group(runs)
         # zero padding puts the payload on a page boundary of the file, so
-        # sendfile() hands whole page-cache pages to the socket on restore
-        pad = -(self.file.size + RECORD.size) % self.page_size
+        # sendfile() hands whole page-cache pages to the socket on restore;
+        # the runs follow one another, each on a page boundary too
+        pad = -(self.file.size + group.header_size) % self.page_size
         if pad:
             self.file.append(bytes(pad))
-        self._write_record_header(record)
-        return record
+        self._write_group_header(group)
+        at = group.offset
+        for run in group.runs:
+            run.offset = at
+            at += run.length
+        return group
 
     def buffer(self, size: int) -> memoryview:
         """Where to put the next page bytes for write_payload: reused once written."""
         return memoryview(self._buffer)[:size]
 
     def write_payload(self, record: Record, data: memoryview) -> None:
+        """Append the next bytes of the group's pages (`record` is the run they begin in)."""
         self.file.append(data)
-        record.written += len(data)
-        record.stored += len(data)
+        record.group.count(len(data))
         self.page_bytes += len(data)
 
-    def end_pages(self, record: Record) -> None:
-        record.ended = True
-        self._finish_record(record)
+    def end_group(self, group: Group) -> None:
+        group.ended = True
+        self._finish_group(group)
 
     def pipe(self) -> tuple[int, int] | None:
         """(write end, capacity) of a pipe into the file, for write_piped.
@@ -144,15 +152,14 @@ class PlainWriter(Writer):
             raise storage_error(self.path, e) from None
         return True
 
-    def write_piped(self, record: Record, length: int) -> None:
-        """Append the next `length` bytes of the record's pages, waiting in the pipe."""
+    def write_piped(self, group: Group, length: int) -> None:
+        """Append the next `length` bytes of the group's pages, waiting in the pipe."""
         assert self._pipe is not None, "write_piped without pipe()"
         try:
             while length:
                 n = os.splice(self._pipe[0], self.file.fd, length)
                 self.file.size += n
-                record.stored += n
-                record.written += n
+                group.count(n)
                 self.page_bytes += n
                 length -= n
         except OSError as e:
@@ -182,52 +189,58 @@ class FramedWriter(Writer):
         super().__init__(file, pid, page_size, coding)
         self.codec = FrameCodec(coding, pid)
         self._pool: ThreadPoolExecutor = coding_pool(self.codec, encoding=True)
-        # file writes in order: a record's header (None), or one of its frames being coded from a buffer
-        self._pending: deque[tuple[Record, Future[list[bytes | memoryview]] | None, bytearray | None]] = deque()
+        # file writes in order: a group's header (no run), or a frame of one of its runs being coded from a buffer
+        self._pending: deque[tuple[Group, Record | None, Future[list[bytes | memoryview]] | None, bytearray | None]] = (
+            deque()
+        )
         self._buffers: list[bytearray] = []
 
-    def begin_pages(self, addr: int, length: int) -> Record:
-        record = super().begin_pages(addr, length)
-        self._pending.append((record, None, None))  # after the frames still being coded
-        return record
+    def begin_group(self, runs: Sequence[tuple[int, int]]) -> Group:
+        group = super().begin_group(runs)
+        self._pending.append((group, None, None, None))  # after the frames still being coded
+        return group
 
     def buffer(self, size: int) -> memoryview:
         """Where to put the next page bytes for write_payload: given back once its frame is written."""
         return memoryview(self._buffers.pop() if self._buffers else bytearray(FRAME_PLAIN))[:size]
 
     def write_payload(self, record: Record, data: memoryview) -> None:
+        """The next bytes of one run, as one frame: a frame never spans runs, so it goes back to one place."""
         addr = record.addr + record.written
         record.written += len(data)
         self.page_bytes += len(data)
         buffer = data.obj
         assert isinstance(buffer, bytearray), "write_payload takes a view from buffer()"
-        self._pending.append((record, self._pool.submit(self.codec.encode, data, addr), buffer))
+        self._pending.append((record.group, record, self._pool.submit(self.codec.encode, data, addr), buffer))
         while len(self._pending) > PIPELINE_DEPTH:
             self._write_oldest()
 
-    def end_pages(self, record: Record) -> None:
-        """No more bytes for this record: it is complete once its frames are written."""
-        record.ended = True
-        if not any(r is record for r, _, _ in self._pending):
-            self._finish_record(record)
+    def end_group(self, group: Group) -> None:
+        """No more bytes for this group: it is complete once its frames are written."""
+        group.ended = True
+        if not any(g is group for g, _, _, _ in self._pending):
+            self._finish_group(group)
 
     def flush(self) -> None:
         while self._pending:
             self._write_oldest()
 
     def _write_oldest(self) -> None:
-        record, encoding, buffer = self._pending.popleft()
-        if encoding is None:
-            self._write_record_header(record)
+        group, record, encoding, buffer = self._pending.popleft()
+        if record is None or encoding is None:
+            self._write_group_header(group)
         else:
             before = self.file.size
+            if record.offset < 0:
+                record.offset = before
             for piece in encoding.result():
                 self.file.append(piece)
             record.stored += self.file.size - before
+            group.stored += self.file.size - before
             if buffer is not None:
                 self._buffers.append(buffer)
-        if record.ended and not (self._pending and self._pending[0][0] is record):
-            self._finish_record(record)
+        if group.ended and not (self._pending and self._pending[0][0] is group):
+            self._finish_group(group)
 
     def _stop_pool(self) -> None:
         self._pool.shutdown(cancel_futures=True)  # while the target stays frozen, no thread waits for work

@@ -35,12 +35,12 @@ def write(directory: Path, coding: Coding, runs: dict[int, bytes], finish: bool 
     """A dump of `runs` (address -> bytes), every record marked dropped."""
     writer = open_writer(directory, PID, PAGE, coding)
     for addr, data in runs.items():
-        record = writer.begin_pages(addr, len(data))
+        group = writer.begin_group([(addr, len(data))])
         for offset in range(0, len(data), FRAME_PLAIN):
             piece = writer.buffer(min(FRAME_PLAIN, len(data) - offset))
             piece[:] = data[offset : offset + len(piece)]
-            writer.write_payload(record, piece)
-        writer.end_pages(record)
+            writer.write_payload(group.runs[0], piece)
+        writer.end_group(group)
     writer.flush()
     for record in writer.completed():
         record.dropped = True
@@ -193,3 +193,28 @@ def test_a_live_dump_is_not_taken_for_a_stale_one(tmp_path: Path) -> None:
         assert first.file.still_in_place()
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("name", CODINGS)
+def test_many_runs_share_one_record(tmp_path: Path, name: str) -> None:
+    """Sparse pages: one record, 16 bytes of table a run, no padding between runs."""
+    runs = {0x100000 + i * 8 * PAGE: pages(i, 1 + i % 3) for i in range(300)}
+    writer = open_writer(tmp_path, PID, PAGE, CODINGS[name])
+    group = writer.begin_group([(addr, len(data)) for addr, data in runs.items()])
+    for record, data in zip(group.runs, runs.values(), strict=True):
+        piece = writer.buffer(len(data))
+        piece[:] = data
+        writer.write_payload(record, piece)
+    writer.end_group(group)
+    writer.flush()
+    for record in writer.completed():
+        record.dropped = True
+    dump = writer.finish()
+    try:
+        assert read_back(dump) == runs
+        data = sum(map(len, runs.values()))
+        if name == "plain":
+            assert all(r.offset % PAGE == 0 for r in dump.records)
+            assert dump.size <= data + 2 * PAGE + 16 * len(runs) + 3 * RECORD.size
+    finally:
+        dump.remove()
