@@ -32,7 +32,16 @@ from typing import Protocol
 from memcr import logs, procfs
 from memcr.cgroup import Cgroup
 from memcr.checkpoint import checkpoint
-from memcr.errors import Aborted, GroupError, MemcrError, TargetEnded, TargetError, TargetGone, TargetKilled
+from memcr.errors import (
+    Aborted,
+    GroupError,
+    MemcrError,
+    RightsError,
+    TargetEnded,
+    TargetError,
+    TargetGone,
+    TargetKilled,
+)
 from memcr.options import Cancel, Log, Options
 from memcr.parked import Parked
 from memcr.report import GroupReport, Report
@@ -76,8 +85,16 @@ def _parent_links() -> dict[int, int]:
     import psutil  # a tree's walk alone needs the process table: not loaded by a daemon that never walks one
 
     gone = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    table = psutil.process_iter(["ppid", "status"], ad_value=None)
-    return {p.pid: p.info["ppid"] for p in table if p.info["ppid"] is not None and p.info["status"] not in gone}
+    denied = object()
+    links = {}
+    for p in psutil.process_iter(["ppid", "status"], ad_value=denied):
+        if p.info["status"] in gone:
+            continue
+        if denied in (p.info["ppid"], p.info["status"]):
+            # left out, it might be a member that runs on while the rest is parked: not all or nothing
+            raise RightsError(f"cannot read the parent of process {p.pid} (/proc is mounted hidepid?)", pid=p.pid)
+        links[p.pid] = p.info["ppid"]
+    return links
 
 
 def descendants(root: int, parents: dict[int, int]) -> set[int]:

@@ -29,10 +29,16 @@ class Interrupts:
     def __enter__(self) -> Interrupts:
         self._read, self._write = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._write, False)  # the interpreter's demand: a full pipe must not block a handler
-        self._handlers = {sig: signal.signal(sig, lambda *_: None) for sig in SIGNALS}  # the byte on the pipe acts
-        self._former = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._relay = threading.Thread(target=self._run, name="memcr-interrupts", daemon=True)
-        self._relay.start()
+        try:
+            self._relay.start()
+        except BaseException:
+            os.close(self._read)
+            os.close(self._write)
+            raise
+        # the pipe before the handlers: a signal between the two is written, not lost
+        self._former = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._handlers = {sig: signal.signal(sig, lambda *_: None) for sig in SIGNALS}  # the byte on the pipe acts
         return self
 
     def _run(self) -> None:

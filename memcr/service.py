@@ -421,11 +421,11 @@ class Worker(threading.Thread):
         self.restore_asked = False
 
     def run(self) -> None:
-        from memcr.checkpoint import checkpoint
-
         timer = self._deadline()
         parked = None
         try:
+            from memcr.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
+
             parked = checkpoint(self.pid, self.options, self.service.log, self.cancel, seized=self.seized)
             with self.lock:
                 expired = self.expired
@@ -669,6 +669,7 @@ class Service:
         self.idle: dict[socket.socket, tuple[Any, float]] = {}
         self.ready: deque[tuple[socket.socket, Any]] = deque()
         self.idle_bound = MAX_IDLE
+        self.out_of_descriptors = False  # an accept failed for want of descriptors, and none worked since
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.reason = _Reason()
@@ -722,16 +723,26 @@ class Service:
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)
+                listening = True
                 while not self.stop.is_set():
                     # a short wait while connections with bytes wait for a thread: one may end any moment
                     for key, _ in selector.select(POLL / 10 if self.ready else POLL):
                         if key.fileobj is listener:
                             self._accept(listener, selector)
-                        else:  # its first bytes, or its end: a thread reads which
+                        elif key.data in self.idle:  # its first bytes, or its end: a thread reads which
                             selector.unregister(key.data)
                             self.ready.append((key.data, self.idle.pop(key.data)[0]))
+                        # else: dropped by an accept of this same round, its event stale
                     self._start_handlers()
                     self._expire(selector)
+                    # with MAX_CONNECTIONS waiting for a thread, the next clients wait in the listen backlog, as
+                    # they did for a thread: each holds a descriptor here, and those are for the checkpoints
+                    if listening != (len(self.ready) < MAX_CONNECTIONS):
+                        listening = not listening
+                        if listening:
+                            selector.register(listener, selectors.EVENT_READ)
+                        else:
+                            selector.unregister(listener)
         finally:
             listener.close()  # its socket file and the folders made for it too
             for conn in [*self.idle, *(conn for conn, _ in self.ready)]:
@@ -743,6 +754,7 @@ class Service:
         while True:
             try:
                 conn, address = listener.accept()
+                self.out_of_descriptors = False
                 break
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
@@ -750,7 +762,9 @@ class Service:
                         self._drop(next(iter(self.idle)), selector, "out of descriptors, the oldest idle goes")
                         continue
                     # the waiting connection stays in the backlog: try again once descriptors may be free
-                    self.log(f"accept failed: {e.strerror}; retrying in {POLL:g} s")
+                    if not self.out_of_descriptors:  # once until an accept works again: no flood of the log
+                        self.log(f"accept failed: {e.strerror}; retrying every {POLL:g} s")
+                    self.out_of_descriptors = True
                     time.sleep(POLL)
                 elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                     self.log(f"accept failed: {e.strerror}")
@@ -805,7 +819,12 @@ class Service:
                     return
                 self.log(f"{peer} asks: {_asked(request)}")
                 self.reason.text = None
-                code = self.dispatch(request, peer)
+                try:
+                    code = self.dispatch(request, peer)
+                except Exception:  # a bug, or a module that failed to load: the client still gets its -1
+                    logs.error(self.log, f"internal error answering {peer}:\n{traceback.format_exc()}")
+                    self.reason.text = "internal error: the daemon's log has its traceback"
+                    code = ERROR
                 reason = None
                 if request.reason:
                     reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from memcr.codec import COMPRESSORS
@@ -154,6 +156,57 @@ def test_idle_connections_hold_up_no_request(daemon, spawn, over: str) -> None:
     finally:
         for conn in idle:
             conn.close()
+    assert target.verify() == 0
+
+
+def test_an_idle_connection_dropped_in_the_round_its_bytes_came_stops_nothing(daemon, spawn) -> None:
+    """The oldest idle connection goes for a new one in the very round its first byte came (the daemon is
+    stopped meanwhile, so both arrive at once): that round must skip its event, and the daemon serve on."""
+    d = daemon(prefix=["prlimit", "--nofile=128:128"])  # half the descriptors: 64 idle connections kept
+    daemon_fds = psutil.Process(d.proc.pid)
+    before = daemon_fds.num_fds()
+    idle = [patiently(d.connect) for _ in range(64)]
+    try:
+        while daemon_fds.num_fds() < before + 64:  # every one accepted, none dropped yet
+            time.sleep(0.01)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            late = d.connect()  # waits in the backlog: the listener is ready first
+            idle[0].send(b"\x01")  # then the oldest idle connection has a byte
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        d.out.wait_for("dropped a connection from")  # the oldest, one way or the other
+        target = spawn("pattern", 8)
+        assert d.code(CHECKPOINT, target.pid) == OK
+        assert d.code(RESTORE, target.pid) == OK
+        assert target.verify() == 0
+        assert d.proc.poll() is None
+        late.close()
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_clients_beyond_what_the_daemon_reads_wait_in_the_backlog(daemon, spawn) -> None:
+    """Connections that sent a first byte and wait for a thread hold descriptors: at most MAX_CONNECTIONS
+    wait so, as many as are read at once; the next wait in the kernel's listen backlog, as before."""
+    d = daemon()
+    daemon_fds = psutil.Process(d.proc.pid)
+    bound = daemon_fds.num_fds() + 2 * MAX_CONNECTIONS + 8  # and the one or two accepted as the queue filled
+    conns = []
+    try:
+        for _ in range(2 * MAX_CONNECTIONS + 64):
+            conns.append(patiently(d.connect))
+            conns[-1].send(b"\x01")  # a request's first byte; the rest never comes
+        for _ in range(50):  # a while after the last connect: an unbounded daemon would go on accepting
+            assert daemon_fds.num_fds() <= bound
+            time.sleep(0.02)
+    finally:
+        for conn in conns:
+            conn.close()
+    target = spawn("pattern", 8)  # served again once they are gone
+    assert d.code(CHECKPOINT, target.pid) == OK
+    assert d.code(RESTORE, target.pid) == OK
     assert target.verify() == 0
 
 

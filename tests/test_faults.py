@@ -137,6 +137,40 @@ def test_second_restore_of_one_pid_is_answered(spawn, daemon) -> None:
     assert target.verify() == 0
 
 
+# loaded first by the daemon's interpreter (PYTHONPATH): the first import of the checkpoint engine fails, as an
+# import fails when the daemon is out of descriptors; the next one loads it
+ENGINE_FAILS_ONCE = """
+import errno, sys
+
+class EngineFailsOnce:
+    failed = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "memcr.checkpoint" and not EngineFailsOnce.failed:
+            EngineFailsOnce.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return None
+
+sys.meta_path.insert(0, EngineFailsOnce())
+"""
+
+
+def test_a_checkpoint_whose_engine_fails_to_load_is_answered_and_frees_the_pid(spawn, daemon, tmp_path) -> None:
+    """The daemon loads the checkpoint engine at its first checkpoint; a load that fails answers that client -1,
+    leaves the target untouched and the pid free (it hung the client and held the pid for good)."""
+    rig = tmp_path / "rig"
+    rig.mkdir()
+    (rig / "sitecustomize.py").write_text(ENGINE_FAILS_ONCE)
+    d = daemon(prefix=["env", f"PYTHONPATH={rig}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"])
+    target = spawn("pattern", 8)
+    assert d.code(CHECKPOINT, target.pid) == -1
+    d.out.wait_for(f"pid {target.pid}: internal error during checkpoint")
+    assert target.status()["TracerPid"] == "0"
+    assert d.code(CHECKPOINT, target.pid) == 0  # free again, and the engine loads this time
+    assert d.code(RESTORE, target.pid) == 0
+    assert target.verify() == 0
+
+
 def test_relative_parasite_socket_dir(spawn, memcr: Memcr, tmp_path) -> None:
     """The parasite binds in the target's working directory, memcr connects from its own: -S . must mean memcr's."""
     sockets = tmp_path / "sockets"
