@@ -38,4 +38,5 @@ def test_pages_shared_with_a_child_stay_between_dropped_ones(spawn, memcr: Memcr
     target = spawn("sparse", "fork")
     r = park_and_wake(target, memcr, *(["--lazy"] if mode == "lazy" else []))
     assert r["shared_pages"] >= 4 * (64 << 20) // PAGE // 8
-    assert r["dropped_pages"] == r["pages"]
+    # every 8th page of the first area is the target's own copy: dumped and dropped between shared ones
+    assert r["dropped_pages"] == r["pages"] >= (64 << 20) // PAGE // 8
