@@ -398,6 +398,8 @@ def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list
 
 PEAK_AIM_MIB = 20  # of `memcr -n`, the largest of the rounds
 LAZY_PEAK_AIM_MIB = 24  # of `memcr -n --lazy`
+CHECKPOINT_FLOOR_AIM = 1.5  # checkpoint time over the write limit's
+AGAINST_C_AIM = 0.5  # checkpoint and restore time over the C memcr's
 VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", "-e"]]
 VARIANT_AIMS = {"-z lz4": 1.0, "-z zstd": 1.5, "-c": 1.5, "-e": 1.5}  # checkpoint time against plain
 
@@ -423,11 +425,17 @@ def print_table(r: dict) -> None:
     ):
         verdict = "ok" if ratio >= 0.8 else "below"
         print(f"{name:12}{ours:14.0f}{limit:14.0f}{ratio:8.2f}{verdict:>8}")
+    floor = 1 / r["checkpoint_ratio"]  # checkpoint time over the time of the write limit
+    print(f"aim: checkpoint time {floor:.2f}x the write limit's, at most {CHECKPOINT_FLOOR_AIM}x: "
+          f"{'met' if floor <= CHECKPOINT_FLOOR_AIM else 'below'}")  # fmt: skip
     if c := r.get("c_memcr"):
         print(f"against the C memcr (MEMCR_C), ours/C per round: checkpoint {c['download_ratio']:.2f}, "
               f"restore {c['upload_ratio']:.2f}, whole `memcr -n` {c['wall_ratio']:.2f} "
               f"(C: download {c['c_download_ms']:.0f} ms, upload {c['c_upload_ms']:.0f} ms, "
               f"wall {c['c_wall_ms']:.0f} ms)")  # fmt: skip
+        for what, ratio in (("checkpoint", c["download_ratio"]), ("restore", c["upload_ratio"])):
+            print(f"aim: {what} time {ratio:.2f}x the C memcr's, at most {AGAINST_C_AIM}x: "
+                  f"{'met' if ratio <= AGAINST_C_AIM else 'below'}")  # fmt: skip
     for what, peak, limit in (
         ("memcr -n", r["peak_rss_mib_max"], PEAK_AIM_MIB),
         ("memcr -n --lazy", r["lazy_peak_rss_mib"], LAZY_PEAK_AIM_MIB),
