@@ -339,6 +339,8 @@ def build_deps(out: Path, requirements: list[str], build: list[str], scripts: di
     bin_dir.mkdir(exist_ok=True)
     python = f"{GUEST_VENV}/bin/python"
     for script in bin_dir.iterdir():
+        if not script.is_file():
+            continue  # __pycache__ of the scripts a wheel ships (python-ptrace's strace.py, gdb.py)
         text = script.read_bytes()
         if text.startswith(b"#!") and b"python" in text.split(b"\n", 1)[0]:
             script.write_bytes(b"#!" + python.encode() + b"\n" + text.split(b"\n", 1)[1])
