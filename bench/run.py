@@ -13,7 +13,7 @@ dump directory:
 
 memcr runs `memcr -p PID -n` on a fresh target each time (half text-like,
 half random pages), the target verifies every byte afterwards, and memcr's
-peak RSS comes from wait4(). Rounds of limits, plain memcr and the -z/-c/-e
+peak RSS comes from wait4() in a small process that forks it. Rounds of limits, plain memcr and the -z/-c/-e
 variants in turn; ratios are medians over --runs of each run against the
 yardstick of its own round. Beside them, what one core codes per second
 for each variant (bench/codec_speed.py): the CPU a variant adds to a transfer
@@ -144,24 +144,42 @@ def ready_target(target_bin: Path, size_mib: int, who: str, mode: str = "") -> I
         target.wait()
 
 
+# Starts argv[2:] and writes its wait status, peak RSS (KiB) and wall time (ns) to the descriptor argv[1]. A
+# process's peak RSS starts from its parent's RSS at the fork (the copied mm's high-water mark survives the
+# exec), so memcr is forked from this small interpreter and not from the bench, whose own ~34 MiB it would show.
+_PEAK_SPAWNER = """
+import os, sys, time
+started = time.monotonic_ns()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(int(sys.argv[1]), b"%d %d %d" % (status, usage.ru_maxrss, time.monotonic_ns() - started))
+"""
+
+
 def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str], mode: str = "") -> MemcrRun:
     with ready_target(target_bin, size_mib, "bench", mode) as target:
-        started = time.monotonic()
-        memcr = subprocess.Popen(
-            [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "--json", "-d", str(directory), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # wait4, not communicate: only wait4 hands back the child's peak RSS
-        # (its few lines of output fit in the pipe meanwhile)
-        _, status, usage = os.wait4(memcr.pid, 0)
-        wall_ms = (time.monotonic() - started) * 1000
-        memcr.returncode = os.waitstatus_to_exitcode(status)
-        assert memcr.stdout is not None and memcr.stderr is not None
-        out, err = memcr.stdout.read(), memcr.stderr.read()
-        if memcr.returncode != 0:
-            raise SystemExit(f"bench: memcr failed ({memcr.returncode}): {err.strip()}")
+        argv = [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "--json", "-d", str(directory), *extra]
+        figures_r, figures_w = os.pipe()
+        try:
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-S", "-I", "-c", _PEAK_SPAWNER, str(figures_w), *argv],
+                    capture_output=True,
+                    text=True,
+                    pass_fds=(figures_w,),
+                )
+            finally:
+                os.close(figures_w)
+            status, peak_kib, wall_ns = map(int, os.read(figures_r, 64).split())
+        finally:
+            os.close(figures_r)
+        wall_ms = wall_ns / 1e6
+        returncode = os.waitstatus_to_exitcode(status)
+        out, err = done.stdout, done.stderr
+        if returncode != 0:
+            raise SystemExit(f"bench: memcr failed ({returncode}): {err.strip()}")
     found = {r["event"]: r for r in reports(out)}
     if set(found) != {"checkpoint", "restore"}:
         raise SystemExit(f"bench: memcr printed no checkpoint and restore reports:\n{out}")
@@ -171,7 +189,7 @@ def run_memcr(target_bin: Path, size_mib: int, directory: Path, extra: list[str]
         upload_ms=r["upload_ms"],
         setup_ms=r["setup_ms"],
         release_ms=r["release_ms"],
-        peak_rss_mib=usage.ru_maxrss / 1024,
+        peak_rss_mib=peak_kib / 1024,
         dump_bytes=r["dump_bytes"],
         wall_ms=wall_ms,
     )
