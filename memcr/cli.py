@@ -30,7 +30,7 @@ from memcr.report import Report, error_json, rate
 from memcr_client.protocol import AddressError, ExitCode
 
 # Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
-# engine while idle, and memcr -p no daemon (issue #29)
+# engine while idle, and memcr -p no daemon
 if TYPE_CHECKING:
     from memcr.group import Membership
     from memcr.lazy import LazyRestore
