@@ -419,6 +419,22 @@ def _unfit(pid: int, tid: int, status: dict[str, str]) -> str | None:
     return None
 
 
+# The causes a user can lift that keep every thread from starting the parasite: what the refusal says after
+# "process N" (or "every thread of process N"), and the errno of the clone it would meet.
+_LIFTABLE = {
+    "sched-deadline": (
+        "runs under SCHED_DEADLINE, which may not start a thread (clone fails with EAGAIN): "
+        "memcr cannot start its parasite in it",
+        errno.EAGAIN,
+    ),
+    "pid-namespace": (
+        "called unshare(CLONE_NEWPID): the kernel starts no thread in a process whose new children go "
+        "to another pid namespace (clone fails with EINVAL), so memcr cannot start its parasite in it",
+        errno.EINVAL,
+    ),
+}
+
+
 def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
     unfit: dict[str, list[int]] = {}
     for tid, status in threads:
@@ -435,22 +451,9 @@ def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> in
             pid=pid,
         )
     whose = f"process {pid}" if len(threads) == 1 else f"every thread of process {pid}"
-    if list(unfit) == ["sched-deadline"]:
-        raise TargetError(
-            f"{whose} runs under SCHED_DEADLINE, which may not start a thread (clone fails with EAGAIN): "
-            "memcr cannot start its parasite in it",
-            pid=pid,
-            errno=errno.EAGAIN,
-            what="sched-deadline",
-        )
-    if list(unfit) == ["pid-namespace"]:
-        raise TargetError(
-            f"{whose} called unshare(CLONE_NEWPID): the kernel starts no thread in a process whose new children go "
-            "to another pid namespace (clone fails with EINVAL), so memcr cannot start its parasite in it",
-            pid=pid,
-            errno=errno.EINVAL,
-            what="pid-namespace",
-        )
+    if len(unfit) == 1 and (cause := next(iter(unfit))) in _LIFTABLE:
+        text, code = _LIFTABLE[cause]
+        raise TargetError(f"{whose} {text}", pid=pid, errno=code, what=cause)
     names = {"seccomp": "under seccomp", "sched-deadline": "under SCHED_DEADLINE",
              "pid-namespace": "after unshare(CLONE_NEWPID)"}  # fmt: skip
     said = "; ".join(f"thread{'s' if len(t) > 1 else ''} {', '.join(map(str, t))} {names[w]}" for w, t in unfit.items())
