@@ -167,7 +167,9 @@ def test_an_idle_connection_dropped_in_the_round_its_bytes_came_stops_nothing(da
     before = daemon_fds.num_fds()
     idle = [patiently(d.connect) for _ in range(64)]
     try:
+        deadline = time.monotonic() + RUN_TIMEOUT
         while daemon_fds.num_fds() < before + 64:  # every one accepted, none dropped yet
+            assert time.monotonic() < deadline, "the daemon did not accept 64 connections"
             time.sleep(0.01)
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:

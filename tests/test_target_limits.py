@@ -51,6 +51,16 @@ def unchanged(target: Target, maps: str) -> None:
     assert Path(f"/proc/{target.pid}/maps").read_text() == maps
 
 
+def refused_untouched(target: Target, memcr: Memcr, code: int, said: str) -> str:
+    """`memcr -p PID -n` refused with `code`, saying `said`; no dump left and the target as it was. Its stderr."""
+    maps = Path(f"/proc/{target.pid}/maps").read_text()
+    result = memcr.run("-p", target.pid, "-n")
+    refused(result, code, said)
+    assert memcr.dumps() == []
+    unchanged(target, maps)
+    return result.stderr
+
+
 def test_sched_deadline_main_thread_parks_through_another(spawn, memcr: Memcr) -> None:
     """A SCHED_DEADLINE thread may not clone: memcr starts its parasite from a thread that may."""
     target = spawn("pattern", 8, 1)
@@ -61,12 +71,10 @@ def test_sched_deadline_main_thread_parks_through_another(spawn, memcr: Memcr) -
 def test_sched_deadline_everywhere_is_refused(spawn, memcr: Memcr) -> None:
     target = spawn("pattern", 8)
     chrt("-d", *DEADLINE, "-p", 0, target.pid)
-    maps = Path(f"/proc/{target.pid}/maps").read_text()
-    result = memcr.run("-p", target.pid, "-n")
-    refused(result, 3, f"process {target.pid} runs under SCHED_DEADLINE, which may not start a thread")
-    assert "chrt --reset-on-fork" in result.stderr
-    assert memcr.dumps() == []
-    unchanged(target, maps)
+    said = refused_untouched(
+        target, memcr, 3, f"process {target.pid} runs under SCHED_DEADLINE, which may not start a thread"
+    )
+    assert "chrt --reset-on-fork" in said
     # the advice: with reset-on-fork its new threads (the parasite) start as SCHED_OTHER
     chrt("-R", "-d", *DEADLINE, "-p", 0, target.pid)
     round_trip(target, memcr)
@@ -75,15 +83,14 @@ def test_sched_deadline_everywhere_is_refused(spawn, memcr: Memcr) -> None:
 def test_descriptor_limit_is_refused(spawn, memcr: Memcr) -> None:
     target = spawn("pattern", 8, 1)
     subprocess.run(["prlimit", "--pid", str(target.pid), "--nofile=3:"], check=True)
-    maps = Path(f"/proc/{target.pid}/maps").read_text()
-    result = memcr.run("-p", target.pid, "-n")
-    refused(result, 3, "RLIMIT_NOFILE soft limit is 3: memcr's parasite needs 2 free for its socket, 0 are")
-    unchanged(target, maps)
+    said = refused_untouched(
+        target, memcr, 3, "RLIMIT_NOFILE soft limit is 3: memcr's parasite needs 2 free for its socket, 0 are"
+    )
     # two free are enough where memcr reads the pagemap itself (as root): the limit is not stricter than it is
     subprocess.run(["prlimit", "--pid", str(target.pid), "--nofile=5:"], check=True)
     assert memcr.run("-p", target.pid, "-n").returncode == 0
     # the target itself needs a descriptor to check its state: the advice first, then the round trip
-    subprocess.run(advice_command(result.stderr), check=True)
+    subprocess.run(advice_command(said), check=True)
     round_trip(target, memcr)
 
 
@@ -121,11 +128,8 @@ def test_unshared_pid_namespace_is_refused(binaries, memcr: Memcr) -> None:
     """unshare(CLONE_NEWPID) without a fork: the process may start no thread, the parasite neither."""
     target = Target(["unshare", "--pid", str(binaries["pattern"]), "8"])
     try:
-        maps = Path(f"/proc/{target.pid}/maps").read_text()
-        result = memcr.run("-p", target.pid, "-n")
-        refused(result, 3, f"process {target.pid} called unshare(CLONE_NEWPID)")
-        assert "clone fails with EINVAL" in result.stderr and "unshare --pid --fork" in result.stderr
-        unchanged(target, maps)
+        said = refused_untouched(target, memcr, 3, f"process {target.pid} called unshare(CLONE_NEWPID)")
+        assert "clone fails with EINVAL" in said and "unshare --pid --fork" in said
         assert target.verify() == 0
     finally:
         target.stop()
@@ -156,11 +160,8 @@ def test_tree_with_unshared_pid_namespace_is_refused(binaries, memcr: Memcr) -> 
 def test_other_network_namespace_says_add_n(binaries, memcr: Memcr) -> None:
     target = Target(["unshare", "--net", str(binaries["pattern"]), "8"])
     try:
-        maps = Path(f"/proc/{target.pid}/maps").read_text()
-        result = memcr.run("-p", target.pid, "-n")
-        refused(result, 2, f"process {target.pid} is in another network namespace")
-        assert "add -N (--parasite-socket-netns)" in result.stderr
-        unchanged(target, maps)
+        said = refused_untouched(target, memcr, 2, f"process {target.pid} is in another network namespace")
+        assert "add -N (--parasite-socket-netns)" in said
         round_trip(target, memcr, "-N")
     finally:
         target.stop()
