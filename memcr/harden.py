@@ -10,11 +10,9 @@ Three steps, each fatal when it fails:
 
 from __future__ import annotations
 
-import ctypes
-import os
 import resource
 
-from memcr import procfs
+from memcr import libc, procfs
 from memcr.errors import HardeningError
 
 PR_SET_DUMPABLE = 4
@@ -30,10 +28,13 @@ def harden(allow_tracer: bool = False) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (OSError, ValueError) as e:
         raise HardeningError(f"cannot turn core dumps off (RLIMIT_CORE): {e}") from None
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise HardeningError(f"cannot make memcr undumpable (PR_SET_DUMPABLE): {os.strerror(err)}")
+    try:
+        libc.prctl(PR_SET_DUMPABLE, 0)
+        dumpable = libc.prctl(PR_GET_DUMPABLE)
+    except OSError as e:
+        raise HardeningError(f"cannot make memcr undumpable (PR_SET_DUMPABLE): {e.strerror}") from None
+    if dumpable:
+        raise HardeningError("cannot make memcr undumpable (PR_SET_DUMPABLE): it is dumpable still")
     tracer = tracer_pid()
     if tracer and not allow_tracer:
         raise HardeningError(

@@ -9,8 +9,8 @@ and gives the memory back when a dump's coding is done.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-from functools import cache
+
+from memcr import libc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -18,21 +18,8 @@ M_ARENA_MAX = -8
 KEEP = 64 << 20  # above any frame buffer, below anything that must be mapped on its own
 
 
-@cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only (musl has neither)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def tune(arenas: int | None = None) -> None:
     """Serve frame buffers from the heap and keep freed ones from now on; `arenas` caps per-thread heaps."""
-    libc = _libc()
-    if libc is None:
-        return
     if arenas:
         libc.mallopt(M_ARENA_MAX, arenas)
     libc.mallopt(M_MMAP_THRESHOLD, KEEP)
@@ -43,7 +30,5 @@ def tune(arenas: int | None = None) -> None:
 
 def release() -> None:
     """Give the freed heap back to the system."""
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(OSError):
-            libc.malloc_trim(0)
+    with contextlib.suppress(OSError):
+        libc.malloc_trim(0)

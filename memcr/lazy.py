@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from memcr import libc
 from memcr.codec import FRAME
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
@@ -197,15 +198,11 @@ class Source:
                     self._frames.append((frame[3], plain_len, frame))
 
     def _map_plain(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
         self._size = self.dump.size
-        base = libc.mmap(None, self._size, mmap.PROT_READ, mmap.MAP_SHARED, self.dump.file.fd, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemcrError(f"cannot map the dump {self.dump.path}: {os.strerror(ctypes.get_errno())}")
-        self._base = int(base)
-        self._libc = libc
+        try:
+            self._base = libc.mmap(self._size, mmap.PROT_READ, mmap.MAP_SHARED, self.dump.file.fd)
+        except OSError as e:
+            raise MemcrError(f"cannot map the dump {self.dump.path}: {e.strerror}") from None
 
     @property
     def fault_piece(self) -> int:
@@ -241,7 +238,8 @@ class Source:
         yield self._base + offset
         # the page cache stays; memcr's RSS does not count it once its use is over
         first = offset - offset % self.page_size
-        self._libc.madvise(ctypes.c_void_p(self._base + first), ctypes.c_size_t(offset + length - first), 4)
+        with contextlib.suppress(OSError):  # only a hint: a failure leaves the pages counted
+            libc.madvise(self._base + first, offset + length - first, mmap.MADV_DONTNEED)
 
     def unreadable(self, origin: int, length: int) -> MemcrError:
         """Why UFFDIO_COPY could not read the dump's bytes for `origin` (EFAULT): most likely it was cut short."""
@@ -259,7 +257,7 @@ class Source:
 
     def close(self) -> None:
         if self._base:
-            self._libc.munmap(ctypes.c_void_p(self._base), ctypes.c_size_t(self._size))
+            libc.munmap(self._base, self._size)
             self._base = 0
 
 

@@ -10,7 +10,6 @@ checks that both sides agree.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import socket
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from memcr import procfs
+from memcr import libc, procfs
 from memcr.accounts import not_in_group
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
@@ -113,22 +112,21 @@ def _netns_socket(pid: int) -> socket.socket:
     the namespace it was created in, so a helper thread enters the target's
     namespace just long enough to create it.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
     result: list[socket.socket | BaseException] = []
 
     def make() -> None:
         try:
             fd = procfs.open_namespace(pid, "net")
             try:
-                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-                    err = ctypes.get_errno()
-                    raise RightsError(
-                        f"cannot enter the network namespace of process {pid}, where its parasite's abstract "
-                        f"socket is: {os.strerror(err)} (needs CAP_SYS_ADMIN)",
-                        pid=pid,
-                        errno=err,
-                        what="netns",
-                    )
+                libc.setns(fd, 0x40000000)  # CLONE_NEWNET
+            except OSError as e:
+                raise RightsError(
+                    f"cannot enter the network namespace of process {pid}, where its parasite's abstract "
+                    f"socket is: {e.strerror} (needs CAP_SYS_ADMIN)",
+                    pid=pid,
+                    errno=e.errno,
+                    what="netns",
+                ) from None
             finally:
                 os.close(fd)
             result.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))

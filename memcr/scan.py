@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from memcr import procfs
+from memcr import libc, procfs
 from memcr.errors import PlanError, TargetError
 from memcr.procfs import SPECIAL, Vma
 
@@ -91,15 +91,12 @@ class Plan:
 
 def zero_pfn() -> int:
     """The frame of the kernel's shared zero page (0 when PFNs are hidden from us)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-    addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    addr = libc.mmap(PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         ctypes.string_at(addr, 1)  # a read fault maps the zero page
         entry = procfs.self_pagemap_entry(addr)
     finally:
-        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE))
+        libc.munmap(addr, PAGE)
     if entry is None:
         return 0  # undumpable and not root: /proc/self is root's; PFNs would be hidden anyway
     return entry & PM_PFN if entry & PM_PRESENT else 0

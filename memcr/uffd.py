@@ -14,9 +14,8 @@ import fcntl
 import os
 import struct
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
 
+from memcr import libc
 from memcr.errors import MemcrError
 
 NEW_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK  # no UFFD_USER_MODE_ONLY: the target's own system calls fault too
@@ -80,14 +79,6 @@ class Unavailable(MemcrError):
     """This target cannot be restored lazily here: memcr restores it eagerly instead."""
 
 
-@cache
-def _ioctl() -> Any:  # a ctypes function; CDLL releases the GIL during the call
-    func = ctypes.CDLL(None, use_errno=True).ioctl
-    func.restype = ctypes.c_int
-    func.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-    return func
-
-
 @dataclass(frozen=True)
 class Event:
     """One message: a page fault at `start`, or a change of the mappings."""
@@ -138,15 +129,20 @@ class Userfaultfd:
     def copy(self, dst: int, src: int, length: int) -> tuple[int, int]:
         """UFFDIO_COPY, waking the threads that wait on the range: (bytes copied, errno or 0)."""
         arg = _Copy(dst, src, length, 0, 0)
-        if _ioctl()(self.fd, UFFDIO_COPY, ctypes.byref(arg)) == 0:
-            return length, 0
-        code = ctypes.get_errno()
-        return max(arg.copy, 0), code
+        try:
+            libc.ioctl(self.fd, UFFDIO_COPY, ctypes.byref(arg))  # without the GIL: other threads run meanwhile
+        except libc.CallError as e:
+            return max(arg.copy, 0), e.errno
+        return length, 0
 
     def zeropage(self, start: int) -> int:
         """Map the zero page at `start`: a page the dump does not hold. errno or 0."""
         arg = _Zeropage(start, self.page_size, 0, 0)
-        return 0 if _ioctl()(self.fd, UFFDIO_ZEROPAGE, ctypes.byref(arg)) == 0 else ctypes.get_errno()
+        try:
+            libc.ioctl(self.fd, UFFDIO_ZEROPAGE, ctypes.byref(arg))
+        except libc.CallError as e:
+            return e.errno
+        return 0
 
     def wake(self, start: int, length: int) -> None:
         try:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 
-from memcr import heap
+from memcr import heap, libc
 from memcr.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
 from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
 from memcr.errors import DumpError
@@ -88,14 +86,10 @@ class DumpReader:
         return self.file.remove()
 
 
-@cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
+def _forget(addr: int, length: int) -> None:
+    """Drop mapped dump pages from memcr's RSS (the page cache keeps them); a failure only leaves them counted."""
+    with contextlib.suppress(OSError):
+        libc.madvise(addr, length, mmap.MADV_DONTNEED)
 
 
 class PlainReader(DumpReader):
@@ -107,13 +101,14 @@ class PlainReader(DumpReader):
         so that the mapping never counts much of the dump's page cache in
         memcr's RSS.
         """
-        libc = _libc()
-        base = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, offset)
-        if base in (None, ctypes.c_void_p(-1).value):
-            code = ctypes.get_errno()
-            raise DumpError(f"cannot map the dump {self.path}: {os.strerror(code)}", path=str(self.path), errno=code)
         try:
-            yield int(base), lambda at, size: libc.madvise(at, size, mmap.MADV_DONTNEED)
+            base = libc.mmap(length, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, offset)
+        except OSError as e:
+            raise DumpError(
+                f"cannot map the dump {self.path}: {e.strerror}", path=str(self.path), errno=e.errno
+            ) from None
+        try:
+            yield base, _forget
         finally:
             libc.munmap(base, length)
 
