@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from memcr import arch, codec, logs, procfs, ptrace_calls, scan
+from memcr import admission, arch, codec, logs, procfs, ptrace_calls, scan
 from memcr.codec import FRAME_PLAIN
 from memcr.dump.format import Group, Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
@@ -41,17 +41,17 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 def preflight(pid: int, options: Options) -> dict[str, str]:
     """Every check that needs no change to the target; returns its status."""
-    status = procfs.check_target(pid)
+    status = admission.check_target(pid)
     check_directory(options.dump_dir)
     if options.socket_dir is not None:
         check_socket_dir(options.socket_dir, options.socket_gid)
     if options.proc_mem and os.geteuid() != 0:
         raise RightsError("reading /proc/<pid>/mem directly needs root", pid=pid, what="proc-mem")
-    procfs.require_page_monitor()
+    admission.require_page_monitor()
     arch.blobs()
     ptrace_calls.load()
     refuse_shared_memory(pid)
-    if not options.allow_async_io and (writers := procfs.async_writers(pid)):
+    if not options.allow_async_io and (writers := admission.async_writers(pid)):
         raise TargetError(
             f"process {pid} has {' and '.join(writers)}: the kernel may write into its memory while it is "
             "parked, and such a write would be lost",
@@ -74,7 +74,7 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
 
 def refuse_shared_memory(pid: int) -> None:
     """A process whose memory another process shares cannot be parked: the other one runs on it."""
-    sharers = procfs.mm_sharers(pid)
+    sharers = admission.mm_sharers(pid)
     if sharers:
         others = ", ".join(map(str, sharers))
         raise TargetError(

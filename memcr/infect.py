@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Iterable
 
-from memcr import procfs
+from memcr import admission, procfs
 from memcr import ptrace_calls as pt
 from memcr.arch import Blobs, word_mask
 from memcr.errors import MemcrError, ParasiteError, RightsError, TargetError, TargetGone, TargetLimit, Uncured
@@ -124,7 +124,7 @@ def check_room(pid: int, blobs: Blobs, page_size: int, socket_gid: int | None) -
     try:
         problems = room_problems(pid, mapping_size(blobs, page_size), parasite_descriptors(pid, socket_gid))
     except RightsError as e:
-        raise procfs.trace_denied(pid, e) from None  # its maps and descriptors are for those who may trace it
+        raise admission.trace_denied(pid, e) from None  # its maps and descriptors are for those who may trace it
     if problems:
         raise problems[0]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import mmap
@@ -11,8 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from memcr import arch
-from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
+from memcr.errors import RightsError, TargetGone
 
 PF_KTHREAD = 0x00200000
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")  # the kernel's own mappings
@@ -297,60 +295,7 @@ def ns_pid(pid: int) -> int:
     return int(read_status(pid).get("NSpid", str(pid)).split()[-1])
 
 
-def check_target(pid: int) -> dict[str, str]:
-    """Refuse pids that memcr must never freeze; return the target's status."""
-    if not proc_path(pid).exists():
-        raise TargetError(f"no such process: {pid}", pid=pid, path=proc_path(pid), errno=errno.ESRCH, what="look up")
-    status = read_status(pid)
-    if int(status.get("Tgid", pid)) != pid:
-        raise TargetError(f"{pid} is a thread of process {status['Tgid']}: give the process id", pid=pid)
-    if status.get("State", "").startswith(("Z", "X")):
-        threads = int(status.get("Threads", "1"))
-        if threads > 1:
-            raise TargetError(
-                f"the main thread of process {pid} has exited while {threads - 1} other threads run on: "
-                "memcr cannot park a process without its main thread",
-                pid=pid,
-            )
-        raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to save", pid=pid)
-    if pid == 1:
-        raise TargetError("refusing to freeze pid 1 (init): the whole system would stall", pid=pid)
-    if stat_flags(pid) & PF_KTHREAD:
-        raise TargetError(f"process {pid} is a kernel thread: it has no user memory to save", pid=pid)
-    if pid == os.getpid():
-        raise TargetError(f"process {pid} is memcr itself", pid=pid)
-    if pid == os.getppid():
-        raise TargetError(f"process {pid} is memcr's parent, which waits for memcr", pid=pid)
-    statuses = _thread_statuses(pid, thread_ids(pid))
-    for tid, thread_status in statuses:
-        tracer = int(thread_status.get("TracerPid", "0"))
-        if tracer:
-            raise already_traced(pid, tid, tracer)
-    _injection_thread(pid, statuses)
-    return status
-
-
-def already_traced(pid: int, tid: int, tracer: int) -> TargetError:
-    """The refusal of a process whose thread `tid` another tracer holds: another memcr, most of the time."""
-    which = f"process {pid}" if tid == pid else f"thread {tid} of process {pid}"
-    args = (_read_or_none(proc_path(tracer, "cmdline")) or "").split("\0")
-    # the memcr command, its launcher, or `python -m memcr`; in a daemon, the tracer is one of its threads
-    if any(os.path.basename(a) == "memcr" for a in args[:3]) or ("-m" in args and "memcr" in args):
-        return TargetError(
-            f"{which} is already traced by process {tracer}: another memcr holds it; wait for that memcr to finish",
-            pid=pid,
-            what="another-memcr",
-        )
-    # unknown, or gone already (a memcr that just finished): the same words name both
-    return TargetError(
-        f"{which} is already traced by process {tracer}: another memcr or a tracer (a debugger, strace) holds it; "
-        "wait for it to finish or detach it",
-        pid=pid,
-        what="another-memcr",
-    )
-
-
-def _thread_statuses(pid: int, tids: list[int] | set[int]) -> list[tuple[int, dict[str, str]]]:
+def thread_statuses(pid: int, tids: list[int] | set[int]) -> list[tuple[int, dict[str, str]]]:
     """The status of each thread still there, the main thread first."""
     found = []
     for tid in sorted(tids, key=lambda t: (t != pid, t)):
@@ -366,7 +311,7 @@ def thread_uids(pid: int) -> dict[int, tuple[int, ...]]:
     calling thread's. Threads that end meanwhile are left out.
     """
     return {
-        tid: tuple(int(uid) for uid in status["Uid"].split()) for tid, status in _thread_statuses(pid, thread_ids(pid))
+        tid: tuple(int(uid) for uid in status["Uid"].split()) for tid, status in thread_statuses(pid, thread_ids(pid))
     }
 
 
@@ -376,198 +321,61 @@ def groups(pid: int) -> set[int]:
     return {int(status["Gid"].split()[1]), *(int(gid) for gid in status.get("Groups", "").split())}
 
 
-def injection_thread(pid: int, tids: list[int] | set[int]) -> int:
-    """The thread (the main one if it can) where memcr's injected system calls run and its parasite is cloned."""
-    return _injection_thread(pid, _thread_statuses(pid, tids))
+def exists(pid: int) -> bool:
+    return proc_path(pid).exists()
 
 
-SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
+def pids() -> list[int]:
+    """Every process now."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def _unfit(pid: int, tid: int, status: dict[str, str]) -> str | None:
-    """Why the parasite cannot come from this thread, or None when it can.
+def command_line(pid: int) -> list[str]:
+    """The process's arguments; [""] when memcr may not read them, or the process is gone."""
+    return (_read_or_none(proc_path(pid, "cmdline")) or "").split("\0")
 
-    A seccomp filter may answer mmap, clone or socket with an error, a
-    SIGSYS or death, and strict mode allows nothing but read and write.
-    A SCHED_DEADLINE thread may not start a thread (clone fails with
-    EAGAIN) unless its new threads reset their policy (reset-on-fork). A
-    thread that called unshare(CLONE_NEWPID) would put its new threads in
-    another pid namespace than its own, which the kernel refuses (EINVAL).
-    """
-    if status.get("Seccomp", "0") != "0":
-        return "seccomp"
-    try:
-        policy = os.sched_getscheduler(tid)
-    except OSError:
-        policy = 0  # gone meanwhile: the freeze tells
-    if policy == SCHED_DEADLINE:  # with the reset-on-fork flag the value differs, and the thread may clone
-        return "sched-deadline"
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of the process (task/*/children)."""
+    found: list[int] = []
+    for tid in thread_ids(pid):
+        found += [int(c) for c in (_read_or_none(proc_path(pid, "task", str(tid), "children")) or "").split()]
+    return found
+
+
+def descriptor_links(pid: int) -> list[tuple[str, str]]:
+    """(fd, what it links to) for each open descriptor of the process; those closed meanwhile left out."""
+    # fdinfo, not fd: listing fd/ needs the target's uid, fdinfo/ only the right to trace it
+    found = []
+    for name in _listdir(proc_path(pid, "fdinfo"), pid):
+        try:
+            found.append((name, os.readlink(proc_path(pid, "fd", name))))
+        except OSError:
+            continue  # closed meanwhile
+    return found
+
+
+def starts_children_elsewhere(pid: int, tid: int) -> bool:
+    """Whether the thread's new children go to another pid namespace than its own (it called
+    unshare(CLONE_NEWPID)); False when memcr cannot tell: the freeze names the right that is missing."""
     ns = proc_path(pid, "task", str(tid), "ns")
     try:
         own = os.stat(ns / "pid").st_ino
     except OSError:
-        return None  # not ours to read, or gone: the freeze names the right that is missing
+        return False
     try:
-        if os.stat(ns / "pid_for_children").st_ino != own:
-            return "pid-namespace"
+        return os.stat(ns / "pid_for_children").st_ino != own
     except FileNotFoundError:
         # a new pid namespace without its first process yet shows no link; a kernel before 4.12 none at all
-        if proc_path("self", "ns", "pid_for_children").exists():
-            return "pid-namespace"
+        return proc_path("self", "ns", "pid_for_children").exists()
     except OSError:
-        pass
-    return None
-
-
-# The causes a user can lift that keep every thread from starting the parasite: what the refusal says after
-# "process N" (or "every thread of process N"), and the errno of the clone it would meet.
-_LIFTABLE = {
-    "sched-deadline": (
-        "runs under SCHED_DEADLINE, which may not start a thread (clone fails with EAGAIN): "
-        "memcr cannot start its parasite in it",
-        errno.EAGAIN,
-    ),
-    "pid-namespace": (
-        "called unshare(CLONE_NEWPID): the kernel starts no thread in a process whose new children go "
-        "to another pid namespace (clone fails with EINVAL), so memcr cannot start its parasite in it",
-        errno.EINVAL,
-    ),
-}
-
-
-def _injection_thread(pid: int, threads: list[tuple[int, dict[str, str]]]) -> int:
-    unfit: dict[str, list[int]] = {}
-    for tid, status in threads:
-        why = _unfit(pid, tid, status)
-        if why is None:
-            return tid
-        unfit.setdefault(why, []).append(tid)
-    if not unfit:
-        raise TargetError(f"process {pid} has no thread left (it is ending)", pid=pid)
-    if list(unfit) == ["seccomp"]:
-        raise TargetError(
-            f"every thread of process {pid} runs under seccomp: memcr's injected system calls "
-            "(mmap, clone, socket, madvise) could be refused or kill it, so memcr leaves it alone",
-            pid=pid,
-        )
-    whose = f"process {pid}" if len(threads) == 1 else f"every thread of process {pid}"
-    if len(unfit) == 1 and (cause := next(iter(unfit))) in _LIFTABLE:
-        text, code = _LIFTABLE[cause]
-        raise TargetError(f"{whose} {text}", pid=pid, errno=code, what=cause)
-    names = {"seccomp": "under seccomp", "sched-deadline": "under SCHED_DEADLINE",
-             "pid-namespace": "after unshare(CLONE_NEWPID)"}  # fmt: skip
-    said = "; ".join(f"thread{'s' if len(t) > 1 else ''} {', '.join(map(str, t))} {names[w]}" for w, t in unfit.items())
-    raise TargetError(
-        f"no thread of process {pid} can start memcr's parasite: {said}",
-        pid=pid,
-        what=next(w for w in unfit if w != "seccomp"),  # the advice for a cause the user can lift
-    )
-
-
-def trace_denied(pid: int, cause: MemcrError | None = None) -> RightsError:
-    """The refusal to trace `pid`, with the path, errno and operation of the access that showed it."""
-    return RightsError(
-        f"not permitted to trace process {pid}: memcr needs root or "
-        "CAP_SYS_PTRACE (and /proc/sys/kernel/yama/ptrace_scope must allow it)",
-        pid=pid,
-        path=cause.path if cause else None,
-        errno=cause.errno if cause else None,
-        what=cause.what if cause else "trace",
-    )
-
-
-def async_writers(pid: int) -> list[str]:
-    """What can make the kernel write into the process's memory on its own: io_uring, Linux AIO.
-
-    Such a write into a page memcr dropped is lost on restore, or makes
-    the restore impossible; a registered io_uring buffer is pinned and
-    would not even be the page the process sees after its restore.
-    """
-    found = []
-    try:
-        vmas = read_maps(pid, flags=False)
-    except RightsError as e:
-        raise trace_denied(pid, e) from None
-    for vma in vmas:
-        if vma.path.startswith("/[aio]"):
-            found.append("a Linux AIO context (io_setup)")
-            break
-    try:
-        # fdinfo, not fd: listing fd/ needs the target's uid, fdinfo/ only the right to trace it
-        names = _listdir(proc_path(pid, "fdinfo"), pid)
-    except RightsError as e:
-        raise trace_denied(pid, e) from None
-    for name in names:
-        try:
-            link = os.readlink(proc_path(pid, "fd", name))
-        except OSError:
-            continue  # closed meanwhile
-        if link == "anon_inode:[io_uring]":
-            found.append(f"an io_uring instance (fd {name})")
-    return found
-
-
-KCMP_VM = 1
-
-
-def mm_sharers(pid: int) -> list[int]:
-    """Other processes that share the memory of `pid` (vfork, clone(CLONE_VM) without CLONE_THREAD).
-
-    kcmp(2) compares the kernel's memory descriptors; where the kernel
-    lacks it (no CONFIG_KCMP), a parent or child blocked in vfork()
-    is found from its kernel wait channel.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    kcmp = arch.current().SYS_KCMP
-    sharers = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == pid:
-            continue
-        other = int(name)
-        if libc.syscall(kcmp, pid, other, KCMP_VM, 0, 0) == 0:
-            sharers.append(other)
-        elif ctypes.get_errno() == errno.ENOSYS:
-            return _vfork_relatives(pid)
-    # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
-    return [other for other in sharers if alive(other)] if sharers and alive(pid) else []
-
-
-def _vfork_relatives(pid: int) -> list[int]:
-    """Without kcmp: the vfork children of a target blocked in vfork(), or its parent so blocked.
-
-    Coarser than kcmp (every child of a parent in vfork() counts), so it
-    may refuse too much, never too little, for the vfork case.
-    """
-    parent = int(read_status(pid).get("PPid", "0"))
-    if _in_vfork(pid):
-        children: list[int] = []
-        for tid in thread_ids(pid):
-            children += [int(c) for c in (_read_or_none(proc_path(pid, "task", str(tid), "children")) or "").split()]
-        return children
-    return [parent] if parent and _in_vfork(parent) else []
-
-
-def _in_vfork(pid: int) -> bool:
-    return wait_channel(pid) in ("wait_for_vfork_done", "kernel_clone")  # the latter where the wait is inlined
+        return False
 
 
 def wait_channel(pid: int, tid: int | None = None) -> str:
     """The kernel function a thread sleeps in ('?' when unknown)."""
     path = proc_path(pid, "wchan") if tid is None else proc_path(pid, "task", str(tid), "wchan")
     return _read_or_none(path) or "?"
-
-
-def require_page_monitor() -> None:
-    """memcr finds pages through pagemap, which needs CONFIG_PROC_PAGE_MONITOR.
-
-    /proc/kpageflags (root only) is not needed: locked memory shows as the
-    `lo` flag in smaps, and madvise() refuses exactly those mappings.
-    """
-    if not os.path.exists("/proc/self/pagemap"):
-        raise RightsError(
-            "/proc/self/pagemap does not exist: the kernel lacks CONFIG_PROC_PAGE_MONITOR, "
-            "which memcr needs to find the pages to save"
-        )
 
 
 def open_pagemap(pid: int) -> int | None:

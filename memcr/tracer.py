@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from memcr import procfs
+from memcr import admission, procfs
 from memcr import ptrace_calls as pt
 from memcr.arch import Arch, word_mask
 from memcr.errors import MemcrError, TargetError, TargetGone
@@ -140,11 +140,11 @@ class _Seizing:
             except PermissionError:
                 tracer = int(procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0"))
                 if tracer:
-                    raise procfs.already_traced(self.pid, tid, tracer) from None
+                    raise admission.already_traced(self.pid, tid, tracer) from None
                 # another tracer (a second memcr) may have let go between the refusal and the look: only
                 # a refusal without any tracer, again and again, is memcr's own lack of a right
                 if attempt == SEIZE_ATTEMPTS - 1:
-                    raise procfs.trace_denied(self.pid) from None
+                    raise admission.trace_denied(self.pid) from None
                 time.sleep(0.001)
             else:
                 return True
@@ -217,7 +217,7 @@ class FrozenProcess:
     """Every thread of `pid` held in a ptrace stop by the calling thread.
 
     `leader` is the thread that runs injected code (the first one that can:
-    procfs.injection_thread); `helpers` are threads memcr started in the
+    admission.injection_thread); `helpers` are threads memcr started in the
     process (the parasite), traced too so that a group stop cannot hold them.
     """
 
@@ -242,7 +242,7 @@ class FrozenProcess:
             # only now that every thread is held: should memcr die from here on, the kernel kills the target
             for tid in seizing.tids:
                 pt.set_options(tid, OPTIONS)
-            leader = procfs.injection_thread(pid, seizing.tids)
+            leader = admission.injection_thread(pid, seizing.tids)
             _check_word_size(pid, leader, arch)
             fd = procfs.open_mem(pid)
             memory: Memory = ProcMem(pid, fd) if fd is not None else PtraceMem(pid, leader, arch.WORD, word_mask(arch))

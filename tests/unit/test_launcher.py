@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr import advice, launcher, procfs
+from memcr import admission, advice, launcher, procfs
 from memcr.errors import Folder, MissingFolders, RightsError
 
 
@@ -82,11 +82,11 @@ def test_trace_denied_gets_the_advice(monkeypatch: pytest.MonkeyPatch, tmp_path:
     """What `memcr -p PID` prints and the daemon logs, as a user without the capability."""
     monkeypatch.setattr(launcher, "may_trace", lambda: False)
     monkeypatch.setattr(launcher, "launcher_path", lambda prefix=None: install(tmp_path, b"\x7fELF"))
-    text = advice.explain(procfs.trace_denied(1234))
+    text = advice.explain(admission.trace_denied(1234))
     assert text.startswith("not permitted to trace process 1234: memcr needs root or CAP_SYS_PTRACE")
     assert text.endswith(f"setcap cap_sys_ptrace=ep {tmp_path}/bin/memcr")
     monkeypatch.setattr(launcher, "may_trace", lambda: True)
-    assert advice.explain(procfs.trace_denied(1234)) == str(procfs.trace_denied(1234))
+    assert advice.explain(admission.trace_denied(1234)) == str(admission.trace_denied(1234))
 
 
 def test_other_rights_get_their_own_advice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr import procfs, scan
+from memcr import admission, procfs, scan
 from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
 
 MAPS = "".join(
@@ -253,7 +253,7 @@ def test_vanished_pid() -> None:
         assert (gone.value.pid, gone.value.path, gone.value.errno) == (pid, path, errno.ENOENT)
     assert not procfs.alive(pid)
     with pytest.raises(TargetError, match=f"^no such process: {pid}$") as refused:
-        procfs.check_target(pid)
+        admission.check_target(pid)
     assert refused.value.pid == pid
 
 
@@ -292,7 +292,7 @@ def test_own_status_and_threads() -> None:
     assert os.getpid() in procfs.thread_ids(os.getpid())
     assert procfs.descriptor_count() > 0
     with pytest.raises(TargetError, match="memcr itself") as refused:
-        procfs.check_target(os.getpid())
+        admission.check_target(os.getpid())
     assert refused.value.pid == os.getpid()
 
 
