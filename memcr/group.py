@@ -20,6 +20,7 @@ it to park); one that dies once held fails the park.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 from memcr import logs, procfs
@@ -128,6 +130,33 @@ class CgroupMembers:
         return self.cgroup.frozen(log)
 
 
+class Stage(enum.Enum):
+    """Where a member's checkpoint is, until it ends."""
+
+    SEIZING = "seizing"  # its threads being seized
+    HELD = "held"  # every thread seized: it can fork no more; waits for the group, then for a slot
+    STREAMING = "streaming"  # holds one of the park's streaming slots
+    VANISHED = "vanished"  # ended before memcr held it: no member (its checkpoint has ended)
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """Its checkpoint succeeded: its thread serves its last request."""
+
+    parked: Parked
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Its checkpoint failed once it was a member: the park rolls back."""
+
+    error: Exception
+
+
+State = Stage | Checkpointed | Failed
+_UNDER_WAY = (Stage.SEIZING, Stage.HELD, Stage.STREAMING)
+
+
 class _Member(threading.Thread):
     """One member from its seize to its ending; the only thread that touches it."""
 
@@ -136,70 +165,70 @@ class _Member(threading.Thread):
         self.pid = pid
         self.park = park
         self.cancel = Cancel()
-        self.held = False  # every thread seized: it can fork no more
-        self.done = False  # checkpoint() has ended
-        self.vanished = False  # ended before memcr held it: no member
-        self.slot = False  # holds one of the park's streaming slots
-        self.parked: Parked | None = None
-        self.ending: str | None = None  # how it ended while parked, not by memcr's hand ("killed by SIGKILL")
-        self.error: Exception | None = None
+        self.state: State = Stage.SEIZING
         self.requests: queue.Queue[tuple[Callable[[Parked], None], Future[None]]] = queue.Queue()
+
+    @property
+    def done(self) -> bool:
+        """checkpoint() has ended."""
+        return self.state not in _UNDER_WAY
 
     def log(self, message: str) -> None:
         self.park.log(f"pid {self.pid}: {message}")
 
     def run(self) -> None:
+        ended: State = Failed(Aborted(f"pid {self.pid}: its checkpoint was interrupted", pid=self.pid))
         try:
-            self.parked = checkpoint(self.pid, self.park.options, self.log, self.cancel, seized=self._seized)
+            ended = Checkpointed(checkpoint(self.pid, self.park.options, self.log, self.cancel, seized=self._seized))
         except Exception as e:
-            self.error = e
             # a process that exited (or turned zombie) before it was held was never part of the park
-            self.vanished = not self.held and _ended(self.pid, e)
+            ended = Stage.VANISHED if self.state is Stage.SEIZING and _ended(self.pid, e) else Failed(e)
         finally:
-            if self.slot:
+            if self.state is Stage.STREAMING:
                 self.park.slots.release()
-            self.park.ended(self)
-        if self.parked is not None:
-            action, result = self._next_request(self.parked)
-            if self.ending is not None:
-                # nothing of it is left to restore or roll back: the request learns how it ended
-                result.set_exception(
-                    TargetEnded(f"pid {self.pid} ended while parked ({self.ending}), not by memcr's hand", pid=self.pid)
-                )
-                return
-            try:
-                action(self.parked)
-            except Exception as e:
-                result.set_exception(e)
-            else:
-                result.set_result(None)
+            self.park.ended(self, ended)
+        if isinstance(ended, Checkpointed):
+            self._serve(ended.parked)
 
-    def _next_request(self, parked: Parked) -> tuple[Callable[[Parked], None], Future[None]]:
-        """Wait for this member's last request, meanwhile watching it: one killed from outside while the
-        group is parked is let go of at once, so that its parent can reap it (memcr, its tracer, holds its
-        exit until then), and its ending is noted for the request."""
+    def _serve(self, parked: Parked) -> None:
+        """Wait for this member's last request and carry it out, meanwhile watching it: one killed from
+        outside while the group is parked is let go of at once, so that its parent can reap it (memcr, its
+        tracer, holds its exit until then), and its ending is noted for the request."""
+        ending = None  # how it ended while parked, not by memcr's hand ("killed by SIGKILL")
         while True:
             try:
-                return self.requests.get(timeout=WATCH)
+                action, result = self.requests.get(timeout=WATCH)
+                break
             except queue.Empty:
-                if self.ending is None and (ending := parked.ended()) is not None:
-                    self.ending = ending
+                if ending is None and (ending := parked.ended()) is not None:
                     logs.error(
                         self.park.log,
                         f"pid {self.pid}: ended while its group is parked ({ending}), not by memcr's hand: "
                         "memcr let go of it",
                     )
+        if ending is not None:
+            # nothing of it is left to restore or roll back: the request learns how it ended
+            result.set_exception(
+                TargetEnded(f"pid {self.pid} ended while parked ({ending}), not by memcr's hand", pid=self.pid)
+            )
+            return
+        try:
+            action(parked)
+        except Exception as e:
+            result.set_exception(e)
+        else:
+            result.set_result(None)
 
     def _seized(self) -> None:
         """checkpoint's hook: wait for the whole group to be held, then for a streaming slot."""
         park = self.park
         with park.changed:
-            self.held = True
+            self.state = Stage.HELD
             park.changed.notify_all()
         park.decided.wait()
         while park.go and not park.aborting:
             if park.slots.acquire(timeout=POLL):
-                self.slot = True
+                self.state = Stage.STREAMING
                 return
         raise Aborted(f"the park of {park.membership} failed: pid {self.pid} runs on as it was", pid=self.pid)
 
@@ -240,18 +269,20 @@ class _Park:
                 self.go = not self.aborting
                 self.decided.set()  # a member waiting in its hook must never wait for ever
         self._wait(lambda: all(m.done for m in self.members.values()))
-        members = sorted((m for m in self.members.values() if not m.vanished), key=lambda m: m.pid)
-        if vanished := sorted(m.pid for m in self.members.values() if m.vanished):
+        members = sorted((m for m in self.members.values() if m.state is not Stage.VANISHED), key=lambda m: m.pid)
+        if vanished := sorted(m.pid for m in self.members.values() if m.state is Stage.VANISHED):
             shown = ", ".join(map(str, vanished[:10])) + (", ..." if len(vanished) > 10 else "")
             self.log(f"{len(vanished)} of the processes found in {self.membership} ended before memcr held them, "
                      f"so they are not part of it: {shown}")  # fmt: skip
         if self.failure is None and not self.aborting and not members:
             self._fail(None, TargetGone(f"no process to park in {self.membership}: every one ended"))
-        if self.aborting:
-            raise self._roll_back(members)
-        reports = [m.parked.report for m in members if m.parked]
-        report = GroupReport.of(str(self.membership), reports, (time.monotonic() - started) * 1000)
-        return ParkedGroup(str(self.membership), members, report, self.slots)
+        if self.failure is not None:  # set with `aborting`
+            raise self._roll_back(self.failure, members)
+        parked = [(m, m.state.parked) for m in members if isinstance(m.state, Checkpointed)]
+        report = GroupReport.of(
+            str(self.membership), [p.report for _, p in parked], (time.monotonic() - started) * 1000
+        )
+        return ParkedGroup(str(self.membership), parked, report, self.slots)
 
     def _hold_all(self) -> None:
         """Seize members until a walk, made with every member held, finds nobody new."""
@@ -268,7 +299,7 @@ class _Park:
                     break  # a member that failed already: no other is held for nothing
                 member = self.members[pid] = _Member(pid, self)
                 member.start()
-            self._wait(lambda: all(m.held or m.done for m in self.members.values()) or self.aborting)
+            self._wait(lambda: all(m.state is not Stage.SEIZING for m in self.members.values()) or self.aborting)
 
     def _refuse_never(self, pids: set[int]) -> None:
         """Refuse a group holding a process no park may hold, before any member is: the rest of it (a tree
@@ -283,11 +314,11 @@ class _Park:
                 if self.cancel.cancelled and not self.aborting:
                     self._fail(None, Aborted(f"the park of {self.membership} was cancelled"))
 
-    def ended(self, member: _Member) -> None:
+    def ended(self, member: _Member, state: State) -> None:
         with self.changed:
-            member.done = True
-            if member.error is not None and not member.vanished and not self.aborting:
-                self._fail(member.pid, member.error)
+            member.state = state
+            if isinstance(state, Failed) and not self.aborting:
+                self._fail(member.pid, state.error)
             self.changed.notify_all()
 
     def _fail(self, member: int | None, error: Exception) -> None:
@@ -300,12 +331,14 @@ class _Park:
                 other.cancel.cancel()
             self.changed.notify_all()
 
-    def _roll_back(self, members: list[_Member]) -> GroupError:
+    def _roll_back(self, failure: tuple[int | None, Exception], members: list[_Member]) -> GroupError:
         """Put every parked member back; the error names the first failure and every member killed."""
-        assert self.failure is not None
-        culprit, cause = self.failure
-        rollbacks = {m.pid: m.ask(lambda parked: parked.rollback(cause)) for m in members if m.parked}
-        outcomes: dict[int, BaseException | None] = {m.pid: m.error for m in members if not m.parked}
+        culprit, cause = failure
+        parked = [m for m in members if isinstance(m.state, Checkpointed)]
+        rollbacks = {m.pid: m.ask(lambda parked: parked.rollback(cause)) for m in parked}
+        outcomes: dict[int, BaseException | None] = {
+            m.pid: m.state.error for m in members if isinstance(m.state, Failed)
+        }
         outcomes |= {pid: result.exception() for pid, result in rollbacks.items()}
         killed = sorted(pid for pid, e in outcomes.items() if isinstance(e, TargetKilled))
         ended = (TargetGone, TargetEnded)  # during its checkpoint, or killed from outside once parked
@@ -348,7 +381,9 @@ def _ended(pid: int, error: Exception) -> bool:
 class ParkedGroup:
     """Every member of a group parked; restore() wakes them all."""
 
-    def __init__(self, name: str, members: list[_Member], report: GroupReport, slots: threading.Semaphore) -> None:
+    def __init__(
+        self, name: str, members: list[tuple[_Member, Parked]], report: GroupReport, slots: threading.Semaphore
+    ) -> None:
         self.name = name
         self._members = members
         self.report = report
@@ -357,7 +392,7 @@ class ParkedGroup:
     @property
     def reports(self) -> list[Report]:
         """Each member's own figures, by pid."""
-        return [m.parked.report for m in self._members if m.parked]
+        return [parked.report for _, parked in self._members]
 
     def restore(self) -> None:
         """Wake every member, as many at once as there are cores; raise GroupError naming those that failed.
@@ -366,7 +401,7 @@ class ParkedGroup:
         restored is killed, and the others are restored all the same.
         """
         started = time.monotonic()
-        results = {m.pid: m.ask(self._restore_one) for m in self._members}
+        results = {m.pid: m.ask(self._restore_one) for m, _ in self._members}
         failed = {pid: e for pid, result in results.items() if (e := result.exception()) is not None}
         self.report.restored(self.reports, (time.monotonic() - started) * 1000)
         if failed:
