@@ -2,9 +2,9 @@
 
 `Parasite` is the handle (compel's parasite_ctl): it infects a frozen
 process (memcr.infect), connects to the parasite, exposes its commands and
-cures the process again. The numbers mirror parasite/protocol.h;
-parasite/README.md documents the protocol and tests/test_protocol.py
-checks that both sides agree.
+cures the process again. memcr.parasite_protocol holds the protocol's
+numbers and layouts (the parasite build checks them against
+parasite/protocol.h); parasite/README.md documents it.
 """
 
 from __future__ import annotations
@@ -27,25 +27,38 @@ from memcr.accounts import not_in_group
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
 from memcr.infect import Infection, Injector, room_error
+from memcr.parasite_protocol import (
+    ARGS,
+    ARGS_FDS,
+    ARGS_MAGIC,
+    ARGS_STATUS,
+    CMD,
+    NONCE_LEN,
+    OP_DROP,
+    OP_END,
+    OP_PAGEMAP,
+    OP_RECV,
+    OP_UFFD,
+    PAGEMAP_MAX,
+    REPLY,
+    STATUS_FAILED,
+    STATUS_LISTENING,
+    STATUS_STARTING,
+    STEP_ACCEPT,
+    STEP_BIND,
+    STEP_LISTEN,
+    STEP_MODE,
+    STEP_SOCKET,
+    SUN_PATH_LEN,
+    send_command,
+)
 from memcr.tracer import FrozenProcess
 
-ARGS_MAGIC = 0x4D435031
-STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
-STEP_NAMES = {1: "create", 2: "bind", 3: "set the owner and mode of", 4: "listen on", 5: "accept on"}
-STEP_BIND, STEP_MODE = 2, 3
-NONCE_LEN = 16
-SUN_PATH_LEN = 108
-PAGEMAP_MAX = 65536
-SEND_RUNS = 1024  # runs per SEND
+STEP_NAMES = {
+    STEP_SOCKET: "create", STEP_BIND: "bind", STEP_MODE: "set the owner and mode of", STEP_LISTEN: "listen on",
+    STEP_ACCEPT: "accept on",
+}  # fmt: skip
 PAGEMAP_ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
-
-OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END, OP_UFFD = 1, 2, 3, 4, 5, 6
-
-ARGS = struct.Struct(f"<IiiiIIiiiiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
-ARGS_STATUS = struct.Struct("<Iiii")
-ARGS_FDS = struct.Struct("<28xiii")  # listen_fd, conn_fd, pagemap_fd
-CMD = struct.Struct("<IIQQ")
-REPLY = struct.Struct("<q")
 
 CONNECT_TIMEOUT = 5.0
 IO_TIMEOUT = 60.0  # without progress
@@ -226,8 +239,7 @@ class Parasite:
     def request_pages(self, runs: Sequence[tuple[int, int]]) -> None:
         """Ask for the bytes of each (address, length), at most SEND_RUNS; the caller takes them, back to back,
         with recv_into or splice_into."""
-        table = struct.pack(f"<{2 * len(runs)}Q", *(n for run in runs for n in run))
-        self._send_commands(memoryview(CMD.pack(OP_SEND, 0, 0, len(table)) + table))
+        self._send_commands(memoryview(send_command(runs)))
 
     def recv_into(self, view: memoryview) -> None:
         """Fill `view` completely from the parasite."""
