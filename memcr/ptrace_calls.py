@@ -219,6 +219,17 @@ class Stop:
         """A signal is about to be delivered: passing it on with cont() delivers it."""
         return self.event == 0 and bool(self.signal) and not self.syscall_stop
 
+    @property
+    def ending(self) -> str:
+        """How an exited thread's process ended, in words: "exited with 3", "killed by SIGKILL"."""
+        if os.WIFSIGNALED(self.status):
+            sig = os.WTERMSIG(self.status)
+            try:
+                return f"killed by {signal.Signals(sig).name}"
+            except ValueError:
+                return f"killed by signal {sig}"
+        return f"exited with {os.WEXITSTATUS(self.status)}"
+
 
 def wait(tid: int) -> Stop:
     """Block until the thread stops or exits. ChildProcessError: it is not (or no longer) ours."""
