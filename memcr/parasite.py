@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import errno
 import os
 import socket
@@ -26,7 +27,7 @@ from memcr import procfs
 from memcr.accounts import not_in_group
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
-from memcr.infect import Infection, Injector, room_error
+from memcr.infect import BlobThread, Infection, Injector, room_error
 from memcr.parasite_protocol import (
     ARGS,
     ARGS_FDS,
@@ -64,6 +65,13 @@ CONNECT_TIMEOUT = 5.0
 IO_TIMEOUT = 60.0  # without progress
 STALL = 0.2  # the kernel time-out after which memcr checks whether the parasite was stopped
 DISCARD_PIECE = 1 << 20
+
+
+class Stream(enum.Enum):
+    """Whether the byte stream to the parasite is in step with its command loop."""
+
+    IN_STEP = enum.auto()
+    TORN = enum.auto()  # a transfer stopped midway: the parasite reads page bytes, nothing more may be sent
 
 
 @dataclass(frozen=True)
@@ -165,11 +173,12 @@ class Parasite:
     process: the thread ends, its mapping and signal mask are undone.
     """
 
-    def __init__(self, infection: Infection, sock: socket.socket, spec: SocketSpec) -> None:
-        self.infection = infection
+    def __init__(self, thread: BlobThread, sock: socket.socket, spec: SocketSpec) -> None:
+        self.thread = thread
+        self.infection = thread.infection
         self.sock = sock
         self.spec = spec
-        self.broken = False  # a transfer stopped midway: nothing more may be sent
+        self.stream = Stream.IN_STEP
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
         self._progress = time.monotonic()
@@ -181,19 +190,21 @@ class Parasite:
         spec.remove_stale()
         infection = Infection.map(injector, page_size)
         nonces = Nonces.fresh()
+        cure: Callable[[], None] = infection.cure  # the way back from where the start got to
         try:
             infection.write_args(pack_args(spec, nonces, page_size))
-            infection.start()
-            sock = _connect(infection, spec, nonces, netns)
+            thread = infection.start()
+            cure = partial(_stop_thread, thread)
+            sock = _connect(thread, spec, nonces, netns)
         except BaseException as error:
             try:
-                infection.cure(0.0, _open_fds(infection))
+                cure()
             except BaseException as cleanup:
                 raise Uncured(f"{error}; then the parasite could not be removed: {cleanup}", pid=frozen.pid) from error
             finally:
                 spec.remove_stale()
             raise
-        return cls(infection, sock, spec)
+        return cls(thread, sock, spec)
 
     def __enter__(self) -> Parasite:
         return self
@@ -203,7 +214,7 @@ class Parasite:
 
     @property
     def tid(self) -> int:
-        return self.infection.tid
+        return self.thread.tid
 
     @property
     def mapping(self) -> tuple[int, int]:
@@ -212,7 +223,7 @@ class Parasite:
     def cure(self) -> None:
         """End the parasite and remove every trace of it; a parasite that does not answer is stopped by force."""
         ended = False
-        if not self.broken:
+        if self.stream is Stream.IN_STEP:
             try:
                 self._call("end", OP_END)
                 ended = True
@@ -220,7 +231,7 @@ class Parasite:
                 pass  # stopped by force below
         self.sock.close()
         try:
-            self.infection.cure(2.0 if ended else 0.0, _open_fds(self.infection))
+            self.thread.cure(2.0 if ended else 0.0, _open_fds(self.infection))
         finally:
             self.spec.remove_stale()  # left by a parasite stopped by force
 
@@ -339,7 +350,7 @@ class Parasite:
         except BaseException as e:
             # the parasite now waits for bytes that will never come: nothing
             # else may be sent on this connection, or it would become page data
-            self.broken = True
+            self.stream = Stream.TORN
             self.sock.close()
             if isinstance(e, OSError):
                 raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
@@ -355,7 +366,7 @@ class Parasite:
 
     def _stalled(self) -> None:
         """Nothing moved for STALL seconds: the parasite may have been stopped, or died."""
-        if not self.infection.keep_running():
+        if not self.thread.keep_running():
             raise ParasiteError("the parasite exited unexpectedly")
         if time.monotonic() - self._progress > IO_TIMEOUT:
             raise ParasiteError("the parasite stopped answering")
@@ -380,7 +391,7 @@ class Parasite:
         self._send_commands(memoryview(self._cmd))
 
     def _send_commands(self, commands: memoryview) -> None:
-        if self.broken:
+        if self.stream is Stream.TORN:
             raise ParasiteError("the connection to the parasite was dropped mid-transfer")
         try:
             self._send_all(commands)
@@ -404,6 +415,11 @@ def _open_fds(infection: Infection) -> tuple[int, ...]:
     return tuple(ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size)))
 
 
+def _stop_thread(thread: BlobThread) -> None:
+    """Cure a parasite that never served: its thread is stopped by force, its descriptors closed."""
+    thread.cure(0.0, _open_fds(thread.infection))
+
+
 def _socket_failure(spec: SocketSpec, step: int, err: int) -> MemcrError:
     """Why the parasite could not make its socket; a group the target lacks for it (-S, -G) is named with the fix."""
     failed = f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}"
@@ -425,16 +441,16 @@ def _group_of(folder: Path) -> int | None:
         return None
 
 
-def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
+def _connect(thread: BlobThread, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
     """Wait for the parasite to listen, connect and prove each other."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
-        _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
+        _, status, step, err = ARGS_STATUS.unpack(thread.infection.read_args(ARGS_STATUS.size))
         if status == STATUS_FAILED:
             raise _socket_failure(spec, step, err)
         if status == STATUS_LISTENING:
             break
-        if not infection.keep_running() or time.monotonic() > deadline:
+        if not thread.keep_running() or time.monotonic() > deadline:
             raise ParasiteError("the parasite did not start listening on its socket")
         time.sleep(0.0002)
     sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -452,7 +468,7 @@ def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool
             ) from None
         except OSError as e:
             raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
-        handshake = Parasite(infection, sock, spec)
+        handshake = Parasite(thread, sock, spec)
         handshake._send_all(memoryview(nonces.to_parasite))
         proof = bytearray(NONCE_LEN)
         handshake.recv_into(memoryview(proof))
