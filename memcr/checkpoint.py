@@ -26,7 +26,8 @@ from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.infect import check_room
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.parasite import SEND_RUNS, Parasite, SocketSpec
+from memcr.parasite import Parasite, SocketSpec
+from memcr.parasite_protocol import SEND_RUNS
 from memcr.parked import Pagemap, Parked, Reserve, let_go
 from memcr.procfs import Vma
 from memcr.report import Report, rss

@@ -190,7 +190,7 @@ class Injector:
 
 
 class Infection:
-    """A blob mapped into a frozen process and running there as a traced thread.
+    """A blob mapped into a frozen process, its thread not started yet.
 
     The leader's signal mask is all-blocked while it exists, so the thread
     inherits a mask under which no handler of the target runs.
@@ -202,7 +202,6 @@ class Infection:
         self.base = base
         self.size = size
         self._sigmask = sigmask  # the leader's own
-        self.tid = 0  # the thread, once started; 0 again once it has exited
 
     @classmethod
     def map(cls, injector: Injector, page_size: int) -> Infection:
@@ -241,8 +240,8 @@ class Infection:
     def read_args(self, size: int) -> bytes:
         return self.frozen.read(self._args_at(), size)
 
-    def start(self) -> int:
-        """Start the blob's thread at its clone trampoline; its tid."""
+    def start(self) -> BlobThread:
+        """Start the blob's thread at its clone trampoline."""
         f, tid = self.frozen, self.frozen.leader
         trampoline = self.base + self.injector.blobs.offsets["clone_trampoline"]
         args = (CLONE_FLAGS, self.base + self.size, 0, 0, 0)
@@ -259,44 +258,54 @@ class Infection:
                 why += " (its user's process limit, RLIMIT_NPROC, or the system's kernel.threads-max is reached)"
             failed = f"could not start the parasite thread in process {f.pid}: {why}"
             raise ParasiteError(failed, pid=f.pid, errno=-result)
-        self.tid = child
         f.helpers.append(child)  # killed and collected with the others if it comes to that
-        return child
+        return BlobThread(self, child)
 
-    def keep_running(self) -> bool:
-        """Let the thread go on if a stop caught it; False once it has exited."""
-        return bool(self.tid) and self.frozen.keep_running(self.tid)
-
-    def cure(self, timeout: float, open_fds: Iterable[int]) -> None:
-        """Wait up to `timeout` for the thread to exit, unmap the blob, restore the signal mask.
-
-        A thread still running then is made to close `open_fds` (its
-        descriptors belong to the whole process: left open, a listening
-        socket would outlive it and block every later checkpoint) and exit.
-        """
+    def cure(self) -> None:
+        """Unmap the blob and restore the leader's signal mask; its thread never started, or has exited."""
         f = self.frozen
-        if self.tid:
-            deadline = time.monotonic() + timeout
-            while (running := self.keep_running()) and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            if running:
-                self._force_exit(open_fds)
-            self.tid = 0
         result = self.injector.syscall(f.arch.SYS_MUNMAP, self.base, self.size)
         if result < 0:
             raise MemcrError(f"could not unmap the parasite: {os.strerror(-result)}", pid=f.pid)
         f.set_sigmask(f.leader, self._sigmask)
 
+
+class BlobThread:
+    """The blob's thread, running in the frozen process as a traced thread of memcr's."""
+
+    def __init__(self, infection: Infection, tid: int) -> None:
+        self.infection = infection
+        self.frozen = infection.frozen
+        self.tid = tid
+
+    def keep_running(self) -> bool:
+        """Let the thread go on if a stop caught it; False once it has exited."""
+        return self.frozen.keep_running(self.tid)
+
+    def cure(self, timeout: float, open_fds: Iterable[int]) -> None:
+        """Wait up to `timeout` for the thread to exit, then cure the infection.
+
+        A thread still running then is made to close `open_fds` (its
+        descriptors belong to the whole process: left open, a listening
+        socket would outlive it and block every later checkpoint) and exit.
+        """
+        deadline = time.monotonic() + timeout
+        while (running := self.keep_running()) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if running:
+            self._force_exit(open_fds)
+        self.infection.cure()
+
     def _force_exit(self, open_fds: Iterable[int]) -> None:
-        f, tid = self.frozen, self.tid
+        f, tid, base = self.frozen, self.tid, self.infection.base
         if not f.interrupt(tid):
             return  # it exited meanwhile
         # the blob's own code page is ours to overwrite
-        f.write(self.base, self.injector.blobs.syscall)
+        f.write(base, self.infection.injector.blobs.syscall)
         for fd in open_fds:
             if fd >= 0:
-                f.run_syscall(tid, self.base, f.arch.SYS_CLOSE, (fd,))
-        f.set_regs(tid, f.arch.prepare_syscall(f.own_regs(tid), self.base, f.arch.SYS_EXIT, (0,)))
+                f.run_syscall(tid, base, f.arch.SYS_CLOSE, (fd,))
+        f.set_regs(tid, f.arch.prepare_syscall(f.own_regs(tid), base, f.arch.SYS_EXIT, (0,)))
         f.cont(tid)
         if not f.wait(tid).exited:
             raise ParasiteError(f"the parasite in process {f.pid} would not exit", pid=f.pid)

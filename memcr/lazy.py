@@ -38,7 +38,7 @@ from memcr.codec import FRAME
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
 from memcr.errors import DumpError, MemcrError, TargetKilled
-from memcr.tracer import RunningProcess
+from memcr.running import RunningProcess
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
 FAULT_PIECE = 256 << 10  # bytes a fault brings in: its neighbours come along, and it stays short

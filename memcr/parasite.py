@@ -2,14 +2,15 @@
 
 `Parasite` is the handle (compel's parasite_ctl): it infects a frozen
 process (memcr.infect), connects to the parasite, exposes its commands and
-cures the process again. The numbers mirror parasite/protocol.h;
-parasite/README.md documents the protocol and tests/test_protocol.py
-checks that both sides agree.
+cures the process again. memcr.parasite_protocol holds the protocol's
+numbers and layouts (the parasite build checks them against
+parasite/protocol.h); parasite/README.md documents it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import socket
@@ -25,31 +26,51 @@ from memcr import libc, procfs
 from memcr.accounts import not_in_group
 from memcr.arch import Blobs
 from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
-from memcr.infect import Infection, Injector, room_error
+from memcr.infect import BlobThread, Infection, Injector, room_error
+from memcr.parasite_protocol import (
+    ARGS,
+    ARGS_FDS,
+    ARGS_MAGIC,
+    ARGS_STATUS,
+    CMD,
+    NONCE_LEN,
+    OP_DROP,
+    OP_END,
+    OP_PAGEMAP,
+    OP_RECV,
+    OP_UFFD,
+    PAGEMAP_MAX,
+    REPLY,
+    STATUS_FAILED,
+    STATUS_LISTENING,
+    STATUS_STARTING,
+    STEP_ACCEPT,
+    STEP_BIND,
+    STEP_LISTEN,
+    STEP_MODE,
+    STEP_SOCKET,
+    SUN_PATH_LEN,
+    send_command,
+)
 from memcr.tracer import FrozenProcess
 
-ARGS_MAGIC = 0x4D435031
-STATUS_STARTING, STATUS_LISTENING, STATUS_SERVING, STATUS_FAILED = 0, 1, 2, 3
-STEP_NAMES = {1: "create", 2: "bind", 3: "set the owner and mode of", 4: "listen on", 5: "accept on"}
-STEP_BIND, STEP_MODE = 2, 3
-NONCE_LEN = 16
-SUN_PATH_LEN = 108
-PAGEMAP_MAX = 65536
-SEND_RUNS = 1024  # runs per SEND
+STEP_NAMES = {
+    STEP_SOCKET: "create", STEP_BIND: "bind", STEP_MODE: "set the owner and mode of", STEP_LISTEN: "listen on",
+    STEP_ACCEPT: "accept on",
+}  # fmt: skip
 PAGEMAP_ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
-
-OP_SEND, OP_PAGEMAP, OP_DROP, OP_RECV, OP_END, OP_UFFD = 1, 2, 3, 4, 5, 6
-
-ARGS = struct.Struct(f"<IiiiIIiiiiI{NONCE_LEN}s{NONCE_LEN}sH{SUN_PATH_LEN}s")
-ARGS_STATUS = struct.Struct("<Iiii")
-ARGS_FDS = struct.Struct("<28xiii")  # listen_fd, conn_fd, pagemap_fd
-CMD = struct.Struct("<IIQQ")
-REPLY = struct.Struct("<q")
 
 CONNECT_TIMEOUT = 5.0
 IO_TIMEOUT = 60.0  # without progress
 STALL = 0.2  # the kernel time-out after which memcr checks whether the parasite was stopped
 DISCARD_PIECE = 1 << 20
+
+
+class Stream(enum.Enum):
+    """Whether the byte stream to the parasite is in step with its command loop."""
+
+    IN_STEP = enum.auto()
+    TORN = enum.auto()  # a transfer stopped midway: the parasite reads page bytes, nothing more may be sent
 
 
 @dataclass(frozen=True)
@@ -150,11 +171,12 @@ class Parasite:
     process: the thread ends, its mapping and signal mask are undone.
     """
 
-    def __init__(self, infection: Infection, sock: socket.socket, spec: SocketSpec) -> None:
-        self.infection = infection
+    def __init__(self, thread: BlobThread, sock: socket.socket, spec: SocketSpec) -> None:
+        self.thread = thread
+        self.infection = thread.infection
         self.sock = sock
         self.spec = spec
-        self.broken = False  # a transfer stopped midway: nothing more may be sent
+        self.stream = Stream.IN_STEP
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
         self._progress = time.monotonic()
@@ -166,19 +188,21 @@ class Parasite:
         spec.remove_stale()
         infection = Infection.map(injector, page_size)
         nonces = Nonces.fresh()
+        cure: Callable[[], None] = infection.cure  # the way back from where the start got to
         try:
             infection.write_args(pack_args(spec, nonces, page_size))
-            infection.start()
-            sock = _connect(infection, spec, nonces, netns)
+            thread = infection.start()
+            cure = partial(_stop_thread, thread)
+            sock = _connect(thread, spec, nonces, netns)
         except BaseException as error:
             try:
-                infection.cure(0.0, _open_fds(infection))
+                cure()
             except BaseException as cleanup:
                 raise Uncured(f"{error}; then the parasite could not be removed: {cleanup}", pid=frozen.pid) from error
             finally:
                 spec.remove_stale()
             raise
-        return cls(infection, sock, spec)
+        return cls(thread, sock, spec)
 
     def __enter__(self) -> Parasite:
         return self
@@ -188,7 +212,7 @@ class Parasite:
 
     @property
     def tid(self) -> int:
-        return self.infection.tid
+        return self.thread.tid
 
     @property
     def mapping(self) -> tuple[int, int]:
@@ -197,7 +221,7 @@ class Parasite:
     def cure(self) -> None:
         """End the parasite and remove every trace of it; a parasite that does not answer is stopped by force."""
         ended = False
-        if not self.broken:
+        if self.stream is Stream.IN_STEP:
             try:
                 self._call("end", OP_END)
                 ended = True
@@ -205,7 +229,7 @@ class Parasite:
                 pass  # stopped by force below
         self.sock.close()
         try:
-            self.infection.cure(2.0 if ended else 0.0, _open_fds(self.infection))
+            self.thread.cure(2.0 if ended else 0.0, _open_fds(self.infection))
         finally:
             self.spec.remove_stale()  # left by a parasite stopped by force
 
@@ -224,8 +248,7 @@ class Parasite:
     def request_pages(self, runs: Sequence[tuple[int, int]]) -> None:
         """Ask for the bytes of each (address, length), at most SEND_RUNS; the caller takes them, back to back,
         with recv_into or splice_into."""
-        table = struct.pack(f"<{2 * len(runs)}Q", *(n for run in runs for n in run))
-        self._send_commands(memoryview(CMD.pack(OP_SEND, 0, 0, len(table)) + table))
+        self._send_commands(memoryview(send_command(runs)))
 
     def recv_into(self, view: memoryview) -> None:
         """Fill `view` completely from the parasite."""
@@ -325,7 +348,7 @@ class Parasite:
         except BaseException as e:
             # the parasite now waits for bytes that will never come: nothing
             # else may be sent on this connection, or it would become page data
-            self.broken = True
+            self.stream = Stream.TORN
             self.sock.close()
             if isinstance(e, OSError):
                 raise ParasiteError(f"lost the connection to the parasite: {e.strerror}") from None
@@ -341,7 +364,7 @@ class Parasite:
 
     def _stalled(self) -> None:
         """Nothing moved for STALL seconds: the parasite may have been stopped, or died."""
-        if not self.infection.keep_running():
+        if not self.thread.keep_running():
             raise ParasiteError("the parasite exited unexpectedly")
         if time.monotonic() - self._progress > IO_TIMEOUT:
             raise ParasiteError("the parasite stopped answering")
@@ -366,7 +389,7 @@ class Parasite:
         self._send_commands(memoryview(self._cmd))
 
     def _send_commands(self, commands: memoryview) -> None:
-        if self.broken:
+        if self.stream is Stream.TORN:
             raise ParasiteError("the connection to the parasite was dropped mid-transfer")
         try:
             self._send_all(commands)
@@ -390,6 +413,11 @@ def _open_fds(infection: Infection) -> tuple[int, ...]:
     return tuple(ARGS_FDS.unpack(infection.read_args(ARGS_FDS.size)))
 
 
+def _stop_thread(thread: BlobThread) -> None:
+    """Cure a parasite that never served: its thread is stopped by force, its descriptors closed."""
+    thread.cure(0.0, _open_fds(thread.infection))
+
+
 def _socket_failure(spec: SocketSpec, step: int, err: int) -> MemcrError:
     """Why the parasite could not make its socket; a group the target lacks for it (-S, -G) is named with the fix."""
     failed = f"the parasite could not {STEP_NAMES.get(step, 'start')} its socket {spec.display}"
@@ -411,16 +439,16 @@ def _group_of(folder: Path) -> int | None:
         return None
 
 
-def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
+def _connect(thread: BlobThread, spec: SocketSpec, nonces: Nonces, netns: bool) -> socket.socket:
     """Wait for the parasite to listen, connect and prove each other."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
-        _, status, step, err = ARGS_STATUS.unpack(infection.read_args(ARGS_STATUS.size))
+        _, status, step, err = ARGS_STATUS.unpack(thread.infection.read_args(ARGS_STATUS.size))
         if status == STATUS_FAILED:
             raise _socket_failure(spec, step, err)
         if status == STATUS_LISTENING:
             break
-        if not infection.keep_running() or time.monotonic() > deadline:
+        if not thread.keep_running() or time.monotonic() > deadline:
             raise ParasiteError("the parasite did not start listening on its socket")
         time.sleep(0.0002)
     sock = _netns_socket(spec.pid) if netns else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -438,7 +466,7 @@ def _connect(infection: Infection, spec: SocketSpec, nonces: Nonces, netns: bool
             ) from None
         except OSError as e:
             raise ParasiteError(f"cannot connect to the parasite at {spec.display}: {e.strerror}") from None
-        handshake = Parasite(infection, sock, spec)
+        handshake = Parasite(thread, sock, spec)
         handshake._send_all(memoryview(nonces.to_parasite))
         proof = bytearray(NONCE_LEN)
         handshake.recv_into(memoryview(proof))

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
 
+from memcr.libc import Iovec
+
 PTRACE_PEEKDATA = 2
 PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
@@ -62,10 +64,6 @@ class ShortRegset(OSError):
 
     A 32-bit (compat) task: its registers come in the 32-bit layout.
     """
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
 @cache
@@ -144,7 +142,7 @@ def set_sigmask(tid: int, mask: int) -> None:
 def get_regs(tid: int, layout: type[R]) -> R:
     """The thread's general-purpose registers. ShortRegset: a 32-bit task's."""
     regs = layout()
-    iov = _Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    iov = Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
     _request(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
     if iov.len != ctypes.sizeof(regs):
         raise ShortRegset(errno.EIO, f"thread {tid} has {iov.len} bytes of registers, not {ctypes.sizeof(regs)}")
@@ -152,21 +150,21 @@ def get_regs(tid: int, layout: type[R]) -> R:
 
 
 def set_regs(tid: int, regs: ctypes.Structure) -> None:
-    iov = _Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    iov = Iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
     _request(PTRACE_SETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
 
 
 def get_regset(tid: int, kind: int, size: int) -> bytes:
     """Up to `size` bytes of another register set (NT_ARM_SVE ...), as the kernel lays it out."""
     buffer = ctypes.create_string_buffer(size)
-    iov = _Iovec(ctypes.addressof(buffer), size)
+    iov = Iovec(ctypes.addressof(buffer), size)
     _request(PTRACE_GETREGSET, tid, kind, ctypes.addressof(iov))
     return buffer.raw[: iov.len]
 
 
 def set_regset(tid: int, kind: int, data: bytes) -> None:
     buffer = ctypes.create_string_buffer(data, len(data))
-    iov = _Iovec(ctypes.addressof(buffer), len(data))
+    iov = Iovec(ctypes.addressof(buffer), len(data))
     _request(PTRACE_SETREGSET, tid, kind, ctypes.addressof(iov))
 
 
@@ -218,6 +216,17 @@ class Stop:
     def signal_delivery(self) -> bool:
         """A signal is about to be delivered: passing it on with cont() delivers it."""
         return self.event == 0 and bool(self.signal) and not self.syscall_stop
+
+    @property
+    def ending(self) -> str:
+        """How an exited thread's process ended, in words: "exited with 3", "killed by SIGKILL"."""
+        if os.WIFSIGNALED(self.status):
+            sig = os.WTERMSIG(self.status)
+            try:
+                return f"killed by {signal.Signals(sig).name}"
+            except ValueError:
+                return f"killed by signal {sig}"
+        return f"exited with {os.WEXITSTATUS(self.status)}"
 
 
 def wait(tid: int) -> Stop:

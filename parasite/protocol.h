@@ -1,7 +1,8 @@
 /*
  * Wire protocol between memcr and its parasite. See README.md beside this
- * file; memcr/parasite.py mirrors these numbers and a test checks that the
- * two agree.
+ * file. memcr/parasite_protocol.py is memcr's side: the build checks every
+ * PARASITE_* number and every field's offset and size against it
+ * (gen_protocol_check.py), and fails on any difference.
  */
 #ifndef MEMCR_PARASITE_PROTOCOL_H
 #define MEMCR_PARASITE_PROTOCOL_H

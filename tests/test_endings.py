@@ -136,7 +136,7 @@ def test_a_parasite_that_cannot_be_taken_out_on_restore_means_a_kill(spawn, libr
     def failing(self, timeout: float, open_fds: object) -> None:
         raise MemcrError("injected: munmap failed")
 
-    monkeypatch.setattr(infect.Infection, "cure", failing)
+    monkeypatch.setattr(infect.BlobThread, "cure", failing)
     with pytest.raises(TargetKilled, match="was killed"):
         handle.restore()
     monkeypatch.undo()

@@ -1,0 +1,136 @@
+"""Seizing every thread of a process, and waiting for a traced thread's stops.
+
+All requests for a tracee must come from the thread that seized it
+(check_tracer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+from memcr import admission, procfs
+from memcr import ptrace_calls as pt
+from memcr.arch import Arch
+from memcr.errors import MemcrError, TargetError, TargetGone
+from memcr.ptrace_calls import Stop
+
+FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT
+SEIZE_ATTEMPTS = 3  # a refusal to seize with no tracer in sight is looked at again this often
+
+
+class Seizing:
+    """The threads held so far while a freeze is under way."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tids: list[int] = []
+        self.stopped = False  # a group stop (SIGSTOP, ...) holds the process
+
+    def seize_all(self) -> None:
+        """Seize and stop every thread; repeat until no new thread appears."""
+        while new := procfs.thread_ids(self.pid) - set(self.tids):
+            seized = [tid for tid in sorted(new) if self._seize(tid)]
+            self.tids += seized
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            for tid in seized:
+                stop = wait_interrupted(self.pid, tid, deadline)
+                if stop is None:
+                    self.tids.remove(tid)
+                elif stop.group_stop:
+                    self.stopped = True
+        if not self.tids:
+            raise TargetGone(f"process {self.pid} exited while being frozen", pid=self.pid)
+
+    def _seize(self, tid: int) -> bool:
+        for attempt in range(SEIZE_ATTEMPTS):
+            try:
+                # no EXITKILL yet: a thread that never stops must not take the process with memcr
+                pt.seize(tid, pt.O_TRACESYSGOOD)
+                pt.interrupt(tid)
+            except ProcessLookupError:
+                return False  # the thread exited between listing and seizing
+            except PermissionError:
+                tracer = int(procfs.read_status(f"{self.pid}/task/{tid}").get("TracerPid", "0"))
+                if tracer:
+                    raise admission.already_traced(self.pid, tid, tracer) from None
+                # another tracer (a second memcr) may have let go between the refusal and the look: only
+                # a refusal without any tracer, again and again, is memcr's own lack of a right
+                if attempt == SEIZE_ATTEMPTS - 1:
+                    raise admission.trace_denied(self.pid) from None
+                time.sleep(0.001)
+            else:
+                return True
+        return False  # not reached: the last attempt returns or raises
+
+    def let_go(self) -> None:
+        for tid in self.tids:
+            with contextlib.suppress(ProcessLookupError):
+                pt.detach(tid)
+
+
+def wait_interrupted(pid: int, tid: int, deadline: float | None = None) -> Stop | None:
+    """Wait for the interrupt stop, passing on signals that come first; None if the thread exited.
+
+    With a deadline, a thread that has not stopped by then (it waits in
+    the kernel for a vfork child or a hung filesystem, where no interrupt
+    reaches it) makes the freeze fail: it stays traced, without EXITKILL,
+    until the tracing thread ends, and then simply runs on.
+    """
+    while True:
+        stop = wait_for(pid, tid) if deadline is None else wait_until(pid, tid, deadline)
+        if stop.exited:
+            return None
+        if stop.interrupt_stop:
+            return stop
+        # a signal-delivery stop came before our interrupt: deliver it
+        pt.cont(tid, stop.signal if stop.signal_delivery else 0)
+        pt.interrupt(tid)
+
+
+def wait_for(pid: int, tid: int) -> Stop:
+    try:
+        return pt.wait(tid)
+    except ChildProcessError:
+        raise TargetGone(f"thread {tid} of process {pid} is gone", pid=pid) from None
+
+
+def wait_until(pid: int, tid: int, deadline: float) -> Stop:
+    pause = 0.00005
+    while True:
+        try:
+            stop = pt.poll(tid)
+        except ChildProcessError:
+            raise TargetGone(f"thread {tid} of process {pid} is gone", pid=pid) from None
+        if stop is not None:
+            return stop
+        if time.monotonic() > deadline:
+            wchan = procfs.wait_channel(pid, tid)
+            raise TargetError(
+                f"thread {tid} of process {pid} did not stop within {FREEZE_TIMEOUT:g} s: it waits "
+                f"in the kernel ({wchan}), for a vfork child or a hung filesystem. Nothing was changed; "
+                "try again later",
+                pid=pid,
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+
+
+def check_word_size(pid: int, tid: int, arch: Arch) -> None:
+    """Refuse a 32-bit (compat) process: its registers, system calls and blobs are another CPU's."""
+    try:
+        pt.get_regs(tid, arch.Regs)
+    except pt.ShortRegset:
+        raise TargetError(
+            f"process {pid} is a 32-bit program: memcr parks {arch.name} programs only", pid=pid, what="compat"
+        ) from None
+    except ProcessLookupError:
+        raise TargetGone(f"process {pid} is gone", pid=pid) from None
+
+
+def check_tracer(owner: int) -> None:
+    """Refuse a ptrace request from a thread other than `owner`, the one that seized: the kernel would
+    refuse it quietly (ESRCH)."""
+    if threading.get_ident() != owner:
+        raise MemcrError("internal error: ptrace request from a thread that is not the tracer")
