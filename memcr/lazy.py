@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import enum
 import errno
-import mmap
 import os
 import select
 import socket
@@ -33,16 +31,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from memcr.codec import FRAME
 from memcr.dump.format import Record
-from memcr.dump.reader import DumpReader, Frame, FramedReader, PlainReader
+from memcr.dump.reader import WHOLE, DumpReader
 from memcr.errors import DumpError, MemcrError, TargetKilled
 from memcr.tracer import RunningProcess
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
 FAULT_PIECE = 256 << 10  # bytes a fault brings in: its neighbours come along, and it stays short
 FILL_PIECE = 1 << 20  # bytes per background copy: 8 restores at once hold 8 MiB of the dump mapped, not 16
-WHOLE = 1 << 62  # a framed dump's piece is one frame: it is decoded whole anyway
 POLL_MS = 1000  # a stop wakes the server through its pipe; this is only a safety net
 
 Log = Callable[[str], None]
@@ -182,66 +178,29 @@ class Source:
     def __init__(self, dump: DumpReader, records: list[Record], page_size: int) -> None:
         self.dump = dump
         self.page_size = page_size
-        self._records = sorted(records, key=lambda r: r.addr)
-        self._base = 0
-        self._size = 0
-        self._frames: list[tuple[int, int, Frame]] = []  # dump address, plain length, frame
-        self._framed = dump if isinstance(dump, FramedReader) else None
-        if isinstance(dump, PlainReader):
-            self._map_plain()
-        elif isinstance(dump, FramedReader):
-            head_len = FRAME.size
-            for record in self._records:
-                for frame in dump.frames(record):
-                    plain_len = FRAME.unpack(frame[0][:head_len])[0]
-                    self._frames.append((frame[3], plain_len, frame))
-
-    def _map_plain(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-        self._size = self.dump.size
-        base = libc.mmap(None, self._size, mmap.PROT_READ, mmap.MAP_SHARED, self.dump.file.fd, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemcrError(f"cannot map the dump {self.dump.path}: {os.strerror(ctypes.get_errno())}")
-        self._base = int(base)
-        self._libc = libc
+        # one frame per record where the dump is plain, one per coded frame
+        self._frames = sorted((f for r in records for f in dump.frames(r, WHOLE)), key=lambda f: f.addr)
+        self._open = contextlib.ExitStack()
+        self._pages = self._open.enter_context(dump.readable(self._frames))
 
     @property
     def fault_piece(self) -> int:
-        return WHOLE if self._framed is not None else FAULT_PIECE
+        return self.dump.copy_size(FAULT_PIECE)
 
     @property
     def fill_piece(self) -> int:
-        return WHOLE if self._framed is not None else FILL_PIECE
+        return self.dump.copy_size(FILL_PIECE)
 
     def pieces(self) -> list[Piece]:
         """One piece per record, or per frame: a copy never takes bytes from two."""
-        if self._framed is not None:
-            return [Piece(addr, addr + length, addr) for addr, length, _ in self._frames]
-        return [Piece(r.addr, r.addr + r.length, r.addr) for r in self._records]
+        return [Piece(f.addr, f.addr + f.length, f.addr) for f in self._frames]
 
     @contextlib.contextmanager
     def bytes_at(self, origin: int, length: int) -> Iterator[int]:
         """The address of `length` dump bytes for the pages at dump address `origin`, checked where the dump can be."""
-        if self._framed is not None:
-            i = bisect.bisect_right(self._frames, origin, key=lambda f: f[0]) - 1
-            addr, plain_len, frame = self._frames[i]
-            if not (addr <= origin and origin + length <= addr + plain_len):
-                raise MemcrError(f"internal error: no frame holds {origin:#x}+{length:#x}")
-            data = self._framed.decode(frame)
-            if isinstance(data, memoryview):
-                data = data.tobytes()
-            buffer = ctypes.c_char_p(data)
-            yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + origin - addr
-            return
-        i = bisect.bisect_right(self._records, origin, key=lambda r: r.addr) - 1
-        record = self._records[i]
-        offset = record.offset + origin - record.addr
-        yield self._base + offset
-        # the page cache stays; memcr's RSS does not count it once its use is over
-        first = offset - offset % self.page_size
-        self._libc.madvise(ctypes.c_void_p(self._base + first), ctypes.c_size_t(offset + length - first), 4)
+        frame = self._frames[bisect.bisect_right(self._frames, origin, key=lambda f: f.addr) - 1]
+        with self._pages.at(frame, origin - frame.addr, length) as address:
+            yield address
 
     def unreadable(self, origin: int, length: int) -> MemcrError:
         """Why UFFDIO_COPY could not read the dump's bytes for `origin` (EFAULT): most likely it was cut short."""
@@ -258,9 +217,7 @@ class Source:
         return MemcrError(f"cannot read the dump's bytes for {origin:#x}+{length:#x}: {os.strerror(errno.EFAULT)}")
 
     def close(self) -> None:
-        if self._base:
-            self._libc.munmap(ctypes.c_void_p(self._base), ctypes.c_size_t(self._size))
-            self._base = 0
+        self._open.close()
 
 
 _GUARD = """
