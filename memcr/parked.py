@@ -20,7 +20,10 @@ from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
-from memcr.lazy import Guardian, LazyRestore, PageServer, Source
+from memcr.lazy.guardian import Guardian
+from memcr.lazy.restore import LazyRestore
+from memcr.lazy.server import PageServer
+from memcr.lazy.source import Source
 from memcr.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.process_vm import Unavailable
 from memcr.procfs import Vma
