@@ -230,8 +230,7 @@ class Parked:
             self._written.update(r.addr for r in later)  # from now on the server writes them
             self._write_back(now)
             self.parasite.cure()
-            if server.error is not None:
-                raise server.error
+            server.check()
             running = self.frozen.resume_traced()  # the last step that may fail: then nothing runs yet
         except BaseException:
             if server is not None:

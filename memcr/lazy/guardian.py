@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import socket
 import subprocess
@@ -35,6 +36,11 @@ while True:  # no end: memcr closing its side must not end this
 DROP_TIMEOUT = 10.0  # seconds the guardian may take to close a copy
 
 
+class Guarding(enum.Enum):
+    HOLDING = "holding"  # the copies it was handed are open in it
+    ENDED = "ended"  # killed by memcr: it holds nothing any more
+
+
 class Guardian:
     """A process holding a copy of each userfaultfd, so none closes before the target is killed.
 
@@ -64,12 +70,12 @@ class Guardian:
         self._lock = threading.Lock()  # hold(), drop() and ring() from the page server, end() from any thread
         self._held: dict[int, int] = {}  # memcr's descriptor -> the place of its copy in the guardian's list
         self._sent = 0
-        self.ended = False
+        self.state = Guarding.HOLDING
 
     def hold(self, fd: int) -> None:
         """Keep `fd` open until the guardian ends or drops it; until then no page reads as zeros for want of it."""
         with self._lock:
-            if not self.ended:
+            if self.state is Guarding.HOLDING:
                 socket.send_fds(self._sock, [b"u"], [fd])
                 self._held[fd] = self._sent
                 self._sent += 1
@@ -78,7 +84,7 @@ class Guardian:
         """Close the guardian's copy of `fd`, and wait until it has: memcr is about to close its own."""
         with self._lock:
             place = self._held.pop(fd, None)
-            if self.ended or place is None:
+            if self.state is Guarding.ENDED or place is None:
                 return
             try:
                 self._sock.send(b"d%d" % place)
@@ -94,14 +100,14 @@ class Guardian:
     def ring(self) -> None:
         """Wake the tracing thread in `RunningProcess.watch`."""
         with self._lock:
-            if not self.ended:
+            if self.state is Guarding.HOLDING:
                 with contextlib.suppress(OSError):  # killed: its exit wakes that thread all the same
                     self._sock.send(b"r")
 
     def end(self) -> None:
         """Kill it (which wakes the tracing thread, should it watch)."""
         with self._lock:
-            self.ended = True
+            self.state = Guarding.ENDED
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             self._sock.close()

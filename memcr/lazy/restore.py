@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from memcr.errors import TargetKilled
-from memcr.lazy.server import PageServer
+from memcr.lazy.server import Failed, PageServer
 from memcr.tracer import RunningProcess
 
 Log = Callable[[str], None]
@@ -60,15 +60,15 @@ class LazyRestore:
         """
         server, running = self.server, self.running
         try:
-            self._watch(lambda: server.target_done or server.error is not None, lambda: not running.threads)
+            self._watch(lambda: server.target_done or server.failed, lambda: not running.threads)
         except BaseException as e:
             server.fail(e)
         self.elapsed_ms = (time.monotonic() - self.started) * 1000
-        if server.error is not None:
+        if isinstance(state := server.state, Failed):
             self._end(kill=True)
             raise TargetKilled(
-                f"pid {self.pid} was killed during its lazy restore: {server.error}", pid=self.pid
-            ) from server.error
+                f"pid {self.pid} was killed during its lazy restore: {state.error}", pid=self.pid
+            ) from state.error
         # the server still reads the target's messages: a thread in fork() waits for that
         running.detach(set(running.threads))
         self.ended = running.ended  # its threads were gone, or went meanwhile
@@ -85,17 +85,17 @@ class LazyRestore:
         them; then let them go. Raises TargetKilled when a page of theirs could not be put back."""
         server, running = self.server, self.running
         try:
-            self._watch(lambda: server.all_done or server.error is not None, lambda: not running.children)
+            self._watch(lambda: server.all_done or server.failed, lambda: not running.children)
         except BaseException as e:
             server.fail(e)
-        killed = sorted(running.children) if server.error is not None else []
-        self._end(kill=server.error is not None)
-        if server.error is not None:
+        killed = sorted(running.children) if server.failed else []
+        self._end(kill=server.failed)
+        if isinstance(state := server.state, Failed):
             raise TargetKilled(
                 f"the processes {', '.join(map(str, killed))}, forked by pid {self.pid} during its lazy restore, "
-                f"were killed: {server.error}",
+                f"were killed: {state.error}",
                 pid=self.pid,
-            ) from server.error
+            ) from state.error
 
     def _watch(self, ready: Callable[[], bool], done: Callable[[], bool]) -> None:
         """Pass the target's stops on until `ready()` (the server rings), or `done()` when a task ended."""

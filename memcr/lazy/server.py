@@ -10,11 +10,12 @@ import select
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from memcr.errors import MemcrError
 from memcr.lazy.guardian import DROP_TIMEOUT, Guardian
 from memcr.lazy.source import Source
-from memcr.lazy.space import Piece, Space
+from memcr.lazy.space import Filling, Piece, Space
 from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
 POLL_MS = 1000  # a stop wakes the server through its pipe; this is only a safety net
@@ -67,6 +68,20 @@ class Outcome(enum.Enum):
     RETRY = 3  # after the target's mapping changes are read: its pages are still to come
 
 
+class Serving:
+    """Pages are being filled (or all are back): nothing failed."""
+
+
+SERVING = Serving()
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A page could not be put back: the target and its children are to be killed."""
+
+    error: BaseException
+
+
 class PageServer:
     """Threads that fill one target's missing pages: those a thread waits for first, then the rest in order.
 
@@ -84,7 +99,7 @@ class PageServer:
         self.own = Space(uffd, source.pieces(), streamed=True)
         self.spaces = [self.own]
         self.faults = 0  # pages a thread of the target waited for
-        self.error: BaseException | None = None
+        self.state: Serving | Failed = SERVING
         self._rung = (False, False)  # target_done, all_done when the guardian last rang
         self._lock = threading.Lock()  # the pieces of every space
         self._shared = _Shared()
@@ -136,7 +151,7 @@ class PageServer:
         """The target's pages are all back: close its userfaultfd (memcr's copies), children's stay served."""
         self._retire.set()
         self._wake()
-        if not self._retired.wait(DROP_TIMEOUT + 5) and self.error is None:
+        if not self._retired.wait(DROP_TIMEOUT + 5) and not self.failed:
             self.fail(MemcrError("internal error: the page server did not let go of the target's userfaultfd"))
 
     def replace_guardian(self) -> None:
@@ -144,7 +159,7 @@ class PageServer:
         guardian = Guardian()
         with self._lock:
             for space in self.spaces:
-                if not space.retired:
+                if space.state is not Filling.RETIRED:
                     guardian.hold(space.uffd.fd)
             old, self.guardian = self.guardian, guardian
         old.end()  # its socket: the process is gone and collected already
@@ -179,10 +194,19 @@ class PageServer:
 
     # -- the threads -----------------------------------------------------------
 
+    @property
+    def failed(self) -> bool:
+        return isinstance(self.state, Failed)
+
+    def check(self) -> None:
+        """Raise what failed the server, if anything did."""
+        if isinstance(state := self.state, Failed):
+            raise state.error
+
     def fail(self, error: BaseException) -> None:
         with self._lock:
-            if self.error is None:
-                self.error = error
+            if not self.failed:
+                self.state = Failed(error)
         self._done.set()
         self.guardian.ring()  # the tracing thread wakes and kills the target
 
@@ -223,11 +247,11 @@ class PageServer:
                 for space in self.spaces:
                     space.streamed = True
                 self._work.notify_all()
-        if self._retire.is_set() and not self.own.retired:
+        if self._retire.is_set() and self.own.state is not Filling.RETIRED:
             # the guardian's copy first: the kernel lets go of the mappings once the last copy is closed
             self.guardian.drop(self.own.uffd.fd)
             with self._lock:
-                self.own.retired = True
+                self.own.state = Filling.RETIRED
             self.own.uffd.close()
             self._retired.set()
 
@@ -279,7 +303,7 @@ class PageServer:
         if code in (errno.EEXIST, errno.ENOENT):
             space.uffd.wake(addr, self.source.page_size)
         elif code == errno.ESRCH:
-            space.gone = True
+            space.exited()
         elif code:
             raise MemcrError(f"cannot map a zero page at {addr:#x}: {os.strerror(code)}")
         return Outcome.DONE
@@ -354,7 +378,7 @@ class PageServer:
                     del space.stuck[addr]
                 return Outcome.DONE
             if code == errno.ESRCH:
-                space.gone = True
+                space.exited()
                 return Outcome.DONE
             if code == errno.EAGAIN:
                 space.put(rest)

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import bisect
+import enum
 from dataclasses import dataclass, field
 
 from memcr.uffd import Userfaultfd
+
+
+class Filling(enum.Enum):
+    """Whether memcr still fills a space."""
+
+    LIVE = "live"
+    GONE = "gone"  # its process exited or exec'd: nothing more to fill
+    RETIRED = "retired"  # every page is back and memcr closed its userfaultfd
 
 
 @dataclass
@@ -27,12 +36,16 @@ class Space:
     # pages a one-page copy found unmapped, and since when: the message of their unmap or move is due,
     # and until it is read they are not given up
     stuck: dict[int, float] = field(default_factory=dict)
-    gone: bool = False  # its process exited or exec'd: nothing more to fill
-    retired: bool = False  # every page is back and memcr closed its userfaultfd
+    state: Filling = Filling.LIVE
 
     @property
     def live(self) -> bool:
-        return not (self.gone or self.retired)
+        return self.state is Filling.LIVE
+
+    def exited(self) -> None:
+        """Its process exited or exec'd: nothing more to fill (a retired space stays retired)."""
+        if self.state is Filling.LIVE:
+            self.state = Filling.GONE
 
     @property
     def complete(self) -> bool:
