@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from memcr import process_vm
@@ -88,13 +88,17 @@ def _window(
         _all([_submit(pool, write, frame) for frame in rest])
 
 
-def _readable(dump: DumpReader, window: list[Frame], first: bool) -> contextlib.AbstractContextManager[Pages]:
-    try:
-        return dump.readable(window)
-    except DumpError as e:
-        if first:
-            raise process_vm.Unavailable(str(e), errno=e.errno) from e
-        raise
+@contextlib.contextmanager
+def _readable(dump: DumpReader, window: list[Frame], first: bool) -> Iterator[Pages]:
+    """The window's pages; a first window that cannot be mapped means this way does not work here."""
+    with contextlib.ExitStack() as stack:
+        try:
+            pages = stack.enter_context(dump.readable(window))
+        except DumpError as e:
+            if first:
+                raise process_vm.Unavailable(str(e), errno=e.errno) from e
+            raise
+        yield pages
 
 
 def _starting(work: Callable[[], None]) -> None:
