@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from memcr import admission, arch, codec, logs, procfs, ptrace_calls, scan
 from memcr.codec import FRAME_PLAIN
 from memcr.dump.format import Group, Record, check_directory
-from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
+from memcr.dump.writer import FramedWriter, PlainWriter, Splice, open_writer
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.infect import check_room
 from memcr.options import Cancel, Log, Options, check_socket_dir
@@ -282,11 +282,10 @@ class _Stream:
         writer, parasite = self.writer, self.parasite
         # everything that may fail on its own (a pipe needs descriptors) before the pages are asked for:
         # once they are, the connection is only usable again after every byte has been read
-        pipe = writer.pipe() if isinstance(writer, PlainWriter) else None
+        splice = writer.pipe()
         ahead = _Requests(parasite, group.runs)
-        if pipe:
-            assert isinstance(writer, PlainWriter)
-            self._splice_from_parasite(writer, group, ahead, *pipe)
+        if splice is not None:
+            self._splice_from_parasite(splice, group, ahead)
             return
         for record in group.runs:
             for offset in range(0, record.length, CHUNK):
@@ -299,17 +298,15 @@ class _Stream:
                     parasite.discard(ahead.outstanding)  # the connection must stay usable for the rollback
                     raise
 
-    def _splice_from_parasite(
-        self, writer: PlainWriter, group: Group, ahead: _Requests, pipe: int, capacity: int
-    ) -> None:
+    def _splice_from_parasite(self, splice: Splice, group: Group, ahead: _Requests) -> None:
         # the runs' bytes come back to back, as the file takes them: one splice may carry many runs
         moved = 0
         while moved < group.length:
-            n = self.parasite.splice_into(pipe, min(capacity, group.length - moved))
+            n = self.parasite.splice_into(splice.fd, min(splice.capacity, group.length - moved))
             moved += n
             ahead.received(n)
             try:
-                writer.write_piped(group, n)
+                splice.take(group, n)
             except BaseException:
                 self.parasite.discard(ahead.outstanding)  # the connection must stay usable for the rollback
                 raise

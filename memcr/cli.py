@@ -33,7 +33,7 @@ from memcr_client.protocol import AddressError, ExitCode
 # engine while idle, and memcr -p no daemon
 if TYPE_CHECKING:
     from memcr.group import Membership
-    from memcr.lazy import LazyRestore
+    from memcr.lazy.restore import LazyRestore
 
 
 class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs

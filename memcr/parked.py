@@ -20,7 +20,10 @@ from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
 from memcr.infect import Injector
-from memcr.lazy import Guardian, LazyRestore, PageServer, Source
+from memcr.lazy.guardian import Guardian
+from memcr.lazy.restore import LazyRestore
+from memcr.lazy.server import PageServer
+from memcr.lazy.source import Source
 from memcr.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.process_vm import Unavailable
 from memcr.procfs import Vma
@@ -227,8 +230,7 @@ class Parked:
             self._written.update(r.addr for r in later)  # from now on the server writes them
             self._write_back(now)
             self.parasite.cure()
-            if server.error is not None:
-                raise server.error
+            server.check()
             running = self.frozen.resume_traced()  # the last step that may fail: then nothing runs yet
         except BaseException:
             if server is not None:

@@ -81,7 +81,7 @@ from memcr_client.protocol import Address as Address  # re-exported: the CLI par
 # needs it, in the function that does: an idle daemon does not hold it (issue #29)
 if TYPE_CHECKING:
     from memcr.group import Membership
-    from memcr.lazy import LazyRestore
+    from memcr.lazy.restore import LazyRestore
     from memcr.parked import Parked
     from memcr.service_group import GroupWorker
 

@@ -3,25 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from memcr import heap, libc
 from memcr.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
 from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
-from memcr.errors import DumpError
+from memcr.errors import DumpError, MemcrError
 
 PIPELINE_DEPTH = 2  # frames being decoded ahead of the one being sent
+WHOLE = 1 << 62  # a size no record reaches: a copy of a coded frame takes it whole, it is decoded whole anyway
 
-Frame = tuple[bytes, int, int, int]  # header, offset and length of the stored bytes, page address
+
+class Frame(NamedTuple):
+    """A stretch of a record's pages stored in one place of the file: a coded frame, or pages as they are."""
+
+    addr: int  # page address of its first byte
+    length: int  # bytes of pages it holds
+    offset: int  # where its stored bytes begin in the file
+    stored: int  # how many bytes of it the file holds (plain: fewer than `length` in a record cut short)
+    header: bytes = b""  # a coded frame's header, checked when it is decoded
 
 
-class DumpReader:
-    """A dump memcr wrote, with the index of its records; owns the open file from here on."""
+class Pages(ABC):
+    """A window of the dump's frames, readable at an address of memcr's while it is open."""
+
+    @abstractmethod
+    def at(self, frame: Frame, start: int, length: int) -> contextlib.AbstractContextManager[int]:
+        """The address of `length` page bytes of `frame` from `start` on, good while the block runs."""
+
+
+class DumpReader(ABC):
+    """A dump memcr wrote, with the index of its records; owns the open file from here on.
+
+    How its pages are stored (plain or in coded frames) stays in here:
+    a consumer walks a record's `frames`, opens a window of them
+    (`readable`) and copies from the addresses it gives.
+    """
 
     def __init__(self, file: DumpFile, header: bytes, records: list[Record], page_bytes: int, finished: bool) -> None:
         self.file = file
@@ -69,9 +94,39 @@ class DumpReader:
         """(descriptor, offset) of the record's pages as they are in the file, if they are stored plain."""
         return None
 
+    @abstractmethod
+    def frames(self, record: Record, size: int) -> Iterator[Frame]:
+        """The record's pages in the stretches a copy takes from one place: plain, at most `size` bytes each;
+        coded, one per frame (whatever `size`).
+
+        A damaged index raises once the frames read so far have been handed out.
+        """
+
+    @abstractmethod
+    def copy_size(self, wanted: int) -> int:
+        """The bytes one copy should take where the caller would take `wanted`: a coded frame goes whole."""
+
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        """Threads the frames are best read on (they decode there), or None: the caller's choice."""
+        return None
+
+    @abstractmethod
+    def windows(self, frames: list[Frame], limit: int) -> list[list[Frame]]:
+        """`frames` (in file order) in runs to open one at a time: no run maps much more than `limit` bytes."""
+
+    @abstractmethod
+    def readable(self, frames: list[Frame]) -> contextlib.AbstractContextManager[Pages]:
+        """The frames' bytes, readable in memcr while the block runs (mapped, or decoded as asked for)."""
+
+    @abstractmethod
+    def decode(self, frame: Frame) -> bytes | memoryview:
+        """A frame's pages, checked; safe from any thread."""
+
     def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         """The record's pages, in order, a frame's worth at a time, each checked before it is yielded."""
-        raise NotImplementedError
+        for frame in self.frames(record, FRAME_PLAIN):
+            yield self.decode(frame)
 
     def _read_exact(self, offset: int, size: int, end: int) -> bytes:
         if offset + size > end:
@@ -86,39 +141,94 @@ class DumpReader:
         return self.file.remove()
 
 
-def _forget(addr: int, length: int) -> None:
-    """Drop mapped dump pages from memcr's RSS (the page cache keeps them); a failure only leaves them counted."""
-    with contextlib.suppress(OSError):
-        libc.madvise(addr, length, mmap.MADV_DONTNEED)
+class _Mapped(Pages):
+    """Frames of a plain dump, mapped read-only from the file offset `low` on."""
+
+    def __init__(self, base: int, low: int) -> None:
+        self._base = base
+        self._low = low
+
+    @contextlib.contextmanager
+    def at(self, frame: Frame, start: int, length: int) -> Iterator[int]:
+        at = self._base + frame.offset - self._low + start
+        try:
+            yield at
+        finally:
+            # the page cache stays; memcr's RSS does not count it once its use is over
+            first = at - at % mmap.PAGESIZE
+            with contextlib.suppress(OSError):  # only a hint: a failure leaves the pages counted
+                libc.madvise(first, at + length - first, mmap.MADV_DONTNEED)
+
+
+class _Nothing(Pages):
+    """No frames: nothing to read."""
+
+    def at(self, frame: Frame, start: int, length: int) -> contextlib.AbstractContextManager[int]:
+        raise MemcrError(f"internal error: no frame holds {frame.addr + start:#x}+{length:#x}")
 
 
 class PlainReader(DumpReader):
-    @contextlib.contextmanager
-    def mapped(self, offset: int, length: int) -> Iterator[tuple[int, Callable[[int, int], None]]]:
-        """(address, done) of the file's bytes from `offset` (page-aligned), mapped read-only while the block runs.
+    """Pages as they are: a copy reads them from a mapping of the file."""
 
-        done(address, length) unmaps the pages of a piece once it is used,
-        so that the mapping never counts much of the dump's page cache in
-        memcr's RSS.
-        """
+    def file_span(self, record: Record) -> tuple[int, int] | None:
+        return self.file.fd, record.offset
+
+    def frames(self, record: Record, size: int) -> Iterator[Frame]:
+        for at in range(0, record.length, size):
+            length = min(size, record.length - at)
+            yield Frame(record.addr + at, length, record.offset + at, max(0, min(length, record.stored - at)))
+
+    def copy_size(self, wanted: int) -> int:
+        return wanted
+
+    def windows(self, frames: list[Frame], limit: int) -> list[list[Frame]]:
+        windows: list[list[Frame]] = [[]]
+        for frame in frames:
+            current = windows[-1]
+            if current and frame.offset + frame.length - current[0].offset > limit:
+                windows.append(current := [])
+            current.append(frame)
+        return windows
+
+    @contextlib.contextmanager
+    def readable(self, frames: list[Frame]) -> Iterator[Pages]:
+        """Mapped read-only; each piece's pages are unmapped once used (`Pages.at`), so that the mapping
+        never counts much of the dump's page cache in memcr's RSS."""
+        if not frames:
+            yield _Nothing()
+            return
+        low = min(f.offset for f in frames)  # a record's payload starts on a page boundary of the file
+        length = max(f.offset + f.length for f in frames) - low
         try:
-            base = libc.mmap(length, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, offset)
+            base = libc.mmap(length, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fd, low)
         except OSError as e:
             raise DumpError(
                 f"cannot map the dump {self.path}: {e.strerror}", path=str(self.path), errno=e.errno
             ) from None
         try:
-            yield base, _forget
+            yield _Mapped(base, low)
         finally:
             libc.munmap(base, length)
 
-    def file_span(self, record: Record) -> tuple[int, int] | None:
-        return self.file.fd, record.offset
+    def decode(self, frame: Frame) -> bytes | memoryview:
+        return self._read_exact(frame.offset, frame.length, frame.offset + frame.stored)
 
-    def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
-        end = record.offset + record.stored
-        for offset in range(0, record.length, FRAME_PLAIN):
-            yield self._read_exact(record.offset + offset, min(FRAME_PLAIN, record.length - offset), end)
+
+class _Decoded(Pages):
+    """Frames of a coded dump, each decoded when asked for."""
+
+    def __init__(self, dump: FramedReader) -> None:
+        self._dump = dump
+
+    @contextlib.contextmanager
+    def at(self, frame: Frame, start: int, length: int) -> Iterator[int]:
+        if not 0 <= start <= start + length <= frame.length:
+            raise MemcrError(f"internal error: no frame holds {frame.addr + start:#x}+{length:#x}")
+        data = self._dump.decode(frame)
+        if isinstance(data, memoryview):
+            data = data.tobytes()  # ctypes gives the address of bytes, not of a view
+        buffer = ctypes.c_char_p(data)
+        yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + start
 
 
 class FramedReader(DumpReader):
@@ -138,7 +248,7 @@ class FramedReader(DumpReader):
 
     def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         decoding: deque[Future[bytes | memoryview]] = deque()
-        for frame in self.frames(record):
+        for frame in self.frames(record, FRAME_PLAIN):
             decoding.append(self._pool.submit(self.decode, frame))
             if len(decoding) > PIPELINE_DEPTH:
                 yield decoding.popleft().result()
@@ -150,11 +260,7 @@ class FramedReader(DumpReader):
         heap.release()  # the frame buffers
         return super().remove()
 
-    def frames(self, record: Record) -> Iterator[Frame]:
-        """Where each frame of the record is: (header, offset and length of its stored bytes, page address).
-
-        A damaged index raises once the frames read so far have been handed out.
-        """
+    def frames(self, record: Record, size: int) -> Iterator[Frame]:
         offset, end, done = record.offset, record.offset + record.stored, 0
         head_len = FRAME.size + self.codec.digest_len
         while done < record.length:
@@ -162,14 +268,22 @@ class FramedReader(DumpReader):
             plain_len, stored_len, _ = self.codec.parse_header(head)
             if offset + head_len + stored_len > end or done + plain_len > record.length:
                 break
-            yield head, offset + head_len, stored_len, record.addr + done
+            yield Frame(record.addr + done, plain_len, offset + head_len, stored_len, head)
             done += plain_len
             offset += head_len + stored_len
         if done != record.length or offset != end:
             raise self._damaged(f"has a damaged record at offset {record.offset}")
 
+    def copy_size(self, wanted: int) -> int:
+        return WHOLE
+
+    def windows(self, frames: list[Frame], limit: int) -> list[list[Frame]]:
+        return [frames]  # nothing is mapped
+
+    @contextlib.contextmanager
+    def readable(self, frames: list[Frame]) -> Iterator[Pages]:
+        yield _Decoded(self)
+
     def decode(self, frame: Frame) -> bytes | memoryview:
-        """A frame's pages, checked; safe from any thread."""
-        head, offset, stored_len, addr = frame
-        stored = self._read_exact(offset, stored_len, offset + stored_len)
-        return self.codec.decode(head, stored, addr)
+        stored = self._read_exact(frame.offset, frame.stored, frame.offset + frame.stored)
+        return self.codec.decode(frame.header, stored, frame.addr)

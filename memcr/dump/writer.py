@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from memcr import heap
 from memcr.codec import FRAME_PLAIN, Coding, FrameCodec, coding_pool
@@ -65,6 +66,10 @@ class Writer:
     def flush(self) -> None:
         """Write everything still on its way to the file."""
 
+    def pipe(self) -> Splice | None:
+        """A pipe into the file, for pages spliced from a socket; None where they must come through memcr."""
+        return None
+
     def finish(self) -> DumpReader:
         """Write the end record; the dump is complete and is read back from here on."""
         self.flush()
@@ -81,6 +86,18 @@ class Writer:
     def close(self) -> str | None:
         """Give up the dump altogether (nothing was dropped); why it could not be deleted, or None."""
         return self.file.remove()
+
+
+class Splice(NamedTuple):
+    """A pipe into a plain dump: pages spliced into `fd` reach the file with `take`."""
+
+    writer: PlainWriter
+    fd: int
+    capacity: int
+
+    def take(self, group: Group, length: int) -> None:
+        """Append the next `length` bytes of the group's pages, waiting in the pipe."""
+        self.writer.write_piped(group, length)
 
 
 class PlainWriter(Writer):
@@ -121,8 +138,8 @@ class PlainWriter(Writer):
         group.ended = True
         self._finish_group(group)
 
-    def pipe(self) -> tuple[int, int] | None:
-        """(write end, capacity) of a pipe into the file, for write_piped.
+    def pipe(self) -> Splice | None:
+        """A pipe into the file (its write end, its capacity), whose bytes `write_piped` takes on.
 
         Pages can be spliced from the parasite's socket into it and on into
         the page cache: they never enter this process, one copy of the
@@ -137,7 +154,7 @@ class PlainWriter(Writer):
             self._splices = self._takes_splice(read_end, write_end)
             if not self._splices:
                 self._close_pipe()
-        return None if self._pipe is None else (self._pipe[1], self._pipe[2])
+        return None if self._pipe is None else Splice(self, self._pipe[1], self._pipe[2])
 
     def _takes_splice(self, read_end: int, write_end: int) -> bool:
         """Since Linux 5.10 a filesystem without splice_write (jffs2 on some kernels) refuses spliced writes."""
