@@ -3,18 +3,12 @@
 The accept loop accepts and keeps each connection in its selector until
 its first bytes arrive: an idle connection costs a descriptor and no
 thread, so a flood of them delays no request. A connection with bytes to
-read gets a short-lived thread that reads the request in any of its three
-forms (memcr_client.protocol: v1, Thunder's 12 bytes, Dobby's V2), with a
-time limit so that a slow client stalls nobody, and hands it to the
-target's worker. Each
+read gets a short-lived thread that reads the request
+(memcr.service.requests) and hands it to the target's worker. Each
 checkpointed target has one worker thread: it seized the target, so by the
 ptrace rule it is the only thread that may touch it, and it lives until
 the target is released. A process tree or a cgroup (V2 options 1000 and
-1001) has a GroupWorker instead (memcr.service_group).
-
-Under systemd the listening socket may come from a .socket unit (socket
-activation: LISTEN_FDS and LISTEN_PID, the socket on fd 3); -l must then
-name the same socket.
+1001) has a GroupWorker instead (memcr.service.group_worker).
 """
 
 from __future__ import annotations
@@ -22,60 +16,39 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import os
 import queue
 import resource
 import selectors
 import signal
 import socket
-import stat
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memcr import accounts, heap, logs, procfs
+from memcr import heap, logs, procfs
 from memcr.advice import explain
-from memcr.cgroup import Cgroup
-from memcr.dump.format import check_directory
 from memcr.errors import (
     Aborted,
     ClientRefused,
-    Folder,
     LimitError,
     MemcrError,
-    MissingFolders,
     StorageError,
     TargetError,
     TargetGone,
     TargetKilled,
-    UsageError,
 )
-from memcr.options import Cancel, Log, Options, check_socket_dir, check_socket_folder
-from memcr.peer import UNKNOWN, Peer, Policy, Scope
+from memcr.options import Cancel, Log, Options, check_socket_dir
 from memcr.report import GroupReport, Report, error_json
-from memcr_client.protocol import (
-    CMD_CHECKPOINT,
-    CMD_RESTORE,
-    CMDS_V2,
-    REQUEST,
-    TIMED_REQUEST,
-    Answer,
-    Compression,
-    ProtocolError,
-    Request,
-    decode_request,
-    decode_timed_request,
-    decode_v2_length,
-    decode_v2_payload,
-    encode_answer,
-)
-from memcr_client.protocol import Address as Address  # re-exported: the CLI parses -l with it
+from memcr.service.listener import Listener, listen, socket_folder
+from memcr.service.paths import check_request_cgroup, check_request_directory
+from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
+from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
+from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
 # needs it, in the function that does: an idle daemon does not hold it (issue #29)
@@ -83,11 +56,9 @@ if TYPE_CHECKING:
     from memcr.group import Membership
     from memcr.lazy import LazyRestore
     from memcr.parked import Parked
-    from memcr.service_group import GroupWorker
+    from memcr.service.group_worker import GroupWorker
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
-# for a connection's first bytes to arrive after its accept, then again for all of its request
-REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 256  # connections read or answered at once, each by its thread
 # Idle connections (nothing sent yet) kept at most, and at most this share of
 # the descriptors: the oldest goes when a new one comes, so that new clients
@@ -96,292 +67,8 @@ MAX_IDLE = 4096
 IDLE_SHARE = 2
 POLL = 0.2
 ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
-LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
-FOLDER_MODE = 0o755  # a socket folder memcr makes: anyone may reach the socket, whose own mode decides
-GROUP_FOLDER_MODE = 0o750  # with -g: only that group may reach it
-
-
-class Listener:
-    """The listening socket and the files made for it: close() removes the socket file and those folders.
-
-    `inherited`: systemd's socket (socket activation), whose file is not memcr's to remove.
-    """
-
-    def __init__(self, sock: socket.socket, log: Log, path: Path | None = None, made: list[Path] | None = None,
-                 inherited: bool = False) -> None:  # fmt: skip
-        self.sock = sock
-        self.log = log
-        self.path = path
-        self.made = made or []  # folders created for the socket, outermost first
-        self.inherited = inherited
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def accept(self) -> tuple[socket.socket, object]:
-        return self.sock.accept()
-
-    def close(self) -> None:
-        self.sock.close()
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        _remove_folders(self.made, self.log)
-
-
-def listen(address: Address, gid: int | None, log: Log, parasites: Path | None = None) -> Listener:
-    """Listen on `address`, or take systemd's socket for it; a UNIX socket's missing folders are made (and logged).
-
-    `parasites` is the parasites' folder (-S), for the advice when memcr may not make its socket's.
-    """
-    inherited = inherited_socket(log)
-    if inherited is not None:
-        try:
-            _check_inherited(inherited, address)
-        except BaseException:
-            inherited.close()
-            raise
-        if gid is not None:
-            log(f"-g {gid} left to systemd: the socket's group and mode are its SocketGroup= and SocketMode=")
-        return Listener(inherited, log, inherited=True)  # no path: systemd keeps its file for the next start
-    if address.path is None:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address.host, address.port))
-            sock.listen(128)
-        except OSError as e:
-            sock.close()
-            raise StorageError(f"cannot listen on {address}: {e.strerror}", errno=e.errno) from None
-        return Listener(sock, log)
-    made = _socket_folder(address.path.parent, gid, log, parasites)
-    try:
-        sock = _unix_listener(address.path, gid)
-    except BaseException:
-        _remove_folders(made, log)
-        raise
-    return Listener(sock, log, address.path, made)
-
-
-def inherited_socket(log: Log) -> socket.socket | None:
-    """The listening socket systemd passed (LISTEN_PID, LISTEN_FDS, fd 3), or None when it passed none.
-
-    As sd_listen_fds() does, the variables count only when LISTEN_PID is
-    this process, and they are removed so that nothing memcr starts takes
-    them for its own.
-    """
-    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    if pid is None or count is None:
-        return None
-    if pid != str(os.getpid()):
-        log(f"ignored LISTEN_FDS: they are for process {pid}, not memcr ({os.getpid()})")
-        return None
-    if count != "1":
-        raise StorageError(
-            f"systemd passed {count} sockets (LISTEN_FDS): memcr serves one, so give its .socket unit "
-            "exactly one ListenStream="
-        )
-    try:
-        sock = socket.socket(fileno=LISTEN_FDS_START)  # family and type read from the descriptor
-    except OSError as e:
-        raise StorageError(
-            f"LISTEN_FDS names descriptor {LISTEN_FDS_START}, which is no socket: {e.strerror}", errno=e.errno
-        ) from None
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if sock.type != socket.SOCK_STREAM or not listening:
-            raise StorageError(
-                f"systemd's socket (descriptor {LISTEN_FDS_START}) is not a listening stream socket: "
-                "memcr needs ListenStream=, with Accept=no"
-            )
-        sock.set_inheritable(False)
-    except BaseException:
-        sock.detach()  # leave the descriptor as found: it is systemd's
-        raise
-    return sock
-
-
-def _check_inherited(sock: socket.socket, address: Address) -> None:
-    """systemd's socket must be the one -l names: a mismatch is a misconfiguration, not a choice."""
-    name = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        passed = name if isinstance(name, str) else os.fsdecode(name)
-        if address.path is None or os.path.abspath(address.path) != passed:
-            raise StorageError(
-                f"systemd passed the socket {passed or '(unnamed)'} but -l says {address}: "
-                "make the .socket unit's ListenStream= and -l name the same socket"
-            )
-        return
-    host, port = name[0], name[1]
-    if address.path is not None or port != address.port:
-        raise StorageError(
-            f"systemd passed a socket on TCP port {port} but -l says {address}: "
-            "make the .socket unit's ListenStream= and -l name the same socket"
-        )
-    try:
-        wanted = ipaddress.ip_address(address.host)
-    except ValueError:
-        return  # a host name: the kernel only knows the address it resolved to
-    passed_ip = ipaddress.ip_address(host.split("%")[0])
-    if passed_ip != wanted:
-        raise StorageError(
-            f"systemd's socket listens on {host} port {port} but -l says {address}: anyone who reaches "
-            f"{host} could freeze or kill processes; write ListenStream={address} (or -l {host}:{port} "
-            "if that is meant)"
-        )
-
-
-def socket_folder(folder: Path, gid: int | None, parasites: Path | None) -> Folder:
-    """The daemon socket's folder as an administrator makes it for memcr: as memcr makes it, and passable by
-    everyone when it holds the parasites' folder, which the targets' users reach through it."""
-    folder = Path(os.path.abspath(folder))  # the administrator's command runs in another folder
-    mode = FOLDER_MODE if gid is None else GROUP_FOLDER_MODE
-    if parasites is not None and folder in parasites.parents:
-        mode |= 0o001
-    return Folder(folder, os.geteuid(), gid, mode)
-
-
-def _socket_folder(folder: Path, gid: int | None, log: Log, parasites: Path | None) -> list[Path]:
-    """Make the socket's folder if it is missing; refuse one that would not protect the socket.
-
-    Missing folders are made as `mkdir -p` does, intermediate ones with the
-    same mode: 0755, or with -g 0750 and group GID, so that the clients of
-    that group can reach the socket and nobody else can. Only the socket's
-    own folder is checked, made or not. Returns the folders made, outermost
-    first.
-    """
-    missing = []
-    probe = folder
-    while not os.path.lexists(probe):
-        missing.append(probe)
-        probe = probe.parent
-    mode = FOLDER_MODE if gid is None else GROUP_FOLDER_MODE
-    made: list[Path] = []
-    try:
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, mode)
-            except FileExistsError:
-                continue  # made meanwhile by someone else: the check below judges it
-            except OSError as e:
-                failed = f"cannot create the folder {path} for the socket: {e.strerror}"
-                if e.errno in (errno.EACCES, errno.EPERM):
-                    raise MissingFolders(
-                        f"{failed}: memcr's user {accounts.user_name(os.geteuid())} may not write in {path.parent}",
-                        [socket_folder(folder, gid, parasites)],
-                        path=path,
-                        errno=e.errno,
-                    ) from None
-                raise StorageError(failed, path=path, errno=e.errno) from None
-            made.append(path)
-            _settle_folder(path, mode, gid)
-        if made:
-            folders = "the folder" if len(made) == 1 else "the folders"
-            group = f", group {gid}" if gid is not None else ""
-            log(f"created {folders} {', '.join(map(str, made))} for the socket (mode {mode:04o}{group})")
-        check_socket_folder(folder, f"the socket's folder {folder}", "-l")
-    except BaseException:
-        _remove_folders(made, log)
-        raise
-    return made
-
-
-def _settle_folder(path: Path, mode: int, gid: int | None) -> None:
-    """Give a folder just made its exact mode (mkdir applied the umask) and group."""
-    try:
-        # through a descriptor of the folder itself: a symlink swapped in meanwhile is refused, not followed
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise StorageError(f"the folder {path} memcr just made changed under it: {e.strerror}", path=path) from None
-    try:
-        if gid is not None:
-            _give_group(fd, gid, f"it cannot give the folder {path} that group (-g)")
-        os.fchmod(fd, mode)
-    except OSError as e:
-        raise StorageError(
-            f"cannot give the folder {path} group {gid} and mode {mode:04o}: {e.strerror}", path=path, errno=e.errno
-        ) from None
-    finally:
-        os.close(fd)
-
-
-def _remove_folders(made: list[Path], log: Log) -> None:
-    """Remove the folders memcr made for its socket, innermost first, as long as they are empty."""
-    for path in reversed(made):
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            log(f"kept the folder {path}: {e.strerror}")  # something else was put in it: not memcr's to remove
-            return
-        log(f"removed the folder {path}")
-
-
-def _give_group(file: int | Path, gid: int, consequence: str) -> None:
-    """chown to group `gid`; refused to memcr outside that group, as the error says (RightsError)."""
-    try:
-        if isinstance(file, Path):
-            os.chown(file, -1, gid, follow_symlinks=False)
-        else:
-            os.fchown(file, -1, gid)
-    except PermissionError:
-        if not accounts.in_group(gid):
-            raise accounts.not_in_group(gid, consequence) from None
-        raise
-
-
-def _unix_listener(path: Path, gid: int | None) -> socket.socket:
-    _remove_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if gid is not None:
-            # the unbound socket's mode becomes the file's: nobody outside
-            # the group can connect between bind() and chown()
-            os.fchmod(sock.fileno(), 0o660)
-        sock.bind(str(path))
-    except OSError as e:
-        sock.close()
-        raise StorageError(f"cannot create the socket {path}: {e.strerror}", path=path, errno=e.errno) from None
-    try:
-        if gid is not None:
-            _give_group(path, gid, f"it cannot give its socket {path} that group (-g)")
-            os.chmod(path, 0o660)  # bind() applied the umask
-        sock.listen(128)
-    except BaseException as error:
-        sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # this start made it: a failed start leaves no socket file behind
-        if isinstance(error, OSError):
-            raise StorageError(
-                f"cannot set up the socket {path}: {error.strerror}", path=path, errno=error.errno
-            ) from None
-        raise
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    """Replace a socket file nobody listens on; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StorageError(f"{path} exists and is not a socket: remove it or choose another -l path", path=path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        os.unlink(path)  # stale: left by a daemon that died
-        return
-    finally:
-        probe.close()
-    raise StorageError(f"another daemon listens on {path}: stop it or choose another -l path", path=path)
 
 
 Reply = Callable[[int], None]
@@ -811,13 +498,13 @@ class Service:
             with conn:
                 peer = Peer.of(conn, address)
                 try:
-                    request = _read_request(conn)
+                    request = read_request(conn)
                 except Refusal as e:
                     self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
                     if e.answer:
-                        _send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
+                        send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
                     return
-                self.log(f"{peer} asks: {_asked(request)}")
+                self.log(f"{peer} asks: {asked(request)}")
                 self.reason.text = None
                 try:
                     code = self.dispatch(request, peer)
@@ -828,7 +515,7 @@ class Service:
                 reason = None
                 if request.reason:
                     reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"
-                _send(conn, code, reason)
+                send(conn, code, reason)
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
@@ -1005,7 +692,7 @@ class Service:
     def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         from memcr.group import CgroupMembers, Tree
-        from memcr.service_group import GroupWorker
+        from memcr.service.group_worker import GroupWorker
 
         pid = request.pid
         membership: Membership = Tree(pid)
@@ -1069,191 +756,9 @@ class Service:
             group.claimed &= keep
 
 
-def check_request_cgroup(text: str) -> Cgroup:
-    """A cgroup a client named: in the cgroup v2 hierarchy by its plain path, as --cgroup takes it.
-
-    Relative to the v2 mount or absolute under it; a ".." is refused rather
-    than resolved, and so is a control character, which no log line may
-    carry. The checks of --cgroup follow: it exists, is a cgroup and not
-    the root one.
-    """
-    shown = _shown(text)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise UsageError(f"the cgroup {shown} has a control character in it", path=text, what="cgroup")
-    path = Path(text)
-    if ".." in path.parts:
-        raise UsageError(f"the cgroup {shown} has a '..' in it: give its plain path", path=text, what="cgroup")
-    mount = procfs.cgroup2_mount()
-    if path.is_absolute() and mount is not None and mount not in path.parents:
-        raise UsageError(f"the cgroup {shown} is not under the cgroup v2 mount {mount}", path=text, what="cgroup")
-    return Cgroup.find(text, label=f"the cgroup {shown}")
-
-
-def check_request_directory(text: str) -> Path:
-    """A dump directory a client named: -d's checks, and none of the folders on its way a trap.
-
-    The client is not memcr's user, so memcr must not follow it somewhere
-    else: the path must be absolute, without symlinks or "..", and every
-    folder on it, the directory included, must belong to root or memcr's
-    user and be writable by nobody else, unless sticky (as /tmp is): else
-    its owner or its writers could swap a folder for a symlink between this
-    check and the dump's creation, or remove the dump of a parked target.
-    """
-    path, shown = Path(text), _shown(text)
-    if not path.is_absolute():
-        raise StorageError(f"the dump directory {shown} is not an absolute path", path=text, what="dump-dir")
-    if ".." in path.parts:
-        raise StorageError(f"the dump directory {shown} has a '..' in it: give its plain path", path=text)
-    folder = Path(path.anchor)
-    _check_dump_folder(folder, os.lstat(folder), text)
-    for name in path.parts[1:]:
-        folder /= name
-        where = _shown(folder)
-        try:
-            st = os.lstat(folder)
-        except OSError as e:
-            raise StorageError(f"dump directory {shown}: {where}: {e.strerror}", path=text, errno=e.errno) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise StorageError(
-                f"dump directory {shown}: {where} is a symlink, which memcr does not follow for a client: "
-                f"give the real path ({_shown(os.path.realpath(path))})",
-                path=text,
-            )
-        if not stat.S_ISDIR(st.st_mode):
-            raise StorageError(f"dump directory {shown}: {where} is not a directory", path=text, errno=errno.ENOTDIR)
-        _check_dump_folder(folder, st, text)
-    check_directory(path)  # -d's own checks: a directory, writable
-    return path
-
-
-def _check_dump_folder(folder: Path, st: os.stat_result, text: str) -> None:
-    shown, where = _shown(text), _shown(folder)
-    if st.st_uid not in (0, os.geteuid()):
-        raise StorageError(
-            f"dump directory {shown}: {where} belongs to {accounts.user(st.st_uid)}, who could swap what is in it: "
-            "use folders owned by root or by memcr's user",
-            path=text,
-        )
-    others = stat.S_IWGRP | stat.S_IWOTH
-    if st.st_mode & others and not st.st_mode & stat.S_ISVTX:
-        raise StorageError(
-            f"dump directory {shown}: {where} is writable by users other than its owner "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}), who could swap what is in it: "
-            f"take that right away (chmod go-w {where}) or make it sticky (chmod +t {where})",
-            path=text,
-        )
-
-
-def _shown(value: object) -> str:
-    """A client's path as the log shows it: quoted (a newline in it cannot start a line of its own), and short."""
-    text = repr(str(value))
-    return text if len(text) <= 300 else text[:290] + "...'"
-
-
 def _free_descriptors() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft - procfs.descriptor_count()
-
-
-class Refusal(Exception):
-    """Bytes on a connection that are no request: why, and whether the client still gets -1."""
-
-    def __init__(self, reason: str, answer: bool) -> None:
-        super().__init__(reason)
-        self.answer = answer  # False: nothing the client could read (it left, or sent too little to be one)
-
-
-def _read_request(conn: socket.socket) -> Request:
-    """One request in any of the three forms, all of it within REQUEST_TIMEOUT; Refusal otherwise.
-
-    The first 8 bytes decide: a V2 header (102, length), else a v1 request,
-    or the 12-byte form when more bytes came with them (its sender writes
-    all 12 at once; a v1 client sends 8 and waits, so nothing more is waited
-    for). Bytes beyond the request are refused: one request per connection.
-    """
-    deadline = time.monotonic() + REQUEST_TIMEOUT
-    head = _receive(conn, REQUEST.size, deadline)
-    if len(head) < REQUEST.size:
-        raise Refusal(f"no complete request ({len(head)} of {REQUEST.size} bytes)", answer=False)
-    if REQUEST.unpack(head)[0] == CMDS_V2:
-        try:
-            length = decode_v2_length(head)
-        except ProtocolError as e:
-            raise Refusal(f"V2 request: {e}", answer=True) from None
-        payload = _receive(conn, length, deadline)
-        if len(payload) < length:
-            raise Refusal(f"V2 request: its payload stopped after {len(payload)} of {length} bytes", answer=True)
-        _refuse_more(conn, "V2 request")
-        try:
-            return decode_v2_payload(payload)
-        except ProtocolError as e:
-            raise Refusal(f"V2 request: {e}", answer=True) from None
-    more = TIMED_REQUEST.size - REQUEST.size
-    rest = _arrived(conn, more)
-    if not rest:
-        return decode_request(head)  # v1: the client sent 8 bytes and waits for its answer
-    if len(rest) < more:  # the 12-byte form has begun: it has the rest of the time to end
-        rest += _receive(conn, more - len(rest), deadline)
-        if len(rest) < more:
-            raise Refusal(f"no complete request ({REQUEST.size + len(rest)} bytes, neither 8 nor 12)", answer=True)
-    _refuse_more(conn, "request")
-    try:
-        return decode_timed_request(head + rest)
-    except ProtocolError as e:
-        raise Refusal(str(e), answer=True) from None
-
-
-def _receive(conn: socket.socket, size: int, deadline: float) -> bytes:
-    """Up to `size` bytes, fewer if the client stops sending, hangs up or the deadline passes."""
-    data = b""
-    try:
-        while len(data) < size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            conn.settimeout(left)
-            piece = conn.recv(size - len(data))
-            if not piece:
-                break
-            data += piece
-    except OSError:
-        pass  # a timeout, a reset: what came is all there is, and the caller judges it
-    finally:
-        conn.settimeout(REQUEST_TIMEOUT)
-    return data
-
-
-def _arrived(conn: socket.socket, size: int, flags: int = 0) -> bytes:
-    """Up to `size` bytes already waiting, without waiting for any: b"" when none are, or the client is gone."""
-    conn.setblocking(False)  # MSG_DONTWAIT alone would wait, under a timeout
-    try:
-        return conn.recv(size, flags)
-    except OSError:
-        return b""
-    finally:
-        conn.settimeout(REQUEST_TIMEOUT)
-
-
-def _refuse_more(conn: socket.socket, what: str) -> None:
-    """Refuse bytes already waiting beyond the request: more than one request's worth is not this protocol."""
-    if _arrived(conn, 1, socket.MSG_PEEK):
-        raise Refusal(f"more bytes after the {what}: one request per connection", answer=True)
-
-
-def _asked(request: Request) -> str:
-    """A request as the log shows it."""
-    verbs: dict[int, str] = {CMD_CHECKPOINT: "checkpoint", CMD_RESTORE: "restore"}
-    verb = verbs.get(request.cmd, f"command {request.cmd}")
-    if request.cgroup is not None:
-        what = f"the cgroup {_shown(request.cgroup)} of pid"
-    else:
-        what = "the tree of pid" if request.tree else "pid"
-    return f"{verb} {what} {request.pid} ({request.dialect.value})"
-
-
-def _send(conn: socket.socket, code: int, reason: str | None = None) -> None:
-    with contextlib.suppress(OSError):  # the client may have gone: the operation stands
-        conn.sendall(encode_answer(code, reason))
 
 
 def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,

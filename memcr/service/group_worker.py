@@ -31,7 +31,7 @@ from memcr.report import error_json
 from memcr_client.protocol import Answer
 
 if TYPE_CHECKING:
-    from memcr.service import Service
+    from memcr.service.daemon import Service
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 POLL = 1.0  # seconds between looks at whether the parked members still live
