@@ -2,5 +2,6 @@
 
 listener: its socket; requests: a request off a connection, and its
 answer; paths: what a client names, checked; peer: who asks, and what it
-may have done; group_worker: a tree or a cgroup parked.
+may have done; jobs: one target from its checkpoint to its restore, one
+pid (pid_target) or a group (group_target).
 """

@@ -4,16 +4,15 @@ The accept loop accepts and keeps each connection in its selector until
 its first bytes arrive: an idle connection costs a descriptor and no
 thread, so a flood of them delays no request. A connection with bytes to
 read gets a short-lived thread that reads the request
-(memcr.service.requests) and hands it to the target's worker. Each
-checkpointed target has one worker thread: it seized the target, so by the
-ptrace rule it is the only thread that may touch it, and it lives until
-the target is released. A process tree or a cgroup (V2 options 1000 and
-1001) has a GroupWorker instead (memcr.service.group_worker).
+(memcr.service.requests) and hands it to the target's job. Each
+checkpointed target, one pid or a group (a process tree or a cgroup, V2
+options 1000 and 1001), has one job (memcr.service.jobs) from its
+checkpoint to its restore; the daemon keeps the registry of which pid is
+whose.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import os
@@ -31,22 +30,14 @@ from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from memcr import heap, logs, procfs
-from memcr.advice import explain
-from memcr.errors import (
-    Aborted,
-    ClientRefused,
-    LimitError,
-    MemcrError,
-    StorageError,
-    TargetError,
-    TargetGone,
-    TargetKilled,
-)
-from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.report import GroupReport, Report, error_json
+from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, TargetError
+from memcr.options import Log, Options, check_socket_dir
+from memcr.report import GroupReport, Report
+from memcr.service.jobs import Job
 from memcr.service.listener import Listener, listen, socket_folder
 from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
+from memcr.service.pid_target import Pid
 from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
@@ -55,8 +46,7 @@ from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, 
 if TYPE_CHECKING:
     from memcr.group import Membership
     from memcr.lazy import LazyRestore
-    from memcr.parked import Parked
-    from memcr.service.group_worker import GroupWorker
+    from memcr.service.group_target import Group
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 MAX_CONNECTIONS = 256  # connections read or answered at once, each by its thread
@@ -69,264 +59,6 @@ POLL = 0.2
 ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
-
-
-Reply = Callable[[int], None]
-
-
-class Worker(threading.Thread):
-    """One target from seize to release; the only thread that touches it.
-
-    `options` and `timeout` are the daemon's, or what the checkpoint's
-    request made of them (a V2 dump directory or compression, a 12-byte
-    time limit). `seized` runs once every thread of the target is held, and
-    may refuse it before anything in it changes.
-    """
-
-    def __init__(self, service: Service, pid: int, options: Options, timeout: float | None,
-                 seized: Callable[[], None]) -> None:  # fmt: skip
-        super().__init__(name=f"memcr-{pid}", daemon=True)
-        self.service = service
-        self.pid = pid
-        self.options = options
-        self.timeout = timeout
-        self.seized = seized
-        self.cancel = Cancel()  # of the checkpoint, until it has ended
-        self.state = "checkpointing"
-        self.lock = threading.Lock()  # guards state against requests handed over meanwhile
-        self.checkpointed = threading.Event()  # set when the checkpoint has ended, well or not
-        self.checkpoint_code = ERROR
-        self.checkpoint_error: MemcrError | None = None  # why it failed, when it did
-        self.failure: str | None = None  # the line logged about the last failure: a V2 client's reason (1003)
-        # set (under `lock`) when the client was answered -1 at the time limit while the checkpoint still ran:
-        # a checkpoint that ends well after that is rolled back, since the client was told it failed
-        self.expired = False
-        self.decided = False  # set (under `lock`) once a successful checkpoint has looked at `expired`
-        # each restore request: who gets the answer (None at shutdown), its time limit, and whether lazily
-        # (None: as the daemon's --lazy says)
-        self.requests: queue.Queue[tuple[Reply | None, float | None, bool | None]] = queue.Queue()
-        self.restore_asked = False
-
-    def run(self) -> None:
-        timer = self._deadline()
-        parked = None
-        try:
-            from memcr.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
-
-            parked = checkpoint(self.pid, self.options, self.service.log, self.cancel, seized=self.seized)
-            with self.lock:
-                expired = self.expired
-                self.decided = True  # from here on expire() comes too late: the checkpoint's own answer stands
-            if expired:
-                # it ended between the client's -1 and the cancel taking effect: the -1 must stay true
-                late, parked = parked, None
-                late.rollback(Aborted(f"the checkpoint of pid {self.pid} took longer than {self.timeout:g} s"))
-                raise Aborted(f"took longer than its time limit of {self.timeout:g} s; rolled back", pid=self.pid)
-            self.checkpoint_code = OK
-        except TargetError as e:
-            self.checkpoint_code = INVALID_PID
-            self.checkpoint_error = e
-        except MemcrError as e:
-            self.checkpoint_error = e
-        except Exception:
-            self.failure = f"pid {self.pid}: internal error during checkpoint (the daemon's log has its traceback)"
-            logs.error(self.service.log, f"pid {self.pid}: internal error during checkpoint:\n{traceback.format_exc()}")
-        finally:
-            if timer:
-                timer.cancel()
-        if parked is None:
-            with self.lock:
-                self.decided = True  # a failure's own answer (-2, or -1 with its reason) stands from here on
-            self._leave()  # before waking anyone: a later RESTORE must find nothing
-            if self.checkpoint_error is not None:
-                # after leaving: a client that reads this line (or was answered at its limit) and asks again
-                # finds the pid free, not still "checkpointed"
-                self._note("checkpoint", self.checkpoint_error)
-            self.checkpointed.set()
-            return
-        self.state = "checkpointed"
-        self.service.log(f"pid {self.pid} checkpointed ({parked.report.pages} pages)")
-        self.service.report(parked.report, "checkpoint")
-        self.checkpointed.set()
-        try:
-            self._serve_restore(parked)
-        except BaseException:
-            # a target must not stay parked with nobody left to serve it
-            logs.error(self.service.log, f"pid {self.pid}: internal error while parked:\n{traceback.format_exc()}")
-            with contextlib.suppress(Exception):
-                parked.restore()
-            self._leave()
-
-    def _deadline(self) -> threading.Timer | None:
-        if not self.timeout:
-            return None
-        timer = threading.Timer(self.timeout, self.abort)
-        timer.daemon = True
-        timer.start()
-        return timer
-
-    def abort(self) -> None:
-        """Roll back the checkpoint if it is still under way (from any thread)."""
-        self.cancel.cancel()
-
-    def expire(self) -> bool:
-        """At the client's time limit: True when the checkpoint still runs, and is now bound to roll back.
-
-        The client is answered -1 at once: the rollback of a large target
-        takes long, and a client with a time limit (Thunder's) has gone by
-        the time it ends. False when the checkpoint has ended: its own
-        answer stands.
-        """
-        with self.lock:
-            if self.decided or self.checkpointed.is_set():
-                return False
-            self.expired = True
-        self.abort()
-        return True
-
-    def _note(self, operation: str, error: MemcrError) -> None:
-        self.failure = f"pid {self.pid}: {operation} failed: {explain(error)}"
-        logs.error(self.service.log, self.failure)
-        if self.service.json_reports:
-            logs.report(self.service.log, error_json(self.pid, operation, error, options=self.options.reported()))
-
-    def _serve_restore(self, parked: Parked) -> None:
-        while True:
-            try:
-                reply, limit, lazy = self.requests.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if self._target_died():
-                    self._leave()
-                    logs.error(self.service.log, f"pid {self.pid} died while checkpointed: forgotten")
-                    parked.close_dead()
-                    return
-        with self.lock:
-            self.state = "restoring"
-        why = "as its request asks" if lazy is not None else "the daemon's default"
-        lazy = self.service.options.lazy if lazy is None else lazy
-        self.service.log(f"restoring pid {self.pid} {'lazily' if lazy else 'eagerly'} ({why})")
-        code, started = OK, time.monotonic()
-        phase: LazyRestore | None = None
-        try:
-            phase = parked.restore(lazy=lazy)
-            elapsed = time.monotonic() - started
-            if phase is None:
-                self.service.log(f"pid {self.pid} restored in {elapsed * 1000:.0f} ms")
-                self.service.report(parked.report, "restore")
-            else:
-                self.service.log(f"pid {self.pid} runs again after {elapsed * 1000:.0f} ms; its pages come back lazily")
-            # of a lazy restore, the time limit bounds the wake-up: that is what the answer is about
-            if limit and elapsed > limit:
-                self.failure = f"pid {self.pid}: restore took longer than its time limit of {limit:g} s (it completed)"
-                logs.error(self.service.log, self.failure)
-                code = ERROR
-        except MemcrError as e:
-            self._note("restore", e)
-            code = ERROR
-        except Exception:
-            self.failure = f"pid {self.pid}: internal error during restore (the daemon's log has its traceback)"
-            logs.error(self.service.log, f"pid {self.pid}: internal error during restore:\n{traceback.format_exc()}")
-            code = ERROR
-        if phase is None:
-            self.service.remove_worker(self)
-            if reply:
-                reply(code)
-            return
-        # the target runs again, which is what the client waits for; its pages follow on this thread, the
-        # tracing one, and until they are all back the pid stays listed: a CHECKPOINT or another RESTORE of
-        # it meanwhile is answered -2
-        if reply:
-            reply(code)
-        self._finish_lazily(parked, phase)
-        self.service.remove_worker(self)
-
-    def _finish_lazily(self, parked: Parked, phase: LazyRestore) -> None:
-        """Watch the running target until every page is back, and log how that went; the client has its answer.
-
-        Children it forked meanwhile are served after that, until each exits
-        or execs; the pid is free for new requests by then.
-        """
-        try:
-            phase.finish()
-        except TargetKilled as e:
-            self._lazy_failed(e)
-            return
-        except Exception:
-            trace = traceback.format_exc()
-            logs.error(self.service.log, f"pid {self.pid}: internal error during its lazy restore:\n{trace}")
-            return
-        if phase.ended:
-            self.service.log(
-                f"pid {self.pid} ended during its lazy restore ({phase.ended}), {phase.elapsed_ms:.0f} ms after "
-                "the wake-up, not by memcr's hand"
-            )
-        else:
-            self.service.log(
-                f"pid {self.pid}: lazy restore complete in {phase.elapsed_ms:.0f} ms ({phase.faults} faults)"
-            )
-        self.service.report(parked.report, "restore")
-        if not phase.lingering:
-            return
-        children = ", ".join(map(str, sorted(phase.running.children)))
-        self.service.log(
-            f"pid {self.pid} forked {children} during its lazy restore: their missing pages are served as they "
-            "touch them, until each exits or execs"
-        )
-        self.service.linger(self, phase)
-        try:
-            phase.finish_children()
-        except TargetKilled as e:
-            self._lazy_failed(e)
-        except Exception:
-            trace = traceback.format_exc()
-            logs.error(self.service.log, f"pid {self.pid}: internal error serving its children:\n{trace}")
-        else:
-            self.service.log(f"pid {self.pid}: let go of the processes it forked during its lazy restore")
-        finally:
-            self.service.unlinger(self)
-
-    def _lazy_failed(self, error: TargetKilled) -> None:
-        logs.error(
-            self.service.log,
-            f"pid {self.pid}: restore failed during its lazy phase, after the client was answered "
-            f"that it runs again: {explain(error)}",
-        )
-        if self.service.json_reports:
-            logs.report(self.service.log, error_json(self.pid, "restore", error, options=self.options.reported()))
-
-    def _leave(self) -> None:
-        """Stop taking requests; answer any that came in meanwhile."""
-        with self.lock:
-            self.state = "gone"
-        self.service.remove_worker(self)
-        while not self.requests.empty():
-            reply, _, _ = self.requests.get()
-            if reply:
-                reply(INVALID_PID)
-
-    def _target_died(self) -> bool:
-        try:
-            return not procfs.alive(self.pid)
-        except OSError:
-            return False  # out of descriptors, say: it may well be alive, look again later
-
-    def restore(self, reply: Reply | None, limit: float | None = None, lazy: bool | None = None) -> bool:
-        """Queue the restore (during a checkpoint, abort it first); False if too late.
-
-        A restore that takes longer than `limit` seconds is answered -1; it
-        cannot be stopped halfway, so the target is restored all the same.
-        `lazy` (None: the daemon's --lazy): answer once the target runs
-        again, and put its pages back after (-1 then means the wake-up took
-        longer than `limit`).
-        """
-        with self.lock:
-            if self.state in ("restoring", "gone") or self.restore_asked:
-                return False  # one restore per checkpoint (its lazy phase included): a second gets -2
-            self.restore_asked = True
-            self.abort()
-            self.requests.put((reply, limit, lazy))
-            return True
 
 
 class _Reason(threading.local):
@@ -347,9 +79,9 @@ class Service:
         self.timeout = timeout
         self.json_reports = json_reports
         self.policy = Policy(scope)
-        self.workers: dict[int, Worker] = {}
-        self.lingering: dict[Worker, LazyRestore] = {}  # serving the children a target forked in its lazy phase
-        self.groups: dict[int, GroupWorker] = {}  # every pid a group claimed, and its id
+        self.workers: dict[int, Job[Pid]] = {}  # each pid parked on its own
+        self.lingering: dict[Job[Pid], LazyRestore] = {}  # serving the children a target forked in its lazy phase
+        self.groups: dict[int, Job[Group]] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
         # the accept loop's own: accepted, nothing to read yet (address, accepted at), oldest first; then
         # bytes to read, waiting for a thread
@@ -370,28 +102,28 @@ class Service:
         if self.json_reports:
             logs.report(self.log, report.json(event))
 
-    def remove_worker(self, worker: Worker) -> None:
+    def remove_worker(self, worker: Job[Pid]) -> None:
         with self.lock:
             if self.workers.get(worker.pid) is worker:
                 del self.workers[worker.pid]
 
-    def linger(self, worker: Worker, phase: LazyRestore) -> None:
-        """The target is back; its worker serves the children it forked meanwhile, and its pid is free."""
+    def linger(self, job: Job[Any], phase: LazyRestore) -> None:
+        """The target is back; its job serves the children it forked meanwhile, and its pid is free."""
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the lingering: none is missed
-            self.lingering[worker] = phase
-            if self.workers.get(worker.pid) is worker:
-                del self.workers[worker.pid]
+            self.lingering[job] = phase
+            if self.workers.get(job.pid) is job:
+                del self.workers[job.pid]
             stopping = self.stop.is_set()
         if stopping:
             phase.server.stream_children()
 
-    def unlinger(self, worker: Worker) -> None:
+    def unlinger(self, job: Job[Any]) -> None:
         with self.lock:
-            self.lingering.pop(worker, None)
+            self.lingering.pop(job, None)
 
     def serve(self) -> None:
-        heap.tune(arenas=1)  # idle worker threads stay cheap
+        heap.tune(arenas=1)  # idle job threads stay cheap
         parasites = self.options.socket_dir
         if parasites is not None:
             # now, not at the first checkpoint of a daemon that would fail every one; a missing folder with the
@@ -576,7 +308,7 @@ class Service:
         """`pid` and, when it is in a group the daemon parks, every other member: a restore wakes them all."""
         with self.lock:
             group = self.groups.get(pid)
-            return set(group.claimed) if group is not None else {pid}
+            return set(group.target.claimed) if group is not None else {pid}
 
     def _time_limit(self, request: Request) -> float | None:
         """The -t limit, or the 12-byte request's own when that is shorter: both were asked for."""
@@ -605,6 +337,7 @@ class Service:
         """
         # a little before the limit: the client counts it from before its request left, and gives up at once
         deadline = None if not limit or answer_by is None else answer_by + limit - min(ANSWER_MARGIN, limit / 10)
+        worker: Job[Pid]
         with self.lock:
             # under the lock _shutdown takes to list the workers: none is started unlisted
             if self.stop.is_set():
@@ -616,7 +349,8 @@ class Service:
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            worker = self.workers[pid] = Worker(self, pid, options, limit, seized)
+            target = Pid(pid, seized, forget=lambda: self.remove_worker(worker))
+            worker = self.workers[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
             worker.start()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not worker.checkpointed.wait(left) and worker.expire():
@@ -627,23 +361,30 @@ class Service:
                 "the target is being rolled back and runs on intact"
             )
             return ERROR
-        worker.checkpointed.wait()
-        if worker.checkpoint_code != OK:
-            self.reason.text = worker.failure or self.reason.text
-        return worker.checkpoint_code
+        return self._checkpointed(worker)
+
+    def _checkpointed(self, job: Job[Any]) -> int:
+        """The answer to a checkpoint (or a park) once it has ended."""
+        job.checkpointed.wait()
+        if job.checkpoint_code != OK:
+            self.reason.text = job.failure or self.reason.text
+        return job.checkpoint_code
 
     def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
         """Restore `pid` (or wake its group); `lazy` None: as the daemon's --lazy says."""
         with self.lock:
             worker = self.workers.get(pid)
             group = self.groups.get(pid)
+        answer: queue.Queue[int] = queue.Queue(1)
         if group is not None:
             if lazy:
                 # a parked group has no lazy phase (as with `memcr --tree --lazy`): the request still wakes it,
                 # eagerly, rather than leave it parked
                 self.log(f"restoring {group} eagerly: a group's restore is never lazy (option 1002 ignored)")
-            return group.wake(limit)
-        answer: queue.Queue[int] = queue.Queue(1)
+            if not group.restore(answer.put, limit):  # during the park: aborts it
+                self.refuse(f"answered -2 to a restore of {group}: it is being restored already")
+                return INVALID_PID
+            return self._restored(group, answer)
         if worker is None or not worker.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
             if worker is not None and worker.restore_asked:
                 self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
@@ -652,37 +393,28 @@ class Service:
             else:
                 self.refuse(f"answered -2 to the restore of pid {pid}: it is being restored already")
             return INVALID_PID
-        worker.checkpointed.wait()
-        if worker.checkpoint_code != OK:
-            # the aborted checkpoint rolled back, and the target runs intact, unless it was killed or died
-            if isinstance(worker.checkpoint_error, TargetKilled):
-                self.reason.text = worker.failure
-                return ERROR
-            if isinstance(worker.checkpoint_error, TargetGone):
-                self.reason.text = worker.failure
-                return INVALID_PID
-            return OK
-        code = answer.get()
+        return self._restored(worker, answer)
+
+    def _restored(self, job: Job[Any], answer: queue.Queue[int]) -> int:
+        """The answer to a restore once the job has carried it out, or aborted the checkpoint, which rolled back."""
+        job.checkpointed.wait()
+        ok = job.checkpoint_code == OK
+        code = answer.get() if ok else job.target.aborted(job.checkpoint_error)
         if code != OK:
-            self.reason.text = worker.failure  # set before the answer was put: the queue orders them
+            self.reason.text = job.failure  # set before the answer was put: the queue orders them
         return code
 
     def _shutdown(self) -> None:
         """Restore every target and group (kill only those whose restore fails), then wait for all."""
         with self.lock:
-            workers = list(self.workers.values())
-            groups = set(self.groups.values())
+            jobs: set[Job[Any]] = {*self.workers.values(), *self.groups.values()}
             lingering = dict(self.lingering)
-        for worker in workers:
-            worker.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
-        for group in groups:
-            group.restore(None)
+        for job in jobs:
+            job.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
         for phase in lingering.values():
             phase.server.stream_children()  # their pages all go back now, so that memcr can let go of them
-        for worker in [*workers, *lingering]:
-            worker.join()
-        for group in groups:
-            group.join()
+        for job in [*jobs, *lingering]:
+            job.join()
         # every request that reached the daemon gets its answer before it exits
         with self.lock:
             connections = list(self.connections)
@@ -692,7 +424,7 @@ class Service:
     def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         from memcr.group import CgroupMembers, Tree
-        from memcr.service.group_worker import GroupWorker
+        from memcr.service.group_target import Group
 
         pid = request.pid
         membership: Membership = Tree(pid)
@@ -708,7 +440,15 @@ class Service:
         except MemcrError as e:
             self.refuse(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
             return INVALID_PID if isinstance(e, TargetError) else ERROR
-        group = GroupWorker(self, pid, membership, options, limit, vet=lambda pids: self.policy.vet(peer, pids))
+        group: Job[Group]
+        target = Group(
+            pid,
+            membership,
+            vet=lambda pids: self.policy.vet(peer, pids),
+            claim=lambda pids: self.claim(group, pids),
+            release=lambda keep: self.release(group, keep),
+        )
+        group = Job(self, target, options, limit, name=f"memcr-group-{pid}")
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
             if self.stop.is_set():
@@ -719,12 +459,9 @@ class Service:
                 return INVALID_PID
             self.groups[pid] = group
             group.start()
-        group.checkpointed.wait()
-        if group.checkpoint_code != OK:
-            self.reason.text = group.failure or self.reason.text
-        return group.checkpoint_code
+        return self._checkpointed(group)
 
-    def claim(self, group: GroupWorker, pids: set[int]) -> None:
+    def claim(self, group: Job[Group], pids: set[int]) -> None:
         """Register `pids` as `group`'s, or none of them: a pid is parked once, and each needs its descriptors.
 
         Raises TargetError for a pid the daemon parks already (on its own or
@@ -733,27 +470,28 @@ class Service:
         """
         with self.lock:
             for pid in sorted(pids):
-                other = self.workers.get(pid) or self.groups.get(pid)
+                if pid in self.workers:
+                    raise TargetError(f"process {pid} is already checkpointed", pid=pid)
+                other = self.groups.get(pid)
                 if other is not None and other is not group:
-                    where = "" if isinstance(other, Worker) else f" in {other}"
-                    raise TargetError(f"process {pid} is already checkpointed{where}", pid=pid)
-            members = len(group.claimed | pids)
+                    raise TargetError(f"process {pid} is already checkpointed in {other}", pid=pid)
+            members = len(group.target.claimed | pids)
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT * members:
                 raise LimitError(
                     f"only {free} file descriptors are left (RLIMIT_NOFILE) for {members} processes, "
                     f"each needing {DESCRIPTORS_PER_CHECKPOINT}",
                     what="descriptors",
                 )
-            group.claimed |= pids
+            group.target.claimed |= pids
             self.groups.update(dict.fromkeys(pids, group))
 
-    def release(self, group: GroupWorker, keep: AbstractSet[int] = frozenset()) -> None:
+    def release(self, group: Job[Group], keep: AbstractSet[int] = frozenset()) -> None:
         """Forget the pids `group` claimed, but those in `keep`."""
         with self.lock:
-            for pid in group.claimed - keep:
+            for pid in group.target.claimed - keep:
                 if self.groups.get(pid) is group:
                     del self.groups[pid]
-            group.claimed &= keep
+            group.target.claimed &= keep
 
 
 def _free_descriptors() -> int:
