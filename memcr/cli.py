@@ -25,9 +25,9 @@ from memcr.harden import harden, raise_descriptor_limit
 from memcr.interrupts import Interrupts
 from memcr.logs import Level, Logger, write
 from memcr.options import Cancel, Options
-from memcr.peer import Scope
 from memcr.report import Report, error_json, rate
-from memcr_client.protocol import AddressError, ExitCode
+from memcr.service.peer import Scope
+from memcr_client.protocol import Address, AddressError, ExitCode
 
 # Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
 # engine while idle, and memcr -p no daemon
@@ -250,10 +250,10 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
     for path, size in remove_orphans(dump_dir):
         log(f"removed {path} ({size} bytes): the dump of a memcr that was killed (its target was killed with it)")
     if listen is not None:
-        from memcr import service
+        from memcr.service import daemon
 
         scope = Scope(client_scope or Scope.ANY.value)
-        service.run(service.Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
+        daemon.run(Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
         from memcr.group import CgroupMembers
 

@@ -24,7 +24,7 @@ import pytest
 
 from memcr.codec import COMPRESSORS
 from memcr.dump.format import HEADER
-from memcr.service import MAX_CONNECTIONS
+from memcr.service.daemon import MAX_CONNECTIONS
 from memcr_client import Client
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, Lines, activation, memcr_argv, reap, stop

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from memcr import cli, service
+from memcr import cli
 from memcr.codec import CIPHERS, DEFAULT_CIPHER
 from memcr.errors import EXIT_MEANINGS, UsageError
 from memcr.logs import Level, Logger
 from memcr.options import Options
-from memcr.peer import Scope
+from memcr.service import daemon
+from memcr.service.peer import Scope
 
 
 @pytest.mark.parametrize(
@@ -70,7 +71,7 @@ def memcr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -
     monkeypatch.setattr(
         cli, "interactive", lambda pid, options, wait, log: runs.append(("interactive", pid, options, wait, log))
     )
-    monkeypatch.setattr(service, "run", lambda *args, **kwargs: runs.append(("service", *args)))
+    monkeypatch.setattr(daemon, "run", lambda *args, **kwargs: runs.append(("service", *args)))
 
     def run(*argv: object) -> Outcome:
         runs.clear()

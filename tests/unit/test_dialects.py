@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from memcr import service
 from memcr.codec import Coding
 from memcr.errors import StorageError
+from memcr.options import Options
+from memcr.service import listener, paths, requests
+from memcr.service.daemon import Service
 from memcr_client import Client, Compression, Dialect, MemcrClientError, ProtocolError
 from memcr_client import cli as client_cli
 from memcr_client.protocol import (
@@ -307,11 +309,11 @@ def test_cli_entry_point_version_and_failure(tmp_path: Path) -> None:
 # -- what the daemon reads -------------------------------------------------------
 
 
-def read_after(*pieces: bytes, gap: float = 0.0, close: bool = False) -> tuple[Request | service.Refusal, float]:
-    """What service._read_request makes of `pieces` written with `gap` seconds between them, and how long it took."""
+def read_after(*pieces: bytes, gap: float = 0.0, close: bool = False) -> tuple[Request | requests.Refusal, float]:
+    """What requests.read_request makes of `pieces` written with `gap` seconds between them, and how long it took."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        theirs.settimeout(service.REQUEST_TIMEOUT)
+        theirs.settimeout(requests.REQUEST_TIMEOUT)
 
         def write() -> None:
             for i, piece in enumerate(pieces):
@@ -325,8 +327,8 @@ def read_after(*pieces: bytes, gap: float = 0.0, close: bool = False) -> tuple[R
         started = time.monotonic()
         writer.start()
         try:
-            result: Request | service.Refusal = service._read_request(theirs)
-        except service.Refusal as e:
+            result: Request | requests.Refusal = requests.read_request(theirs)
+        except requests.Refusal as e:
             result = e
         elapsed = time.monotonic() - started
         writer.join(10)
@@ -353,7 +355,7 @@ def test_a_12_byte_form_split_after_8_bytes_is_v1() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.sendall(i32(CHECKPOINT, 42))
-        request = service._read_request(theirs)
+        request = requests.read_request(theirs)
         ours.sendall(i32(900))  # too late: the request was v1, without a time limit
     assert request == Request(CHECKPOINT, 42, Dialect.V1)
 
@@ -399,15 +401,15 @@ def test_daemon_reads_a_restore_sent_as_v2() -> None:
 )
 def test_daemon_refuses(pieces: list[bytes], close: bool, reason: str, answer: bool) -> None:
     refusal, _ = read_after(*pieces, close=close)
-    assert isinstance(refusal, service.Refusal), refusal
+    assert isinstance(refusal, requests.Refusal), refusal
     assert reason in str(refusal)
     assert refusal.answer is answer
 
 
 def test_a_silent_client_is_dropped_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(requests, "REQUEST_TIMEOUT", 0.3)
     refusal, elapsed = read_after(i32(102, 20), i32(CHECKPOINT))  # then says nothing more, and stays
-    assert isinstance(refusal, service.Refusal)
+    assert isinstance(refusal, requests.Refusal)
     assert "stopped after 4 of 20 bytes" in str(refusal)
     assert elapsed < 2
 
@@ -420,14 +422,14 @@ def test_a_silent_client_is_dropped_in_time(monkeypatch: pytest.MonkeyPatch) -> 
     [(None, None, None), (None, 0, None), (None, 1500, 1.5), (10.0, None, 10.0), (10.0, 1500, 1.5), (1.0, 5000, 1.0)],
 )
 def test_time_limit_is_the_shorter(daemon: float | None, request_ms: int | None, limit: float | None) -> None:
-    svc = service.Service(Address(port=1), service.Options(), print, timeout=daemon)
+    svc = Service(Address(port=1), Options(), print, timeout=daemon)
     assert svc._time_limit(Request(CHECKPOINT, 5, Dialect.TIMED, timeout_ms=request_ms)) == limit
 
 
 def test_v2_options_replace_the_daemon_s(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o700)
-    options = service.Options(coding=Coding(compress="lz4", checksum=True))
-    svc = service.Service(Address(port=1), options, print)
+    options = Options(coding=Coding(compress="lz4", checksum=True))
+    svc = Service(Address(port=1), options, print)
     made = svc._options(Request(CHECKPOINT, 5, Dialect.V2, dump_dir=str(tmp_path), compression=Compression.NONE))
     assert made.dump_dir == tmp_path
     assert (made.coding.compress, made.coding.checksum) == (None, True)  # none means none; -c stays
@@ -439,15 +441,15 @@ def test_v2_options_replace_the_daemon_s(tmp_path: Path) -> None:
 
 def refused_dir(text: str) -> str:
     with pytest.raises(StorageError) as refused:
-        service.check_request_directory(text)
+        paths.check_request_directory(text)
     return str(refused.value)
 
 
 def test_request_directory_plain(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o700)
-    assert service.check_request_directory(str(tmp_path)) == tmp_path
-    assert service.check_request_directory(str(tmp_path) + "/") == tmp_path
-    assert service.check_request_directory("/tmp") == Path("/tmp")  # sticky: others cannot swap what is memcr's
+    assert paths.check_request_directory(str(tmp_path)) == tmp_path
+    assert paths.check_request_directory(str(tmp_path) + "/") == tmp_path
+    assert paths.check_request_directory("/tmp") == Path("/tmp")  # sticky: others cannot swap what is memcr's
 
 
 def test_request_directory_traps(tmp_path: Path) -> None:
@@ -470,7 +472,7 @@ def test_request_directory_traps(tmp_path: Path) -> None:
     assert "mode 0777" in refused_dir(str(open_dir))
     assert "chmod go-w" in refused_dir(f"{open_dir}/inner")  # whoever may write open/ could swap inner
     os.chmod(open_dir, 0o1777)
-    assert service.check_request_directory(f"{open_dir}/inner") == open_dir / "inner"
+    assert paths.check_request_directory(f"{open_dir}/inner") == open_dir / "inner"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a folder owned by another user")
@@ -494,30 +496,30 @@ def listening_unix(path: Path) -> socket.socket:
 
 def test_systemd_socket_must_be_the_one_l_names(tmp_path: Path) -> None:
     with listening_unix(tmp_path / "a.sock") as sock:
-        service._check_inherited(sock, Address.parse(str(tmp_path / "a.sock")))
+        listener._check_inherited(sock, Address.parse(str(tmp_path / "a.sock")))
         with pytest.raises(StorageError, match="ListenStream= and -l name the same socket"):
-            service._check_inherited(sock, Address.parse(str(tmp_path / "b.sock")))
+            listener._check_inherited(sock, Address.parse(str(tmp_path / "b.sock")))
         with pytest.raises(StorageError, match=r"-l says 127\.0\.0\.1:9000"):
-            service._check_inherited(sock, Address.parse("9000"))
+            listener._check_inherited(sock, Address.parse("9000"))
     with socket.socket() as tcp:
         tcp.bind(("0.0.0.0", 0))
         tcp.listen(1)
         port = tcp.getsockname()[1]
         with pytest.raises(StorageError, match=f"write ListenStream=127.0.0.1:{port}"):
-            service._check_inherited(tcp, Address.parse(str(port)))  # every interface where -l means loopback
-        service._check_inherited(tcp, Address.parse(f"0.0.0.0:{port}"))
+            listener._check_inherited(tcp, Address.parse(str(port)))  # every interface where -l means loopback
+        listener._check_inherited(tcp, Address.parse(f"0.0.0.0:{port}"))
         with pytest.raises(StorageError, match=f"TCP port {port}"):
-            service._check_inherited(tcp, Address.parse(str(port + 1 if port < 65535 else port - 1)))
+            listener._check_inherited(tcp, Address.parse(str(port + 1 if port < 65535 else port - 1)))
 
 
 def test_listen_variables_for_another_process_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     logged: list[str] = []
     monkeypatch.setenv("LISTEN_PID", "1")
     monkeypatch.setenv("LISTEN_FDS", "1")
-    assert service.inherited_socket(logged.append) is None
+    assert listener.inherited_socket(logged.append) is None
     assert logged == [f"ignored LISTEN_FDS: they are for process 1, not memcr ({os.getpid()})"]
     assert "LISTEN_FDS" not in os.environ  # not passed on, as sd_listen_fds(1) does
-    assert service.inherited_socket(logged.append) is None  # nothing set: nothing said
+    assert listener.inherited_socket(logged.append) is None  # nothing set: nothing said
     assert len(logged) == 1
 
 
@@ -525,12 +527,12 @@ def test_listen_variables_of_two_sockets_are_refused(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     monkeypatch.setenv("LISTEN_FDS", "2")
     with pytest.raises(StorageError, match="exactly one ListenStream="):
-        service.inherited_socket(print)
+        listener.inherited_socket(print)
 
 
 def test_a_client_path_cannot_forge_log_lines() -> None:
     """A newline in a client's dump directory must not start a line of its own in the daemon's log."""
     forged = '/nonexistent\nmemcr: pid 1 restored\n{"event":"restore","pid":1}'
     with pytest.raises(StorageError) as caught:
-        service.check_request_directory(forged)
+        paths.check_request_directory(forged)
     assert "\n" not in str(caught.value)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from memcr import procfs, service
+from memcr import procfs
 from memcr.errors import UsageError
+from memcr.service import paths
 from memcr_client import Client, Dialect, ProtocolError
 from memcr_client.protocol import (
     PATH_MAX_V2,
@@ -173,7 +174,7 @@ def test_cli_group_usage_errors(
 )
 def test_a_client_s_cgroup_path_is_plain(text: str, reason: str) -> None:
     with pytest.raises(UsageError) as refused:
-        service.check_request_cgroup(text)
+        paths.check_request_cgroup(text)
     assert reason in str(refused.value)
     assert "\n" not in str(refused.value)  # quoted: no line of the log is the client's
 
@@ -181,6 +182,6 @@ def test_a_client_s_cgroup_path_is_plain(text: str, reason: str) -> None:
 @pytest.mark.skipif(procfs.cgroup2_mount() is None, reason="no cgroup v2 hierarchy mounted")
 def test_a_client_s_cgroup_is_under_the_mount() -> None:
     with pytest.raises(UsageError, match="is not under the cgroup v2 mount"):
-        service.check_request_cgroup("/tmp")
+        paths.check_request_cgroup("/tmp")
     with pytest.raises(UsageError, match="the root cgroup holds every process"):
-        service.check_request_cgroup(".")
+        paths.check_request_cgroup(".")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from memcr import service
+from memcr.options import Options
+from memcr.service.daemon import Service
 from memcr_client import Answer, Client, Dialect, ProtocolError
-from memcr_client.protocol import Command, Option, Request, decode_v2_payload, encode_v2_request
+from memcr_client.protocol import Address, Command, Option, Request, decode_v2_payload, encode_v2_request
 from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
 
 if sys.byteorder != "little":
@@ -122,7 +123,7 @@ def test_cli_lazy_usage_errors(
 
 def _dispatch(request: Request, lazy_daemon: bool = False) -> tuple[int, list[str]]:
     logged: list[str] = []
-    svc = service.Service(service.Address(port=1), service.Options(lazy=lazy_daemon), logged.append)
+    svc = Service(Address(port=1), Options(lazy=lazy_daemon), logged.append)
     return svc.dispatch(request), logged
 
 

@@ -1,4 +1,4 @@
-"""Who asks the daemon and what it may have done (memcr.peer): real sockets, this process's own /proc.
+"""Who asks the daemon and what it may have done (memcr.service.peer): real sockets, this process's own /proc.
 
 Rootless; run as root, the uid a client must not have is root's plus one.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from memcr.errors import ClientRefused
-from memcr.peer import UNKNOWN, Peer, Policy, Scope
+from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 
 ELSEWHERE = os.getppid()  # a client that is not among the processes asked about
 

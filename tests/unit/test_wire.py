@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from memcr import errors, service
+from memcr import errors
+from memcr.service import requests
 from memcr_client import Client, MemcrClientError
 from memcr_client.protocol import (
     DEFAULT_LOCATION,
@@ -161,7 +162,7 @@ def test_other_scripts_digits_are_no_port() -> None:
 
 
 def test_the_daemon_parses_with_the_same_address() -> None:
-    assert service.Address is Address
+    assert Address is Address
 
 
 # -- the default location --------------------------------------------------------
@@ -310,8 +311,8 @@ def test_daemon_reads_one_request_and_answers() -> None:
     with ours, theirs:
         ours.sendall(encode_request(Command.RESTORE, 77))
         theirs.settimeout(5)
-        assert service._read_request(theirs) == Request(Command.RESTORE, 77)
-        service._send(theirs, Answer.INVALID_PID)
+        assert requests.read_request(theirs) == Request(Command.RESTORE, 77)
+        requests.send(theirs, Answer.INVALID_PID)
         assert decode_answer(ours.recv(8)) == Answer.INVALID_PID
 
 
@@ -320,14 +321,14 @@ def test_daemon_refuses_short_and_long_requests() -> None:
     with ours, theirs:
         ours.sendall(encode_request(Command.CHECKPOINT, 5) + b"junk!")  # 12 bytes would be Thunder's form
         theirs.settimeout(5)
-        with pytest.raises(service.Refusal, match="more bytes after the request") as long:
-            service._read_request(theirs)
+        with pytest.raises(requests.Refusal, match="more bytes after the request") as long:
+            requests.read_request(theirs)
         assert long.value.answer  # more than one request: not this protocol, and the client is told
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.sendall(b"\x64\x00")
         ours.shutdown(socket.SHUT_WR)
         theirs.settimeout(5)
-        with pytest.raises(service.Refusal, match="no complete request") as short:
-            service._read_request(theirs)
+        with pytest.raises(requests.Refusal, match="no complete request") as short:
+            requests.read_request(theirs)
         assert not short.value.answer

@@ -1,0 +1,508 @@
+"""Service mode (`memcr -l`): checkpoint and restore on request, many targets at once.
+
+The accept loop accepts and keeps each connection in its selector until
+its first bytes arrive: an idle connection costs a descriptor and no
+thread, so a flood of them delays no request. A connection with bytes to
+read gets a short-lived thread that reads the request
+(memcr.service.requests) and hands it to the target's job. Each
+checkpointed target, one pid or a group (a process tree or a cgroup, V2
+options 1000 and 1001), has one job (memcr.service.jobs) from its
+checkpoint to its restore; the daemon keeps the registry of which pid is
+whose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import queue
+import resource
+import selectors
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
+
+from memcr import heap, logs, procfs
+from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, TargetError
+from memcr.options import Log, Options, check_socket_dir
+from memcr.report import GroupReport, Report
+from memcr.service.jobs import Job
+from memcr.service.listener import Listener, listen, socket_folder
+from memcr.service.paths import check_request_cgroup, check_request_directory
+from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
+from memcr.service.pid_target import Pid
+from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
+from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
+
+# The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
+# needs it, in the function that does: an idle daemon does not hold it (issue #29)
+if TYPE_CHECKING:
+    from memcr.group import Membership
+    from memcr.lazy.restore import LazyRestore
+    from memcr.service.group_target import Group
+
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
+MAX_CONNECTIONS = 256  # connections read or answered at once, each by its thread
+# Idle connections (nothing sent yet) kept at most, and at most this share of
+# the descriptors: the oldest goes when a new one comes, so that new clients
+# are always accepted and checkpoints still find descriptors.
+MAX_IDLE = 4096
+IDLE_SHARE = 2
+POLL = 0.2
+ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
+COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
+DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
+
+
+class _Reason(threading.local):
+    """Why the request this connection thread serves failed, in the words the daemon logged."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+
+
+class Service:
+    def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
+                 timeout: float | None = None, json_reports: bool = False,
+                 scope: Scope = Scope.ANY) -> None:  # fmt: skip
+        self.address = address
+        self.options = options
+        self.log = log
+        self.gid = gid
+        self.timeout = timeout
+        self.json_reports = json_reports
+        self.policy = Policy(scope)
+        self.workers: dict[int, Job[Pid]] = {}  # each pid parked on its own
+        self.lingering: dict[Job[Pid], LazyRestore] = {}  # serving the children a target forked in its lazy phase
+        self.groups: dict[int, Job[Group]] = {}  # every pid a group claimed, and its id
+        self.connections: set[threading.Thread] = set()  # each answers one request
+        # the accept loop's own: accepted, nothing to read yet (address, accepted at), oldest first; then
+        # bytes to read, waiting for a thread
+        self.idle: dict[socket.socket, tuple[Any, float]] = {}
+        self.ready: deque[tuple[socket.socket, Any]] = deque()
+        self.idle_bound = MAX_IDLE
+        self.out_of_descriptors = False  # an accept failed for want of descriptors, and none worked since
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.reason = _Reason()
+
+    def refuse(self, message: str) -> None:
+        """Log why a request is refused or failed; that line is also its reason, for a V2 client that asks."""
+        self.reason.text = message
+        self.log(message)
+
+    def report(self, report: Report | GroupReport, event: str) -> None:
+        if self.json_reports:
+            logs.report(self.log, report.json(event))
+
+    def remove_worker(self, worker: Job[Pid]) -> None:
+        with self.lock:
+            if self.workers.get(worker.pid) is worker:
+                del self.workers[worker.pid]
+
+    def linger(self, job: Job[Any], phase: LazyRestore) -> None:
+        """The target is back; its job serves the children it forked meanwhile, and its pid is free."""
+        with self.lock:
+            # stop is looked at under the lock that _shutdown takes to list the lingering: none is missed
+            self.lingering[job] = phase
+            if self.workers.get(job.pid) is job:
+                del self.workers[job.pid]
+            stopping = self.stop.is_set()
+        if stopping:
+            phase.server.stream_children()
+
+    def unlinger(self, job: Job[Any]) -> None:
+        with self.lock:
+            self.lingering.pop(job, None)
+
+    def serve(self) -> None:
+        heap.tune(arenas=1)  # idle job threads stay cheap
+        parasites = self.options.socket_dir
+        if parasites is not None:
+            # now, not at the first checkpoint of a daemon that would fail every one; a missing folder with the
+            # socket's, when it is missing too (as both are after a boot, /run emptied)
+            besides = [socket_folder(self.address.path.parent, self.gid, parasites)] if self.address.path else []
+            check_socket_dir(parasites, self.options.socket_gid, besides)
+        listener = listen(self.address, self.gid, self.log, parasites)
+        # at every level (-q too): what a program that starts the daemon waits for
+        logs.always(self.log, f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
+            self.log(note)
+        if self.options.lazy:
+            self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(listener, selectors.EVENT_READ)
+                listening = True
+                while not self.stop.is_set():
+                    # a short wait while connections with bytes wait for a thread: one may end any moment
+                    for key, _ in selector.select(POLL / 10 if self.ready else POLL):
+                        if key.fileobj is listener:
+                            self._accept(listener, selector)
+                        elif key.data in self.idle:  # its first bytes, or its end: a thread reads which
+                            selector.unregister(key.data)
+                            self.ready.append((key.data, self.idle.pop(key.data)[0]))
+                        # else: dropped by an accept of this same round, its event stale
+                    self._start_handlers()
+                    self._expire(selector)
+                    # with MAX_CONNECTIONS waiting for a thread, the next clients wait in the listen backlog, as
+                    # they did for a thread: each holds a descriptor here, and those are for the checkpoints
+                    if listening != (len(self.ready) < MAX_CONNECTIONS):
+                        listening = not listening
+                        if listening:
+                            selector.register(listener, selectors.EVENT_READ)
+                        else:
+                            selector.unregister(listener)
+        finally:
+            listener.close()  # its socket file and the folders made for it too
+            for conn in [*self.idle, *(conn for conn, _ in self.ready)]:
+                conn.close()  # none of them was read: their clients see the end, as of a daemon gone
+            self._shutdown()
+
+    def _accept(self, listener: Listener, selector: selectors.BaseSelector) -> None:
+        """Accept one connection into the selector, where it waits for its first bytes without a thread."""
+        while True:
+            try:
+                conn, address = listener.accept()
+                self.out_of_descriptors = False
+                break
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if self.idle:  # an idle connection's descriptor serves the one that comes
+                        self._drop(next(iter(self.idle)), selector, "out of descriptors, the oldest idle goes")
+                        continue
+                    # the waiting connection stays in the backlog: try again once descriptors may be free
+                    if not self.out_of_descriptors:  # once until an accept works again: no flood of the log
+                        self.log(f"accept failed: {e.strerror}; retrying every {POLL:g} s")
+                    self.out_of_descriptors = True
+                    time.sleep(POLL)
+                elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                    self.log(f"accept failed: {e.strerror}")
+                return
+        self.idle[conn] = (address, time.monotonic())
+        selector.register(conn, selectors.EVENT_READ, conn)
+        if len(self.idle) > self.idle_bound:
+            self._drop(next(iter(self.idle)), selector, f"sent nothing, and {self.idle_bound} idle are the most kept")
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        """Drop the connections that sent nothing within REQUEST_TIMEOUT of their accept (the oldest come first)."""
+        gone = time.monotonic() - REQUEST_TIMEOUT
+        while self.idle and self.idle[oldest := next(iter(self.idle))][1] < gone:
+            self._drop(oldest, selector, f"no request within {REQUEST_TIMEOUT:g} s")
+
+    def _drop(self, conn: socket.socket, selector: selectors.BaseSelector, why: str) -> None:
+        selector.unregister(conn)
+        address, _ = self.idle.pop(conn)
+        with conn:
+            self.log(f"dropped a connection from {Peer.of(conn, address)}: {why}")
+
+    def _start_handlers(self) -> None:
+        """A thread for each connection with bytes to read, at most MAX_CONNECTIONS at once."""
+        while self.ready:
+            with self.lock:
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    return  # the others wait, their bytes in their sockets, for a thread to end
+            conn, address = self.ready.popleft()
+            thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
+            with self.lock:
+                self.connections.add(thread)
+            try:
+                thread.start()
+            except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
+                with self.lock:
+                    self.connections.discard(thread)
+                conn.close()
+                self.log(f"dropped a connection: {e}")
+                time.sleep(POLL)
+                return
+
+    def _handle(self, conn: socket.socket, address: Any) -> None:
+        try:
+            with conn:
+                peer = Peer.of(conn, address)
+                try:
+                    request = read_request(conn)
+                except Refusal as e:
+                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
+                    if e.answer:
+                        send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
+                    return
+                self.log(f"{peer} asks: {asked(request)}")
+                self.reason.text = None
+                try:
+                    code = self.dispatch(request, peer)
+                except Exception:  # a bug, or a module that failed to load: the client still gets its -1
+                    logs.error(self.log, f"internal error answering {peer}:\n{traceback.format_exc()}")
+                    self.reason.text = "internal error: the daemon's log has its traceback"
+                    code = ERROR
+                reason = None
+                if request.reason:
+                    reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"
+                send(conn, code, reason)
+        finally:
+            with self.lock:
+                self.connections.discard(threading.current_thread())
+
+    def dispatch(self, request: Request, peer: Peer = UNKNOWN) -> int:
+        """Carry out one request of `peer` and return its answer."""
+        asked = time.monotonic()  # a time limit counts from here: the client's own clock started about now
+        cmd, pid = request.cmd, request.pid
+        if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
+            self.refuse(f"unknown command {cmd} for pid {pid}: known are {CMD_CHECKPOINT} and {CMD_RESTORE}")
+            return ERROR
+        if pid <= 0 or pid == os.getpid():
+            self.refuse(f"refused pid {pid}: {'the daemon itself' if pid > 0 else 'no process id'}")
+            return INVALID_PID
+        limit = self._time_limit(request)
+        if cmd == CMD_RESTORE:
+            if request.options:
+                # the target stays as it is, parked or not: the client learns its request was wrong
+                self.refuse(
+                    f"refused the V2 restore of pid {pid}: a dump directory, compression, tree or cgroup applies "
+                    "to checkpoints (a restore of any member's pid wakes its whole group)"
+                )
+                return ERROR
+            if not self._permitted(peer, f"restore of pid {pid}", self._parked_with(pid)):
+                return ERROR
+            return self._restore(pid, limit, request.lazy)
+        if request.lazy is not None:
+            self.refuse(
+                f"refused the V2 checkpoint of pid {pid}, which stays untouched: a lazy or eager restore "
+                "(option 1002) goes with its RESTORE, not with the CHECKPOINT"
+            )
+            return ERROR
+        try:
+            options = self._options(request)
+        except StorageError as e:
+            self.refuse(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
+            return ERROR
+        if request.group:
+            return self._park_group(request, options, limit, peer)
+        if not self._permitted(peer, f"checkpoint of pid {pid}", {pid}):
+            return ERROR
+        # a client that sent its own limit (Thunder's 12 bytes) gives up waiting then: it is answered by the limit;
+        # one that sent none waits, and is answered once the target runs on again (-t alone)
+        answer_by = asked if request.timeout_ms else None
+        # once the target is held it can change its uids no more: what was vetted before may have changed meanwhile
+        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}), answer_by=answer_by)
+
+    def _permitted(self, peer: Peer, action: str, pids: AbstractSet[int]) -> bool:
+        """Whether `peer` may have `action` done on `pids`; a refusal is logged."""
+        try:
+            self.policy.vet(peer, pids)
+        except ClientRefused as e:
+            self.refuse(f"refused the {action} asked by {peer}, nothing touched: {e}")
+            return False
+        return True
+
+    def _parked_with(self, pid: int) -> set[int]:
+        """`pid` and, when it is in a group the daemon parks, every other member: a restore wakes them all."""
+        with self.lock:
+            group = self.groups.get(pid)
+            return set(group.target.claimed) if group is not None else {pid}
+
+    def _time_limit(self, request: Request) -> float | None:
+        """The -t limit, or the 12-byte request's own when that is shorter: both were asked for."""
+        limits = [self.timeout] if self.timeout else []
+        if request.timeout_ms:
+            limits.append(request.timeout_ms / 1000)
+        return min(limits, default=None)
+
+    def _options(self, request: Request) -> Options:
+        """The daemon's options with a V2 request's dump directory and compression in place of its own."""
+        options = self.options
+        if request.dump_dir is not None:
+            options = dataclasses.replace(options, dump_dir=check_request_directory(request.dump_dir))
+        if request.compression is not None:
+            coding = dataclasses.replace(options.coding, compress=COMPRESSORS[request.compression])
+            options = dataclasses.replace(options, coding=coding)
+        return options
+
+    def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None],
+                    answer_by: float | None = None) -> int:  # fmt: skip
+        """Checkpoint `pid`, rolled back if it takes longer than `limit` seconds.
+
+        With `answer_by` (the request's arrival, time.monotonic()), the
+        answer comes by `limit` seconds after it: a checkpoint still under
+        way then is answered -1 at once, and rolled back after the answer.
+        """
+        # a little before the limit: the client counts it from before its request left, and gives up at once
+        deadline = None if not limit or answer_by is None else answer_by + limit - min(ANSWER_MARGIN, limit / 10)
+        worker: Job[Pid]
+        with self.lock:
+            # under the lock _shutdown takes to list the workers: none is started unlisted
+            if self.stop.is_set():
+                self.refuse(f"refused to checkpoint pid {pid}: the daemon is stopping")
+                return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
+            if pid in self.workers or pid in self.groups:  # parked, or in a group parked or being parked
+                self.refuse(f"answered -2 to the checkpoint of pid {pid}: it is checkpointed already")
+                return INVALID_PID
+            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
+                self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
+                return ERROR
+            target = Pid(pid, seized, forget=lambda: self.remove_worker(worker))
+            worker = self.workers[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
+            worker.start()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not worker.checkpointed.wait(left) and worker.expire():
+            # the client waits no longer than its limit (Thunder's hibernate gives up then): it learns of the
+            # failure now, and the rollback of a large target runs on after the answer
+            self.refuse(
+                f"pid {pid}: checkpoint took longer than its time limit of {limit:g} s: answered -1 at the limit; "
+                "the target is being rolled back and runs on intact"
+            )
+            return ERROR
+        return self._checkpointed(worker)
+
+    def _checkpointed(self, job: Job[Any]) -> int:
+        """The answer to a checkpoint (or a park) once it has ended."""
+        job.checkpointed.wait()
+        if job.checkpoint_code != OK:
+            self.reason.text = job.failure or self.reason.text
+        return job.checkpoint_code
+
+    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
+        """Restore `pid` (or wake its group); `lazy` None: as the daemon's --lazy says."""
+        with self.lock:
+            worker = self.workers.get(pid)
+            group = self.groups.get(pid)
+        answer: queue.Queue[int] = queue.Queue(1)
+        if group is not None:
+            if lazy:
+                # a parked group has no lazy phase (as with `memcr --tree --lazy`): the request still wakes it,
+                # eagerly, rather than leave it parked
+                self.log(f"restoring {group} eagerly: a group's restore is never lazy (option 1002 ignored)")
+            if not group.restore(answer.put, limit):  # during the park: aborts it
+                self.refuse(f"answered -2 to a restore of {group}: it is being restored already")
+                return INVALID_PID
+            return self._restored(group, answer)
+        if worker is None or not worker.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
+            if worker is not None and worker.restore_asked:
+                self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
+            elif worker is None:
+                self.refuse(f"answered -2 to the restore of pid {pid}: it is not checkpointed")
+            else:
+                self.refuse(f"answered -2 to the restore of pid {pid}: it is being restored already")
+            return INVALID_PID
+        return self._restored(worker, answer)
+
+    def _restored(self, job: Job[Any], answer: queue.Queue[int]) -> int:
+        """The answer to a restore once the job has carried it out, or aborted the checkpoint, which rolled back."""
+        job.checkpointed.wait()
+        ok = job.checkpoint_code == OK
+        code = answer.get() if ok else job.target.aborted(job.checkpoint_error)
+        if code != OK:
+            self.reason.text = job.failure  # set before the answer was put: the queue orders them
+        return code
+
+    def _shutdown(self) -> None:
+        """Restore every target and group (kill only those whose restore fails), then wait for all."""
+        with self.lock:
+            jobs: set[Job[Any]] = {*self.workers.values(), *self.groups.values()}
+            lingering = dict(self.lingering)
+        for job in jobs:
+            job.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
+        for phase in lingering.values():
+            phase.server.stream_children()  # their pages all go back now, so that memcr can let go of them
+        for job in [*jobs, *lingering]:
+            job.join()
+        # every request that reached the daemon gets its answer before it exits
+        with self.lock:
+            connections = list(self.connections)
+        for thread in connections:
+            thread.join(REQUEST_TIMEOUT)
+
+    def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
+        """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
+        from memcr.group import CgroupMembers, Tree
+        from memcr.service.group_target import Group
+
+        pid = request.pid
+        membership: Membership = Tree(pid)
+        if request.cgroup is not None:
+            try:
+                membership = CgroupMembers(check_request_cgroup(request.cgroup))
+            except MemcrError as e:
+                self.refuse(f"refused the cgroup checkpoint of pid {pid}, nothing touched: {e}")
+                return ERROR
+        try:
+            # before the park holds anything (a cgroup is frozen first); each of its walks vets again what it finds
+            self.policy.vet(peer, membership.walk())
+        except MemcrError as e:
+            self.refuse(f"refused the checkpoint of {membership} asked by {peer}, nothing touched: {e}")
+            return INVALID_PID if isinstance(e, TargetError) else ERROR
+        group: Job[Group]
+        target = Group(
+            pid,
+            membership,
+            vet=lambda pids: self.policy.vet(peer, pids),
+            claim=lambda pids: self.claim(group, pids),
+            release=lambda keep: self.release(group, keep),
+        )
+        group = Job(self, target, options, limit, name=f"memcr-group-{pid}")
+        with self.lock:
+            # stop is looked at under the lock that _shutdown takes to list the groups: none is started unlisted
+            if self.stop.is_set():
+                self.refuse(f"refused to checkpoint {group}: the daemon is stopping")
+                return ERROR
+            if pid in self.workers or pid in self.groups:
+                self.refuse(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
+                return INVALID_PID
+            self.groups[pid] = group
+            group.start()
+        return self._checkpointed(group)
+
+    def claim(self, group: Job[Group], pids: set[int]) -> None:
+        """Register `pids` as `group`'s, or none of them: a pid is parked once, and each needs its descriptors.
+
+        Raises TargetError for a pid the daemon parks already (on its own or
+        in another group), LimitError when the descriptors for every member
+        claimed are not free.
+        """
+        with self.lock:
+            for pid in sorted(pids):
+                if pid in self.workers:
+                    raise TargetError(f"process {pid} is already checkpointed", pid=pid)
+                other = self.groups.get(pid)
+                if other is not None and other is not group:
+                    raise TargetError(f"process {pid} is already checkpointed in {other}", pid=pid)
+            members = len(group.target.claimed | pids)
+            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT * members:
+                raise LimitError(
+                    f"only {free} file descriptors are left (RLIMIT_NOFILE) for {members} processes, "
+                    f"each needing {DESCRIPTORS_PER_CHECKPOINT}",
+                    what="descriptors",
+                )
+            group.target.claimed |= pids
+            self.groups.update(dict.fromkeys(pids, group))
+
+    def release(self, group: Job[Group], keep: AbstractSet[int] = frozenset()) -> None:
+        """Forget the pids `group` claimed, but those in `keep`."""
+        with self.lock:
+            for pid in group.target.claimed - keep:
+                if self.groups.get(pid) is group:
+                    del self.groups[pid]
+            group.target.claimed &= keep
+
+
+def _free_descriptors() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - procfs.descriptor_count()
+
+
+def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,
+        scope: Scope) -> None:  # fmt: skip
+    service = Service(address, options, log, gid, timeout, json_reports, scope)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop.set())
+    service.serve()
+    log("stopped")

@@ -1,0 +1,90 @@
+"""A job's target when it is one pid: checkpointed on its own, restored eagerly or lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from memcr import logs, procfs
+from memcr.errors import Aborted, MemcrError, TargetError, TargetGone, TargetKilled
+from memcr.options import Cancel, Log, Options
+from memcr.report import GroupReport, Report, error_json
+from memcr_client.protocol import Answer
+
+# The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
+# needs it, in the function that does: an idle daemon does not hold it (issue #29)
+if TYPE_CHECKING:
+    from memcr.lazy.restore import LazyRestore
+    from memcr.parked import Parked
+
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
+
+
+class Pid:
+    """One process. `seized` runs once every thread of it is held, and may refuse it before anything in it
+    changes; `forget` frees its pid in the daemon's registry."""
+
+    def __init__(self, pid: int, seized: Callable[[], None], forget: Callable[[], None]) -> None:
+        self.pid = pid
+        self.seized = seized
+        self.forget = forget
+
+    def __str__(self) -> str:
+        return f"pid {self.pid}"
+
+    def park(self, options: Options, log: Log, cancel: Cancel) -> HeldPid:
+        from memcr.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
+
+        return HeldPid(checkpoint(self.pid, options, log, cancel, seized=self.seized), options.lazy)
+
+    def answer(self, error: MemcrError) -> int:
+        return INVALID_PID if isinstance(error, TargetError) else ERROR
+
+    def aborted(self, error: MemcrError | None) -> int:
+        """The answer to the RESTORE that aborted its checkpoint: the target runs on intact, unless it was killed
+        or died."""
+        if isinstance(error, TargetKilled):
+            return ERROR
+        if isinstance(error, TargetGone):
+            return INVALID_PID
+        return OK
+
+    def error_json(self, operation: str, error: MemcrError, options: dict[str, object]) -> str:
+        return error_json(self.pid, operation, error, options=options)
+
+
+class HeldPid:
+    """The process parked; `lazy` is the daemon's --lazy, for a restore that does not say."""
+
+    def __init__(self, parked: Parked, lazy: bool) -> None:
+        self.parked = parked
+        self.pid = parked.pid
+        self.lazy = lazy
+
+    def summary(self) -> str:
+        return f" ({self.parked.report.pages} pages)"
+
+    def reports(self) -> Sequence[Report | GroupReport]:
+        return [self.parked.report]
+
+    def dead(self) -> bool:
+        try:
+            return not procfs.alive(self.pid)
+        except OSError:
+            return False  # out of descriptors, say: it may well be alive, look again later
+
+    def bury(self, log: Log) -> None:
+        logs.error(log, f"pid {self.pid} died while checkpointed: forgotten")
+        self.parked.close_dead()
+
+    def restore(self, lazy: bool | None, log: Log) -> LazyRestore | None:
+        why = "as its request asks" if lazy is not None else "the daemon's default"
+        lazy = self.lazy if lazy is None else lazy
+        log(f"restoring pid {self.pid} {'lazily' if lazy else 'eagerly'} ({why})")
+        return self.parked.restore(lazy=lazy)
+
+    def rescue(self) -> None:
+        self.parked.restore()
+
+    def rollback(self, error: Aborted) -> None:
+        self.parked.rollback(error)
