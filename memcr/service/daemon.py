@@ -79,7 +79,7 @@ class Service:
         self.timeout = timeout
         self.json_reports = json_reports
         self.policy = Policy(scope)
-        self.workers: dict[int, Job[Pid]] = {}  # each pid parked on its own
+        self.pids: dict[int, Job[Pid]] = {}  # the job of each pid parked on its own
         self.lingering: dict[Job[Pid], LazyRestore] = {}  # serving the children a target forked in its lazy phase
         self.groups: dict[int, Job[Group]] = {}  # every pid a group claimed, and its id
         self.connections: set[threading.Thread] = set()  # each answers one request
@@ -102,18 +102,19 @@ class Service:
         if self.json_reports:
             logs.report(self.log, report.json(event))
 
-    def remove_worker(self, worker: Job[Pid]) -> None:
+    def free(self, job: Job[Pid]) -> None:
+        """Its pid is no more the daemon's: a new request for it starts afresh."""
         with self.lock:
-            if self.workers.get(worker.pid) is worker:
-                del self.workers[worker.pid]
+            if self.pids.get(job.pid) is job:
+                del self.pids[job.pid]
 
     def linger(self, job: Job[Any], phase: LazyRestore) -> None:
         """The target is back; its job serves the children it forked meanwhile, and its pid is free."""
         with self.lock:
             # stop is looked at under the lock that _shutdown takes to list the lingering: none is missed
             self.lingering[job] = phase
-            if self.workers.get(job.pid) is job:
-                del self.workers[job.pid]
+            if self.pids.get(job.pid) is job:
+                del self.pids[job.pid]
             stopping = self.stop.is_set()
         if stopping:
             phase.server.stream_children()
@@ -337,23 +338,23 @@ class Service:
         """
         # a little before the limit: the client counts it from before its request left, and gives up at once
         deadline = None if not limit or answer_by is None else answer_by + limit - min(ANSWER_MARGIN, limit / 10)
-        worker: Job[Pid]
+        job: Job[Pid]
         with self.lock:
-            # under the lock _shutdown takes to list the workers: none is started unlisted
+            # under the lock _shutdown takes to list the jobs: none is started unlisted
             if self.stop.is_set():
                 self.refuse(f"refused to checkpoint pid {pid}: the daemon is stopping")
-                return ERROR  # stopping: a RESTORE still goes to its worker and gets its answer
-            if pid in self.workers or pid in self.groups:  # parked, or in a group parked or being parked
+                return ERROR  # stopping: a RESTORE still goes to its job and gets its answer
+            if pid in self.pids or pid in self.groups:  # parked, or in a group parked or being parked
                 self.refuse(f"answered -2 to the checkpoint of pid {pid}: it is checkpointed already")
                 return INVALID_PID
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            target = Pid(pid, seized, forget=lambda: self.remove_worker(worker))
-            worker = self.workers[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
-            worker.start()
+            target = Pid(pid, seized, forget=lambda: self.free(job))
+            job = self.pids[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
+            job.start()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not worker.checkpointed.wait(left) and worker.expire():
+        if not job.checkpointed.wait(left) and job.expire():
             # the client waits no longer than its limit (Thunder's hibernate gives up then): it learns of the
             # failure now, and the rollback of a large target runs on after the answer
             self.refuse(
@@ -361,7 +362,7 @@ class Service:
                 "the target is being rolled back and runs on intact"
             )
             return ERROR
-        return self._checkpointed(worker)
+        return self._checkpointed(job)
 
     def _checkpointed(self, job: Job[Any]) -> int:
         """The answer to a checkpoint (or a park) once it has ended."""
@@ -373,7 +374,7 @@ class Service:
     def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
         """Restore `pid` (or wake its group); `lazy` None: as the daemon's --lazy says."""
         with self.lock:
-            worker = self.workers.get(pid)
+            job = self.pids.get(pid)
             group = self.groups.get(pid)
         answer: queue.Queue[int] = queue.Queue(1)
         if group is not None:
@@ -385,15 +386,15 @@ class Service:
                 self.refuse(f"answered -2 to a restore of {group}: it is being restored already")
                 return INVALID_PID
             return self._restored(group, answer)
-        if worker is None or not worker.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
-            if worker is not None and worker.restore_asked:
+        if job is None or not job.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
+            if job is not None and job.restore_asked:
                 self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
-            elif worker is None:
+            elif job is None:
                 self.refuse(f"answered -2 to the restore of pid {pid}: it is not checkpointed")
             else:
                 self.refuse(f"answered -2 to the restore of pid {pid}: it is being restored already")
             return INVALID_PID
-        return self._restored(worker, answer)
+        return self._restored(job, answer)
 
     def _restored(self, job: Job[Any], answer: queue.Queue[int]) -> int:
         """The answer to a restore once the job has carried it out, or aborted the checkpoint, which rolled back."""
@@ -407,7 +408,7 @@ class Service:
     def _shutdown(self) -> None:
         """Restore every target and group (kill only those whose restore fails), then wait for all."""
         with self.lock:
-            jobs: set[Job[Any]] = {*self.workers.values(), *self.groups.values()}
+            jobs: set[Job[Any]] = {*self.pids.values(), *self.groups.values()}
             lingering = dict(self.lingering)
         for job in jobs:
             job.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
@@ -454,7 +455,7 @@ class Service:
             if self.stop.is_set():
                 self.refuse(f"refused to checkpoint {group}: the daemon is stopping")
                 return ERROR
-            if pid in self.workers or pid in self.groups:
+            if pid in self.pids or pid in self.groups:
                 self.refuse(f"refused to checkpoint {group}: pid {pid} is already checkpointed")
                 return INVALID_PID
             self.groups[pid] = group
@@ -470,7 +471,7 @@ class Service:
         """
         with self.lock:
             for pid in sorted(pids):
-                if pid in self.workers:
+                if pid in self.pids:
                     raise TargetError(f"process {pid} is already checkpointed", pid=pid)
                 other = self.groups.get(pid)
                 if other is not None and other is not group:

@@ -253,7 +253,6 @@ class Job(threading.Thread, Generic[T]):
         if request.reply:
             request.reply(code)
         self._finish_lazily(held, phase)
-        self.target.forget()
 
     def _finish_lazily(self, held: Held, phase: LazyRestore) -> None:
         """Watch the running target until every page is back, and log how that went; the client has its answer.
@@ -264,12 +263,20 @@ class Job(threading.Thread, Generic[T]):
         try:
             phase.finish()
         except TargetKilled as e:
+            self.target.forget()
             self._lazy_failed(e)
             return
         except Exception:
+            self.target.forget()
             trace = traceback.format_exc()
             logs.error(self.host.log, f"{self}: internal error during its lazy restore:\n{trace}")
             return
+        # the pid is free before a word of the outcome is logged: a client that reads "complete" and asks
+        # again finds it free; a job with children to serve is listed among the lingering first, so that a
+        # shutdown in between still waits for it
+        if phase.lingering:
+            self.host.linger(self, phase)
+        self.target.forget()
         if phase.ended:
             self.host.log(
                 f"{self} ended during its lazy restore ({phase.ended}), {phase.elapsed_ms:.0f} ms after "
@@ -286,7 +293,6 @@ class Job(threading.Thread, Generic[T]):
             f"{self} forked {children} during its lazy restore: their missing pages are served as they "
             "touch them, until each exits or execs"
         )
-        self.host.linger(self, phase)
         try:
             phase.finish_children()
         except TargetKilled as e:
