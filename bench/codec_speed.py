@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from memcr.codec import FRAME_PLAIN, Coding, FrameCodec
+from memcr.dump.codec import FRAME_PLAIN, Coding, FrameCodec
 
 SAMPLE_MIB = 64
 

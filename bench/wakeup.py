@@ -15,8 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from memcr.checkpoint import checkpoint
 from memcr.options import Cancel, Options
+from memcr.park.checkpoint import checkpoint
 
 SIZES = (64, 256, 1024, 2048)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import errno
 
-from memcr.accounts import group_name, user_name
 from memcr.errors import Folder, MemcrError, MissingFolders, RightsError, TargetLimit
 from memcr.launcher import capability_advice, folders_list
+from memcr.system.accounts import group_name, user_name
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

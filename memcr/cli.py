@@ -15,24 +15,25 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from memcr import __version__, accounts, heap
+from memcr import __version__
 from memcr.advice import explain
-from memcr.cgroup import Cgroup
-from memcr.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
+from memcr.dump.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.dump.format import remove_orphans
 from memcr.errors import EXIT_MEANINGS, INTACT, GroupError, MemcrError, TargetEnded, UsageError
-from memcr.harden import harden, raise_descriptor_limit
+from memcr.group.cgroup import Cgroup
 from memcr.interrupts import Interrupts
 from memcr.logs import Level, Logger, write
 from memcr.options import Cancel, Options
 from memcr.report import Report, error_json, rate
 from memcr.service.peer import Scope
+from memcr.system import accounts, heap
+from memcr.system.harden import harden, raise_descriptor_limit
 from memcr_client.protocol import Address, AddressError, ExitCode
 
 # Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
 # engine while idle, and memcr -p no daemon
 if TYPE_CHECKING:
-    from memcr.group import Membership
+    from memcr.group.park import Membership
     from memcr.lazy.restore import LazyRestore
 
 
@@ -255,11 +256,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         scope = Scope(client_scope or Scope.ANY.value)
         daemon.run(Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
     elif cgroup is not None:
-        from memcr.group import CgroupMembers
+        from memcr.group.park import CgroupMembers
 
         interactive_group(CgroupMembers(Cgroup.find(cgroup)), options, wait=not no_wait, log=log)
     elif pid is not None and tree:
-        from memcr.group import Tree
+        from memcr.group.park import Tree
 
         interactive_group(Tree(pid), options, wait=not no_wait, log=log)
     elif pid is not None:
@@ -273,7 +274,7 @@ def interactive(pid: int, options: Options, wait: bool, log: Logger) -> None:
 
 
 def _interactive(pid: int, options: Options, wait: bool, log: Logger, cancel: Cancel, interrupts: Interrupts) -> None:
-    from memcr.checkpoint import checkpoint
+    from memcr.park.checkpoint import checkpoint
 
     heap.tune()
     reported = options.reported()
@@ -354,7 +355,7 @@ def interactive_group(membership: Membership, options: Options, wait: bool, log:
 
 
 def _interactive_group(membership: Membership, options: Options, wait: bool, log: Logger, cancel: Cancel) -> None:
-    from memcr.group import park
+    from memcr.group.park import park
 
     heap.tune()
     reported = options.reported()

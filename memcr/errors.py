@@ -74,7 +74,7 @@ class RightsError(MemcrError):
 
 
 class HardeningError(MemcrError):
-    """memcr could not protect itself (memcr.harden) and refuses to run."""
+    """memcr could not protect itself (memcr.system.harden) and refuses to run."""
 
 
 class LimitError(RightsError):

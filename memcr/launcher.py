@@ -17,8 +17,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from memcr import procfs
 from memcr.errors import MemcrError
+from memcr.system import procfs
 
 DEFAULT_PREFIX = Path("/opt/memcr")  # the Makefile's PREFIX, as docs/SECURITY.md shows it
 CAP_SYS_PTRACE = 19  # <linux/capability.h>

@@ -52,7 +52,7 @@ class Logger:
     .always(): a program that waits for it must see it at every level.
 
     The streams are looked up at each line (sys.stdout may be replaced,
-    as pytest does). A Logger is what memcr.checkpoint and the others call
+    as pytest does). A Logger is what memcr.park.checkpoint and the others call
     their `log`: any Callable[[str], None] serves them.
     """
 

@@ -1,6 +1,6 @@
 """What a checkpoint is asked to do, and the checks of the sockets' folders the daemon makes at its start.
 
-Apart from memcr.checkpoint so that the daemon, idle, need not load the
+Apart from memcr.park.checkpoint so that the daemon, idle, need not load the
 checkpoint engine (ptrace, the parasite, the dump's writers) before its
 first request.
 """
@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memcr import accounts
-from memcr.codec import Coding
+from memcr.dump.codec import Coding
 from memcr.errors import Folder, MissingFolders, StorageError
+from memcr.system import accounts
 
 Log = Callable[[str], None]
 

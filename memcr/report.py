@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from memcr.errors import MemcrError
-from memcr.procfs import memory_kb
+from memcr.system.procfs import memory_kb
 
 RSS_KEYS = ("VmRSS", "RssAnon", "RssFile")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from memcr import procfs
+from memcr.system import procfs
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, REQUEST, RESPONSE
 
 TARGETS = Path(__file__).parent / "targets"

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from memcr.codec import COMPRESSORS
+from memcr.dump.codec import COMPRESSORS
 from memcr.dump.format import HEADER
 from memcr.service.daemon import MAX_CONNECTIONS
 from memcr_client import Client

@@ -21,13 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from memcr import checkpoint as checkpoint_module
-from memcr import codec, infect, parked, process_vm
-from memcr.checkpoint import checkpoint
-from memcr.codec import Coding
+from memcr.dump import codec
+from memcr.dump.codec import Coding
 from memcr.dump.reader import PlainReader
+from memcr.engine import infect
 from memcr.errors import DumpError, LimitError, MemcrError, TargetKilled
 from memcr.options import Options
+from memcr.park import checkpoint as checkpoint_module
+from memcr.park import parked
+from memcr.park.checkpoint import checkpoint
+from memcr.system import process_vm
 from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Memcr, memcr_argv, reports
 
 Logs = list[str]

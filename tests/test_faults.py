@@ -146,7 +146,7 @@ class EngineFailsOnce:
     failed = False
 
     def find_spec(self, name, path=None, target=None):
-        if name == "memcr.checkpoint" and not EngineFailsOnce.failed:
+        if name == "memcr.park.checkpoint" and not EngineFailsOnce.failed:
             EngineFailsOnce.failed = True
             raise OSError(errno.EMFILE, "Too many open files")
         return None

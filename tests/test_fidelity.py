@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memcr import procfs, scan
+from memcr.park import scan
+from memcr.system import procfs
 from tests.conftest import Memcr, Target, log_value, reap, round_trip
 from tests.test_dump_pipeline import frozen_dump, mix
 

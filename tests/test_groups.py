@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from memcr import procfs
+from memcr.system import procfs
 from memcr_client import Client
 from memcr_client.protocol import CMD_CHECKPOINT
 from tests.conftest import CGROUP2, Memcr, memcr_argv, reap, reports

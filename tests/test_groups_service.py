@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr import procfs
+from memcr.system import procfs
 from memcr_client import Client, MemcrClientError
 from memcr_client.protocol import Answer, Command, Dialect
 from tests.conftest import CGROUP2, CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, reports

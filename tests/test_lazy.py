@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from memcr import procfs, scan
+from memcr.park import scan
+from memcr.system import procfs
 from tests.conftest import CHECKPOINT, RESTORE, Daemon, Memcr, Target, as_user, log_value, memcr_argv, reap, reports
 from tests.test_dump_pipeline import mix
 

@@ -9,8 +9,9 @@ import signal
 
 import pytest
 
-from memcr import procfs, scan
 from memcr.errors import TargetError
+from memcr.park import scan
+from memcr.system import procfs
 
 KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
 
@@ -60,9 +61,9 @@ def test_pagemap_scan_matches_pagemap_entries(spawn, name: str, args: tuple) -> 
 
 def test_parasite_reads_the_same_pagemap(spawn) -> None:
     """The parasite's PAGEMAP answer (for when memcr may not read the target's pagemap)."""
-    from memcr import arch
-    from memcr.parasite import Parasite, SocketSpec
-    from memcr.tracer import FrozenProcess
+    from memcr.engine import arch
+    from memcr.engine.parasite import Parasite, SocketSpec
+    from memcr.engine.tracer import FrozenProcess
 
     target = spawn("pattern", 16)
     page = arch.page_size()

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from memcr import procfs
+from memcr.system import procfs
 from memcr_client import Client
 from tests.conftest import CHECKPOINT, RUN_TIMEOUT, Lines, activation, as_user, memcr_argv, reap, stop
 from tests.test_client_scope import Asker

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from memcr import procfs
+from memcr.system import procfs
 from tests.conftest import Memcr, reap
 
 KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict", "registers"]

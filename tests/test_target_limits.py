@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from memcr import arch
 from memcr.dump.format import MAGIC
+from memcr.engine import arch
+from memcr.engine.parasite import Parasite, SocketSpec
+from memcr.engine.tracer import FrozenProcess
 from memcr.errors import TargetLimit
-from memcr.parasite import Parasite, SocketSpec
-from memcr.tracer import FrozenProcess
 from tests.conftest import READY_TIMEOUT, RUN_TIMEOUT, Lines, Memcr, Target, memcr_argv, reap, round_trip
 from tests.test_preflight import refused
 

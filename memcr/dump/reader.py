@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from memcr import heap, libc
-from memcr.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
+from memcr.dump.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
 from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
 from memcr.errors import DumpError, MemcrError
+from memcr.system import heap, libc
 
 PIPELINE_DEPTH = 2  # frames being decoded ahead of the one being sent
 WHOLE = 1 << 62  # a size no record reaches: a copy of a coded frame takes it whole, it is decoded whole anyway

@@ -17,10 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from memcr import heap
-from memcr.codec import FRAME_PLAIN, Coding, FrameCodec, coding_pool
+from memcr.dump.codec import FRAME_PLAIN, Coding, FrameCodec, coding_pool
 from memcr.dump.format import DumpFile, Group, Record, end_record, header, storage_error
 from memcr.dump.reader import DumpReader, FramedReader, PlainReader
+from memcr.system import heap
 
 PIPELINE_DEPTH = 2  # frames queued or being coded: bounds memory
 PIPE_SIZE = 1 << 20  # the kernel's default limit for an unprivileged pipe

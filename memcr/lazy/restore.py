@@ -6,9 +6,9 @@ import os
 import time
 from collections.abc import Callable
 
+from memcr.engine.running import RunningProcess
 from memcr.errors import TargetKilled
 from memcr.lazy.server import Failed, PageServer
-from memcr.running import RunningProcess
 
 Log = Callable[[str], None]
 

@@ -16,7 +16,7 @@ from memcr.errors import MemcrError
 from memcr.lazy.guardian import DROP_TIMEOUT, Guardian
 from memcr.lazy.source import Source
 from memcr.lazy.space import Filling, Piece, Space
-from memcr.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
+from memcr.system.uffd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, Event, Userfaultfd
 
 POLL_MS = 1000  # a stop wakes the server through its pipe; this is only a safety net
 STUCK_LIMIT = 10.0  # seconds a page may stay unmapped without a message saying so

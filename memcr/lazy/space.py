@@ -6,7 +6,7 @@ import bisect
 import enum
 from dataclasses import dataclass, field
 
-from memcr.uffd import Userfaultfd
+from memcr.system.uffd import Userfaultfd
 
 
 class Filling(enum.Enum):

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
-from memcr import heap, logs, procfs
+from memcr import logs
 from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, TargetError
 from memcr.options import Log, Options, check_socket_dir
 from memcr.report import GroupReport, Report
@@ -39,12 +39,13 @@ from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.service.pid_target import Pid
 from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
+from memcr.system import heap, procfs
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
 # needs it, in the function that does: an idle daemon does not hold it (issue #29)
 if TYPE_CHECKING:
-    from memcr.group import Membership
+    from memcr.group.park import Membership
     from memcr.lazy.restore import LazyRestore
     from memcr.service.group_target import Group
 
@@ -424,7 +425,7 @@ class Service:
 
     def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
-        from memcr.group import CgroupMembers, Tree
+        from memcr.group.park import CgroupMembers, Tree
         from memcr.service.group_target import Group
 
         pid = request.pid

@@ -1,6 +1,6 @@
 """A job's target when it is a group: a process tree or a cgroup parked all or nothing (V2 options 1000 and 1001).
 
-The job touches no member itself: memcr.group gives each member a thread
+The job touches no member itself: memcr.group.park gives each member a thread
 of its own, which by the ptrace rule carries out every request for it.
 The daemon knows the group under its id (the request's pid) and under
 each member's pid, so that a RESTORE of any of them wakes the whole group,
@@ -17,10 +17,10 @@ from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager
 
 from memcr.errors import Aborted, GroupError, MemcrError, TargetError
-from memcr.group import Membership, ParkedGroup, Tree, park
+from memcr.group.park import Membership, ParkedGroup, Tree, park
 from memcr.options import Cancel, Log, Options
-from memcr.procfs import alive
 from memcr.report import GroupReport, Report, error_json
+from memcr.system.procfs import alive
 from memcr_client.protocol import Answer
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID

@@ -1,6 +1,6 @@
 """One job of the daemon: a target, one pid or a group, from its checkpoint to its restore.
 
-A job's thread seizes its target (or, for a group, has memcr.group give
+A job's thread seizes its target (or, for a group, has memcr.group.park give
 each member a thread), so by the ptrace rule it is the only thread that
 touches it, and it lives until the target is released. What differs
 between a pid and a group (how it is parked, what is logged and reported,

@@ -15,9 +15,9 @@ import socket
 import stat
 from pathlib import Path
 
-from memcr import accounts
 from memcr.errors import Folder, MissingFolders, StorageError
 from memcr.options import Log, check_socket_folder
+from memcr.system import accounts
 from memcr_client.protocol import Address
 
 LISTEN_FDS_START = 3  # systemd's first passed descriptor (SD_LISTEN_FDS_START)

@@ -7,10 +7,10 @@ import os
 import stat
 from pathlib import Path
 
-from memcr import accounts, procfs
-from memcr.cgroup import Cgroup
 from memcr.dump.format import check_directory
 from memcr.errors import StorageError, UsageError
+from memcr.group.cgroup import Cgroup
+from memcr.system import accounts, procfs
 
 
 def check_request_cgroup(text: str) -> Cgroup:

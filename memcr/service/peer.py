@@ -25,8 +25,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from memcr import procfs
 from memcr.errors import ClientRefused, TargetGone
+from memcr.system import procfs
 
 UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from memcr import logs, procfs
+from memcr import logs
 from memcr.errors import Aborted, MemcrError, TargetError, TargetGone, TargetKilled
 from memcr.options import Cancel, Log, Options
 from memcr.report import GroupReport, Report, error_json
+from memcr.system import procfs
 from memcr_client.protocol import Answer
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
 # needs it, in the function that does: an idle daemon does not hold it (issue #29)
 if TYPE_CHECKING:
     from memcr.lazy.restore import LazyRestore
-    from memcr.parked import Parked
+    from memcr.park.parked import Parked
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 
@@ -33,7 +34,7 @@ class Pid:
         return f"pid {self.pid}"
 
     def park(self, options: Options, log: Log, cancel: Cancel) -> HeldPid:
-        from memcr.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
+        from memcr.park.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
 
         return HeldPid(checkpoint(self.pid, options, log, cancel, seized=self.seized), options.lazy)
 

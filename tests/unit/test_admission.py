@@ -10,8 +10,9 @@ import os
 
 import pytest
 
-from memcr import admission, procfs
 from memcr.errors import TargetError
+from memcr.park import admission
+from memcr.system import procfs
 
 STATUS = procfs.parse_status("Name:\tapp\nSeccomp:\t0\nTracerPid:\t0\n")
 SECCOMP = procfs.parse_status("Name:\tapp\nSeccomp:\t2\nSeccomp_filters:\t1\nTracerPid:\t0\n")

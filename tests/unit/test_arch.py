@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-from memcr.arch import aarch64, x86_64
+from memcr.engine.arch import aarch64, x86_64
 
 # the C structure each Regs mirrors, and the header it is in
 LAYOUTS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from memcr import cli
-from memcr.codec import CIPHERS, DEFAULT_CIPHER
+from memcr.dump.codec import CIPHERS, DEFAULT_CIPHER
 from memcr.errors import EXIT_MEANINGS, UsageError
 from memcr.logs import Level, Logger
 from memcr.options import Options

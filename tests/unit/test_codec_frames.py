@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from memcr import codec
-from memcr.codec import CIPHERS, COMPRESSORS, FRAME, FRAME_PLAIN, Coding, FrameCodec
+from memcr.dump import codec
+from memcr.dump.codec import CIPHERS, COMPRESSORS, FRAME, FRAME_PLAIN, Coding, FrameCodec
 from memcr.errors import DumpError, UsageError
 
 PID = 4242

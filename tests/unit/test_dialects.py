@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr.codec import Coding
+from memcr.dump.codec import Coding
 from memcr.errors import StorageError
 from memcr.options import Options
 from memcr.service import listener, paths, requests

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr.codec import FRAME_PLAIN, Coding
+from memcr.dump.codec import FRAME_PLAIN, Coding
 from memcr.dump.format import HEADER, RECORD, check_directory, dump_path
 from memcr.dump.reader import DumpReader
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer

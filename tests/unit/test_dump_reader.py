@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr.codec import FRAME_PLAIN
+from memcr.dump.codec import FRAME_PLAIN
 from memcr.dump.reader import WHOLE, DumpReader
 from memcr.errors import DumpError, MemcrError
 from tests.unit.test_dump import CODINGS, PAGE, RUNS, write

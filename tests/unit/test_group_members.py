@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from memcr import group
 from memcr.errors import GroupError, TargetError, TargetGone
+from memcr.group import park as group
 from memcr.options import Cancel, Log, Options
 from memcr.report import Report
 

@@ -13,9 +13,9 @@ import os
 import signal
 import subprocess
 
-from memcr.cgroup import parse_events
 from memcr.errors import GroupError, StorageError, TargetError, TargetKilled
-from memcr.group import Tree, descendants
+from memcr.group.cgroup import parse_events
+from memcr.group.park import Tree, descendants
 from memcr.report import GroupReport, Report, error_json
 from memcr_client.protocol import ExitCode
 

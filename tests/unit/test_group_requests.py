@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from memcr import procfs
 from memcr.errors import UsageError
 from memcr.service import paths
+from memcr.system import procfs
 from memcr_client import Client, Dialect, ProtocolError
 from memcr_client.protocol import (
     PATH_MAX_V2,

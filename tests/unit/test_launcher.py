@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from memcr import admission, advice, launcher, procfs
+from memcr import advice, launcher
 from memcr.errors import Folder, MissingFolders, RightsError
+from memcr.park import admission
+from memcr.system import procfs
 
 
 def install(prefix: Path, launcher_bytes: bytes, mode: int = 0o750) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from memcr.dump.reader import WHOLE
 from memcr.lazy.source import FAULT_PIECE, FILL_PIECE, Source
 from memcr.lazy.space import Filling, Piece, Space
-from memcr.uffd import Userfaultfd
+from memcr.system.uffd import Userfaultfd
 from tests.unit.test_dump import CODINGS, PAGE, RUNS, write
 
 K = 0x1000

@@ -1,4 +1,4 @@
-"""memcr.libc's wrappers: a failed call is an OSError carrying its errno.
+"""memcr.system.libc's wrappers: a failed call is an OSError carrying its errno.
 
 Rootless: each call here fails before it could touch anything.
 """
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from memcr import libc
+from memcr.system import libc
 
 
 def reaped_pid() -> int:

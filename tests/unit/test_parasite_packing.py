@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from memcr.errors import ParasiteError
-from memcr.parasite import PAGEMAP_ENTRY, Nonces, Parasite, SocketSpec, Stream, pack_args
-from memcr.parasite_protocol import (
+from memcr.engine.parasite import PAGEMAP_ENTRY, Nonces, Parasite, SocketSpec, Stream, pack_args
+from memcr.engine.parasite_protocol import (
     ARGS,
     ARGS_FDS,
     ARGS_MAGIC,
@@ -28,6 +27,7 @@ from memcr.parasite_protocol import (
     SUN_PATH_LEN,
     send_command,
 )
+from memcr.errors import ParasiteError
 
 NONCES = Nonces(b"i" * 16, b"o" * 16)
 PAGE = 4096

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from memcr import parasite_protocol as protocol
+from memcr.engine import parasite_protocol as protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 PARASITE = ROOT / "parasite"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from memcr import scan
 from memcr.errors import PlanError, TargetError
-from memcr.procfs import Vma
-from memcr.scan import PAGE, Extent, Pages, Plan, build_plan, check_plan
+from memcr.park import scan
+from memcr.park.scan import PAGE, Extent, Pages, Plan, build_plan, check_plan
+from memcr.system.procfs import Vma
 
 BASE = 0x10000 * PAGE
 NO_PARASITE = (0, 0)

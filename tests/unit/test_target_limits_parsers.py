@@ -8,9 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from memcr import procfs
 from memcr.advice import explain
 from memcr.errors import TargetLimit
+from memcr.system import procfs
 
 
 def test_limits_are_those_the_process_has() -> None:

@@ -1,4 +1,4 @@
-"""Wait statuses as memcr.ptrace_calls.Stop reads them, made the way the kernel encodes them."""
+"""Wait statuses as memcr.engine.ptrace_calls.Stop reads them, made the way the kernel encodes them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from memcr import ptrace_calls as pt
-from memcr.ptrace_calls import Stop
+from memcr.engine import ptrace_calls as pt
+from memcr.engine.ptrace_calls import Stop
 
 
 def exited(code: int) -> int:

@@ -1,6 +1,6 @@
 """Whether, and from which thread, memcr may checkpoint a process: the refusals made before any change to it.
 
-memcr.procfs reads /proc; this module decides on what it reads.
+memcr.system.procfs reads /proc; this module decides on what it reads.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import errno
 import os
 
-from memcr import libc, procfs
 from memcr.errors import MemcrError, RightsError, TargetError
+from memcr.system import libc, procfs
 
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
 

@@ -1,6 +1,6 @@
 """Checkpoint of one target: check, freeze, infect, then scan -> plan -> stream -> file.
 
-`checkpoint()` returns the target as a Parked handle (memcr.parked), which
+`checkpoint()` returns the target as a Parked handle (memcr.park.parked), which
 restores it. The order keeps the cardinal rule: a page is dropped only
 after its bytes are in the dump file; a failure before the target is
 released either writes the dropped pages back (rollback) or, when that is
@@ -19,20 +19,24 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from memcr import admission, arch, codec, logs, procfs, ptrace_calls, scan
-from memcr.codec import FRAME_PLAIN
+from memcr import logs
+from memcr.dump import codec
+from memcr.dump.codec import FRAME_PLAIN
 from memcr.dump.format import Group, Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, Splice, open_writer
+from memcr.engine import arch, ptrace_calls
+from memcr.engine.infect import check_room
+from memcr.engine.parasite import Parasite, SocketSpec
+from memcr.engine.parasite_protocol import SEND_RUNS
+from memcr.engine.tracer import FrozenProcess
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
-from memcr.infect import check_room
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.parasite import Parasite, SocketSpec
-from memcr.parasite_protocol import SEND_RUNS
-from memcr.parked import Pagemap, Parked, Reserve, let_go
-from memcr.procfs import Vma
+from memcr.park import admission, scan
+from memcr.park.parked import Pagemap, Parked, Reserve, let_go
+from memcr.park.scan import MAX_EXTENT, Extent, Plan
 from memcr.report import Report, rss
-from memcr.scan import MAX_EXTENT, Extent, Plan
-from memcr.tracer import FrozenProcess
+from memcr.system import procfs
+from memcr.system.procfs import Vma
 
 CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
 AHEAD = 1 << 20  # bytes of pages asked of the parasite before memcr reads them

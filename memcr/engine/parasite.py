@@ -1,8 +1,8 @@
 """The parasite driver: its start-up arguments, its socket and its commands.
 
 `Parasite` is the handle (compel's parasite_ctl): it infects a frozen
-process (memcr.infect), connects to the parasite, exposes its commands and
-cures the process again. memcr.parasite_protocol holds the protocol's
+process (memcr.engine.infect), connects to the parasite, exposes its commands and
+cures the process again. memcr.engine.parasite_protocol holds the protocol's
 numbers and layouts (the parasite build checks them against
 parasite/protocol.h); parasite/README.md documents it.
 """
@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from memcr import libc, procfs
-from memcr.accounts import not_in_group
-from memcr.arch import Blobs
-from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
-from memcr.infect import BlobThread, Infection, Injector, room_error
-from memcr.parasite_protocol import (
+from memcr.engine.arch import Blobs
+from memcr.engine.infect import BlobThread, Infection, Injector, room_error
+from memcr.engine.parasite_protocol import (
     ARGS,
     ARGS_FDS,
     ARGS_MAGIC,
@@ -52,7 +49,10 @@ from memcr.parasite_protocol import (
     SUN_PATH_LEN,
     send_command,
 )
-from memcr.tracer import FrozenProcess
+from memcr.engine.tracer import FrozenProcess
+from memcr.errors import MemcrError, ParasiteError, RightsError, Uncured
+from memcr.system import libc, procfs
+from memcr.system.accounts import not_in_group
 
 STEP_NAMES = {
     STEP_SOCKET: "create", STEP_BIND: "bind", STEP_MODE: "set the owner and mode of", STEP_LISTEN: "listen on",

@@ -101,7 +101,7 @@ def prctl(option: int, arg: int = 0) -> int:
 
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
     """kcmp(2): 0 when the two processes share the resource, else its order (1, 2 or 3)."""
-    from memcr import arch  # the syscall's number is the architecture's
+    from memcr.engine import arch  # the syscall's number is the architecture's
 
     result = int(_libc().syscall(arch.current().SYS_KCMP, pid1, pid2, kind, idx1, idx2))
     if result == -1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from memcr import libc
+from memcr.system import libc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3

@@ -60,7 +60,7 @@ class Blobs:
 def current() -> Arch:
     machine = platform.machine()
     try:
-        module: Arch = importlib.import_module(f"memcr.arch.{machine}")  # a module that follows the protocol
+        module: Arch = importlib.import_module(f"memcr.engine.arch.{machine}")  # a module that follows the protocol
         return module
     except ModuleNotFoundError:
         raise MemcrError(f"memcr does not support the {machine} architecture yet") from None

@@ -3,7 +3,7 @@
 The ioctls and messages of <linux/userfaultfd.h>, the same on every
 architecture memcr runs on. A userfaultfd serves the mm of the process that
 made it, so memcr has the parasite make it inside the target and hand it
-over (memcr.parasite); this module only drives it.
+over (memcr.engine.parasite); this module only drives it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from memcr import libc
 from memcr.errors import MemcrError
+from memcr.system import libc
 
 NEW_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK  # no UFFD_USER_MODE_ONLY: the target's own system calls fault too
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 
-from memcr import libc
 from memcr.errors import MemcrError
+from memcr.system import libc
 
 
 class Unavailable(MemcrError):

@@ -10,11 +10,12 @@ import contextlib
 import threading
 import time
 
-from memcr import admission, procfs
-from memcr import ptrace_calls as pt
-from memcr.arch import Arch
+from memcr.engine import ptrace_calls as pt
+from memcr.engine.arch import Arch
+from memcr.engine.ptrace_calls import Stop
 from memcr.errors import MemcrError, TargetError, TargetGone
-from memcr.ptrace_calls import Stop
+from memcr.park import admission
+from memcr.system import procfs
 
 FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT
 SEIZE_ATTEMPTS = 3  # a refusal to seize with no tracer in sight is looked at again this often

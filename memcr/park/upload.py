@@ -5,7 +5,7 @@ from read-only mappings of the file, piece by piece (one copy, page cache
 to the target's pages, which the kernel faults in on the way), a framed
 one from each frame as it is decoded. The target is stopped, so its cores are free: each
 memcr thread takes its own pieces. Kernels without process_vm_writev get
-the parasite's RECV instead (memcr.parked), slower but the same bytes.
+the parasite's RECV instead (memcr.park.parked), slower but the same bytes.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from memcr import process_vm
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, Pages
 from memcr.errors import DumpError
+from memcr.system import process_vm
 
 PIECE = 2 << 20  # bytes per process_vm_writev: a huge page, small enough to share out evenly
 WINDOW = 32 << 20  # bytes of the dump mapped at a time: a 32-bit memcr has little address space
 INLINE = 4 << 20  # bytes written by the calling thread alone: starting threads would take longer
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all), as memcr.checkpoint's
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all), as memcr.park.checkpoint's
 
 
 class Tally:

@@ -15,21 +15,24 @@ import time
 from collections.abc import Callable
 from functools import cache
 
-from memcr import arch, logs, procfs, scan, uffd
+from memcr import logs
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader
+from memcr.engine import arch
+from memcr.engine.infect import Injector
+from memcr.engine.parasite import PAGEMAP_ENTRY, Parasite
+from memcr.engine.tracer import FrozenProcess
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
-from memcr.infect import Injector
 from memcr.lazy.guardian import Guardian
 from memcr.lazy.restore import LazyRestore
 from memcr.lazy.server import PageServer
 from memcr.lazy.source import Source
-from memcr.parasite import PAGEMAP_ENTRY, Parasite
-from memcr.process_vm import Unavailable
-from memcr.procfs import Vma
+from memcr.park import scan
+from memcr.park.upload import Progress, Tally, upload
 from memcr.report import Report, rss
-from memcr.tracer import FrozenProcess
-from memcr.upload import Progress, Tally, upload
+from memcr.system import procfs, uffd
+from memcr.system.process_vm import Unavailable
+from memcr.system.procfs import Vma
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
 
@@ -101,7 +104,7 @@ class Parked:
         self.reserve = reserve
         self.report = report
         self.log = log
-        self._direct = True  # restore with process_vm_writev (memcr.upload), else through the parasite
+        self._direct = True  # restore with process_vm_writev (memcr.park.upload), else through the parasite
         self._written: set[int] = set()  # records memcr has begun to write back
 
     @property

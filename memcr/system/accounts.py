@@ -12,8 +12,8 @@ import grp
 import os
 import pwd
 
-from memcr import procfs
 from memcr.errors import RightsError
+from memcr.system import procfs
 
 
 def user_name(uid: int) -> str:

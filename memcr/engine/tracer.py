@@ -1,7 +1,7 @@
 """The ptrace engine: freeze every thread of a process and run code in it.
 
-Built on memcr.ptrace_calls, memcr.seize (seizing, waiting) and
-memcr.tracee_memory. All requests for a tracee must come from the thread
+Built on memcr.engine.ptrace_calls, memcr.engine.seize (seizing, waiting) and
+memcr.engine.tracee_memory. All requests for a tracee must come from the thread
 that seized it, so a FrozenProcess refuses calls from any other thread.
 """
 
@@ -14,14 +14,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from memcr import admission, procfs
-from memcr import ptrace_calls as pt
-from memcr.arch import Arch, word_mask
+from memcr.engine import ptrace_calls as pt
+from memcr.engine.arch import Arch, word_mask
+from memcr.engine.ptrace_calls import Regs, Stop
+from memcr.engine.running import RunningProcess
+from memcr.engine.seize import Seizing, check_tracer, check_word_size, wait_for, wait_interrupted
+from memcr.engine.tracee_memory import Memory, ProcMem, PtraceMem
 from memcr.errors import MemcrError, TargetGone
-from memcr.ptrace_calls import Regs, Stop
-from memcr.running import RunningProcess
-from memcr.seize import Seizing, check_tracer, check_word_size, wait_for, wait_interrupted
-from memcr.tracee_memory import Memory, ProcMem, PtraceMem
+from memcr.park import admission
+from memcr.system import procfs
 
 OPTIONS = pt.O_EXITKILL | pt.O_TRACESYSGOOD
 # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK: the kernel restarts these after a signal

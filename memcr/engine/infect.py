@@ -1,6 +1,6 @@
 """Infection as a library: run system calls in a frozen process, start a blob as a thread in it, take it out.
 
-What the parasite does once it runs is memcr.parasite's business; this
+What the parasite does once it runs is memcr.engine.parasite's business; this
 module only maps a blob, starts it as a thread and, at the end, waits for
 it to exit and removes every trace of it (the compel split).
 """
@@ -15,11 +15,12 @@ import signal
 import time
 from collections.abc import Iterable
 
-from memcr import admission, procfs
-from memcr import ptrace_calls as pt
-from memcr.arch import Blobs, word_mask
+from memcr.engine import ptrace_calls as pt
+from memcr.engine.arch import Blobs, word_mask
+from memcr.engine.tracer import OPTIONS, FrozenProcess
 from memcr.errors import MemcrError, ParasiteError, RightsError, TargetError, TargetGone, TargetLimit, Uncured
-from memcr.tracer import OPTIONS, FrozenProcess
+from memcr.park import admission
+from memcr.system import procfs
 
 STACK_SIZE = 64 * 1024
 CLONE_FLAGS = (

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import resource
 
-from memcr import libc, procfs
 from memcr.errors import HardeningError
+from memcr.system import libc, procfs
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3

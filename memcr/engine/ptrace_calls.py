@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
 
-from memcr.libc import Iovec
+from memcr.system.libc import Iovec
 
 PTRACE_PEEKDATA = 2
 PTRACE_POKEDATA = 5
@@ -55,7 +55,7 @@ STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal
 SIGSET_SIZE = 8  # bytes of the kernel's sigset_t that GET/SETSIGMASK move
 NT_PRSTATUS = 1  # the general-purpose registers, as a register set
 
-Regs = Any  # an instance of the architecture's Regs structure (memcr.arch)
+Regs = Any  # an instance of the architecture's Regs structure (memcr.engine.arch)
 R = TypeVar("R", bound=ctypes.Structure)
 
 

@@ -7,9 +7,9 @@ import os
 import signal
 from collections.abc import Callable
 
-from memcr import ptrace_calls as pt
-from memcr.ptrace_calls import Stop
-from memcr.seize import check_tracer
+from memcr.engine import ptrace_calls as pt
+from memcr.engine.ptrace_calls import Stop
+from memcr.engine.seize import check_tracer
 
 
 class RunningProcess:

@@ -31,9 +31,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from memcr import logs, procfs
-from memcr.cgroup import Cgroup
-from memcr.checkpoint import checkpoint
+from memcr import logs
 from memcr.errors import (
     Aborted,
     GroupError,
@@ -44,9 +42,12 @@ from memcr.errors import (
     TargetGone,
     TargetKilled,
 )
+from memcr.group.cgroup import Cgroup
 from memcr.options import Cancel, Log, Options
-from memcr.parked import Parked
+from memcr.park.checkpoint import checkpoint
+from memcr.park.parked import Parked
 from memcr.report import GroupReport, Report
+from memcr.system import procfs
 
 POLL = 0.1  # seconds between looks at a cancel request while waiting
 WATCH = 0.25  # seconds between looks at whether a parked member still lives

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 
-from memcr import ptrace_calls as pt
+from memcr.engine import ptrace_calls as pt
 from memcr.errors import TargetError
 
 name = "aarch64"

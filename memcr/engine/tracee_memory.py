@@ -7,9 +7,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from memcr import procfs
-from memcr import ptrace_calls as pt
+from memcr.engine import ptrace_calls as pt
 from memcr.errors import MemcrError, TargetGone
+from memcr.system import procfs
 
 
 class Memory(Protocol):

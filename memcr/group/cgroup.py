@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from memcr import procfs
 from memcr.errors import RightsError, TargetError, UsageError
+from memcr.system import procfs
 
 FREEZE_WAIT = 2.0  # seconds for every task of the cgroup to reach the freezer
 

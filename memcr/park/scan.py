@@ -18,9 +18,9 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from memcr import libc, procfs
 from memcr.errors import PlanError, TargetError
-from memcr.procfs import SPECIAL, Vma
+from memcr.system import libc, procfs
+from memcr.system.procfs import SPECIAL, Vma
 
 PAGE = mmap.PAGESIZE
 # pagemap entry bits

@@ -1,0 +1,1 @@
+"""Groups parked all or nothing: a process tree or a cgroup, one checkpoint per member."""
