@@ -15,11 +15,11 @@ import signal
 import time
 from collections.abc import Iterable
 
+from memcr.engine import admission
 from memcr.engine import ptrace_calls as pt
 from memcr.engine.arch import Blobs, word_mask
 from memcr.engine.tracer import OPTIONS, FrozenProcess
 from memcr.errors import MemcrError, ParasiteError, RightsError, TargetError, TargetGone, TargetLimit, Uncured
-from memcr.park import admission
 from memcr.system import procfs
 
 STACK_SIZE = 64 * 1024

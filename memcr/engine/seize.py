@@ -10,11 +10,11 @@ import contextlib
 import threading
 import time
 
+from memcr.engine import admission
 from memcr.engine import ptrace_calls as pt
 from memcr.engine.arch import Arch
 from memcr.engine.ptrace_calls import Stop
 from memcr.errors import MemcrError, TargetError, TargetGone
-from memcr.park import admission
 from memcr.system import procfs
 
 FREEZE_TIMEOUT = 2.0  # seconds a thread may take to stop for PTRACE_INTERRUPT

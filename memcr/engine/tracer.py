@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from memcr.engine import admission
 from memcr.engine import ptrace_calls as pt
 from memcr.engine.arch import Arch, word_mask
 from memcr.engine.ptrace_calls import Regs, Stop
@@ -21,7 +22,6 @@ from memcr.engine.running import RunningProcess
 from memcr.engine.seize import Seizing, check_tracer, check_word_size, wait_for, wait_interrupted
 from memcr.engine.tracee_memory import Memory, ProcMem, PtraceMem
 from memcr.errors import MemcrError, TargetGone
-from memcr.park import admission
 from memcr.system import procfs
 
 OPTIONS = pt.O_EXITKILL | pt.O_TRACESYSGOOD

@@ -24,14 +24,14 @@ from memcr.dump import codec
 from memcr.dump.codec import FRAME_PLAIN
 from memcr.dump.format import Group, Record, check_directory
 from memcr.dump.writer import FramedWriter, PlainWriter, Splice, open_writer
-from memcr.engine import arch, ptrace_calls
+from memcr.engine import admission, arch, ptrace_calls
 from memcr.engine.infect import check_room
 from memcr.engine.parasite import Parasite, SocketSpec
 from memcr.engine.parasite_protocol import SEND_RUNS
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.park import admission, scan
+from memcr.park import scan
 from memcr.park.parked import Pagemap, Parked, Reserve, let_go
 from memcr.park.scan import MAX_EXTENT, Extent, Plan
 from memcr.report import Report, rss

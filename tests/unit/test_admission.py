@@ -10,8 +10,8 @@ import os
 
 import pytest
 
+from memcr.engine import admission
 from memcr.errors import TargetError
-from memcr.park import admission
 from memcr.system import procfs
 
 STATUS = procfs.parse_status("Name:\tapp\nSeccomp:\t0\nTracerPid:\t0\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from memcr import advice, launcher
+from memcr.engine import admission
 from memcr.errors import Folder, MissingFolders, RightsError
-from memcr.park import admission
 from memcr.system import procfs
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from memcr.engine import admission
 from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
-from memcr.park import admission, scan
+from memcr.park import scan
 from memcr.system import procfs
 
 MAPS = "".join(
