@@ -8,9 +8,11 @@ from __future__ import annotations
 import errno
 import os
 
+from memcr.engine import arch
 from memcr.errors import MemcrError, RightsError, TargetError
 from memcr.system import libc, procfs
 
+KCMP_VM = 1  # kcmp(2): do the two processes share their memory descriptor
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
 
 
@@ -197,7 +199,7 @@ def mm_sharers(pid: int) -> list[int]:
         if other == pid:
             continue
         try:
-            if libc.kcmp(pid, other, libc.KCMP_VM) == 0:
+            if libc.syscall(arch.current().SYS_KCMP, pid, other, KCMP_VM, 0, 0) == 0:
                 sharers.append(other)
         except libc.CallError as e:
             if e.errno == errno.ENOSYS:

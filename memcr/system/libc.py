@@ -17,7 +17,6 @@ from functools import cache
 _ADDR = ctypes.c_void_p
 _SIZE = ctypes.c_size_t
 MAP_FAILED = ctypes.c_void_p(-1).value
-KCMP_VM = 1  # kcmp(2): do the two processes share their memory descriptor
 
 
 class CallError(OSError):
@@ -99,11 +98,9 @@ def prctl(option: int, arg: int = 0) -> int:
     return result
 
 
-def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
-    """kcmp(2): 0 when the two processes share the resource, else its order (1, 2 or 3)."""
-    from memcr.engine import arch  # the syscall's number is the architecture's
-
-    result = int(_libc().syscall(arch.current().SYS_KCMP, pid1, pid2, kind, idx1, idx2))
+def syscall(number: int, *args: int) -> int:
+    """A system call glibc has no wrapper for (kcmp): its result. The caller knows its number on this CPU."""
+    result = int(_libc().syscall(number, *args))
     if result == -1:
         raise _error()
     return result
