@@ -53,7 +53,12 @@ class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in new
 
 def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
+        from memcr.park import features
+
         write(sys.stdout, f"memcr {__version__} ({platform.machine()}, Linux {platform.release()})")
+        write(sys.stdout, "kernel features (probed; docs/kernels.md says what memcr does without each):")
+        for line in features.summary():
+            write(sys.stdout, line)
         ctx.exit(0)
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import errno
-import fcntl
 import mmap
 import re
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from memcr.errors import PlanError, TargetError
-from memcr.system import libc, procfs
+from memcr.park import features
+from memcr.system import libc, pagemap, procfs
+from memcr.system.pagemap import IS_FILE, IS_GUARD, IS_PFNZERO, IS_PRESENT, IS_SWAPPED
 from memcr.system.procfs import SPECIAL, Vma
 
 PAGE = mmap.PAGESIZE
@@ -41,13 +40,6 @@ MAX_EXTENT = 8 << 20  # bytes per dump record: bounds memcr's buffers
 WINDOW = 65536  # pagemap entries read at once (512 KiB)
 
 PagemapReader = Callable[[int, int], bytes]
-
-# PAGEMAP_SCAN (Linux 6.7): where the pages are, without 8 bytes per empty page
-PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
-SCAN_ARG = struct.Struct("<12Q")
-REGION = struct.Struct("<3Q")
-IS_FILE, IS_PRESENT, IS_SWAPPED, IS_PFNZERO, IS_GUARD = 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 8
-SCAN_REGIONS = 4096  # regions per call
 
 
 @dataclass(frozen=True)
@@ -145,7 +137,7 @@ def scan_pages(
             alone = (vma.start, vma.end) in unshared
             regions = _regions(vma.start, vma.end, scan_fd, _categories(vma) if alone else IS_PRESENT | IS_SWAPPED)
             # without PAGE_IS_GUARD a guard region looks swapped: only the entries tell it apart
-            if regions is not None and alone and _guard_known[0]:
+            if regions is not None and alone and features.PAGE_IS_GUARD.present:
                 pages[vma.start, vma.end] = _by_category(vma, regions)
                 continue
         if regions is None:
@@ -249,45 +241,17 @@ def _categories(vma: Vma) -> int:
     return IS_PRESENT | IS_SWAPPED | IS_PFNZERO | IS_GUARD | (0 if vma.anonymous else IS_FILE)
 
 
-_guard_known = [True]  # whether this kernel has PAGE_IS_GUARD (Linux 6.14): found out at the first EINVAL
-
-
 def _regions(low: int, high: int, fd: int, wanted: int) -> list[tuple[int, int, int]] | None:
-    """(first, stop, category) of the present or swapped pages, as page indexes from `low`,
-    by PAGEMAP_SCAN; None if the kernel lacks it.
-
-    The kernel's walk_end can lie before the end of the regions it just
-    returned (seen on 6.18 with more than 512 runs in a mapping): the next
-    call starts after both, and no page is ever listed twice.
-    """
-    if not _guard_known[0]:
+    """What PAGEMAP_SCAN says of [low, high) (memcr.system.pagemap.regions); None where the kernel lacks
+    it or refuses this scan: the pagemap's entries are read instead."""
+    if not features.PAGEMAP_SCAN.present:
+        return None
+    if not features.PAGE_IS_GUARD.present:
         wanted &= ~IS_GUARD
-    found: list[tuple[int, int, int]] = []
-    vec = bytearray(REGION.size * SCAN_REGIONS)
-    vec_addr = ctypes.addressof(ctypes.c_char.from_buffer(vec))
-    anyof = IS_PRESENT | IS_SWAPPED
-    start = low
-    while start < high:
-        arg = bytearray(SCAN_ARG.pack(SCAN_ARG.size, 0, start, high, 0, vec_addr, SCAN_REGIONS, 0, 0, 0, anyof, wanted))
-        try:
-            count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
-        except OSError as e:
-            if e.errno == errno.EINVAL and wanted & IS_GUARD:
-                _guard_known[0] = False
-                return _regions(low, high, fd, wanted & ~IS_GUARD)
-            return None
-        done = start
-        for i in range(count):
-            first, end, category = REGION.unpack_from(vec, i * REGION.size)
-            first = max(first, done)
-            if end > first:
-                found.append(((first - low) // PAGE, (end - low) // PAGE, category))
-                done = end
-        following = max(SCAN_ARG.unpack(arg)[4], done)
-        if following <= start:
-            break
-        start = following
-    return found
+    try:
+        return pagemap.regions(low, high, fd, wanted)
+    except OSError:
+        return None
 
 
 def _merged(regions: list[tuple[int, int, int]]) -> list[range]:

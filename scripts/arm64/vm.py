@@ -41,6 +41,7 @@ from typing import Any
 # security, endings, faults, the real apps) run natively only.
 ARM64_SUITE = [
     "tests/unit/test_arch.py",
+    "tests/unit/test_features.py",
     "tests/test_roundtrip.py",
     "tests/test_dump_pipeline.py",
     "tests/test_service.py",

@@ -28,6 +28,7 @@ class Arch(Protocol):
     SYS_EXIT: int
     SYS_KILL: int
     SYS_KCMP: int  # the host's number: memcr runs on the target's CPU
+    SYS_USERFAULTFD: int  # the host's number too: memcr probes the kernel with it (memcr -V)
 
     def prepare_syscall(self, regs: Any, pc: int, nr: int, args: tuple[int, ...]) -> Any: ...
     def syscall_result(self, regs: Any) -> int: ...

@@ -29,6 +29,7 @@ SYS_CLONE = 220
 SYS_EXIT = 93
 SYS_KILL = 129
 SYS_KCMP = 272
+SYS_USERFAULTFD = 282
 
 NT_ARM_SYSTEM_CALL = 0x404  # the number of the system call the thread is in, -1 for none
 NT_ARM_SVE = 0x405

@@ -15,6 +15,7 @@ SYS_CLONE = 56
 SYS_EXIT = 60
 SYS_KILL = 62
 SYS_KCMP = 312
+SYS_USERFAULTFD = 323
 
 
 class Regs(ctypes.Structure):

@@ -1,0 +1,165 @@
+"""The kernel's optional features: each probed once, at its first use, never read off a version string.
+
+memcr runs on Linux 5.10 and later (docs/kernels.md). What a newer kernel
+adds makes it faster or lets it do more; without it memcr takes the way
+each Feature names, and `memcr -V` lists what this kernel has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from functools import cached_property
+
+from memcr.engine import arch
+from memcr.engine.admission import KCMP_VM
+from memcr.system import libc, pagemap
+from memcr.system.uffd import Unavailable, Userfaultfd
+
+UFFD_USER_MODE_ONLY = 1  # a userfaultfd that sees user-mode faults only: allowed without privileges
+
+
+class Feature:
+    """One optional feature: what it serves, the kernel that brought it, what memcr does without it."""
+
+    def __init__(self, name: str, since: str, serves: str, without: str, probe: Callable[[], bool]) -> None:
+        self.name = name
+        self.since = since
+        self.serves = serves
+        self.without = without
+        self._probe = probe
+
+    @cached_property
+    def present(self) -> bool:
+        """Whether memcr can use it here: probed at the first look (a second probe, if threads race, agrees)."""
+        return self._probe()
+
+
+def _scans(wanted: int) -> bool:
+    """Whether PAGEMAP_SCAN answers for a page of memcr's own, asking for the categories `wanted`."""
+    page = libc.mmap(mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        ctypes.memset(page, 1, 1)
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pagemap.regions(page, page + mmap.PAGESIZE, fd, wanted)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+    finally:
+        libc.munmap(page, mmap.PAGESIZE)
+
+
+def _pagemap_scan() -> bool:
+    return _scans(pagemap.IS_PRESENT)
+
+
+def _page_is_guard() -> bool:
+    return PAGEMAP_SCAN.present and _scans(pagemap.IS_PRESENT | pagemap.IS_GUARD)
+
+
+def _userfaultfd() -> bool:
+    """A userfaultfd that reports every event memcr needs. Where memcr may not make one itself (no
+    CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=0, a kernel before user-mode-only ones), the sysctl
+    that comes with the feature answers: the target makes its own, with its own rights."""
+    fd = -1
+    for flags in (0, UFFD_USER_MODE_ONLY):
+        try:
+            fd = libc.syscall(arch.current().SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | flags)
+            break
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                return False
+    if fd < 0:
+        return os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
+    try:
+        Userfaultfd(fd, mmap.PAGESIZE).handshake()
+    except Unavailable:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _userfaultfd_device() -> bool:
+    try:
+        os.close(os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def _process_vm_writev() -> bool:
+    try:
+        libc.process_vm_writev(os.getpid(), libc.Iovec(), libc.Iovec())
+    except OSError as e:
+        return e.errno != errno.ENOSYS
+    return True
+
+
+def _kcmp() -> bool:
+    try:
+        libc.syscall(arch.current().SYS_KCMP, os.getpid(), os.getpid(), KCMP_VM, 0, 0)
+    except OSError as e:
+        return e.errno != errno.ENOSYS
+    return True
+
+
+PAGEMAP_SCAN = Feature(
+    "PAGEMAP_SCAN",
+    "6.7",
+    "finds a mapping's pages in one call",
+    "reads the pagemap entry of every page (~15 ms/GiB more)",
+    _pagemap_scan,
+)
+PAGE_IS_GUARD = Feature(
+    "PAGE_IS_GUARD",
+    "6.14",
+    "tells guard regions (MADV_GUARD_INSTALL) apart within PAGEMAP_SCAN",
+    "reads the pagemap entries of a mapping whose pages another process may map",
+    _page_is_guard,
+)
+USERFAULTFD = Feature(
+    "userfaultfd",
+    "4.11",
+    "lazy restore (--lazy): the target runs at once, its pages follow",
+    "restores eagerly, and says why",
+    _userfaultfd,
+)
+USERFAULTFD_DEVICE = Feature(
+    "/dev/userfaultfd",
+    "6.1",
+    "lazy restore of a target that may not make a userfaultfd itself",
+    "restores such a target eagerly, and says why",
+    _userfaultfd_device,
+)
+PROCESS_VM_WRITEV = Feature(
+    "process_vm_writev",
+    "3.2, CONFIG_CROSS_MEMORY_ATTACH",
+    "restore copies on every core",
+    "restores through the parasite's socket, one core",
+    _process_vm_writev,
+)
+KCMP = Feature(
+    "kcmp",
+    "3.5, CONFIG_KCMP",
+    "finds every process that shares a target's memory (vfork, CLONE_VM)",
+    "finds vfork() parents and children by their wait channel",
+    _kcmp,
+)
+ALL = (PAGEMAP_SCAN, PAGE_IS_GUARD, USERFAULTFD, USERFAULTFD_DEVICE, PROCESS_VM_WRITEV, KCMP)
+
+
+def summary() -> list[str]:
+    """One line a feature, for `memcr -V`."""
+    width = max(len(f.name) for f in ALL)
+    return [
+        f"  {f.name:<{width}}  {'yes' if f.present else 'no ':<3}  Linux {f.since}: {f.serves}"
+        + ("" if f.present else f"; without it memcr {f.without}")
+        for f in ALL
+    ]
