@@ -9,7 +9,7 @@ import errno
 import os
 
 from memcr.errors import MemcrError, RightsError, TargetError
-from memcr.system import libc, procfs
+from memcr.system import libc, processes, procfs
 
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
 
@@ -193,7 +193,7 @@ def mm_sharers(pid: int) -> list[int]:
     is found from its kernel wait channel.
     """
     sharers = []
-    for other in procfs.pids():
+    for other in processes.pids():
         if other == pid:
             continue
         try:
@@ -203,7 +203,7 @@ def mm_sharers(pid: int) -> list[int]:
             if e.errno == errno.ENOSYS:
                 return _vfork_relatives(pid)
     # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
-    return [other for other in sharers if procfs.alive(other)] if sharers and procfs.alive(pid) else []
+    return [other for other in sharers if processes.alive(other)] if sharers and processes.alive(pid) else []
 
 
 def _vfork_relatives(pid: int) -> list[int]:
@@ -214,7 +214,7 @@ def _vfork_relatives(pid: int) -> list[int]:
     """
     parent = int(procfs.read_status(pid).get("PPid", "0"))
     if _in_vfork(pid):
-        return procfs.children(pid)
+        return processes.children(pid)
     return [parent] if parent and _in_vfork(parent) else []
 
 
