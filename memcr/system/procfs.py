@@ -1,4 +1,4 @@
-"""Everything memcr reads from /proc, parsed in one place."""
+"""Every /proc read memcr makes that psutil does not (memcr.system.processes), parsed in one place."""
 
 from __future__ import annotations
 
