@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from memcr.system import procfs
+from memcr.system import processes, procfs
 from tests.conftest import Memcr, reap
 
 KEPT = ["plain", "handlers", "trap-thread", "trap-process", "pending", "blocking", "seccomp-strict", "registers"]
@@ -131,7 +131,7 @@ def test_main_thread_running_shared_code(spawn, memcr: Memcr, mode: str) -> None
     result = memcr.run("-p", target.pid, "-n")
     assert result.returncode == 0, result.stderr
     for child in children:
-        assert procfs.alive(child), f"the child {child} died"
+        assert processes.alive(child), f"the child {child} died"
     assert target.verify() == 0
 
 

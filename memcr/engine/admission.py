@@ -10,7 +10,7 @@ import os
 
 from memcr.engine import arch
 from memcr.errors import MemcrError, RightsError, TargetError
-from memcr.system import libc, procfs
+from memcr.system import libc, processes, procfs
 
 KCMP_VM = 1  # kcmp(2): do the two processes share their memory descriptor
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
@@ -195,7 +195,7 @@ def mm_sharers(pid: int) -> list[int]:
     is found from its kernel wait channel.
     """
     sharers = []
-    for other in procfs.pids():
+    for other in processes.pids():
         if other == pid:
             continue
         try:
@@ -205,7 +205,7 @@ def mm_sharers(pid: int) -> list[int]:
             if e.errno == errno.ENOSYS:
                 return _vfork_relatives(pid)
     # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
-    return [other for other in sharers if procfs.alive(other)] if sharers and procfs.alive(pid) else []
+    return [other for other in sharers if processes.alive(other)] if sharers and processes.alive(pid) else []
 
 
 def _vfork_relatives(pid: int) -> list[int]:
@@ -216,7 +216,7 @@ def _vfork_relatives(pid: int) -> list[int]:
     """
     parent = int(procfs.read_status(pid).get("PPid", "0"))
     if _in_vfork(pid):
-        return procfs.children(pid)
+        return processes.children(pid)
     return [parent] if parent and _in_vfork(parent) else []
 
 

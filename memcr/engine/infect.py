@@ -20,7 +20,7 @@ from memcr.engine import ptrace_calls as pt
 from memcr.engine.arch import Blobs, word_mask
 from memcr.engine.tracer import OPTIONS, FrozenProcess
 from memcr.errors import MemcrError, ParasiteError, RightsError, TargetError, TargetGone, TargetLimit, Uncured
-from memcr.system import procfs
+from memcr.system import processes, procfs
 
 STACK_SIZE = 64 * 1024
 CLONE_FLAGS = (
@@ -183,7 +183,7 @@ class Injector:
         try:
             self.frozen.write(at, original)
         except (OSError, TargetGone):
-            if procfs.alive(self.frozen.pid):
+            if processes.alive(self.frozen.pid):
                 raise MemcrError(
                     f"could not restore the code of process {self.frozen.pid} at {at:#x}", pid=self.frozen.pid
                 ) from None

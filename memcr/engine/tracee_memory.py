@@ -9,7 +9,7 @@ from typing import Protocol
 
 from memcr.engine import ptrace_calls as pt
 from memcr.errors import MemcrError, TargetGone
-from memcr.system import procfs
+from memcr.system import processes
 
 
 class Memory(Protocol):
@@ -30,7 +30,7 @@ class ProcMem:
     def read(self, addr: int, size: int) -> bytes:
         data = os.pread(self.fd, size, addr)
         if len(data) != size:
-            if not procfs.alive(self.pid):
+            if not processes.alive(self.pid):
                 raise TargetGone(f"process {self.pid} is gone", pid=self.pid)
             raise MemcrError(f"short read from process {self.pid} at {addr:#x}: {len(data)} of {size} bytes")
         return data

@@ -36,7 +36,6 @@ from memcr.errors import (
     Aborted,
     GroupError,
     MemcrError,
-    RightsError,
     TargetEnded,
     TargetError,
     TargetGone,
@@ -47,7 +46,7 @@ from memcr.options import Cancel, Log, Options
 from memcr.park.checkpoint import checkpoint
 from memcr.park.parked import Parked
 from memcr.report import GroupReport, Report
-from memcr.system import procfs
+from memcr.system import processes
 
 POLL = 0.1  # seconds between looks at a cancel request while waiting
 WATCH = 0.25  # seconds between looks at whether a parked member still lives
@@ -63,7 +62,7 @@ class Membership(Protocol):
 
 
 class Tree:
-    """A process and every descendant of it, by the parent links of psutil's process table."""
+    """A process and every descendant of it, by the parent links of the process table."""
 
     def __init__(self, root: int) -> None:
         self.root = root
@@ -72,7 +71,7 @@ class Tree:
         return f"tree {self.root}"
 
     def walk(self) -> set[int]:
-        parents = _parent_links()
+        parents = processes.parent_links()
         if self.root not in parents:
             raise TargetError(f"no such process: {self.root}", pid=self.root, what="look up")
         return {self.root} | descendants(self.root, parents)
@@ -80,24 +79,6 @@ class Tree:
     def hold(self, log: Log) -> AbstractContextManager[None]:
         # nothing freezes a tree at once: held members cannot fork, and the walks repeat until stable
         return contextlib.nullcontext()
-
-
-def _parent_links() -> dict[int, int]:
-    """pid -> parent pid of every process now, zombies left out: they have exited and hold no memory (and
-    no children: those went to a reaper when they exited). One that exits meanwhile is left out too."""
-    import psutil  # a tree's walk alone needs the process table: not loaded by a daemon that never walks one
-
-    gone = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    denied = object()
-    links = {}
-    for p in psutil.process_iter(["ppid", "status"], ad_value=denied):
-        if p.info["status"] in gone:
-            continue
-        if denied in (p.info["ppid"], p.info["status"]):
-            # left out, it might be a member that runs on while the rest is parked: not all or nothing
-            raise RightsError(f"cannot read the parent of process {p.pid} (/proc is mounted hidepid?)", pid=p.pid)
-        links[p.pid] = p.info["ppid"]
-    return links
 
 
 def descendants(root: int, parents: dict[int, int]) -> set[int]:
@@ -372,7 +353,7 @@ def _ended(pid: int, error: Exception) -> bool:
     live process that failed.
     """
     deadline = time.monotonic() + (EXIT_WAIT if isinstance(error, TargetGone) else 0)
-    while procfs.alive(pid):
+    while processes.alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)

@@ -30,7 +30,7 @@ from memcr.lazy.source import Source
 from memcr.park import scan
 from memcr.park.upload import Progress, Tally, upload
 from memcr.report import Report, rss
-from memcr.system import procfs, uffd
+from memcr.system import processes, procfs, uffd
 from memcr.system.process_vm import Unavailable
 from memcr.system.procfs import Vma
 
@@ -459,7 +459,7 @@ def _dead(frozen: FrozenProcess, grace: float = 0.0) -> bool:
     ptrace request failed with ESRCH, a SIGKILL may have just arrived).
     """
     deadline = time.monotonic() + grace
-    while not (frozen.exiting() or not procfs.alive(frozen.pid)):
+    while not (frozen.exiting() or not processes.alive(frozen.pid)):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)

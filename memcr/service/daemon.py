@@ -39,7 +39,7 @@ from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.service.pid_target import Pid
 from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
-from memcr.system import heap, procfs
+from memcr.system import heap, processes
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
@@ -498,7 +498,7 @@ class Service:
 
 def _free_descriptors() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - procfs.descriptor_count()
+    return soft - processes.descriptor_count()
 
 
 def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,

@@ -20,7 +20,7 @@ from memcr.errors import Aborted, GroupError, MemcrError, TargetError
 from memcr.group.park import Membership, ParkedGroup, Tree, park
 from memcr.options import Cancel, Log, Options
 from memcr.report import GroupReport, Report, error_json
-from memcr.system.procfs import alive
+from memcr.system.processes import alive
 from memcr_client.protocol import Answer
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID

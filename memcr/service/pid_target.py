@@ -9,7 +9,7 @@ from memcr import logs
 from memcr.errors import Aborted, MemcrError, TargetError, TargetGone, TargetKilled
 from memcr.options import Cancel, Log, Options
 from memcr.report import GroupReport, Report, error_json
-from memcr.system import procfs
+from memcr.system import processes
 from memcr_client.protocol import Answer
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
@@ -70,7 +70,7 @@ class HeldPid:
 
     def dead(self) -> bool:
         try:
-            return not procfs.alive(self.pid)
+            return not processes.alive(self.pid)
         except OSError:
             return False  # out of descriptors, say: it may well be alive, look again later
 

@@ -13,7 +13,7 @@ import os
 import pwd
 
 from memcr.errors import RightsError
-from memcr.system import procfs
+from memcr.system import processes
 
 
 def user_name(uid: int) -> str:
@@ -55,7 +55,7 @@ def not_in_group(gid: int, consequence: str, target: int | None = None) -> Right
     if target is None:
         uid, whose, restart = os.geteuid(), "memcr's", "memcr"
     else:
-        uid, whose, restart = procfs.thread_uids(target)[target][0], f"process {target}'s", f"process {target}"
+        uid, whose, restart = processes.real_uid(target), f"process {target}'s", f"process {target}"
     return RightsError(
         f"{whose} {user(uid)} is not in {group(gid)}, so {consequence}: add it to the group "
         f"(usermod -aG {group_name(gid)} {user_name(uid)}) and start {restart} again",

@@ -1,4 +1,4 @@
-"""Everything memcr reads from /proc, parsed in one place."""
+"""Every /proc read memcr makes that psutil does not (memcr.system.processes), parsed in one place."""
 
 from __future__ import annotations
 
@@ -281,15 +281,6 @@ def cgroup2_mount() -> Path | None:
     return parse_cgroup2_mount(_read(proc_path("self", "mountinfo"), "self"))
 
 
-def alive(pid: int) -> bool:
-    """Running or stopped: a zombie waiting to be reaped is dead already."""
-    try:
-        state = read_status(pid).get("State", "")
-    except TargetGone:
-        return False
-    return not state.startswith(("Z", "X"))
-
-
 def ns_pid(pid: int) -> int:
     """The process's id in its own pid namespace."""
     return int(read_status(pid).get("NSpid", str(pid)).split()[-1])
@@ -325,22 +316,9 @@ def exists(pid: int) -> bool:
     return proc_path(pid).exists()
 
 
-def pids() -> list[int]:
-    """Every process now."""
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
 def command_line(pid: int) -> list[str]:
     """The process's arguments; [""] when memcr may not read them, or the process is gone."""
     return (_read_or_none(proc_path(pid, "cmdline")) or "").split("\0")
-
-
-def children(pid: int) -> list[int]:
-    """The children of every thread of the process (task/*/children)."""
-    found: list[int] = []
-    for tid in thread_ids(pid):
-        found += [int(c) for c in (_read_or_none(proc_path(pid, "task", str(tid), "children")) or "").split()]
-    return found
 
 
 def descriptor_links(pid: int) -> list[tuple[str, str]]:
@@ -436,11 +414,6 @@ def open_namespace(pid: int, kind: str) -> int:
                 what="open",
             ) from None
         raise typed_error(e, path, pid, "open") from None
-
-
-def descriptor_count(pid: int | str = "self") -> int:
-    """How many file descriptors the process (memcr itself by default) has open."""
-    return len(_listdir(proc_path(pid, "fd"), pid))
 
 
 def limits(pid: int) -> dict[str, tuple[int | None, int | None]]:

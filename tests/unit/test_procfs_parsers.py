@@ -19,7 +19,7 @@ import pytest
 from memcr.engine import admission
 from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
 from memcr.park import scan
-from memcr.system import procfs
+from memcr.system import processes, procfs
 
 MAPS = "".join(
     line + "\n"
@@ -253,7 +253,7 @@ def test_vanished_pid() -> None:
         with pytest.raises(TargetGone, match=f"^process {pid} is gone$") as gone:
             read(pid)
         assert (gone.value.pid, gone.value.path, gone.value.errno) == (pid, path, errno.ENOENT)
-    assert not procfs.alive(pid)
+    assert not processes.alive(pid)
     with pytest.raises(TargetError, match=f"^no such process: {pid}$") as refused:
         admission.check_target(pid)
     assert refused.value.pid == pid
@@ -292,7 +292,7 @@ def test_own_status_and_threads() -> None:
     assert int(status["Tgid"]) == os.getpid()
     assert procfs.read_stat(os.getpid()).pid == os.getpid()
     assert os.getpid() in procfs.thread_ids(os.getpid())
-    assert procfs.descriptor_count() > 0
+    assert processes.descriptor_count() > 0
     with pytest.raises(TargetError, match="memcr itself") as refused:
         admission.check_target(os.getpid())
     assert refused.value.pid == os.getpid()
