@@ -67,11 +67,34 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return built
 
 
+WALL = 0x40000000  # waitpid's __WALL: a traced thread's end too
+
+
 def reap(proc: subprocess.Popen) -> None:
-    """Kill a process if it still runs, and collect it."""
+    """Kill a process if it still runs, and collect it.
+
+    A target that a failed test left traced by this process (memcr run as
+    a library) leaves each thread a zombie until its tracer waits for it:
+    those are collected first, or waiting for the process would never end.
+    """
     if proc.poll() is None:
         proc.kill()
+    for tid in _traced_by_us(proc.pid):  # the leader last, by proc.wait: it waits for its threads
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, WALL)
     proc.wait()
+
+
+def _traced_by_us(pid: int) -> list[int]:
+    ours = {int(t) for t in os.listdir("/proc/self/task")}
+    tids = []
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                tracer = next((line.split()[1] for line in f if line.startswith("TracerPid:")), "0")
+            if int(tracer) in ours and int(tid) != pid:
+                tids.append(int(tid))
+    return tids
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:

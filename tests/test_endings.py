@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,14 +25,15 @@ import pytest
 from memcr.dump import codec
 from memcr.dump.codec import Coding
 from memcr.dump.reader import PlainReader
-from memcr.engine import infect
+from memcr.engine import arch, infect
+from memcr.engine.tracer import FrozenProcess
 from memcr.errors import DumpError, LimitError, MemcrError, TargetKilled
 from memcr.options import Options
 from memcr.park import checkpoint as checkpoint_module
 from memcr.park import parked
 from memcr.park.checkpoint import checkpoint
 from memcr.system import process_vm
-from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Memcr, memcr_argv, reports
+from tests.conftest import CHECKPOINT, REQUEST, RESPONSE, RESTORE, RUN_TIMEOUT, Memcr, memcr_argv, reap, reports
 
 Logs = list[str]
 
@@ -298,7 +300,7 @@ def test_no_room_to_map_the_dump_restores_through_the_parasite(spawn, library, m
     def no_room(*_: object) -> None:
         raise DumpError("injected: cannot map the dump: Cannot allocate memory", errno=errno.ENOMEM)
 
-    monkeypatch.setattr(PlainReader, "mapped", no_room)
+    monkeypatch.setattr(PlainReader, "readable", no_room)
     handle.restore()
     monkeypatch.undo()
     assert any("through the parasite" in line for line in logs)
@@ -376,3 +378,15 @@ def test_a_daemon_out_of_threads_keeps_its_parked_target(spawn, tmp_path: Path) 
     assert alive_meanwhile, out[-2000:]
     assert answer == 0, out[-2000:]
     assert target.verify() == 0
+
+
+def test_a_target_a_failed_test_left_frozen_in_this_process_is_still_reaped(spawn) -> None:
+    """The suite's own teardown: each thread of a target traced here stays a zombie until its tracer waits
+    for it, and a teardown that waited for the process alone hung the whole suite."""
+    target = spawn("pattern", 16, 4)
+    FrozenProcess.freeze(target.pid, arch.current())  # never released, as by a test that failed midway
+    reaper = threading.Thread(target=reap, args=(target.proc,))
+    reaper.start()
+    reaper.join(RUN_TIMEOUT)
+    assert not reaper.is_alive(), "the target's threads were never collected"
+    assert target.proc.returncode == -signal.SIGKILL
