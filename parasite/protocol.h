@@ -1,6 +1,6 @@
 /*
  * Wire protocol between memcr and its parasite. See README.md beside this
- * file. memcr/parasite_protocol.py is memcr's side: the build checks every
+ * file. memcr/engine/parasite_protocol.py is memcr's side: the build checks every
  * PARASITE_* number and every field's offset and size against it
  * (gen_protocol_check.py), and fails on any difference.
  */

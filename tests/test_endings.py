@@ -390,3 +390,28 @@ def test_a_target_a_failed_test_left_frozen_in_this_process_is_still_reaped(spaw
     reaper.join(RUN_TIMEOUT)
     assert not reaper.is_alive(), "the target's threads were never collected"
     assert target.proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("coding", [Coding(), Coding(compress="lz4")], ids=["plain", "framed"])
+def test_a_page_server_that_cannot_start_leaves_nothing_behind(spawn, library, monkeypatch, coding) -> None:
+    """A lazy restore whose server threads cannot start is rolled back eagerly, and memcr keeps neither the
+    server's pipe nor its mapping of the dump (the fixture counts memcr's descriptors)."""
+    run, _, dumps = library
+    target = spawn("pattern", 32, 2)
+    blocked = target.status()["SigBlk"]
+    handle = run(target.pid, coding)
+    assert isinstance(handle, parked.Parked)
+    start = threading.Thread.start
+
+    def no_threads(self: threading.Thread) -> None:
+        if self.name == "memcr-lazy-fill":
+            raise RuntimeError("injected: can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_threads)
+    with pytest.raises(RuntimeError, match="injected"):
+        handle.restore(lazy=True)
+    monkeypatch.undo()
+    intact(target, dumps, blocked)
+    with open("/proc/self/maps") as maps:
+        assert [line for line in maps if str(dumps) in line] == []

@@ -124,6 +124,10 @@ class PageServer:
                 thread.start()
         except BaseException:
             self.stop()
+            with self._pipe_lock:  # its own pipe; what it was given stays the caller's until it exists
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
             raise
 
     @property

@@ -223,13 +223,15 @@ class Parked:
     def _start_lazy(self, watched: uffd.Userfaultfd) -> LazyRestore:
         """Put back what cannot wait, start the guardian and the page server, let the target run."""
         guardian = Guardian()
+        source: Source | None = None
         server: PageServer | None = None
         try:
             now, later = self._split(self._lazy)
             guardian.hold(watched.fd)
             # faults are served before the writes below: a record that goes back now may lie in a watched
             # mapping (a page of it was refilled while parked), and writing its missing pages faults there
-            server = PageServer(self.pid, watched, guardian, Source(self.dump, later, self.pagemap.page_size))
+            source = Source(self.dump, later, self.pagemap.page_size)
+            server = PageServer(self.pid, watched, guardian, source)
             self._written.update(r.addr for r in later)  # from now on the server writes them
             self._write_back(now)
             self.parasite.cure()
@@ -240,6 +242,8 @@ class Parked:
                 server.stop()
                 server.close()
             else:
+                if source is not None:
+                    source.close()
                 guardian.end()
                 guardian.reap()
                 watched.close()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from memcr import logs
-from memcr.errors import Aborted, MemcrError, TargetError, TargetGone, TargetKilled
+from memcr.errors import Aborted, MemcrError, RightsError, TargetError, TargetGone, TargetKilled
 from memcr.options import Cancel, Log, Options
 from memcr.report import GroupReport, Report, error_json
 from memcr.system import processes
@@ -71,8 +71,8 @@ class HeldPid:
     def dead(self) -> bool:
         try:
             return not processes.alive(self.pid)
-        except OSError:
-            return False  # out of descriptors, say: it may well be alive, look again later
+        except (OSError, RightsError):
+            return False  # out of descriptors or refused, say: it may well be alive, look again later
 
     def bury(self, log: Log) -> None:
         logs.error(log, f"pid {self.pid} died while checkpointed: forgotten")

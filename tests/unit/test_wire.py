@@ -161,10 +161,6 @@ def test_other_scripts_digits_are_no_port() -> None:
     assert Address.parse("٩٠٠٠") == Address(path=Path("٩٠٠٠"))  # str.isdigit() says yes, ports say no
 
 
-def test_the_daemon_parses_with_the_same_address() -> None:
-    assert Address is Address
-
-
 # -- the default location --------------------------------------------------------
 
 
