@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from memcr import cli
+from memcr import cli, oneshot
 from memcr.dump.codec import CIPHERS, DEFAULT_CIPHER
 from memcr.errors import EXIT_MEANINGS, UsageError
 from memcr.logs import Level, Logger
@@ -69,7 +69,7 @@ def memcr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -
     monkeypatch.setattr(cli, "harden", lambda allow_tracer=False: None)
     monkeypatch.setattr(cli, "raise_descriptor_limit", lambda: None)
     monkeypatch.setattr(
-        cli, "interactive", lambda pid, options, wait, log: runs.append(("interactive", pid, options, wait, log))
+        oneshot, "interactive", lambda pid, options, wait, log: runs.append(("interactive", pid, options, wait, log))
     )
     monkeypatch.setattr(daemon, "run", lambda *args, **kwargs: runs.append(("service", *args)))
 
