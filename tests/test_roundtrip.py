@@ -6,11 +6,13 @@ import ctypes
 import os
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Memcr, log_value, reports
+from tests.conftest import RUN_TIMEOUT, Memcr, log_value, reports
 
 MODES = [[], ["-m"], ["-f"], ["-m", "-f"]]
 
@@ -153,3 +155,19 @@ def test_group_without_socket_dir_is_refused(memcr: Memcr) -> None:
     result = memcr.run("-p", 1, "-G", 4321)
     assert result.returncode == 2
     assert "-G/--parasite-socket-gid needs -S" in result.stderr
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_round_trip_loads_only_what_it_runs(spawn, memcr: Memcr, lazy: bool) -> None:
+    """A device runs memcr to save memory: psutil (1 MiB of RSS) stays out of a single process's round trip,
+    and lazy restore's machinery out of an eager one."""
+    target = spawn("pattern", 16, 1)
+    argv = [sys.executable, "-X", "importtime", "-m", "memcr", "-p", target.pid, "-n", "-d", memcr.dump_dir]
+    result = subprocess.run([str(a) for a in argv + (["--lazy"] if lazy else [])], capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "memcr.park.checkpoint" in loaded and "memcr.engine.parasite" in loaded
+    assert [m for m in loaded if m.split(".")[0] == "psutil"] == []
+    assert ("memcr.lazy.server" in loaded) == lazy
+    assert target.verify() == 0

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 from memcr import logs
 from memcr.dump.format import Record
@@ -23,16 +24,16 @@ from memcr.engine.infect import Injector
 from memcr.engine.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
-from memcr.lazy.guardian import Guardian
-from memcr.lazy.restore import LazyRestore
-from memcr.lazy.server import PageServer
-from memcr.lazy.source import Source
 from memcr.park import scan
 from memcr.park.upload import Progress, Tally, upload
 from memcr.report import Report, rss
 from memcr.system import processes, procfs, uffd
 from memcr.system.process_vm import Unavailable
 from memcr.system.procfs import Vma
+
+# lazy restore's machinery loads when a restore is lazy: an eager one (memcr -n) does not hold it
+if TYPE_CHECKING:
+    from memcr.lazy.restore import LazyRestore
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
 
@@ -222,6 +223,11 @@ class Parked:
 
     def _start_lazy(self, watched: uffd.Userfaultfd) -> LazyRestore:
         """Put back what cannot wait, start the guardian and the page server, let the target run."""
+        from memcr.lazy.guardian import Guardian
+        from memcr.lazy.restore import LazyRestore
+        from memcr.lazy.server import PageServer
+        from memcr.lazy.source import Source
+
         guardian = Guardian()
         source: Source | None = None
         server: PageServer | None = None
