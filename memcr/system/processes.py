@@ -82,8 +82,8 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Running or stopped: a zombie waiting to be reaped is dead already. From /proc/<pid>/status, the one
-    line psutil's status() would read too, without its import (a checkpoint asks this, and nothing else)."""
+    """Running or stopped: a zombie waiting to be reaped is dead already. From the State line of
+    /proc/<pid>/status, which psutil's status() reads too: a checkpoint asks this and pids() alone."""
     try:
         state = procfs.read_status(pid).get("State", "")
     except TargetGone:
