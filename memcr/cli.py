@@ -8,7 +8,6 @@ import platform
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
@@ -27,8 +26,6 @@ from memcr_client.protocol import Address, AddressError, ExitCode
 
 # Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
 # engine while idle, and memcr -p no daemon
-if TYPE_CHECKING:
-    pass
 
 
 class GroupId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
@@ -50,7 +47,7 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         from memcr.park import features
 
         write(sys.stdout, f"memcr {__version__} ({platform.machine()}, Linux {platform.release()})")
-        write(sys.stdout, "kernel features (probed; docs/kernels.md says what memcr does without each):")
+        write(sys.stdout, "kernel features memcr can use here (probed; docs/kernels.md: what it does without each):")
         for line in features.summary():
             write(sys.stdout, line)
         ctx.exit(0)

@@ -81,7 +81,9 @@ def reap(proc: subprocess.Popen) -> None:
         proc.kill()
     for tid in _traced_by_us(proc.pid):  # the leader last, by proc.wait: it waits for its threads
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(tid, WALL)
+            # a stop not yet waited for comes first: wait on until the thread's end
+            while not os.WIFEXITED(status := os.waitpid(tid, WALL)[1]) and not os.WIFSIGNALED(status):
+                pass
     proc.wait()
 
 

@@ -1,8 +1,10 @@
-"""The kernel's optional features: each probed once, at its first use, never read off a version string.
+"""The kernel's optional features: which this memcr can use here, found by trying, never by a version string.
 
-memcr runs on Linux 5.10 and later (docs/kernels.md). What a newer kernel
-adds makes it faster or lets it do more; without it memcr takes the way
-each Feature names, and `memcr -V` lists what this kernel has.
+What a newer kernel adds makes memcr faster or lets it do more; without it
+memcr takes the way each Feature names (docs/kernels.md). `memcr -V`
+probes them all. The scan learns PAGEMAP_SCAN from its first try on a
+target and does not try again where it failed; lazy restore, kcmp and
+process_vm_writev try at each use and fall back there.
 """
 
 from __future__ import annotations
@@ -12,14 +14,11 @@ import errno
 import mmap
 import os
 from collections.abc import Callable
-from functools import cached_property
 
 from memcr.engine import arch
 from memcr.engine.admission import KCMP_VM
 from memcr.system import libc, pagemap
-from memcr.system.uffd import Unavailable, Userfaultfd
-
-UFFD_USER_MODE_ONLY = 1  # a userfaultfd that sees user-mode faults only: allowed without privileges
+from memcr.system.uffd import NEW_FLAGS, Unavailable, Userfaultfd
 
 
 class Feature:
@@ -31,28 +30,48 @@ class Feature:
         self.serves = serves
         self.without = without
         self._probe = probe
+        self._known: bool | None = None  # what a probe, or memcr's first real use, found out
 
-    @cached_property
+    @property
     def present(self) -> bool:
-        """Whether memcr can use it here: probed at the first look (a second probe, if threads race, agrees)."""
-        return self._probe()
+        """Whether memcr can use it here: what its first use found, or a probe now (`memcr -V`)."""
+        if self._known is None:
+            self._known = self._probe()
+        return self._known
+
+    @property
+    def lacking(self) -> bool:
+        """Known to be missing; never probes: a use that has not happened yet tries it for real."""
+        return self._known is False
+
+    def learn(self, present: bool) -> None:
+        """What a real use found: later uses go by it (threads that race learn the same)."""
+        self._known = present
 
 
 def _scans(wanted: int) -> bool:
-    """Whether PAGEMAP_SCAN answers for a page of memcr's own, asking for the categories `wanted`."""
-    page = libc.mmap(mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """Whether PAGEMAP_SCAN answers for a page of memcr's own, asking for the categories `wanted`.
+
+    Only `memcr -V` asks before a scan has tried: memcr's own pagemap is
+    not readable once it is hardened (undumpable) without root, and a
+    checkpoint learns the answer from the target's instead (memcr.park.scan).
+    """
+    try:
+        page = libc.mmap(mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return False
     try:
         ctypes.memset(page, 1, 1)
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
             pagemap.regions(page, page + mmap.PAGESIZE, fd, wanted)
-        except OSError:
-            return False
         finally:
             os.close(fd)
-        return True
+    except OSError:
+        return False
     finally:
         libc.munmap(page, mmap.PAGESIZE)
+    return True
 
 
 def _pagemap_scan() -> bool:
@@ -64,19 +83,12 @@ def _page_is_guard() -> bool:
 
 
 def _userfaultfd() -> bool:
-    """A userfaultfd that reports every event memcr needs. Where memcr may not make one itself (no
-    CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=0, a kernel before user-mode-only ones), the sysctl
-    that comes with the feature answers: the target makes its own, with its own rights."""
-    fd = -1
-    for flags in (0, UFFD_USER_MODE_ONLY):
-        try:
-            fd = libc.syscall(arch.current().SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | flags)
-            break
-        except OSError as e:
-            if e.errno == errno.ENOSYS:
-                return False
-    if fd < 0:
-        return os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
+    """A userfaultfd, made as lazy restore makes one, that reports every event memcr needs: the fork
+    event asks for CAP_SYS_PTRACE, which a memcr without it lacks for lazy restore too."""
+    try:
+        fd = libc.syscall(arch.current().SYS_USERFAULTFD, NEW_FLAGS)
+    except OSError:
+        return False
     try:
         Userfaultfd(fd, mmap.PAGESIZE).handshake()
     except Unavailable:
@@ -147,7 +159,7 @@ PROCESS_VM_WRITEV = Feature(
 )
 KCMP = Feature(
     "kcmp",
-    "3.5, CONFIG_KCMP",
+    "3.5, CONFIG_KCMP (CONFIG_CHECKPOINT_RESTORE before 5.12)",
     "finds every process that shares a target's memory (vfork, CLONE_VM)",
     "finds vfork() parents and children by their wait channel",
     _kcmp,

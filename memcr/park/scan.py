@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import errno
 import mmap
 import re
 from collections.abc import Callable, Iterator
@@ -137,7 +138,7 @@ def scan_pages(
             alone = (vma.start, vma.end) in unshared
             regions = _regions(vma.start, vma.end, scan_fd, _categories(vma) if alone else IS_PRESENT | IS_SWAPPED)
             # without PAGE_IS_GUARD a guard region looks swapped: only the entries tell it apart
-            if regions is not None and alone and features.PAGE_IS_GUARD.present:
+            if regions is not None and alone and not features.PAGE_IS_GUARD.lacking:
                 pages[vma.start, vma.end] = _by_category(vma, regions)
                 continue
         if regions is None:
@@ -243,15 +244,25 @@ def _categories(vma: Vma) -> int:
 
 def _regions(low: int, high: int, fd: int, wanted: int) -> list[tuple[int, int, int]] | None:
     """What PAGEMAP_SCAN says of [low, high) (memcr.system.pagemap.regions); None where the kernel lacks
-    it or refuses this scan: the pagemap's entries are read instead."""
-    if not features.PAGEMAP_SCAN.present:
+    it or refuses this scan: the pagemap's entries are read instead. What a try finds out about the kernel
+    is kept (memcr.park.features): a kernel without it is not asked again."""
+    if features.PAGEMAP_SCAN.lacking:
         return None
-    if not features.PAGE_IS_GUARD.present:
+    if features.PAGE_IS_GUARD.lacking:
         wanted &= ~IS_GUARD
     try:
-        return pagemap.regions(low, high, fd, wanted)
-    except OSError:
+        found = pagemap.regions(low, high, fd, wanted)
+    except OSError as e:
+        if e.errno == errno.EINVAL and wanted & IS_GUARD:  # a kernel before PAGE_IS_GUARD (6.14)
+            features.PAGE_IS_GUARD.learn(False)
+            return _regions(low, high, fd, wanted & ~IS_GUARD)
+        if e.errno in (errno.ENOTTY, errno.EINVAL):  # a kernel before PAGEMAP_SCAN (6.7)
+            features.PAGEMAP_SCAN.learn(False)
         return None
+    features.PAGEMAP_SCAN.learn(True)
+    if wanted & IS_GUARD:
+        features.PAGE_IS_GUARD.learn(True)
+    return found
 
 
 def _merged(regions: list[tuple[int, int, int]]) -> list[range]:

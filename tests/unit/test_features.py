@@ -10,14 +10,18 @@ import ctypes
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from memcr.park import features
-from memcr.system import process_vm
+from memcr.park import features, scan
+from memcr.system import libc, pagemap, process_vm, procfs
 
+PR_SET_DUMPABLE = 4
 KERNEL = tuple(int(n) for n in re.findall(r"\d+", platform.release())[:2])
 
 
@@ -38,9 +42,63 @@ def test_process_vm_writev_present_means_a_copy_works() -> None:
 
 
 def test_userfaultfd_probes_agree_with_the_system() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the fork event memcr asks for needs CAP_SYS_PTRACE: without it the probe says no, rightly")
     assert features.USERFAULTFD.present == os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
     if features.USERFAULTFD_DEVICE.present:
         assert os.path.exists("/dev/userfaultfd") and KERNEL >= (6, 1)
+
+
+def test_a_scan_learns_that_pagemap_scan_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A file that is no pagemap answers PAGEMAP_SCAN with ENOTTY, as a kernel before 6.7 does: the scan
+    falls back and does not ask again."""
+    monkeypatch.setattr(features, "PAGEMAP_SCAN", features.Feature("PAGEMAP_SCAN", "6.7", "", "", lambda: True))
+    (tmp_path / "file").write_bytes(b"\0" * 4096)
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    try:
+        assert scan._regions(0x10000, 0x20000, fd, pagemap.IS_PRESENT) is None
+    finally:
+        os.close(fd)
+    assert features.PAGEMAP_SCAN.lacking
+    assert scan._regions(0x10000, 0x20000, -1, pagemap.IS_PRESENT) is None  # not asked again: no EBADF
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to another user")
+def test_an_undumpable_memcr_without_root_scans_a_target_it_may_read() -> None:
+    """memcr makes itself undumpable, and then its own /proc/self/pagemap is root's: a memcr that is not
+    root must find the target's pages all the same, and learn PAGEMAP_SCAN from the target's pagemap."""
+    nobody = 65534
+    ready_r, ready_w = os.pipe()
+    target = os.fork()
+    if target == 0:
+        os.setgid(nobody)
+        os.setuid(nobody)
+        libc.prctl(PR_SET_DUMPABLE, 1)  # as any program started as that user: a uid change had cleared it
+        os.write(ready_w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        scanner = os.fork()
+        if scanner == 0:
+            code = 1
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+                libc.prctl(PR_SET_DUMPABLE, 0)
+                features.PAGEMAP_SCAN.__init__("PAGEMAP_SCAN", "6.7", "", "", features._pagemap_scan)  # unknown
+                stack = next(v for v in procfs.read_maps(target, flags=False) if v.path == "[stack]")
+                fd = os.open(f"/proc/{target}/pagemap", os.O_RDONLY)
+                found = scan._regions(stack.start, stack.end, fd, pagemap.IS_PRESENT)
+                code = 0 if (found is not None) == (KERNEL >= (6, 7)) else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(scanner, 0)[1] == 0
+    finally:
+        os.kill(target, signal.SIGKILL)
+        os.waitpid(target, 0)
+        os.close(ready_r)
+        os.close(ready_w)
 
 
 def test_a_probe_runs_once() -> None:
