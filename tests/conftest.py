@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from memcr.errors import TargetGone
 from memcr.system import procfs
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, REQUEST, RESPONSE
 
@@ -88,14 +89,13 @@ def reap(proc: subprocess.Popen) -> None:
 
 
 def _traced_by_us(pid: int) -> list[int]:
-    ours = {int(t) for t in os.listdir("/proc/self/task")}
+    ours = procfs.thread_ids(os.getpid())
     tids = []
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/status") as f:
-                tracer = next((line.split()[1] for line in f if line.startswith("TracerPid:")), "0")
-            if int(tracer) in ours and int(tid) != pid:
-                tids.append(int(tid))
+    with contextlib.suppress(TargetGone):
+        for tid in procfs.thread_ids(pid) - {pid}:
+            with contextlib.suppress(TargetGone):
+                if int(procfs.read_status(f"{pid}/task/{tid}").get("TracerPid", "0")) in ours:
+                    tids.append(tid)
     return tids
 
 

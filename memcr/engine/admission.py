@@ -187,6 +187,11 @@ def async_writers(pid: int) -> list[str]:
     return found
 
 
+def shares_memory(pid1: int, pid2: int) -> bool:
+    """kcmp(2) KCMP_VM: whether the two processes have one memory descriptor (CallError ENOSYS: no kcmp)."""
+    return libc.syscall(arch.current().SYS_KCMP, pid1, pid2, KCMP_VM, 0, 0) == 0
+
+
 def mm_sharers(pid: int) -> list[int]:
     """Other processes that share the memory of `pid` (vfork, clone(CLONE_VM) without CLONE_THREAD).
 
@@ -199,7 +204,7 @@ def mm_sharers(pid: int) -> list[int]:
         if other == pid:
             continue
         try:
-            if libc.syscall(arch.current().SYS_KCMP, pid, other, KCMP_VM, 0, 0) == 0:
+            if shares_memory(pid, other):
                 sharers.append(other)
         except libc.CallError as e:
             if e.errno == errno.ENOSYS:

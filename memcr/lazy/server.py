@@ -124,10 +124,7 @@ class PageServer:
                 thread.start()
         except BaseException:
             self.stop()
-            with self._pipe_lock:  # its own pipe; what it was given stays the caller's until it exists
-                self._pipe_open = False
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            self._close_pipe()  # its own; what it was given stays the caller's until it exists
             raise
 
     @property
@@ -190,11 +187,14 @@ class PageServer:
         for space in self.spaces:
             space.uffd.close()
         self.source.close()
+        self._close_pipe()
+        self.guardian.reap()
+
+    def _close_pipe(self) -> None:
         with self._pipe_lock:
             self._pipe_open = False
             os.close(self._wake_r)
             os.close(self._wake_w)
-        self.guardian.reap()
 
     # -- the threads -----------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 
 from memcr.engine import arch
-from memcr.engine.admission import KCMP_VM
+from memcr.engine.admission import shares_memory
 from memcr.system import libc, pagemap
 from memcr.system.uffd import NEW_FLAGS, Unavailable, Userfaultfd
 
@@ -116,7 +116,7 @@ def _process_vm_writev() -> bool:
 
 def _kcmp() -> bool:
     try:
-        libc.syscall(arch.current().SYS_KCMP, os.getpid(), os.getpid(), KCMP_VM, 0, 0)
+        shares_memory(os.getpid(), os.getpid())
     except OSError as e:
         return e.errno != errno.ENOSYS
     return True

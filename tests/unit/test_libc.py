@@ -12,12 +12,8 @@ import os
 
 import pytest
 
-from memcr.engine import admission, arch
+from memcr.engine import admission
 from memcr.system import libc
-
-
-def kcmp(pid1: int, pid2: int) -> int:
-    return libc.syscall(arch.current().SYS_KCMP, pid1, pid2, admission.KCMP_VM, 0, 0)
 
 
 def reaped_pid() -> int:
@@ -30,14 +26,14 @@ def reaped_pid() -> int:
 
 def test_kcmp_on_a_gone_pid_is_esrch() -> None:
     with pytest.raises(libc.CallError) as failed:
-        kcmp(os.getpid(), reaped_pid())
+        admission.shares_memory(os.getpid(), reaped_pid())
     assert isinstance(failed.value, OSError)
     assert failed.value.errno in (errno.ESRCH, errno.ENOSYS)  # ENOSYS: a kernel without CONFIG_KCMP
 
 
 def test_kcmp_of_self_is_equal() -> None:
     try:
-        assert kcmp(os.getpid(), os.getpid()) == 0
+        assert admission.shares_memory(os.getpid(), os.getpid())
     except libc.CallError as e:
         assert e.errno in (errno.ENOSYS, errno.EPERM)  # no CONFIG_KCMP, or a seccomp sandbox
 
