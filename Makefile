@@ -59,10 +59,12 @@ test-apps: install apps
 apps:
 	sh scripts/setup-apps.sh
 
-# the suite in an emulated arm64 Debian machine, as root (scripts/arm64/vm.py; its first run takes minutes);
-# another command: make test-arm64 ARGS='-- sh -c "uname -m"'
+# the suite in emulated arm64 Debian machines, as root (scripts/arm64/vm.py; its first run takes minutes):
+# one on bookworm's kernel (6.1), one on bullseye's (5.10), each with its files (docs/kernels.md); one kernel
+# alone: make test-arm64 ARM64_KERNELS=bullseye; another command: make test-arm64 ARGS='-- sh -c "uname -r"'
+ARM64_KERNELS ?= bookworm bullseye
 test-arm64:
-	$(PYTHON) scripts/arm64/vm.py $(ARGS)
+	$(PYTHON) scripts/arm64/vm.py $(foreach k,$(ARM64_KERNELS),--kernel $(k)) $(ARGS)
 
 bench: install apps
 	$(BIN)/python -m pip install -q -e '.[test,bench]'

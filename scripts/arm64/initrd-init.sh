@@ -21,24 +21,28 @@ done
 
 root=/dev/vda
 job=/dev/vdb
+modules=/dev/vdc
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     root=*) root="${arg#root=}" ;;
     memcr.job=*) job="${arg#memcr.job=}" ;;
+    memcr.modules=*) modules="${arg#memcr.modules=}" ;;
     esac
 done
 
 # the disks appear asynchronously after virtio_blk is loaded
 tries=0
-while [ ! -b "$root" ] || [ ! -b "$job" ]; do
+while [ ! -b "$root" ] || [ ! -b "$job" ] || [ ! -b "$modules" ]; do
     tries=$((tries + 1))
-    [ "$tries" -le 200 ] || fail "no $root or $job after 20 s"
+    [ "$tries" -le 200 ] || fail "no $root, $job or $modules after 20 s"
     sleep 0.1
 done
 
 mount -t ext4 "$root" /newroot || fail "cannot mount $root"
 mkdir -p /newroot/mnt/job
 mount -t ext4 "$job" /newroot/mnt/job || fail "cannot mount $job"
+# this kernel's modules (the root disk serves every kernel), for modprobe
+mount -t ext4 -o ro "$modules" /newroot/usr/lib/modules || fail "cannot mount $modules"
 for fs in dev proc sys; do
     mount --move "/$fs" "/newroot/$fs"
 done
