@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from memcr.engine import arch
-from memcr.errors import MemcrError, RightsError, TargetError
+from memcr.errors import MemcrError, RightsError, TargetError, TargetGone
 from memcr.system import libc, processes, procfs
 
 KCMP_VM = 1  # kcmp(2): do the two processes share their memory descriptor
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
+IO_WORKER_IDLE = "io_wq_worker"  # the wait channel of an io_uring worker that waits for work
+IO_WORKER_GRACE = 0.5  # seconds a busy io_uring worker has to finish its request before memcr gives up
 
 
 def require_page_monitor() -> None:
@@ -54,12 +57,14 @@ def check_target(pid: int) -> dict[str, str]:
         raise TargetError(f"process {pid} is memcr itself", pid=pid)
     if pid == os.getppid():
         raise TargetError(f"process {pid} is memcr's parent, which waits for memcr", pid=pid)
-    statuses = procfs.thread_statuses(pid, procfs.thread_ids(pid))
+    tids = procfs.thread_ids(pid)
+    statuses = procfs.thread_statuses(pid, tids)
     for tid, thread_status in statuses:
         tracer = int(thread_status.get("TracerPid", "0"))
         if tracer:
             raise already_traced(pid, tid, tracer)
-    _injection_thread(pid, statuses)
+    workers = procfs.io_workers(pid, tids)
+    _injection_thread(pid, [(tid, thread_status) for tid, thread_status in statuses if tid not in workers])
     return status
 
 
@@ -84,8 +89,40 @@ def already_traced(pid: int, tid: int, tracer: int) -> TargetError:
 
 
 def injection_thread(pid: int, tids: list[int] | set[int]) -> int:
-    """The thread (the main one if it can) where memcr's injected system calls run and its parasite is cloned."""
+    """The thread (the main one if it can) where memcr's injected system calls run and its parasite is cloned.
+
+    `tids` are the process's own threads: an io_uring worker runs no code of the process's.
+    """
     return _injection_thread(pid, procfs.thread_statuses(pid, tids))
+
+
+def wait_io_worker_idle(pid: int, tid: int) -> None:
+    """Return once io_uring's worker `tid` waits for work, or sleeps where a stop cannot break in; refuse
+    the freeze if it stays in the middle of a request that a stop would break.
+
+    Stopping a worker that sleeps interruptibly in a request (an open of a FIFO without a writer yet;
+    on Linux 5.10, a read of a pipe) ends that request with EINTR, an error the process would not have
+    had. Where the wait channel is hidden ("0" while asleep), memcr cannot tell, and stops it all the same.
+    """
+    deadline = time.monotonic() + IO_WORKER_GRACE
+    while True:
+        try:
+            state = procfs.read_stat(f"{pid}/task/{tid}").state
+        except TargetGone:
+            return  # the seize tells
+        where = procfs.wait_channel(pid, tid)
+        if state != "R" and (state != "S" or where in (IO_WORKER_IDLE, "0", "?")):
+            return
+        if time.monotonic() > deadline:
+            raise TargetError(
+                f"the io_uring worker thread {tid} of process {pid} is in the middle of a request "
+                f"({'running' if state == 'R' else f'it waits in {where}'}): stopping it now would end that "
+                "request with EINTR, so memcr leaves the process as it is; try again once its I/O is done",
+                pid=pid,
+                errno=errno.EBUSY,
+                what="io-worker",
+            )
+        time.sleep(0.01)
 
 
 def _unfit(pid: int, tid: int, status: dict[str, str]) -> str | None:

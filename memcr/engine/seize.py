@@ -27,22 +27,40 @@ class Seizing:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.tids: list[int] = []
+        self.io_workers: set[int] = set()  # those of tids that are io_uring's worker threads
         self.stopped = False  # a group stop (SIGSTOP, ...) holds the process
 
     def seize_all(self) -> None:
-        """Seize and stop every thread; repeat until no new thread appears."""
+        """Seize and stop every thread; repeat until no new thread appears.
+
+        io_uring's workers come after the process's own threads, once these can hand them no more work,
+        each when it is idle (admission.wait_io_worker_idle).
+        """
         while new := procfs.thread_ids(self.pid) - set(self.tids):
-            seized = [tid for tid in sorted(new) if self._seize(tid)]
-            self.tids += seized
-            deadline = time.monotonic() + FREEZE_TIMEOUT
-            for tid in seized:
-                stop = wait_interrupted(self.pid, tid, deadline)
-                if stop is None:
-                    self.tids.remove(tid)
-                elif stop.group_stop:
-                    self.stopped = True
+            workers = procfs.io_workers(self.pid, new)
+            self._hold(sorted(new - workers))
+            for tid in sorted(workers):
+                admission.wait_io_worker_idle(self.pid, tid)
+                self._hold([tid])
+            self.io_workers |= workers
         if not self.tids:
             raise TargetGone(f"process {self.pid} exited while being frozen", pid=self.pid)
+
+    @property
+    def own_threads(self) -> list[int]:
+        """The threads held that run the process's code: all but io_uring's workers."""
+        return [tid for tid in self.tids if tid not in self.io_workers]
+
+    def _hold(self, tids: list[int]) -> None:
+        seized = [tid for tid in tids if self._seize(tid)]
+        self.tids += seized
+        deadline = time.monotonic() + FREEZE_TIMEOUT
+        for tid in seized:
+            stop = wait_interrupted(self.pid, tid, deadline)
+            if stop is None:
+                self.tids.remove(tid)
+            elif stop.group_stop:
+                self.stopped = True
 
     def _seize(self, tid: int) -> bool:
         for attempt in range(SEIZE_ATTEMPTS):

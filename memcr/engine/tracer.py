@@ -68,7 +68,7 @@ class FrozenProcess:
             # only now that every thread is held: should memcr die from here on, the kernel kills the target
             for tid in seizing.tids:
                 pt.set_options(tid, OPTIONS)
-            leader = admission.injection_thread(pid, seizing.tids)
+            leader = admission.injection_thread(pid, seizing.own_threads)
             check_word_size(pid, leader, arch)
             fd = procfs.open_mem(pid)
             memory: Memory = ProcMem(pid, fd) if fd is not None else PtraceMem(pid, leader, arch.WORD, word_mask(arch))

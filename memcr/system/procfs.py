@@ -13,6 +13,7 @@ from pathlib import Path
 from memcr.errors import RightsError, TargetGone
 
 PF_KTHREAD = 0x00200000
+PF_IO_WORKER = 0x00000010  # an io_uring worker thread (iou-wrk-N) of the process
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")  # the kernel's own mappings
 
 
@@ -275,6 +276,16 @@ def stat_flags(pid: int) -> int:
 
 def thread_ids(pid: int) -> set[int]:
     return {int(name) for name in _listdir(proc_path(pid, "task"), pid)}
+
+
+def io_workers(pid: int, tids: set[int]) -> set[int]:
+    """Those of the threads that are io_uring's workers (gone ones are not)."""
+    found = set()
+    for tid in tids:
+        with contextlib.suppress(TargetGone):
+            if read_stat(f"{pid}/task/{tid}").flags & PF_IO_WORKER:
+                found.add(tid)
+    return found
 
 
 def cgroup2_mount() -> Path | None:

@@ -6,7 +6,11 @@
  * the buffer holds the pattern with exactly those 8 bytes in place.
  * "uring async" hands the read to an io_uring worker thread (IOSQE_ASYNC),
  * which writes the bytes the moment they arrive, frozen process or not.
+ * "uring open FIFO" opens the FIFO for reading through io_uring instead, in
+ * a worker thread, which waits in the open until the test opens the other end;
+ * the bytes are read from the new descriptor after SIGUSR1.
  */
+#include <fcntl.h>
 #include <linux/io_uring.h>
 #include <sys/syscall.h>
 
@@ -58,11 +62,20 @@ int main(int argc, char **argv)
 	unsigned *tail = (unsigned *)(sq + p.sq_off.tail);
 	unsigned *array = (unsigned *)(sq + p.sq_off.array);
 	memset(&sqes[0], 0, sizeof(sqes[0]));
-	sqes[0].opcode = IORING_OP_READ;
-	sqes[0].fd = 0;
-	sqes[0].addr = (unsigned long)((char *)buffer + at);
-	sqes[0].len = sizeof(expected);
-	sqes[0].off = (unsigned long long)-1;
+	int opening = argc > 2 && strcmp(argv[1], "open") == 0;
+	if (opening) {
+		sqes[0].opcode = IORING_OP_OPENAT;
+		sqes[0].fd = AT_FDCWD;
+		sqes[0].addr = (unsigned long)argv[2];
+		sqes[0].open_flags = O_RDONLY;
+		sqes[0].flags = IOSQE_ASYNC; /* else the kernel tries O_NONBLOCK first, which a FIFO grants */
+	} else {
+		sqes[0].opcode = IORING_OP_READ;
+		sqes[0].fd = 0;
+		sqes[0].addr = (unsigned long)((char *)buffer + at);
+		sqes[0].len = sizeof(expected);
+		sqes[0].off = (unsigned long long)-1;
+	}
 	if (argc > 1 && strcmp(argv[1], "async") == 0)
 		sqes[0].flags = IOSQE_ASYNC;
 	array[0] = 0;
@@ -80,7 +93,12 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	struct io_uring_cqe *cqe = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-	if (cqe[0].res != (int)sizeof(expected)) {
+	if (opening) {
+		if (cqe[0].res < 0 || read(cqe[0].res, (char *)buffer + at, sizeof(expected)) != sizeof(expected)) {
+			fprintf(stderr, "the open completed with %d\n", cqe[0].res);
+			return 1;
+		}
+	} else if (cqe[0].res != (int)sizeof(expected)) {
 		fprintf(stderr, "the read completed with %d\n", cqe[0].res);
 		ok = 0;
 	}
