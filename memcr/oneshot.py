@@ -38,6 +38,11 @@ def _interactive(pid: int, options: Options, wait: bool, log: Logger, cancel: Ca
     from memcr.park.checkpoint import checkpoint
 
     heap.tune()
+    if options.lazy:
+        from memcr.park import features
+
+        for line in features.lazy_restore():
+            log(line)
     reported = options.reported()
     with ProgressBar.of("dumping", log) as bar:
         try:
@@ -119,6 +124,11 @@ def _interactive_group(membership: Membership, options: Options, wait: bool, log
     from memcr.group.park import park
 
     heap.tune()
+    if options.lazy:
+        from memcr.park import features
+
+        for line in features.lazy_restore():
+            log(line)
     reported = options.reported()
     try:
         group = park(membership, options, log, cancel)

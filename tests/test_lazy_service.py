@@ -137,3 +137,17 @@ def test_a_group_is_restored_eagerly(daemon, spawn) -> None:
     assert not [line for line in d.out.seen if "come back lazily" in line]
     assert d.code(RESTORE, max(members)) == INVALID_PID  # woken, all of it
     assert target.verify() == 0
+
+
+def test_a_lazy_daemon_says_at_start_what_lazy_restore_lacks_here(daemon, spawn) -> None:
+    """No /dev/userfaultfd (hidden here, as a kernel before 6.1 has none): the daemon says so once, at start,
+    with the kernel that has it; an ordinary user's target would be restored eagerly, root's stay lazy."""
+    hide = '[ ! -e /dev/userfaultfd ] || mount --bind /dev/null /dev/userfaultfd; exec "$@"'
+    d = daemon("--lazy", prefix=["unshare", "-m", "sh", "-c", hide, "sh"])
+    d.out.wait_for("/dev/userfaultfd is not available here (Linux 6.1); without it memcr restores such a target")
+    target = spawn("lazy", 64, "touch")
+    v2_client(d).checkpoint(target.pid)
+    v2_client(d).restore(target.pid)
+    logged(d, f"pid {target.pid}: lazy restore complete in")
+    assert target.verify() == 0
+    assert len([line for line in d.out.seen if "is not available here" in line]) == 1

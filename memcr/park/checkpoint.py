@@ -31,7 +31,7 @@ from memcr.engine.parasite_protocol import SEND_RUNS
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.park import scan
+from memcr.park import features, scan
 from memcr.park.parked import Pagemap, Parked, Reserve, let_go
 from memcr.park.scan import MAX_EXTENT, Extent, Plan
 from memcr.report import Report, rss
@@ -217,6 +217,8 @@ class _Stream:
         r, page = self.report, self.pagemap.page_size
         r.vmas, r.pages = len(plan.vmas), plan.dump_bytes // page
         r.locked_vmas, r.shared_pages = plan.locked_vmas, plan.shared_pages
+        for line in features.untold():  # what the scan's first try found this kernel lacks
+            self.log(line)
         self.log(f"{r.vmas} candidate VMAs, {r.pages} pages ({plan.dump_bytes / 2**20:.1f} MiB) to dump")
         if plan.locked_vmas:
             self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")

@@ -4,13 +4,16 @@ What a newer kernel adds makes memcr faster or lets it do more; without it
 memcr takes the way each Feature names (docs/kernels.md). `memcr -V`
 probes them all. The scan learns PAGEMAP_SCAN from its first try on a
 target and does not try again where it failed; lazy restore, kcmp and
-process_vm_writev try at each use and fall back there.
+process_vm_writev try at each use and fall back there. memcr says once,
+in its log, each feature it found missing (`untold`): lazy restore's at
+start (`lazy_restore`), the scan's after its first try.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from memcr.engine import arch
 from memcr.engine.admission import shares_memory
 from memcr.system import libc, pagemap
-from memcr.system.uffd import NEW_FLAGS, Unavailable, Userfaultfd
+from memcr.system.uffd import DEVICE_NEW, NEW_FLAGS, Unavailable, Userfaultfd
 
 
 class Feature:
@@ -47,6 +50,10 @@ class Feature:
     def learn(self, present: bool) -> None:
         """What a real use found: later uses go by it (threads that race learn the same)."""
         self._known = present
+
+    def missing(self) -> str:
+        """The line that says memcr cannot use it here, and what memcr does instead."""
+        return f"{self.name} is not available here (Linux {self.since}); without it memcr {self.without}"
 
 
 def _scans(wanted: int) -> bool:
@@ -99,10 +106,17 @@ def _userfaultfd() -> bool:
 
 
 def _userfaultfd_device() -> bool:
+    """/dev/userfaultfd opens and makes a userfaultfd: something else mounted there does not."""
     try:
-        os.close(os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC))
+        device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        os.close(fcntl.ioctl(device, DEVICE_NEW, NEW_FLAGS))
+    except OSError:
+        return False
+    finally:
+        os.close(device)
     return True
 
 
@@ -165,6 +179,26 @@ KCMP = Feature(
     _kcmp,
 )
 ALL = (PAGEMAP_SCAN, PAGE_IS_GUARD, USERFAULTFD, USERFAULTFD_DEVICE, PROCESS_VM_WRITEV, KCMP)
+
+
+_told: set[str] = set()
+
+
+def untold() -> list[str]:
+    """A line for each feature found missing that memcr has not said yet: each is said once a process."""
+    lines = [f.missing() for f in ALL if f.lacking and f.name not in _told]
+    _told.update(f.name for f in ALL if f.lacking)
+    return lines
+
+
+def lazy_restore() -> list[str]:
+    """Probe what lazy restore needs, at the start of a memcr that restores lazily; the lines to say of it.
+
+    Each restore still tries for itself (a target may make its own userfaultfd where memcr may not open
+    /dev/userfaultfd): these lines tell the kernel's part in advance, the restore's own line tells the rest.
+    """
+    all(f.present for f in (USERFAULTFD, USERFAULTFD_DEVICE))  # probes, up to the first that is missing
+    return untold()
 
 
 def summary() -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import mmap
 import os
 import time
@@ -24,7 +25,7 @@ from memcr.engine.infect import Injector
 from memcr.engine.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
-from memcr.park import scan
+from memcr.park import features, scan
 from memcr.park.upload import Progress, Tally, upload
 from memcr.report import Report, rss
 from memcr.system import processes, procfs, uffd
@@ -207,9 +208,10 @@ class Parked:
         try:
             device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
+            missing = f"this kernel has none: Linux {features.USERFAULTFD_DEVICE.since} added it"
+            why = missing if e.errno == errno.ENOENT else e.strerror
             raise uffd.Unavailable(
-                f"the target may not make a userfaultfd ({refused}) and memcr cannot open /dev/userfaultfd "
-                f"({e.strerror})"
+                f"the target may not make a userfaultfd ({refused}) and memcr cannot open /dev/userfaultfd ({why})"
             ) from None
         try:
             fd = self.parasite.userfaultfd(uffd.NEW_FLAGS, device)

@@ -139,6 +139,10 @@ class Service:
             self.log(note)
         if self.options.lazy:
             self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
+            from memcr.park import features
+
+            for line in features.lazy_restore():
+                self.log(line)
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
         try:

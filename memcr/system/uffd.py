@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from memcr.errors import MemcrError
 from memcr.system import libc
 
+DEVICE_NEW = 0xAA00  # USERFAULTFD_IOC_NEW, _IO(0xAA, 0x00): /dev/userfaultfd's one request
 NEW_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK  # no UFFD_USER_MODE_ONLY: the target's own system calls fault too
 
 API = 0xAA

@@ -116,3 +116,28 @@ def test_version_lists_every_feature() -> None:
     for feature, line in zip(features.ALL, shown[2:], strict=True):
         assert line.split()[:2] == [feature.name, "yes" if feature.present else "no"]
         assert (feature.without in line) != feature.present
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="parks a process")
+def test_a_checkpoint_says_once_which_scan_feature_this_kernel_lacks(tmp_path: Path) -> None:
+    """A kernel before 6.7 scans the slow way: memcr says so, with the kernel that has the fast one, once
+    a process (the daemon's second checkpoint says nothing)."""
+    target = subprocess.Popen(["sleep", "600"])
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "memcr", "-p", str(target.pid), "-n", "-d", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shown.returncode == 0, shown.stderr
+        said = [line for line in shown.stdout.splitlines() if "is not available here" in line]
+        if KERNEL >= (6, 7):
+            assert said == []
+        else:
+            assert said == ["memcr: " + features.PAGEMAP_SCAN.missing()]
+            assert "Linux 6.7" in said[0] and "reads the pagemap entry of every page" in said[0]
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
