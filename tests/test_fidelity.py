@@ -6,8 +6,10 @@ seccomp, threads, /proc/self/maps and VmFlags) after the round trip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import random
 import signal
 import struct
 import subprocess
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 
 from memcr.park import scan
 from memcr.system import procfs
-from tests.conftest import Memcr, Target, log_value, reap, round_trip
+from tests.conftest import Memcr, Target, log_value, memcr_argv, reap, round_trip
 from tests.test_dump_pipeline import frozen_dump, mix
 
 KERNEL = tuple(int(x) for x in platform.release().split(".")[:2])
@@ -201,14 +203,23 @@ def test_io_uring_is_refused_untouched(spawn, memcr: Memcr) -> None:
     assert target.verify() == 0
 
 
-def io_worker_waits_in(pid: int) -> str:
-    """Where the target's io_uring worker thread sleeps once settled: io_wq_worker when it waits for work."""
+IO_WORKER_IDLE = ("io_wq_worker", "io_wqe_worker")  # where a worker waits for work: Linux 6.4 on, before
+
+
+def io_worker_state(pid: int) -> tuple[str, str]:
+    """The state and wait channel of the target's io_uring worker once it sleeps, and has for 0.2 s (one
+    that has just taken a request on may still move on to poll)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            if (task / "comm").read_text().startswith("iou-wrk-") and (task / "stat").read_text().split()[2] == "S":
-                time.sleep(0.2)  # a worker that has just taken the request on may still move on to poll
-                return (task / "wchan").read_text()
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+                if not (task / "comm").read_text().startswith("iou-wrk-"):
+                    continue
+                before = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                time.sleep(0.2)
+                where = (task / "wchan").read_text()
+                if before in "SD" and (task / "stat").read_text().rpartition(")")[2].split()[0] == before:
+                    return before, where
         time.sleep(0.01)
     raise AssertionError(f"process {pid} has no sleeping io_uring worker after 10 s")
 
@@ -228,7 +239,7 @@ def test_io_uring_completion_while_parked_lands_after_restore(spawn, memcr: Memc
     does the read in the worker thread, asleep in it (the 5.10 line), would see it end with EINTR at the
     freeze: memcr leaves such a target alone, and the read completes as if memcr had never come."""
     target = spawn("uring", *([mode] if mode else []), stdin=True)
-    if mode and io_worker_waits_in(target.pid) != "io_wq_worker":
+    if mode and io_worker_state(target.pid)[1] not in IO_WORKER_IDLE:
         refused_for_a_busy_worker(memcr, target.pid)
         target.proc.stdin.write("parkedIO")
         target.proc.stdin.flush()
@@ -249,11 +260,58 @@ def test_an_io_uring_worker_asleep_in_a_request_is_left_alone(spawn, memcr: Memc
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     target = spawn("uring", "open", fifo)
-    assert io_worker_waits_in(target.pid) != "io_wq_worker"
+    assert io_worker_state(target.pid)[1] not in IO_WORKER_IDLE
     refused_for_a_busy_worker(memcr, target.pid)
     with open(fifo, "wb") as writer:
         writer.write(b"parkedIO")
     assert target.verify() == 0
+
+
+@pytest.mark.parametrize("mode", ["idle", "sqpoll"])
+def test_io_urings_own_threads_waiting_for_work_are_parked(spawn, memcr: Memcr, mode: str) -> None:
+    """An idle worker (its wait channel is io_wq_worker since Linux 6.4, io_wqe_worker before) and a
+    sleeping SQPOLL thread are in no request: memcr stops them and parks the process."""
+    target = spawn("uringwork", mode)
+    time.sleep(0.3)  # past the SQPOLL thread's 100 ms of polling
+    result = memcr.run("-p", target.pid, "-n", "--allow-async-io")
+    assert result.returncode == 0, result.stderr
+    assert target.verify() == 0
+
+
+@pytest.mark.parametrize("run", range(10))
+def test_a_worker_waiting_uninterruptibly_keeps_the_request_linked_after(
+    spawn, binaries, memcr: Memcr, tmp_path: Path, run: int
+) -> None:
+    """A worker waits for a file's inode lock (D), and an open of a FIFO is linked after its write: a stop
+    pending from then on would end the open with EINTR the moment the write is done. memcr waits for such a
+    worker as for one asleep in a request, and leaves the process alone; both requests then complete. The
+    lock goes at a random moment: before memcr looks at the worker, while it waits for it, or after."""
+    held = random.uniform(0, 1.5)
+    file, fifo = tmp_path / "file", tmp_path / "fifo"
+    file.touch()
+    os.mkfifo(fifo)
+    holder = subprocess.Popen([binaries["lockholder"], file], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        target = spawn("uringwork", "linked", file, fifo)
+        assert io_worker_state(target.pid)[0] == "D"
+        park = subprocess.Popen(
+            memcr_argv("-p", target.pid, "-n", "--allow-async-io", "-d", memcr.dump_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(held)
+        holder.communicate(b"go\n", timeout=30)  # the write goes on, then the worker opens the FIFO
+        _, stderr = park.communicate(timeout=120)
+        assert park.returncode == 3, f"lock held {held:.2f} s: {stderr}"
+        assert "is in the middle of a request (it waits in " in stderr
+        assert memcr.dumps() == []
+        with open(fifo, "wb") as writer:
+            writer.write(b"parkedIO")
+        assert target.verify() == 0
+    finally:
+        reap(holder)
 
 
 def dropped_page(target) -> int:

@@ -15,8 +15,10 @@ from memcr.system import libc, processes, procfs
 
 KCMP_VM = 1  # kcmp(2): do the two processes share their memory descriptor
 SCHED_DEADLINE = 6  # sched_getscheduler() adds SCHED_RESET_ON_FORK (0x40000000) when the flag is set
-IO_WORKER_IDLE = "io_wq_worker"  # the wait channel of an io_uring worker that waits for work
-IO_WORKER_GRACE = 0.5  # seconds a busy io_uring worker has to finish its request before memcr gives up
+# the wait channel of an io_uring worker that waits for work: io_wq_worker since Linux 6.4, io_wqe_worker before
+IO_WORKER_IDLE = ("io_wq_worker", "io_wqe_worker")
+IO_SQ_THREAD = "iou-sqp-"  # the name of a SQPOLL ring's submission thread
+IO_WORKER_GRACE = 0.5  # seconds io_uring's busy workers have to finish their requests before memcr gives up
 
 
 def require_page_monitor() -> None:
@@ -96,33 +98,45 @@ def injection_thread(pid: int, tids: list[int] | set[int]) -> int:
     return _injection_thread(pid, procfs.thread_statuses(pid, tids))
 
 
-def wait_io_worker_idle(pid: int, tid: int) -> None:
-    """Return once io_uring's worker `tid` waits for work, or sleeps where a stop cannot break in; refuse
-    the freeze if it stays in the middle of a request that a stop would break.
+def wait_io_worker_idle(pid: int, tid: int, deadline: float) -> None:
+    """Return once io_uring's thread `tid` waits for work; refuse the freeze if it is still in the middle
+    of a request at `deadline`.
 
-    Stopping a worker that sleeps interruptibly in a request (an open of a FIFO without a writer yet;
-    on Linux 5.10, a read of a pipe) ends that request with EINTR, an error the process would not have
-    had. Where the wait channel is hidden ("0" while asleep), memcr cannot tell, and stops it all the same.
+    A stop breaks the request a worker is in: one asleep in it (an open of a FIFO without a writer yet;
+    on Linux 5.10, a read of a pipe) sees it end with EINTR, and one in an uninterruptible wait goes on
+    to the next request queued for it (a linked one) with the stop pending, and that one ends so. The
+    SQPOLL thread issues without sleeping: a stop breaks nothing there. Where the wait channel is hidden
+    ("0" while asleep), memcr cannot tell, and stops the worker all the same.
     """
-    deadline = time.monotonic() + IO_WORKER_GRACE
-    while True:
-        try:
-            state = procfs.read_stat(f"{pid}/task/{tid}").state
-        except TargetGone:
-            return  # the seize tells
-        where = procfs.wait_channel(pid, tid)
-        if state != "R" and (state != "S" or where in (IO_WORKER_IDLE, "0", "?")):
-            return
+    while (doing := _io_request(pid, tid)) is not None:
         if time.monotonic() > deadline:
             raise TargetError(
-                f"the io_uring worker thread {tid} of process {pid} is in the middle of a request "
-                f"({'running' if state == 'R' else f'it waits in {where}'}): stopping it now would end that "
-                "request with EINTR, so memcr leaves the process as it is; try again once its I/O is done",
+                f"the io_uring worker thread {tid} of process {pid} is in the middle of a request ({doing}): "
+                "stopping it now would end that request with EINTR, so memcr leaves the process as it is; "
+                "it can be parked once no worker is in a request (a read that waits for data keeps it in one)",
                 pid=pid,
                 errno=errno.EBUSY,
                 what="io-worker",
             )
         time.sleep(0.01)
+
+
+def _io_request(pid: int, tid: int) -> str | None:
+    """What the io_uring thread is doing that a stop would break, or None when nothing is."""
+    path = f"{pid}/task/{tid}"
+    try:
+        before = procfs.read_stat(path)
+        where = procfs.wait_channel(pid, tid)
+        state = procfs.read_stat(path).state
+    except TargetGone:
+        return None  # the seize tells
+    if before.comm.startswith(IO_SQ_THREAD):
+        return None
+    if state != before.state:
+        return "changing"
+    if (state == "S" and where in (*IO_WORKER_IDLE, "0", "?")) or state in ("t", "T"):  # t, T: stopped already
+        return None
+    return "running" if state == "R" else f"it waits in {where}"
 
 
 def _unfit(pid: int, tid: int, status: dict[str, str]) -> str | None:

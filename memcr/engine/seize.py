@@ -39,8 +39,9 @@ class Seizing:
         while new := procfs.thread_ids(self.pid) - set(self.tids):
             workers = procfs.io_workers(self.pid, new)
             self._hold(sorted(new - workers))
+            deadline = time.monotonic() + admission.IO_WORKER_GRACE
             for tid in sorted(workers):
-                admission.wait_io_worker_idle(self.pid, tid)
+                admission.wait_io_worker_idle(self.pid, tid, deadline)
                 self._hold([tid])
             self.io_workers |= workers
         if not self.tids:
