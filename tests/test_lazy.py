@@ -159,7 +159,7 @@ def test_lazy_for_an_ordinary_users_target(binaries, memcr: Memcr, accounts, pub
             assert (
                 f"restoring pid {target.pid} eagerly, not lazily: the target may not make a userfaultfd "
                 "(Operation not permitted) and memcr cannot open /dev/userfaultfd "
-                "(this kernel has none: Linux 6.1 added it)" in result.stdout
+                "(there is none here: Linux 6.1 added it)" in result.stdout
             )
         assert target.verify() == 0
     finally:

@@ -150,4 +150,4 @@ def test_a_lazy_daemon_says_at_start_what_lazy_restore_lacks_here(daemon, spawn)
     v2_client(d).restore(target.pid)
     logged(d, f"pid {target.pid}: lazy restore complete in")
     assert target.verify() == 0
-    assert len([line for line in d.out.seen if "is not available here" in line]) == 1
+    assert len([line for line in d.out.seen if "/dev/userfaultfd is not available here" in line]) == 1

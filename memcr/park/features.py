@@ -16,6 +16,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from memcr.engine import arch
@@ -23,40 +24,48 @@ from memcr.engine.admission import shares_memory
 from memcr.system import libc, pagemap
 from memcr.system.uffd import DEVICE_NEW, NEW_FLAGS, Unavailable, Userfaultfd
 
+# the answers of a kernel that lacks a feature, as opposed to one that refuses it to this memcr (EPERM, EACCES)
+_ABSENT = frozenset({errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.ENOENT})
+
+Probe = Callable[[], int]  # 0 where memcr can use the feature, else the errno of the refusal
+
 
 class Feature:
     """One optional feature: what it serves, the kernel that brought it, what memcr does without it."""
 
-    def __init__(self, name: str, since: str, serves: str, without: str, probe: Callable[[], bool]) -> None:
+    def __init__(self, name: str, since: str, serves: str, without: str, probe: Probe) -> None:
         self.name = name
         self.since = since
         self.serves = serves
         self.without = without
         self._probe = probe
-        self._known: bool | None = None  # what a probe, or memcr's first real use, found out
+        self._refusal: int | None = None  # what a probe, or memcr's first real use, found out: 0, or an errno
 
     @property
     def present(self) -> bool:
         """Whether memcr can use it here: what its first use found, or a probe now (`memcr -V`)."""
-        if self._known is None:
-            self._known = self._probe()
-        return self._known
+        if self._refusal is None:
+            self._refusal = self._probe()
+        return self._refusal == 0
 
     @property
     def lacking(self) -> bool:
         """Known to be missing; never probes: a use that has not happened yet tries it for real."""
-        return self._known is False
+        return bool(self._refusal)
 
-    def learn(self, present: bool) -> None:
+    def learn(self, present: bool, refusal: int = errno.ENOSYS) -> None:
         """What a real use found: later uses go by it (threads that race learn the same)."""
-        self._known = present
+        self._refusal = 0 if present else refusal
 
     def missing(self) -> str:
-        """The line that says memcr cannot use it here, and what memcr does instead."""
-        return f"{self.name} is not available here (Linux {self.since}); without it memcr {self.without}"
+        """The line that says memcr cannot use it here, why, and what memcr does instead."""
+        if self._refusal in _ABSENT:
+            return f"{self.name} is not available here (Linux {self.since}); without it memcr {self.without}"
+        why = os.strerror(self._refusal or errno.EPERM)
+        return f"memcr may not use {self.name} here ({why}); without it memcr {self.without}"
 
 
-def _scans(wanted: int) -> bool:
+def _scans(wanted: int) -> int:
     """Whether PAGEMAP_SCAN answers for a page of memcr's own, asking for the categories `wanted`.
 
     Only `memcr -V` asks before a scan has tried: memcr's own pagemap is
@@ -65,8 +74,8 @@ def _scans(wanted: int) -> bool:
     """
     try:
         page = libc.mmap(mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno or errno.ENOMEM
     try:
         ctypes.memset(page, 1, 1)
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -74,66 +83,66 @@ def _scans(wanted: int) -> bool:
             pagemap.regions(page, page + mmap.PAGESIZE, fd, wanted)
         finally:
             os.close(fd)
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno or errno.EINVAL
     finally:
         libc.munmap(page, mmap.PAGESIZE)
-    return True
+    return 0
 
 
-def _pagemap_scan() -> bool:
+def _pagemap_scan() -> int:
     return _scans(pagemap.IS_PRESENT)
 
 
-def _page_is_guard() -> bool:
-    return PAGEMAP_SCAN.present and _scans(pagemap.IS_PRESENT | pagemap.IS_GUARD)
+def _page_is_guard() -> int:
+    return _scans(pagemap.IS_PRESENT | pagemap.IS_GUARD) if PAGEMAP_SCAN.present else errno.ENOTTY
 
 
-def _userfaultfd() -> bool:
+def _userfaultfd() -> int:
     """A userfaultfd, made as lazy restore makes one, that reports every event memcr needs: the fork
     event asks for CAP_SYS_PTRACE, which a memcr without it lacks for lazy restore too."""
     try:
         fd = libc.syscall(arch.current().SYS_USERFAULTFD, NEW_FLAGS)
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno or errno.ENOSYS
     try:
         Userfaultfd(fd, mmap.PAGESIZE).handshake()
-    except Unavailable:
-        return False
+    except Unavailable as e:
+        return e.errno or errno.EINVAL
     finally:
         os.close(fd)
-    return True
+    return 0
 
 
-def _userfaultfd_device() -> bool:
+def _userfaultfd_device() -> int:
     """/dev/userfaultfd opens and makes a userfaultfd: something else mounted there does not."""
     try:
         device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno or errno.ENOENT
     try:
         os.close(fcntl.ioctl(device, DEVICE_NEW, NEW_FLAGS))
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno or errno.ENOTTY
     finally:
         os.close(device)
-    return True
+    return 0
 
 
-def _process_vm_writev() -> bool:
+def _process_vm_writev() -> int:
     try:
         libc.process_vm_writev(os.getpid(), libc.Iovec(), libc.Iovec())
     except OSError as e:
-        return e.errno != errno.ENOSYS
-    return True
+        return errno.ENOSYS if e.errno == errno.ENOSYS else 0
+    return 0
 
 
-def _kcmp() -> bool:
+def _kcmp() -> int:
     try:
         shares_memory(os.getpid(), os.getpid())
     except OSError as e:
-        return e.errno != errno.ENOSYS
-    return True
+        return errno.ENOSYS if e.errno == errno.ENOSYS else 0
+    return 0
 
 
 PAGEMAP_SCAN = Feature(
@@ -147,7 +156,7 @@ PAGE_IS_GUARD = Feature(
     "PAGE_IS_GUARD",
     "6.14",
     "tells guard regions (MADV_GUARD_INSTALL) apart within PAGEMAP_SCAN",
-    "reads the pagemap entries of a mapping whose pages another process may map",
+    "reads the pagemap entry of each page PAGEMAP_SCAN finds (~15 ms per GiB of them)",
     _page_is_guard,
 )
 USERFAULTFD = Feature(
@@ -182,13 +191,15 @@ ALL = (PAGEMAP_SCAN, PAGE_IS_GUARD, USERFAULTFD, USERFAULTFD_DEVICE, PROCESS_VM_
 
 
 _told: set[str] = set()
+_telling = threading.Lock()  # the daemon's first checkpoints may end their scans at once
 
 
 def untold() -> list[str]:
     """A line for each feature found missing that memcr has not said yet: each is said once a process."""
-    lines = [f.missing() for f in ALL if f.lacking and f.name not in _told]
-    _told.update(f.name for f in ALL if f.lacking)
-    return lines
+    with _telling:
+        news = [f for f in ALL if f.lacking and f.name not in _told]
+        _told.update(f.name for f in news)
+    return [f.missing() for f in news]
 
 
 def lazy_restore() -> list[str]:

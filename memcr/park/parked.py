@@ -208,7 +208,7 @@ class Parked:
         try:
             device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            missing = f"this kernel has none: Linux {features.USERFAULTFD_DEVICE.since} added it"
+            missing = f"there is none here: Linux {features.USERFAULTFD_DEVICE.since} added it"
             why = missing if e.errno == errno.ENOENT else e.strerror
             raise uffd.Unavailable(
                 f"the target may not make a userfaultfd ({refused}) and memcr cannot open /dev/userfaultfd ({why})"

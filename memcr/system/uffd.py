@@ -118,7 +118,9 @@ class Userfaultfd:
         try:
             fcntl.ioctl(self.fd, UFFDIO_API, buf)
         except OSError as e:
-            raise Unavailable(f"the kernel refused the userfaultfd features memcr needs: {e.strerror}") from None
+            raise Unavailable(
+                f"the kernel refused the userfaultfd features memcr needs: {e.strerror}", errno=e.errno
+            ) from None
 
     def register(self, start: int, end: int) -> None:
         buf = bytearray(_REGISTER.pack(start, end - start, REGISTER_MODE_MISSING, 0))

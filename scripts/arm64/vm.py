@@ -52,6 +52,10 @@ KERNELS = {
         "tests/test_service.py",
         "tests/test_preflight.py",
         "tests/test_failures.py",
+        # io_uring's idle workers wait in io_wqe_worker before 6.4, and 6.1 polls a pipe read it hands them
+        "tests/test_fidelity.py::test_io_urings_own_threads_waiting_for_work_are_parked",
+        "tests/test_fidelity.py::test_io_uring_completion_while_parked_lands_after_restore",
+        "tests/test_fidelity.py::test_an_io_uring_worker_asleep_in_a_request_is_left_alone",
     ],
     "bullseye": [
         "tests/unit/test_features.py",
@@ -401,18 +405,21 @@ def suite_sources(release: str) -> list[str]:
     return lines
 
 
-def apt(release: str, *args: str, capture: bool = False, cwd: Path | None = None) -> str:
+def apt(release: str, *args: str, capture: bool = False, check: bool = True, cwd: Path | None = None) -> str:
     """apt-get or apt-cache (the first of args) on a state of our own that knows only RELEASE's arm64 packages.
 
-    The host's apt is left as it is: no list of another release is added to it.
+    The host's apt is left as it is: no list of another release is added to it. Lists of other sources
+    than today's are dropped.
     """
     state = CACHE / f"apt-{release}"
-    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (state / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     sources = state / "sources.list"
     text = "".join(line + "\n" for line in suite_sources(release))
     if not sources.exists() or sources.read_text() != text:
+        remove(state)
+        state.mkdir(parents=True)
         sources.write_text(text)
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     options = [
         f"Dir::Etc::SourceList={sources}",
         "Dir::Etc::SourceParts=/nonexistent",
@@ -423,19 +430,17 @@ def apt(release: str, *args: str, capture: bool = False, cwd: Path | None = None
         "APT::Sandbox::User=root",
     ]
     command, *rest = args
-    return run([command, *(f"-o{o}" for o in options), *rest], capture=capture, cwd=cwd)
+    return run([command, *(f"-o{o}" for o in options), *rest], capture=capture, check=check, cwd=cwd)
 
 
-def resolve_kernel(release: str) -> tuple[str, str]:
-    """The versioned image package that RELEASE's linux-image-arm64 depends on now, and its version."""
-    for attempt in range(2):
-        if attempt or not any((CACHE / f"apt-{release}" / "lists").glob("*Packages*")):
-            apt(release, "apt-get", "update", "-q")
-        shown = apt(release, "apt-cache", "show", "--no-all-versions", "linux-image-arm64:arm64", capture=True)
-        found = re.search(r"^Depends:.*?\b(linux-image-[^\s,(]+-arm64(?:-unsigned)?) \(= ([^)]+)\)", shown, re.M)
-        if found:
-            return found.group(1), found.group(2)
-    raise Failure(f"Debian {release}'s sources ({', '.join(suite_sources(release))}) have no linux-image-arm64")
+def resolve_kernel(release: str, update: bool) -> tuple[str, str] | None:
+    """The versioned image package that RELEASE's linux-image-arm64 depends on, and its version, by the lists
+    as they are (None without any) or, with `update`, as they are now."""
+    if update:
+        apt(release, "apt-get", "update", "-q")
+    shown = apt(release, "apt-cache", "show", "--no-all-versions", "linux-image-arm64:arm64", capture=True, check=False)
+    found = re.search(r"^Depends:.*?\b(linux-image-[^\s,(]+-arm64(?:-unsigned)?) \(= ([^)]+)\)", shown, re.M)
+    return (found.group(1), found.group(2)) if found else None
 
 
 def build_kernel(out: Path, release: str, package: str, version: str) -> None:
@@ -454,8 +459,14 @@ def kernel_release(kernel: Path) -> str:
 
 
 def kernel(release: str) -> Path:
+    """RELEASE's kernel: the one fetched before while the lists still name it, else the newest there is."""
     start = time.monotonic()
-    package, version = resolve_kernel(release)
+    known = resolve_kernel(release, update=False)
+    if known is None or not (CACHE / f"kernel-{release}-{known[0]}_{known[1]}").exists():
+        known = resolve_kernel(release, update=True)  # what is fetched comes from fresh lists
+    if known is None:
+        raise Failure(f"Debian {release}'s sources ({', '.join(suite_sources(release))}) have no linux-image-arm64")
+    package, version = known
     path = CACHE / f"kernel-{release}-{package}_{version}"
     built = cached(path, lambda out: build_kernel(out, release, package, version), f"kernel-{release}")
     timed(f"{release} kernel", start, f"{'fetched' if built else 'cached'} {package} {version}")
@@ -523,7 +534,8 @@ def build_modules(out: Path, kernel: Path) -> None:
 
 def modules(release: str, kernel: Path) -> Path:
     start = time.monotonic()
-    path = CACHE / f"modules-{release}-{key(inspect.getsource(build_modules), kernel.name)}.img"
+    recipe = key(inspect.getsource(build_modules), inspect.getsource(make_ext4), kernel.name)
+    path = CACHE / f"modules-{release}-{recipe}.img"
     built = cached(path, lambda out: build_modules(out, kernel), f"modules-{release}")
     timed(f"{release} modules", start, "built" if built else "cached")
     return path
@@ -756,18 +768,24 @@ def main() -> int:
     build_parasite()
     status = 0
     for release in args.kernel or list(KERNELS):
-        kern = kernel(release)
-        ramdisk, mods = initrd(release, kern), modules(release, kern)
-        nonce = secrets.token_hex(8)
-        job = job_disk(args.command or [*PYTEST, *KERNELS[release]], nonce)
         try:
-            code = boot(release, kern, ramdisk, (base, mods, job), nonce, args.timeout)
+            code = machine(release, base, args.command or [*PYTEST, *KERNELS[release]], args.timeout)
         except Failure as failure:  # the other kernels still run
             say(f"{release}: FAILED: {failure}")
             code = failure.code
-        say(f"{release} ({kernel_release(kern)}): exit code {code}")
+        say(f"{release}: exit code {code}")
         status = status or code
     return status
+
+
+def machine(release: str, base: Path, command: list[str], timeout: float) -> int:
+    """Fetch and boot RELEASE's kernel on `base`, run the command there; its exit code."""
+    kern = kernel(release)
+    ramdisk, mods = initrd(release, kern), modules(release, kern)
+    nonce = secrets.token_hex(8)
+    job = job_disk(command, nonce)
+    say(f"{release}: Linux {kernel_release(kern)}")
+    return boot(release, kern, ramdisk, (base, mods, job), nonce, timeout)
 
 
 def summary() -> None:

@@ -7,6 +7,7 @@ version (a second, independent witness) and against the call itself.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import re
@@ -52,7 +53,7 @@ def test_userfaultfd_probes_agree_with_the_system() -> None:
 def test_a_scan_learns_that_pagemap_scan_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A file that is no pagemap answers PAGEMAP_SCAN with ENOTTY, as a kernel before 6.7 does: the scan
     falls back and does not ask again."""
-    monkeypatch.setattr(features, "PAGEMAP_SCAN", features.Feature("PAGEMAP_SCAN", "6.7", "", "", lambda: True))
+    monkeypatch.setattr(features, "PAGEMAP_SCAN", features.Feature("PAGEMAP_SCAN", "6.7", "", "", lambda: 0))
     (tmp_path / "file").write_bytes(b"\0" * 4096)
     fd = os.open(tmp_path / "file", os.O_RDONLY)
     try:
@@ -103,7 +104,7 @@ def test_an_undumpable_memcr_without_root_scans_a_target_it_may_read() -> None:
 
 def test_a_probe_runs_once() -> None:
     calls = []
-    feature = features.Feature("probe", "1.0", "nothing", "nothing", lambda: calls.append(1) or True)
+    feature = features.Feature("probe", "1.0", "nothing", "nothing", lambda: calls.append(1) or 0)
     assert feature.present and feature.present
     assert calls == [1]
 
@@ -119,9 +120,9 @@ def test_version_lists_every_feature() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="parks a process")
-def test_a_checkpoint_says_once_which_scan_feature_this_kernel_lacks(tmp_path: Path) -> None:
-    """A kernel before 6.7 scans the slow way: memcr says so, with the kernel that has the fast one, once
-    a process (the daemon's second checkpoint says nothing)."""
+def test_a_checkpoint_says_which_scan_feature_this_kernel_lacks(tmp_path: Path) -> None:
+    """A kernel before 6.7 scans the slow way, one before 6.14 reads more entries one by one: memcr says
+    which, naming the kernel that has the feature."""
     target = subprocess.Popen(["sleep", "600"])
     try:
         shown = subprocess.run(
@@ -132,12 +133,27 @@ def test_a_checkpoint_says_once_which_scan_feature_this_kernel_lacks(tmp_path: P
         )
         assert shown.returncode == 0, shown.stderr
         said = [line for line in shown.stdout.splitlines() if "is not available here" in line]
-        if KERNEL >= (6, 7):
-            assert said == []
-        else:
-            assert said == ["memcr: " + features.PAGEMAP_SCAN.missing()]
-            assert "Linux 6.7" in said[0] and "reads the pagemap entry of every page" in said[0]
+        kernels = ((features.PAGEMAP_SCAN, (6, 7)), (features.PAGE_IS_GUARD, (6, 14)))
+        lacking = [f for f, since in kernels if since > KERNEL]
+        expected = [
+            f"memcr: {f.name} is not available here (Linux {f.since}); without it memcr {f.without}" for f in lacking
+        ]
+        assert said == expected[:1]  # without PAGEMAP_SCAN, PAGE_IS_GUARD is never asked for
         assert target.poll() is None
     finally:
         target.kill()
         target.wait()
+
+
+def test_each_missing_feature_is_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = features.Feature("refused", "9.9", "", "does without", lambda: errno.EPERM)
+    absent = features.Feature("absent", "9.9", "", "does without", lambda: errno.ENOSYS)
+    monkeypatch.setattr(features, "ALL", (refused, absent))
+    monkeypatch.setattr(features, "_told", set())
+    assert features.untold() == []  # nothing known yet: untold() never probes
+    assert not refused.present and not absent.present
+    assert features.untold() == [
+        "memcr may not use refused here (Operation not permitted); without it memcr does without",
+        "absent is not available here (Linux 9.9); without it memcr does without",
+    ]
+    assert features.untold() == []
