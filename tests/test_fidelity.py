@@ -7,6 +7,7 @@ seccomp, threads, /proc/self/maps and VmFlags) after the round trip.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import random
@@ -312,6 +313,37 @@ def test_a_worker_waiting_uninterruptibly_keeps_the_request_linked_after(
         assert target.verify() == 0
     finally:
         reap(holder)
+
+
+def write_fifo(fifo: Path, data: bytes, timeout: float = 10) -> None:
+    """Write to a FIFO once a reader has it open; fail, rather than hang, when none comes (a reader's open
+    that a stop ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise AssertionError(f"nobody opened {fifo} to read within {timeout} s") from e
+            time.sleep(0.01)
+            continue
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return
+
+
+def test_a_worker_named_like_the_sqpoll_thread_is_still_in_its_request(spawn, memcr: Memcr, tmp_path: Path) -> None:
+    """A process may rename its own threads, io_uring's workers too (/proc/self/task/TID/comm): a worker
+    asleep in an open of a FIFO and named iou-sqp-0 is in a request all the same, and a stop would end it
+    (seen: -512 in the completion). memcr must not take a thread's name for what it is."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = spawn("uringwork", "renamed", fifo)
+    refused_for_a_busy_worker(memcr, target.pid)
+    write_fifo(fifo, b"parkedIO")
+    assert target.verify() == 0
 
 
 def dropped_page(target) -> int:

@@ -10,7 +10,12 @@
  *                worker waits uninterruptibly, then opens the FIFO in the
  *                same breath; the open must succeed once the test writes
  *                "parkedIO" into the FIFO
+ *  renamed FIFO  an open of FIFO in a worker (IOSQE_ASYNC), asleep until the
+ *                test writes "parkedIO"; the process names that worker
+ *                iou-sqp-0 (/proc/self/task/TID/comm, as any thread of its
+ *                own): it is in a request all the same
  */
+#include <dirent.h>
 #include <linux/io_uring.h>
 #include <sys/syscall.h>
 
@@ -86,6 +91,38 @@ static int completed(unsigned n)
 	return ok;
 }
 
+/* Name each io_uring worker `name` once one is there (up to 10 s); 1 if one was. */
+static int rename_workers(const char *name)
+{
+	int renamed = 0;
+
+	for (int tries = 0; tries < 1000 && !renamed; tries++) {
+		DIR *dir = opendir("/proc/self/task");
+		struct dirent *task;
+
+		while (dir && (task = readdir(dir)) != NULL) {
+			char path[300], comm[32] = "";
+			FILE *file;
+
+			snprintf(path, sizeof(path), "/proc/self/task/%.200s/comm", task->d_name);
+			if ((file = fopen(path, "r")) == NULL)
+				continue;
+			if (fgets(comm, sizeof(comm), file) == NULL)
+				comm[0] = 0;
+			fclose(file);
+			if (strncmp(comm, "iou-wrk-", 8) != 0 || (file = fopen(path, "w")) == NULL)
+				continue;
+			renamed |= fputs(name, file) >= 0;
+			renamed &= fclose(file) == 0;
+		}
+		if (dir)
+			closedir(dir);
+		if (!renamed)
+			usleep(10000);
+	}
+	return renamed;
+}
+
 int main(int argc, char **argv)
 {
 	static const char data[8] = "parkedIO";
@@ -111,6 +148,16 @@ int main(int argc, char **argv)
 		submit(2);
 		announce_and_wait(&usr1);
 		ok &= completed(2);
+	} else if (strcmp(argv[1], "renamed") == 0 && argc > 2) {
+		sqes[0] = (struct io_uring_sqe){.opcode = IORING_OP_OPENAT, .fd = AT_FDCWD, .addr = (uintptr_t)argv[2],
+						.open_flags = O_RDONLY, .flags = IOSQE_ASYNC, .user_data = 2};
+		submit(1);
+		if (!rename_workers("iou-sqp-0")) {
+			fprintf(stderr, "no io_uring worker to rename\n");
+			return 2;
+		}
+		announce_and_wait(&usr1);
+		ok &= completed(1);
 	} else {
 		sqes[0] = (struct io_uring_sqe){.opcode = IORING_OP_NOP, .flags = IOSQE_ASYNC, .user_data = 1};
 		submit(1);
