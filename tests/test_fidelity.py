@@ -193,6 +193,28 @@ def test_processes_sharing_memory_are_refused(spawn, memcr: Memcr, which: str) -
     assert target.verify() == 0
 
 
+def test_processes_sharing_memory_are_refused_where_kcmp_is_refused(spawn, binaries, memcr: Memcr) -> None:
+    """A seccomp filter (a container's) may answer kcmp with EPERM for every pair: memcr must not take that
+    for "shares nothing". Seen (review31b): memcr parked the vfork child, the child ended and its parent,
+    running on the same memory, died of SIGSEGV."""
+    target = spawn("vforker")
+    [[child]] = target.said("child")
+    argv = [str(binaries["nokcmp"]), *memcr_argv("-p", child, "-n", "-d", memcr.dump_dir)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"process {child} shares its memory with process {target.pid}" in result.stderr
+    assert procfs.read_status(target.pid)["TracerPid"] == "0"
+    assert target.verify() == 0
+
+
+def test_version_says_no_kcmp_where_kcmp_is_refused(binaries) -> None:
+    """memcr -V lists what this memcr can use: a kcmp that answers EPERM to every call is of no use."""
+    shown = subprocess.run([str(binaries["nokcmp"]), *memcr_argv("-V")], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if line.split()[:1] == ["kcmp"]]
+    assert row.split()[1] == "no", row
+
+
 def test_io_uring_is_refused_untouched(spawn, memcr: Memcr) -> None:
     target = spawn("uring", stdin=True)
     result = memcr.run("-p", target.pid, "-n")

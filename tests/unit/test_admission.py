@@ -103,3 +103,20 @@ def test_already_traced_names_the_tracer(monkeypatch: pytest.MonkeyPatch, cmdlin
 def test_own_process_shares_its_memory_with_nobody() -> None:
     assert admission.mm_sharers(os.getpid()) == []
     assert admission.async_writers(os.getpid()) == []
+
+
+def test_a_worker_seen_once_without_a_wait_channel_is_not_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/PID/task/TID/wchan reads "0" while the thread is on a run queue, its state S or not: between
+    setting S and sleeping, or preempted there, as a worker does each time it goes to sleep in its next
+    request. Seen (review31b): a worker in wait_for_partner for 50 ms, then one look of S, "0", S; memcr
+    stopped it and the open it had just begun completed with -512. "0" once in the middle of a request
+    says nothing of a hidden wait channel: the worker is still in one."""
+    channels = iter(["wait_for_partner"] * 5 + ["0"] + ["wait_for_partner"] * 10_000)
+    stat = procfs.Stat(pid=101, comm="iou-wrk-100", state="S", ppid=1, flags=0)
+    monkeypatch.setattr(procfs, "read_stat", lambda _path: stat)
+    monkeypatch.setattr(procfs, "wait_channel", lambda _pid, _tid=None: next(channels))
+    monkeypatch.setattr(admission.time, "sleep", lambda _s: None)
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(admission.time, "monotonic", lambda: next(ticks) / 100)  # 10 ms a look
+    with pytest.raises(TargetError, match="in the middle of a request"):
+        admission.wait_io_worker_idle(100, 101, deadline=0.5)
