@@ -98,17 +98,18 @@ def injection_thread(pid: int, tids: list[int] | set[int]) -> int:
     return _injection_thread(pid, procfs.thread_statuses(pid, tids))
 
 
-def wait_io_worker_idle(pid: int, tid: int, deadline: float) -> None:
+def wait_io_worker_idle(pid: int, tid: int, deadline: float, hidden_wchan: bool = False) -> None:
     """Return once io_uring's thread `tid` waits for work; refuse the freeze if it is still in the middle
     of a request at `deadline`.
 
     A stop breaks the request a worker is in: one asleep in it (an open of a FIFO without a writer yet;
     on Linux 5.10, a read of a pipe) sees it end with EINTR, and one in an uninterruptible wait goes on
     to the next request queued for it (a linked one) with the stop pending, and that one ends so. The
-    SQPOLL thread issues without sleeping: a stop breaks nothing there. Where the wait channel is hidden
-    ("0" while asleep), memcr cannot tell, and stops the worker all the same.
+    SQPOLL thread issues without sleeping: a stop breaks nothing there. A wait channel of "0" is a thread
+    on a run queue (going to sleep in its next request, say), unless this kernel hides every wait channel
+    (`hidden_wchan`): then memcr cannot tell, and stops the worker all the same.
     """
-    while (doing := _io_request(pid, tid)) is not None:
+    while (doing := _io_request(pid, tid, hidden_wchan)) is not None:
         if time.monotonic() > deadline:
             raise TargetError(
                 f"the io_uring worker thread {tid} of process {pid} is in the middle of a request ({doing}): "
@@ -121,7 +122,7 @@ def wait_io_worker_idle(pid: int, tid: int, deadline: float) -> None:
         time.sleep(0.01)
 
 
-def _io_request(pid: int, tid: int) -> str | None:
+def _io_request(pid: int, tid: int, hidden_wchan: bool) -> str | None:
     """What the io_uring thread is doing that a stop would break, or None when nothing is."""
     path = f"{pid}/task/{tid}"
     try:
@@ -130,11 +131,13 @@ def _io_request(pid: int, tid: int) -> str | None:
         state = procfs.read_stat(path).state
     except TargetGone:
         return None  # the seize tells
-    if before.comm.startswith(IO_SQ_THREAD):
-        return None
     if state != before.state:
         return "changing"
-    if (state == "S" and where in (*IO_WORKER_IDLE, "0", "?")) or state in ("t", "T"):  # t, T: stopped already
+    # a name the process may give any of its threads: the SQPOLL thread's state and wait channel must agree
+    if before.comm.startswith(IO_SQ_THREAD) and (state == "R" or where == "io_sq_thread"):
+        return None
+    idle = (*IO_WORKER_IDLE, "?", *(("0",) if hidden_wchan else ()))
+    if (state == "S" and where in idle) or state in ("t", "T"):  # t, T: stopped already
         return None
     return "running" if state == "R" else f"it waits in {where}"
 
@@ -258,7 +261,7 @@ def mm_sharers(pid: int) -> list[int]:
             if shares_memory(pid, other):
                 sharers.append(other)
         except libc.CallError as e:
-            if e.errno == errno.ENOSYS:
+            if e.errno != errno.ESRCH:  # no kcmp, or one refused (a container's seccomp): it rules nothing out
                 return _vfork_relatives(pid)
     # processes without memory (zombies, one exiting) compare equal to each other: they share nothing
     return [other for other in sharers if processes.alive(other)] if sharers and processes.alive(pid) else []

@@ -62,7 +62,7 @@ class Feature:
         if self._refusal in _ABSENT:
             return f"{self.name} is not available here (Linux {self.since}); without it memcr {self.without}"
         why = os.strerror(self._refusal or errno.EPERM)
-        return f"memcr may not use {self.name} here ({why}); without it memcr {self.without}"
+        return f"{self.name} is refused to this memcr ({why}); without it memcr {self.without}"
 
 
 def _scans(wanted: int) -> int:
@@ -141,7 +141,7 @@ def _kcmp() -> int:
     try:
         shares_memory(os.getpid(), os.getpid())
     except OSError as e:
-        return errno.ENOSYS if e.errno == errno.ENOSYS else 0
+        return e.errno or errno.ENOSYS
     return 0
 
 

@@ -153,7 +153,7 @@ def test_each_missing_feature_is_said_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert features.untold() == []  # nothing known yet: untold() never probes
     assert not refused.present and not absent.present
     assert features.untold() == [
-        "memcr may not use refused here (Operation not permitted); without it memcr does without",
+        "refused is refused to this memcr (Operation not permitted); without it memcr does without",
         "absent is not available here (Linux 9.9); without it memcr does without",
     ]
     assert features.untold() == []
