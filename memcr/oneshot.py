@@ -124,11 +124,6 @@ def _interactive_group(membership: Membership, options: Options, wait: bool, log
     from memcr.group.park import park
 
     heap.tune()
-    if options.lazy:
-        from memcr.park import features
-
-        for line in features.lazy_restore():
-            log(line)
     reported = options.reported()
     try:
         group = park(membership, options, log, cancel)

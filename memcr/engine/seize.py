@@ -41,7 +41,7 @@ class Seizing:
             self._hold(sorted(new - workers))
             deadline = time.monotonic() + admission.IO_WORKER_GRACE
             # a thread held in a ptrace stop shows where it waits, unless this kernel hides every wait channel
-            hidden = bool(self.tids) and procfs.wait_channel(self.pid, self.tids[0]) in ("0", "?")
+            hidden = bool(workers and self.tids) and procfs.wait_channel(self.pid, self.tids[0]) in ("0", "?")
             for tid in sorted(workers):
                 admission.wait_io_worker_idle(self.pid, tid, deadline, hidden)
                 self._hold([tid])
