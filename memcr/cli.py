@@ -152,6 +152,13 @@ def _exit_codes() -> str:
     "1002 overrides.",
 )
 @click.option(
+    "--incremental",
+    is_flag=True,
+    help="Service mode: keep a target's dump after an eager restore and track the pages it writes (Linux 6.7); "
+    "its next park writes only those (docs/incremental.md). The dump takes its space in the dump directory "
+    "while the target runs, until its next park or its end.",
+)
+@click.option(
     "--allow-async-io",
     is_flag=True,
     help="Park processes with io_uring or Linux AIO; one written while parked is killed.",
@@ -188,7 +195,7 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
             parasite_socket_gid: int | None, parasite_socket_netns: bool, listen: str | None,
             listen_gid: int | None, client_scope: str | None, no_wait: bool, proc_mem: bool, rss_file: bool,
             compress: str | None, checksum: bool, encrypt: str | None, timeout: int | None,
-            lazy: bool, allow_async_io: bool, json_reports: bool, quiet: bool, log_level: str | None,
+            lazy: bool, incremental: bool, allow_async_io: bool, json_reports: bool, quiet: bool, log_level: str | None,
             allow_tracer: bool) -> None:  # fmt: skip
     """Checkpoint the memory of a running process to a file and restore it."""
     if quiet and log_level not in (None, "error"):
@@ -214,6 +221,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         for name, value in (("-g/--listen-gid", listen_gid), ("-t/--timeout", timeout)):
             if value is not None:
                 raise UsageError(f"{name} only applies to service mode (-l)")
+        if incremental:
+            raise UsageError("--incremental only applies to service mode (-l): the daemon keeps the dumps")
     if listen is None and cgroup is None:
         if pid is None:
             raise UsageError("give the process to checkpoint with -p PID, or -l to serve (see memcr -h)")
@@ -238,6 +247,7 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         rss_file=rss_file,
         allow_async_io=allow_async_io,
         lazy=lazy,
+        incremental=incremental,
         coding=Coding(
             compress=compressor_name(compress) if compress else None,
             checksum=checksum,

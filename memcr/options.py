@@ -33,6 +33,7 @@ class Options:
     allow_async_io: bool = False
     coding: Coding = field(default_factory=Coding)
     lazy: bool = False  # on restore: run at once, pages on first touch (memcr.lazy)
+    incremental: bool = False  # the daemon keeps a restored target's dump, its next park writes what changed
 
     def reported(self) -> dict[str, object]:
         """The options a report names (memcr.report.OPTION_FIELDS): those that change what the dump is."""

@@ -44,6 +44,8 @@ class Report:
     rss_restored: dict[str, int] = field(default_factory=dict)  # after the restore
     dump_path: str = ""
     dump_bytes: int = 0
+    written_bytes: int = 0  # what this park wrote: all of the dump, or what an incremental one added to it
+    kept_bytes: int = 0  # after a restore: the dump kept for an incremental re-park (0: deleted)
     # how the dump was made and the restore done: OPTION_FIELDS (memcr.options.Options.reported);
     # "lazy" in a restore's line: whether it was lazy, as asked and where it could be
     options: dict[str, object] = field(default_factory=dict)
@@ -70,6 +72,7 @@ class GroupReport:
     shared_pages: int = 0
     locked_vmas: int = 0
     dump_bytes: int = 0
+    written_bytes: int = 0
     park_ms: float = 0.0  # from the first member's check to the last member parked
     wake_ms: float = 0.0  # from the restore request to the last member running
     rss_before: dict[str, int] = field(default_factory=dict)  # kB, summed over the members
@@ -90,6 +93,7 @@ class GroupReport:
             summed.shared_pages += r.shared_pages
             summed.locked_vmas += r.locked_vmas
             summed.dump_bytes += r.dump_bytes
+            summed.written_bytes += r.written_bytes
         summed.rss_before = _sum(r.rss_before for r in reports)
         summed.rss_after = _sum(r.rss_after for r in reports)
         return summed
@@ -149,6 +153,8 @@ _PROCESS: dict[str, str] = {
     "rss_restored": "rss",
     "dump_path": "str",
     "dump_bytes": "int",
+    "written_bytes": "int",
+    "kept_bytes": "int",
     "options": "options",
 }
 _GROUP: dict[str, str] = {
@@ -161,6 +167,7 @@ _GROUP: dict[str, str] = {
     "shared_pages": "int",
     "locked_vmas": "int",
     "dump_bytes": "int",
+    "written_bytes": "int",
     "park_ms": "float",
     "wake_ms": "float",
     "rss_before": "rss",

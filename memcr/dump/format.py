@@ -37,7 +37,7 @@ KIND_PAGES = 1
 KIND_END = 2
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # a kept dump may index many thousands (memcr.park.incremental)
 class Record:
     """One run of pages: where it lives in the target and in the file."""
 

@@ -38,7 +38,8 @@ class Writer:
         self.page_bytes = 0
         self._complete: list[Record] = []
         self._header = header(page_size, pid, coding.flags)
-        file.append(self._header)
+        if file.size == 0:  # else a kept dump, which this park adds to (memcr.park.incremental)
+            file.append(self._header)
 
     @property
     def path(self) -> Path:
@@ -49,6 +50,10 @@ class Writer:
         group = Group(runs)
         self.records += group.runs
         return group
+
+    def include(self, records: list[Record]) -> None:
+        """Runs of pages the file holds already, from an earlier park: this dump serves them too."""
+        self.records += records
 
     def completed(self) -> list[Record]:
         """The runs whose pages are all in the file since the last call: theirs may be dropped."""
@@ -192,7 +197,8 @@ class PlainWriter(Writer):
     def _reader(self, finished: bool) -> DumpReader:
         self._close_pipe()
         self._buffer = bytearray()  # a daemon holds many dumps for hours: none keeps a megabyte
-        return PlainReader(self.file, self._header, self.records, self.page_bytes, finished)
+        records = sorted(self.records, key=lambda r: r.addr)  # included runs come first
+        return PlainReader(self.file, self._header, records, self.page_bytes, finished)
 
     def close(self) -> str | None:
         self._close_pipe()
@@ -273,7 +279,12 @@ class FramedWriter(Writer):
         return super().close()
 
 
-def open_writer(directory: Path, pid: int, page_size: int, coding: Coding) -> PlainWriter | FramedWriter:
+def open_writer(
+    directory: Path, pid: int, page_size: int, coding: Coding, kept: DumpFile | None = None
+) -> PlainWriter | FramedWriter:
+    """A writer of a new dump, or one that adds to `kept` (plain only: memcr.park.incremental)."""
+    if kept is not None:
+        return PlainWriter(kept, pid, page_size, coding)
     file = DumpFile.create(directory, pid)
     try:
         if coding.framed:

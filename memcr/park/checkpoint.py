@@ -31,7 +31,8 @@ from memcr.engine.parasite_protocol import SEND_RUNS
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.options import Cancel, Log, Options, check_socket_dir
-from memcr.park import features, scan
+from memcr.park import features, incremental, scan
+from memcr.park.incremental import Kept
 from memcr.park.parked import Pagemap, Parked, Reserve, let_go
 from memcr.park.scan import MAX_EXTENT, Extent, Plan
 from memcr.report import Report, rss
@@ -97,21 +98,41 @@ def checkpoint(
     cancel: Cancel | None = None,
     progress: Progress | None = None,
     seized: Callable[[], None] | None = None,
+    kept: Kept | None = None,
 ) -> Parked:
     """Freeze the target, dump and drop its private pages; it stays frozen, parked.
 
     `seized` is called once every thread is held, before anything in the
     target changes: a group park waits there until all its members are
     held, and an error it raises lets this target go as it was.
+    `kept`: the dump kept at the target's last restore, whose unchanged
+    pages this park takes instead of writing them again; the checkpoint
+    owns it from here on, and deletes it when it cannot serve.
     """
     with _descriptor_limit():
-        return _checkpoint(pid, options, log, cancel or Cancel(), progress, seized)
+        try:
+            return _checkpoint(pid, options, log, cancel or Cancel(), progress, seized, kept)
+        finally:
+            if kept is not None:
+                kept.tracker.close()  # its answers are taken; a restore that tracks again makes a new one
 
 
 def _checkpoint(
-    pid: int, options: Options, log: Log, cancel: Cancel, progress: Progress | None, seized: Callable[[], None] | None
+    pid: int,
+    options: Options,
+    log: Log,
+    cancel: Cancel,
+    progress: Progress | None,
+    seized: Callable[[], None] | None,
+    kept: Kept | None,
 ) -> Parked:
     page_size = arch.page_size()
+    if kept is not None and (why := _unfit(kept, options, page_size)):
+        log(f"writing the dump of pid {pid} whole, not only what changed: {why}")
+        # before the maps are read: memcr's watch ends with its userfaultfd, and with it the "uw" in VmFlags
+        if problem := kept.close():
+            logs.error(log, f"warning: {problem}")
+        kept = None
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
@@ -123,7 +144,7 @@ def _checkpoint(
     with contextlib.ExitStack() as opened:  # closed again unless the freeze succeeds
         reserve = Reserve()
         opened.callback(reserve.close)
-        writer = open_writer(options.dump_dir, pid, page_size, options.coding)
+        writer = open_writer(options.dump_dir, pid, page_size, options.coding, kept.dump.file if kept else None)
         opened.callback(_discard, writer, log)
         pagemap = Pagemap(pid, page_size)
         opened.callback(pagemap.close)
@@ -145,13 +166,17 @@ def _checkpoint(
             pagemap.close()
             _discard(writer, log)
         raise
-    stream = _Stream(frozen, parasite, writer, pagemap, options, report, log)
+    stream = _Stream(frozen, parasite, writer, pagemap, options, report, log, kept)
+    size_before = writer.file.size
     try:
         log(f"parasite ready (tid {parasite.tid})")
         plan, confirmed = stream.plan(before)
         started = time.monotonic()
         report.setup_ms = (started - frozen_at) * 1000
-        stream.run(plan, confirmed, cancel, progress)
+        if kept is None:
+            stream.run(plan, confirmed, cancel, progress)
+        else:
+            stream.run_incremental(plan, confirmed, cancel, progress, kept)
         report.download_ms = (time.monotonic() - started) * 1000
         dump = writer.finish()
     except BaseException as error:
@@ -160,12 +185,20 @@ def _checkpoint(
     parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log)
     try:
         report.dump_path, report.dump_bytes = str(dump.path), dump.size
+        report.written_bytes = dump.size - size_before
         report.dropped_pages = sum(r.length for r in dump.records if r.dropped) // page_size
         report.rss_after = rss(procfs.read_status(pid))
     except BaseException as error:
         parked.rollback(error)
         raise
     return parked
+
+
+def _unfit(kept: Kept, options: Options, page_size: int) -> str | None:
+    """Why the kept dump cannot take this park's changes (None: it can)."""
+    if options.allow_async_io:
+        return "the kernel may write its memory without a trace (--allow-async-io)"
+    return incremental.stale(kept, options.dump_dir, options.coding.framed) or kept.worn(page_size)
 
 
 def _discard(writer: PlainWriter | FramedWriter, log: Log) -> None:
@@ -185,6 +218,7 @@ class _Stream:
         options: Options,
         report: Report,
         log: Log,
+        kept: Kept | None,
     ) -> None:
         self.frozen = frozen
         self.parasite = parasite
@@ -194,6 +228,8 @@ class _Stream:
         self.report = report
         self.log = log
         self.vmas: list[Vma] = []  # planned so far: where a rollback puts records back
+        self.kept = kept
+        self.ours: frozenset[tuple[int, int]] = frozenset()  # the mappings the kept dump's userfaultfd watches
         self._joins: set[int] = set()  # runs with only holes between them and the run before
 
     def plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
@@ -206,11 +242,12 @@ class _Stream:
         pages = scan.scan_pages(layout, read, exclude, self.pagemap.zero_pfn, self.pagemap.fd, unshared)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
-            plan = scan.build_plan(before, pages, exclude, self.options.rss_file)
-            confirmed = _in_background(lambda: scan.confirm(procfs.read_maps(pid), plan))
+            plan = scan.build_plan(self._relabel(before), pages, exclude, self.options.rss_file)
+            ours = self.ours
+            confirmed = _in_background(lambda: scan.confirm(incremental.relabel(procfs.read_maps(pid), ours), plan))
         else:
             self.log("the memory map changed while freezing: reading it again")
-            now = procfs.read_maps(pid)
+            now = self._relabel(procfs.read_maps(pid))
             plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
             scan.confirm(now, plan)
         self.vmas = plan.vmas
@@ -229,6 +266,13 @@ class _Stream:
             )
         return plan, confirmed
 
+    def _relabel(self, vmas: list[Vma]) -> list[Vma]:
+        """The mappings, those memcr's own userfaultfd watches no longer marked as watched by the target's."""
+        if self.kept is None:
+            return vmas
+        self.ours = incremental.owned(self.kept, vmas)
+        return incremental.relabel(vmas, self.ours)
+
     def run(self, plan: Plan, confirmed: Future[None] | None, cancel: Cancel, progress: Progress | None) -> None:
         writer, pid = self.writer, self.frozen.pid
         done, total = 0, plan.dump_bytes
@@ -239,24 +283,57 @@ class _Stream:
         for extents in _groups(plan.copy, self.options.proc_mem):
             if cancel.cancelled:
                 raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
-            group = writer.begin_group([(e.start, e.length) for e in extents])
-            if _by_mem(extents[0], self.options.proc_mem):
-                for record in group.runs:
-                    self._copy_from_mem(record)
-            else:
-                self._copy_from_parasite(group)
-            writer.end_group(group)
+            self._write_group(extents)
             # only pages whose bytes are in the file may go
             written += writer.completed()
             if confirmed is None or confirmed.done():
                 self._drop(written, confirmed)
-            done += group.length
+            done += sum(e.length for e in extents)
             if progress:
                 progress(done, total)
         writer.flush()
         self._drop(written + writer.completed(), confirmed)
         for extent in plan.drop_only:
             self.parasite.drop(extent.start, extent.length)
+
+    def run_incremental(
+        self, plan: Plan, confirmed: Future[None] | None, cancel: Cancel, progress: Progress | None, kept: Kept
+    ) -> None:
+        """As run, adding to the kept dump only the pages the target wrote since its restore (or that the dump
+        lacks); the rest the dump holds already. The pages are dropped once all are in the file: a re-park
+        writes little, and its drops take whole mappings at once."""
+        fd = self.pagemap.fd
+        assert fd is not None, "a kept dump is only made where memcr reads the page map"
+        split = incremental.split(kept, plan, fd, self.ours)
+        self.writer.include(split.reused)
+        self.log(
+            f"{split.reused_bytes / 2**20:.1f} MiB unchanged since the last restore, in the kept dump already; "
+            f"{sum(e.length for e in split.fresh) / 2**20:.1f} MiB to write"
+        )
+        self._joins = {e.start for e in split.fresh if e.joins} | split.continues
+        done, total = split.reused_bytes, plan.dump_bytes
+        for extents in _groups(split.fresh, self.options.proc_mem):
+            if cancel.cancelled:
+                raise Aborted(f"checkpoint of pid {self.frozen.pid} aborted: it runs on", pid=self.frozen.pid)
+            self._write_group(extents)
+            done += sum(e.length for e in extents)
+            if progress:
+                progress(done, total)
+        self.writer.flush()
+        self.writer.completed()
+        self._drop(sorted(self.writer.records, key=lambda r: r.addr), confirmed)
+        for extent in plan.drop_only:
+            self.parasite.drop(extent.start, extent.length)
+        incremental.punch(kept, split.reused)
+
+    def _write_group(self, extents: list[Extent]) -> None:
+        group = self.writer.begin_group([(e.start, e.length) for e in extents])
+        if _by_mem(extents[0], self.options.proc_mem):
+            for record in group.runs:
+                self._copy_from_mem(record)
+        else:
+            self._copy_from_parasite(group)
+        self.writer.end_group(group)
 
     def _drop(self, written: list[Record], confirmed: Future[None] | None) -> None:
         """Drop the pages of runs in the file, once the plan's VmFlags are confirmed.

@@ -25,7 +25,8 @@ from memcr.engine.infect import Injector
 from memcr.engine.parasite import PAGEMAP_ENTRY, Parasite
 from memcr.engine.tracer import FrozenProcess
 from memcr.errors import MemcrError, TargetEnded, TargetGone, TargetKilled, Uncured, WrittenWhileParked
-from memcr.park import features, scan
+from memcr.park import features, incremental, scan
+from memcr.park.incremental import Kept
 from memcr.park.upload import Progress, Tally, upload
 from memcr.report import Report, rss
 from memcr.system import processes, procfs, uffd
@@ -113,7 +114,9 @@ class Parked:
     def pid(self) -> int:
         return self.frozen.pid
 
-    def restore(self, lazy: bool = False, progress: Progress | None = None) -> LazyRestore | None:
+    def restore(
+        self, lazy: bool = False, progress: Progress | None = None, keep: Callable[[Kept], None] | None = None
+    ) -> LazyRestore | None:
         """Put every dropped page back and let the target run on.
 
         lazy: let it run first, and return the LazyRestore that puts the
@@ -121,11 +124,16 @@ class Parked:
         restore is complete: eager, or lazy where it cannot be (logged).
         progress: called with the bytes written back so far and in all,
         as the checkpoint's, during an eager restore.
+        keep: after an eager restore, called with the dump kept and the
+        target's writes tracked from then on, for its next park
+        (memcr.park.incremental); where that cannot be, memcr says why and
+        deletes the dump as ever.
         """
         if (ending := self.ended()) is not None:  # killed from outside while parked: nothing left to put back
             raise TargetEnded(f"pid {self.pid} ended while parked ({ending}), not by memcr's hand", pid=self.pid)
         started = time.monotonic()
         phase: LazyRestore | None = None
+        kept: Kept | None = None
         try:
             if not self.dump.file.still_in_place():
                 logs.error(
@@ -137,15 +145,21 @@ class Parked:
             self.report.options["lazy"] = watched is not None  # the report says how it was restored
             if watched is None:
                 self._put_back(progress)
+                kept = self._track() if keep is not None else None
             else:
                 phase = self._start_lazy(watched)
             self.report.upload_ms = (time.monotonic() - started) * 1000
             if phase is None:
                 self._let_run()
         except WrittenWhileParked as e:
+            if kept is not None:
+                kept.tracker.close()
+
             self.kill()
             raise TargetKilled(f"pid {self.pid} was killed: {e}", pid=self.pid) from e
         except BaseException as e:
+            if kept is not None:
+                kept.tracker.close()
             try:
                 self.rollback(e)
             except TargetGone as gone:  # killed from outside while memcr put it back, or just before
@@ -156,11 +170,23 @@ class Parked:
             raise
         if phase is not None:
             return phase
-        self._restored()
+        self._restored(keep_dump=kept is not None)
+        if kept is not None and keep is not None:
+            self.report.kept_bytes = kept.size
+            keep(kept)
         return None
 
-    def _restored(self, keep_dump_open: bool = False) -> None:
-        self._clean_up(keep_dump_open)
+    def _track(self) -> Kept | None:
+        """Track the target's writes from now on, keeping the dump; None (said) where that cannot be."""
+        try:
+            start, page = procfs.read_stat(self.pid).start, self.pagemap.page_size
+            return incremental.track(self.pid, self.parasite, self.pagemap.fd, self.vmas, self.dump, page, start)
+        except incremental.Untracked as e:
+            self.log(f"the next park of pid {self.pid} writes its dump whole: memcr cannot track its writes, as {e}")
+            return None
+
+    def _restored(self, keep_dump_open: bool = False, keep_dump: bool = False) -> None:
+        self._clean_up(keep_dump_open, keep_dump)
         with contextlib.suppress(MemcrError):  # it runs again: gone by now is its own business
             self.report.rss_restored = rss(procfs.read_status(self.pid))
 
@@ -424,17 +450,19 @@ class Parked:
         self.frozen.release()
         self.report.release_ms = (time.monotonic() - releasing) * 1000
 
-    def _clean_up(self, keep_dump_open: bool = False) -> None:
+    def _clean_up(self, keep_dump_open: bool = False, keep_dump: bool = False) -> None:
         """Remove memcr's files and close every descriptor it held for this target; never raises.
 
         It runs once the target runs again (or is dead): deleting a large
         dump is no longer the target's time, and a failure here must not
         be taken for a failure to restore. `keep_dump_open`: the dump's
         name goes, the file stays open (and locked) for a lazy phase's
-        children.
+        children. `keep_dump`: the dump stays, kept for the next park.
         """
         self.reserve.close()
         self.pagemap.close()
+        if keep_dump:
+            return
         problem = self.dump.file.unlink() if keep_dump_open else self.dump.remove()
         if problem:
             logs.error(self.log, f"warning: {problem}")

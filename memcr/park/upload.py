@@ -59,7 +59,8 @@ def upload(pid: int, dump: DumpReader, records: list[Record], tally: Tally | Non
     if not records:
         return
     # every frame located before any is written: a damaged index changes nothing in the target
-    frames = [frame for r in records for frame in dump.frames(r, PIECE)]
+    # in file order, which an incremental re-park's dump does not keep in address order (memcr.park.incremental)
+    frames = sorted((frame for r in records for frame in dump.frames(r, PIECE)), key=lambda f: f.offset)
     with contextlib.ExitStack() as stack:
         pool = dump.pool
         if pool is None and sum(r.length for r in records) > INLINE:

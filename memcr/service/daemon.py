@@ -34,6 +34,7 @@ from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, Ta
 from memcr.options import Log, Options, check_socket_dir
 from memcr.report import GroupReport, Report
 from memcr.service.jobs import Job
+from memcr.service.kept import KeptDumps
 from memcr.service.listener import Listener, listen, socket_folder
 from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
@@ -83,6 +84,7 @@ class Service:
         self.pids: dict[int, Job[Pid]] = {}  # the job of each pid parked on its own
         self.lingering: dict[Job[Pid], LazyRestore] = {}  # serving the children a target forked in its lazy phase
         self.groups: dict[int, Job[Group]] = {}  # every pid a group claimed, and its id
+        self.kept = KeptDumps(log)  # --incremental: the dumps of restored pids, for their next park
         self.connections: set[threading.Thread] = set()  # each answers one request
         # the accept loop's own: accepted, nothing to read yet (address, accepted at), oldest first; then
         # bytes to read, waiting for a thread
@@ -160,6 +162,7 @@ class Service:
                         # else: dropped by an accept of this same round, its event stale
                     self._start_handlers()
                     self._expire(selector)
+                    self.kept.sweep()
                     # with MAX_CONNECTIONS waiting for a thread, the next clients wait in the listen backlog, as
                     # they did for a thread: each holds a descriptor here, and those are for the checkpoints
                     if listening != (len(self.ready) < MAX_CONNECTIONS):
@@ -355,7 +358,8 @@ class Service:
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            target = Pid(pid, seized, forget=lambda: self.free(job))
+            keep = self.kept.keep if options.incremental else None
+            target = Pid(pid, seized, forget=lambda: self.free(job), kept=self.kept.take(pid), keep=keep)
             job = self.pids[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
             job.start()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -421,6 +425,7 @@ class Service:
             phase.server.stream_children()  # their pages all go back now, so that memcr can let go of them
         for job in [*jobs, *lingering]:
             job.join()
+        self.kept.close()
         # every request that reached the daemon gets its answer before it exits
         with self.lock:
             connections = list(self.connections)
@@ -490,6 +495,8 @@ class Service:
                 )
             group.target.claimed |= pids
             self.groups.update(dict.fromkeys(pids, group))
+        for pid in pids:
+            self.kept.drop(pid, "it is parked in a group now, whose dumps are written whole")
 
     def release(self, group: Job[Group], keep: AbstractSet[int] = frozenset()) -> None:
         """Forget the pids `group` claimed, but those in `keep`."""

@@ -16,6 +16,7 @@ from memcr_client.protocol import Answer
 # needs it, in the function that does: an idle daemon does not hold it (issue #29)
 if TYPE_CHECKING:
     from memcr.lazy.restore import LazyRestore
+    from memcr.park.incremental import Kept
     from memcr.park.parked import Parked
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -23,12 +24,22 @@ OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 
 class Pid:
     """One process. `seized` runs once every thread of it is held, and may refuse it before anything in it
-    changes; `forget` frees its pid in the daemon's registry."""
+    changes; `forget` frees its pid in the daemon's registry. `kept`: the dump kept at its last restore, which
+    its park owns; `keep` (--incremental): takes the dump its restore keeps."""
 
-    def __init__(self, pid: int, seized: Callable[[], None], forget: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        seized: Callable[[], None],
+        forget: Callable[[], None],
+        kept: Kept | None = None,
+        keep: Callable[[Kept], None] | None = None,
+    ) -> None:
         self.pid = pid
         self.seized = seized
         self.forget = forget
+        self.kept = kept
+        self.keep = keep
 
     def __str__(self) -> str:
         return f"pid {self.pid}"
@@ -36,7 +47,9 @@ class Pid:
     def park(self, options: Options, log: Log, cancel: Cancel) -> HeldPid:
         from memcr.park.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
 
-        return HeldPid(checkpoint(self.pid, options, log, cancel, seized=self.seized), options.lazy)
+        kept, self.kept = self.kept, None  # the checkpoint owns it, whatever becomes of it
+        parked = checkpoint(self.pid, options, log, cancel, seized=self.seized, kept=kept)
+        return HeldPid(parked, options.lazy, self.keep)
 
     def answer(self, error: MemcrError) -> int:
         return INVALID_PID if isinstance(error, TargetError) else ERROR
@@ -55,12 +68,14 @@ class Pid:
 
 
 class HeldPid:
-    """The process parked; `lazy` is the daemon's --lazy, for a restore that does not say."""
+    """The process parked; `lazy` is the daemon's --lazy, for a restore that does not say; `keep` takes the dump
+    an eager restore keeps (--incremental)."""
 
-    def __init__(self, parked: Parked, lazy: bool) -> None:
+    def __init__(self, parked: Parked, lazy: bool, keep: Callable[[Kept], None] | None) -> None:
         self.parked = parked
         self.pid = parked.pid
         self.lazy = lazy
+        self.keep = keep
 
     def summary(self) -> str:
         return f" ({self.parked.report.pages} pages)"
@@ -82,7 +97,9 @@ class HeldPid:
         why = "as its request asks" if lazy is not None else "the daemon's default"
         lazy = self.lazy if lazy is None else lazy
         log(f"restoring pid {self.pid} {'lazily' if lazy else 'eagerly'} ({why})")
-        return self.parked.restore(lazy=lazy)
+        if lazy and self.keep is not None:
+            log(f"a lazy restore keeps no dump: the next park of pid {self.pid} writes its dump whole")
+        return self.parked.restore(lazy=lazy, keep=None if lazy else self.keep)
 
     def rescue(self) -> None:
         self.parked.restore()

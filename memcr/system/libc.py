@@ -45,6 +45,7 @@ def _libc() -> ctypes.CDLL:
     libc.process_vm_writev.argtypes = (ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong)
     libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     return libc
 
 
@@ -83,6 +84,15 @@ def process_vm_writev(pid: int, local: Iovec, remote: Iovec) -> int:
     if n < 0:
         raise _error()
     return n
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give a file's blocks in [offset, offset + length) back to its filesystem; they read zeros, the size stays."""
+    if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _error()
 
 
 def setns(fd: int, nstype: int) -> None:

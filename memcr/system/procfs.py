@@ -207,6 +207,7 @@ class Stat:
     state: str
     ppid: int
     flags: int  # PF_* bits: PF_KTHREAD for a kernel thread
+    start: int = 0  # clock ticks after boot: with the pid, it names one process (a pid is used again)
 
 
 def parse_stat(text: str) -> Stat:
@@ -218,7 +219,8 @@ def parse_stat(text: str) -> Stat:
     head, _, tail = text.rpartition(")")
     pid, _, comm = head.partition(" (")
     fields = tail.split()
-    return Stat(pid=int(pid), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6]))
+    start = int(fields[19]) if len(fields) > 19 else 0
+    return Stat(pid=int(pid), comm=comm, state=fields[0], ppid=int(fields[1]), flags=int(fields[6]), start=start)
 
 
 def parse_pids(text: str) -> set[int]:

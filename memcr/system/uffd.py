@@ -20,6 +20,10 @@ from memcr.system import libc
 
 DEVICE_NEW = 0xAA00  # USERFAULTFD_IOC_NEW, _IO(0xAA, 0x00): /dev/userfaultfd's one request
 NEW_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK  # no UFFD_USER_MODE_ONLY: the target's own system calls fault too
+# write tracking takes no fault at all: any process may make such a userfaultfd, whatever
+# vm.unprivileged_userfaultfd says, and writes the kernel makes for the process are tracked all the same
+USER_MODE_ONLY = 1
+TRACK_FLAGS = NEW_FLAGS | USER_MODE_ONLY
 
 API = 0xAA
 FEATURE_EVENT_FORK = 1 << 1
@@ -28,8 +32,14 @@ FEATURE_EVENT_REMOVE = 1 << 3
 FEATURE_EVENT_UNMAP = 1 << 6
 # every change the target makes to its mappings is reported: no dump page lands where it no longer belongs
 FEATURES = FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP
+FEATURE_WP_UNPOPULATED = 1 << 13
+# Linux 6.7: a write to a write-protected page lifts the protection by itself (no message), and
+# PAGEMAP_SCAN reports the page as written until a scan protects it again
+FEATURE_WP_ASYNC = 1 << 15
+TRACKING = FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED
 
 REGISTER_MODE_MISSING = 1
+REGISTER_MODE_WP = 1 << 1
 
 EVENT_PAGEFAULT = 0x12
 EVENT_FORK = 0x13
@@ -112,9 +122,10 @@ class Userfaultfd:
         self.fd = fd
         self.page_size = page_size
 
-    def handshake(self) -> None:
-        """UFFDIO_API: Unavailable unless the kernel reports every event memcr needs."""
-        buf = bytearray(_API_STRUCT.pack(API, FEATURES, 0))
+    def handshake(self, features: int = FEATURES) -> None:
+        """UFFDIO_API: Unavailable unless the kernel offers every feature asked for (the events a lazy restore
+        needs, or write tracking)."""
+        buf = bytearray(_API_STRUCT.pack(API, features, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_API, buf)
         except OSError as e:
@@ -122,8 +133,8 @@ class Userfaultfd:
                 f"the kernel refused the userfaultfd features memcr needs: {e.strerror}", errno=e.errno
             ) from None
 
-    def register(self, start: int, end: int) -> None:
-        buf = bytearray(_REGISTER.pack(start, end - start, REGISTER_MODE_MISSING, 0))
+    def register(self, start: int, end: int, mode: int = REGISTER_MODE_MISSING) -> None:
+        buf = bytearray(_REGISTER.pack(start, end - start, mode, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_REGISTER, buf)
         except OSError as e:

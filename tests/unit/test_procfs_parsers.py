@@ -156,7 +156,7 @@ def test_empty_maps_of_a_kernel_thread() -> None:
 def test_stat_with_a_command_name_holding_parentheses_and_newlines() -> None:
     text = "4242 (evil) R 1 (x\n) S 17 4242 4242 0 -1 4194560 120 0 0 0 3 1 0 0 20 0 1 0 99 1 2\n"
     stat = procfs.parse_stat(text)
-    assert stat == procfs.Stat(pid=4242, comm="evil) R 1 (x\n", state="S", ppid=17, flags=4194560)
+    assert stat == procfs.Stat(pid=4242, comm="evil) R 1 (x\n", state="S", ppid=17, flags=4194560, start=99)
     assert not stat.flags & procfs.PF_KTHREAD
     assert procfs.parse_stat("1 ((sd-pam)) S 0 1 1 0 -1 4194560 0\n").comm == "(sd-pam)"
 

@@ -1,0 +1,338 @@
+"""Incremental re-park: a restored target's dump kept, its writes tracked, its next park writing what changed.
+
+At an eager restore in `--incremental` mode, while the target is still
+frozen, the parasite makes a userfaultfd in it (UFFD_USER_MODE_ONLY: any
+process may), memcr registers the target's private anonymous mappings with
+it for write-protection in async mode (Linux 6.7), and one PAGEMAP_SCAN
+protects every page just put back. From then on the kernel notes each page
+the target writes, without a fault to memcr. memcr keeps the dump and that
+userfaultfd: a Kept.
+
+At the next park, a page the plan dumps is taken from the kept dump rather
+than the target when the dump holds it at the same address, its mapping is
+still one memcr's userfaultfd watches (registering it again succeeds: not
+moved, not mapped anew, not the target's own userfaultfd's, not another
+program after exec), and the kernel says it was not written since: the
+dump's copy is then the target's page byte for byte. Every other page is
+read from the target, as in any park: a doubt makes a page fresh, never
+the reverse. Facts and measurements: docs/incremental.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from memcr.dump.format import Record
+from memcr.dump.reader import DumpReader, PlainReader
+from memcr.engine.parasite import Parasite
+from memcr.errors import MemcrError
+from memcr.park.scan import Extent, Plan
+from memcr.system import libc, pagemap, procfs, uffd
+from memcr.system.procfs import Vma
+
+# A kept dump whose file takes more than this much beyond the pages it still serves is written anew, whole:
+# the folder never holds much more than the target's private memory. Pages no longer served are given back
+# to the filesystem as each park ends (a hole punched in the file), so this is reached only where the
+# filesystem cannot punch holes, or where the file's apparent size runs away (SPREAD).
+GARBAGE = 0.25
+SPREAD = 4  # the file's size (holes included) at most this many times the pages it serves
+# nor may its index hold more runs than this fraction of its pages: a restore reads run by run
+FRAGMENTS = 1 / 4
+SLACK = 1 << 20  # record headers and the padding that puts each payload on a page boundary
+
+
+class Untracked(MemcrError):
+    """Writes to this target cannot be tracked here: its next park is a full one."""
+
+
+@dataclass(eq=False)
+class Kept:
+    """A restored target's dump, with the userfaultfd that has tracked the target's writes since.
+
+    `index`: the runs of pages the dump holds, in address order; each was
+    put back from the dump and protected before the target ran again.
+    """
+
+    pid: int
+    start_time: int  # of the process, from /proc/PID/stat: a pid used again is another process
+    dump: PlainReader
+    index: list[Record]
+    tracker: uffd.Userfaultfd
+
+    @property
+    def size(self) -> int:
+        """Bytes the dump takes in its folder (its holes aside)."""
+        try:
+            return os.fstat(self.dump.file.fd).st_blocks * 512
+        except OSError:
+            return self.dump.size
+
+    @property
+    def held(self) -> int:
+        """Bytes of pages the dump still serves."""
+        return sum(r.length for r in self.index)
+
+    def worn(self, page_size: int) -> str | None:
+        """Why the next park should write the dump anew, whole (None: it may add to it)."""
+        held = self.held
+        if self.size - held > GARBAGE * held + SLACK:
+            return f"the dump holds {(self.size - held) / 2**20:.1f} MiB no page needs any more"
+        if self.dump.size > SPREAD * held + SLACK:
+            return f"the dump's file has grown to {self.dump.size / 2**20:.1f} MiB, holes included"
+        if len(self.index) > max(64, held // page_size * FRAGMENTS):
+            return f"the dump's pages lie in {len(self.index)} pieces"
+        return None
+
+    def close(self) -> str | None:
+        """Stop tracking and delete the dump; why it could not be deleted, or None. Never raises."""
+        self.tracker.close()
+        return self.dump.remove()
+
+
+def trackable(vma: Vma) -> bool:
+    """Mappings whose writes memcr tracks: private anonymous ones, where a page not written is the page put back.
+
+    A private file mapping's page can turn back into the file's own
+    without a write (MADV_DONTNEED drops the private copy): never tracked.
+    """
+    return vma.private and vma.anonymous
+
+
+def track(
+    pid: int,
+    parasite: Parasite,
+    pagemap_fd: int | None,
+    vmas: list[Vma],
+    dump: DumpReader,
+    page_size: int,
+    start_time: int,
+) -> Kept:
+    """Start tracking the writes of a frozen target whose pages are all back from `dump`: a Kept.
+
+    Untracked when this target or kernel cannot: nothing changed then
+    (a userfaultfd made and closed again), and the dump is not kept.
+    """
+    if not isinstance(dump, PlainReader):
+        raise Untracked("its dump is compressed, checksummed or encrypted (-z, -c, -e), which cannot be added to")
+    if not dump.finished:
+        raise Untracked("its dump is not complete")
+    if pagemap_fd is None:
+        raise Untracked("memcr may not read its page map")
+    made = parasite.userfaultfd(uffd.TRACK_FLAGS)
+    if made < 0:
+        raise Untracked(f"it may not make a userfaultfd ({os.strerror(-made)})", errno=-made)
+    tracker = uffd.Userfaultfd(made, page_size)
+    try:
+        try:
+            tracker.handshake(uffd.TRACKING)
+        except uffd.Unavailable as e:
+            raise Untracked(
+                "this kernel cannot track writes (userfaultfd write-protection in async mode, Linux 6.7)",
+                errno=e.errno,
+            ) from None
+        for vma in vmas:
+            if trackable(vma):
+                _protect(tracker, pagemap_fd, vma)
+    except BaseException:
+        tracker.close()  # which stops the tracking of every mapping registered so far
+        raise
+    return Kept(pid, start_time, dump, [r for r in dump.records if r.dropped], tracker)
+
+
+def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
+    """Register the mapping and protect its pages: each reads as not written until the target writes it.
+
+    A mapping that cannot be tracked is left as it was: its pages read as
+    written (never protected), or it is not registered at all.
+    """
+    try:
+        tracker.register(vma.start, vma.end, uffd.REGISTER_MODE_WP)
+        # present pages only: protecting a range never touched would allocate page tables for all of it
+        pagemap.scan(
+            vma.start,
+            vma.end,
+            pagemap_fd,
+            flags=pagemap.WP_MATCHING | pagemap.CHECK_WPASYNC,
+            mask=pagemap.IS_WRITTEN | pagemap.IS_PRESENT,
+            wanted=pagemap.IS_WRITTEN,
+        )
+    except (uffd.Unavailable, OSError):
+        pass
+
+
+@dataclass
+class Split:
+    """A plan's pages to dump, as (address order) pieces read anew from the target and pieces the kept dump holds.
+
+    `continues`: the starts of pieces that follow the previous piece
+    without a gap, in the same mapping: one drop may take both.
+    """
+
+    fresh: list[Extent]
+    reused: list[Record]
+    continues: set[int]
+
+    @property
+    def reused_bytes(self) -> int:
+        return sum(r.length for r in self.reused)
+
+
+def owned(kept: Kept, vmas: list[Vma]) -> frozenset[tuple[int, int]]:
+    """The mappings (start, end) memcr's userfaultfd watches: registering them again succeeds.
+
+    Only where smaps shows a watch ("uw"): one the target's own
+    userfaultfd holds answers EBUSY, and after an exec the old address
+    space is gone (ESRCH, ENOMEM). A mapping mapped, moved or grown anew
+    since the restore has no "uw", and stays unwatched.
+    """
+    ours = set()
+    for vma in vmas:
+        if "uw" in vma.flags and trackable(vma):
+            try:
+                kept.tracker.register(vma.start, vma.end, uffd.REGISTER_MODE_WP)
+            except uffd.Unavailable:
+                continue
+            ours.add((vma.start, vma.end))
+    return frozenset(ours)
+
+
+def relabel(vmas: list[Vma], ours: frozenset[tuple[int, int]]) -> list[Vma]:
+    """`vmas` with memcr's own watch taken out of their VmFlags: for the plan, "uw" is the target's watch, and
+    makes its mapping untouchable (memcr.park.scan.UNTOUCHABLE)."""
+    return [dataclasses.replace(v, flags=v.flags - {"uw"}) if (v.start, v.end) in ours else v for v in vmas]
+
+
+def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, int]]) -> Split:
+    """The plan's extents cut into what the target wrote since its restore (or memcr cannot vouch for) and what
+    the kept dump holds unchanged; `ours`: the mappings memcr's userfaultfd watches (`owned`)."""
+    starts = [r.addr for r in kept.index]
+    written: dict[int, list[tuple[int, int]] | None] = {}  # by mapping start; None: not tracked
+    out = Split([], [], set())
+    for extent in plan.copy:
+        vma = extent.vma
+        if vma.start not in written:
+            written[vma.start] = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
+        changed = written[vma.start]
+        end = extent.start + extent.length
+        pieces = [] if changed is None else _unchanged(extent.start, end, kept.index, starts, changed)
+        at = extent.start
+        for lo, hi, record in pieces:
+            if lo > at:
+                _fresh(out, extent, at, lo)
+            out.reused.append(_clip(record, lo, hi))
+            if lo > extent.start:
+                out.continues.add(lo)
+            at = hi
+        if at < end:
+            _fresh(out, extent, at, end)
+    return out
+
+
+def punch(kept: Kept, reused: list[Record]) -> None:
+    """Give back to the filesystem the pages of the kept dump that no record serves any more.
+
+    After a park that added to the dump, once every page is in the file:
+    a hole is never where a page of the new dump lies. Where the
+    filesystem cannot punch holes, the space stays taken until the dump is
+    written anew (`Kept.worn`).
+    """
+    served = sorted((r.offset, r.offset + r.length) for r in reused)
+    starts = [lo for lo, _ in served]
+    fd = kept.dump.file.fd
+    for record in kept.index:
+        at, end = record.offset, record.offset + record.length
+        i = max(0, bisect.bisect_right(starts, at) - 1)
+        while at < end:
+            while i < len(served) and served[i][1] <= at:
+                i += 1
+            hole_end = end if i == len(served) else min(end, served[i][0])
+            if hole_end > at:
+                try:
+                    libc.punch_hole(fd, at, hole_end - at)
+                except OSError:
+                    return
+            if i == len(served):
+                break
+            at = max(at, served[i][1])
+
+
+def _fresh(out: Split, extent: Extent, lo: int, hi: int) -> None:
+    out.fresh.append(Extent(lo, hi - lo, extent.vma, extent.joins if lo == extent.start else False))
+    if lo > extent.start:
+        out.continues.add(lo)
+
+
+def _written(pagemap_fd: int, vma: Vma) -> list[tuple[int, int]] | None:
+    """The ranges of a watched `vma` the target wrote since its restore, in address order; None where memcr
+    cannot tell."""
+    try:
+        found = pagemap.scan(
+            vma.start,
+            vma.end,
+            pagemap_fd,
+            flags=pagemap.CHECK_WPASYNC,
+            mask=pagemap.IS_WRITTEN,
+            wanted=pagemap.IS_WRITTEN,
+        )
+    except OSError:
+        return None
+    page = pagemap.PAGE
+    return [(vma.start + first * page, vma.start + stop * page) for first, stop, _ in found]
+
+
+def _unchanged(
+    start: int, end: int, index: list[Record], starts: list[int], written: list[tuple[int, int]]
+) -> list[tuple[int, int, Record]]:
+    """The runs of [start, end) the dump holds and the target did not write: (low, high, the record holding it)."""
+    out: list[tuple[int, int, Record]] = []
+    ends = [w[1] for w in written]
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    while i < len(index) and index[i].addr < end:
+        record = index[i]
+        i += 1
+        lo, hi = max(start, record.addr), min(end, record.addr + record.length)
+        if lo >= hi:
+            continue
+        k = bisect.bisect_right(ends, lo)
+        at = lo
+        while k < len(written) and written[k][0] < hi:
+            if written[k][0] > at:
+                out.append((at, written[k][0], record))
+            at = max(at, written[k][1])
+            k += 1
+        if at < hi:
+            out.append((at, hi, record))
+    return out
+
+
+def _clip(record: Record, lo: int, hi: int) -> Record:
+    """The part [lo, hi) of a plain record: where its pages lie in the same file."""
+    clipped = Record(lo, hi - lo, record.group)
+    clipped.offset = record.offset + (lo - record.addr)
+    clipped.stored = clipped.written = hi - lo
+    return clipped
+
+
+def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
+    """Why the kept dump cannot serve a park into `directory` at all (None: it may)."""
+    if framed:
+        return "this park compresses, checksums or encrypts its dump (-z, -c, -e), which memcr cannot add to"
+    if directory != kept.dump.path.parent:
+        return f"this park writes to {directory}, the kept dump is in {kept.dump.path.parent}"
+    try:
+        if procfs.read_stat(kept.pid).start != kept.start_time:
+            return "the pid is another process now"
+    except MemcrError:
+        return "the process is gone"
+    if not kept.dump.file.still_in_place():
+        return f"its dump {kept.dump.path} was removed or replaced"
+    try:
+        if os.fstat(kept.dump.file.fd).st_size != kept.dump.size:
+            return f"its dump {kept.dump.path} was modified"
+    except OSError as e:
+        return f"its dump {kept.dump.path} cannot be read ({e.strerror})"
+    return None
