@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import app_memory, groups, intake, plot, service_load, sparse, wakeup
+from bench import app_memory, groups, incremental, intake, plot, service_load, sparse, wakeup
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -274,6 +274,9 @@ def main() -> int:
     parser.add_argument("--wake-png", type=Path, default=HERE / "wakeup.png")
     parser.add_argument("--no-intake", action="store_true", help="skip the daemon's request latency and idle figures")
     parser.add_argument(
+        "--incremental-mib", type=int, default=1024, help="the incremental re-park figures' target (0 to skip)"
+    )
+    parser.add_argument(
         "--only", choices=["intake"], help="these figures alone, printed (the JSON file is left as it is)"
     )
     args = parser.parse_args()
@@ -321,6 +324,7 @@ def main() -> int:
             else None
         )
         wake = None if args.no_wakeup else wakeup.measure(target_bin, directory, args.wake_runs)
+        repark = incremental.measure(directory, args.incremental_mib, args.runs) if args.incremental_mib else None
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -335,6 +339,7 @@ def main() -> int:
     results["groups"] = group_figures
     results["sparse"] = sparse_figures
     results["wakeup"] = wake
+    results["incremental"] = repark
     results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
@@ -348,6 +353,8 @@ def main() -> int:
         groups.print_table(group_figures)
     if sparse_figures:
         sparse.print_table(sparse_figures)
+    if repark:
+        incremental.print_table(repark)
     if wake:
         wakeup.print_table(wake)
         plot.wakeup_png(wake, args.wake_png)

@@ -39,6 +39,12 @@ class Pages(ABC):
     def at(self, frame: Frame, start: int, length: int) -> contextlib.AbstractContextManager[int]:
         """The address of `length` page bytes of `frame` from `start` on, good while the block runs."""
 
+    @contextlib.contextmanager
+    def each(self, frames: list[Frame]) -> Iterator[list[int]]:
+        """The address of each frame's page bytes (in file order), good while the block runs."""
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self.at(f, 0, f.length)) for f in frames]
+
 
 class DumpReader(ABC):
     """A dump memcr wrote, with the index of its records; owns the open file from here on.
@@ -158,6 +164,22 @@ class _Mapped(Pages):
             first = at - at % mmap.PAGESIZE
             with contextlib.suppress(OSError):  # only a hint: a failure leaves the pages counted
                 libc.madvise(first, at + length - first, mmap.MADV_DONTNEED)
+
+    @contextlib.contextmanager
+    def each(self, frames: list[Frame]) -> Iterator[list[int]]:
+        """As `at` for each frame, with one madvise for them all: many are a page each."""
+        if not frames:
+            yield []
+            return
+        addresses = [self._base + f.offset - self._low for f in frames]
+        try:
+            yield addresses
+        finally:
+            first = min(addresses)
+            first -= first % mmap.PAGESIZE
+            end = max(a + f.length for a, f in zip(addresses, frames, strict=True))
+            with contextlib.suppress(OSError):
+                libc.madvise(first, end - first, mmap.MADV_DONTNEED)
 
 
 class _Nothing(Pages):

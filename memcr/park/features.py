@@ -22,7 +22,7 @@ from collections.abc import Callable
 from memcr.engine import arch
 from memcr.engine.admission import shares_memory
 from memcr.system import libc, pagemap
-from memcr.system.uffd import DEVICE_NEW, NEW_FLAGS, Unavailable, Userfaultfd
+from memcr.system.uffd import DEVICE_NEW, NEW_FLAGS, TRACK_FLAGS, TRACKING, Unavailable, Userfaultfd
 
 # the answers of a kernel that lacks a feature, as opposed to one that refuses it to this memcr (EPERM, EACCES)
 _ABSENT = frozenset({errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.ENOENT})
@@ -114,6 +114,21 @@ def _userfaultfd() -> int:
     return 0
 
 
+def _write_tracking() -> int:
+    """A userfaultfd as an incremental re-park makes one (any process may), in async write-protect mode."""
+    try:
+        fd = libc.syscall(arch.current().SYS_USERFAULTFD, TRACK_FLAGS)
+    except OSError as e:
+        return e.errno or errno.ENOSYS
+    try:
+        Userfaultfd(fd, mmap.PAGESIZE).handshake(TRACKING)
+    except Unavailable as e:
+        return e.errno or errno.EINVAL
+    finally:
+        os.close(fd)
+    return 0
+
+
 def _userfaultfd_device() -> int:
     """/dev/userfaultfd opens and makes a userfaultfd: something else mounted there does not."""
     try:
@@ -131,7 +146,7 @@ def _userfaultfd_device() -> int:
 
 def _process_vm_writev() -> int:
     try:
-        libc.process_vm_writev(os.getpid(), libc.Iovec(), libc.Iovec())
+        libc.process_vm_writev(os.getpid(), (libc.Iovec * 1)(), (libc.Iovec * 1)())
     except OSError as e:
         return errno.ENOSYS if e.errno == errno.ENOSYS else 0
     return 0
@@ -173,6 +188,13 @@ USERFAULTFD_DEVICE = Feature(
     "restores such a target eagerly, and says why",
     _userfaultfd_device,
 )
+WRITE_TRACKING = Feature(
+    "WP_ASYNC",
+    "6.7, arm64 6.10",
+    "userfaultfd write tracking for incremental re-parks (--incremental): a park writes what changed",
+    "writes every park whole, and says why",
+    _write_tracking,
+)
 PROCESS_VM_WRITEV = Feature(
     "process_vm_writev",
     "3.2, CONFIG_CROSS_MEMORY_ATTACH",
@@ -187,7 +209,7 @@ KCMP = Feature(
     "finds vfork() parents and children by their wait channel",
     _kcmp,
 )
-ALL = (PAGEMAP_SCAN, PAGE_IS_GUARD, USERFAULTFD, USERFAULTFD_DEVICE, PROCESS_VM_WRITEV, KCMP)
+ALL = (PAGEMAP_SCAN, PAGE_IS_GUARD, USERFAULTFD, USERFAULTFD_DEVICE, WRITE_TRACKING, PROCESS_VM_WRITEV, KCMP)
 
 
 _told: set[str] = set()
@@ -209,6 +231,12 @@ def lazy_restore() -> list[str]:
     /dev/userfaultfd): these lines tell the kernel's part in advance, the restore's own line tells the rest.
     """
     all(f.present for f in (USERFAULTFD, USERFAULTFD_DEVICE))  # probes, up to the first that is missing
+    return untold()
+
+
+def incremental() -> list[str]:
+    """Probe what an incremental re-park needs, at the start of a daemon with --incremental; the lines to say."""
+    all(f.present for f in (PAGEMAP_SCAN, WRITE_TRACKING))
     return untold()
 
 

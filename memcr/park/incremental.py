@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import os
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, PlainReader
@@ -123,6 +127,8 @@ def track(
     if pagemap_fd is None:
         raise Untracked("memcr may not read its page map")
     made = parasite.userfaultfd(uffd.TRACK_FLAGS)
+    if made in (-errno.EINVAL, -errno.ENOSYS):  # no userfaultfd, or none for user faults alone (Linux 5.11)
+        raise Untracked(f"this kernel cannot track writes ({os.strerror(-made)})", errno=-made)
     if made < 0:
         raise Untracked(f"it may not make a userfaultfd ({os.strerror(-made)})", errno=-made)
     tracker = uffd.Userfaultfd(made, page_size)
@@ -210,7 +216,7 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
     """The plan's extents cut into what the target wrote since its restore (or memcr cannot vouch for) and what
     the kept dump holds unchanged; `ours`: the mappings memcr's userfaultfd watches (`owned`)."""
     starts = [r.addr for r in kept.index]
-    written: dict[int, list[tuple[int, int]] | None] = {}  # by mapping start; None: not tracked
+    written: dict[int, _Written | None] = {}  # by mapping start; None: not tracked
     out = Split([], [], set())
     for extent in plan.copy:
         vma = extent.vma
@@ -232,17 +238,11 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
     return out
 
 
-def punch(kept: Kept, reused: list[Record]) -> None:
-    """Give back to the filesystem the pages of the kept dump that no record serves any more.
-
-    After a park that added to the dump, once every page is in the file:
-    a hole is never where a page of the new dump lies. Where the
-    filesystem cannot punch holes, the space stays taken until the dump is
-    written anew (`Kept.worn`).
-    """
+def garbage(kept: Kept, reused: list[Record]) -> list[tuple[int, int]]:
+    """(offset, length) in the file of the pages of the kept dump that no record of the new one serves."""
     served = sorted((r.offset, r.offset + r.length) for r in reused)
     starts = [lo for lo, _ in served]
-    fd = kept.dump.file.fd
+    holes = []
     for record in kept.index:
         at, end = record.offset, record.offset + record.length
         i = max(0, bisect.bisect_right(starts, at) - 1)
@@ -251,13 +251,35 @@ def punch(kept: Kept, reused: list[Record]) -> None:
                 i += 1
             hole_end = end if i == len(served) else min(end, served[i][0])
             if hole_end > at:
-                try:
-                    libc.punch_hole(fd, at, hole_end - at)
-                except OSError:
-                    return
+                holes.append((at, hole_end - at))
             if i == len(served):
                 break
             at = max(at, served[i][1])
+    return holes
+
+
+def punch(fd: int, holes: Sequence[tuple[int, int]]) -> None:
+    """Give the `garbage` of a dump back to its filesystem, on a thread of its own with a descriptor of its own.
+
+    Called once the target runs again, so that it is nobody's wait: a
+    hole never lies where a page of the dump does, and the file may be
+    added to or deleted meanwhile. Where the filesystem cannot punch holes,
+    the space stays taken until the dump is written anew (`Kept.worn`).
+    """
+    if not holes:
+        return
+    own = os.dup(fd)
+
+    def work() -> None:
+        try:
+            for offset, length in holes:
+                libc.punch_hole(own, offset, length)
+        except OSError:
+            pass
+        finally:
+            os.close(own)
+
+    threading.Thread(target=work, name="memcr-punch", daemon=True).start()
 
 
 def _fresh(out: Split, extent: Extent, lo: int, hi: int) -> None:
@@ -266,9 +288,15 @@ def _fresh(out: Split, extent: Extent, lo: int, hi: int) -> None:
         out.continues.add(lo)
 
 
-def _written(pagemap_fd: int, vma: Vma) -> list[tuple[int, int]] | None:
-    """The ranges of a watched `vma` the target wrote since its restore, in address order; None where memcr
-    cannot tell."""
+class _Written(NamedTuple):
+    """The ranges of a mapping the target wrote, in address order, and their ends (for bisection)."""
+
+    ranges: list[tuple[int, int]]
+    ends: list[int]
+
+
+def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
+    """The ranges of a watched `vma` the target wrote since its restore; None where memcr cannot tell."""
     try:
         found = pagemap.scan(
             vma.start,
@@ -281,15 +309,16 @@ def _written(pagemap_fd: int, vma: Vma) -> list[tuple[int, int]] | None:
     except OSError:
         return None
     page = pagemap.PAGE
-    return [(vma.start + first * page, vma.start + stop * page) for first, stop, _ in found]
+    ranges = [(vma.start + first * page, vma.start + stop * page) for first, stop, _ in found]
+    return _Written(ranges, [end for _, end in ranges])
 
 
 def _unchanged(
-    start: int, end: int, index: list[Record], starts: list[int], written: list[tuple[int, int]]
+    start: int, end: int, index: list[Record], starts: list[int], changed: _Written
 ) -> list[tuple[int, int, Record]]:
     """The runs of [start, end) the dump holds and the target did not write: (low, high, the record holding it)."""
     out: list[tuple[int, int, Record]] = []
-    ends = [w[1] for w in written]
+    written, ends = changed
     i = max(0, bisect.bisect_right(starts, start) - 1)
     while i < len(index) and index[i].addr < end:
         record = index[i]

@@ -13,7 +13,7 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -97,6 +97,7 @@ class Parked:
         reserve: Reserve,
         report: Report,
         log: Log,
+        garbage: Sequence[tuple[int, int]] = (),
     ) -> None:
         self.frozen = frozen
         self.parasite = parasite
@@ -109,6 +110,8 @@ class Parked:
         self.log = log
         self._direct = True  # restore with process_vm_writev (memcr.park.upload), else through the parasite
         self._written: set[int] = set()  # records memcr has begun to write back
+        # an incremental park's: where the dump file holds pages no record serves (memcr.park.incremental.punch)
+        self._garbage = garbage
 
     @property
     def pid(self) -> int:
@@ -416,17 +419,19 @@ class Parked:
         page, read = self.pagemap.page_size, self.pagemap.reader(self.parasite)
         written = []
         zeroed: set[int] = set()
-        for record in records:
-            anonymous = self._containing(record.addr).anonymous
+        for span in self._spans(records):
+            start, last = span[0].addr, span[-1]
+            anonymous = self._containing(start).anonymous
             # a read while parked (ps reading /proc/PID/cmdline, a debugger) maps the zero page there, which
             # no fault would replace in a lazy restore: counted too (zero_pfn 0), it makes the record eager
-            found = scan.refilled(record.addr, record.length, anonymous, read, 0, self.pagemap.fd)
+            found = scan.refilled(start, last.addr + last.length - start, anonymous, read, 0, self.pagemap.fd)
+            starts = [r.addr for r in span]
             # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
             for addr in found:
                 if self.frozen.read(addr, page).count(0) != page:
                     written.append(addr)
                 else:
-                    zeroed.add(record.addr)
+                    zeroed.add(starts[bisect.bisect_right(starts, addr) - 1])
         if written:
             raise WrittenWhileParked(
                 f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
@@ -435,6 +440,18 @@ class Parked:
                 pid=self.pid,
             )
         return zeroed
+
+    def _spans(self, records: list[Record]) -> list[list[Record]]:
+        """The records (in address order) in runs that follow each other without a gap, each in one mapping:
+        an incremental re-park's dump holds many small ones (memcr.park.incremental)."""
+        spans: list[list[Record]] = []
+        for record in records:
+            last = spans[-1][-1] if spans else None
+            if last and last.addr + last.length == record.addr and self._containing(last.addr).end > record.addr:
+                spans[-1].append(record)
+            else:
+                spans.append([record])
+        return spans
 
     def _containing(self, addr: int) -> Vma:
         """The mapping that holds addr, by bisection: a process may have 65530 mappings."""
@@ -462,6 +479,7 @@ class Parked:
         self.reserve.close()
         self.pagemap.close()
         if keep_dump:
+            incremental.punch(self.dump.file.fd, self._garbage)
             return
         problem = self.dump.file.unlink() if keep_dump_open else self.dump.remove()
         if problem:

@@ -74,19 +74,34 @@ def upload(pid: int, dump: DumpReader, records: list[Record], tally: Tally | Non
 def _window(
     pid: int, dump: DumpReader, window: list[Frame], pool: ThreadPoolExecutor | None, tally: Tally | None, first: bool
 ) -> None:
-    def write(frame: Frame) -> None:
-        with pages.at(frame, 0, frame.length) as address:
-            process_vm.write(pid, frame.addr, address, frame.length)
+    def write(batch: list[Frame]) -> None:
+        with pages.each(batch) as addresses:
+            process_vm.write_many(pid, [(f.addr, a, f.length) for f, a in zip(batch, addresses, strict=True)])
         if tally:
-            tally.add(frame.length)
+            tally.add(sum(f.length for f in batch))
 
     with _readable(dump, window, first) as pages:
-        rest = window
-        if first:
-            # the first piece alone: a way that cannot work is found before anything is half done
-            _starting(lambda: write(window[0]))
-            rest = window[1:]
-        _all([_submit(pool, write, frame) for frame in rest])
+        batches = _batches(window)
+        rest = batches
+        if first and batches:
+            # the first batch alone: a way that cannot work is found before anything is half done
+            _starting(lambda: write(batches[0]))
+            rest = batches[1:]
+        _all([_submit(pool, write, batch) for batch in rest])
+
+
+def _batches(frames: list[Frame]) -> list[list[Frame]]:
+    """The frames in runs of about PIECE bytes, each written with one call: the pieces of an incremental
+    re-park's dump are often a page each (memcr.park.incremental)."""
+    batches: list[list[Frame]] = []
+    size = 0
+    for frame in frames:
+        if not batches or size + frame.length > PIECE or len(batches[-1]) >= process_vm.IOV_MAX:
+            batches.append([])
+            size = 0
+        batches[-1].append(frame)
+        size += frame.length
+    return batches
 
 
 @contextlib.contextmanager

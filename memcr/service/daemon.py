@@ -145,6 +145,12 @@ class Service:
 
             for line in features.lazy_restore():
                 self.log(line)
+        if self.options.incremental:
+            self.log("a restored target's dump is kept for its next park, which writes what changed (--incremental)")
+            from memcr.park import features
+
+            for line in features.incremental():
+                self.log(line)
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
         try:

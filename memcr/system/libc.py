@@ -78,9 +78,10 @@ def ioctl(fd: int, request: int, arg: ctypes._CArgObject) -> None:
         raise _error()
 
 
-def process_vm_writev(pid: int, local: Iovec, remote: Iovec) -> int:
-    """One process_vm_writev(2) of one buffer: how many bytes it copied."""
-    n = int(_libc().process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+def process_vm_writev(pid: int, local: ctypes.Array[Iovec], remote: ctypes.Array[Iovec]) -> int:
+    """One process_vm_writev(2): how many bytes it copied, the local buffers' bytes into the remote ones in
+    order."""
+    n = int(_libc().process_vm_writev(pid, local, len(local), remote, len(remote), 0))
     if n < 0:
         raise _error()
     return n

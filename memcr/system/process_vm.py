@@ -18,21 +18,38 @@ class Unavailable(MemcrError):
     """The kernel has no process_vm_writev (CONFIG_CROSS_MEMORY_ATTACH is off)."""
 
 
-def write(pid: int, remote: int, local: int, length: int) -> None:
-    """Copy `length` bytes at memcr's address `local` to the target's address `remote`."""
-    mine, theirs = libc.Iovec(), libc.Iovec()
-    done = 0
-    while done < length:
-        mine.base, mine.len = local + done, length - done
-        theirs.base, theirs.len = remote + done, length - done
+IOV_MAX = 1024  # buffers one call takes
+
+
+def write_many(pid: int, pieces: list[tuple[int, int, int]]) -> None:
+    """Copy each (remote, local, length): the target's address, memcr's, the bytes; in as few calls as can be."""
+    pending = [piece for piece in pieces if piece[2]]
+    while pending:
+        batch = pending[:IOV_MAX]
+        mine, theirs = (libc.Iovec * len(batch))(), (libc.Iovec * len(batch))()
+        for i, (remote, local, length) in enumerate(batch):
+            mine[i].base, mine[i].len = local, length
+            theirs[i].base, theirs[i].len = remote, length
         try:
             n = libc.process_vm_writev(pid, mine, theirs)  # without the GIL: other threads run meanwhile
         except OSError as e:
             if e.errno == errno.ENOSYS:
                 missing = "the kernel has no process_vm_writev (CONFIG_CROSS_MEMORY_ATTACH)"
                 raise Unavailable(missing, errno=e.errno) from None
-            where = f"process {pid} at {remote + done:#x}"
+            where = f"process {pid} at {batch[0][0]:#x}"
             raise OSError(e.errno, f"process_vm_writev to {where}: {e.strerror}") from None
         if n == 0:
-            raise OSError(errno.EFAULT, f"process_vm_writev to process {pid} stopped at {remote + done:#x}")
-        done += n
+            raise OSError(errno.EFAULT, f"process_vm_writev to process {pid} stopped at {batch[0][0]:#x}")
+        pending = _after(pending, n)
+
+
+def _after(pieces: list[tuple[int, int, int]], done: int) -> list[tuple[int, int, int]]:
+    """The pieces still to copy once `done` bytes of them, in order, are copied."""
+    i = 0
+    while i < len(pieces) and done >= pieces[i][2]:
+        done -= pieces[i][2]
+        i += 1
+    if i < len(pieces) and done:
+        remote, local, length = pieces[i]
+        return [(remote + done, local + done, length - done), *pieces[i + 1 :]]
+    return pieces[i:]

@@ -25,11 +25,15 @@
  *                        same address with the same pattern
  *   then print "done N" (or "bad N ..." and exit 1 when a check failed),
  *   having recorded its state for the next check;
+ *   write PERCENT        write a new pattern over PERCENT % of the pages, chosen at
+ *                        random, and print "wrote MICROSECONDS" (the bench's figure
+ *                        of what tracking costs the app), checking nothing;
  *   quit                 check as above and exit 0.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/wait.h>
+#include <time.h>
 #include "common.h"
 
 #define CHUNK (1u << 20)
@@ -259,6 +263,14 @@ static void operate(const char *op)
 	}
 }
 
+static void rewrite(long percent)
+{
+	for (size_t n = pages * (size_t)percent / 100; n; n--) {
+		size_t page = next_random() % pages;
+		write_page(page_at(region, page), &keys[page]);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	char line[256], op[32];
@@ -281,6 +293,16 @@ int main(int argc, char **argv)
 	announce();
 	while (fgets(line, sizeof(line), stdin)) {
 		int quit = strncmp(line, "quit", 4) == 0;
+		struct timespec t0, t1;
+
+		if (sscanf(line, "write %ld", &percent) == 1) {
+			clock_gettime(CLOCK_MONOTONIC, &t0);
+			rewrite(percent);
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+			printf("wrote %ld\n", (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000);
+			fflush(stdout);
+			continue;
+		}
 
 		if (!quit && sscanf(line, "cycle %ld %ld %31s", &cycle, &percent, op) != 3) {
 			fprintf(stderr, "bad command: %s", line);
@@ -296,10 +318,7 @@ int main(int argc, char **argv)
 		}
 		if (quit)
 			return 0;
-		for (size_t n = pages * (size_t)percent / 100; n; n--) {
-			size_t page = next_random() % pages;
-			write_page(page_at(region, page), &keys[page]);
-		}
+		rewrite(percent);
 		operate(op);
 		take_state(&state_before);
 		printf("done %ld\n", cycle);

@@ -35,11 +35,17 @@ def test_process_vm_writev_present_means_a_copy_works() -> None:
     source = ctypes.create_string_buffer(b"parked", 6)
     target = ctypes.create_string_buffer(6)
     if features.PROCESS_VM_WRITEV.present:
-        process_vm.write(os.getpid(), ctypes.addressof(target), ctypes.addressof(source), 6)
+        process_vm.write_many(os.getpid(), [(ctypes.addressof(target), ctypes.addressof(source), 6)])
         assert target.raw == b"parked"
     else:
         with pytest.raises(process_vm.Unavailable):
-            process_vm.write(os.getpid(), ctypes.addressof(target), ctypes.addressof(source), 6)
+            process_vm.write_many(os.getpid(), [(ctypes.addressof(target), ctypes.addressof(source), 6)])
+
+
+def test_the_write_tracking_probe_agrees_with_the_kernel_version() -> None:
+    """Async write-protect came with Linux 6.7 on x86_64 and with 6.10 on arm64 (uffd-wp itself came then)."""
+    since = (6, 10) if platform.machine() == "aarch64" else (6, 7)
+    assert features.WRITE_TRACKING.present == (since <= KERNEL)
 
 
 def test_userfaultfd_probes_agree_with_the_system() -> None:

@@ -71,7 +71,7 @@ def test_prctl_result_and_errno() -> None:
 
 def test_process_vm_writev_to_a_gone_pid() -> None:
     buffer = ctypes.create_string_buffer(8)
-    mine = libc.Iovec(ctypes.addressof(buffer), 8)
+    mine = (libc.Iovec * 1)(libc.Iovec(ctypes.addressof(buffer), 8))
     with pytest.raises(libc.CallError) as failed:
-        libc.process_vm_writev(reaped_pid(), mine, libc.Iovec(0x1000, 8))
+        libc.process_vm_writev(reaped_pid(), mine, (libc.Iovec * 1)(libc.Iovec(0x1000, 8)))
     assert failed.value.errno in (errno.ESRCH, errno.ENOSYS)

@@ -1,0 +1,105 @@
+"""The arithmetic of an incremental re-park (memcr.park.incremental): which pages come from the kept dump,
+which holes the file gets, and how many system calls a fragmented restore makes."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import random
+
+from memcr.dump.format import Group, Record
+from memcr.dump.reader import Frame
+from memcr.park import incremental
+from memcr.park.upload import PIECE, _batches
+from memcr.system import process_vm
+
+P = 4096
+
+
+def _index(runs: list[tuple[int, int]], base: int = 1 << 20) -> list[Record]:
+    """Records of a plain dump: the runs back to back in the file from `base` on."""
+    group = Group(runs)
+    at = base
+    for record in group.runs:
+        record.offset, record.stored, record.written = at, record.length, record.length
+        at += record.length
+    return group.runs
+
+
+def _written(ranges: list[tuple[int, int]]) -> incremental._Written:
+    return incremental._Written(ranges, [end for _, end in ranges])
+
+
+def _pages(pieces: list[tuple[int, int, Record]]) -> dict[int, int]:
+    """page address -> its offset in the file, as the pieces say."""
+    out = {}
+    for lo, hi, record in pieces:
+        for addr in range(lo, hi, P):
+            out[addr] = record.offset + addr - record.addr
+    return out
+
+
+def test_unchanged_pages_are_those_the_dump_holds_and_the_target_did_not_write() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        base = 0x7F0000000000
+        held = sorted(rng.sample(range(64), 40))
+        runs: list[tuple[int, int]] = []
+        for page in held:  # the runs the kept dump holds, merged where they follow each other
+            if runs and runs[-1][0] + runs[-1][1] == base + page * P:
+                runs[-1] = (runs[-1][0], runs[-1][1] + P)
+            else:
+                runs.append((base + page * P, P))
+        index = _index(runs)
+        written_pages = sorted(rng.sample(range(64), 12))
+        written = _written([(base + p * P, base + (p + 1) * P) for p in written_pages])
+        lo, hi = base + rng.randrange(0, 32) * P, base + rng.randrange(32, 65) * P
+        pieces = incremental._unchanged(lo, hi, index, [r.addr for r in index], written)
+        found = _pages(pieces)
+        expected = {base + p * P for p in held if p not in written_pages and lo <= base + p * P < hi}
+        assert set(found) == expected
+        for addr, offset in found.items():  # each page from the place in the file that holds it
+            record = next(r for r in index if r.addr <= addr < r.addr + r.length)
+            assert offset == record.offset + addr - record.addr
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))  # in order, apart
+
+
+def test_the_garbage_is_every_old_page_no_new_record_serves() -> None:
+    index = _index([(0x10000, 8 * P), (0x40000, 4 * P)])
+    kept = incremental.Kept(1, 0, None, index, None)  # type: ignore[arg-type]
+    reused = [
+        incremental._clip(index[0], 0x10000 + 2 * P, 0x10000 + 5 * P),
+        incremental._clip(index[1], 0x40000, 0x40000 + P),
+    ]
+    holes = incremental.garbage(kept, reused)
+    base = 1 << 20
+    assert holes == [(base, 2 * P), (base + 5 * P, 3 * P), (base + 9 * P, 3 * P)]
+
+
+def test_many_small_pieces_go_in_few_calls() -> None:
+    frames = [Frame(0x1000 * i * 2, P, i * P, P) for i in range(3000)]
+    batches = _batches(frames)
+    assert [f for b in batches for f in b] == frames
+    assert all(len(b) <= process_vm.IOV_MAX and sum(f.length for f in b) <= PIECE for b in batches)
+    assert len(batches) == 6  # 512 pages of 4 KiB fill a 2 MiB piece
+    big = [Frame(0, PIECE, 0, PIECE), Frame(PIECE, PIECE, PIECE, PIECE)]
+    assert _batches(big) == [[big[0]], [big[1]]]
+
+
+def test_a_short_copy_goes_on_where_it_stopped() -> None:
+    pieces = [(100, 1000, 10), (200, 2000, 20), (300, 3000, 30)]
+    assert process_vm._after(pieces, 0) == pieces
+    assert process_vm._after(pieces, 10) == pieces[1:]
+    assert process_vm._after(pieces, 15) == [(205, 2005, 15), (300, 3000, 30)]
+    assert process_vm._after(pieces, 60) == []
+
+
+def test_many_pieces_land_where_each_belongs() -> None:
+    source = ctypes.create_string_buffer(os.urandom(3000 * 16), 3000 * 16)
+    target = ctypes.create_string_buffer(3000 * 16)
+    order = list(range(3000))
+    random.Random(3).shuffle(order)
+    pieces = [(ctypes.addressof(target) + i * 16, ctypes.addressof(source) + i * 16, 16) for i in order]
+    process_vm.write_many(os.getpid(), pieces)
+    assert target.raw == source.raw
