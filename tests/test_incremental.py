@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from memcr.park import features
 from tests.conftest import CHECKPOINT, RESTORE, memcr_argv, reports
 
 CYCLES = int(os.environ.get("MEMCR_INCREMENTAL_CYCLES", "100"))
@@ -98,6 +99,22 @@ def test_a_daemon_that_stops_frees_the_kept_dumps(spawn, daemon) -> None:
     _quit(target)  # it runs on, intact
 
 
+def test_the_dump_a_killed_daemon_kept_goes_at_the_next_start(spawn, daemon) -> None:
+    d = daemon("--incremental")
+    target = spawn("rewriter", 16, 7, stdin=True)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(RESTORE, target.pid) == 0
+    dump = d.dump_dir / f"pages-{target.pid}.img"
+    assert dump.exists()
+    d.proc.kill()
+    d.proc.wait()
+    again = daemon("--incremental")
+    assert f"removed {dump}" in "\n".join(again.out.seen)
+    assert not dump.exists()
+    _cycle(again, target, 0, 5, "none")  # its watch ended with the daemon that held it: it ran on intact
+    _quit(target)
+
+
 def test_a_lazy_restore_keeps_no_dump(spawn, daemon) -> None:
     d = daemon("--incremental", "--lazy")
     target = spawn("rewriter", 16, 3, stdin=True)
@@ -119,6 +136,29 @@ def test_a_pid_parked_again_after_a_plain_restore_is_parked_whole(spawn, daemon)
     assert d.terminate() == 0
     parks = [r for r in reports("\n".join(d.out.rest())) if r["event"] == "checkpoint"]
     assert all(p["written_bytes"] == p["dump_bytes"] - 32 for p in parks)
+
+
+def _whole(daemon, target, cycles: int) -> str:
+    """Park and wake `target` `cycles` times, each park written whole and nothing kept; the daemon's log."""
+    for cycle in range(cycles):
+        _cycle(daemon, target, cycle, 5, OPS[cycle % len(OPS)])
+        assert not (daemon.dump_dir / f"pages-{target.pid}.img").exists(), "a dump was kept"
+    _quit(target)
+    assert daemon.terminate() == 0
+    log = "\n".join(daemon.out.rest())
+    parks = [r for r in reports(log) if r["event"] == "checkpoint"]
+    assert all(p["written_bytes"] == p["dump_bytes"] - 32 for p in parks)
+    return log
+
+
+@pytest.mark.skipif(features.WRITE_TRACKING.present, reason="this kernel tracks writes (Linux 6.7, arm64 6.10)")
+def test_where_the_kernel_cannot_track_writes_every_park_is_whole(spawn, daemon) -> None:
+    """Debian's arm64 6.1 and 5.10: the daemon says at start what it lacks, each restore says why it keeps nothing."""
+    d = daemon("--incremental", "--json")
+    target = spawn("rewriter", 16, 6, stdin=True)
+    log = _whole(d, target, 3)
+    assert "WP_ASYNC is not available here (Linux 6.7, arm64 6.10)" in log
+    assert "memcr cannot track its writes, as this kernel cannot track writes" in log
 
 
 def test_incremental_is_for_the_daemon(tmp_path: Path) -> None:
