@@ -1,0 +1,93 @@
+"""review32: failing tests for `memcr -l --incremental` (docs/incremental.md).
+
+- a park refused before memcr opens the dump (the target traced by another
+  process, io_uring, a vfork child, ...) leaks the kept dump: its file stays
+  in the folder, open and locked in the daemon, and every later park of the
+  pid is refused ("another memcr holds process ...") until the daemon stops,
+  which then leaves the file behind;
+- the kept dump modified in place (same size) while the target runs is
+  served at the next park: the target is restored wrong without a word;
+- while memcr tracks its writes, the target cannot register its own
+  userfaultfd on its memory (EBUSY): a trace of memcr beyond "uw".
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import CHECKPOINT, RESTORE, reap
+from tests.test_incremental import _cycle, _quit
+
+SEIZE = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+    sys.exit(f"seize: errno {ctypes.get_errno()}")
+print("seized", flush=True)
+sys.stdin.read()
+"""
+
+
+def _tracer(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_refused_park_frees_the_kept_dump(spawn, daemon) -> None:
+    d = daemon("--incremental")
+    target = spawn("rewriter", 16, 5, stdin=True)
+    _cycle(d, target, 0, 5, "none")
+    d.out.wait_for("is kept for its next park")
+    seizer = subprocess.Popen(
+        [sys.executable, "-c", SEIZE, str(target.pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert seizer.stdout.readline().strip() == "seized"
+        assert d.code(CHECKPOINT, target.pid) != 0  # traced by another process: refused, it runs on
+    finally:
+        seizer.stdin.close()
+        reap(seizer)
+    for _ in range(100):
+        if not _tracer(target.pid):
+            break
+        time.sleep(0.05)
+    # the refusal left nothing of memcr behind: the next park is an ordinary one
+    assert d.code(CHECKPOINT, target.pid) == 0, [line for line in d.out.seen if "failed" in line]
+    assert d.code(RESTORE, target.pid) == 0
+    _quit(target)
+    assert d.terminate() == 0
+    assert list(d.dump_dir.iterdir()) == []
+
+
+def test_a_kept_dump_modified_in_place_is_not_served(spawn, daemon) -> None:
+    d = daemon("--incremental")
+    target = spawn("rewriter", 16, 6, stdin=True)
+    _cycle(d, target, 0, 5, "none")
+    d.out.wait_for("is kept for its next park")
+    dump = d.dump_dir / f"pages-{target.pid}.img"
+    data = bytearray(dump.read_bytes())
+    for page in range(4096, len(data) - 4096, 4096):  # payloads, and padding: a record's header ends its page
+        for i in range(page, page + 64):
+            data[i] ^= 0x5A
+    with dump.open("r+b") as f:
+        f.write(data)
+    # memcr writes the dump whole (or kills the target): never restores it wrong
+    _cycle(d, target, 1, 5, "none")
+    _quit(target)
+
+
+def test_the_target_may_still_use_its_own_userfaultfd(spawn, daemon) -> None:
+    d = daemon("--incremental")
+    target = spawn("ownuffd", 8, stdin=True)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(RESTORE, target.pid) == 0
+    d.out.wait_for("is kept for its next park")
+    target.proc.stdin.write("try\ncheck\n")
+    target.proc.stdin.flush()
+    assert target.out.wait_for("registered") == "registered 0"  # EBUSY (16): memcr's watch holds its memory
+    assert target.out.wait_for("intact") == "intact"
