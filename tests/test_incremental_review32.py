@@ -91,3 +91,33 @@ def test_the_target_may_still_use_its_own_userfaultfd(spawn, daemon) -> None:
     target.proc.stdin.flush()
     assert target.out.wait_for("registered") == "registered 0"  # EBUSY (16): memcr's watch holds its memory
     assert target.out.wait_for("intact") == "intact"
+
+
+def _daemon_descriptors(d) -> list[str]:
+    folder = Path(f"/proc/{d.proc.pid}/fd")
+    links = []
+    for fd in folder.iterdir():
+        try:
+            links.append(str(fd.readlink()))
+        except OSError:
+            continue
+    return [link for link in links if "userfaultfd" in link or link.startswith(str(d.dump_dir))]
+
+
+def test_each_re_park_drops_the_whole_region_and_leaks_nothing(spawn, daemon) -> None:
+    """A guard the hundred cycles lack: a re-park that leaves memcr's old watch in place sees the region as the
+    target's own userfaultfd's and drops none of it (answering 0), and the daemon gathers userfaultfds."""
+    import json
+
+    d = daemon("--incremental", "--json")
+    target = spawn("rewriter", 16, 7, stdin=True)
+    for cycle in range(6):
+        _cycle(d, target, cycle, 5, "none")
+        d.out.wait_for("is kept for its next park")
+        held = _daemon_descriptors(d)
+        assert len(held) <= 2, f"cycle {cycle}: the daemon holds {held}"
+    _quit(target)
+    assert d.terminate() == 0
+    parks = [json.loads(line.split("memcr: ", 1)[1]) for line in d.out.rest() if '"event":"checkpoint"' in line]
+    assert len(parks) == 6
+    assert all(p["dropped_pages"] * p["page_size"] >= 16 << 20 for p in parks), [p["dropped_pages"] for p in parks]
