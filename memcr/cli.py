@@ -223,6 +223,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
                 raise UsageError(f"{name} only applies to service mode (-l)")
         if incremental:
             raise UsageError("--incremental only applies to service mode (-l): the daemon keeps the dumps")
+    if incremental and allow_async_io:
+        raise UsageError(
+            "--incremental and --allow-async-io exclude each other: what the kernel writes for io_uring or "
+            "Linux AIO into a parked target's pinned buffers leaves no trace a re-park could see"
+        )
     if listen is None and cgroup is None:
         if pid is None:
             raise UsageError("give the process to checkpoint with -p PID, or -l to serve (see memcr -h)")

@@ -112,6 +112,11 @@ def checkpoint(
     with _descriptor_limit():
         try:
             return _checkpoint(pid, options, log, cancel or Cancel(), progress, seized, kept)
+        except BaseException:
+            # refused before the dump was opened, or rolled back: either way the kept dump serves no more
+            if kept is not None and (problem := kept.close()):
+                logs.error(log, f"warning: {problem}")
+            raise
         finally:
             if kept is not None:
                 kept.tracker.close()  # its answers are taken; a restore that tracks again makes a new one

@@ -47,6 +47,7 @@ SPREAD = 4  # the file's size (holes included) at most this many times the pages
 # nor may its index hold more runs than this fraction of its pages: a restore reads run by run
 FRAGMENTS = 1 / 4
 SLACK = 1 << 20  # record headers and the padding that puts each payload on a page boundary
+SETTLE = 10.0  # seconds a park waits for the holes of the last one to be punched
 
 
 class Untracked(MemcrError):
@@ -66,6 +67,39 @@ class Kept:
     dump: PlainReader
     index: list[Record]
     tracker: uffd.Userfaultfd
+    # the file as memcr left it (inode, size, mtime, ctime), once its holes are punched: any other change is
+    # someone else's, and the dump is not served (a plain dump carries no checksum)
+    stamp: tuple[int, ...] | None = None
+    _settling: threading.Thread | None = None
+
+    def settle(self, holes: Sequence[tuple[int, int]]) -> None:
+        """Punch the holes (`garbage`) on a thread of its own, then take the file's stamp.
+
+        Once the target runs again, so that it is nobody's wait: a hole
+        never lies where a page of the dump does. Where the filesystem
+        cannot punch holes, the space stays taken until the dump is written
+        anew (`worn`).
+        """
+        own = os.dup(self.dump.file.fd)  # the dump may be deleted meanwhile: the thread's descriptor stays good
+
+        def work() -> None:
+            try:
+                for offset, length in holes:
+                    libc.punch_hole(own, offset, length)
+            except OSError:
+                pass
+            finally:
+                self.stamp = _stamp(own)
+                os.close(own)
+
+        self._settling = threading.Thread(target=work, name="memcr-punch", daemon=True)
+        self._settling.start()
+
+    def settled(self) -> bool:
+        """Whether the holes are punched and the stamp taken (waiting a little for that)."""
+        if self._settling is not None:
+            self._settling.join(SETTLE)
+        return self.stamp is not None
 
     @property
     def size(self) -> int:
@@ -126,6 +160,9 @@ def track(
         raise Untracked("its dump is not complete")
     if pagemap_fd is None:
         raise Untracked("memcr may not read its page map")
+    if any(link == "anon_inode:[userfaultfd]" for _, link in procfs.descriptor_links(pid)):
+        # one userfaultfd may watch a mapping: memcr's would keep the target's own from registering its memory
+        raise Untracked("it has a userfaultfd of its own, which may need its mappings")
     made = parasite.userfaultfd(uffd.TRACK_FLAGS)
     if made in (-errno.EINVAL, -errno.ENOSYS):  # no userfaultfd, or none for user faults alone (Linux 5.11)
         raise Untracked(f"this kernel cannot track writes ({os.strerror(-made)})", errno=-made)
@@ -258,28 +295,12 @@ def garbage(kept: Kept, reused: list[Record]) -> list[tuple[int, int]]:
     return holes
 
 
-def punch(fd: int, holes: Sequence[tuple[int, int]]) -> None:
-    """Give the `garbage` of a dump back to its filesystem, on a thread of its own with a descriptor of its own.
-
-    Called once the target runs again, so that it is nobody's wait: a
-    hole never lies where a page of the dump does, and the file may be
-    added to or deleted meanwhile. Where the filesystem cannot punch holes,
-    the space stays taken until the dump is written anew (`Kept.worn`).
-    """
-    if not holes:
-        return
-    own = os.dup(fd)
-
-    def work() -> None:
-        try:
-            for offset, length in holes:
-                libc.punch_hole(own, offset, length)
-        except OSError:
-            pass
-        finally:
-            os.close(own)
-
-    threading.Thread(target=work, name="memcr-punch", daemon=True).start()
+def _stamp(fd: int) -> tuple[int, ...] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _fresh(out: Split, extent: Extent, lo: int, hi: int) -> None:
@@ -350,7 +371,7 @@ def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
     """Why the kept dump cannot serve a park into `directory` at all (None: it may)."""
     if framed:
         return "this park compresses, checksums or encrypts its dump (-z, -c, -e), which memcr cannot add to"
-    if directory != kept.dump.path.parent:
+    if not _same_directory(directory, kept.dump.path.parent):
         return f"this park writes to {directory}, the kept dump is in {kept.dump.path.parent}"
     try:
         if procfs.read_stat(kept.pid).start != kept.start_time:
@@ -359,9 +380,18 @@ def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
         return "the process is gone"
     if not kept.dump.file.still_in_place():
         return f"its dump {kept.dump.path} was removed or replaced"
-    try:
-        if os.fstat(kept.dump.file.fd).st_size != kept.dump.size:
-            return f"its dump {kept.dump.path} was modified"
-    except OSError as e:
-        return f"its dump {kept.dump.path} cannot be read ({e.strerror})"
+    if not kept.settled():
+        return f"the holes of its dump {kept.dump.path} are still being punched"
+    now = _stamp(kept.dump.file.fd)
+    if now is None:
+        return f"its dump {kept.dump.path} cannot be read"
+    if now != kept.stamp or now[1] != kept.dump.size:
+        return f"its dump {kept.dump.path} was modified since memcr wrote it"
     return None
+
+
+def _same_directory(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False

@@ -110,7 +110,7 @@ class Parked:
         self.log = log
         self._direct = True  # restore with process_vm_writev (memcr.park.upload), else through the parasite
         self._written: set[int] = set()  # records memcr has begun to write back
-        # an incremental park's: where the dump file holds pages no record serves (memcr.park.incremental.punch)
+        # an incremental park's: where the dump file holds pages no record serves (Kept.settle punches them)
         self._garbage = garbage
 
     @property
@@ -175,6 +175,7 @@ class Parked:
             return phase
         self._restored(keep_dump=kept is not None)
         if kept is not None and keep is not None:
+            kept.settle(self._garbage)
             self.report.kept_bytes = kept.size
             keep(kept)
         return None
@@ -479,7 +480,6 @@ class Parked:
         self.reserve.close()
         self.pagemap.close()
         if keep_dump:
-            incremental.punch(self.dump.file.fd, self._garbage)
             return
         problem = self.dump.file.unlink() if keep_dump_open else self.dump.remove()
         if problem:

