@@ -156,7 +156,8 @@ def _exit_codes() -> str:
     is_flag=True,
     help="Service mode: keep a target's dump after an eager restore and track the pages it writes (Linux 6.7); "
     "its next park writes only those (docs/incremental.md). The dump takes its space in the dump directory "
-    "while the target runs, until its next park or its end.",
+    "while the target runs, until its next park or its end; meanwhile the target cannot register its memory "
+    "with a userfaultfd it makes (EBUSY).",
 )
 @click.option(
     "--allow-async-io",
