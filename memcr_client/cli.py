@@ -105,6 +105,22 @@ def parser() -> argparse.ArgumentParser:
         help="With -r: every page is back before the process runs again, whatever the daemon's --lazy "
         "(V2 request, memcr-py's daemon).",
     )
+    keeps = p.add_mutually_exclusive_group()
+    keeps.add_argument(
+        "--incremental",
+        action="store_const",
+        const=True,
+        dest="incremental",
+        help="With -r: keep the dump and track the pages the process writes, so that its next checkpoint writes "
+        "only those, whatever the daemon's --incremental (V2 request, memcr-py's daemon; not with --lazy).",
+    )
+    keeps.add_argument(
+        "--no-incremental",
+        action="store_const",
+        const=False,
+        dest="incremental",
+        help="With -r: delete the dump, whatever the daemon's --incremental (V2 request, memcr-py's daemon).",
+    )
     p.add_argument(
         "-t",
         "--timeout",
@@ -147,13 +163,20 @@ def run(argv: list[str] | None = None) -> None:
         )
     if args.lazy is not None and not args.restore:
         p.error("--lazy and --eager apply to -r/--restore only")
-    v2_options = checkpoint_options or args.lazy is not None
+    if args.incremental is not None and not args.restore:
+        p.error("--incremental and --no-incremental apply to -r/--restore only")
+    if args.incremental and args.lazy:
+        p.error("--incremental and --lazy exclude each other: a lazy restore keeps no dump")
+    v2_options = checkpoint_options or args.lazy is not None or args.incremental is not None
     if args.v1 and (v2_options or args.timeout is not None):
-        p.error("--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup, --lazy, --eager or -t")
+        p.error(
+            "--v1 sends the 8-byte request, which carries no -d, -z, --tree, --cgroup, --lazy, --eager, "
+            "--incremental or -t"
+        )
     if args.timeout is not None and (v2_options or args.v2):
         p.error(
-            "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --lazy, --eager, --v2) "
-            "has no field for it"
+            "-t/--timeout goes in the 12-byte request, V2 (-d, -z, --tree, --cgroup, --lazy, --eager, "
+            "--incremental, --v2) has no field for it"
         )
     if args.v1 and args.reason:
         p.error("--v1 sends the 8-byte request, which has no room for --reason (a V2 option)")
@@ -177,7 +200,7 @@ def run(argv: list[str] | None = None) -> None:
             )
             print(f"pid {args.pid}{what} checkpointed", flush=True)
         if args.restore:
-            client.restore(args.pid, time_limit=args.timeout, lazy=args.lazy)
+            client.restore(args.pid, time_limit=args.timeout, lazy=args.lazy, incremental=args.incremental)
             print(f"pid {args.pid}{what} restored", flush=True)
     except ProtocolError as e:  # a value no request can carry, such as a dump directory over 1023 bytes
         p.error(str(e))

@@ -60,6 +60,7 @@ class RequestOptions(TypedDict, total=False):
     tree: bool  # V2
     cgroup: PathValue | None  # V2
     lazy: bool | None  # V2, restores only; None: the daemon's default
+    incremental: bool | None  # V2, restores only; None: the daemon's default
 
 
 class MemcrClientError(Exception):
@@ -133,19 +134,22 @@ class Client:
         check_keywords(options, RequestOptions, "frames")
         compress, time_limit = options.get("compress"), options.get("time_limit")
         compression = None if compress is None else compression_named(compress)
-        dump_dir, tree, cgroup, lazy = (
+        dump_dir, tree, cgroup, lazy, incremental = (
             options.get("dump_dir"),
             options.get("tree", False),
             options.get("cgroup"),
             options.get("lazy"),
+            options.get("incremental"),
         )
-        v2 = dump_dir is not None or compression is not None or tree or cgroup is not None or lazy is not None
+        v2 = dump_dir is not None or compression is not None or tree or cgroup is not None
+        v2 = v2 or lazy is not None or incremental is not None
         dialect = self.dialect
         if dialect is None:
             dialect = Dialect.V2 if v2 else Dialect.TIMED if time_limit is not None else Dialect.V1
         if v2 and dialect is not Dialect.V2:
             raise ProtocolError(
-                "a dump directory, a compression, a lazy or eager restore, a tree or a cgroup needs a V2 request, "
+                "a dump directory, a compression, a lazy or eager restore, an incremental re-park, a tree or a cgroup "
+                "needs a V2 request, "
                 f"not {dialect.value}"
             )
         if time_limit is not None and dialect is not Dialect.TIMED:
@@ -163,6 +167,7 @@ class Client:
                 cgroup=cgroup,
                 lazy=lazy,
                 reason=self.reasons,
+                incremental=incremental,
             )
             return [V2_HEADER.pack(CMDS_V2, len(payload)), payload]
         if dialect is Dialect.TIMED:
@@ -176,8 +181,8 @@ class Client:
         `dump_dir`, `compress` (none, lz4, zstd), `tree` and `cgroup` apply
         to a checkpoint and go in a V2 request; `time_limit` (seconds) goes
         in the 12-byte one, and the daemon rolls back a checkpoint that
-        takes longer; `lazy` (True or False) applies to a restore and goes
-        in a V2 request.
+        takes longer; `lazy` and `incremental` (True or False) apply to a
+        restore and go in a V2 request.
         """
         return self.answer(cmd, pid, **options)[0]
 
@@ -277,14 +282,23 @@ class Client:
             invalid = "no such process, not in that cgroup, or a member is already checkpointed"
         self._check(code, reason, pid, invalid)
 
-    def restore(self, pid: int, *, time_limit: float | None = None, lazy: bool | None = None) -> None:
+    def restore(
+        self,
+        pid: int,
+        *,
+        time_limit: float | None = None,
+        lazy: bool | None = None,
+        incremental: bool | None = None,
+    ) -> None:
         """Wake `pid`, and every member of the group it was parked with.
 
         With `time_limit`, a restore that takes longer is answered -1 (it still completes).
         `lazy` True or False (a V2 request, so no `time_limit` with it) restores
         lazily or eagerly whatever the daemon's default (memcr -l --lazy); a
         lazy restore is answered once the target runs again, before its pages
-        are all back. A group's restore is eager either way.
+        are all back. A group's restore is eager either way. `incremental`
+        True or False (V2) keeps the dump for an incremental re-park, or not,
+        whatever the daemon's --incremental (docs/incremental.md).
         """
-        code, reason = self.answer(Command.RESTORE, pid, time_limit=time_limit, lazy=lazy)
+        code, reason = self.answer(Command.RESTORE, pid, time_limit=time_limit, lazy=lazy, incremental=incremental)
         self._check(code, reason, pid, "not checkpointed, or its lazy restore is still under way")

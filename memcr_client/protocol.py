@@ -16,7 +16,9 @@ use, and the daemon serves all of them on the same socket:
                 options park a group: 1000 the pid's process tree, 1001 a
                 cgroup whose member the pid is (docs/groups.md); 1002
                 makes a restore lazy or eager, whatever the daemon's
-                default (--lazy); 1003 asks for the reason with the answer.
+                default (--lazy); 1003 asks for the reason with the answer;
+                1004 makes a restore keep the dump for an incremental
+                re-park, or not, whatever the daemon's --incremental.
 
     answer, 4 bytes: int32 code (0 OK, -1 ERROR, -2 INVALID_PID)
     answer to a V2 request carrying option 1003 (docs/reasons.md):
@@ -95,7 +97,7 @@ class Option(IntEnum):
     memcr-py's own, far from RDK's so that an id RDK adds next cannot
     collide. TREE and CGROUP make a CHECKPOINT park a group, all or nothing;
     they exclude each other, and a RESTORE carries neither: the restore of
-    any member's pid wakes the whole group. LAZY goes with a RESTORE only,
+    any member's pid wakes the whole group. LAZY and INCREMENTAL go with a RESTORE only,
     and none of the others does.
     """
 
@@ -111,6 +113,10 @@ class Option(IntEnum):
     # int32 1: the answer carries the reason of a failure after its code (REASON_LENGTH and the text); 0: it
     # does not, as without the option. Any command may carry it.
     REASON = 1003
+    # int32 1: an eager restore keeps the dump and the kernel tracks the pages the target writes, so that its next
+    # park writes only those (docs/incremental.md); 0: the dump is deleted, as ever; without it the daemon's
+    # default (memcr -l --incremental). Not with LAZY 1: a lazy restore keeps nothing.
+    INCREMENTAL = 1004
 
 
 class Compression(IntEnum):
@@ -145,6 +151,7 @@ INT_OPTIONS = {  # an int32
     Option.TREE: "the process tree",
     Option.LAZY: "the lazy restore",
     Option.REASON: "the reason wanted",
+    Option.INCREMENTAL: "the incremental re-park",
 }
 REASON_LENGTH = INT32  # after the code of an answer to a request with Option.REASON: the text's length in bytes
 REASON_MAX = 4096  # bytes of a reason at most: a longer one is cut (at a character's boundary)
@@ -175,10 +182,12 @@ class Request(NamedTuple):
     cgroup: str | None = None  # V2 Option.CGROUP, decoded as os.fsdecode does
     lazy: bool | None = None  # V2 Option.LAZY; None: the daemon's default
     reason: bool = False  # V2 Option.REASON: the answer carries the reason of a failure
+    incremental: bool | None = None  # V2 Option.INCREMENTAL; None: the daemon's default
 
     @property
     def options(self) -> bool:
-        """Whether the request carries V2 options that apply to a checkpoint only (all but LAZY and REASON)."""
+        """Whether the request carries V2 options that apply to a checkpoint only (all but LAZY, REASON and
+        INCREMENTAL)."""
         return self.dump_dir is not None or self.compression is not None or self.group
 
     @property
@@ -260,6 +269,7 @@ class V2Options(TypedDict, total=False):
     cgroup: PathValue | None  # Option.CGROUP
     lazy: bool | None  # Option.LAZY; None: not sent, the daemon's default holds
     reason: bool  # Option.REASON: sent when True
+    incremental: bool | None  # Option.INCREMENTAL; None: not sent, the daemon's default holds
 
 
 def check_keywords(options: Mapping[str, object], known: type, where: str) -> None:
@@ -274,7 +284,7 @@ def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes
     check_keywords(options, V2Options, "encode_v2_payload")
     dump_dir, compression = options.get("dump_dir"), options.get("compression")
     tree, cgroup, lazy = options.get("tree", False), options.get("cgroup"), options.get("lazy")
-    reason = options.get("reason", False)
+    reason, incremental = options.get("reason", False), options.get("incremental")
     if tree and cgroup is not None:
         raise ProtocolError("a request is for a process tree or for a cgroup, not both")
     payload = _pack(REQUEST, cmd, pid)
@@ -290,6 +300,8 @@ def encode_v2_payload(cmd: int, pid: int, **options: Unpack[V2Options]) -> bytes
         payload += INT32.pack(Option.LAZY) + INT32.pack(int(lazy))
     if reason:
         payload += INT32.pack(Option.REASON) + INT32.pack(1)
+    if incremental is not None:
+        payload += INT32.pack(Option.INCREMENTAL) + INT32.pack(int(incremental))
     return payload
 
 
@@ -337,6 +349,7 @@ def decode_v2_payload(payload: bytes) -> Request:
     compression: Compression | None = None
     tree = False
     lazy: bool | None = None
+    incremental: bool | None = None
     reason = False
     at = REQUEST.size
     seen: set[int] = set()
@@ -371,18 +384,22 @@ def decode_v2_payload(payload: bytes) -> Request:
                 meaning = {
                     Option.TREE: "1 (or 0: the pid alone)",
                     Option.LAZY: "1 (lazily) or 0 (eagerly)",
+                    Option.INCREMENTAL: "1 (keep the dump) or 0 (delete it)",
                 }.get(Option(option), "1 (wanted) or 0 (not)")
                 raise ProtocolError(f"{INT_OPTIONS[Option(option)]} (option {option}) is {meaning}, not {value}")
             elif option == Option.TREE:
                 tree = value == 1
             elif option == Option.LAZY:
                 lazy = value == 1
+            elif option == Option.INCREMENTAL:
+                incremental = value == 1
             else:
                 reason = value == 1
         else:
             raise ProtocolError(
                 f"option {option} is unknown: known are 200 (dump directory), 201 (compression), "
-                "1000 (process tree), 1001 (cgroup), 1002 (lazy restore) and 1003 (reason wanted)"
+                "1000 (process tree), 1001 (cgroup), 1002 (lazy restore), 1003 (reason wanted) and 1004 "
+                "(incremental re-park)"
             )
     if Option.TREE in seen and Option.CGROUP in seen:
         raise ProtocolError("options 1000 (process tree) and 1001 (cgroup) exclude each other")
@@ -396,6 +413,7 @@ def decode_v2_payload(payload: bytes) -> Request:
         cgroup=paths.get(Option.CGROUP),
         lazy=lazy,
         reason=reason,
+        incremental=incremental,
     )
 
 

@@ -295,11 +295,23 @@ class Service:
                 return ERROR
             if not self._permitted(peer, f"restore of pid {pid}", self._parked_with(pid)):
                 return ERROR
-            return self._restore(pid, limit, request.lazy)
-        if request.lazy is not None:
+            if request.incremental and (request.lazy or (request.lazy is None and self.options.lazy)):
+                self.refuse(
+                    f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 keeps the dump of an "
+                    "eager restore, and this one is lazy (a lazy restore keeps nothing)"
+                )
+                return ERROR
+            if request.incremental and self.options.allow_async_io:
+                self.refuse(
+                    f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 needs a daemon "
+                    "without --allow-async-io (what the kernel writes into pinned buffers leaves no trace)"
+                )
+                return ERROR
+            return self._restore(pid, limit, request.lazy, request.incremental)
+        if request.lazy is not None or request.incremental is not None:
             self.refuse(
                 f"refused the V2 checkpoint of pid {pid}, which stays untouched: a lazy or eager restore "
-                "(option 1002) goes with its RESTORE, not with the CHECKPOINT"
+                "(option 1002) and a kept dump (1004) go with its RESTORE, not with the CHECKPOINT"
             )
             return ERROR
         try:
@@ -373,8 +385,7 @@ class Service:
             if free < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
-            keep = self.kept.keep if options.incremental else None
-            target = Pid(pid, seized, forget=lambda: self.free(job), kept=self.kept.take(pid), keep=keep)
+            target = Pid(pid, seized, forget=lambda: self.free(job), kept=self.kept.take(pid), keep=self.kept.keep)
             job = self.pids[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
             job.start()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -395,8 +406,9 @@ class Service:
             self.reason.text = job.failure or self.reason.text
         return job.checkpoint_code
 
-    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None) -> int:
-        """Restore `pid` (or wake its group); `lazy` None: as the daemon's --lazy says."""
+    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None, incremental: bool | None = None) -> int:
+        """Restore `pid` (or wake its group); `lazy`, `incremental` None: as the daemon's --lazy, --incremental
+        say."""
         with self.lock:
             job = self.pids.get(pid)
             group = self.groups.get(pid)
@@ -406,11 +418,13 @@ class Service:
                 # a parked group has no lazy phase (as with `memcr --tree --lazy`): the request still wakes it,
                 # eagerly, rather than leave it parked
                 self.log(f"restoring {group} eagerly: a group's restore is never lazy (option 1002 ignored)")
+            if incremental:
+                self.log(f"restoring {group} without keeping its dumps: a group's parks are whole (1004 ignored)")
             if not group.restore(answer.put, limit):  # during the park: aborts it
                 self.refuse(f"answered -2 to a restore of {group}: it is being restored already")
                 return INVALID_PID
             return self._restored(group, answer)
-        if job is None or not job.restore(answer.put, limit, lazy):  # during a checkpoint: aborts it
+        if job is None or not job.restore(answer.put, limit, lazy, incremental):  # during a checkpoint: aborts it
             if job is not None and job.restore_asked:
                 self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
             elif job is None:
@@ -435,7 +449,9 @@ class Service:
             jobs: set[Job[Any]] = {*self.pids.values(), *self.groups.values()}
             lingering = dict(self.lingering)
         for job in jobs:
-            job.restore(None)  # as --lazy says; a lazy phase, this one or one under way, has ended at join
+            # as --lazy says, keeping nothing (the daemon stops); a lazy phase, this one or one under way, has ended
+            # at join
+            job.restore(None, incremental=False)
         for phase in lingering.values():
             phase.server.stream_children()  # their pages all go back now, so that memcr can let go of them
         for job in [*jobs, *lingering]:

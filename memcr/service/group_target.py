@@ -127,8 +127,8 @@ class HeldGroup:
         with contextlib.suppress(GroupError):
             self.parked.restore()  # lets go of what memcr held for each
 
-    def restore(self, lazy: bool | None, log: Log) -> None:
-        self.parked.restore()  # never lazy: the daemon said so when it took the request
+    def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> None:
+        self.parked.restore()  # never lazy, nothing kept: the daemon said so when it took the request
 
     def rescue(self) -> None:
         self.parked.restore()

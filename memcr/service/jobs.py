@@ -46,12 +46,13 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Restore:
-    """A restore request: who gets the answer (None at shutdown), its time limit, and whether lazily (None: as
-    --lazy says)."""
+    """A restore request: who gets the answer (None at shutdown), its time limit, whether lazily (None: as
+    --lazy says) and whether it keeps the dump for an incremental re-park (None: as --incremental says)."""
 
     reply: Reply | None
     limit: float | None
     lazy: bool | None = None
+    incremental: bool | None = None
 
 
 class Host(Protocol):
@@ -72,7 +73,7 @@ class Held(Protocol):
     def reports(self) -> Sequence[Report | GroupReport]: ...
     def dead(self) -> bool: ...
     def bury(self, log: Log) -> None: ...
-    def restore(self, lazy: bool | None, log: Log) -> LazyRestore | None: ...
+    def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> LazyRestore | None: ...
     def rescue(self) -> None: ...
     def rollback(self, error: Aborted) -> None: ...
 
@@ -222,7 +223,7 @@ class Job(threading.Thread, Generic[T]):
         code, started = OK, time.monotonic()
         phase: LazyRestore | None = None
         try:
-            phase = held.restore(request.lazy, self.host.log)
+            phase = held.restore(request.lazy, request.incremental, self.host.log)
             elapsed = time.monotonic() - started
             if phase is None:
                 self.host.log(f"{self} restored in {elapsed * 1000:.0f} ms")
@@ -323,7 +324,9 @@ class Job(threading.Thread, Generic[T]):
             if reply:
                 reply(INVALID_PID)
 
-    def restore(self, reply: Reply | None, limit: float | None = None, lazy: bool | None = None) -> bool:
+    def restore(
+        self, reply: Reply | None, limit: float | None = None, lazy: bool | None = None, incremental: bool | None = None
+    ) -> bool:
         """Queue the restore (during a checkpoint, abort it first); False if too late.
 
         A restore that takes longer than `limit` seconds is answered -1; it
@@ -337,5 +340,5 @@ class Job(threading.Thread, Generic[T]):
                 return False  # one restore per checkpoint (its lazy phase included): a second gets -2
             self.restore_asked = True
             self.abort()
-            self.requests.put(Restore(reply, limit, lazy))
+            self.requests.put(Restore(reply, limit, lazy, incremental))
             return True

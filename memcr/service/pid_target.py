@@ -25,15 +25,15 @@ OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 class Pid:
     """One process. `seized` runs once every thread of it is held, and may refuse it before anything in it
     changes; `forget` frees its pid in the daemon's registry. `kept`: the dump kept at its last restore, which
-    its park owns; `keep` (--incremental): takes the dump its restore keeps."""
+    its park owns; `keep`: takes the dump a restore keeps (--incremental, V2 option 1004)."""
 
     def __init__(
         self,
         pid: int,
         seized: Callable[[], None],
         forget: Callable[[], None],
-        kept: Kept | None = None,
-        keep: Callable[[Kept], None] | None = None,
+        kept: Kept | None,
+        keep: Callable[[Kept], None],
     ) -> None:
         self.pid = pid
         self.seized = seized
@@ -53,7 +53,7 @@ class Pid:
                 kept.close()
             raise
         parked = checkpoint(self.pid, options, log, cancel, seized=self.seized, kept=kept)
-        return HeldPid(parked, options.lazy, self.keep)
+        return HeldPid(parked, options.lazy, options.incremental, self.keep)
 
     def answer(self, error: MemcrError) -> int:
         return INVALID_PID if isinstance(error, TargetError) else ERROR
@@ -72,13 +72,14 @@ class Pid:
 
 
 class HeldPid:
-    """The process parked; `lazy` is the daemon's --lazy, for a restore that does not say; `keep` takes the dump
-    an eager restore keeps (--incremental)."""
+    """The process parked; `lazy` and `incremental` are the daemon's --lazy and --incremental, for a restore
+    that does not say; `keep` takes the dump an eager restore keeps."""
 
-    def __init__(self, parked: Parked, lazy: bool, keep: Callable[[Kept], None] | None) -> None:
+    def __init__(self, parked: Parked, lazy: bool, incremental: bool, keep: Callable[[Kept], None]) -> None:
         self.parked = parked
         self.pid = parked.pid
         self.lazy = lazy
+        self.incremental = incremental
         self.keep = keep
 
     def summary(self) -> str:
@@ -97,13 +98,14 @@ class HeldPid:
         logs.error(log, f"pid {self.pid} died while checkpointed: forgotten")
         self.parked.close_dead()
 
-    def restore(self, lazy: bool | None, log: Log) -> LazyRestore | None:
+    def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> LazyRestore | None:
         why = "as its request asks" if lazy is not None else "the daemon's default"
         lazy = self.lazy if lazy is None else lazy
+        incremental = self.incremental if incremental is None else incremental
         log(f"restoring pid {self.pid} {'lazily' if lazy else 'eagerly'} ({why})")
-        if lazy and self.keep is not None:
+        if lazy and incremental:
             log(f"a lazy restore keeps no dump: the next park of pid {self.pid} writes its dump whole")
-        return self.parked.restore(lazy=lazy, keep=None if lazy else self.keep)
+        return self.parked.restore(lazy=lazy, keep=self.keep if incremental and not lazy else None)
 
     def rescue(self) -> None:
         self.parked.restore()

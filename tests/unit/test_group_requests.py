@@ -92,7 +92,7 @@ def test_cgroup_path_of_exactly_the_limit() -> None:
         (i32(CHECKPOINT, 5, 1000, 1) + cgroup("app"), "options 1000 (process tree) and 1001 (cgroup) exclude each"),
         (i32(CHECKPOINT, 5, 1000, 0) + cgroup("app"), "exclude each other"),  # even a tree of 0: one says which
         (
-            i32(CHECKPOINT, 5, 1004, 0),
+            i32(CHECKPOINT, 5, 1005, 0),
             "known are 200 (dump directory), 201 (compression), 1000 (process tree), 1001 (cgroup), 1002",
         ),
     ],

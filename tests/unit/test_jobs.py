@@ -49,7 +49,7 @@ class Held:
     def bury(self, log: Log) -> None:
         self.events.append("buried")
 
-    def restore(self, lazy: bool | None, log: Log) -> None:
+    def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> None:
         self.events.append("restored")
 
     def rescue(self) -> None:

@@ -50,7 +50,7 @@ def test_without_the_option_the_daemon_decides() -> None:
         (i32(RESTORE, 5, 1002, -1), "is 1 (lazily) or 0 (eagerly), not -1"),
         (i32(RESTORE, 5, 1002) + b"\x01\x00", "the lazy restore (option 1002) needs 4 bytes, 2 are left"),
         (i32(RESTORE, 5, 1002, 1, 1002, 0), "option 1002 is given twice"),
-        (i32(RESTORE, 5, 1004, 1), "1001 (cgroup), 1002 (lazy restore) and 1003 (reason wanted)"),
+        (i32(RESTORE, 5, 1005, 1), "1002 (lazy restore), 1003 (reason wanted) and 1004 (incremental re-park)"),
     ],
 )
 def test_lazy_payloads_refused(payload: bytes, reason: str) -> None:
@@ -69,7 +69,7 @@ def test_client_sends_lazy_as_v2() -> None:
 @pytest.mark.parametrize(
     ("dialect", "options", "reason"),
     [
-        (Dialect.V1, {"lazy": True}, "a lazy or eager restore, a tree or a cgroup needs a V2 request, not v1"),
+        (Dialect.V1, {"lazy": True}, "a lazy or eager restore, an incremental re-park, a tree or a cgroup needs a V2"),
         (Dialect.TIMED, {"lazy": False}, "needs a V2 request, not 12-byte"),
         (None, {"lazy": True, "time_limit": 2.0}, "without the V2 options (the daemon's -t holds)"),
     ],
@@ -132,7 +132,7 @@ def test_daemon_refuses_lazy_with_a_checkpoint() -> None:
     assert code == Answer.ERROR
     assert logged == [
         f"refused the V2 checkpoint of pid {NOBODY}, which stays untouched: a lazy or eager restore "
-        "(option 1002) goes with its RESTORE, not with the CHECKPOINT"
+        "(option 1002) and a kept dump (1004) go with its RESTORE, not with the CHECKPOINT"
     ]
 
 
