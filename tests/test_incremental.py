@@ -161,6 +161,26 @@ def test_where_the_kernel_cannot_track_writes_every_park_is_whole(spawn, daemon)
     assert "memcr cannot track its writes, as this kernel cannot track writes" in log
 
 
+def test_a_restore_asks_for_it_or_against_it(spawn, daemon) -> None:
+    """V2 option 1004, whatever the daemon's --incremental."""
+    from memcr_client import Client
+
+    for default, asked in ((False, True), (True, False)):
+        d = daemon(*(["--incremental"] if default else []))
+        target = spawn("rewriter", 16, 8, stdin=True)
+        client = Client(d.listen, timeout=60)
+        for cycle in range(3):
+            client.checkpoint(target.pid)
+            client.restore(target.pid, incremental=asked)
+            assert (d.dump_dir / f"pages-{target.pid}.img").exists() == asked
+            target.proc.stdin.write(f"cycle {cycle} 5 none\n")
+            target.proc.stdin.flush()
+            assert target.out.wait_for(f" {cycle}") == f"done {cycle}"
+        _quit(target)
+        assert d.terminate() == 0
+        assert ("unchanged since the last restore" in "\n".join(d.out.rest())) == asked
+
+
 def test_incremental_is_for_the_daemon(tmp_path: Path) -> None:
     import subprocess
 
