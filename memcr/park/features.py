@@ -236,8 +236,8 @@ def lazy_restore() -> list[str]:
 
 def incremental() -> list[str]:
     """Probe what an incremental re-park needs, at the start of a daemon with --incremental; the lines to say."""
-    all(f.present for f in (PAGEMAP_SCAN, WRITE_TRACKING))
-    return untold()
+    # PAGEMAP_SCAN, which it needs too, the first scan learns and says
+    return [] if WRITE_TRACKING.present else untold()
 
 
 def summary() -> list[str]:
