@@ -187,7 +187,7 @@ def _checkpoint(
     except BaseException as error:
         Parked(frozen, parasite, writer.abandon(), pagemap, stream.vmas, reserve, report, log).rollback(error)
         raise
-    parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log, stream.garbage)
+    parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log, stream.added)
     try:
         report.dump_path, report.dump_bytes = str(dump.path), dump.size
         report.written_bytes = dump.size - size_before
@@ -235,7 +235,7 @@ class _Stream:
         self.vmas: list[Vma] = []  # planned so far: where a rollback puts records back
         self.kept = kept
         self.ours: frozenset[tuple[int, int]] = frozenset()  # the mappings the kept dump's userfaultfd watches
-        self.garbage: list[tuple[int, int]] = []  # where the kept dump holds pages the new one does not serve
+        self.added = incremental.WHOLE  # an incremental park's: what it leaves its restore
         self._joins: set[int] = set()  # runs with only holes between them and the run before
 
     def plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
@@ -330,7 +330,7 @@ class _Stream:
         self._drop(sorted(self.writer.records, key=lambda r: r.addr), confirmed)
         for extent in plan.drop_only:
             self.parasite.drop(extent.start, extent.length)
-        self.garbage = incremental.garbage(kept, split.reused)
+        self.added = incremental.Added(incremental.garbage(kept, split.reused), kept.base)
 
     def _write_group(self, extents: list[Extent]) -> None:
         group = self.writer.begin_group([(e.start, e.length) for e in extents])

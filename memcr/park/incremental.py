@@ -24,7 +24,6 @@ import bisect
 import dataclasses
 import errno
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +43,11 @@ from memcr.system.procfs import Vma
 # filesystem cannot punch holes, or where the file's apparent size runs away (SPREAD).
 GARBAGE = 0.25
 SPREAD = 4  # the file's size (holes included) at most this many times the pages it serves
-# nor may its index hold more runs than this fraction of its pages: a restore reads run by run
+# nor may its index hold more runs than this fraction of its pages, or this many times the runs of the dump
+# written whole last (which a sparse target has many of): a restore reads run by run
 FRAGMENTS = 1 / 4
+PIECES = 4
 SLACK = 1 << 20  # record headers and the padding that puts each payload on a page boundary
-SETTLE = 10.0  # seconds a park waits for the holes of the last one to be punched
 
 
 class Untracked(MemcrError):
@@ -67,39 +67,10 @@ class Kept:
     dump: PlainReader
     index: list[Record]
     tracker: uffd.Userfaultfd
-    # the file as memcr left it (inode, size, mtime, ctime), once its holes are punched: any other change is
-    # someone else's, and the dump is not served (a plain dump carries no checksum)
-    stamp: tuple[int, ...] | None = None
-    _settling: threading.Thread | None = None
-
-    def settle(self, holes: Sequence[tuple[int, int]]) -> None:
-        """Punch the holes (`garbage`) on a thread of its own, then take the file's stamp.
-
-        Once the target runs again, so that it is nobody's wait: a hole
-        never lies where a page of the dump does. Where the filesystem
-        cannot punch holes, the space stays taken until the dump is written
-        anew (`worn`).
-        """
-        own = os.dup(self.dump.file.fd)  # the dump may be deleted meanwhile: the thread's descriptor stays good
-
-        def work() -> None:
-            try:
-                for offset, length in holes:
-                    libc.punch_hole(own, offset, length)
-            except OSError:
-                pass
-            finally:
-                self.stamp = _stamp(own)
-                os.close(own)
-
-        self._settling = threading.Thread(target=work, name="memcr-punch", daemon=True)
-        self._settling.start()
-
-    def settled(self) -> bool:
-        """Whether the holes are punched and the stamp taken (waiting a little for that)."""
-        if self._settling is not None:
-            self._settling.join(SETTLE)
-        return self.stamp is not None
+    base: int  # runs in the last dump written whole: the pieces the target's own layout makes
+    # the file as memcr left it at the restore (inode, size, mtime, ctime): any other change is someone else's,
+    # and the dump is not served (a plain dump carries no checksum)
+    stamp: tuple[int, ...] | None
 
     @property
     def size(self) -> int:
@@ -121,8 +92,8 @@ class Kept:
             return f"the dump holds {(self.size - held) / 2**20:.1f} MiB no page needs any more"
         if self.dump.size > SPREAD * held + SLACK:
             return f"the dump's file has grown to {self.dump.size / 2**20:.1f} MiB, holes included"
-        if len(self.index) > max(64, held // page_size * FRAGMENTS):
-            return f"the dump's pages lie in {len(self.index)} pieces"
+        if len(self.index) > max(64, PIECES * self.base, held // page_size * FRAGMENTS):
+            return f"the dump's pages lie in {len(self.index)} pieces, {self.base} when it was written whole"
         return None
 
     def close(self) -> str | None:
@@ -148,6 +119,7 @@ def track(
     dump: DumpReader,
     page_size: int,
     start_time: int,
+    base: int,
 ) -> Kept:
     """Start tracking the writes of a frozen target whose pages are all back from `dump`: a Kept.
 
@@ -183,7 +155,8 @@ def track(
     except BaseException:
         tracker.close()  # which stops the tracking of every mapping registered so far
         raise
-    return Kept(pid, start_time, dump, [r for r in dump.records if r.dropped], tracker)
+    index = [r for r in dump.records if r.dropped]
+    return Kept(pid, start_time, dump, index, tracker, base or len(index), _stamp(dump.file.fd))
 
 
 def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
@@ -295,6 +268,30 @@ def garbage(kept: Kept, reused: list[Record]) -> list[tuple[int, int]]:
     return holes
 
 
+class Added(NamedTuple):
+    """What an incremental park leaves its restore: where the file holds pages no record serves any more, and
+    the runs of the last dump written whole (0: this one was)."""
+
+    garbage: list[tuple[int, int]]
+    base: int
+
+
+WHOLE = Added([], 0)
+
+
+def punch(fd: int, holes: Sequence[tuple[int, int]]) -> None:
+    """Give the `garbage` of a dump back to its filesystem; a hole never lies where a page of the dump does.
+
+    Where the filesystem cannot punch holes, the space stays taken until
+    the dump is written anew (`Kept.worn`).
+    """
+    for offset, length in holes:
+        try:
+            libc.punch_hole(fd, offset, length)
+        except OSError:
+            return
+
+
 def _stamp(fd: int) -> tuple[int, ...] | None:
     try:
         st = os.fstat(fd)
@@ -380,10 +377,8 @@ def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
         return "the process is gone"
     if not kept.dump.file.still_in_place():
         return f"its dump {kept.dump.path} was removed or replaced"
-    if not kept.settled():
-        return f"the holes of its dump {kept.dump.path} are still being punched"
     now = _stamp(kept.dump.file.fd)
-    if now is None:
+    if now is None or kept.stamp is None:
         return f"its dump {kept.dump.path} cannot be read"
     if now != kept.stamp or now[1] != kept.dump.size:
         return f"its dump {kept.dump.path} was modified since memcr wrote it"

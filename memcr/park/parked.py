@@ -13,7 +13,7 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -97,7 +97,7 @@ class Parked:
         reserve: Reserve,
         report: Report,
         log: Log,
-        garbage: Sequence[tuple[int, int]] = (),
+        added: incremental.Added = incremental.WHOLE,
     ) -> None:
         self.frozen = frozen
         self.parasite = parasite
@@ -110,8 +110,7 @@ class Parked:
         self.log = log
         self._direct = True  # restore with process_vm_writev (memcr.park.upload), else through the parasite
         self._written: set[int] = set()  # records memcr has begun to write back
-        # an incremental park's: where the dump file holds pages no record serves (Kept.settle punches them)
-        self._garbage = garbage
+        self.added = added  # what an incremental park left: the file's garbage (`tidy`), the base for the next
 
     @property
     def pid(self) -> int:
@@ -175,19 +174,32 @@ class Parked:
             return phase
         self._restored(keep_dump=kept is not None)
         if kept is not None and keep is not None:
-            kept.settle(self._garbage)
             self.report.kept_bytes = kept.size
             keep(kept)
         return None
 
+    def tidy(self) -> None:
+        """Give the pages of the dump file no record serves any more back to its filesystem (after an incremental
+        park, while the target is parked: nobody waits for it). Never raises."""
+        holes, self.added = self.added.garbage, self.added._replace(garbage=[])
+        if self.dump.file.fd >= 0:
+            incremental.punch(self.dump.file.fd, holes)
+
     def _track(self) -> Kept | None:
-        """Track the target's writes from now on, keeping the dump; None (said) where that cannot be."""
+        """Track the target's writes from now on, keeping the dump; None (said) where that cannot be.
+
+        Any failure leaves the restore as it is: the target is back whole,
+        only the next park is a full one.
+        """
         try:
             start, page = procfs.read_stat(self.pid).start, self.pagemap.page_size
-            return incremental.track(self.pid, self.parasite, self.pagemap.fd, self.vmas, self.dump, page, start)
+            fd = self.pagemap.fd
+            return incremental.track(self.pid, self.parasite, fd, self.vmas, self.dump, page, start, self.added.base)
         except incremental.Untracked as e:
             self.log(f"the next park of pid {self.pid} writes its dump whole: memcr cannot track its writes, as {e}")
-            return None
+        except (MemcrError, OSError) as e:
+            logs.error(self.log, f"warning: the next park of pid {self.pid} writes its dump whole: no tracking: {e}")
+        return None
 
     def _restored(self, keep_dump_open: bool = False, keep_dump: bool = False) -> None:
         self._clean_up(keep_dump_open, keep_dump)

@@ -130,6 +130,9 @@ class HeldGroup:
     def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> None:
         self.parked.restore()  # never lazy, nothing kept: the daemon said so when it took the request
 
+    def tidy(self) -> None:
+        """A group's dumps are written whole: nothing to tidy."""
+
     def rescue(self) -> None:
         self.parked.restore()
 

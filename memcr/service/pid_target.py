@@ -107,6 +107,9 @@ class HeldPid:
             log(f"a lazy restore keeps no dump: the next park of pid {self.pid} writes its dump whole")
         return self.parked.restore(lazy=lazy, keep=self.keep if incremental and not lazy else None)
 
+    def tidy(self) -> None:
+        self.parked.tidy()
+
     def rescue(self) -> None:
         self.parked.restore()
 

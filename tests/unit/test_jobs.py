@@ -49,6 +49,9 @@ class Held:
     def bury(self, log: Log) -> None:
         self.events.append("buried")
 
+    def tidy(self) -> None:
+        """Nothing to tidy: the events below are the job's requests."""
+
     def restore(self, lazy: bool | None, incremental: bool | None, log: Log) -> None:
         self.events.append("restored")
 
