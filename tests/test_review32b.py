@@ -1,0 +1,171 @@
+"""review32b: experiments against `memcr -l --incremental` (hostile review)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import CHECKPOINT, RESTORE
+from tests.test_incremental import _cycle, _quit
+
+
+def _parks(d) -> list[dict]:
+    return [json.loads(line.split("memcr: ", 1)[1]) for line in d.out.seen if '"event":"checkpoint"' in line]
+
+
+def test_every_re_park_of_a_quiet_target_stays_incremental(spawn, daemon) -> None:
+    d = daemon("--incremental", "--json")
+    target = spawn("rewriter", 16, 11, stdin=True)
+    for cycle in range(12):
+        _cycle(d, target, cycle, 5, "none")
+        d.out.wait_for("is kept for its next park")
+    _quit(target)
+    assert d.terminate() == 0
+    d.out.rest()
+    whole = [line for line in d.out.seen if "whole" in line and "pieces" not in line]
+    parks = _parks(d)
+    assert not whole, whole
+    assert all(p["written_bytes"] < p["dump_bytes"] // 2 for p in parks[1:]), [p["written_bytes"] for p in parks]
+
+
+# --- in this process: checkpoint() and restore(keep=...) ---------------------------------------------------------
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from memcr.dump.codec import Coding  # noqa: E402
+from memcr.options import Options  # noqa: E402
+from memcr.park import incremental  # noqa: E402
+from memcr.park.checkpoint import checkpoint  # noqa: E402
+
+
+def _uw_mappings(pid: int) -> int:
+    return sum(1 for line in Path(f"/proc/{pid}/smaps").read_text().splitlines()
+               if line.startswith("VmFlags:") and " uw" in line)
+
+
+def test_a_settle_that_cannot_start_its_thread_leaks_the_kept_dump(spawn, tmp_path, monkeypatch) -> None:
+    """Kept.settle runs after the target runs again: a thread that cannot start (a task limit, which memcr.park.upload
+    expects) or a dup that fails (EMFILE) makes restore() raise with the target running, and the dump kept for nobody:
+    its file stays locked in the daemon, its userfaultfd keeps watching the target."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    target = spawn("rewriter", 16, 3, stdin=True)
+    logs: list[str] = []
+    parked = checkpoint(target.pid, Options(dump_dir=dumps, coding=Coding(), incremental=True), logs.append)
+
+    def refused(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(incremental.threading.Thread, "start", refused)
+    kept: list[incremental.Kept] = []
+    try:
+        parked.restore(keep=kept.append)
+    except Exception as e:  # noqa: BLE001
+        failure = e
+    else:
+        failure = None
+    monkeypatch.undo()
+    leaked = list(dumps.glob("pages-*"))
+    watched = _uw_mappings(target.pid)
+    _quit(target)  # every page right (the rewriter ignores "uw")
+    assert failure is None, f"restore() raised {failure!r} with the target running; kept {kept}, files {leaked}"
+    assert kept or not leaked, f"nobody holds {leaked}; {watched} mappings of the target stay watched"
+
+
+def test_tracking_that_fails_otherwise_than_untracked_fails_the_restore(spawn, tmp_path, monkeypatch) -> None:
+    """incremental.track after the pages are back, still frozen: any error but Untracked (the parasite's
+    connection, an OSError of the handshake, /proc refused) goes to restore()'s rollback, which writes every page
+    again, lets the target run and raises: the client hears its restore failed, though the target runs intact."""
+    from memcr.engine.parasite import Parasite
+    from memcr.errors import ParasiteError
+
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    target = spawn("rewriter", 16, 4, stdin=True)
+    parked = checkpoint(target.pid, Options(dump_dir=dumps, coding=Coding(), incremental=True), print)
+
+    def lost(self, flags, device=None):
+        raise ParasiteError("injected: lost the connection to the parasite")
+
+    monkeypatch.setattr(Parasite, "userfaultfd", lost)
+    try:
+        parked.restore(keep=lambda kept: None)
+    except Exception as e:  # noqa: BLE001
+        failure = e
+    else:
+        failure = None
+    monkeypatch.undo()
+    _quit(target)
+    assert failure is None, f"restore() raised {failure!r}, the target runs intact"
+
+
+def test_a_sparse_target_is_re_parked_incrementally(spawn, daemon) -> None:
+    """FRAGMENTS judges the dump worn by its runs against its pages: a target whose present pages are scattered
+    (every 8th page of a heap) has a fresh full dump already 'worn', and every re-park of it is full."""
+    d = daemon("--incremental", "--json")
+    target = spawn("sparse")
+    for _ in range(3):
+        assert d.code(CHECKPOINT, target.pid) == 0
+        assert d.code(RESTORE, target.pid) == 0
+        d.out.wait_for("is kept for its next park")
+    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(RESTORE, target.pid) == 0
+    assert target.verify() == 0
+    assert d.terminate() == 0
+    d.out.rest()
+    whole = [line for line in d.out.seen if "whole" in line]
+    parks = _parks(d)
+    assert not whole, (whole, [(p["written_bytes"], p["dump_bytes"]) for p in parks])
+
+
+def _write(target, percent: int) -> None:
+    target.proc.stdin.write(f"write {percent}\n")
+    target.proc.stdin.flush()
+    assert target.out.wait_for("wrote").startswith("wrote")
+
+
+def test_a_kept_dump_changed_while_its_holes_are_punched_is_not_served(spawn, tmp_path, monkeypatch) -> None:
+    """Kept.settle takes the stamp once the holes are punched: a change made to the file meanwhile (a slow
+    filesystem, a large fragmented dump) is in the stamp, and the next park serves the changed pages."""
+    import threading
+    import time
+
+    from memcr.system import libc
+
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
+    target = spawn("rewriter", 16, 5, stdin=True)
+    kept: list[incremental.Kept] = []
+    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    kept[0].settled()
+    _write(target, 5)
+    parked = checkpoint(target.pid, options, print, kept=kept.pop())
+    punching = threading.Event()
+    punch = libc.punch_hole
+
+    def slow(fd: int, offset: int, length: int) -> None:
+        punching.set()
+        time.sleep(0.02)
+        punch(fd, offset, length)
+
+    monkeypatch.setattr(libc, "punch_hole", slow)
+    parked.restore(keep=kept.append)
+    assert punching.wait(5)
+    dump = dumps / f"pages-{target.pid}.img"
+    with dump.open("r+b") as f:  # someone else's write, same size, while memcr punches
+        data = bytearray(f.read())
+        for page in range(4096, len(data) - 4096, 4096):
+            for i in range(page, page + 64):
+                data[i] ^= 0x5A
+        f.seek(0)
+        f.write(data)
+    assert kept[0].settled()
+    monkeypatch.undo()
+    log: list[str] = []
+    checkpoint(target.pid, options, log.append, kept=kept.pop()).restore()
+    print("\n".join(log))
+    _quit(target)  # the rewriter checks every page
+    assert any("modified" in line for line in log), log
