@@ -258,3 +258,22 @@ def test_a_kept_pid_parked_elsewhere_and_compressed_then_back(spawn, daemon, tmp
         )
     )
     assert list(d.dump_dir.iterdir()) == [] and list(other.iterdir()) == []
+
+
+def test_a_target_killed_while_re_parked_leaves_nothing(spawn, daemon) -> None:
+    import signal
+
+    d = daemon("--incremental", "--json")
+    target = spawn("rewriter", 64, 12, stdin=True)
+    _cycle(d, target, 0, 5, "none")
+    d.out.wait_for("is kept for its next park")
+    target.proc.stdin.write("write 5\n")
+    target.proc.stdin.flush()
+    target.out.wait_for("wrote")
+    assert d.code(CHECKPOINT, target.pid) == 0
+    d.out.wait_for("in the kept dump already")
+    target.proc.send_signal(signal.SIGKILL)
+    assert target.proc.wait(30) == -9
+    assert d.code(RESTORE, target.pid) != 0
+    assert d.terminate() == 0
+    assert list(d.dump_dir.iterdir()) == []
