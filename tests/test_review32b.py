@@ -277,3 +277,28 @@ def test_a_target_killed_while_re_parked_leaves_nothing(spawn, daemon) -> None:
     assert d.code(RESTORE, target.pid) != 0
     assert d.terminate() == 0
     assert list(d.dump_dir.iterdir()) == []
+
+
+def test_transparent_huge_pages_between_re_parks(spawn, daemon) -> None:
+    """The suite's targets never have huge pages (THP is "madvise" here): a region asking for them
+    (MADV_HUGEPAGE), restored into huge pages, tracked, written a page here and there between parks."""
+    d = daemon("--incremental", "--json")
+    target = spawn("protcycle", 8192, 0, "huge", stdin=True)
+
+    def cycle() -> None:
+        assert d.code(CHECKPOINT, target.pid) == 0
+        assert d.code(RESTORE, target.pid) == 0
+        d.out.wait_for("is kept for its next park")
+
+    for _ in range(5):
+        cycle()
+        _say(target, "thp", "check", "write 20")
+    cycle()
+    _say(target, "check")
+    target.proc.stdin.write("quit\n")
+    target.proc.stdin.flush()
+    assert target.proc.wait(30) == 0
+    print(target.proc.stderr.read())
+    assert d.terminate() == 0
+    d.out.rest()
+    print("\n".join(line for line in d.out.seen if "whole" in line or "unchanged since" in line))

@@ -1,5 +1,5 @@
 /*
- * protcycle PAGES MAPS: review32b's target for incremental re-parks across
+ * protcycle PAGES MAPS [huge]: review32b's target for incremental re-parks across
  * protection changes. A region of PAGES patterned pages and MAPS small
  * mappings (1 to 3 pages, protections alternating so that none merge).
  * Commands on stdin, one a line, each answered "ok":
@@ -36,7 +36,11 @@ int main(int argc, char **argv)
 	page = page_size();
 	pages = strtoul(argv[1], NULL, 0);
 	maps = strtoul(argv[2], NULL, 0);
-	region = mmap(NULL, pages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	region = mmap(NULL, pages * page + (2u << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (region != MAP_FAILED && argc > 3) { /* huge: 2 MiB aligned, transparent huge pages asked for */
+		region += -(uintptr_t)region & ((2u << 20) - 1);
+		madvise(region, pages * page, MADV_HUGEPAGE);
+	}
 	keys = calloc(pages, sizeof(*keys));
 	small = calloc(maps, sizeof(*small));
 	small_pages = calloc(maps, sizeof(*small_pages));
@@ -63,6 +67,21 @@ int main(int argc, char **argv)
 											: PROT_READ | PROT_WRITE;
 			if (mprotect(region, pages * page, prot_now))
 				return 3;
+		} else if (!strncmp(line, "poke ", 5)) { /* one byte in each of N pages at random */
+			size_t n = strtoul(line + 5, NULL, 0);
+			for (size_t k = 0; k < n; k++) {
+				size_t i = rnd() % pages;
+				keys[i] = next_key++ * 0x100000001ULL;
+				fill((uint64_t *)(region + i * page), page, keys[i]);
+			}
+		} else if (!strncmp(line, "thp", 3)) {
+			FILE *f = fopen("/proc/self/smaps_rollup", "r");
+			char l2[256];
+			while (f && fgets(l2, sizeof(l2), f))
+				if (!strncmp(l2, "AnonHugePages", 13))
+					fputs(l2, stderr);
+			if (f)
+				fclose(f);
 		} else if (!strncmp(line, "write ", 6)) {
 			size_t n = strtoul(line + 6, NULL, 0);
 			for (size_t k = 0; k < n; k++) {
