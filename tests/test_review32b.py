@@ -11,7 +11,7 @@ from memcr.dump.codec import Coding
 from memcr.options import Options
 from memcr.park import incremental
 from memcr.park.checkpoint import checkpoint
-from tests.conftest import CHECKPOINT, RESTORE
+from tests.conftest import CHECKPOINT, RESTORE, Memcr
 from tests.test_incremental import _cycle, _quit
 
 
@@ -302,3 +302,16 @@ def test_transparent_huge_pages_between_re_parks(spawn, daemon) -> None:
     assert d.terminate() == 0
     d.out.rest()
     print("\n".join(line for line in d.out.seen if "whole" in line or "unchanged since" in line))
+
+
+def test_a_one_shot_memcr_on_a_pid_whose_dump_a_daemon_keeps(spawn, daemon) -> None:
+    """The kept dump stays locked while its app runs: a memcr -p on that pid with the same folder is told
+    'another memcr holds process N ... wait for that memcr to finish', which will not happen while the app runs."""
+    d = daemon("--incremental")
+    target = spawn("rewriter", 16, 13, stdin=True)
+    _cycle(d, target, 0, 5, "none")
+    d.out.wait_for("is kept for its next park")
+    result = Memcr(d.dump_dir).run("-p", target.pid, "-n")
+    print(result.returncode, result.stderr.strip().splitlines()[-1:])
+    _quit(target)
+    assert result.returncode == 0, result.stderr
