@@ -146,3 +146,20 @@ def test_each_re_park_drops_the_whole_region_and_leaks_nothing(spawn, daemon) ->
     parks = [json.loads(line.split("memcr: ", 1)[1]) for line in d.out.rest() if '"event":"checkpoint"' in line]
     assert len(parks) == 6
     assert all(p["dropped_pages"] * p["page_size"] >= 16 << 20 for p in parks), [p["dropped_pages"] for p in parks]
+
+
+def test_kept_dumps_give_way_to_a_checkpoint_that_needs_descriptors(spawn, daemon) -> None:
+    """Each kept dump holds two of the daemon's descriptors: once they run short, the dumps kept longest are freed
+    and every park still succeeds."""
+    d = daemon("--incremental", prefix=["prlimit", "--nofile=64"])
+    targets = [spawn("rewriter", 2, seed, stdin=True) for seed in range(30)]
+    for target in targets:
+        assert d.code(CHECKPOINT, target.pid) == 0, [line for line in d.out.seen if "refused" in line]
+        assert d.code(RESTORE, target.pid) == 0
+    for target in targets:
+        _cycle(d, target, 0, 5, "none")
+    assert d.terminate() == 0
+    log = "\n".join(d.out.rest())
+    assert "freed its kept dump" in log and "memcr needs its descriptors for a checkpoint" in log
+    for target in targets:
+        _quit(target)

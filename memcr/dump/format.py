@@ -155,6 +155,21 @@ class DumpFile:
         except OSError as e:
             raise storage_error(self.path, e) from None
 
+    def stamp(self) -> tuple[int, ...] | None:
+        """What changes with any write to the file: inode, size and modification time (None: unreadable).
+
+        A plain dump carries no checksum: a file whose stamp is not the one
+        memcr left is someone else's work. Not the change time: deleting
+        or renaming the file changes it, and memcr restores from the file
+        it holds open then. Times are as fine as the filesystem keeps them
+        (since Linux 6.13 ext4 and tmpfs tell writes a tick apart).
+        """
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def still_in_place(self) -> bool:
         """Whether the dump's path still names the file memcr wrote."""
         try:
@@ -230,7 +245,9 @@ def _remove_stale(path: Path, pid: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TargetError(
-                f"another memcr holds process {pid}: its dump {path} is in use; wait for that memcr to finish",
+                f"another memcr holds process {pid}'s dump {path}: it parks that process, or a daemon keeps the "
+                "dump for its next park (--incremental); wait for it, park the process through that daemon, or "
+                "use another dump directory",
                 pid=pid,
                 path=str(path),
                 errno=errno.EBUSY,

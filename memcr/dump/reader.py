@@ -60,6 +60,7 @@ class DumpReader(ABC):
         self.page_bytes = page_bytes
         self.finished = finished  # False: a checkpoint that failed midway
         self._header = header
+        self.stamp = file.stamp()  # as memcr left it (DumpFile.stamp): checked before any page goes back
 
     @property
     def path(self) -> Path:
@@ -84,6 +85,8 @@ class DumpReader(ABC):
             size = os.fstat(fd).st_size
             if size != self.size:
                 raise self._damaged(f"is {size} bytes, memcr wrote {self.size}: it was modified")
+            if self.file.stamp() != self.stamp:
+                raise self._damaged("was written to since memcr wrote it")
             if os.pread(fd, HEADER.size, 0) != self._header:
                 raise self._damaged("has a damaged header")
             for group in dict.fromkeys(r.group for r in dropped):

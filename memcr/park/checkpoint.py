@@ -248,14 +248,15 @@ class _Stream:
         pages = scan.scan_pages(layout, read, exclude, self.pagemap.zero_pfn, self.pagemap.fd, unshared)
         confirmed = None
         if before is not None and scan.same_layout(before, layout, exclude):
-            plan = scan.build_plan(self._relabel(before), pages, exclude, self.options.rss_file)
+            plan_source = self._relabel(before)
+            plan = scan.build_plan(plan_source, pages, exclude, self.options.rss_file)
             ours = self.ours
             confirmed = _in_background(lambda: scan.confirm(incremental.relabel(procfs.read_maps(pid), ours), plan))
         else:
             self.log("the memory map changed while freezing: reading it again")
-            now = self._relabel(procfs.read_maps(pid))
-            plan = scan.build_plan(now, pages, exclude, self.options.rss_file)
-            scan.confirm(now, plan)
+            plan_source = self._relabel(procfs.read_maps(pid))
+            plan = scan.build_plan(plan_source, pages, exclude, self.options.rss_file)
+            scan.confirm(plan_source, plan)
         self.vmas = plan.vmas
         r, page = self.report, self.pagemap.page_size
         r.vmas, r.pages = len(plan.vmas), plan.dump_bytes // page
@@ -265,6 +266,13 @@ class _Stream:
         self.log(f"{r.vmas} candidate VMAs, {r.pages} pages ({plan.dump_bytes / 2**20:.1f} MiB) to dump")
         if plan.locked_vmas:
             self.log(f"{plan.locked_vmas} locked (mlock) VMAs stay in memory")
+        watched = [v for v in plan_source if "uw" in v.flags and v.private and v.resident]
+        if watched:
+            mib = sum(v.resident for v in watched) / 2**20
+            self.log(
+                f"{len(watched)} mappings ({mib:.1f} MiB) stay in memory: a userfaultfd watches them for writes "
+                "(the target's own, or a memcr daemon's that keeps its dump: --incremental)"
+            )
         if plan.shared_pages:
             self.log(
                 f"{plan.shared_pages} pages ({plan.shared_pages * page / 2**20:.1f} MiB) stay in memory: "

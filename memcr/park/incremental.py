@@ -68,9 +68,6 @@ class Kept:
     index: list[Record]
     tracker: uffd.Userfaultfd
     base: int  # runs in the last dump written whole: the pieces the target's own layout makes
-    # the file as memcr left it at the restore (inode, size, mtime, ctime): any other change is someone else's,
-    # and the dump is not served (a plain dump carries no checksum)
-    stamp: tuple[int, ...] | None
 
     @property
     def size(self) -> int:
@@ -156,7 +153,7 @@ def track(
         tracker.close()  # which stops the tracking of every mapping registered so far
         raise
     index = [r for r in dump.records if r.dropped]
-    return Kept(pid, start_time, dump, index, tracker, base or len(index), _stamp(dump.file.fd))
+    return Kept(pid, start_time, dump, index, tracker, base or len(index))
 
 
 def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
@@ -292,14 +289,6 @@ def punch(fd: int, holes: Sequence[tuple[int, int]]) -> None:
             return
 
 
-def _stamp(fd: int) -> tuple[int, ...] | None:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def _fresh(out: Split, extent: Extent, lo: int, hi: int) -> None:
     out.fresh.append(Extent(lo, hi - lo, extent.vma, extent.joins if lo == extent.start else False))
     if lo > extent.start:
@@ -377,10 +366,10 @@ def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
         return "the process is gone"
     if not kept.dump.file.still_in_place():
         return f"its dump {kept.dump.path} was removed or replaced"
-    now = _stamp(kept.dump.file.fd)
-    if now is None or kept.stamp is None:
+    now = kept.dump.file.stamp()
+    if now is None or kept.dump.stamp is None:
         return f"its dump {kept.dump.path} cannot be read"
-    if now != kept.stamp or now[1] != kept.dump.size:
+    if now != kept.dump.stamp or now[1] != kept.dump.size:
         return f"its dump {kept.dump.path} was modified since memcr wrote it"
     return None
 

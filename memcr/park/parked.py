@@ -182,8 +182,10 @@ class Parked:
         """Give the pages of the dump file no record serves any more back to its filesystem (after an incremental
         park, while the target is parked: nobody waits for it). Never raises."""
         holes, self.added = self.added.garbage, self.added._replace(garbage=[])
-        if self.dump.file.fd >= 0:
+        # only the file as memcr left it: a change by someone else must still show at the restore
+        if holes and self.dump.file.fd >= 0 and self.dump.file.stamp() == self.dump.stamp:
             incremental.punch(self.dump.file.fd, holes)
+            self.dump.stamp = self.dump.file.stamp()
 
     def _track(self) -> Kept | None:
         """Track the target's writes from now on, keeping the dump; None (said) where that cannot be.

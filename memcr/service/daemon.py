@@ -62,6 +62,7 @@ POLL = 0.2
 ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent, so that it arrives in time
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
+KEPT_DESCRIPTORS = 2  # a kept dump's file and userfaultfd
 
 
 class _Reason(threading.local):
@@ -372,6 +373,7 @@ class Service:
         # a little before the limit: the client counts it from before its request left, and gives up at once
         deadline = None if not limit or answer_by is None else answer_by + limit - min(ANSWER_MARGIN, limit / 10)
         job: Job[Pid]
+        self._make_room()
         with self.lock:
             # under the lock _shutdown takes to list the jobs: none is started unlisted
             if self.stop.is_set():
@@ -380,9 +382,7 @@ class Service:
             if pid in self.pids or pid in self.groups:  # parked, or in a group parked or being parked
                 self.refuse(f"answered -2 to the checkpoint of pid {pid}: it is checkpointed already")
                 return INVALID_PID
-            while (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT and self.kept.evict():
-                pass  # a kept dump holds two descriptors: a park that needs them goes first
-            if free < DESCRIPTORS_PER_CHECKPOINT:
+            if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT:
                 self.refuse(f"refused to checkpoint pid {pid}: only {free} file descriptors left (RLIMIT_NOFILE)")
                 return ERROR
             target = Pid(pid, seized, forget=lambda: self.free(job), kept=self.kept.take(pid), keep=self.kept.keep)
@@ -398,6 +398,15 @@ class Service:
             )
             return ERROR
         return self._checkpointed(job)
+
+    def _make_room(self) -> None:
+        """Free kept dumps, those kept longest first, while a checkpoint lacks the descriptors they hold; none where
+        freeing them all would not be enough."""
+        free = _free_descriptors()
+        if free >= DESCRIPTORS_PER_CHECKPOINT or free + KEPT_DESCRIPTORS * len(self.kept) < DESCRIPTORS_PER_CHECKPOINT:
+            return
+        while _free_descriptors() < DESCRIPTORS_PER_CHECKPOINT and self.kept.evict():
+            pass
 
     def _checkpointed(self, job: Job[Any]) -> int:
         """The answer to a checkpoint (or a park) once it has ended."""

@@ -31,6 +31,10 @@ class KeptDumps:
         self._lock = threading.Lock()
         self._swept = time.monotonic()
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
     def keep(self, kept: Kept) -> None:
         """Hold `kept` until its pid's next checkpoint, or its process's end."""
         with self._lock:
