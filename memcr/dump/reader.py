@@ -85,8 +85,6 @@ class DumpReader(ABC):
             size = os.fstat(fd).st_size
             if size != self.size:
                 raise self._damaged(f"is {size} bytes, memcr wrote {self.size}: it was modified")
-            if self.file.stamp() != self.stamp:
-                raise self._damaged("was written to since memcr wrote it")
             if os.pread(fd, HEADER.size, 0) != self._header:
                 raise self._damaged("has a damaged header")
             for group in dict.fromkeys(r.group for r in dropped):
@@ -95,6 +93,8 @@ class DumpReader(ABC):
                     raise self._damaged(f"has a damaged record at offset {group.offset}")
             if self.finished and os.pread(fd, RECORD.size, self.size - RECORD.size) != end_record(self.page_bytes):
                 raise self._damaged("has a damaged end record")
+            if self.file.stamp() != self.stamp:  # the checks above name the damage where they see it
+                raise self._damaged("was written to since memcr wrote it")
         except OSError as e:
             raise DumpError(f"cannot read the dump {self.path}: {e.strerror}", path=str(self.path)) from None
         return dropped

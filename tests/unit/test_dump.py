@@ -117,6 +117,21 @@ def test_damaged_index_is_refused(tmp_path: Path, where: int, message: str) -> N
         dump.remove()
 
 
+def test_a_plain_dump_written_to_is_refused(tmp_path: Path) -> None:
+    """A plain dump has no checksum: a page's bytes changed in place (same size, header and records intact) are
+    seen by the file's modification time, before any page goes back."""
+    dump = write(tmp_path, Coding(), {0x10000: pages(3, 2)})
+    try:
+        offset = dump.records[0].offset
+        with open(dump.path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"changed")
+        with pytest.raises(DumpError, match="was written to since memcr wrote it"):
+            dump.verified_records()
+    finally:
+        dump.remove()
+
+
 @pytest.mark.parametrize("name", ["lz4+md5", "zstd+gcm", "cbc"])
 def test_damaged_payload_is_refused(tmp_path: Path, name: str) -> None:
     dump = write(tmp_path, CODINGS[name], {0x10000: pages(4, 8)})

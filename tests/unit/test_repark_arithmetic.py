@@ -67,7 +67,7 @@ def test_unchanged_pages_are_those_the_dump_holds_and_the_target_did_not_write()
 
 def test_the_garbage_is_every_old_page_no_new_record_serves() -> None:
     index = _index([(0x10000, 8 * P), (0x40000, 4 * P)])
-    kept = incremental.Kept(1, 0, None, index, None, 0, None)  # type: ignore[arg-type]
+    kept = incremental.Kept(1, 0, None, index, None, 0)  # type: ignore[arg-type]
     reused = [
         incremental._clip(index[0], 0x10000 + 2 * P, 0x10000 + 5 * P),
         incremental._clip(index[1], 0x40000, 0x40000 + P),
