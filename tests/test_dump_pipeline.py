@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -84,13 +85,17 @@ def test_encrypted_dump_holds_no_plaintext(spawn, memcr: Memcr, cipher: str | No
 
 
 def flip_byte(dump: Path, where: str) -> None:
-    size = dump.stat().st_size
+    """Flip one byte and set the modification time back, as a writer who knows memcr looks at it would: the
+    dump's own checks (structure, checksum, cipher) must catch the change, not DumpFile.stamp."""
+    before = dump.stat()
+    size = before.st_size
     offset = {"header": 10, "first record": 100, "middle": size // 2, "last byte": size - 1}[where]
     with open(dump, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x40]))
+    os.utime(dump, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def assert_killed(target, session, memcr: Memcr) -> None:

@@ -283,7 +283,7 @@ def test_restore_without_process_vm_writev_goes_through_the_parasite(spawn, libr
     def unavailable(*_: object) -> None:
         raise process_vm.Unavailable("injected: no process_vm_writev")
 
-    monkeypatch.setattr(process_vm, "write", unavailable)
+    monkeypatch.setattr(process_vm, "write_many", unavailable)
     handle.restore()
     monkeypatch.undo()
     intact(target, dumps, blocked)
@@ -315,15 +315,15 @@ def test_an_upload_failing_midway_is_rolled_back_through_the_parasite(spawn, lib
     blocked = target.status()["SigBlk"]
     handle = run(target.pid, coding)
     assert isinstance(handle, parked.Parked)
-    write, calls = process_vm.write, []
+    write, calls = process_vm.write_many, []
 
-    def failing(pid: int, remote: int, local: int, length: int) -> None:
-        calls.append(remote)
+    def failing(pid: int, pieces: list[tuple[int, int, int]]) -> None:
+        calls.append(pieces[0][0])
         if len(calls) == 10:
             raise OSError(errno.EFAULT, "injected")
-        write(pid, remote, local, length)
+        write(pid, pieces)
 
-    monkeypatch.setattr(process_vm, "write", failing)
+    monkeypatch.setattr(process_vm, "write_many", failing)
     with pytest.raises(OSError, match="injected"):
         handle.restore()
     monkeypatch.undo()
