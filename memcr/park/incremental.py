@@ -39,8 +39,8 @@ from memcr.system.procfs import Vma
 
 # A kept dump whose file takes more than this much beyond the pages it still serves is written anew, whole:
 # the folder never holds much more than the target's private memory. Pages no longer served are given back
-# to the filesystem as each park ends (a hole punched in the file), so this is reached only where the
-# filesystem cannot punch holes, or where the file's apparent size runs away (SPREAD).
+# to the filesystem while the target is parked (holes punched: Parked.tidy), so this is reached only where
+# the filesystem cannot punch holes, or where the file's apparent size runs away (SPREAD).
 GARBAGE = 0.25
 SPREAD = 4  # the file's size (holes included) at most this many times the pages it serves
 # nor may its index hold more runs than this fraction of its pages, or this many times the runs of the dump
