@@ -22,7 +22,7 @@ from collections.abc import Callable
 from memcr.engine import arch
 from memcr.engine.admission import shares_memory
 from memcr.system import libc, pagemap
-from memcr.system.uffd import DEVICE_NEW, NEW_FLAGS, TRACK_FLAGS, TRACKING, Unavailable, Userfaultfd
+from memcr.system.uffd import DEVICE_NEW, FEATURES, NEW_FLAGS, TRACK_FLAGS, TRACKING, Unavailable, Userfaultfd
 
 # the answers of a kernel that lacks a feature, as opposed to one that refuses it to this memcr (EPERM, EACCES)
 _ABSENT = frozenset({errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.ENOENT})
@@ -98,35 +98,30 @@ def _page_is_guard() -> int:
     return _scans(pagemap.IS_PRESENT | pagemap.IS_GUARD) if PAGEMAP_SCAN.present else errno.ENOTTY
 
 
-def _userfaultfd() -> int:
-    """A userfaultfd, made as lazy restore makes one, that reports every event memcr needs: the fork
-    event asks for CAP_SYS_PTRACE, which a memcr without it lacks for lazy restore too."""
+def _makes_userfaultfd(flags: int, features: int) -> int:
+    """Whether memcr may make a userfaultfd with `flags` that grants `features`."""
     try:
-        fd = libc.syscall(arch.current().SYS_USERFAULTFD, NEW_FLAGS)
+        fd = libc.syscall(arch.current().SYS_USERFAULTFD, flags)
     except OSError as e:
         return e.errno or errno.ENOSYS
     try:
-        Userfaultfd(fd, mmap.PAGESIZE).handshake()
+        Userfaultfd(fd, mmap.PAGESIZE).handshake(features)
     except Unavailable as e:
         return e.errno or errno.EINVAL
     finally:
         os.close(fd)
     return 0
+
+
+def _userfaultfd() -> int:
+    """A userfaultfd, made as lazy restore makes one, that reports every event memcr needs: the fork
+    event asks for CAP_SYS_PTRACE, which a memcr without it lacks for lazy restore too."""
+    return _makes_userfaultfd(NEW_FLAGS, FEATURES)
 
 
 def _write_tracking() -> int:
     """A userfaultfd as an incremental re-park makes one (any process may), in async write-protect mode."""
-    try:
-        fd = libc.syscall(arch.current().SYS_USERFAULTFD, TRACK_FLAGS)
-    except OSError as e:
-        return e.errno or errno.ENOSYS
-    try:
-        Userfaultfd(fd, mmap.PAGESIZE).handshake(TRACKING)
-    except Unavailable as e:
-        return e.errno or errno.EINVAL
-    finally:
-        os.close(fd)
-    return 0
+    return _makes_userfaultfd(TRACK_FLAGS, TRACKING)
 
 
 def _userfaultfd_device() -> int:

@@ -84,9 +84,9 @@ class Kept:
 
     def worn(self, page_size: int) -> str | None:
         """Why the next park should write the dump anew, whole (None: it may add to it)."""
-        held = self.held
-        if self.size - held > GARBAGE * held + SLACK:
-            return f"the dump holds {(self.size - held) / 2**20:.1f} MiB no page needs any more"
+        held, size = self.held, self.size
+        if size - held > GARBAGE * held + SLACK:
+            return f"the dump holds {(size - held) / 2**20:.1f} MiB no page needs any more"
         if self.dump.size > SPREAD * held + SLACK:
             return f"the dump's file has grown to {self.dump.size / 2**20:.1f} MiB, holes included"
         if len(self.index) > max(64, PIECES * self.base, held // page_size * FRAGMENTS):
@@ -369,7 +369,7 @@ def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
     now = kept.dump.file.stamp()
     if now is None or kept.dump.stamp is None:
         return f"its dump {kept.dump.path} cannot be read"
-    if now != kept.dump.stamp or now[1] != kept.dump.size:
+    if now != kept.dump.stamp:  # the size too, as memcr left it
         return f"its dump {kept.dump.path} was modified since memcr wrote it"
     return None
 

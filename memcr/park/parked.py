@@ -153,10 +153,7 @@ class Parked:
             self.report.upload_ms = (time.monotonic() - started) * 1000
             if phase is None:
                 self._let_run()
-        except WrittenWhileParked as e:
-            if kept is not None:
-                kept.tracker.close()
-
+        except WrittenWhileParked as e:  # found before any tracking starts
             self.kill()
             raise TargetKilled(f"pid {self.pid} was killed: {e}", pid=self.pid) from e
         except BaseException as e:
