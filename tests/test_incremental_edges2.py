@@ -32,10 +32,34 @@ def test_every_re_park_of_a_quiet_target_stays_incremental(spawn, daemon) -> Non
     _quit(target)
     assert d.terminate() == 0
     d.out.rest()
-    # a guard: no re-park of a quiet target is judged changed or unsettled (5 % random writes wear the dump into
-    # more than FRAGMENTS pieces every few cycles: that full park is by design)
-    whole = [line for line in d.out.seen if "whole" in line and "pieces" not in line]
+    # no re-park of a quiet target is judged changed, unsettled or worn
+    whole = [line for line in d.out.seen if "whole" in line]
     assert not whole, whole
+
+
+def test_re_parks_write_over_the_kept_dump_in_place(spawn, daemon) -> None:
+    """A target that only writes (no mapping changes) leaves the kept dump as its whole park laid it out: each
+    re-park writes what changed over the old copies, adds no pages to the file, and the restores read the same
+    runs (a dump cut into one piece per written run made every wake-up slower)."""
+    d = daemon("--incremental", "--json")
+    target = spawn("rewriter", 16, 12, stdin=True)
+    for cycle in range(8):
+        _cycle(d, target, cycle, 10, "none")
+        d.out.wait_for("is kept for its next park")
+    assert d.code(CHECKPOINT, target.pid) == 0
+    assert d.code(RESTORE, target.pid) == 0
+    _quit(target)
+    assert d.terminate() == 0
+    d.out.rest()
+    parks = _parks(d)
+    assert len(parks) == 9
+    whole = parks[0]["dump_bytes"]
+    for park in parks[1:]:
+        assert 0 < park["written_bytes"] < whole * 0.2, park
+        # the end records re-parks add: no page appended
+        assert park["dump_bytes"] - whole < (64 << 10) * len(parks), park
+    over = [line for line in d.out.seen if "MiB written over in place, 0.0 MiB added" in line]
+    assert len(over) == len(parks) - 1, d.out.seen
 
 
 def _uw_mappings(pid: int) -> int:
@@ -276,3 +300,52 @@ def test_a_one_shot_memcr_on_a_pid_whose_dump_a_daemon_keeps(spawn, daemon) -> N
     assert result.returncode == 0, result.stderr
     assert "stay in memory: a userfaultfd watches them for writes" in result.stdout + result.stderr
     _quit(target)
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whole(
+    spawn, tmp_path, monkeypatch, failing: str
+) -> None:
+    """A re-park drops each stretch of the target's memory as soon as the bytes written over its old copies are
+    in the file, while it writes the next. A write that fails then (a full disk) rolls back: the stretches
+    already dropped come back from the dump, the rest was never dropped, and the kept dump is deleted."""
+    from memcr.dump.writer import PlainWriter
+    from memcr.engine.parasite import Parasite
+    from memcr.errors import StorageError
+
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
+    target = spawn("rewriter", 32, 6, stdin=True)
+    kept: list[incremental.Kept] = []
+    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    _write(target, 10)
+    batches, writes, drops = [0], [0], [0]
+    real_batches, real_write, real_drop = incremental.batches, PlainWriter.write_over, Parasite.send_drop
+
+    def counted_batches(*args):
+        out = real_batches(*args)
+        batches[0] = len(out)
+        return out
+
+    def write_over(self, data, pieces):
+        writes[0] += 1
+        if writes[0] == (1 if failing == "first" else batches[0]):
+            raise StorageError("injected: no space left for the dump", what="dump")
+        real_write(self, data, pieces)
+
+    def send_drop(self, addr, length):
+        drops[0] += 1
+        real_drop(self, addr, length)
+
+    monkeypatch.setattr(incremental, "batches", counted_batches)
+    monkeypatch.setattr(PlainWriter, "write_over", write_over)
+    monkeypatch.setattr(Parasite, "send_drop", send_drop)
+    with pytest.raises(StorageError):
+        checkpoint(target.pid, options, print, kept=kept.pop())
+    monkeypatch.undo()
+    assert batches[0] > 2, "the target wrote too little to cut the writes over the dump into batches"
+    if failing == "last":
+        assert drops[0] > 0, "nothing was dropped before the failure: the test proves nothing"
+    assert list(dumps.iterdir()) == []
+    _quit(target)  # it checks every page

@@ -150,8 +150,16 @@ class DumpFile:
             raise storage_error(self.path, e) from None
 
     def rewrite(self, data: bytes, offset: int) -> None:
+        self.rewrite_many(memoryview(data), [(0, len(data), offset)])
+
+    def rewrite_many(self, data: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+        """For each (start, length, offset): `length` bytes of `data` from `start` over the file's at `offset`."""
         try:
-            os.pwrite(self.fd, data, offset)
+            for start, length, offset in pieces:
+                end = start + length
+                while start < end:  # a write cut short by a signal goes on
+                    n = os.pwrite(self.fd, data[start:end], offset)
+                    start, offset = start + n, offset + n
         except OSError as e:
             raise storage_error(self.path, e) from None
 

@@ -143,6 +143,11 @@ class PlainWriter(Writer):
         group.ended = True
         self._finish_group(group)
 
+    def write_over(self, data: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+        """Write page bytes over those of runs the file holds already (an incremental park's): for each
+        (start, length, offset), `length` bytes of `data` from `start` go to the file at `offset`."""
+        self.file.rewrite_many(data, pieces)
+
     def pipe(self) -> Splice | None:
         """A pipe into the file (its write end, its capacity), whose bytes `write_piped` takes on.
 

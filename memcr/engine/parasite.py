@@ -242,7 +242,15 @@ class Parasite:
 
     def drop(self, addr: int, length: int) -> bool:
         """madvise(MADV_DONTNEED); False where the kernel refuses (locked pages)."""
+        self.send_drop(addr, length)
+        return self.dropped()
+
+    def send_drop(self, addr: int, length: int) -> None:
+        """Ask for a drop without waiting: `dropped` reads the answers, in order, before any other command's."""
         self._send(OP_DROP, addr, length)
+
+    def dropped(self) -> bool:
+        """The answer to the oldest drop not answered yet (`send_drop`)."""
         return self._result() == 0
 
     def request_pages(self, runs: Sequence[tuple[int, int]]) -> None:

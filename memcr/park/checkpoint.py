@@ -11,11 +11,14 @@ thread that seizes a target is the only one ptrace lets touch it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import itertools
 import mmap
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -36,11 +39,12 @@ from memcr.park.incremental import Kept
 from memcr.park.parked import Pagemap, Parked, Reserve, let_go
 from memcr.park.scan import MAX_EXTENT, Extent, Plan
 from memcr.report import Report, rss
-from memcr.system import procfs
+from memcr.system import process_vm, procfs
 from memcr.system.procfs import Vma
 
 CHUNK = FRAME_PLAIN  # bytes moved per read/write while streaming: one frame
 AHEAD = 1 << 20  # bytes of pages asked of the parasite before memcr reads them
+DROPS_AHEAD = 64  # drops sent before their answers are read: the answers never fill the parasite's socket
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -190,7 +194,7 @@ def _checkpoint(
     parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log, stream.added)
     try:
         report.dump_path, report.dump_bytes = str(dump.path), dump.size
-        report.written_bytes = dump.size - size_before
+        report.written_bytes = dump.size - size_before + stream.rewritten
         report.dropped_pages = sum(r.length for r in dump.records if r.dropped) // page_size
         report.rss_after = rss(procfs.read_status(pid))
     except BaseException as error:
@@ -237,6 +241,8 @@ class _Stream:
         self.ours: frozenset[tuple[int, int]] = frozenset()  # the mappings the kept dump's userfaultfd watches
         self.added = incremental.WHOLE  # an incremental park's: what it leaves its restore
         self._joins: set[int] = set()  # runs with only holes between them and the run before
+        self._vm_reads = True  # process_vm_readv works here (memcr.system.process_vm)
+        self.rewritten = 0  # bytes an incremental park wrote over the kept dump's, in place
 
     def plan(self, before: list[Vma] | None) -> tuple[Plan, Future[None] | None]:
         """The plan, and the pending confirmation of the VmFlags it was made with (None: read frozen)."""
@@ -313,36 +319,83 @@ class _Stream:
     def run_incremental(
         self, plan: Plan, confirmed: Future[None] | None, cancel: Cancel, progress: Progress | None, kept: Kept
     ) -> None:
-        """As run, adding to the kept dump only the pages the target wrote since its restore (or that the dump
-        lacks); the rest the dump holds already. The pages are dropped once all are in the file: a re-park
-        writes little, and its drops take whole mappings at once."""
+        """As run, writing into the kept dump only the pages the target wrote since its restore (or that the dump
+        lacks); the rest the dump holds already. Pages it holds at their address are written over in place,
+        new ones appended. The pages are dropped once all are in the file: a re-park writes little, and its
+        drops take whole mappings at once."""
         fd = self.pagemap.fd
         assert fd is not None, "a kept dump is only made where memcr reads the page map"
+        assert isinstance(self.writer, PlainWriter), "a kept dump is plain (memcr.park.incremental.stale)"
         split = incremental.split(kept, plan, fd, self.ours)
         self.writer.include(split.reused)
+        appended = sum(e.length for e in split.fresh)
         self.log(
-            f"{split.reused_bytes / 2**20:.1f} MiB unchanged since the last restore, in the kept dump already; "
-            f"{sum(e.length for e in split.fresh) / 2**20:.1f} MiB to write"
+            f"{(split.reused_bytes - split.rewrite_bytes) / 2**20:.1f} MiB unchanged since the last restore, "
+            f"in the kept dump already; {split.rewrite_bytes / 2**20:.1f} MiB written over in place, "
+            f"{appended / 2**20:.1f} MiB added"
         )
         self._joins = {e.start for e in split.fresh if e.joins} | split.continues
-        done, total = split.reused_bytes, plan.dump_bytes
+        done, total = split.reused_bytes - split.rewrite_bytes, plan.dump_bytes
+        pid = self.frozen.pid
         for extents in _groups(split.fresh, self.options.proc_mem):
             if cancel.cancelled:
-                raise Aborted(f"checkpoint of pid {self.frozen.pid} aborted: it runs on", pid=self.frozen.pid)
+                raise Aborted(f"checkpoint of pid {pid} aborted: it runs on", pid=pid)
             self._write_group(extents)
             done += sum(e.length for e in extents)
             if progress:
                 progress(done, total)
         self.writer.flush()
         self.writer.completed()
-        self._drop(sorted(self.writer.records, key=lambda r: r.addr), confirmed)
+        # each span is dropped once the pages it holds are all in the file: the target's thread frees its
+        # pages while memcr writes the next ones over the dump's
+        waiting = deque(self._spans(sorted(self.writer.records, key=lambda r: r.addr)))
+        with _Drops(self.parasite, confirmed) as drops:
+            for batch in incremental.batches(split.rewrite, CHUNK, process_vm.IOV_MAX):
+                if cancel.cancelled:
+                    raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
+                written = self._write_over(self.writer, batch)
+                self.rewritten += written
+                done += written
+                if progress:
+                    progress(done, total)
+                reached = batch[-1].addr + batch[-1].length  # the runs to write over are in address order
+                while waiting and waiting[0][-1].addr + waiting[0][-1].length <= reached:
+                    drops.send(waiting.popleft())
+            while waiting:
+                drops.send(waiting.popleft())
         for extent in plan.drop_only:
             self.parasite.drop(extent.start, extent.length)
         self.added = incremental.Added(incremental.garbage(kept, split.reused), kept.base)
 
+    def _write_over(self, writer: PlainWriter, runs: list[incremental.Rewrite]) -> int:
+        """Read what the target holds now in `runs` and write it over the kept dump's copies; the bytes."""
+        places = list(itertools.accumulate((r.length for r in runs), initial=0))  # of each run in the buffer
+        buffer = writer.buffer(places[-1])
+        # process_vm_readv where the parasite could read too; /proc/PID/mem reads any protection (_by_mem)
+        direct = (
+            [] if not self._vm_reads else [i for i, r in enumerate(runs) if not _by_mem(r.vma, self.options.proc_mem)]
+        )
+        if direct:
+            local = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            try:
+                process_vm.read_many(
+                    self.frozen.pid, [(runs[i].addr, local + places[i], runs[i].length) for i in direct]
+                )
+            except process_vm.Unavailable:
+                self._vm_reads = False
+                direct = []
+            except OSError as e:  # /proc/PID/mem names the page where it fails too
+                self.log(f"reading pid {self.frozen.pid} through /proc/{self.frozen.pid}/mem: {e.strerror}")
+                direct = []
+        if len(direct) < len(runs):
+            for i in sorted(set(range(len(runs))) - set(direct)):
+                buffer[places[i] : places[i + 1]] = self.frozen.read(runs[i].addr, runs[i].length)
+        writer.write_over(buffer, [(places[i], r.length, r.offset) for i, r in enumerate(runs)])
+        return places[-1]
+
     def _write_group(self, extents: list[Extent]) -> None:
         group = self.writer.begin_group([(e.start, e.length) for e in extents])
-        if _by_mem(extents[0], self.options.proc_mem):
+        if _by_mem(extents[0].vma, self.options.proc_mem):
             for record in group.runs:
                 self._copy_from_mem(record)
         else:
@@ -356,24 +409,20 @@ class _Stream:
         found only holes between go in one madvise, never runs with a page
         between them that stays (another process's, a file's).
         """
-        if confirmed is not None:
-            confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
+        with _Drops(self.parasite, confirmed) as drops:
+            for span in self._spans(written):
+                drops.send(span)
+        written.clear()
+
+    def _spans(self, written: list[Record]) -> list[list[Record]]:
+        """The runs in the stretches one madvise drops (`_drop`)."""
         spans: list[list[Record]] = []
         for record in written:
             if spans and record.addr in self._joins:
                 spans[-1].append(record)
             else:
                 spans.append([record])
-        for span in spans:
-            # counted as dropped until the parasite says otherwise: if its answer is lost, the pages
-            # may be gone, and a rollback must then restore them (or, unable to, kill the target)
-            for record in span:
-                record.dropped = True
-            start, last = span[0].addr, span[-1]
-            dropped = self.parasite.drop(start, last.addr + last.length - start)
-            for record in span:
-                record.dropped = dropped
-        written.clear()
+        return spans
 
     def _copy_from_parasite(self, group: Group) -> None:
         writer, parasite = self.writer, self.parasite
@@ -420,6 +469,47 @@ class _Stream:
             self.writer.write_payload(record, piece)
 
 
+class _Drops:
+    """Drops sent to the parasite ahead of its answers: the target's thread frees pages while memcr goes on.
+
+    A span counts as dropped from its command on, until the parasite says
+    otherwise: if the answer is lost, the pages may be gone, and a rollback
+    must then restore them (or, unable to, kill the target). Every answer
+    is read before the block ends, so that the connection serves the next
+    command, a rollback's too.
+    """
+
+    def __init__(self, parasite: Parasite, confirmed: Future[None] | None) -> None:
+        self.parasite = parasite
+        self._confirmed = confirmed  # the plan's VmFlags, confirmed before the first drop
+        self._sent: deque[list[Record]] = deque()
+
+    def __enter__(self) -> _Drops:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        while self._sent:
+            self._answer()
+
+    def send(self, span: list[Record]) -> None:
+        if self._confirmed is not None:
+            self._confirmed.result()  # raises if the plan no longer holds: nothing dropped yet
+            self._confirmed = None
+        for record in span:
+            record.dropped = True
+        start, last = span[0].addr, span[-1]
+        self.parasite.send_drop(start, last.addr + last.length - start)
+        self._sent.append(span)
+        if len(self._sent) > DROPS_AHEAD:
+            self._answer()
+
+    def _answer(self) -> None:
+        span = self._sent.popleft()
+        dropped = self.parasite.dropped()
+        for record in span:
+            record.dropped = dropped
+
+
 class _Requests:
     """The parasite's SEND commands for a group's runs, written ahead of their bytes.
 
@@ -453,9 +543,9 @@ class _Requests:
             self.outstanding = asked
 
 
-def _by_mem(extent: Extent, proc_mem: bool) -> bool:
-    """Whether memcr reads the extent itself: with -m, or where the parasite could not read it."""
-    return proc_mem or not extent.vma.prot & mmap.PROT_READ
+def _by_mem(vma: Vma, proc_mem: bool) -> bool:
+    """Whether memcr reads the mapping's pages itself: with -m, or where the parasite could not read them."""
+    return proc_mem or not vma.prot & mmap.PROT_READ
 
 
 def _groups(extents: list[Extent], proc_mem: bool) -> Iterator[list[Extent]]:
@@ -465,7 +555,7 @@ def _groups(extents: list[Extent], proc_mem: bool) -> Iterator[list[Extent]]:
     for extent in extents:
         if extent.vma is not vma:
             vma, was = extent.vma, by_mem
-            by_mem = _by_mem(extent, proc_mem)
+            by_mem = _by_mem(extent.vma, proc_mem)
             if group and by_mem != was:
                 yield group
                 group, size = [], 0

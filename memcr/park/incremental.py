@@ -8,13 +8,15 @@ protects every page just put back. From then on the kernel notes each page
 the target writes, without a fault to memcr. memcr keeps the dump and that
 userfaultfd: a Kept.
 
-At the next park, a page the plan dumps is taken from the kept dump rather
-than the target when the dump holds it at the same address, its mapping is
+At the next park, a page the plan dumps that the kept dump holds at the
+same address keeps its place in the file: as it is where its mapping is
 still one memcr's userfaultfd watches (registering it again succeeds: not
 moved, not mapped anew, not the target's own userfaultfd's, not another
-program after exec), and the kernel says it was not written since: the
-dump's copy is then the target's page byte for byte. Every other page is
-read from the target, as in any park: a doubt makes a page fresh, never
+program after exec) and the kernel says it was not written since (the
+dump's copy is then the target's page byte for byte); else with the
+target's bytes written over it. Pages the dump does not hold at their
+address are appended. The dump so keeps the runs of the park that wrote
+it whole, whatever the target writes: a doubt makes a page rewritten, never
 the reverse. Facts and measurements: docs/incremental.md.
 """
 
@@ -177,21 +179,40 @@ def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
         pass
 
 
+class Rewrite(NamedTuple):
+    """Pages the kept dump holds at their address that the target wrote since its restore (or that memcr cannot
+    vouch for): the target's bytes go over the dump's, in place."""
+
+    addr: int
+    length: int
+    offset: int  # of the dump's copy in the file
+    vma: Vma
+
+
 @dataclass
 class Split:
-    """A plan's pages to dump, as (address order) pieces read anew from the target and pieces the kept dump holds.
+    """A plan's pages to dump, in address order: those the kept dump holds at their address and those it does
+    not (`fresh`: appended to it).
 
+    `reused`: the kept dump's runs, clipped to the plan; `rewrite`: their
+    parts the target wrote since, written over in place, so that the dump
+    keeps its runs and its order whatever the target writes.
     `continues`: the starts of pieces that follow the previous piece
     without a gap, in the same mapping: one drop may take both.
     """
 
     fresh: list[Extent]
     reused: list[Record]
+    rewrite: list[Rewrite]
     continues: set[int]
 
     @property
     def reused_bytes(self) -> int:
         return sum(r.length for r in self.reused)
+
+    @property
+    def rewrite_bytes(self) -> int:
+        return sum(r.length for r in self.rewrite)
 
 
 def owned(kept: Kept, vmas: list[Vma]) -> frozenset[tuple[int, int]]:
@@ -220,25 +241,28 @@ def relabel(vmas: list[Vma], ours: frozenset[tuple[int, int]]) -> list[Vma]:
 
 
 def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, int]]) -> Split:
-    """The plan's extents cut into what the target wrote since its restore (or memcr cannot vouch for) and what
-    the kept dump holds unchanged; `ours`: the mappings memcr's userfaultfd watches (`owned`)."""
+    """The plan's extents cut into what the kept dump holds at the same address and what it does not; of the
+    first, what the target wrote since its restore (or memcr cannot vouch for); `ours`: the mappings memcr's
+    userfaultfd watches (`owned`)."""
     starts = [r.addr for r in kept.index]
     written: dict[int, _Written | None] = {}  # by mapping start; None: not tracked
-    out = Split([], [], set())
+    out = Split([], [], [], set())
     for extent in plan.copy:
         vma = extent.vma
         if vma.start not in written:
             written[vma.start] = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
         changed = written[vma.start]
         end = extent.start + extent.length
-        pieces = [] if changed is None else _unchanged(extent.start, end, kept.index, starts, changed)
         at = extent.start
-        for lo, hi, record in pieces:
+        for lo, hi, record in _held(extent.start, end, kept.index, starts):
             if lo > at:
                 _fresh(out, extent, at, lo)
-            out.reused.append(_clip(record, lo, hi))
             if lo > extent.start:
                 out.continues.add(lo)
+            reused = _clip(record, lo, hi)
+            out.reused.append(reused)
+            for a, b in [(lo, hi)] if changed is None else _within(changed, lo, hi):
+                out.rewrite.append(Rewrite(a, b - a, reused.offset + a - lo, vma))
             at = hi
         if at < end:
             _fresh(out, extent, at, end)
@@ -263,6 +287,29 @@ def garbage(kept: Kept, reused: list[Record]) -> list[tuple[int, int]]:
                 break
             at = max(at, served[i][1])
     return holes
+
+
+def batches(runs: list[Rewrite], size: int, count: int) -> list[list[Rewrite]]:
+    """The runs cut to at most `size` bytes each and gathered, in order, into batches of at most `size` bytes
+    and `count` runs: one buffer, read with one process_vm_readv."""
+    out: list[list[Rewrite]] = []
+    taken = 0
+    for run in runs:
+        pieces = [run] if run.length <= size else _cut(run, size)
+        for piece in pieces:
+            if not out or taken + piece.length > size or len(out[-1]) >= count:
+                out.append([])
+                taken = 0
+            out[-1].append(piece)
+            taken += piece.length
+    return out
+
+
+def _cut(run: Rewrite, size: int) -> list[Rewrite]:
+    return [
+        run._replace(addr=run.addr + at, length=min(size, run.length - at), offset=run.offset + at)
+        for at in range(0, run.length, size)
+    ]
 
 
 class Added(NamedTuple):
@@ -320,28 +367,27 @@ def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
     return _Written(ranges, [end for _, end in ranges])
 
 
-def _unchanged(
-    start: int, end: int, index: list[Record], starts: list[int], changed: _Written
-) -> list[tuple[int, int, Record]]:
-    """The runs of [start, end) the dump holds and the target did not write: (low, high, the record holding it)."""
+def _held(start: int, end: int, index: list[Record], starts: list[int]) -> list[tuple[int, int, Record]]:
+    """The runs of [start, end) the dump holds at their address: (low, high, the record holding it)."""
     out: list[tuple[int, int, Record]] = []
-    written, ends = changed
     i = max(0, bisect.bisect_right(starts, start) - 1)
     while i < len(index) and index[i].addr < end:
         record = index[i]
         i += 1
         lo, hi = max(start, record.addr), min(end, record.addr + record.length)
-        if lo >= hi:
-            continue
-        k = bisect.bisect_right(ends, lo)
-        at = lo
-        while k < len(written) and written[k][0] < hi:
-            if written[k][0] > at:
-                out.append((at, written[k][0], record))
-            at = max(at, written[k][1])
-            k += 1
-        if at < hi:
-            out.append((at, hi, record))
+        if lo < hi:
+            out.append((lo, hi, record))
+    return out
+
+
+def _within(changed: _Written, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) the target wrote."""
+    written, ends = changed
+    out = []
+    k = bisect.bisect_right(ends, lo)
+    while k < len(written) and written[k][0] < hi:
+        out.append((max(lo, written[k][0]), min(hi, written[k][1])))
+        k += 1
     return out
 
 

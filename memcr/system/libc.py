@@ -43,6 +43,8 @@ def _libc() -> ctypes.CDLL:
     iov = ctypes.POINTER(Iovec)
     libc.process_vm_writev.restype = ctypes.c_ssize_t
     libc.process_vm_writev.argtypes = (ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong)
+    libc.process_vm_readv.restype = ctypes.c_ssize_t
+    libc.process_vm_readv.argtypes = (ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong)
     libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
     libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -82,6 +84,15 @@ def process_vm_writev(pid: int, local: ctypes.Array[Iovec], remote: ctypes.Array
     """One process_vm_writev(2): how many bytes it copied, the local buffers' bytes into the remote ones in
     order."""
     n = int(_libc().process_vm_writev(pid, local, len(local), remote, len(remote), 0))
+    if n < 0:
+        raise _error()
+    return n
+
+
+def process_vm_readv(pid: int, local: ctypes.Array[Iovec], remote: ctypes.Array[Iovec]) -> int:
+    """One process_vm_readv(2): how many bytes it copied, the remote buffers' bytes into the local ones in
+    order."""
+    n = int(_libc().process_vm_readv(pid, local, len(local), remote, len(remote), 0))
     if n < 0:
         raise _error()
     return n

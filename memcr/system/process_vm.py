@@ -1,28 +1,42 @@
-"""process_vm_writev(2): copy memcr's memory straight into a stopped target.
+"""process_vm_writev(2) and process_vm_readv(2): copy between memcr's memory and a stopped target's.
 
-The kernel faults the target's pages in and copies into them once, from
-any memcr thread: the right it checks is ptrace access (memcr traces the
-target), not "the tracing thread". Kernels built without
-CONFIG_CROSS_MEMORY_ATTACH (some embedded ones) answer ENOSYS: Unavailable.
+The kernel faults the target's pages in and copies once, from any memcr
+thread: the right it checks is ptrace access (memcr traces the target),
+not "the tracing thread". Kernels built without CONFIG_CROSS_MEMORY_ATTACH
+(some embedded ones) answer ENOSYS: Unavailable.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+from collections.abc import Callable
 
 from memcr.errors import MemcrError
 from memcr.system import libc
 
 
 class Unavailable(MemcrError):
-    """The kernel has no process_vm_writev (CONFIG_CROSS_MEMORY_ATTACH is off)."""
+    """The kernel has no process_vm_writev or process_vm_readv (CONFIG_CROSS_MEMORY_ATTACH is off)."""
 
 
 IOV_MAX = 1024  # buffers one call takes
 
+Piece = tuple[int, int, int]  # the target's address, memcr's, the bytes
+_Call = Callable[[int, "ctypes.Array[libc.Iovec]", "ctypes.Array[libc.Iovec]"], int]
 
-def write_many(pid: int, pieces: list[tuple[int, int, int]]) -> None:
-    """Copy each (remote, local, length): the target's address, memcr's, the bytes; in as few calls as can be."""
+
+def write_many(pid: int, pieces: list[Piece]) -> None:
+    """Copy each (remote, local, length) into the target, in as few calls as can be."""
+    _copy(pid, pieces, libc.process_vm_writev, "process_vm_writev", "to")
+
+
+def read_many(pid: int, pieces: list[Piece]) -> None:
+    """Copy each (remote, local, length) out of the target, in as few calls as can be."""
+    _copy(pid, pieces, libc.process_vm_readv, "process_vm_readv", "from")
+
+
+def _copy(pid: int, pieces: list[Piece], call: _Call, name: str, way: str) -> None:
     pending = [piece for piece in pieces if piece[2]]
     while pending:
         batch = pending[:IOV_MAX]
@@ -31,19 +45,17 @@ def write_many(pid: int, pieces: list[tuple[int, int, int]]) -> None:
             mine[i].base, mine[i].len = local, length
             theirs[i].base, theirs[i].len = remote, length
         try:
-            n = libc.process_vm_writev(pid, mine, theirs)  # without the GIL: other threads run meanwhile
+            n = call(pid, mine, theirs)  # without the GIL: other threads run meanwhile
         except OSError as e:
             if e.errno == errno.ENOSYS:
-                missing = "the kernel has no process_vm_writev (CONFIG_CROSS_MEMORY_ATTACH)"
-                raise Unavailable(missing, errno=e.errno) from None
-            where = f"process {pid} at {batch[0][0]:#x}"
-            raise OSError(e.errno, f"process_vm_writev to {where}: {e.strerror}") from None
+                raise Unavailable(f"the kernel has no {name} (CONFIG_CROSS_MEMORY_ATTACH)", errno=e.errno) from None
+            raise OSError(e.errno, f"{name} {way} process {pid} at {batch[0][0]:#x}: {e.strerror}") from None
         if n == 0:
-            raise OSError(errno.EFAULT, f"process_vm_writev to process {pid} stopped at {batch[0][0]:#x}")
+            raise OSError(errno.EFAULT, f"{name} {way} process {pid} stopped at {batch[0][0]:#x}")
         pending = _after(pending, n)
 
 
-def _after(pieces: list[tuple[int, int, int]], done: int) -> list[tuple[int, int, int]]:
+def _after(pieces: list[Piece], done: int) -> list[Piece]:
     """The pieces still to copy once `done` bytes of them, in order, are copied."""
     i = 0
     while i < len(pieces) and done >= pieces[i][2]:

@@ -8,6 +8,8 @@ import itertools
 import os
 import random
 
+import pytest
+
 from memcr.dump.format import Group, Record
 from memcr.dump.reader import Frame
 from memcr.park import incremental
@@ -40,7 +42,7 @@ def _pages(pieces: list[tuple[int, int, Record]]) -> dict[int, int]:
     return out
 
 
-def test_unchanged_pages_are_those_the_dump_holds_and_the_target_did_not_write() -> None:
+def test_the_dump_serves_the_pages_it_holds_and_those_the_target_wrote_are_written_over() -> None:
     rng = random.Random(5)
     for _ in range(200):
         base = 0x7F0000000000
@@ -55,14 +57,29 @@ def test_unchanged_pages_are_those_the_dump_holds_and_the_target_did_not_write()
         written_pages = sorted(rng.sample(range(64), 12))
         written = _written([(base + p * P, base + (p + 1) * P) for p in written_pages])
         lo, hi = base + rng.randrange(0, 32) * P, base + rng.randrange(32, 65) * P
-        pieces = incremental._unchanged(lo, hi, index, [r.addr for r in index], written)
+        pieces = incremental._held(lo, hi, index, [r.addr for r in index])
         found = _pages(pieces)
-        expected = {base + p * P for p in held if p not in written_pages and lo <= base + p * P < hi}
-        assert set(found) == expected
+        assert set(found) == {base + p * P for p in held if lo <= base + p * P < hi}
         for addr, offset in found.items():  # each page from the place in the file that holds it
             record = next(r for r in index if r.addr <= addr < r.addr + r.length)
             assert offset == record.offset + addr - record.addr
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))  # in order, apart
+        over = [span for piece_lo, piece_hi, _ in pieces for span in incremental._within(written, piece_lo, piece_hi)]
+        pages_over = {a for a_lo, a_hi in over for a in range(a_lo, a_hi, P)}
+        assert pages_over == {a for a in found if (a - base) // P in written_pages}
+
+
+def test_written_over_runs_go_in_batches_of_one_buffer() -> None:
+    vma = None
+    runs = [incremental.Rewrite(0x10000 + i * 2 * P, P, 1 << 20 | i * P, vma) for i in range(3000)]  # type: ignore[arg-type]
+    runs.append(incremental.Rewrite(0x900000, 5 * (1 << 20) + P, 64 << 20, vma))  # type: ignore[arg-type]
+    batches = incremental.batches(runs, 1 << 20, 1024)
+    assert all(sum(r.length for r in b) <= 1 << 20 and len(b) <= 1024 for b in batches)
+    pieces = [r for b in batches for r in b]
+    assert pieces[:3000] == runs[:3000]
+    tail = pieces[3000:]
+    assert [r.length for r in tail] == [1 << 20] * 5 + [P]
+    assert [(r.addr - 0x900000, r.offset - (64 << 20)) for r in tail] == [(i << 20, i << 20) for i in range(6)]
 
 
 def test_the_garbage_is_every_old_page_no_new_record_serves() -> None:
@@ -95,11 +112,13 @@ def test_a_short_copy_goes_on_where_it_stopped() -> None:
     assert process_vm._after(pieces, 60) == []
 
 
-def test_many_pieces_land_where_each_belongs() -> None:
+@pytest.mark.parametrize("way", ["write", "read"])
+def test_many_pieces_land_where_each_belongs(way: str) -> None:
     source = ctypes.create_string_buffer(os.urandom(3000 * 16), 3000 * 16)
     target = ctypes.create_string_buffer(3000 * 16)
     order = list(range(3000))
     random.Random(3).shuffle(order)
-    pieces = [(ctypes.addressof(target) + i * 16, ctypes.addressof(source) + i * 16, 16) for i in order]
-    process_vm.write_many(os.getpid(), pieces)
+    mine, theirs = (source, target) if way == "write" else (target, source)  # (local, remote)
+    pieces = [(ctypes.addressof(theirs) + i * 16, ctypes.addressof(mine) + i * 16, 16) for i in order]
+    (process_vm.write_many if way == "write" else process_vm.read_many)(os.getpid(), pieces)
     assert target.raw == source.raw
