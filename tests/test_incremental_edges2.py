@@ -122,20 +122,26 @@ def _write(target, percent: int) -> None:
     assert target.out.wait_for("wrote").startswith("wrote")
 
 
+def _kept(spawn, tmp_path: Path, mib: int, seed: int) -> tuple[Path, Options, object, incremental.Kept]:
+    """A rewriter target parked and restored by the Python API, its dump kept: (folder, options, target, Kept)."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
+    target = spawn("rewriter", mib, seed, stdin=True)
+    kept: list[incremental.Kept] = []
+    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    return dumps, options, target, kept.pop()
+
+
 def test_a_dump_written_to_while_parked_is_never_restored(spawn, tmp_path) -> None:
     """A plain dump carries no checksum: bytes someone wrote into it while the target was parked (here while its
     holes were punched, after an incremental park) would go back as the target's. memcr compares the file with
     what it left (DumpFile.stamp) before any page goes back: it kills the target rather than restore it wrong."""
     from memcr.errors import TargetKilled
 
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
-    target = spawn("rewriter", 16, 5, stdin=True)
-    kept: list[incremental.Kept] = []
-    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    dumps, options, target, kept = _kept(spawn, tmp_path, 16, 5)
     _write(target, 5)
-    parked = checkpoint(target.pid, options, print, kept=kept.pop())
+    parked = checkpoint(target.pid, options, print, kept=kept)
     parked.tidy()
     dump = dumps / f"pages-{target.pid}.img"
     with dump.open("r+b") as f:  # someone else's write, same size
@@ -313,12 +319,7 @@ def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whol
     from memcr.engine.parasite import Parasite
     from memcr.errors import StorageError
 
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
-    target = spawn("rewriter", 32, 6, stdin=True)
-    kept: list[incremental.Kept] = []
-    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    dumps, options, target, kept = _kept(spawn, tmp_path, 32, 6)
     _write(target, 10)
     batches, writes, drops = [0], [0], [0]
     real_batches, real_write, real_drop = incremental.batches, PlainWriter.write_over, Parasite.send_drop
@@ -342,7 +343,7 @@ def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whol
     monkeypatch.setattr(PlainWriter, "write_over", write_over)
     monkeypatch.setattr(Parasite, "send_drop", send_drop)
     with pytest.raises(StorageError):
-        checkpoint(target.pid, options, print, kept=kept.pop())
+        checkpoint(target.pid, options, print, kept=kept)
     monkeypatch.undo()
     assert batches[0] > 2, "the target wrote too little to cut the writes over the dump into batches"
     if failing == "last":
