@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import CHECKPOINT, RESTORE, reap
+from tests.test_groups_service import park
 from tests.test_incremental import _cycle, _quit
 
 SEIZE = r"""
@@ -160,6 +161,27 @@ def test_kept_dumps_give_way_to_a_checkpoint_that_needs_descriptors(spawn, daemo
         _cycle(d, target, 0, 5, "none")
     assert d.terminate() == 0
     log = "\n".join(d.out.rest())
+    assert "freed its kept dump" in log and "memcr needs its descriptors for a checkpoint" in log
+    for target in targets:
+        _quit(target)
+
+
+def test_kept_dumps_give_way_to_a_group_park_that_needs_descriptors(spawn, daemon) -> None:
+    """A tree park needs descriptors for each member: kept dumps are freed for it, those kept longest first,
+    rather than the park be refused."""
+    d = daemon("--incremental", prefix=["prlimit", "--nofile=128"])
+    targets = [spawn("rewriter", 2, seed, stdin=True) for seed in range(40)]
+    for target in targets:
+        assert d.code(CHECKPOINT, target.pid) == 0
+        assert d.code(RESTORE, target.pid) == 0
+    # a parent and 2 children: 48 descriptors at each walk of the tree, where 40 kept dumps leave fewer
+    tree = spawn("forked", 2)
+    code = park(d, tree.pid, tree=True)
+    restored = d.code(RESTORE, tree.pid)
+    assert d.terminate() == 0
+    log = "\n".join(d.out.rest())
+    assert (code, restored) == (0, 0), log[-3000:]
+    assert tree.verify() == 0
     assert "freed its kept dump" in log and "memcr needs its descriptors for a checkpoint" in log
     for target in targets:
         _quit(target)

@@ -346,9 +346,9 @@ class _Stream:
                 progress(done, total)
         self.writer.flush()
         self.writer.completed()
-        # each span is dropped once the pages it holds are all in the file: the target's thread frees its
-        # pages while memcr writes the next ones over the dump's
-        waiting = deque(self._spans(sorted(self.writer.records, key=lambda r: r.addr)))
+        # each run is dropped once its pages are all in the file (those before it in one madvise, where they
+        # may be): the target's thread frees its pages while memcr writes the next ones over the dump's
+        waiting = deque(sorted(self.writer.records, key=lambda r: r.addr))
         with _Drops(self.parasite, confirmed) as drops:
             for batch in incremental.batches(split.rewrite, CHUNK, process_vm.IOV_MAX):
                 if cancel.cancelled:
@@ -359,10 +359,13 @@ class _Stream:
                 if progress:
                     progress(done, total)
                 reached = batch[-1].addr + batch[-1].length  # the runs to write over are in address order
-                while waiting and waiting[0][-1].addr + waiting[0][-1].length <= reached:
-                    drops.send(waiting.popleft())
-            while waiting:
-                drops.send(waiting.popleft())
+                ready = []
+                while waiting and waiting[0].addr + waiting[0].length <= reached:
+                    ready.append(waiting.popleft())
+                for span in self._spans(ready):
+                    drops.send(span)
+            for span in self._spans(list(waiting)):
+                drops.send(span)
         for extent in plan.drop_only:
             self.parasite.drop(extent.start, extent.length)
         self.added = incremental.Added(incremental.garbage(kept, split.reused), kept.base)

@@ -399,13 +399,13 @@ class Service:
             return ERROR
         return self._checkpointed(job)
 
-    def _make_room(self) -> None:
-        """Free kept dumps, those kept longest first, while a checkpoint lacks the descriptors they hold; none where
-        freeing them all would not be enough."""
+    def _make_room(self, needed: int = DESCRIPTORS_PER_CHECKPOINT) -> None:
+        """Free kept dumps, those kept longest first, while a park lacks the `needed` descriptors they hold; none
+        where freeing them all would not be enough. Outside the service lock."""
         free = _free_descriptors()
-        if free >= DESCRIPTORS_PER_CHECKPOINT or free + KEPT_DESCRIPTORS * len(self.kept) < DESCRIPTORS_PER_CHECKPOINT:
+        if free >= needed or free + KEPT_DESCRIPTORS * len(self.kept) < needed:
             return
-        while _free_descriptors() < DESCRIPTORS_PER_CHECKPOINT and self.kept.evict():
+        while _free_descriptors() < needed and self.kept.evict():
             pass
 
     def _checkpointed(self, job: Job[Any]) -> int:
@@ -517,8 +517,11 @@ class Service:
 
         Raises TargetError for a pid the daemon parks already (on its own or
         in another group), LimitError when the descriptors for every member
-        claimed are not free.
+        claimed are not free (kept dumps are freed for them first).
         """
+        for pid in pids:  # none has its own park under way, which took its kept dump (Pid)
+            self.kept.drop(pid, "it is parked in a group now, whose dumps are written whole")
+        self._make_room(DESCRIPTORS_PER_CHECKPOINT * len(group.target.claimed | pids))
         with self.lock:
             for pid in sorted(pids):
                 if pid in self.pids:
@@ -535,8 +538,6 @@ class Service:
                 )
             group.target.claimed |= pids
             self.groups.update(dict.fromkeys(pids, group))
-        for pid in pids:
-            self.kept.drop(pid, "it is parked in a group now, whose dumps are written whole")
 
     def release(self, group: Job[Group], keep: AbstractSet[int] = frozenset()) -> None:
         """Forget the pids `group` claimed, but those in `keep`."""
