@@ -1,0 +1,128 @@
+"""Hostile review of the in-place re-park (b0d9f82): a re-park cancelled or its target stopped at a random moment,
+a write over the dump failing at a random batch with more drops in flight than DROPS_AHEAD, and re-parks read
+through /proc/PID/mem (-m) across every reshaping the rewriter does. All held up: kept as regression tests."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from memcr.errors import Aborted, MemcrError
+from memcr.options import Cancel
+from memcr.park.checkpoint import checkpoint
+from tests.test_incremental import _quit
+from tests.test_incremental_edges2 import _kept, _write
+
+
+@pytest.mark.parametrize("run", range(12))
+def test_a_re_park_cancelled_at_a_random_moment_leaves_the_target_whole(spawn, tmp_path, run: int) -> None:
+    rng = random.Random(run * 7919 + int(time.time()))
+    dumps, options, target, kept = _kept(spawn, tmp_path, 128, run + 1)
+    _write(target, 30)
+    cancel = Cancel()
+    delay = rng.uniform(0.0, 0.06)
+    timer = threading.Timer(delay, cancel.cancel)
+    timer.start()
+    try:
+        parked = checkpoint(target.pid, options, print, cancel=cancel, kept=kept)
+    except Aborted as e:
+        print("outcome: rolled back:", e)
+        parked = None
+    timer.cancel()
+    if parked is not None:
+        parked.restore()
+    _quit(target)
+
+
+@pytest.mark.parametrize("run", range(10))
+def test_a_re_park_of_a_target_stopped_at_a_random_moment(spawn, tmp_path, run: int) -> None:
+    rng = random.Random(run * 31 + int(time.time()))
+    dumps, options, target, kept = _kept(spawn, tmp_path, 128, run + 3)
+    _write(target, 30)
+    delay = rng.uniform(0.0, 0.25)
+    timer = threading.Timer(delay, lambda: target.proc.send_signal(signal.SIGSTOP))
+    timer.start()
+    try:
+        parked = checkpoint(target.pid, options, print, kept=kept)
+        parked.restore()
+    finally:
+        timer.join()
+        target.proc.send_signal(signal.SIGCONT)
+    _quit(target)
+
+
+def _repark(target, options, kept):
+    held: list = []
+    checkpoint(target.pid, options, print, kept=kept).restore(keep=held.append)
+    return held.pop()
+
+
+def _say_cycle(target, n: int, percent: int, op: str) -> None:
+    target.proc.stdin.write(f"cycle {n} {percent} {op}\n")
+    target.proc.stdin.flush()
+    said = target.out.wait_for(f" {n}")
+    assert said == f"done {n}", said
+
+
+@pytest.mark.parametrize("run", range(10))
+def test_a_re_park_failing_at_a_random_batch_with_many_spans(spawn, tmp_path, monkeypatch, run: int) -> None:
+    from memcr.dump.writer import PlainWriter
+    from memcr.engine.parasite import Parasite
+    from memcr.errors import StorageError
+    from memcr.park import incremental
+
+    rng = random.Random(run * 13 + int(time.time()))
+    dumps, options, target, kept = _kept(spawn, tmp_path, 64, run + 20)
+    _say_cycle(target, 0, 1, "dontneed")
+    kept = _repark(target, options, kept)
+    _say_cycle(target, 1, 1, "dontneed")
+    kept = _repark(target, options, kept)
+    _say_cycle(target, 2, rng.randint(5, 40), "none")
+    counts = {"batches": 0, "writes": 0, "drops": 0, "at": None}
+    real_batches, real_write, real_drop = incremental.batches, PlainWriter.write_over, Parasite.send_drop
+
+    def counted_batches(*args):
+        out = real_batches(*args)
+        counts["batches"] = len(out)
+        counts["at"] = rng.randint(1, len(out))
+        return out
+
+    def write_over(self, data, pieces):
+        counts["writes"] += 1
+        if counts["writes"] == counts["at"]:
+            raise StorageError("injected: no space left for the dump", what="dump")
+        real_write(self, data, pieces)
+
+    def send_drop(self, addr, length):
+        counts["drops"] += 1
+        real_drop(self, addr, length)
+
+    monkeypatch.setattr(incremental, "batches", counted_batches)
+    monkeypatch.setattr(PlainWriter, "write_over", write_over)
+    monkeypatch.setattr(Parasite, "send_drop", send_drop)
+    with pytest.raises(StorageError):
+        checkpoint(target.pid, options, print, kept=kept)
+    monkeypatch.undo()
+    print("counts", counts)
+    assert list(dumps.iterdir()) == []
+    _say_cycle(target, 3, 1, "none")
+    _quit(target)
+
+
+@pytest.mark.parametrize("op", ["none", "swap", "mapover", "reuse", "dontneed", "fork", "grow", "mprotect"])
+def test_re_parks_read_through_proc_mem(spawn, tmp_path, op: str) -> None:
+    import dataclasses
+
+    dumps, options, target, kept = _kept(spawn, tmp_path, 32, 40)
+    options = dataclasses.replace(options, proc_mem=True)
+    for n in range(4):
+        _say_cycle(target, n, 10, op)
+        kept = _repark(target, options, kept)
+    _say_cycle(target, 9, 1, "none")
+    kept.close()
+    _quit(target)
+
