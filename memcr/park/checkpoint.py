@@ -321,9 +321,8 @@ class _Stream:
     ) -> None:
         """As run, writing into the kept dump only the pages the target wrote since its restore (or that the dump
         lacks); the rest the dump holds already. Pages it holds at their address are written over in place,
-        new ones appended. Each stretch is dropped once every page it holds is in the file (the appended ones
-        first, then the runs written over, in address order), so that the target's thread frees pages while
-        memcr writes the next."""
+        new ones appended (first), then the runs written over, in address order. Each run is dropped once its
+        pages are in the file, so that the target's thread frees pages while memcr writes the next."""
         fd = self.pagemap.fd
         assert fd is not None, "a kept dump is only made where memcr reads the page map"
         assert isinstance(self.writer, PlainWriter), "a kept dump is plain (memcr.park.incremental.stale)"
