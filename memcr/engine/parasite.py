@@ -177,6 +177,7 @@ class Parasite:
         self.sock = sock
         self.spec = spec
         self.stream = Stream.IN_STEP
+        self.drops_due = 0  # drops asked for (send_drop) whose answers were not read yet
         self._cmd = bytearray(CMD.size)
         self._reply = bytearray(REPLY.size)
         self._progress = time.monotonic()
@@ -219,7 +220,16 @@ class Parasite:
         return self.infection.mapping
 
     def cure(self) -> None:
-        """End the parasite and remove every trace of it; a parasite that does not answer is stopped by force."""
+        """End the parasite and remove every trace of it; a parasite that does not answer is stopped by force.
+
+        Raises ParasiteError, and leaves the parasite as it is, while drops
+        asked for went unanswered: the parasite may still carry them out,
+        after memcr put the pages back, and the target may not run on then.
+        """
+        if self.drops_due:
+            raise ParasiteError(
+                f"the answers to {self.drops_due} drops were lost: the parasite may still drop pages memcr put back"
+            )
         ended = False
         if self.stream is Stream.IN_STEP:
             try:
@@ -248,10 +258,13 @@ class Parasite:
     def send_drop(self, addr: int, length: int) -> None:
         """Ask for a drop without waiting: `dropped` reads the answers, in order, before any other command's."""
         self._send(OP_DROP, addr, length)
+        self.drops_due += 1
 
     def dropped(self) -> bool:
         """The answer to the oldest drop not answered yet (`send_drop`)."""
-        return self._result() == 0
+        result = self._result()
+        self.drops_due -= 1
+        return result == 0
 
     def request_pages(self, runs: Sequence[tuple[int, int]]) -> None:
         """Ask for the bytes of each (address, length), at most SEND_RUNS; the caller takes them, back to back,

@@ -322,6 +322,13 @@ class Parked:
         if _dead(self.frozen):
             self.close_dead()
             raise _gone(self.pid) from error
+        if due := self.parasite.drops_due:  # the parasite may still drop pages a rollback would put back
+            self.kill()
+            raise TargetKilled(
+                f"pid {self.pid} was killed: the answers to {due} drops were lost, and the parasite may still drop "
+                f"pages memcr would put back, after: {error}",
+                pid=self.pid,
+            ) from error
         dropped = any(r.dropped for r in self.dump.records)
         try:
             if dropped:
