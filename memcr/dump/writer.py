@@ -202,6 +202,7 @@ class PlainWriter(Writer):
     def _reader(self, finished: bool) -> DumpReader:
         self._close_pipe()
         self._buffer = bytearray()  # a daemon holds many dumps for hours: none keeps a megabyte
+        heap.release()  # nor does its heap, which keeps what is freed (heap.tune)
         records = sorted(self.records, key=lambda r: r.addr)  # included runs come first
         return PlainReader(self.file, self._header, records, self.page_bytes, finished)
 
