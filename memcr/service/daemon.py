@@ -519,16 +519,13 @@ class Service:
         in another group), LimitError when the descriptors for every member
         claimed are not free (kept dumps are freed for them first).
         """
+        with self.lock:  # a refused park touches nothing: the kept dumps of its pids stay
+            self._refuse_parked(group, pids)
         for pid in pids:  # none has its own park under way, which took its kept dump (Pid)
             self.kept.drop(pid, "it is parked in a group now, whose dumps are written whole")
         self._make_room(DESCRIPTORS_PER_CHECKPOINT * len(group.target.claimed | pids))
         with self.lock:
-            for pid in sorted(pids):
-                if pid in self.pids:
-                    raise TargetError(f"process {pid} is already checkpointed", pid=pid)
-                other = self.groups.get(pid)
-                if other is not None and other is not group:
-                    raise TargetError(f"process {pid} is already checkpointed in {other}", pid=pid)
+            self._refuse_parked(group, pids)  # again: a park may have begun meanwhile
             members = len(group.target.claimed | pids)
             if (free := _free_descriptors()) < DESCRIPTORS_PER_CHECKPOINT * members:
                 raise LimitError(
@@ -538,6 +535,15 @@ class Service:
                 )
             group.target.claimed |= pids
             self.groups.update(dict.fromkeys(pids, group))
+
+    def _refuse_parked(self, group: Job[Group], pids: set[int]) -> None:
+        """Raise TargetError for a pid the daemon parks already, on its own or in another group. Under the lock."""
+        for pid in sorted(pids):
+            if pid in self.pids:
+                raise TargetError(f"process {pid} is already checkpointed", pid=pid)
+            other = self.groups.get(pid)
+            if other is not None and other is not group:
+                raise TargetError(f"process {pid} is already checkpointed in {other}", pid=pid)
 
     def release(self, group: Job[Group], keep: AbstractSet[int] = frozenset()) -> None:
         """Forget the pids `group` claimed, but those in `keep`."""
