@@ -308,35 +308,29 @@ def test_a_one_shot_memcr_on_a_pid_whose_dump_a_daemon_keeps(spawn, daemon) -> N
     _quit(target)
 
 
-@pytest.mark.parametrize("failing", ["first", "last"])
-def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whole(
-    spawn, tmp_path, monkeypatch, failing: str
-) -> None:
-    """A re-park drops each stretch of the target's memory as soon as the bytes written over its old copies are
-    in the file, while it writes the next. A write that fails then (a full disk) rolls back: the stretches
-    already dropped come back from the dump, the rest was never dropped, and the kept dump is deleted."""
+def _re_park_failing_at(monkeypatch, target, options: Options, kept: incremental.Kept, pick) -> dict[str, int]:
+    """A re-park whose write over the kept dump fails (a full disk) at the batch `pick(batches)` (from 1), which
+    must raise StorageError: how many batches it had and how many drops it sent before."""
     from memcr.dump.writer import PlainWriter
     from memcr.engine.parasite import Parasite
     from memcr.errors import StorageError
 
-    dumps, options, target, kept = _kept(spawn, tmp_path, 32, 6)
-    _write(target, 10)
-    batches, writes, drops = [0], [0], [0]
+    counts = {"batches": 0, "writes": 0, "drops": 0, "at": 0}
     real_batches, real_write, real_drop = incremental.batches, PlainWriter.write_over, Parasite.send_drop
 
     def counted_batches(*args):
         out = real_batches(*args)
-        batches[0] = len(out)
+        counts["batches"], counts["at"] = len(out), pick(len(out))
         return out
 
     def write_over(self, data, pieces):
-        writes[0] += 1
-        if writes[0] == (1 if failing == "first" else batches[0]):
+        counts["writes"] += 1
+        if counts["writes"] == counts["at"]:
             raise StorageError("injected: no space left for the dump", what="dump")
         real_write(self, data, pieces)
 
     def send_drop(self, addr, length):
-        drops[0] += 1
+        counts["drops"] += 1
         real_drop(self, addr, length)
 
     monkeypatch.setattr(incremental, "batches", counted_batches)
@@ -345,8 +339,21 @@ def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whol
     with pytest.raises(StorageError):
         checkpoint(target.pid, options, print, kept=kept)
     monkeypatch.undo()
-    assert batches[0] > 2, "the target wrote too little to cut the writes over the dump into batches"
+    return counts
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_a_re_park_that_fails_while_writing_over_the_dump_leaves_the_target_whole(
+    spawn, tmp_path, monkeypatch, failing: str
+) -> None:
+    """A re-park drops each stretch of the target's memory as soon as the bytes written over its old copies are
+    in the file, while it writes the next. A write that fails then (a full disk) rolls back: the stretches
+    already dropped come back from the dump, the rest was never dropped, and the kept dump is deleted."""
+    dumps, options, target, kept = _kept(spawn, tmp_path, 32, 6)
+    _write(target, 10)
+    counts = _re_park_failing_at(monkeypatch, target, options, kept, lambda n: 1 if failing == "first" else n)
+    assert counts["batches"] > 2, "the target wrote too little to cut the writes over the dump into batches"
     if failing == "last":
-        assert drops[0] > 0, "nothing was dropped before the failure: the test proves nothing"
+        assert counts["drops"] > 0, "nothing was dropped before the failure: the test proves nothing"
     assert list(dumps.iterdir()) == []
     _quit(target)  # it checks every page

@@ -16,7 +16,7 @@ from memcr.errors import Aborted
 from memcr.options import Cancel
 from memcr.park.checkpoint import checkpoint
 from tests.test_incremental import _quit
-from tests.test_incremental_edges2 import _kept, _write
+from tests.test_incremental_edges2 import _kept, _re_park_failing_at, _write
 
 
 @pytest.mark.parametrize("run", range(12))
@@ -71,11 +71,6 @@ def _say_cycle(target, n: int, percent: int, op: str) -> None:
 
 @pytest.mark.parametrize("run", range(10))
 def test_a_re_park_failing_at_a_random_batch_with_many_spans(spawn, tmp_path, monkeypatch, run: int) -> None:
-    from memcr.dump.writer import PlainWriter
-    from memcr.engine.parasite import Parasite
-    from memcr.errors import StorageError
-    from memcr.park import incremental
-
     rng = random.Random(run * 13 + int(time.time()))
     dumps, options, target, kept = _kept(spawn, tmp_path, 64, run + 20)
     _say_cycle(target, 0, 1, "dontneed")
@@ -83,31 +78,7 @@ def test_a_re_park_failing_at_a_random_batch_with_many_spans(spawn, tmp_path, mo
     _say_cycle(target, 1, 1, "dontneed")
     kept = _repark(target, options, kept)
     _say_cycle(target, 2, rng.randint(5, 40), "none")
-    counts = {"batches": 0, "writes": 0, "drops": 0, "at": None}
-    real_batches, real_write, real_drop = incremental.batches, PlainWriter.write_over, Parasite.send_drop
-
-    def counted_batches(*args):
-        out = real_batches(*args)
-        counts["batches"] = len(out)
-        counts["at"] = rng.randint(1, len(out))
-        return out
-
-    def write_over(self, data, pieces):
-        counts["writes"] += 1
-        if counts["writes"] == counts["at"]:
-            raise StorageError("injected: no space left for the dump", what="dump")
-        real_write(self, data, pieces)
-
-    def send_drop(self, addr, length):
-        counts["drops"] += 1
-        real_drop(self, addr, length)
-
-    monkeypatch.setattr(incremental, "batches", counted_batches)
-    monkeypatch.setattr(PlainWriter, "write_over", write_over)
-    monkeypatch.setattr(Parasite, "send_drop", send_drop)
-    with pytest.raises(StorageError):
-        checkpoint(target.pid, options, print, kept=kept)
-    monkeypatch.undo()
+    counts = _re_park_failing_at(monkeypatch, target, options, kept, lambda n: rng.randint(1, n))
     print("counts", counts)
     assert list(dumps.iterdir()) == []
     _say_cycle(target, 3, 1, "none")
