@@ -328,14 +328,14 @@ class _Stream:
         assert isinstance(self.writer, PlainWriter), "a kept dump is plain (memcr.park.incremental.stale)"
         split = incremental.split(kept, plan, fd, self.ours)
         self.writer.include(split.reused)
-        appended = sum(e.length for e in split.fresh)
+        appended, over = sum(e.length for e in split.fresh), split.rewrite_bytes
+        unchanged = split.reused_bytes - over
         self.log(
-            f"{(split.reused_bytes - split.rewrite_bytes) / 2**20:.1f} MiB unchanged since the last restore, "
-            f"in the kept dump already; {split.rewrite_bytes / 2**20:.1f} MiB written over in place, "
-            f"{appended / 2**20:.1f} MiB added"
+            f"{unchanged / 2**20:.1f} MiB unchanged since the last restore, in the kept dump already; "
+            f"{over / 2**20:.1f} MiB written over in place, {appended / 2**20:.1f} MiB added"
         )
         self._joins = {e.start for e in split.fresh if e.joins} | split.continues
-        done, total = split.reused_bytes - split.rewrite_bytes, plan.dump_bytes
+        done, total = unchanged, plan.dump_bytes
         pid = self.frozen.pid
         for extents in _groups(split.fresh, self.options.proc_mem):
             if cancel.cancelled:
