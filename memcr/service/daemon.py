@@ -2,9 +2,11 @@
 
 The accept loop accepts and keeps each connection in its selector until
 its first bytes arrive: an idle connection costs a descriptor and no
-thread, so a flood of them delays no request. A connection with bytes to
-read gets a short-lived thread that reads the request
-(memcr.service.requests) and hands it to the target's job. Each
+thread, so a flood of them delays no request. A request that has arrived
+whole is read and decided there (memcr.service.requests); one whose answer
+takes no work (a refusal, a pid not parked) is answered at once, as fast as
+the C daemon answers it. The rest get a short-lived thread each, which
+reads what has not arrived yet and hands the request to the target's job. Each
 checkpointed target, one pid or a group (a process tree or a cgroup, V2
 options 1000 and 1001), has one job (memcr.service.jobs) from its
 checkpoint to its restore; the daemon keeps the registry of which pid is
@@ -28,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from memcr import logs
 from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, TargetError
@@ -40,7 +42,7 @@ from memcr.service.listener import Listener, listen, socket_folder
 from memcr.service.paths import check_request_cgroup, check_request_directory
 from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.service.pid_target import Pid
-from memcr.service.requests import REQUEST_TIMEOUT, Refusal, asked, read_request, send
+from memcr.service.requests import REQUEST_TIMEOUT, Refusal, arrived_request, asked, read_request, send
 from memcr.system import heap, libc, processes
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
@@ -63,6 +65,26 @@ ANSWER_MARGIN = 0.02  # seconds before a 12-byte request's limit its -1 is sent,
 COMPRESSORS = {Compression.NONE: None, Compression.LZ4: "lz4", Compression.ZSTD: "zstd"}
 DESCRIPTORS_PER_CHECKPOINT = 16  # dump, pipe, sockets, /proc files, codec threads' and a rollback's reserve
 KEPT_DESCRIPTORS = 2  # a kept dump's file and userfaultfd
+
+
+_T = TypeVar("_T")
+Work = Callable[[], int]  # what answers a request, on its connection's thread
+
+
+class _Unread(NamedTuple):
+    """A connection whose request has not all arrived: its thread reads it."""
+
+    conn: socket.socket
+    peer: Peer
+
+
+class _Decided(NamedTuple):
+    """A request let through, and the work that answers it, for its connection's thread."""
+
+    conn: socket.socket
+    peer: Peer
+    request: Request
+    work: Work
 
 
 class _Reason(threading.local):
@@ -89,9 +111,9 @@ class Service:
         self.kept = KeptDumps(log)  # --incremental: the dumps of restored pids, for their next park
         self.connections: set[threading.Thread] = set()  # each answers one request
         # the accept loop's own: accepted, nothing to read yet (address, accepted at), oldest first; then
-        # bytes to read, waiting for a thread
+        # waiting for a thread
         self.idle: dict[socket.socket, tuple[Any, float]] = {}
-        self.ready: deque[tuple[socket.socket, Any]] = deque()
+        self.ready: deque[_Unread | _Decided] = deque()
         self.idle_bound = MAX_IDLE
         self.out_of_descriptors = False  # an accept failed for want of descriptors, and none worked since
         self.lock = threading.Lock()
@@ -170,9 +192,9 @@ class Service:
                     for key, _ in selector.select(POLL / 10 if self.ready else POLL):
                         if key.fileobj is listener:
                             self._accept(listener, selector)
-                        elif key.data in self.idle:  # its first bytes, or its end: a thread reads which
+                        elif key.data in self.idle:  # its first bytes, or its end
                             selector.unregister(key.data)
-                            self.ready.append((key.data, self.idle.pop(key.data)[0]))
+                            self._intake(key.data, self.idle.pop(key.data)[0])
                         # else: dropped by an accept of this same round, its event stale
                     self._start_handlers()
                     self._expire(selector)
@@ -187,7 +209,7 @@ class Service:
                             selector.unregister(listener)
         finally:
             listener.close()  # its socket file and the folders made for it too
-            for conn in [*self.idle, *(conn for conn, _ in self.ready)]:
+            for conn in [*self.idle, *(pending.conn for pending in self.ready)]:
                 conn.close()  # none of them was read: their clients see the end, as of a daemon gone
             self._shutdown()
 
@@ -211,6 +233,9 @@ class Service:
                 elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
                     self.log(f"accept failed: {e.strerror}")
                 return
+        if _sent(conn):  # the client wrote as it connected, as most do: no round of the selector for it
+            self._intake(conn, address)
+            return
         self.idle[conn] = (address, time.monotonic())
         selector.register(conn, selectors.EVENT_READ, conn)
         if len(self.idle) > self.idle_bound:
@@ -228,14 +253,38 @@ class Service:
         with conn:
             self.log(f"dropped a connection from {Peer.of(conn, address)}: {why}")
 
+    def _intake(self, conn: socket.socket, address: Any) -> None:
+        """Answer the request on `conn` now when it has all arrived and takes no work; else queue it for a thread.
+
+        In the accept loop: nothing here waits for a client, and nothing
+        reads /proc (decide() leaves that to the thread).
+        """
+        try:
+            peer = Peer.of(conn, address)
+            request = arrived_request(conn)
+        except OSError as e:  # the client went meanwhile
+            conn.close()
+            self.log(f"dropped a connection: {e.strerror}")
+            return
+        except Exception:  # a bug: this connection is lost, not the accept loop
+            conn.close()
+            logs.error(self.log, f"internal error reading a request:\n{traceback.format_exc()}")
+            return
+        if request is None:
+            self.ready.append(_Unread(conn, peer))
+        elif (work := self._answer_or_defer(conn, peer, request)) is not None:
+            self.ready.append(_Decided(conn, peer, request, work))
+        else:
+            conn.close()
+
     def _start_handlers(self) -> None:
         """A thread for each connection with bytes to read, at most MAX_CONNECTIONS at once."""
         while self.ready:
             with self.lock:
                 if len(self.connections) >= MAX_CONNECTIONS:
                     return  # the others wait, their bytes in their sockets, for a thread to end
-            conn, address = self.ready.popleft()
-            thread = threading.Thread(target=self._handle, args=(conn, address), name="memcr-conn", daemon=True)
+            pending = self.ready.popleft()
+            thread = threading.Thread(target=self._handle, args=(pending,), name="memcr-conn", daemon=True)
             with self.lock:
                 self.connections.add(thread)
             try:
@@ -243,40 +292,70 @@ class Service:
             except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
                 with self.lock:
                     self.connections.discard(thread)
-                conn.close()
+                pending.conn.close()
                 self.log(f"dropped a connection: {e}")
                 time.sleep(POLL)
                 return
 
-    def _handle(self, conn: socket.socket, address: Any) -> None:
+    def _handle(self, pending: _Unread | _Decided) -> None:
+        """A connection's thread: read its request if it is not read yet, and answer it."""
+        conn, peer = pending.conn, pending.peer
         try:
             with conn:
-                peer = Peer.of(conn, address)
-                try:
-                    request = read_request(conn)
-                except Refusal as e:
-                    self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
-                    if e.answer:
-                        send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
-                    return
-                self.log(f"{peer} asks: {asked(request)}")
+                conn.settimeout(REQUEST_TIMEOUT)  # the accept loop left it non-blocking
+                if isinstance(pending, _Decided):
+                    request, work = pending.request, pending.work
+                else:
+                    try:
+                        request = read_request(conn)
+                    except Refusal as e:
+                        self.log(f"{'refused a request' if e.answer else 'dropped a connection'} from {peer}: {e}")
+                        if e.answer:
+                            send(conn, ERROR)  # bare: what it asked for, a reason included, is unknown
+                        return
+                    if (decided := self._answer_or_defer(conn, peer, request)) is None:
+                        return
+                    work = decided
                 self.reason.text = None
-                try:
-                    code = self.dispatch(request, peer)
-                except Exception:  # a bug, or a module that failed to load: the client still gets its -1
-                    logs.error(self.log, f"internal error answering {peer}:\n{traceback.format_exc()}")
-                    self.reason.text = "internal error: the daemon's log has its traceback"
-                    code = ERROR
-                reason = None
-                if request.reason:
-                    reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"
-                send(conn, code, reason)
+                self._answer(conn, request, self._guarded(peer, work))
         finally:
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
-    def dispatch(self, request: Request, peer: Peer = UNKNOWN) -> int:
-        """Carry out one request of `peer` and return its answer."""
+    def _answer_or_defer(self, conn: socket.socket, peer: Peer, request: Request) -> Work | None:
+        """Log the request and decide it: answer it when that was all (None), else return its work."""
+        self.log(f"{peer} asks: {asked(request)}")
+        self.reason.text = None
+        decided = self._guarded(peer, lambda: self.decide(request, peer))
+        if isinstance(decided, int):
+            self._answer(conn, request, decided)
+            return None
+        return decided
+
+    def _guarded(self, peer: Peer, act: Callable[[], _T]) -> _T | int:
+        """`act`'s result, or -1 should it fail: a bug, or a module that failed to load; the client still gets
+        its answer."""
+        try:
+            return act()
+        except Exception:
+            logs.error(self.log, f"internal error answering {peer}:\n{traceback.format_exc()}")
+            self.reason.text = "internal error: the daemon's log has its traceback"
+            return ERROR
+
+    def _answer(self, conn: socket.socket, request: Request, code: int) -> None:
+        reason = None
+        if request.reason:
+            reason = "" if code == OK else self.reason.text or "no reason recorded: the daemon's log may say"
+        send(conn, code, reason)
+
+    def decide(self, request: Request, peer: Peer = UNKNOWN) -> int | Work:
+        """The answer to `peer`'s `request` when it takes no work (a refusal, a pid not parked), else the work that
+        answers it.
+
+        Runs in the accept loop: nothing here waits or reads /proc. A
+        client's right to a restore is vetted here when that needs no
+        /proc (--client-scope any, root); otherwise by the work, first.
+        """
         asked = time.monotonic()  # a time limit counts from here: the client's own clock started about now
         cmd, pid = request.cmd, request.pid
         if cmd not in (CMD_CHECKPOINT, CMD_RESTORE):
@@ -294,8 +373,6 @@ class Service:
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
                 return ERROR
-            if not self._permitted(peer, f"restore of pid {pid}", self._parked_with(pid)):
-                return ERROR
             if request.incremental and (request.lazy or (request.lazy is None and self.options.lazy)):
                 self.refuse(
                     f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 keeps the dump of an "
@@ -308,13 +385,29 @@ class Service:
                     "without --allow-async-io (what the kernel writes into pinned buffers leaves no trace)"
                 )
                 return ERROR
-            return self._restore(pid, limit, request.lazy, request.incremental)
+
+            def restore() -> int:
+                return self._restore(pid, limit, request.lazy, request.incremental)
+
+            action = f"restore of pid {pid}"
+            if self.policy.reads_proc(peer):
+                return lambda: restore() if self._permitted(peer, action, self._parked_with(pid)) else ERROR
+            if not self._permitted(peer, action, self._parked_with(pid)):
+                return ERROR
+            with self.lock:
+                parked = pid in self.pids or pid in self.groups
+            return restore if parked else self._not_parked(pid)
         if request.lazy is not None or request.incremental is not None:
             self.refuse(
                 f"refused the V2 checkpoint of pid {pid}, which stays untouched: a lazy or eager restore "
                 "(option 1002) and a kept dump (1004) go with its RESTORE, not with the CHECKPOINT"
             )
             return ERROR
+        return lambda: self._checkpoint_request(request, peer, limit, asked)
+
+    def _checkpoint_request(self, request: Request, peer: Peer, limit: float | None, asked: float) -> int:
+        """Carry out a checkpoint request that decide() let through; `asked`: when it came (time.monotonic())."""
+        pid = request.pid
         try:
             options = self._options(request)
         except StorageError as e:
@@ -433,15 +526,19 @@ class Service:
                 self.refuse(f"answered -2 to a restore of {group}: it is being restored already")
                 return INVALID_PID
             return self._restored(group, answer)
-        if job is None or not job.restore(answer.put, limit, lazy, incremental):  # during a checkpoint: aborts it
-            if job is not None and job.restore_asked:
+        if job is None:
+            return self._not_parked(pid)
+        if not job.restore(answer.put, limit, lazy, incremental):  # during a checkpoint: aborts it
+            if job.restore_asked:
                 self.refuse(f"answered -2 to another restore of pid {pid}: its first is still under way")
-            elif job is None:
-                self.refuse(f"answered -2 to the restore of pid {pid}: it is not checkpointed")
             else:
                 self.refuse(f"answered -2 to the restore of pid {pid}: it is being restored already")
             return INVALID_PID
         return self._restored(job, answer)
+
+    def _not_parked(self, pid: int) -> int:
+        self.refuse(f"answered -2 to the restore of pid {pid}: it is not checkpointed")
+        return INVALID_PID
 
     def _restored(self, job: Job[Any], answer: queue.Queue[int]) -> int:
         """The answer to a restore once the job has carried it out, or aborted the checkpoint, which rolled back."""
@@ -552,6 +649,15 @@ class Service:
                 if self.groups.get(pid) is group:
                     del self.groups[pid]
             group.target.claimed &= keep
+
+
+def _sent(conn: socket.socket) -> bool:
+    """Whether bytes wait on `conn`, which is left non-blocking (as arrived_request leaves it)."""
+    conn.setblocking(False)
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except OSError:
+        return False
 
 
 def in_memory(directory: Path) -> bool:

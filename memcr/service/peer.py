@@ -88,6 +88,10 @@ class Policy:
             )
         return "--client-scope own: a client that is not root may have memcr act on its own uid's processes only"
 
+    def reads_proc(self, peer: Peer) -> bool:
+        """Whether vetting `peer` reads /proc: for a client held to its own uid's processes."""
+        return self.scope is Scope.OWN and peer.uid not in (0, None)
+
     def vet(self, peer: Peer, pids: Collection[int]) -> None:
         """Raise ClientRefused when `peer` may not have memcr act on `pids` (a pid, or a tree's or cgroup's members)."""
         if peer.pid is not None and peer.pid in pids:

@@ -14,6 +14,7 @@ from memcr_client.protocol import (
     CMDS_V2,
     REQUEST,
     TIMED_REQUEST,
+    V2_PAYLOAD_MAX,
     ProtocolError,
     Request,
     decode_request,
@@ -73,6 +74,37 @@ def read_request(conn: socket.socket) -> Request:
         return decode_timed_request(head + rest)
     except ProtocolError as e:
         raise Refusal(str(e), answer=True) from None
+
+
+def arrived_request(conn: socket.socket) -> Request | None:
+    """The request, read, when all of it has arrived and nothing more: the usual case, which needs no wait.
+
+    None, with nothing read, for anything else (a part, too many bytes, a
+    form that does not decode): read_request then waits, judges and says
+    why, as for a connection read from the start. The forms are told apart
+    as read_request does: 8 bytes alone are v1, 12 the timed form. `conn`
+    is left non-blocking: no system call goes to switching it back and forth.
+    """
+    conn.setblocking(False)
+    try:
+        data = conn.recv(REQUEST.size + V2_PAYLOAD_MAX + 1, socket.MSG_PEEK)
+    except OSError:
+        return None  # nothing yet, or the client is gone: read_request finds out which
+    try:
+        if len(data) >= REQUEST.size and REQUEST.unpack_from(data)[0] == CMDS_V2:
+            if len(data) != REQUEST.size + decode_v2_length(data[: REQUEST.size]):
+                return None
+            request = decode_v2_payload(data[REQUEST.size :])
+        elif len(data) == REQUEST.size:
+            request = decode_request(data)
+        elif len(data) == TIMED_REQUEST.size:
+            request = decode_timed_request(data)
+        else:
+            return None
+    except ProtocolError:
+        return None
+    conn.recv(len(data))  # the bytes peeked at: they wait in the socket, all of them
+    return request
 
 
 def _receive(conn: socket.socket, size: int, deadline: float) -> bytes:

@@ -66,6 +66,15 @@ def dump_dir(path: str | bytes | os.PathLike[str]) -> bytes:
     return i32(200) + raw + b"\0"
 
 
+def decided(request: Request, **options: bool) -> tuple[int, list[str]]:
+    """The daemon's answer to a request it answers at once, with no target touched (a refusal, a pid not parked),
+    and what it logged; keywords are the daemon's Options."""
+    logged: list[str] = []
+    code = Service(Address(port=1), Options(**options), logged.append).decide(request)  # type: ignore[arg-type]
+    assert isinstance(code, int), "answered at once, with no work left"
+    return code, logged
+
+
 # -- the layouts --------------------------------------------------------------
 
 

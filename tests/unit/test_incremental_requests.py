@@ -3,7 +3,7 @@
 
 Rootless and without a daemon: the frames are written here by hand from the
 layouts (tests/unit/test_dialects.py's helpers), not with the encoders under
-test; the daemon's refusals come from Service.dispatch, before any target.
+test; the daemon's refusals come from Service.decide, before any target.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from memcr.options import Options
-from memcr.service.daemon import Service
 from memcr_client import Answer, Client, Dialect, ProtocolError
-from memcr_client.protocol import Address, Command, Option, Request, decode_v2_payload, encode_v2_request
-from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
+from memcr_client.protocol import Command, Option, Request, decode_v2_payload, encode_v2_request
+from tests.unit.test_dialects import CHECKPOINT, RESTORE, decided, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -86,31 +84,25 @@ def test_cli_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureF
     assert f"memcr-client: error: {message}" in err
 
 
-def _dispatch(request: Request, **options: bool) -> tuple[int, list[str]]:
-    logged: list[str] = []
-    svc = Service(Address(port=1), Options(**options), logged.append)  # type: ignore[arg-type]
-    return svc.dispatch(request), logged
-
-
 def test_the_daemon_refuses_it_with_a_checkpoint() -> None:
-    code, logged = _dispatch(Request(CHECKPOINT, NOBODY, Dialect.V2, incremental=True))
+    code, logged = decided(Request(CHECKPOINT, NOBODY, Dialect.V2, incremental=True))
     assert code == Answer.ERROR
     assert "a kept dump (1004) go with its RESTORE, not with the CHECKPOINT" in logged[0]
 
 
 @pytest.mark.parametrize(("lazy", "lazy_daemon"), [(True, False), (None, True)])
 def test_the_daemon_refuses_it_with_a_lazy_restore(lazy: bool | None, lazy_daemon: bool) -> None:
-    code, logged = _dispatch(Request(RESTORE, NOBODY, Dialect.V2, lazy=lazy, incremental=True), lazy=lazy_daemon)
+    code, logged = decided(Request(RESTORE, NOBODY, Dialect.V2, lazy=lazy, incremental=True), lazy=lazy_daemon)
     assert code == Answer.ERROR
     assert "option 1004 keeps the dump of an eager restore, and this one is lazy" in logged[0]
 
 
 def test_the_daemon_refuses_it_beside_allow_async_io() -> None:
-    code, logged = _dispatch(Request(RESTORE, NOBODY, Dialect.V2, incremental=True), allow_async_io=True)
+    code, logged = decided(Request(RESTORE, NOBODY, Dialect.V2, incremental=True), allow_async_io=True)
     assert code == Answer.ERROR
     assert "option 1004 needs a daemon without --allow-async-io" in logged[0]
 
 
 @pytest.mark.parametrize("incremental", [True, False])
 def test_a_restore_of_nothing_parked_is_minus_2(incremental: bool) -> None:
-    assert _dispatch(Request(RESTORE, NOBODY, Dialect.V2, incremental=incremental))[0] == Answer.INVALID_PID
+    assert decided(Request(RESTORE, NOBODY, Dialect.V2, incremental=incremental))[0] == Answer.INVALID_PID

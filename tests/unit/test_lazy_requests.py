@@ -3,7 +3,7 @@ its CLI and the daemon's refusals.
 
 Rootless and without a daemon: the frames are written here by hand from the
 layouts (tests/unit/test_dialects.py's helpers), not with the encoders under
-test; the daemon's refusals come from Service.dispatch, before any target.
+test; the daemon's refusals come from Service.decide, before any target.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from memcr.options import Options
-from memcr.service.daemon import Service
 from memcr_client import Answer, Client, Dialect, ProtocolError
-from memcr_client.protocol import Address, Command, Option, Request, decode_v2_payload, encode_v2_request
-from tests.unit.test_dialects import CHECKPOINT, RESTORE, i32, run_cli, v2
+from memcr_client.protocol import Command, Option, Request, decode_v2_payload, encode_v2_request
+from tests.unit.test_dialects import CHECKPOINT, RESTORE, decided, i32, run_cli, v2
 
 if sys.byteorder != "little":
     pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
@@ -121,14 +119,8 @@ def test_cli_lazy_usage_errors(
     assert f"memcr-client: error: {message}" in err
 
 
-def _dispatch(request: Request, lazy_daemon: bool = False) -> tuple[int, list[str]]:
-    logged: list[str] = []
-    svc = Service(Address(port=1), Options(lazy=lazy_daemon), logged.append)
-    return svc.dispatch(request), logged
-
-
 def test_daemon_refuses_lazy_with_a_checkpoint() -> None:
-    code, logged = _dispatch(Request(CHECKPOINT, NOBODY, Dialect.V2, lazy=True))
+    code, logged = decided(Request(CHECKPOINT, NOBODY, Dialect.V2, lazy=True))
     assert code == Answer.ERROR
     assert logged == [
         f"refused the V2 checkpoint of pid {NOBODY}, which stays untouched: a lazy or eager restore "
@@ -137,14 +129,14 @@ def test_daemon_refuses_lazy_with_a_checkpoint() -> None:
 
 
 def test_daemon_still_refuses_checkpoint_options_with_a_lazy_restore() -> None:
-    code, logged = _dispatch(Request(RESTORE, NOBODY, Dialect.V2, dump_dir="/tmp", lazy=True))
+    code, logged = decided(Request(RESTORE, NOBODY, Dialect.V2, dump_dir="/tmp", lazy=True))
     assert code == Answer.ERROR
     assert logged[0].startswith(f"refused the V2 restore of pid {NOBODY}: a dump directory")
 
 
 @pytest.mark.parametrize("lazy", [True, False])
 def test_a_lazy_or_eager_restore_of_nothing_parked_is_minus_2(lazy: bool) -> None:
-    assert _dispatch(Request(RESTORE, NOBODY, Dialect.V2, lazy=lazy), lazy_daemon=not lazy)[0] == Answer.INVALID_PID
+    assert decided(Request(RESTORE, NOBODY, Dialect.V2, lazy=lazy), lazy=not lazy)[0] == Answer.INVALID_PID
 
 
 def test_a_misspelt_option_is_refused_not_lost() -> None:
