@@ -16,6 +16,11 @@ frozen time (setup and download) and bytes written against the full
 park's; the wake-up (restore until the target runs) after a re-park
 against after a full one, eager and lazy; the target's write with tracking
 against without. The target checks every page at the end.
+
+Beside the frozen time, its floor on this machine (bench/scatter.c): as
+many pages as the re-park wrote, written each at its own place in a file
+of the target's size in the same folder, from a process's memory with one
+pwrite each, the file's pages clean in the page cache beforehand.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from memcr.options import Cancel, Options
@@ -70,7 +76,19 @@ def _frozen(report: Report) -> float:
     return report.setup_ms + report.download_ms
 
 
-def _round(target: _Target, options: Options) -> dict[str, float]:
+def _floor_ms(scatter: Path, directory: Path, size_mib: int, count: int) -> float:
+    """bench/scatter.c: milliseconds to write `count` pages in place, at random, into a clean file of the size."""
+    path = directory / "bench-scatter.dat"
+    try:
+        done = subprocess.run([str(scatter), str(path), str(size_mib), str(count)], capture_output=True, text=True)
+    finally:
+        path.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: the in-place write floor failed ({done.returncode}): {done.stderr}")
+    return float(done.stdout) / 1000
+
+
+def _round(target: _Target, options: Options, floor: Callable[[int], float]) -> dict[str, float]:
     log, cancel = (lambda _: None), Cancel()
     box: list[Kept] = []
     held: list[Parked] = []
@@ -102,7 +120,10 @@ def _round(target: _Target, options: Options) -> dict[str, float]:
     park()
     wake()
     untracked = target.write()
+    floor_ms = floor(again.written_bytes // again.page_size)
     return {
+        "floor_ratio": floor_ms / _frozen(full),
+        "floor_ms": floor_ms,
         "frozen_ratio": _frozen(again) / _frozen(full),
         "bytes_ratio": again.written_bytes / full.written_bytes,
         "eager_wake_ratio": eager_again / eager_full,
@@ -123,16 +144,17 @@ def _round(target: _Target, options: Options) -> dict[str, float]:
 
 def measure(directory: Path, size_mib: int = 1024, runs: int = 3) -> dict[str, float]:
     """Medians over `runs` rounds, after a discarded warm-up round."""
-    binary = directory / "rewriter"
+    binary, scatter = directory / "rewriter", directory / "scatter"
     subprocess.run(
         ["gcc", "-O2", "-pthread", "-o", str(binary), str(ROOT / "tests" / "targets" / "rewriter.c")], check=True
     )
+    subprocess.run(["gcc", "-O2", "-o", str(scatter), str(ROOT / "bench" / "scatter.c")], check=True)
     target = _Target(binary, size_mib)
     rounds = []
     try:
         options = Options(dump_dir=directory)
         for i in range(runs + 1):
-            one = _round(target, options)
+            one = _round(target, options, lambda count: _floor_ms(scatter, directory, size_mib, count))
             if i:
                 rounds.append(one)
         target.check()
@@ -151,6 +173,10 @@ def print_table(r: dict[str, float]) -> None:
     print(
         f"  frozen {r['repark_frozen_ms']:.0f} ms against {r['full_frozen_ms']:.0f} ms for a full park: "
         f"{r['frozen_ratio']:.2f} (aim <= {FROZEN_AIM}) {verdict(r['frozen_ratio'] <= FROZEN_AIM)}"
+    )
+    print(
+        f"    its floor, as many pages written in place at random from memory: {r['floor_ms']:.0f} ms, "
+        f"{r['floor_ratio']:.2f} of a full park; the re-park {r['repark_frozen_ms'] / r['floor_ms']:.1f}x it"
     )
     print(
         f"  written {r['repark_mib']:.1f} MiB against {r['full_mib']:.0f} MiB: "
