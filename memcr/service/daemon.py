@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -87,6 +87,35 @@ class _Decided(NamedTuple):
     work: Work
 
 
+class _Checkpoint:
+    """The work of a CHECKPOINT let through. Until its pid is registered (or the request refused), the daemon
+    counts it as coming (Service.coming): a RESTORE of that pid waits for it, and is not answered "not
+    checkpointed" meanwhile (SPEC: a RESTORE that comes during its pid's CHECKPOINT aborts it)."""
+
+    def __init__(self, service: Service, pid: int, run: Callable[[Callable[[], None]], int]) -> None:
+        self.service, self.pid, self.run = service, pid, run
+        self.counted = True
+        with service.lock:
+            service.coming[pid] += 1
+
+    def __call__(self) -> int:
+        try:
+            return self.run(self.registered)
+        finally:
+            self.registered()
+
+    def registered(self) -> None:
+        """Its pid is registered, or will not be: it counts no more. Once only; not under the service lock."""
+        with self.service.lock:
+            if not self.counted:
+                return
+            self.counted = False
+            self.service.coming[self.pid] -= 1
+            if not self.service.coming[self.pid]:
+                del self.service.coming[self.pid]
+            self.service.registered.notify_all()
+
+
 class _Reason(threading.local):
     """Why the request this connection thread serves failed, in the words the daemon logged."""
 
@@ -117,6 +146,10 @@ class Service:
         self.idle_bound = MAX_IDLE
         self.out_of_descriptors = False  # an accept failed for want of descriptors, and none worked since
         self.lock = threading.Lock()
+        # the pids of CHECKPOINTs let through and not yet registered, each as often as it was asked (_Checkpoint);
+        # `registered` tells the RESTOREs that wait for them
+        self.coming: Counter[int] = Counter()
+        self.registered = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.reason = _Reason()
 
@@ -189,7 +222,10 @@ class Service:
                 listening = True
                 while not self.stop.is_set():
                     # a short wait while connections with bytes wait for a thread: one may end any moment
-                    for key, _ in selector.select(POLL / 10 if self.ready else POLL):
+                    events = selector.select(POLL / 10 if self.ready else POLL)
+                    # the connections accepted before first, the next one last: requests are decided in the order
+                    # they came (a RESTORE sent after its pid's CHECKPOINT is decided after it)
+                    for key, _ in sorted(events, key=lambda event: event[0].fileobj is listener):
                         if key.fileobj is listener:
                             self._accept(listener, selector)
                         elif key.data in self.idle:  # its first bytes, or its end
@@ -209,8 +245,10 @@ class Service:
                             selector.unregister(listener)
         finally:
             listener.close()  # its socket file and the folders made for it too
-            for conn in [*self.idle, *(pending.conn for pending in self.ready)]:
+            for conn in self.idle:
                 conn.close()  # none of them was read: their clients see the end, as of a daemon gone
+            for pending in self.ready:  # not answered: their clients see the end too, and nothing is started
+                _dropped(pending)
             self._shutdown()
 
     def _accept(self, listener: Listener, selector: selectors.BaseSelector) -> None:
@@ -292,7 +330,7 @@ class Service:
             except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
                 with self.lock:
                     self.connections.discard(thread)
-                pending.conn.close()
+                _dropped(pending)
                 self.log(f"dropped a connection: {e}")
                 time.sleep(POLL)
                 return
@@ -319,6 +357,8 @@ class Service:
                 self.reason.text = None
                 self._answer(conn, request, self._guarded(peer, work))
         finally:
+            if isinstance(pending, _Decided) and isinstance(pending.work, _Checkpoint):
+                pending.work.registered()  # should its work not have run
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
@@ -373,29 +413,27 @@ class Service:
                     "to checkpoints (a restore of any member's pid wakes its whole group)"
                 )
                 return ERROR
-            if request.incremental and (request.lazy or (request.lazy is None and self.options.lazy)):
-                self.refuse(
-                    f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 keeps the dump of an "
-                    "eager restore, and this one is lazy (a lazy restore keeps nothing)"
-                )
-                return ERROR
-            if request.incremental and self.options.allow_async_io:
-                self.refuse(
-                    f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 needs a daemon "
-                    "without --allow-async-io (what the kernel writes into pinned buffers leaves no trace)"
-                )
-                return ERROR
+            action = f"restore of pid {pid}"
 
             def restore() -> int:
                 return self._restore(pid, limit, request.lazy, request.incremental)
 
-            action = f"restore of pid {pid}"
             if self.policy.reads_proc(peer):
-                return lambda: restore() if self._permitted(peer, action, self._parked_with(pid)) else ERROR
+                # vetted first, before any other refusal tells the client anything, as ever; that reads /proc
+                def vetted() -> int:
+                    if not self._permitted(peer, action, self._parked_with(pid)):
+                        return ERROR
+                    refused = self._restore_refused(request)
+                    return refused if refused is not None else restore()
+
+                return vetted
             if not self._permitted(peer, action, self._parked_with(pid)):
                 return ERROR
+            if (refused := self._restore_refused(request)) is not None:
+                return refused
             with self.lock:
-                parked = pid in self.pids or pid in self.groups
+                # a CHECKPOINT of the pid let through before, not registered yet: the restore waits for it
+                parked = pid in self.pids or pid in self.groups or pid in self.coming
             return restore if parked else self._not_parked(pid)
         if request.lazy is not None or request.incremental is not None:
             self.refuse(
@@ -403,10 +441,30 @@ class Service:
                 "(option 1002) and a kept dump (1004) go with its RESTORE, not with the CHECKPOINT"
             )
             return ERROR
-        return lambda: self._checkpoint_request(request, peer, limit, asked)
+        return _Checkpoint(self, pid, lambda registered: self._checkpoint_request(request, peer, limit, asked,
+                                                                                  registered))  # fmt: skip
 
-    def _checkpoint_request(self, request: Request, peer: Peer, limit: float | None, asked: float) -> int:
-        """Carry out a checkpoint request that decide() let through; `asked`: when it came (time.monotonic())."""
+    def _restore_refused(self, request: Request) -> int | None:
+        """The answer to a RESTORE whose options 1002 and 1004 do not go together here, or None."""
+        pid = request.pid
+        if request.incremental and (request.lazy or (request.lazy is None and self.options.lazy)):
+            self.refuse(
+                f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 keeps the dump of an "
+                "eager restore, and this one is lazy (a lazy restore keeps nothing)"
+            )
+            return ERROR
+        if request.incremental and self.options.allow_async_io:
+            self.refuse(
+                f"refused the V2 restore of pid {pid}, which stays as it is: option 1004 needs a daemon "
+                "without --allow-async-io (what the kernel writes into pinned buffers leaves no trace)"
+            )
+            return ERROR
+        return None
+
+    def _checkpoint_request(self, request: Request, peer: Peer, limit: float | None, asked: float,
+                            registered: Callable[[], None]) -> int:  # fmt: skip
+        """Carry out a checkpoint request that decide() let through; `asked`: when it came (time.monotonic());
+        `registered` is called once its pid is the daemon's (_Checkpoint)."""
         pid = request.pid
         try:
             options = self._options(request)
@@ -414,14 +472,15 @@ class Service:
             self.refuse(f"refused the V2 checkpoint of pid {pid}, which stays untouched: {e}")
             return ERROR
         if request.group:
-            return self._park_group(request, options, limit, peer)
+            return self._park_group(request, options, limit, peer, registered)
         if not self._permitted(peer, f"checkpoint of pid {pid}", {pid}):
             return ERROR
         # a client that sent its own limit (Thunder's 12 bytes) gives up waiting then: it is answered by the limit;
         # one that sent none waits, and is answered once the target runs on again (-t alone)
         answer_by = asked if request.timeout_ms else None
         # once the target is held it can change its uids no more: what was vetted before may have changed meanwhile
-        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}), answer_by=answer_by)
+        return self._checkpoint(pid, options, limit, seized=lambda: self.policy.vet(peer, {pid}), answer_by=answer_by,
+                                registered=registered)  # fmt: skip
 
     def _permitted(self, peer: Peer, action: str, pids: AbstractSet[int]) -> bool:
         """Whether `peer` may have `action` done on `pids`; a refusal is logged."""
@@ -456,7 +515,7 @@ class Service:
         return options
 
     def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None],
-                    answer_by: float | None = None) -> int:  # fmt: skip
+                    answer_by: float | None = None, registered: Callable[[], None] = lambda: None) -> int:  # fmt: skip
         """Checkpoint `pid`, rolled back if it takes longer than `limit` seconds.
 
         With `answer_by` (the request's arrival, time.monotonic()), the
@@ -481,6 +540,7 @@ class Service:
             target = Pid(pid, seized, forget=lambda: self.free(job), kept=self.kept.take(pid), keep=self.kept.keep)
             job = self.pids[pid] = Job(self, target, options, limit, name=f"memcr-{pid}")
             job.start()
+        registered()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not job.checkpointed.wait(left) and job.expire():
             # the client waits no longer than its limit (Thunder's hibernate gives up then): it learns of the
@@ -510,8 +570,9 @@ class Service:
 
     def _restore(self, pid: int, limit: float | None, lazy: bool | None = None, incremental: bool | None = None) -> int:
         """Restore `pid` (or wake its group); `lazy`, `incremental` None: as the daemon's --lazy, --incremental
-        say."""
+        say. A CHECKPOINT of it let through before and not registered yet is waited for: this aborts it."""
         with self.lock:
+            self.registered.wait_for(lambda: pid not in self.coming)
             job = self.pids.get(pid)
             group = self.groups.get(pid)
         answer: queue.Queue[int] = queue.Queue(1)
@@ -569,7 +630,8 @@ class Service:
         for thread in connections:
             thread.join(REQUEST_TIMEOUT)
 
-    def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer) -> int:
+    def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer,
+                    registered: Callable[[], None] = lambda: None) -> int:  # fmt: skip
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         from memcr.group.park import CgroupMembers, Tree
         from memcr.service.group_target import Group
@@ -607,6 +669,7 @@ class Service:
                 return INVALID_PID
             self.groups[pid] = group
             group.start()
+        registered()
         return self._checkpointed(group)
 
     def claim(self, group: Job[Group], pids: set[int]) -> None:
@@ -649,6 +712,13 @@ class Service:
                 if self.groups.get(pid) is group:
                     del self.groups[pid]
             group.target.claimed &= keep
+
+
+def _dropped(pending: _Unread | _Decided) -> None:
+    """A connection closed unanswered; a CHECKPOINT decided on it counts as coming no more."""
+    pending.conn.close()
+    if isinstance(pending, _Decided) and isinstance(pending.work, _Checkpoint):
+        pending.work.registered()
 
 
 def _sent(conn: socket.socket) -> bool:

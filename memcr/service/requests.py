@@ -87,9 +87,11 @@ def arrived_request(conn: socket.socket) -> Request | None:
     """
     conn.setblocking(False)
     try:
-        data = conn.recv(REQUEST.size + V2_PAYLOAD_MAX + 1, socket.MSG_PEEK)
+        data, _, flags, _ = conn.recvmsg(REQUEST.size + V2_PAYLOAD_MAX + 1, 0, socket.MSG_PEEK)
     except OSError:
         return None  # nothing yet, or the client is gone: read_request finds out which
+    if flags & socket.MSG_CTRUNC:  # descriptors came with a write (SCM_RIGHTS): a peek stops at its end
+        return None
     try:
         if len(data) >= REQUEST.size and REQUEST.unpack_from(data)[0] == CMDS_V2:
             if len(data) != REQUEST.size + decode_v2_length(data[: REQUEST.size]):

@@ -1,0 +1,169 @@
+"""A hostile review of the accept loop that decides whole requests itself (ce73e68), against a real daemon.
+
+Each test is a defect found in that change: it fails on ce73e68 and passes
+with the fix beside it in this branch.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+
+from memcr.service.daemon import MAX_CONNECTIONS
+from memcr_client.protocol import Answer
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, stop
+from tests.test_dialects_service import answer, frozen, gone_pid, patiently, reason_answer
+from tests.unit.test_dialects import i32, v2
+
+OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
+LAZY, REASON, INCREMENTAL = 1002, 1003, 1004
+ROUNDS = 30
+
+if sys.byteorder != "little":
+    pytest.skip("the frames below are written little-endian: memcr supports x86_64 and arm64", allow_module_level=True)
+
+
+@contextmanager
+def every_thread_busy(d: Daemon) -> Iterator[None]:
+    """MAX_CONNECTIONS slow senders, each holding a connection thread (it waits up to 5 s for the rest of its
+    request); they hang up, and free their threads, when the block ends."""
+    threads = psutil.Process(d.proc.pid)
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            slow.append(patiently(d.connect))
+            slow[-1].send(b"\x01\x00\x00\x00")  # half a request
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while threads.num_threads() <= MAX_CONNECTIONS:
+            assert time.monotonic() < deadline, f"{threads.num_threads()} threads: not every slow sender has one"
+            time.sleep(0.01)
+        yield
+    finally:
+        for conn in slow:
+            conn.close()
+
+
+# -- 1. a RESTORE that comes after its pid's CHECKPOINT is answered "not checkpointed" ------------------------------
+
+
+@pytest.mark.parametrize("form", ["v1", "12-byte", "v2"])
+def test_a_restore_after_a_checkpoint_waiting_for_its_thread_is_not_answered_not_parked(daemon, spawn, form) -> None:
+    """SPEC: a RESTORE that arrives while the same pid's CHECKPOINT runs aborts it. The CHECKPOINT was read and
+    decided first but waits for a thread (every one is busy, as any client of the socket can make them); the
+    RESTORE that follows must not be answered -2 in the accept loop, which leaves the target parked for ever."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    frame = {
+        "v1": lambda cmd: i32(cmd, target.pid),
+        "12-byte": lambda cmd: i32(cmd, target.pid, 60_000),
+        "v2": lambda cmd: v2(i32(cmd, target.pid)),
+    }[form]
+    with every_thread_busy(d):
+        checkpoint = d.connect()
+        checkpoint.sendall(frame(CHECKPOINT))
+        d.out.wait_for(f"asks: checkpoint pid {target.pid} ({form})")  # read whole, and waits for a thread
+        restore = d.connect()
+        restore.sendall(frame(RESTORE))
+        d.out.wait_for(f"asks: restore pid {target.pid} ({form})")
+    with checkpoint, restore:
+        restored = answer(restore.recv(16, socket.MSG_WAITALL))
+        checkpointed = answer(checkpoint.recv(16, socket.MSG_WAITALL))
+    if restored == INVALID_PID and frozen(target):
+        assert d.code(RESTORE, target.pid) == OK  # leave nothing parked behind the failure
+        pytest.fail(f"the restore was answered -2 and the checkpoint ({checkpointed}) left pid {target.pid} parked")
+    assert restored == OK, restored
+    assert checkpointed in (OK, ERROR)  # done, or aborted by the restore
+    assert not frozen(target)
+    assert target.verify() == 0
+
+
+def test_a_restore_sent_right_after_its_checkpoint_is_never_answered_not_parked(daemon, spawn) -> None:
+    """The same without a busy thread: a CHECKPOINT, then at once a RESTORE on a connection made after it was sent,
+    as a client that wakes what it just sent to sleep. The CHECKPOINT came first, so its target must end up
+    running: before the fix the RESTORE was answered -2 in about half the rounds (before ce73e68 too, by a race
+    between two threads)."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    left_parked = 0
+    for _ in range(ROUNDS):
+        with d.connect() as checkpoint:
+            checkpoint.sendall(i32(CHECKPOINT, target.pid))
+            with d.connect() as restore:
+                restore.sendall(i32(RESTORE, target.pid))
+                restored = answer(restore.recv(16, socket.MSG_WAITALL))
+            answer(checkpoint.recv(16, socket.MSG_WAITALL))
+        if frozen(target):
+            assert restored == INVALID_PID
+            left_parked += 1
+            assert d.code(RESTORE, target.pid) == OK
+    assert left_parked == 0, f"{left_parked} of {ROUNDS} rounds left the target parked, its restore answered -2"
+    assert target.verify() == 0
+
+
+def test_a_stop_with_decided_requests_waiting_for_threads_starts_none(daemon, spawn) -> None:
+    """SIGTERM while a CHECKPOINT and the RESTORE that waits for it wait for threads: the daemon stops (the RESTORE
+    waits for nothing), their clients see the end, and the CHECKPOINT was never started."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    with every_thread_busy(d):
+        checkpoint = d.connect()
+        checkpoint.sendall(i32(CHECKPOINT, target.pid))
+        d.out.wait_for(f"asks: checkpoint pid {target.pid} (v1)")
+        restore = d.connect()
+        restore.sendall(i32(RESTORE, target.pid))
+        d.out.wait_for(f"asks: restore pid {target.pid} (v1)")
+        assert stop(d.proc, signal.SIGTERM) == 0
+    with checkpoint, restore:
+        assert checkpoint.recv(16, socket.MSG_WAITALL) == b""
+        assert restore.recv(16, socket.MSG_WAITALL) == b""
+    assert "seized" not in "\n".join(d.out.rest())  # no checkpoint began
+    assert not frozen(target)
+    assert target.verify() == 0
+
+
+# -- 2. the order of the refusals of a RESTORE --------------------------------------------------------------------
+
+
+def test_a_client_restoring_itself_hears_that_first(daemon) -> None:
+    """Before ce73e68 a RESTORE was vetted (nobody parks itself; --client-scope) before its options 1002/1004
+    were judged; the accept loop judges the options first, and the client hears another reason."""
+    d = daemon()
+    with d.connect() as sock:  # the client itself is this process
+        sock.sendall(v2(i32(RESTORE, os.getpid(), LAZY, 1, INCREMENTAL, 1, REASON, 1)))
+        code, reason = reason_answer(sock.recv(8192))
+    assert code == ERROR
+    assert f"process {os.getpid()} is the client itself" in reason, reason
+
+
+# -- 3. a request that carries descriptors hides the bytes after it -----------------------------------------------
+
+
+def test_bytes_after_a_request_that_carries_a_descriptor_are_still_refused(daemon, spawn) -> None:
+    """A UNIX client may attach a descriptor (SCM_RIGHTS) to its write; a MSG_PEEK stops at such a write's end, so
+    the accept loop saw 8 bytes alone, took them for a whole v1 request and answered it, leaving the rest unread:
+    what followed is refused as before ("one request per connection"), and a 12-byte request stays one."""
+    d = daemon()
+    gone = gone_pid(spawn)
+    with open(os.devnull) as null:
+        fds = array.array("i", [null.fileno()])
+        for more, form in [(b"junk" * 4, None), (struct.pack("=i", 60_000), "12-byte")]:
+            with d.connect() as sock:
+                sock.sendmsg([i32(RESTORE, gone)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                sock.sendall(more)
+                reply = answer(sock.recv(16, socket.MSG_WAITALL))
+            if form is None:
+                assert reply == ERROR
+                d.out.wait_for("more bytes after the request: one request per connection")
+            else:
+                assert reply == INVALID_PID
+                d.out.wait_for(f"asks: restore pid {gone} ({form})")
