@@ -22,6 +22,7 @@ import pytest
 from memcr.service.daemon import MAX_CONNECTIONS
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, stop
+from tests.test_client_scope import scene  # noqa: F401  (its fixture: a daemon and users)
 from tests.test_dialects_service import answer, frozen, gone_pid, patiently, reason_answer
 from tests.unit.test_dialects import i32, v2
 
@@ -143,6 +144,17 @@ def test_a_client_restoring_itself_hears_that_first(daemon) -> None:
         code, reason = reason_answer(sock.recv(8192))
     assert code == ERROR
     assert f"process {os.getpid()} is the client itself" in reason, reason
+
+
+def test_own_scope_vets_a_restore_before_its_options(scene, spawn) -> None:  # noqa: F811
+    """--client-scope own: a non-root client's RESTORE of another uid's process is refused for that, whatever
+    else is wrong with it (docs/SECURITY.md: the log says which process runs as which uids)."""
+    s = scene("--client-scope", "own")
+    target = spawn("pattern", 8, user=s.b)
+    assert s.ask(RESTORE, target.pid, user=s.a, lazy=True, incremental=True) == ERROR
+    s.daemon.out.wait_for(f"asks: restore pid {target.pid} (v2)")
+    line = s.daemon.out.wait_for(f"restore of pid {target.pid}")
+    assert f"process {target.pid} runs as uids {s.b_uid}/" in line, line
 
 
 # -- 3. a request that carries descriptors hides the bytes after it -----------------------------------------------
