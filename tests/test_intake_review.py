@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, stop
 from tests.test_client_scope import scene  # noqa: F401  (its fixture: a daemon and users)
 from tests.test_dialects_service import answer, frozen, gone_pid, patiently, reason_answer
-from tests.unit.test_dialects import i32, v2
+from tests.unit.test_dialects import dump_dir, i32, v2
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
 LAZY, REASON, INCREMENTAL = 1002, 1003, 1004
@@ -128,6 +129,42 @@ def test_a_stop_with_decided_requests_waiting_for_threads_starts_none(daemon, sp
         assert checkpoint.recv(16, socket.MSG_WAITALL) == b""
         assert restore.recv(16, socket.MSG_WAITALL) == b""
     assert "seized" not in "\n".join(d.out.rest())  # no checkpoint began
+    assert not frozen(target)
+    assert target.verify() == 0
+
+
+def test_a_flood_of_checkpoints_of_a_parked_pid_delays_not_its_restore(daemon, spawn, tmp_path) -> None:
+    """A RESTORE waits for the CHECKPOINTs of its pid decided before it, and for no later one: clients that keep
+    asking to park the pid (each refused for its dump directory, once a thread reads it) cannot hold its restore
+    back."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    assert d.code(CHECKPOINT, target.pid) == OK
+    nowhere = dump_dir(tmp_path / "nonexistent")
+    stop_flood = threading.Event()
+    answered: list[int] = []
+
+    def flood() -> None:
+        while not stop_flood.is_set():
+            with patiently(d.connect) as sock:
+                sock.sendall(v2(i32(CHECKPOINT, target.pid), nowhere))
+                answered.append(answer(sock.recv(16, socket.MSG_WAITALL)))
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    for thread in flooders:
+        thread.start()
+    try:
+        while len(answered) < 200:  # under way
+            time.sleep(0.01)
+        with d.connect() as sock:
+            sock.settimeout(30)  # the flood goes on meanwhile
+            sock.sendall(i32(RESTORE, target.pid))
+            assert answer(sock.recv(16, socket.MSG_WAITALL)) == OK
+    finally:
+        stop_flood.set()
+        for thread in flooders:
+            thread.join(RUN_TIMEOUT)
+    assert set(answered) == {ERROR}
     assert not frozen(target)
     assert target.verify() == 0
 

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import traceback
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -88,15 +88,16 @@ class _Decided(NamedTuple):
 
 
 class _Checkpoint:
-    """The work of a CHECKPOINT let through. Until its pid is registered (or the request refused), the daemon
-    counts it as coming (Service.coming): a RESTORE of that pid waits for it, and is not answered "not
-    checkpointed" meanwhile (SPEC: a RESTORE that comes during its pid's CHECKPOINT aborts it)."""
+    """The work of a CHECKPOINT let through. Until its pid is registered (or the request refused), it is coming
+    (Service.coming): a RESTORE of that pid decided after it waits for it, and is not answered "not checkpointed"
+    meanwhile (SPEC: a RESTORE that comes during its pid's CHECKPOINT aborts it). Those decided later are not
+    waited for: a flood of them delays no RESTORE."""
 
     def __init__(self, service: Service, pid: int, run: Callable[[Callable[[], None]], int]) -> None:
         self.service, self.pid, self.run = service, pid, run
-        self.counted = True
+        self.counted = True  # under the service lock
         with service.lock:
-            service.coming[pid] += 1
+            service.coming.setdefault(pid, set()).add(self)
 
     def __call__(self) -> int:
         try:
@@ -110,8 +111,9 @@ class _Checkpoint:
             if not self.counted:
                 return
             self.counted = False
-            self.service.coming[self.pid] -= 1
-            if not self.service.coming[self.pid]:
+            coming = self.service.coming[self.pid]
+            coming.discard(self)
+            if not coming:
                 del self.service.coming[self.pid]
             self.service.registered.notify_all()
 
@@ -146,9 +148,9 @@ class Service:
         self.idle_bound = MAX_IDLE
         self.out_of_descriptors = False  # an accept failed for want of descriptors, and none worked since
         self.lock = threading.Lock()
-        # the pids of CHECKPOINTs let through and not yet registered, each as often as it was asked (_Checkpoint);
-        # `registered` tells the RESTOREs that wait for them
-        self.coming: Counter[int] = Counter()
+        # the CHECKPOINTs let through whose pids are not registered yet, by pid (_Checkpoint); `registered` tells
+        # the RESTOREs that wait for them
+        self.coming: dict[int, set[_Checkpoint]] = {}
         self.registered = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.reason = _Reason()
@@ -414,9 +416,11 @@ class Service:
                 )
                 return ERROR
             action = f"restore of pid {pid}"
+            with self.lock:  # the CHECKPOINTs of the pid let through before, not registered yet: it waits for them
+                ahead = frozenset(self.coming.get(pid, ()))
 
             def restore() -> int:
-                return self._restore(pid, limit, request.lazy, request.incremental)
+                return self._restore(pid, limit, request.lazy, request.incremental, ahead)
 
             if self.policy.reads_proc(peer):
                 # vetted first, before any other refusal tells the client anything, as ever; that reads /proc
@@ -432,8 +436,7 @@ class Service:
             if (refused := self._restore_refused(request)) is not None:
                 return refused
             with self.lock:
-                # a CHECKPOINT of the pid let through before, not registered yet: the restore waits for it
-                parked = pid in self.pids or pid in self.groups or pid in self.coming
+                parked = pid in self.pids or pid in self.groups or bool(ahead)
             return restore if parked else self._not_parked(pid)
         if request.lazy is not None or request.incremental is not None:
             self.refuse(
@@ -568,11 +571,13 @@ class Service:
             self.reason.text = job.failure or self.reason.text
         return job.checkpoint_code
 
-    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None, incremental: bool | None = None) -> int:
+    def _restore(self, pid: int, limit: float | None, lazy: bool | None = None, incremental: bool | None = None,
+                 ahead: AbstractSet[_Checkpoint] = frozenset()) -> int:  # fmt: skip
         """Restore `pid` (or wake its group); `lazy`, `incremental` None: as the daemon's --lazy, --incremental
-        say. A CHECKPOINT of it let through before and not registered yet is waited for: this aborts it."""
+        say. The CHECKPOINTs of it let through before (`ahead`) are waited for, until their pid is registered: this
+        aborts them."""
         with self.lock:
-            self.registered.wait_for(lambda: pid not in self.coming)
+            self.registered.wait_for(lambda: not any(checkpoint.counted for checkpoint in ahead))
             job = self.pids.get(pid)
             group = self.groups.get(pid)
         answer: queue.Queue[int] = queue.Queue(1)
