@@ -212,38 +212,6 @@ def test_clients_beyond_what_the_daemon_reads_wait_in_the_backlog(daemon, spawn)
     assert target.verify() == 0
 
 
-@pytest.mark.parametrize("form", ["v1", "12-byte", "v2"])
-def test_a_request_that_takes_no_work_waits_for_no_thread(daemon, spawn, form: str) -> None:
-    """A whole request whose answer is a refusal or "not parked" is answered in the accept loop: with every
-    connection thread waiting for a slow sender's rest, it is answered at once, not when one of them gives up."""
-    d = daemon()
-    gone = gone_pid(spawn)
-    frame = {"v1": i32(RESTORE, gone), "12-byte": i32(RESTORE, gone, 60_000), "v2": v2(i32(RESTORE, gone))}[form]
-    threads = psutil.Process(d.proc.pid)
-    slow = []
-    try:
-        for _ in range(MAX_CONNECTIONS):
-            slow.append(patiently(d.connect))
-            slow[-1].send(b"\x01\x00\x00\x00")  # half a request: its thread waits up to 5 s for the rest
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while threads.num_threads() <= MAX_CONNECTIONS:  # every slow sender has its thread, and no more come
-            assert time.monotonic() < deadline, f"{threads.num_threads()} threads: not every slow sender has one"
-            time.sleep(0.01)
-        assert answer(exchange(d, frame)) == INVALID_PID
-        for conn in slow:  # all still waiting: the answer did not wait for one of their threads to end
-            conn.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                conn.recv(1)
-    finally:
-        for conn in slow:
-            conn.close()
-    d.out.wait_for(f"answered -2 to the restore of pid {gone}: it is not checkpointed")
-    target = spawn("pattern", 8)  # and the work still goes to threads
-    assert d.code(CHECKPOINT, target.pid) == OK
-    assert d.code(RESTORE, target.pid) == OK
-    assert target.verify() == 0
-
-
 def patiently(connect: Callable[[], socket.socket]) -> socket.socket:
     """A connection, asked again while the daemon's backlog is full (a UNIX connect under a timeout says EAGAIN)."""
     deadline = time.monotonic() + RUN_TIMEOUT

@@ -575,9 +575,14 @@ class Service:
                  ahead: AbstractSet[_Checkpoint] = frozenset()) -> int:  # fmt: skip
         """Restore `pid` (or wake its group); `lazy`, `incremental` None: as the daemon's --lazy, --incremental
         say. The CHECKPOINTs of it let through before (`ahead`) are waited for, until their pid is registered: this
-        aborts them."""
+        aborts them. Not for ever: with every connection thread taken by RESTOREs that wait so, those CHECKPOINTs
+        would never get one."""
         with self.lock:
-            self.registered.wait_for(lambda: not any(checkpoint.counted for checkpoint in ahead))
+            if not self.registered.wait_for(lambda: not any(c.counted for c in ahead), timeout=REQUEST_TIMEOUT):
+                self.log(
+                    f"the restore of pid {pid} waited {REQUEST_TIMEOUT:g} s for its checkpoint asked before, which "
+                    "has found no thread yet (all are taken): it is answered as things stand"
+                )
             job = self.pids.get(pid)
             group = self.groups.get(pid)
         answer: queue.Queue[int] = queue.Queue(1)

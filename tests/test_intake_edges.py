@@ -1,11 +1,11 @@
-"""A hostile review of the accept loop that decides whole requests itself (ce73e68), against a real daemon.
+"""The accept loop that decides whole requests itself (the daemon's intake, issue #29), against a real daemon.
 
-Each test but the flood's is a defect: it fails on ce73e68 and passes with
-the fix beside it in this branch. The RESTORE answered -2 after its pid's
-CHECKPOINT was a race before ce73e68 too (about a third of the rounds of
-the second test); ce73e68 made it certain while the CHECKPOINT waits for a
-thread. The flood's test guards the fix: a RESTORE waits for no CHECKPOINT
-decided after it.
+A request that has arrived whole is decided in the accept loop, and
+answered there when that takes no work. These tests hold it to what the
+threads did before: the order of requests (a RESTORE after its pid's
+CHECKPOINT waits for it, for none decided later, and not for ever), the
+order of refusals, the forms of a request. Most come from a hostile
+review; each failed on the first version of the change.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from memcr.service.daemon import MAX_CONNECTIONS
 from memcr_client.protocol import Answer
 from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Daemon, stop
 from tests.test_client_scope import scene  # noqa: F401  (its fixture: a daemon and users)
-from tests.test_dialects_service import answer, frozen, gone_pid, patiently, reason_answer
+from tests.test_dialects_service import answer, exchange, frozen, gone_pid, patiently, reason_answer
 from tests.unit.test_dialects import dump_dir, i32, v2
 
 OK, ERROR, INVALID_PID = Answer.OK, Answer.ERROR, Answer.INVALID_PID
@@ -40,23 +40,67 @@ if sys.byteorder != "little":
 
 
 @contextmanager
-def every_thread_busy(d: Daemon) -> Iterator[None]:
-    """MAX_CONNECTIONS slow senders, each holding a connection thread (it waits up to 5 s for the rest of its
-    request); they hang up, and free their threads, when the block ends."""
+def every_thread_busy(d: Daemon, half: bytes = b"\x01\x00\x00\x00") -> Iterator[list[socket.socket]]:
+    """MAX_CONNECTIONS slow senders of `half` a request, each holding a connection thread (it waits up to 5 s
+    for the rest); they hang up, and free their threads, when the block ends."""
     threads = psutil.Process(d.proc.pid)
     slow: list[socket.socket] = []
     try:
         for _ in range(MAX_CONNECTIONS):
             slow.append(patiently(d.connect))
-            slow[-1].send(b"\x01\x00\x00\x00")  # half a request
+            slow[-1].send(half)
         deadline = time.monotonic() + RUN_TIMEOUT
         while threads.num_threads() <= MAX_CONNECTIONS:
             assert time.monotonic() < deadline, f"{threads.num_threads()} threads: not every slow sender has one"
             time.sleep(0.01)
-        yield
+        yield slow
     finally:
         for conn in slow:
             conn.close()
+
+
+@pytest.mark.parametrize("form", ["v1", "12-byte", "v2"])
+def test_a_request_that_takes_no_work_waits_for_no_thread(daemon, spawn, form: str) -> None:
+    """A whole request whose answer is a refusal or "not parked" is answered in the accept loop: with every
+    connection thread waiting for a slow sender's rest, it is answered at once, not when one of them gives up."""
+    d = daemon()
+    gone = gone_pid(spawn)
+    frame = {"v1": i32(RESTORE, gone), "12-byte": i32(RESTORE, gone, 60_000), "v2": v2(i32(RESTORE, gone))}[form]
+    with every_thread_busy(d) as slow:
+        assert answer(exchange(d, frame)) == INVALID_PID
+        for conn in slow:  # all still waiting: the answer did not wait for one of their threads to end
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)
+    d.out.wait_for(f"answered -2 to the restore of pid {gone}: it is not checkpointed")
+    target = spawn("pattern", 8)  # and the work still goes to threads
+    assert d.code(CHECKPOINT, target.pid) == OK
+    assert d.code(RESTORE, target.pid) == OK
+    assert target.verify() == 0
+
+
+def test_restores_that_wait_for_a_checkpoint_with_no_thread_give_way(daemon, spawn) -> None:
+    """Every connection thread holds a RESTORE of a pid whose CHECKPOINT came whole before them and waits for a
+    thread: the RESTOREs wait for it a while (REQUEST_TIMEOUT), not for ever, or neither would ever end."""
+    d = daemon()
+    target = spawn("pattern", 8)
+    whole = i32(RESTORE, target.pid)
+    with every_thread_busy(d, whole[:4]) as restores, d.connect() as checkpoint:
+        checkpoint.sendall(i32(CHECKPOINT, target.pid))
+        d.out.wait_for(f"asks: checkpoint pid {target.pid} (v1)")  # decided: it waits for a thread
+        for conn in restores:
+            conn.settimeout(RUN_TIMEOUT)
+            conn.sendall(whole[4:])  # each RESTORE whole now, decided on its thread after the CHECKPOINT
+        answers = [answer(conn.recv(16, socket.MSG_WAITALL)) for conn in restores]
+        d.out.wait_for(f"the restore of pid {target.pid} waited")
+        checkpoint.settimeout(RUN_TIMEOUT)
+        checkpointed = answer(checkpoint.recv(16, socket.MSG_WAITALL))  # it found a thread once some ended
+    # those answered before the CHECKPOINT had its pid found nothing parked; one after it may wake the target
+    assert set(answers) <= {INVALID_PID, OK} and answers.count(OK) <= 1, answers
+    assert checkpointed in (OK, ERROR)  # parked, or aborted by a RESTORE
+    if frozen(target):
+        assert d.code(RESTORE, target.pid) == OK
+    assert target.verify() == 0
 
 
 # -- 1. a RESTORE that comes after its pid's CHECKPOINT is answered "not checkpointed" ------------------------------
