@@ -83,11 +83,14 @@ def test_restores_that_wait_for_a_checkpoint_with_no_thread_give_way(daemon, spa
     """Every connection thread holds a RESTORE of a pid whose CHECKPOINT came whole before them and waits for a
     thread: the RESTOREs wait for it a while (REQUEST_TIMEOUT), not for ever, or neither would ever end."""
     d = daemon()
-    target = spawn("pattern", 8)
+    target, gone = spawn("pattern", 8), gone_pid(spawn)
     whole = i32(RESTORE, target.pid)
     with every_thread_busy(d, whole[:4]) as restores, d.connect() as checkpoint:
         checkpoint.sendall(i32(CHECKPOINT, target.pid))
-        d.out.wait_for(f"asks: checkpoint pid {target.pid} (v1)")  # decided: it waits for a thread
+        d.out.wait_for(f"asks: checkpoint pid {target.pid} (v1)")
+        # the accept loop logs a request before it decides it, and decides one connection after the other: once a
+        # later request is answered there, the CHECKPOINT is decided, and waits for a thread
+        assert answer(exchange(d, i32(RESTORE, gone))) == INVALID_PID
         for conn in restores:
             conn.settimeout(RUN_TIMEOUT)
             conn.sendall(whole[4:])  # each RESTORE whole now, decided on its thread after the CHECKPOINT
@@ -254,9 +257,14 @@ def test_bytes_after_a_request_that_carries_a_descriptor_are_still_refused(daemo
     with open(os.devnull) as null:
         fds = array.array("i", [null.fileno()])
         for more, form in [(b"junk" * 4, None), (struct.pack("=i", 60_000), "12-byte")]:
-            with d.connect() as sock:
+            os.kill(d.proc.pid, signal.SIGSTOP)  # both writes are in before the daemon looks: no race with the 2nd
+            try:
+                sock = d.connect()
                 sock.sendmsg([i32(RESTORE, gone)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 sock.sendall(more)
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+            with sock:
                 reply = answer(sock.recv(16, socket.MSG_WAITALL))
             if form is None:
                 assert reply == ERROR

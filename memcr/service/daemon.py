@@ -302,6 +302,10 @@ class Service:
         try:
             peer = Peer.of(conn, address)
             request = arrived_request(conn)
+            if request is None:
+                self.ready.append(_Unread(conn, peer))
+                return
+            work = self._answer_or_defer(conn, peer, request)
         except OSError as e:  # the client went meanwhile
             conn.close()
             self.log(f"dropped a connection: {e.strerror}")
@@ -310,9 +314,7 @@ class Service:
             conn.close()
             logs.error(self.log, f"internal error reading a request:\n{traceback.format_exc()}")
             return
-        if request is None:
-            self.ready.append(_Unread(conn, peer))
-        elif (work := self._answer_or_defer(conn, peer, request)) is not None:
+        if work is not None:
             self.ready.append(_Decided(conn, peer, request, work))
         else:
             conn.close()
