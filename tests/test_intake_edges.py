@@ -59,6 +59,9 @@ def every_thread_busy(d: Daemon, half: bytes = b"\x01\x00\x00\x00") -> Iterator[
             conn.close()
 
 
+# -- what needs no work is answered in the accept loop; what waits there, not for ever ----------------------------
+
+
 @pytest.mark.parametrize("form", ["v1", "12-byte", "v2"])
 def test_a_request_that_takes_no_work_waits_for_no_thread(daemon, spawn, form: str) -> None:
     """A whole request whose answer is a refusal or "not parked" is answered in the accept loop: with every
@@ -106,7 +109,7 @@ def test_restores_that_wait_for_a_checkpoint_with_no_thread_give_way(daemon, spa
     assert target.verify() == 0
 
 
-# -- 1. a RESTORE that comes after its pid's CHECKPOINT is answered "not checkpointed" ------------------------------
+# -- a RESTORE that comes after its pid's CHECKPOINT is not answered "not checkpointed" --------------------------
 
 
 @pytest.mark.parametrize("form", ["v1", "12-byte", "v2"])
@@ -220,7 +223,7 @@ def test_a_flood_of_checkpoints_of_a_parked_pid_delays_not_its_restore(daemon, s
     assert target.verify() == 0
 
 
-# -- 2. the order of the refusals of a RESTORE --------------------------------------------------------------------
+# -- the order of the refusals of a RESTORE -----------------------------------------------------------------------
 
 
 def test_a_client_restoring_itself_hears_that_first(daemon) -> None:
@@ -245,7 +248,7 @@ def test_own_scope_vets_a_restore_before_its_options(scene, spawn) -> None:  # n
     assert f"process {target.pid} runs as uids {s.b_uid}/" in line, line
 
 
-# -- 3. a request that carries descriptors hides the bytes after it -----------------------------------------------
+# -- a request that carries descriptors does not hide the bytes after it ------------------------------------------
 
 
 def test_bytes_after_a_request_that_carries_a_descriptor_are_still_refused(daemon, spawn) -> None:
