@@ -95,7 +95,6 @@ class _Checkpoint:
 
     def __init__(self, service: Service, pid: int, run: Callable[[Callable[[], None]], int]) -> None:
         self.service, self.pid, self.run = service, pid, run
-        self.counted = True  # under the service lock
         with service.lock:
             service.coming.setdefault(pid, set()).add(self)
 
@@ -108,10 +107,9 @@ class _Checkpoint:
     def registered(self) -> None:
         """Its pid is registered, or will not be: it counts no more. Once only; not under the service lock."""
         with self.service.lock:
-            if not self.counted:
+            coming = self.service.coming.get(self.pid, set())
+            if self not in coming:
                 return
-            self.counted = False
-            coming = self.service.coming[self.pid]
             coming.discard(self)
             if not coming:
                 del self.service.coming[self.pid]
@@ -250,7 +248,7 @@ class Service:
             for conn in self.idle:
                 conn.close()  # none of them was read: their clients see the end, as of a daemon gone
             for pending in self.ready:  # not answered: their clients see the end too, and nothing is started
-                _dropped(pending)
+                _ended(pending)
             self._shutdown()
 
     def _accept(self, listener: Listener, selector: selectors.BaseSelector) -> None:
@@ -334,7 +332,7 @@ class Service:
             except RuntimeError as e:  # out of threads (TasksMax, RLIMIT_NPROC): this client is refused, no other
                 with self.lock:
                     self.connections.discard(thread)
-                _dropped(pending)
+                _ended(pending)
                 self.log(f"dropped a connection: {e}")
                 time.sleep(POLL)
                 return
@@ -361,8 +359,7 @@ class Service:
                 self.reason.text = None
                 self._answer(conn, request, self._guarded(peer, work))
         finally:
-            if isinstance(pending, _Decided) and isinstance(pending.work, _Checkpoint):
-                pending.work.registered()  # should its work not have run
+            _ended(pending)  # closed already; a CHECKPOINT whose work never ran counts as coming no more
             with self.lock:
                 self.connections.discard(threading.current_thread())
 
@@ -520,7 +517,7 @@ class Service:
         return options
 
     def _checkpoint(self, pid: int, options: Options, limit: float | None, seized: Callable[[], None],
-                    answer_by: float | None = None, registered: Callable[[], None] = lambda: None) -> int:  # fmt: skip
+                    answer_by: float | None, registered: Callable[[], None]) -> int:  # fmt: skip
         """Checkpoint `pid`, rolled back if it takes longer than `limit` seconds.
 
         With `answer_by` (the request's arrival, time.monotonic()), the
@@ -580,7 +577,7 @@ class Service:
         aborts them. Not for ever: with every connection thread taken by RESTOREs that wait so, those CHECKPOINTs
         would never get one."""
         with self.lock:
-            if not self.registered.wait_for(lambda: not any(c.counted for c in ahead), timeout=REQUEST_TIMEOUT):
+            if not self.registered.wait_for(lambda: not ahead & self.coming.get(pid, set()), timeout=REQUEST_TIMEOUT):
                 self.log(
                     f"the restore of pid {pid} waited {REQUEST_TIMEOUT:g} s for its checkpoint asked before, which "
                     "has found no thread yet (all are taken): it is answered as things stand"
@@ -643,7 +640,7 @@ class Service:
             thread.join(REQUEST_TIMEOUT)
 
     def _park_group(self, request: Request, options: Options, limit: float | None, peer: Peer,
-                    registered: Callable[[], None] = lambda: None) -> int:  # fmt: skip
+                    registered: Callable[[], None]) -> int:  # fmt: skip
         """Park a process tree or a cgroup all or nothing; its id is the request's pid."""
         from memcr.group.park import CgroupMembers, Tree
         from memcr.service.group_target import Group
@@ -726,8 +723,8 @@ class Service:
             group.target.claimed &= keep
 
 
-def _dropped(pending: _Unread | _Decided) -> None:
-    """A connection closed unanswered; a CHECKPOINT decided on it counts as coming no more."""
+def _ended(pending: _Unread | _Decided) -> None:
+    """A connection closed, answered or not; a CHECKPOINT decided on it counts as coming no more."""
     pending.conn.close()
     if isinstance(pending, _Decided) and isinstance(pending.work, _Checkpoint):
         pending.work.registered()
