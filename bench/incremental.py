@@ -17,10 +17,12 @@ park's; the wake-up (restore until the target runs) after a re-park
 against after a full one, eager and lazy; the target's write with tracking
 against without. The target checks every page at the end.
 
-Beside the frozen time, its floor on this machine (bench/scatter.c): as
-many pages as the re-park wrote, written each at its own place in a file
-of the target's size in the same folder, from a process's memory with one
-pwrite each, the file's pages clean in the page cache beforehand.
+Beside the frozen time, the copy of what changed that the re-park makes
+while the target still runs, and that copy's floor on this machine
+(bench/scatter.c): as many pages as the re-park wrote, written each at
+its own place in a file of the target's size in the same folder, from a
+process's memory with one pwrite each, the file's pages clean in the page
+cache beforehand.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def _round(target: _Target, options: Options, floor: Callable[[int], float]) -> 
         "eager_wake_ratio": eager_again / eager_full,
         "lazy_wake_ratio": lazy_again / lazy_full,
         "tracking_ratio": tracked / untracked,
+        "precopy_ms": again.precopy_ms,
         "full_frozen_ms": _frozen(full),
         "repark_frozen_ms": _frozen(again),
         "full_mib": full.written_bytes / 2**20,
@@ -175,8 +178,8 @@ def print_table(r: dict[str, float]) -> None:
         f"{r['frozen_ratio']:.2f} (aim <= {FROZEN_AIM}) {verdict(r['frozen_ratio'] <= FROZEN_AIM)}"
     )
     print(
-        f"    its floor, as many pages written in place at random from memory: {r['floor_ms']:.0f} ms, "
-        f"{r['floor_ratio']:.2f} of a full park; the re-park {r['repark_frozen_ms'] / r['floor_ms']:.1f}x it"
+        f"    before the freeze, while the target ran: what it wrote copied in {r['precopy_ms']:.0f} ms; as many "
+        f"pages written in place at random from memory: {r['floor_ms']:.0f} ms, {r['floor_ratio']:.2f} of a full park"
     )
     print(
         f"  written {r['repark_mib']:.1f} MiB against {r['full_mib']:.0f} MiB: "

@@ -31,6 +31,7 @@ class Report:
     dropped_pages: int = 0  # of those, dropped (the kernel refuses locked pages)
     locked_vmas: int = 0  # mlock()ed mappings left in memory
     shared_pages: int = 0  # pages other processes map too, left in memory
+    precopy_ms: float = 0.0  # an incremental re-park: copying what the target changed, while it still ran
     setup_ms: float = 0.0  # seize, inject, scan: frozen time before the first page moves
     download_ms: float = 0.0
     upload_ms: float = 0.0
@@ -140,6 +141,7 @@ _PROCESS: dict[str, str] = {
     "dropped_pages": "int",
     "locked_vmas": "int",
     "shared_pages": "int",
+    "precopy_ms": "float",
     "setup_ms": "float",
     "download_ms": "float",
     "upload_ms": "float",

@@ -45,7 +45,7 @@ def test_no_span_of_a_re_park_is_dropped_before_each_write_over_it_is_in_the_fil
     from memcr.engine.parasite import Parasite
     from memcr.park import incremental
     from tests.test_incremental import _quit
-    from tests.test_incremental_edges2 import _kept
+    from tests.test_incremental_edges2 import _kept, _written_after_the_copy
     from tests.test_incremental_edges3 import _repark, _say_cycle
 
     rng = random.Random(run * 977 + int(time.time()))
@@ -83,6 +83,7 @@ def test_no_span_of_a_re_park_is_dropped_before_each_write_over_it_is_in_the_fil
         assert not late, f"drop {addr:#x}+{length:#x} before the writes over {late[:3]} were in the file"
         real_send(self, addr, length)
 
+    _written_after_the_copy(monkeypatch)
     monkeypatch.setattr(incremental, "split", split)
     monkeypatch.setattr(incremental, "batches", batches)
     monkeypatch.setattr(PlainWriter, "write_over", write_over_in_order)

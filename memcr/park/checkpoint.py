@@ -32,7 +32,7 @@ from memcr.engine.infect import check_room
 from memcr.engine.parasite import Parasite, SocketSpec
 from memcr.engine.parasite_protocol import SEND_RUNS
 from memcr.engine.tracer import FrozenProcess
-from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
+from memcr.errors import Aborted, LimitError, MemcrError, RightsError, TargetError, UsageError
 from memcr.options import Cancel, Log, Options, check_socket_dir
 from memcr.park import features, incremental, scan
 from memcr.park.incremental import Kept
@@ -143,6 +143,8 @@ def _checkpoint(
             logs.error(log, f"warning: {problem}")
         kept = None
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
+    if kept is not None:
+        kept = _precopy(pid, kept, cancel, report, log)
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
     try:
@@ -194,13 +196,37 @@ def _checkpoint(
     parked = Parked(frozen, parasite, dump, pagemap, plan.vmas, reserve, report, log, stream.added)
     try:
         report.dump_path, report.dump_bytes = str(dump.path), dump.size
-        report.written_bytes = dump.size - size_before + stream.rewritten
+        report.written_bytes += dump.size - size_before + stream.rewritten
         report.dropped_pages = sum(r.length for r in dump.records if r.dropped) // page_size
         report.rss_after = rss(procfs.read_status(pid))
     except BaseException as error:
         parked.rollback(error)
         raise
     return parked
+
+
+def _precopy(pid: int, kept: Kept, cancel: Cancel, report: Report, log: Log) -> Kept | None:
+    """Write what the target changed into the kept dump while it still runs (incremental.precopy): the frozen
+    park writes only what it changes from here on. None where that failed: the dump serves no more, and this
+    park is whole (nothing was dropped: it is as it was)."""
+    fd = procfs.open_pagemap(pid)
+    if fd is None:
+        return kept  # the frozen park reads the page map through the parasite, or parks whole
+    started = time.monotonic()
+    try:
+        report.written_bytes = incremental.precopy(kept, pid, fd, cancel, bytearray(CHUNK))
+    except Aborted:
+        raise
+    except (OSError, MemcrError) as e:
+        log(f"writing the dump of pid {pid} whole: copying what it changed while it ran failed: {e}")
+        if problem := kept.close():
+            logs.error(log, f"warning: {problem}")
+        return None
+    finally:
+        os.close(fd)
+    report.precopy_ms = (time.monotonic() - started) * 1000
+    log(f"{report.written_bytes / 2**20:.1f} MiB it changed since its restore written while it ran")
+    return kept
 
 
 def _unfit(kept: Kept, options: Options, page_size: int) -> str | None:

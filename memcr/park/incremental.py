@@ -8,7 +8,10 @@ protects every page just put back. From then on the kernel notes each page
 the target writes, without a fault to memcr. memcr keeps the dump and that
 userfaultfd: a Kept.
 
-At the next park, a page the plan dumps that the kept dump holds at the
+At the next park, while the target still runs, what it wrote since is
+copied over the kept dump's pages, each protected again as it is listed
+(`precopy`): frozen, the park then writes only what it wrote meanwhile.
+Frozen, a page the plan dumps that the kept dump holds at the
 same address keeps its place in the file: as it is where its mapping is
 still one memcr's userfaultfd watches (registering it again succeeds: not
 moved, not mapped anew, not the target's own userfaultfd's, not another
@@ -23,8 +26,11 @@ the reverse. Facts and measurements: docs/incremental.md.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import errno
+import itertools
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +40,10 @@ from typing import NamedTuple
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, PlainReader
 from memcr.engine.parasite import Parasite
-from memcr.errors import MemcrError
+from memcr.errors import Aborted, MemcrError
+from memcr.options import Cancel
 from memcr.park.scan import Extent, Plan
-from memcr.system import libc, pagemap, procfs, uffd
+from memcr.system import libc, pagemap, process_vm, procfs, uffd
 from memcr.system.procfs import Vma
 
 # A kept dump whose file takes more than this much beyond the pages it still serves is written anew, whole:
@@ -166,17 +173,27 @@ def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
     """
     try:
         tracker.register(vma.start, vma.end, uffd.REGISTER_MODE_WP)
-        # present pages only: protecting a range never touched would allocate page tables for all of it
-        pagemap.scan(
-            vma.start,
-            vma.end,
-            pagemap_fd,
-            flags=pagemap.WP_MATCHING | pagemap.CHECK_WPASYNC,
-            mask=pagemap.IS_WRITTEN | pagemap.IS_PRESENT,
-            wanted=pagemap.IS_WRITTEN,
-        )
+        _protect_written(pagemap_fd, vma)
     except (uffd.Unavailable, OSError):
         pass
+
+
+def _protect_written(pagemap_fd: int, vma: Vma) -> _Written:
+    """Protect each present page of a registered `vma` that reads as written, in the walk that lists them: those.
+
+    Present pages only: protecting a hole maps a marker in it (the scan
+    then counts it as a page to dump) and page tables for a range never
+    touched.
+    """
+    found = pagemap.scan(
+        vma.start,
+        vma.end,
+        pagemap_fd,
+        flags=pagemap.WP_MATCHING | pagemap.CHECK_WPASYNC,
+        mask=pagemap.IS_WRITTEN | pagemap.IS_PRESENT,
+        wanted=pagemap.IS_WRITTEN,
+    )
+    return _ranges(vma, found)
 
 
 class Rewrite(NamedTuple):
@@ -312,6 +329,43 @@ def _cut(run: Rewrite, size: int) -> list[Rewrite]:
     ]
 
 
+def precopy(kept: Kept, pid: int, pagemap_fd: int, cancel: Cancel, buffer: bytearray) -> int:
+    """While the target still runs: write over the kept dump the pages it wrote since its restore; the bytes.
+
+    The frozen park then writes only what the target writes from here on.
+    The scan that lists a written page protects it again in the same step
+    (PM_SCAN_WP_MATCHING), before memcr reads it: a write after that, even
+    one during the read, marks it written again, and the frozen park
+    writes it anew. Only pages the dump holds at their address, in
+    readable mappings memcr's userfaultfd watches, are scanned; the rest
+    is the frozen park's. OSError or MemcrError when a page could not be
+    read or written, and Aborted when `cancel` is set: pages protected by
+    then may not be in the dump, which then serves no more.
+    """
+    vmas = procfs.read_maps(pid)
+    ours = owned(kept, vmas)
+    starts = [r.addr for r in kept.index]
+    runs: list[Rewrite] = []
+    for vma in vmas:
+        if (vma.start, vma.end) not in ours or not vma.prot & mmap.PROT_READ:
+            continue
+        held = _held(vma.start, vma.end, kept.index, starts)
+        if not held:
+            continue
+        changed = _protect_written(pagemap_fd, vma)
+        for lo, hi, record in held:
+            runs += [Rewrite(a, b - a, record.offset + a - record.addr, vma) for a, b in _within(changed, lo, hi)]
+    local = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    for batch in batches(runs, len(buffer), process_vm.IOV_MAX):
+        if cancel.cancelled:
+            raise Aborted(f"checkpoint of pid {pid} aborted: it runs on", pid=pid)
+        places = list(itertools.accumulate((r.length for r in batch), initial=0))[:-1]  # of each run in the buffer
+        process_vm.read_many(pid, [(r.addr, local + at, r.length) for r, at in zip(batch, places, strict=True)])
+        pieces = [(at, r.length, r.offset) for r, at in zip(batch, places, strict=True)]
+        kept.dump.file.rewrite_many(memoryview(buffer), pieces)
+    return sum(r.length for r in runs)
+
+
 class Added(NamedTuple):
     """What an incremental park leaves its restore: where the file holds pages no record serves any more, and
     the runs of the last dump written whole (0: this one was)."""
@@ -362,6 +416,11 @@ def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
         )
     except OSError:
         return None
+    return _ranges(vma, found)
+
+
+def _ranges(vma: Vma, found: list[tuple[int, int, int]]) -> _Written:
+    """A scan's pages of `vma` (pagemap.scan) as address ranges."""
     page = pagemap.PAGE
     ranges = [(vma.start + first * page, vma.start + stop * page) for first, stop, _ in found]
     return _Written(ranges, [end for _, end in ranges])

@@ -1,0 +1,134 @@
+/*
+ * churn MIB SEED: a target that writes all through its park, for the
+ * incremental re-park's copy of what changed while it still runs
+ * (docs/incremental.md). MIB MiB of patterned pages; a writer thread
+ * writes them one at a time: its nth write fills page mix(SEED, n) with
+ * the pattern of key n. Which page holds which key follows from the count
+ * of writes alone, so a check replays them and finds any write memcr
+ * lost, however consistently (the page and the count both live in memory
+ * memcr parks). Commands on stdin, one a line:
+ *
+ *   go PACE      start writing, waiting about PACE microseconds after each
+ *                write (0: as fast as it can); print "going"
+ *   count        print "count N": the writes done so far
+ *   check C      stop writing (the write under way is finished), check
+ *                every page against the replay and its own state (signal
+ *                sets, dispositions, threads, memory map and VmFlags, "uw"
+ *                aside), print "done C N" (or "bad C ..." and exit 1)
+ *   quit         exit 0
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <time.h>
+#include "common.h"
+#include "watched.h"
+
+static size_t page_bytes, pages;
+static uint64_t *region, seed, *expected;
+static volatile uint64_t writes; /* done: page and count are both written before the next begins */
+static volatile int stopping;
+static long pace_us;
+static pthread_t writer;
+static char stdin_buffer[4096]; /* stdio's own would come from the heap after the state is taken */
+
+static size_t page_of(uint64_t n)
+{
+	return mix(seed * 0x100000001ULL + n) % pages;
+}
+
+/* The nth write's key (n >= 1), or page i's before any write: two streams that never meet. */
+static uint64_t key_of(uint64_t n)
+{
+	return mix(seed ^ (n << 1));
+}
+
+static uint64_t first_key(size_t i)
+{
+	return mix(seed ^ ((uint64_t)i << 1 | 1));
+}
+
+static uint64_t *page_at(size_t page)
+{
+	return region + page * (page_bytes / 8);
+}
+
+static void *write_on(void *unused)
+{
+	(void)unused;
+	while (!stopping) {
+		uint64_t n = writes + 1;
+
+		fill(page_at(page_of(n)), page_bytes, key_of(n));
+		writes = n;
+		if (pace_us) {
+			struct timespec wait = {0, pace_us * 1000};
+			nanosleep(&wait, NULL);
+		}
+	}
+	return NULL;
+}
+
+/* Every page as the replay of the first `writes` writes leaves it; the first that is not, or -1. */
+static long first_wrong(void)
+{
+	for (size_t i = 0; i < pages; i++)
+		expected[i] = first_key(i);
+	for (uint64_t n = 1; n <= writes; n++)
+		expected[page_of(n)] = key_of(n);
+	for (size_t i = 0; i < pages; i++)
+		if (!same(page_at(i), page_bytes, expected[i]))
+			return (long)i;
+	return -1;
+}
+
+int main(int argc, char **argv)
+{
+	char line[256];
+	long cycle, wrong;
+
+	if (argc != 3) {
+		fprintf(stderr, "usage: churn MIB SEED\n");
+		return 2;
+	}
+	page_bytes = page_size();
+	pages = (size_t)atol(argv[1]) * (1u << 20) / page_bytes;
+	seed = (uint64_t)atoll(argv[2]);
+	region = map_anon(pages * page_bytes);
+	expected = calloc(pages, sizeof(*expected));
+	for (size_t i = 0; i < pages; i++)
+		fill(page_at(i), page_bytes, first_key(i));
+	setvbuf(stdin, stdin_buffer, _IOLBF, sizeof(stdin_buffer));
+	/* a first thread, at once joined: glibc sets up what its threads need (a handler) before the state is taken */
+	stopping = 1;
+	if (pthread_create(&writer, NULL, write_on, NULL) != 0 || pthread_join(writer, NULL) != 0)
+		return 2;
+	announce();
+	while (fgets(line, sizeof(line), stdin)) {
+		if (sscanf(line, "go %ld", &pace_us) == 1) {
+			stopping = 0;
+			if (pthread_create(&writer, NULL, write_on, NULL) != 0)
+				return 2;
+			printf("going\n");
+		} else if (strncmp(line, "count", 5) == 0) {
+			printf("count %llu\n", (unsigned long long)writes);
+		} else if (sscanf(line, "check %ld", &cycle) == 1) {
+			stopping = 1;
+			pthread_join(writer, NULL);
+			wrong = first_wrong();
+			if (wrong >= 0 || !watched_state_intact()) {
+				printf("bad %ld page %ld of %llu writes\n", cycle, wrong, (unsigned long long)writes);
+				fflush(stdout);
+				return 1;
+			}
+			take_state(&state_before);
+			printf("done %ld %llu\n", cycle, (unsigned long long)writes);
+		} else if (strncmp(line, "quit", 4) == 0) {
+			return 0;
+		} else {
+			fprintf(stderr, "bad command: %s", line);
+			return 2;
+		}
+		fflush(stdout);
+	}
+	return 3;
+}

@@ -1,0 +1,91 @@
+/*
+ * The state check of a target memcr's daemon watches for writes
+ * (--incremental): as state_intact(1) of common.h, with memcr's "uw" taken
+ * out of the VmFlags and neighbouring mappings the watch let the kernel
+ * merge joined again, on both sides.
+ */
+#ifndef TARGET_WATCHED_H
+#define TARGET_WATCHED_H
+
+#include "common.h"
+
+/* VmFlags without memcr's "uw", which its write tracking sets on the mappings it watches. */
+static void drop_uw(char *text)
+{
+	char *at;
+
+	while ((at = strstr(text, " uw")) != NULL)
+		memmove(at, at + 3, strlen(at + 3) + 1);
+}
+
+/*
+ * Join each line "START-END REST" to the one before when it starts where that
+ * one ends and the rest is the same: memcr's watch (registering a mapping
+ * with a userfaultfd) lets the kernel merge neighbours it could always have
+ * merged, which only /proc shows.
+ */
+static void join_ranges(char *text)
+{
+	char *out = text, *line = text, prev_rest[512] = "";
+	unsigned long prev_end = 0, start, end;
+	char *prev_end_at = NULL;
+
+	while (*line) {
+		char *eol = strchr(line, '\n'), *rest;
+		size_t len = eol ? (size_t)(eol - line + 1) : strlen(line);
+		char copy[512];
+
+		snprintf(copy, sizeof(copy), "%.*s", (int)len, line);
+		start = strtoul(copy, &rest, 16);
+		end = strtoul(rest + 1, &rest, 16);
+		if (prev_end_at && start == prev_end && strcmp(rest, prev_rest) == 0) {
+			/* rewrite the end of the line before: same width, as both are hex of one address space */
+			char hex[32];
+			int width = snprintf(hex, sizeof(hex), "%lx", end);
+			if (width == (int)strcspn(prev_end_at, " ")) {
+				memcpy(prev_end_at, hex, (size_t)width);
+				prev_end = end;
+				line += len;
+				continue;
+			}
+		}
+		memmove(out, line, len);
+		prev_end_at = out + strcspn(out, "-") + 1;
+		snprintf(prev_rest, sizeof(prev_rest), "%s", rest);
+		prev_end = end;
+		out += len;
+		line += len;
+	}
+	*out = '\0';
+}
+
+static int watched_state_intact(void)
+{
+	take_state(&state_after);
+	drop_uw(state_before.vmflags);
+	drop_uw(state_after.vmflags);
+	join_ranges(state_before.maps);
+	join_ranges(state_after.maps);
+	join_ranges(state_before.vmflags);
+	join_ranges(state_after.vmflags);
+	if (strcmp(state_before.status, state_after.status) != 0) {
+		fprintf(stderr, "status changed:\n%s---\n%s", state_before.status, state_after.status);
+		return 0;
+	}
+	if (strcmp(state_before.maps, state_after.maps) != 0) {
+		fprintf(stderr, "memory map changed:\n%s---\n%s", state_before.maps, state_after.maps);
+		return 0;
+	}
+	if (strcmp(state_before.vmflags, state_after.vmflags) != 0) {
+		fprintf(stderr, "VmFlags changed:\n%s---\n%s", state_before.vmflags, state_after.vmflags);
+		return 0;
+	}
+	for (int sig = 1; sig <= MAX_SIGNAL; sig++)
+		if (!same_action(&state_before.actions[sig], &state_after.actions[sig])) {
+			fprintf(stderr, "disposition of signal %d changed\n", sig);
+			return 0;
+		}
+	return 1;
+}
+
+#endif
