@@ -68,7 +68,7 @@ KERNELS = {
         "tests/test_incremental.py::test_where_the_kernel_cannot_track_writes_every_park_is_whole",
     ],
 }
-PYTEST = ["python3", "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--timeout=600"]
+PYTEST = ["python3", "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--timeout=600", "--durations=25"]
 DEFAULT_TIMEOUT = 50 * 60
 
 REPO = Path(__file__).resolve().parents[2]
