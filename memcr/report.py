@@ -32,6 +32,7 @@ class Report:
     locked_vmas: int = 0  # mlock()ed mappings left in memory
     shared_pages: int = 0  # pages other processes map too, left in memory
     precopy_ms: float = 0.0  # an incremental re-park: copying what the target changed, while it still ran
+    precopy_held_ms: float = 0.0  # of that, every thread held: the scan that lists what to copy
     setup_ms: float = 0.0  # seize, inject, scan: frozen time before the first page moves
     download_ms: float = 0.0
     upload_ms: float = 0.0
@@ -142,6 +143,7 @@ _PROCESS: dict[str, str] = {
     "locked_vmas": "int",
     "shared_pages": "int",
     "precopy_ms": "float",
+    "precopy_held_ms": "float",
     "setup_ms": "float",
     "download_ms": "float",
     "upload_ms": "float",

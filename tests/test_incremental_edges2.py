@@ -125,7 +125,7 @@ def _write(target, percent: int) -> None:
 def _written_after_the_copy(monkeypatch) -> None:
     """The target's writes as if made after the copy a re-park makes while the target runs (test_precopy.py):
     the frozen park writes them over the kept dump, the path these tests follow."""
-    monkeypatch.setattr(incremental, "precopy", lambda *args: 0)
+    monkeypatch.setattr(incremental, "precopy", lambda *args: incremental.Copied(0, 0.0, None))
 
 
 def _kept(spawn, tmp_path: Path, mib: int, seed: int) -> tuple[Path, Options, object, incremental.Kept]:

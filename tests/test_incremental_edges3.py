@@ -4,6 +4,7 @@ through /proc/PID/mem (-m) across every reshaping the rewriter does. All held up
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -45,14 +46,16 @@ def test_a_re_park_of_a_target_stopped_at_a_random_moment(spawn, tmp_path, run: 
     _dumps, options, target, kept = _kept(spawn, tmp_path, 128, run + 3)
     _write(target, 30)
     delay = rng.uniform(0.0, 0.25)
-    timer = threading.Timer(delay, lambda: target.proc.send_signal(signal.SIGSTOP))
+    # os.kill, not Popen.send_signal: its poll() waits for the target, and this process traces it too, so that
+    # wait may take the ptrace stop memcr waits for (memcr then waits for good)
+    timer = threading.Timer(delay, os.kill, (target.pid, signal.SIGSTOP))
     timer.start()
     try:
         parked = checkpoint(target.pid, options, print, kept=kept)
         parked.restore()
     finally:
         timer.join()
-        target.proc.send_signal(signal.SIGCONT)
+        os.kill(target.pid, signal.SIGCONT)
     _quit(target)
 
 

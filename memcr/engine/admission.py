@@ -241,6 +241,17 @@ def async_writers(pid: int) -> list[str]:
     return found
 
 
+def refuse_async_writers(pid: int) -> None:
+    """TargetError when the kernel may write into the process's memory on its own (async_writers)."""
+    if writers := async_writers(pid):
+        raise TargetError(
+            f"process {pid} has {' and '.join(writers)}: the kernel may write into its memory while it is "
+            "parked, and such a write would be lost",
+            pid=pid,
+            what="async-io",
+        )
+
+
 def shares_memory(pid1: int, pid2: int) -> bool:
     """kcmp(2) KCMP_VM: whether the two processes have one memory descriptor (CallError ENOSYS: no kcmp)."""
     return libc.syscall(arch.current().SYS_KCMP, pid1, pid2, KCMP_VM, 0, 0) == 0

@@ -32,7 +32,7 @@ from memcr.engine.infect import check_room
 from memcr.engine.parasite import Parasite, SocketSpec
 from memcr.engine.parasite_protocol import SEND_RUNS
 from memcr.engine.tracer import FrozenProcess
-from memcr.errors import Aborted, LimitError, MemcrError, RightsError, TargetError, UsageError
+from memcr.errors import Aborted, LimitError, RightsError, TargetError, UsageError
 from memcr.options import Cancel, Log, Options, check_socket_dir
 from memcr.park import features, incremental, scan
 from memcr.park.incremental import Kept
@@ -61,13 +61,8 @@ def preflight(pid: int, options: Options) -> dict[str, str]:
     arch.blobs()
     ptrace_calls.load()
     refuse_shared_memory(pid)
-    if not options.allow_async_io and (writers := admission.async_writers(pid)):
-        raise TargetError(
-            f"process {pid} has {' and '.join(writers)}: the kernel may write into its memory while it is "
-            "parked, and such a write would be lost",
-            pid=pid,
-            what="async-io",
-        )
+    if not options.allow_async_io:
+        admission.refuse_async_writers(pid)
     if not options.netns and options.socket_dir is None and not procfs.in_own_namespace(pid, "net"):
         # an abstract socket exists only in the network namespace it was made in: connecting from memcr's
         # own would be refused once the target is frozen and infected. An option is missing (exit 2; the
@@ -144,7 +139,7 @@ def _checkpoint(
         kept = None
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
     if kept is not None:
-        kept = _precopy(pid, kept, cancel, report, log)
+        _precopy(pid, kept, options, cancel, report, log)
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
     try:
@@ -205,28 +200,23 @@ def _checkpoint(
     return parked
 
 
-def _precopy(pid: int, kept: Kept, cancel: Cancel, report: Report, log: Log) -> Kept | None:
+def _precopy(pid: int, kept: Kept, options: Options, cancel: Cancel, report: Report, log: Log) -> None:
     """Write what the target changed into the kept dump while it still runs (incremental.precopy): the frozen
-    park writes only what it changes from here on. None where that failed: the dump serves no more, and this
-    park is whole (nothing was dropped: it is as it was)."""
-    fd = procfs.open_pagemap(pid)
-    if fd is None:
-        return kept  # the frozen park reads the page map through the parasite, or parks whole
+    park writes only what it changes from here on, and what the copy could not take."""
+    fd = None if options.proc_mem else procfs.open_pagemap(pid)
+    if fd is None:  # -m: every page through /proc/PID/mem, frozen; or the frozen park reads the page map itself
+        return
     started = time.monotonic()
     try:
-        report.written_bytes = incremental.precopy(kept, pid, fd, cancel, bytearray(CHUNK))
-    except Aborted:
-        raise
-    except (OSError, MemcrError) as e:
-        log(f"writing the dump of pid {pid} whole: copying what it changed while it ran failed: {e}")
-        if problem := kept.close():
-            logs.error(log, f"warning: {problem}")
-        return None
+        copied = incremental.precopy(kept, pid, fd, cancel, bytearray(CHUNK))
     finally:
         os.close(fd)
     report.precopy_ms = (time.monotonic() - started) * 1000
-    log(f"{report.written_bytes / 2**20:.1f} MiB it changed since its restore written while it ran")
-    return kept
+    report.precopy_held_ms = copied.held_ms
+    report.written_bytes = copied.bytes
+    log(f"{copied.bytes / 2**20:.1f} MiB it changed since its restore written while it ran")
+    if copied.stopped:
+        log(f"copying what pid {pid} changed stopped short ({copied.stopped}): the frozen park writes the rest")
 
 
 def _unfit(kept: Kept, options: Options, page_size: int) -> str | None:

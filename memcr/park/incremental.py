@@ -26,20 +26,24 @@ the reverse. Facts and measurements: docs/incremental.md.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import dataclasses
 import errno
 import itertools
 import mmap
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, PlainReader
+from memcr.engine import admission
 from memcr.engine.parasite import Parasite
+from memcr.engine.seize import Seizing
 from memcr.errors import Aborted, MemcrError
 from memcr.options import Cancel
 from memcr.park.scan import Extent, Plan
@@ -77,6 +81,8 @@ class Kept:
     index: list[Record]
     tracker: uffd.Userfaultfd
     base: int  # runs in the last dump written whole: the pieces the target's own layout makes
+    # ranges a copy while the target ran protected again without their bytes reaching the dump (precopy)
+    unvouched: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -267,7 +273,8 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
     for extent in plan.copy:
         vma = extent.vma
         if vma.start not in written:
-            written[vma.start] = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
+            found = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
+            written[vma.start] = None if found is None else _with(found, kept.unvouched, vma)
         changed = written[vma.start]
         end = extent.start + extent.length
         at = extent.start
@@ -329,41 +336,83 @@ def _cut(run: Rewrite, size: int) -> list[Rewrite]:
     ]
 
 
-def precopy(kept: Kept, pid: int, pagemap_fd: int, cancel: Cancel, buffer: bytearray) -> int:
-    """While the target still runs: write over the kept dump the pages it wrote since its restore; the bytes.
+class Copied(NamedTuple):
+    """What `precopy` did: the bytes it wrote over the kept dump, `held_ms` of it with every thread held (the
+    scan), and why it stopped short (None: it did not)."""
+
+    bytes: int
+    held_ms: float
+    stopped: str | None
+
+
+def precopy(kept: Kept, pid: int, pagemap_fd: int, cancel: Cancel, buffer: bytearray) -> Copied:
+    """While the target still runs: write over the kept dump the pages it wrote since its restore.
 
     The frozen park then writes only what the target writes from here on.
-    The scan that lists a written page protects it again in the same step
+    The scan that lists a written page protects it again in the same walk
     (PM_SCAN_WP_MATCHING), before memcr reads it: a write after that, even
     one during the read, marks it written again, and the frozen park
-    writes it anew. Only pages the dump holds at their address, in
-    readable mappings memcr's userfaultfd watches, are scanned; the rest
-    is the frozen park's. OSError or MemcrError when a page could not be
-    read or written, and Aborted when `cancel` is set: pages protected by
-    then may not be in the dump, which then serves no more.
+    writes it anew. The walk holds every thread of the target: the kernel
+    may write into a page it pinned for a synchronous read of the target's
+    (O_DIRECT) long after the pin marked it written, and a thread stops
+    only once its read is done; a pin after the walk marks the page
+    written again. Only pages the dump holds at their address, in
+    readable mappings memcr's userfaultfd watches, are scanned.
+
+    Where a page cannot be read or written (the target unmapped or
+    protected it meanwhile, a write refused), memcr no longer vouches for
+    the pages protected and not copied (`Kept.unvouched`): the frozen park
+    writes them as if the target had. Aborted when `cancel` is set.
     """
     vmas = procfs.read_maps(pid)
     ours = owned(kept, vmas)
     starts = [r.addr for r in kept.index]
     runs: list[Rewrite] = []
-    for vma in vmas:
-        if (vma.start, vma.end) not in ours or not vma.prot & mmap.PROT_READ:
-            continue
-        held = _held(vma.start, vma.end, kept.index, starts)
-        if not held:
-            continue
-        changed = _protect_written(pagemap_fd, vma)
-        for lo, hi, record in held:
-            runs += [Rewrite(a, b - a, record.offset + a - record.addr, vma) for a, b in _within(changed, lo, hi)]
+    if cancel.cancelled:
+        raise Aborted(f"checkpoint of pid {pid} aborted: it runs on", pid=pid)
+    started = time.monotonic()
+    with _threads_held(pid):
+        admission.refuse_async_writers(pid)  # one made since the checks: its writes leave no trace
+        for vma in vmas:
+            if (vma.start, vma.end) not in ours or not vma.prot & mmap.PROT_READ:
+                continue
+            if held := _held(vma.start, vma.end, kept.index, starts):
+                changed = _protect_written(pagemap_fd, vma)
+                runs += [
+                    Rewrite(a, b - a, r.offset + a - r.addr, vma)
+                    for lo, hi, r in held
+                    for a, b in _within(changed, lo, hi)
+                ]
+    held_ms = (time.monotonic() - started) * 1000
     local = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    for batch in batches(runs, len(buffer), process_vm.IOV_MAX):
-        if cancel.cancelled:
-            raise Aborted(f"checkpoint of pid {pid} aborted: it runs on", pid=pid)
-        places = list(itertools.accumulate((r.length for r in batch), initial=0))[:-1]  # of each run in the buffer
-        process_vm.read_many(pid, [(r.addr, local + at, r.length) for r, at in zip(batch, places, strict=True)])
-        pieces = [(at, r.length, r.offset) for r, at in zip(batch, places, strict=True)]
-        kept.dump.file.rewrite_many(memoryview(buffer), pieces)
-    return sum(r.length for r in runs)
+    copied = 0
+    todo = batches(runs, len(buffer), process_vm.IOV_MAX)
+    for i, batch in enumerate(todo):
+        try:
+            if cancel.cancelled:
+                raise Aborted(f"checkpoint of pid {pid} aborted: it runs on", pid=pid)
+            places = list(itertools.accumulate((r.length for r in batch), initial=0))[:-1]  # each run's, in buffer
+            process_vm.read_many(pid, [(r.addr, local + at, r.length) for r, at in zip(batch, places, strict=True)])
+            pieces = [(at, r.length, r.offset) for r, at in zip(batch, places, strict=True)]
+            kept.dump.file.rewrite_many(memoryview(buffer), pieces)
+        except (OSError, MemcrError) as e:
+            kept.unvouched += [(r.addr, r.addr + r.length) for rest in todo[i:] for r in rest]
+            if isinstance(e, Aborted):
+                raise
+            return Copied(copied, held_ms, str(e))
+        copied += sum(r.length for r in batch)
+    return Copied(copied, held_ms, None)
+
+
+@contextlib.contextmanager
+def _threads_held(pid: int) -> Iterator[None]:
+    """Every thread of `pid` held in a ptrace stop, and let go again, as it was."""
+    seizing = Seizing(pid)
+    try:
+        seizing.seize_all()
+        yield
+    finally:
+        seizing.let_go()
 
 
 class Added(NamedTuple):
@@ -417,6 +466,20 @@ def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
     except OSError:
         return None
     return _ranges(vma, found)
+
+
+def _with(written: _Written, more: list[tuple[int, int]], vma: Vma) -> _Written:
+    """`written` and the parts of the ranges `more` within `vma`, as one list of ranges that do not touch."""
+    extra = [(max(lo, vma.start), min(hi, vma.end)) for lo, hi in more if lo < vma.end and vma.start < hi]
+    if not extra:
+        return written
+    ranges: list[tuple[int, int]] = []
+    for lo, hi in sorted(written.ranges + extra):
+        if ranges and lo <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(hi, ranges[-1][1]))
+        else:
+            ranges.append((lo, hi))
+    return _Written(ranges, [end for _, end in ranges])
 
 
 def _ranges(vma: Vma, found: list[tuple[int, int, int]]) -> _Written:

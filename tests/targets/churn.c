@@ -8,8 +8,11 @@
  * lost, however consistently (the page and the count both live in memory
  * memcr parks). Commands on stdin, one a line:
  *
- *   go PACE      start writing, waiting about PACE microseconds after each
- *                write (0: as fast as it can); print "going"
+ *   go PACE [toggle]  start writing, waiting about PACE microseconds after
+ *                each write (0: as fast as it can); with toggle, the MiB
+ *                around each page is made PROT_NONE for those microseconds
+ *                before the page is written (and read-write again); print
+ *                "going"
  *   count        print "count N": the writes done so far
  *   check C      stop writing (the write under way is finished), check
  *                every page against the replay and its own state (signal
@@ -18,18 +21,18 @@
  *   quit         exit 0
  */
 #define _GNU_SOURCE
-#include <pthread.h>
 #include <time.h>
 #include "common.h"
 #include "watched.h"
+
+#define MIB (1u << 20)
 
 static size_t page_bytes, pages;
 static uint64_t *region, seed, *expected;
 static volatile uint64_t writes; /* done: page and count are both written before the next begins */
 static volatile int stopping;
 static long pace_us;
-static pthread_t writer;
-static char stdin_buffer[4096]; /* stdio's own would come from the heap after the state is taken */
+static int toggling;
 
 static size_t page_of(uint64_t n)
 {
@@ -56,14 +59,18 @@ static void *write_on(void *unused)
 {
 	(void)unused;
 	while (!stopping) {
-		uint64_t n = writes + 1;
+		uint64_t n = writes + 1, *page = page_at(page_of(n));
+		char *mib = (char *)region + ((char *)page - (char *)region) / MIB * MIB;
+		struct timespec wait = {0, pace_us * 1000};
 
-		fill(page_at(page_of(n)), page_bytes, key_of(n));
-		writes = n;
-		if (pace_us) {
-			struct timespec wait = {0, pace_us * 1000};
+		if (toggling && mprotect(mib, MIB, PROT_NONE) != 0)
+			exit(2);
+		if (pace_us)
 			nanosleep(&wait, NULL);
-		}
+		if (toggling && mprotect(mib, MIB, PROT_READ | PROT_WRITE) != 0)
+			exit(2);
+		fill(page, page_bytes, key_of(n));
+		writes = n;
 	}
 	return NULL;
 }
@@ -81,10 +88,15 @@ static long first_wrong(void)
 	return -1;
 }
 
+static void go(const char *line)
+{
+	sscanf(line, "go %ld", &pace_us);
+	toggling = strstr(line, "toggle") != NULL;
+}
+
 int main(int argc, char **argv)
 {
-	char line[256];
-	long cycle, wrong;
+	struct worker worker = {write_on, go, first_wrong, &writes, &stopping};
 
 	if (argc != 3) {
 		fprintf(stderr, "usage: churn MIB SEED\n");
@@ -97,38 +109,5 @@ int main(int argc, char **argv)
 	expected = calloc(pages, sizeof(*expected));
 	for (size_t i = 0; i < pages; i++)
 		fill(page_at(i), page_bytes, first_key(i));
-	setvbuf(stdin, stdin_buffer, _IOLBF, sizeof(stdin_buffer));
-	/* a first thread, at once joined: glibc sets up what its threads need (a handler) before the state is taken */
-	stopping = 1;
-	if (pthread_create(&writer, NULL, write_on, NULL) != 0 || pthread_join(writer, NULL) != 0)
-		return 2;
-	announce();
-	while (fgets(line, sizeof(line), stdin)) {
-		if (sscanf(line, "go %ld", &pace_us) == 1) {
-			stopping = 0;
-			if (pthread_create(&writer, NULL, write_on, NULL) != 0)
-				return 2;
-			printf("going\n");
-		} else if (strncmp(line, "count", 5) == 0) {
-			printf("count %llu\n", (unsigned long long)writes);
-		} else if (sscanf(line, "check %ld", &cycle) == 1) {
-			stopping = 1;
-			pthread_join(writer, NULL);
-			wrong = first_wrong();
-			if (wrong >= 0 || !watched_state_intact()) {
-				printf("bad %ld page %ld of %llu writes\n", cycle, wrong, (unsigned long long)writes);
-				fflush(stdout);
-				return 1;
-			}
-			take_state(&state_before);
-			printf("done %ld %llu\n", cycle, (unsigned long long)writes);
-		} else if (strncmp(line, "quit", 4) == 0) {
-			return 0;
-		} else {
-			fprintf(stderr, "bad command: %s", line);
-			return 2;
-		}
-		fflush(stdout);
-	}
-	return 3;
+	return serve_worker(&worker);
 }

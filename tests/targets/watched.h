@@ -7,6 +7,8 @@
 #ifndef TARGET_WATCHED_H
 #define TARGET_WATCHED_H
 
+#include <pthread.h>
+
 #include "common.h"
 
 /* VmFlags without memcr's "uw", which its write tracking sets on the mappings it watches. */
@@ -86,6 +88,70 @@ static int watched_state_intact(void)
 			return 0;
 		}
 	return 1;
+}
+
+/* A target whose worker thread runs all through its parks (serve_worker). */
+struct worker {
+	void *(*run)(void *unused);   /* works until *stopping, counting in *count */
+	void (*go)(const char *line); /* takes the arguments of "go ..." */
+	long (*first_wrong)(void);    /* where its memory is wrong once it stopped, or -1 */
+	volatile uint64_t *count;
+	volatile int *stopping;
+};
+
+/*
+ * Announce the target and serve its commands on stdin, one a line:
+ *   go ...      start the worker (w->go takes the line); print "going"
+ *   count       print "count N", N the worker's count so far
+ *   check C     stop the worker (it ends what it does first), check its
+ *               memory (w->first_wrong) and the process's own state
+ *               (watched_state_intact); print "done C N", or "bad C at
+ *               WHERE of N" and exit 1
+ *   quit        exit 0
+ * A first worker thread is started and joined before the state is taken:
+ * glibc sets up what its threads need (a signal handler) the first time.
+ */
+static inline int serve_worker(const struct worker *w)
+{
+	static char stdin_buffer[4096]; /* stdio's own would come from the heap after the state is taken */
+	char line[256];
+	pthread_t thread;
+	long cycle, wrong;
+
+	setvbuf(stdin, stdin_buffer, _IOLBF, sizeof(stdin_buffer));
+	*w->stopping = 1;
+	if (pthread_create(&thread, NULL, w->run, NULL) != 0 || pthread_join(thread, NULL) != 0)
+		return 2;
+	announce();
+	while (fgets(line, sizeof(line), stdin)) {
+		if (strncmp(line, "go", 2) == 0) {
+			w->go(line);
+			*w->stopping = 0;
+			if (pthread_create(&thread, NULL, w->run, NULL) != 0)
+				return 2;
+			printf("going\n");
+		} else if (strncmp(line, "count", 5) == 0) {
+			printf("count %llu\n", (unsigned long long)*w->count);
+		} else if (sscanf(line, "check %ld", &cycle) == 1) {
+			*w->stopping = 1;
+			pthread_join(thread, NULL);
+			wrong = w->first_wrong();
+			if (wrong >= 0 || !watched_state_intact()) {
+				printf("bad %ld at %ld of %llu\n", cycle, wrong, (unsigned long long)*w->count);
+				fflush(stdout);
+				return 1;
+			}
+			take_state(&state_before);
+			printf("done %ld %llu\n", cycle, (unsigned long long)*w->count);
+		} else if (strncmp(line, "quit", 4) == 0) {
+			return 0;
+		} else {
+			fprintf(stderr, "bad command: %s", line);
+			return 2;
+		}
+		fflush(stdout);
+	}
+	return 3;
 }
 
 #endif
