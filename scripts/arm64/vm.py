@@ -4,12 +4,13 @@
     python3 scripts/arm64/vm.py [--kernel NAME]... [--timeout S] [-- COMMAND...]
 
 As root on a Debian x86_64 host. Installs the host packages it needs, builds (once, cached under
-.cache/arm64/) a bookworm arm64 root filesystem, the project's Python dependencies for aarch64, and for
+/var/cache/memcr-py/arm64, or $MEMCR_ARM64_CACHE: every checkout on the machine uses it) a bookworm arm64 root
+filesystem, the project's Python dependencies for aarch64, and for
 each kernel of KERNELS (Debian's arm64 kernel of that release: bookworm's 6.1, bullseye's 5.10) an initrd
 and a disk of its modules, then boots each in qemu-system-aarch64 with the project on a disk made anew
 each run. Without a command, each kernel runs its own test files; with one, every kernel runs it. The exit
 code is the first failing machine's, or 0. MEMCR_* variables of the host are passed to the command. The
-guest's console goes to the terminal and to .cache/arm64/console-NAME.log. --timeout bounds each machine's
+guest's console goes to the terminal and to console-NAME.log in the cache. --timeout bounds each machine's
 run (boot and command), not the builds before it.
 
 Exit codes other than the command's: 124 timeout, 125 the machine failed, 130 interrupted.
@@ -73,7 +74,9 @@ DEFAULT_TIMEOUT = 50 * 60
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = REPO / "scripts" / "arm64"
-CACHE = REPO / ".cache" / "arm64"
+# outside the checkout: a clean clone (as CI makes) finds what an earlier run built; what each run makes is
+# named by what it was made from (key), so a change to a recipe builds anew
+CACHE = Path(os.environ.get("MEMCR_ARM64_CACHE") or "/var/cache/memcr-py/arm64")
 
 HOST_PACKAGES = [
     "qemu-system-arm",
@@ -696,7 +699,7 @@ def boot(release: str, kernel: Path, initrd: Path, disks: tuple[Path, Path, Path
     # searched, not matched: output without a final newline leaves the marker behind it on its line
     marker = re.compile(rf"memcr-vm: (start|exit) {nonce}(?: (\d+))?$".encode())
     log_path = CACHE / f"console-{release}.log"
-    say(f"booting; the console goes to {log_path.relative_to(REPO)} too")
+    say(f"booting; the console goes to {log_path} too")
     # its own session: Ctrl-C reaches us, and we end it
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
