@@ -362,7 +362,9 @@ def precopy(kept: Kept, pid: int, pagemap_fd: int, cancel: Cancel, buffer: bytea
     Where a page cannot be read or written (the target unmapped or
     protected it meanwhile, a write refused), memcr no longer vouches for
     the pages protected and not copied (`Kept.unvouched`): the frozen park
-    writes them as if the target had. Aborted when `cancel` is set.
+    writes them as if the target had. So for a whole mapping whose walk
+    fails (part of it mapped anew since the maps were read, before the
+    hold). Aborted when `cancel` is set.
     """
     vmas = procfs.read_maps(pid)
     ours = owned(kept, vmas)
@@ -377,7 +379,11 @@ def precopy(kept: Kept, pid: int, pagemap_fd: int, cancel: Cancel, buffer: bytea
             if (vma.start, vma.end) not in ours or not vma.prot & mmap.PROT_READ:
                 continue
             if held := _held(vma.start, vma.end, kept.index, starts):
-                changed = _protect_written(pagemap_fd, vma)
+                try:
+                    changed = _protect_written(pagemap_fd, vma)
+                except OSError:  # a part mapped anew since the maps were read (EPERM): the walk may have
+                    kept.unvouched.append((vma.start, vma.end))  # protected pages of the rest by then
+                    continue
                 runs += [
                     Rewrite(a, b - a, r.offset + a - r.addr, vma)
                     for lo, hi, r in held

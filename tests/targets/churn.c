@@ -11,8 +11,10 @@
  *   go PACE [toggle]  start writing, waiting about PACE microseconds after
  *                each write (0: as fast as it can); with toggle, the MiB
  *                around each page is made PROT_NONE for those microseconds
- *                before the page is written (and read-write again); print
- *                "going"
+ *                before the page is written (and read-write again); with
+ *                remap, a new page is mapped over it first (MAP_FIXED:
+ *                then the check leaves the memory map and VmFlags out);
+ *                print "going"
  *   count        print "count N": the writes done so far
  *   check C      stop writing (the write under way is finished), check
  *                every page against the replay and its own state (signal
@@ -32,7 +34,7 @@ static uint64_t *region, seed, *expected;
 static volatile uint64_t writes; /* done: page and count are both written before the next begins */
 static volatile int stopping;
 static long pace_us;
-static int toggling;
+static int toggling, remapping;
 
 static size_t page_of(uint64_t n)
 {
@@ -69,6 +71,9 @@ static void *write_on(void *unused)
 			nanosleep(&wait, NULL);
 		if (toggling && mprotect(mib, MIB, PROT_READ | PROT_WRITE) != 0)
 			exit(2);
+		if (remapping && mmap(page, page_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+				      0) != page)
+			exit(2);
 		fill(page, page_bytes, key_of(n));
 		writes = n;
 	}
@@ -92,11 +97,17 @@ static void go(const char *line)
 {
 	sscanf(line, "go %ld", &pace_us);
 	toggling = strstr(line, "toggle") != NULL;
+	remapping = strstr(line, "remap") != NULL;
+}
+
+static int maps_kept(void)
+{
+	return !remapping;
 }
 
 int main(int argc, char **argv)
 {
-	struct worker worker = {write_on, go, first_wrong, &writes, &stopping};
+	struct worker worker = {write_on, go, first_wrong, maps_kept, &writes, &stopping};
 
 	if (argc != 3) {
 		fprintf(stderr, "usage: churn MIB SEED\n");

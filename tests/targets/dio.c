@@ -80,9 +80,14 @@ static void go(const char *line)
 	(void)line;
 }
 
+static int maps_kept(void)
+{
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
-	struct worker worker = {read_on, go, first_wrong, &reads, &stopping};
+	struct worker worker = {read_on, go, first_wrong, maps_kept, &reads, &stopping};
 
 	if (argc != 3) {
 		fprintf(stderr, "usage: dio FILE MIB\n");

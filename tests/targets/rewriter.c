@@ -232,7 +232,7 @@ int main(int argc, char **argv)
 		}
 		if (quit)
 			cycle = -1;
-		if (!memory_ok(cycle) || !watched_state_intact()) {
+		if (!memory_ok(cycle) || !watched_state_intact(1)) {
 			if (!quit)
 				printf("bad %ld state\n", cycle);
 			fflush(stdout);

@@ -61,7 +61,8 @@ static void join_ranges(char *text)
 	*out = '\0';
 }
 
-static int watched_state_intact(void)
+/* With check_maps 0 the memory map and VmFlags may differ: a target that maps anew over memory memcr watches. */
+static int watched_state_intact(int check_maps)
 {
 	take_state(&state_after);
 	drop_uw(state_before.vmflags);
@@ -74,11 +75,11 @@ static int watched_state_intact(void)
 		fprintf(stderr, "status changed:\n%s---\n%s", state_before.status, state_after.status);
 		return 0;
 	}
-	if (strcmp(state_before.maps, state_after.maps) != 0) {
+	if (check_maps && strcmp(state_before.maps, state_after.maps) != 0) {
 		fprintf(stderr, "memory map changed:\n%s---\n%s", state_before.maps, state_after.maps);
 		return 0;
 	}
-	if (strcmp(state_before.vmflags, state_after.vmflags) != 0) {
+	if (check_maps && strcmp(state_before.vmflags, state_after.vmflags) != 0) {
 		fprintf(stderr, "VmFlags changed:\n%s---\n%s", state_before.vmflags, state_after.vmflags);
 		return 0;
 	}
@@ -95,6 +96,7 @@ struct worker {
 	void *(*run)(void *unused);   /* works until *stopping, counting in *count */
 	void (*go)(const char *line); /* takes the arguments of "go ..." */
 	long (*first_wrong)(void);    /* where its memory is wrong once it stopped, or -1 */
+	int (*maps_kept)(void);       /* whether its memory map is as it was (it did not map over its memory) */
 	volatile uint64_t *count;
 	volatile int *stopping;
 };
@@ -105,7 +107,8 @@ struct worker {
  *   count       print "count N", N the worker's count so far
  *   check C     stop the worker (it ends what it does first), check its
  *               memory (w->first_wrong) and the process's own state
- *               (watched_state_intact); print "done C N", or "bad C at
+ *               (watched_state_intact, the map too where w->maps_kept()
+ *               says so); print "done C N", or "bad C at
  *               WHERE of N" and exit 1
  *   quit        exit 0
  * A first worker thread is started and joined before the state is taken:
@@ -136,7 +139,7 @@ static inline int serve_worker(const struct worker *w)
 			*w->stopping = 1;
 			pthread_join(thread, NULL);
 			wrong = w->first_wrong();
-			if (wrong >= 0 || !watched_state_intact()) {
+			if (wrong >= 0 || !watched_state_intact(w->maps_kept())) {
 				printf("bad %ld at %ld of %llu\n", cycle, wrong, (unsigned long long)*w->count);
 				fflush(stdout);
 				return 1;
