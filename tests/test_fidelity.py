@@ -461,7 +461,12 @@ SHAPE = st.tuples(
 ).map(lambda parts: ":".join(map(str, parts)))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("MEMCR_LAYOUT_EXAMPLES", "40")),  # fewer under emulation (scripts/arm64/vm.py)
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     shapes=st.lists(SHAPE, min_size=1, max_size=6),
     options=st.sampled_from([(), ("-z",), ("-c",), ("-m",), ("-f",), ("-z", "zstd", "-c", "-e")]),
