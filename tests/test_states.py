@@ -123,6 +123,30 @@ def test_thread_traced_by_another_tracer_is_refused(spawn, memcr: Memcr) -> None
     assert target.verify() == 0
 
 
+def test_a_refused_freeze_lets_go_of_the_threads_it_held(spawn) -> None:
+    """memcr seizes a process's threads in turn: when one is another tracer's, the freeze is refused, and the
+    threads held before it are let go at once, not when memcr's tracing thread ends (here, the test's own: a
+    daemon's job thread ends soon, a library caller's may never). The checks before a park refuse such a
+    process already: a tracer that comes between them and the freeze meets the freeze itself, as here."""
+    from memcr.engine import arch
+    from memcr.engine.tracer import FrozenProcess
+    from memcr.errors import TargetError
+    from tests.test_groups import traced
+
+    target = spawn("states", "blocking")
+    thread = max(procfs.thread_ids(target.pid))
+    with traced(thread):
+        with pytest.raises(TargetError, match="already traced"):
+            FrozenProcess.freeze(target.pid, arch.current())
+        held = {
+            tid: procfs.read_status(f"{target.pid}/task/{tid}")["TracerPid"]
+            for tid in procfs.thread_ids(target.pid)
+            if tid != thread
+        }
+        assert set(held.values()) == {"0"}, f"threads still traced after the refusal (tid: tracer): {held}"
+    assert target.verify() == 0
+
+
 @pytest.mark.parametrize("mode", ["memfd", "fork"])
 def test_main_thread_running_shared_code(spawn, memcr: Memcr, mode: str) -> None:
     """memcr's system-call stub never goes into a shared page: a forked child running it lives on."""

@@ -55,7 +55,14 @@ class Seizing:
         return [tid for tid in self.tids if tid not in self.io_workers]
 
     def _hold(self, tids: list[int]) -> None:
-        seized = [tid for tid in tids if self._seize(tid)]
+        seized: list[int] = []
+        try:
+            for tid in tids:
+                if self._seize(tid):
+                    seized.append(tid)
+        except BaseException:
+            _let_go_unwaited(self.pid, seized)  # let_go() knows only the threads whose stop memcr took
+            raise
         self.tids += seized
         deadline = time.monotonic() + FREEZE_TIMEOUT
         for tid in seized:
@@ -89,6 +96,16 @@ class Seizing:
     def let_go(self) -> None:
         for tid in self.tids:
             with contextlib.suppress(ProcessLookupError):
+                pt.detach(tid)
+
+
+def _let_go_unwaited(pid: int, tids: list[int]) -> None:
+    """Let go of threads seized and interrupted whose stop memcr has not taken yet: a thread is let go once
+    stopped. One that does not stop in time is let go when the tracing thread ends (wait_interrupted)."""
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    for tid in tids:
+        with contextlib.suppress(MemcrError, ProcessLookupError):
+            if wait_interrupted(pid, tid, deadline) is not None:
                 pt.detach(tid)
 
 
