@@ -78,14 +78,25 @@ def reap(proc: subprocess.Popen) -> None:
     a library) leaves each thread a zombie until its tracer waits for it:
     those are collected first, or waiting for the process would never end.
     """
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None or _leader_traced_by_us(proc.pid):  # poll() takes a traced leader's stop for its end
+        os.kill(proc.pid, signal.SIGKILL)
     for tid in _traced_by_us(proc.pid):  # the leader last, by proc.wait: it waits for its threads
         with contextlib.suppress(ChildProcessError):
             # a stop not yet waited for comes first: wait on until the thread's end
             while not os.WIFEXITED(status := os.waitpid(tid, WALL)[1]) and not os.WIFSIGNALED(status):
                 pass
+    if _leader_traced_by_us(proc.pid):
+        with contextlib.suppress(ChildProcessError):
+            while not os.WIFEXITED(status := os.waitpid(proc.pid, WALL)[1]) and not os.WIFSIGNALED(status):
+                pass
     proc.wait()
+
+
+def _leader_traced_by_us(pid: int) -> bool:
+    """Whether `pid` still runs traced by this process (no other process can have its pid meanwhile)."""
+    with contextlib.suppress(TargetGone):
+        return int(procfs.read_status(pid).get("TracerPid", "0")) in procfs.thread_ids(os.getpid())
+    return False
 
 
 def _traced_by_us(pid: int) -> list[int]:
