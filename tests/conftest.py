@@ -89,6 +89,7 @@ def reap(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ChildProcessError):
             while not os.WIFEXITED(status := os.waitpid(proc.pid, WALL)[1]) and not os.WIFSIGNALED(status):
                 pass
+            proc.returncode = os.waitstatus_to_exitcode(status)  # collected here: Popen cannot see it
     proc.wait()
 
 

@@ -61,7 +61,7 @@ class Seizing:
                 if self._seize(tid):
                     seized.append(tid)
         except BaseException:
-            _let_go_unwaited(self.pid, seized)  # let_go() knows only the threads whose stop memcr took
+            _let_go_unwaited(self.pid, seized)  # let_go() knows only the threads in self.tids
             raise
         self.tids += seized
         deadline = time.monotonic() + FREEZE_TIMEOUT
@@ -103,7 +103,8 @@ def _let_go_unwaited(pid: int, tids: list[int]) -> None:
     """Let go of threads seized and interrupted whose stop memcr has not taken yet: a thread is let go once
     stopped. One that does not stop in time is let go when the tracing thread ends (wait_interrupted)."""
     deadline = time.monotonic() + FREEZE_TIMEOUT
-    for tid in tids:
+    # the leader last: a traced leader that dies reports its end only once its other threads are collected
+    for tid in sorted(tids, key=lambda t: t == pid):
         with contextlib.suppress(MemcrError, ProcessLookupError):
             if wait_interrupted(pid, tid, deadline) is not None:
                 pt.detach(tid)
