@@ -78,33 +78,30 @@ def reap(proc: subprocess.Popen) -> None:
     a library) leaves each thread a zombie until its tracer waits for it:
     those are collected first, or waiting for the process would never end.
     """
-    if proc.poll() is None or _leader_traced_by_us(proc.pid):  # poll() takes a traced leader's stop for its end
+    if proc.poll() is None or proc.pid in _traced_by_us(proc.pid):  # poll() takes a traced leader's stop for its end
         os.kill(proc.pid, signal.SIGKILL)
-    for tid in _traced_by_us(proc.pid):  # the leader last, by proc.wait: it waits for its threads
-        with contextlib.suppress(ChildProcessError):
-            # a stop not yet waited for comes first: wait on until the thread's end
-            while not os.WIFEXITED(status := os.waitpid(tid, WALL)[1]) and not os.WIFSIGNALED(status):
-                pass
-    if _leader_traced_by_us(proc.pid):
-        with contextlib.suppress(ChildProcessError):
-            while not os.WIFEXITED(status := os.waitpid(proc.pid, WALL)[1]) and not os.WIFSIGNALED(status):
-                pass
+    for tid in sorted(_traced_by_us(proc.pid), key=lambda t: t == proc.pid):  # the leader last: it waits for them
+        status = _collect(tid)
+        if tid == proc.pid and status is not None:
             proc.returncode = os.waitstatus_to_exitcode(status)  # collected here: Popen cannot see it
     proc.wait()
 
 
-def _leader_traced_by_us(pid: int) -> bool:
-    """Whether `pid` still runs traced by this process (no other process can have its pid meanwhile)."""
-    with contextlib.suppress(TargetGone):
-        return int(procfs.read_status(pid).get("TracerPid", "0")) in procfs.thread_ids(os.getpid())
-    return False
+def _collect(tid: int) -> int | None:
+    """Wait for a traced thread's end, past a stop not yet waited for: its status (None: collected already)."""
+    with contextlib.suppress(ChildProcessError):
+        while not os.WIFEXITED(status := os.waitpid(tid, WALL)[1]) and not os.WIFSIGNALED(status):
+            pass
+        return status
+    return None
 
 
 def _traced_by_us(pid: int) -> list[int]:
+    """The threads of `pid`, its leader too, that this process traces (no other process can have the pid then)."""
     ours = procfs.thread_ids(os.getpid())
     tids = []
     with contextlib.suppress(TargetGone):
-        for tid in procfs.thread_ids(pid) - {pid}:
+        for tid in procfs.thread_ids(pid):
             with contextlib.suppress(TargetGone):
                 if int(procfs.read_status(f"{pid}/task/{tid}").get("TracerPid", "0")) in ours:
                     tids.append(tid)
