@@ -277,7 +277,7 @@ def main() -> int:
         "--incremental-mib", type=int, default=1024, help="the incremental re-park figures' target (0 to skip)"
     )
     parser.add_argument(
-        "--only", choices=["intake"], help="these figures alone, printed (the JSON file is left as it is)"
+        "--only", choices=["intake", "service"], help="these figures alone, printed (the JSON file is left as it is)"
     )
     args = parser.parse_args()
     size = args.size_mib << 20
@@ -286,6 +286,9 @@ def main() -> int:
         target_bin = build_target(directory)
         if args.only == "intake":
             intake.print_table(intake.measure(target_bin, directory))
+            return 0
+        if args.only == "service":
+            service_load.print_table(service_load.measure(target_bin, directory))
             return 0
         writes, reads, runs = [], [], []
         c_runs: list[CRun] = []

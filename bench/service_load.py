@@ -1,7 +1,9 @@
 """Service-mode figures for `make bench`: the daemon's footprint and its parallelism.
 
 * idle RSS/USS/PSS of `memcr -l`, against the Python floor: the same
-  interpreter (`-I`) sleeping, measured in the same run;
+  interpreter (`-I`) sleeping, measured in the same run; idle is the
+  image that waits for the first connection (memcr.service.idle), and
+  the figure once it has served, nothing parked, is shown beside it;
 * its peak RSS (VmHWM) once 8 targets of 256 MiB come back lazily at once;
 * its USS and PSS with 1, 16 and 64 processes checkpointed: what the first
   checkpoint costs once (code and libraries loaded on first use), and what
@@ -140,6 +142,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
         for target in targets:
             client.restore(target.pid)
         _verify_and_reap(targets)
+        results["idle_after_serving"] = _memory(daemon.pid)  # nothing parked; the service loaded
 
         timing = {}
         for mode in ("sequential", "parallel"):
@@ -171,6 +174,9 @@ def print_table(r: dict) -> None:
     print(f"aim: daemon peak RSS, 8 x 256 MiB lazy restores at once {peak:.1f} MiB, limit {LAZY_AIM_MIB} MiB: "
           f"{'met' if peak <= LAZY_AIM_MIB else 'below'}")  # fmt: skip
     print(f"first checkpoint, once: USS +{r['first_checkpoint_uss_mib']:.2f} MiB (code loaded on first use)")
+    after = r["idle_after_serving"]
+    print(f"idle again once it has served (nothing parked): USS {after['uss_mib']:.1f} MiB, "
+          f"RSS {after['rss_mib']:.1f} MiB")  # fmt: skip
     print(f"{'checkpointed':>14}{'USS MiB':>10}{'PSS MiB':>10}{'USS/process':>14}{'PSS/process':>14}{'aim':>6}")
     for count, m in r["checkpointed"].items():
         if count == 1:

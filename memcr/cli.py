@@ -6,23 +6,22 @@ import grp
 import os
 import platform
 import sys
-import traceback
 from pathlib import Path
 
 import click
 
 from memcr import __version__
-from memcr.advice import explain
 from memcr.dump.codec import CIPHERS, COMPRESSORS, DEFAULT_CIPHER, Coding, cipher_name, compressor_name
 from memcr.dump.format import remove_orphans
-from memcr.errors import EXIT_MEANINGS, INTACT, MemcrError, UsageError
+from memcr.errors import EXIT_MEANINGS, INTACT, UsageError
+from memcr.exits import error, run_or_exit
 from memcr.group.cgroup import Cgroup
 from memcr.logs import Level, Logger, write
 from memcr.options import Options
 from memcr.service.peer import Scope
 from memcr.system import accounts
 from memcr.system.harden import harden, raise_descriptor_limit
-from memcr_client.protocol import Address, AddressError, ExitCode
+from memcr_client.protocol import Address, ExitCode
 
 # Each mode imports what it runs in the function that runs it: the daemon (memcr.service) holds no checkpoint
 # engine while idle, and memcr -p no daemon
@@ -263,10 +262,11 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
     for path, size in remove_orphans(dump_dir):
         log(f"removed {path} ({size} bytes): the dump of a memcr that was killed (its target was killed with it)")
     if listen is not None:
-        from memcr.service import daemon
+        from memcr.service import daemon, handoff
 
         scope = Scope(client_scope or Scope.ANY.value)
-        daemon.run(Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope)
+        daemon.run(handoff.Daemon(Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope,
+                                  allow_tracer))  # fmt: skip
     elif cgroup is not None:
         from memcr.group.park import CgroupMembers
         from memcr.oneshot import interactive_group
@@ -305,28 +305,17 @@ def split_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _error(message: str) -> None:
-    """The last word, on stderr: a closed stderr loses it, not the exit code (memcr.logs.write)."""
-    write(sys.stderr, f"memcr: error: {message}")
-
-
-def main() -> None:
+def _parse() -> None:
     try:
         command.main(args=split_optional_values(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        _error(e.format_message())
+        error(e.format_message())
         sys.exit(ExitCode.USAGE)
     except click.Abort:
         sys.exit(ExitCode.FAILED)
-    except AddressError as e:  # from memcr_client, which knows no memcr errors
-        _error(f"-l/--listen: {e}")
-        sys.exit(ExitCode.USAGE)
-    except MemcrError as e:
-        _error(explain(e))
-        sys.exit(e.exit_code)
-    except Exception as e:
-        write(sys.stderr, traceback.format_exc().rstrip("\n"))
-        _error(f"internal error, please report it: {e!r}")
-        sys.exit(ExitCode.FAILED)
+
+
+def main() -> None:
+    run_or_exit(_parse)

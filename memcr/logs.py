@@ -68,10 +68,13 @@ class Logger:
 
     def __call__(self, message: str) -> None:
         if self.level >= Level.INFO:
-            write(self.stream, f"memcr: {message}")
+            self._line(f"memcr: {message}")
 
     def always(self, message: str) -> None:
-        write(self.stream, f"memcr: {message}")
+        self._line(f"memcr: {message}")
+
+    def _line(self, line: str) -> None:
+        write(self.stream, line)
 
     error = always  # a failure or a warning: shown at every level
 
@@ -87,6 +90,21 @@ class Logger:
     def shows_progress(self) -> bool:
         """A progress bar goes where the log goes, when that is a terminal and steps are shown."""
         return self.level >= Level.INFO and self.stream.isatty()
+
+
+class Held(Logger):
+    """A Logger's lines at its level, kept rather than written: to be written later, or by another image."""
+
+    def __init__(self, logger: Logger) -> None:
+        super().__init__(logger.level, logger.json_reports, logger.service)
+        self.lines: list[str] = []
+
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+
+    def replay(self) -> None:
+        for line in self.lines:
+            write(self.stream, line)
 
 
 def always(log: Log, message: str) -> None:

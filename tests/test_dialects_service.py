@@ -163,6 +163,7 @@ def test_an_idle_connection_dropped_in_the_round_its_bytes_came_stops_nothing(da
     """The oldest idle connection goes for a new one in the very round its first byte came (the daemon is
     stopped meanwhile, so both arrive at once): that round must skip its event, and the daemon serve on."""
     d = daemon(prefix=["prlimit", "--nofile=128:128"])  # half the descriptors: 64 idle connections kept
+    assert d.code(RESTORE, 2**31 - 1) == INVALID_PID  # the service loaded: its descriptors, not the idle image's
     daemon_fds = psutil.Process(d.proc.pid)
     before = daemon_fds.num_fds()
     idle = [patiently(d.connect) for _ in range(64)]

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 
 from memcr.system import procfs
 from memcr_client import Client
+from memcr_client.protocol import CMD_RESTORE, REQUEST, RESPONSE
 from tests.conftest import CHECKPOINT, RUN_TIMEOUT, Lines, activation, as_user, memcr_argv, reap, stop
 from tests.test_client_scope import Asker
 
@@ -69,15 +71,23 @@ def test_daemon_is_hardened(accounts, public_dir: Path, processes) -> None:
     daemon = start(processes, as_user(user, memcr_argv("-l", public_dir / "d.sock", "-d", public_dir)))
     daemon.out.wait_for("listening on")
     pid = daemon.proc.pid
-    limits = Path(f"/proc/{pid}/limits").read_text()
-    assert [line.split()[-3:-1] for line in limits.splitlines() if line.startswith("Max core")] == [["0", "0"]]
-    # undumpable: its /proc entries belong to root although it runs as the user
-    assert Path(f"/proc/{pid}/status").stat().st_uid == 0
-    assert int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) == accounts["inside"]
-    # and a process of the same user may not trace it
-    attach = subprocess.run(as_user(user, [sys.executable, "-c", ATTACH, str(pid)]), timeout=60)
-    assert attach.returncode == 1
-    assert Path(f"/proc/{pid}/status").read_text().count("TracerPid:\t0") == 1
+    # idle (the image exec'd after the options were read: exec made it dumpable again), then serving
+    for phase in ("idle", "serving"):
+        if phase == "serving":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(RUN_TIMEOUT)
+                client.connect(str(public_dir / "d.sock"))
+                client.sendall(REQUEST.pack(CMD_RESTORE, 2**31 - 1))
+                assert len(client.recv(16, socket.MSG_WAITALL)) == RESPONSE.size
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert [line.split()[-3:-1] for line in limits.splitlines() if line.startswith("Max core")] == [["0", "0"]]
+        # undumpable: its /proc entries belong to root although it runs as the user
+        assert Path(f"/proc/{pid}/status").stat().st_uid == 0, phase
+        assert int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) == accounts["inside"]
+        # and a process of the same user may not trace it
+        attach = subprocess.run(as_user(user, [sys.executable, "-c", ATTACH, str(pid)]), timeout=60)
+        assert attach.returncode == 1, phase
+        assert Path(f"/proc/{pid}/status").read_text().count("TracerPid:\t0") == 1
 
 
 def test_refuses_to_run_traced(tmp_path: Path) -> None:
@@ -527,7 +537,12 @@ def test_by_hand_start_as_documented(system_install: Install, made_accounts, spa
     start = i.documented("runuser -u memcr -- /opt/memcr/bin/memcr -l")
     assert f"install-system:   {shlex.join(start)}\n" in i.said  # what the install tells to run next
     daemon = by_hand(processes, i)
-    assert "CapEff:\t0000000000080000" in procfs.proc_path(daemon.daemon_pid(), "status").read_text()
+    pid = daemon.daemon_pid()
+    # waiting in its idle image (memcr.service.idle), which exec gave the capability and made dumpable again:
+    # undumpable once more (its /proc entries are root's), it holds CAP_SYS_PTRACE still
+    assert "memcr.service.idle" in procfs.proc_path(pid, "cmdline").read_text()
+    assert procfs.proc_path(pid, "status").stat().st_uid == 0
+    assert "CapEff:\t0000000000080000" in procfs.proc_path(pid, "status").read_text()
     target = spawn("pattern", 16, 2, user=app)
     ask = i.documented("runuser -u CLIENTUSER -- /opt/memcr/bin/memcr-client", CLIENTUSER=client, PID=target.pid)
     parked = subprocess.run(ask, capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -537,6 +552,8 @@ def test_by_hand_start_as_documented(system_install: Install, made_accounts, spa
     woken = subprocess.run([*ask[:-1], "-r"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert woken.returncode == 0, woken.stderr
     assert target.verify() == 0
+    assert procfs.proc_path(pid, "status").stat().st_uid == 0  # and serving
+    assert not [line for line in daemon.out.seen if "serving from the process that parsed" in line]
     assert daemon.stop() == 0
     assert not i.sock.exists() and i.run.is_dir()  # its socket went with it; the folder is the install's
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import marshal
 import os
 import queue
 import resource
@@ -36,6 +37,8 @@ from memcr import logs
 from memcr.errors import ClientRefused, LimitError, MemcrError, StorageError, TargetError
 from memcr.options import Log, Options, check_socket_dir
 from memcr.report import GroupReport, Report
+from memcr.service import handoff, idle
+from memcr.service.handoff import Daemon
 from memcr.service.jobs import Job
 from memcr.service.kept import KeptDumps
 from memcr.service.listener import Listener, listen, socket_folder
@@ -44,6 +47,7 @@ from memcr.service.peer import UNKNOWN, Peer, Policy, Scope
 from memcr.service.pid_target import Pid
 from memcr.service.requests import REQUEST_TIMEOUT, Refusal, arrived_request, asked, read_request, send
 from memcr.system import heap, libc, processes
+from memcr.system.harden import harden
 from memcr_client.protocol import CMD_CHECKPOINT, CMD_RESTORE, Address, Answer, Compression, Request
 
 # The checkpoint engine (ptrace, the parasite, the dump, lazy restores) loads with the first request that
@@ -183,37 +187,43 @@ class Service:
         with self.lock:
             self.lingering.pop(job, None)
 
-    def serve(self) -> None:
-        heap.tune(arenas=1)  # idle job threads stay cheap
+    def start(self) -> Listener:
+        """Check the parasites' folder and listen: what fails at the daemon's start, not at its first request."""
         parasites = self.options.socket_dir
         if parasites is not None:
-            # now, not at the first checkpoint of a daemon that would fail every one; a missing folder with the
-            # socket's, when it is missing too (as both are after a boot, /run emptied)
+            # a missing folder with the socket's, when it is missing too (as both are after a boot, /run emptied)
             besides = [socket_folder(self.address.path.parent, self.gid, parasites)] if self.address.path else []
             check_socket_dir(parasites, self.options.socket_gid, besides)
-        listener = listen(self.address, self.gid, self.log, parasites)
+        return listen(self.address, self.gid, self.log, parasites)
+
+    def greet(self, listener: Listener, log: Log) -> None:
+        """The daemon's first lines, in `log`: where it listens, then what its options mean here."""
         # at every level (-q too): what a program that starts the daemon waits for
-        logs.always(self.log, f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
+        logs.always(log, f"listening on {self.address}{' (socket from systemd)' if listener.inherited else ''}")
         if note := self.policy.note(tcp=listener.sock.family != socket.AF_UNIX):
-            self.log(note)
+            log(note)
         if self.options.lazy:
-            self.log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
+            log("restores are lazy unless a request asks otherwise (--lazy); a group's are eager")
             from memcr.park import features
 
             for line in features.lazy_restore():
-                self.log(line)
+                log(line)
         if self.options.incremental:
-            self.log("a restored target's dump is kept for its next park, which writes what changed (--incremental)")
+            log("a restored target's dump is kept for its next park, which writes what changed (--incremental)")
             from memcr.park import features
 
             for line in features.incremental():
-                self.log(line)
+                log(line)
             if in_memory(self.options.dump_dir):
                 logs.error(
-                    self.log,
+                    log,
                     f"warning: the dump directory {self.options.dump_dir} is in memory (tmpfs): a kept dump takes "
                     "there the memory parking freed; give --incremental a folder on persistent storage (-d)",
                 )
+
+    def serve(self, listener: Listener) -> None:
+        """Serve on `listener` (started, greeted) until stopped; then close it and restore every target."""
+        heap.tune(arenas=1)  # idle job threads stay cheap
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
         try:
@@ -752,10 +762,40 @@ def _free_descriptors() -> int:
     return soft - processes.descriptor_count()
 
 
-def run(address: Address, options: Options, log: Log, gid: int | None, timeout: float | None, json_reports: bool,
-        scope: Scope) -> None:  # fmt: skip
-    service = Service(address, options, log, gid, timeout, json_reports, scope)
+def run(daemon: Daemon) -> None:
+    """`memcr -l`: start, then serve from the idle image (memcr.service.idle), or from this one where exec fails."""
+    service = Service(*daemon[:7])
+    listener = service.start()
+    try:
+        greeting = logs.Held(daemon.log)
+        service.greet(listener, greeting)
+        handed = marshal.dumps(handoff.state(daemon, listener, greeting.lines))
+    except BaseException:
+        listener.close()
+        raise
+    try:
+        idle.become(handed, listener.fileno())
+    except OSError as e:
+        greeting.replay()
+        logs.error(daemon.log, f"warning: serving from the process that parsed the options ({e}): it weighs more")
+    _serve(service, listener, lambda: False)
+
+
+def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
+    """The daemon in its idle image, from its first connection on, or from a stop (`stopped`) that came first."""
+    daemon, listener = handoff.resumed(state)
+    try:
+        harden(daemon.allow_tracer)  # done by the idle image, but for the tracer check and the reason of a failure
+    except BaseException:
+        listener.close()
+        raise
+    _serve(Service(*daemon[:7]), listener, stopped)
+
+
+def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop.set())
-    service.serve()
-    log("stopped")
+    if stopped():
+        service.stop.set()
+    service.serve(listener)
+    service.log("stopped")

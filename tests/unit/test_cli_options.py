@@ -170,11 +170,11 @@ def test_interactive_options(memcr: Callable[..., Outcome], tmp_path: Path) -> N
 def test_service_mode_starts_the_daemon(memcr: Callable[..., Outcome]) -> None:
     outcome = memcr("-l", "9000", "-z", "-t", "5")
     assert outcome.code == 0, outcome
-    [run] = outcome.runs
-    assert run[0] == "service"
-    assert any(isinstance(arg, Options) and arg.coding.compress == "lz4" for arg in run)
-    assert run[-1] is Scope.ANY  # the C memcr's model unless told otherwise
-    assert memcr("-l", "9000", "--client-scope", "own").runs[0][-1] is Scope.OWN
+    [(mode, settings)] = outcome.runs
+    assert mode == "service"
+    assert settings.options.coding.compress == "lz4" and settings.timeout == 5
+    assert settings.scope is Scope.ANY  # the C memcr's model unless told otherwise
+    assert memcr("-l", "9000", "--client-scope", "own").runs[0][1].scope is Scope.OWN
 
 
 def test_allow_tracer_warns(memcr: Callable[..., Outcome]) -> None:

@@ -12,7 +12,7 @@ import memcr
 ROOT = Path(memcr.__file__).parent
 # bottom up; packages of one rank know nothing of each other
 RANK = {"system": 0, "engine": 1, "dump": 1, "lazy": 2, "park": 3, "group": 4, "service": 5}
-VOCABULARY = {"memcr.errors", "memcr.options", "memcr.logs", "memcr.report", "memcr.advice"}
+VOCABULARY = {"memcr.errors", "memcr.options", "memcr.logs", "memcr.report", "memcr.advice", "memcr.exits"}
 
 
 def _name(path: Path) -> str:

@@ -1,0 +1,91 @@
+"""What the daemon's first image hands its idle image (memcr.service.idle), and back into memcr's types.
+
+Only marshal's types cross exec: the state is a dict of str, int, bool,
+None, tuples, lists and dicts, written by `state` and read by `resumed`,
+the two kept side by side so that they change together. A field added
+to Options crosses as it is, when marshal can write it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from memcr.dump.codec import Coding
+from memcr.logs import Level, Logger
+from memcr.options import Options
+from memcr.service.listener import Listener
+from memcr.service.peer import Scope
+from memcr_client.protocol import Address
+
+
+class Daemon(NamedTuple):
+    """A daemon's settings: Service's arguments, and whether a tracer may watch it (--allow-tracer)."""
+
+    address: Address
+    options: Options
+    log: Logger
+    gid: int | None
+    timeout: float | None
+    json_reports: bool
+    scope: Scope
+    allow_tracer: bool
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def state(daemon: Daemon, listener: Listener, greeting: list[str]) -> dict[str, object]:
+    """The handoff of `daemon`, listening on `listener`, whose first lines (`greeting`) the idle image writes."""
+    options, coding = daemon.options, daemon.options.coding
+    return {
+        "address": (_path(daemon.address.path), daemon.address.host, daemon.address.port),
+        "options": {
+            **{field.name: getattr(options, field.name) for field in dataclasses.fields(Options)},
+            "dump_dir": str(options.dump_dir),
+            "socket_dir": _path(options.socket_dir),
+            "coding": (coding.compress, coding.checksum, coding.cipher),
+        },
+        "log": (int(daemon.log.level), daemon.log.json_reports),
+        "gid": daemon.gid,
+        "timeout": daemon.timeout,
+        "json_reports": daemon.json_reports,
+        "scope": daemon.scope.value,
+        "allow_tracer": daemon.allow_tracer,
+        "listener": (listener.fileno(), _path(listener.path), [str(p) for p in listener.made], listener.inherited),
+        "greeting": greeting,
+    }
+
+
+def resumed(state: dict[str, Any]) -> tuple[Daemon, Listener]:
+    """The daemon and its listener from a handoff `state`; the listener's descriptor is no more inherited."""
+    path, host, port = state["address"]
+    plain = dict(state["options"])
+    socket_dir, (compress, checksum, cipher) = plain.pop("socket_dir"), plain.pop("coding")
+    options = Options(
+        dump_dir=Path(plain.pop("dump_dir")),
+        socket_dir=None if socket_dir is None else Path(socket_dir),
+        coding=Coding(compress=compress, checksum=checksum, cipher=cipher),
+        **plain,
+    )
+    level, json_reports = state["log"]
+    log = Logger(Level(level), json_reports, service=True)
+    daemon = Daemon(
+        address=Address(path=None if path is None else Path(path), host=host, port=port),
+        options=options,
+        log=log,
+        gid=state["gid"],
+        timeout=state["timeout"],
+        json_reports=state["json_reports"],
+        scope=Scope(state["scope"]),
+        allow_tracer=state["allow_tracer"],
+    )
+    fd, socket_path, made, inherited = state["listener"]
+    os.set_inheritable(fd, False)
+    socket_file = None if socket_path is None else Path(socket_path)
+    listener = Listener(socket.socket(fileno=fd), log, socket_file, [Path(p) for p in made], inherited)
+    return daemon, listener

@@ -1,0 +1,143 @@
+"""The daemon's two images (memcr.service.idle): `memcr -l` parses and listens, then execs a small image that
+waits for the first connection and loads the service then. What crosses that exec, what the working
+directory cannot slip in, a stop at any moment around the first connection, and a daemon whose exec fails."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memcr_client.protocol import REQUEST, RESPONSE, Answer
+from tests.conftest import CHECKPOINT, RESTORE, RUN_TIMEOUT, Lines, memcr_argv, reap, reports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def _ask(sock_path: Path, cmd: int, pid: int) -> bytes:
+    """One v1 request; the raw answer, b"" for a connection ended without one."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(RUN_TIMEOUT)
+        sock.connect(str(sock_path))
+        sock.sendall(REQUEST.pack(cmd, pid))
+        return sock.recv(16, socket.MSG_WAITALL)
+
+
+def test_the_daemon_serves_from_its_idle_image_with_every_option_it_was_given(daemon, spawn) -> None:
+    d = daemon("-z", "-c", "--json", "-q")
+    pid = d.proc.pid
+    words = _cmdline(pid)
+    assert "memcr.service.idle" in " ".join(words)  # the small image, waiting
+    assert " ".join(words).endswith(f"memcr -l {d.listen} -d {d.dump_dir} -z -c --json -q")  # pgrep -f "memcr -l"
+    target = spawn("pattern", 32, 2)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    assert target.verify() == 0
+    assert d.terminate() == 0
+    log = d.out.rest()
+    # -q crossed: no step is logged; --json, -z and -c did too: the reports say what the dump was
+    assert not [line for line in log if "asks:" in line or "seized" in line], log
+    [checkpoint] = [r for r in reports("\n".join(log)) if r["event"] == "checkpoint"]
+    options = checkpoint["options"]
+    assert (options["compress"], options["checksum"], options["cipher"]) == ("lz4", True, None)
+    assert [line for line in log if line == "memcr: stopped"] == []  # -q: "stopped" is a step too
+
+
+@pytest.mark.parametrize("run", range(12))
+def test_a_stop_at_any_moment_around_the_first_connection_ends_the_daemon_cleanly(tmp_path: Path, run: int) -> None:
+    """Before the connection, between it and the request, or after the request, at a random moment: the
+    daemon answers or ends the connection, exits 0, and leaves neither its socket nor the folder it made."""
+    folder = tmp_path / "made"
+    sock_path = folder / "d.sock"
+    proc = subprocess.Popen(memcr_argv("-l", sock_path, "-d", tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("listening on")
+        sig = (signal.SIGTERM, signal.SIGINT)[run % 2]
+        moment = run % 3  # the signal before the connection, before the request, or after it
+        answer = None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(RUN_TIMEOUT)
+            try:
+                if moment == 0:
+                    proc.send_signal(sig)
+                    time.sleep(random.uniform(0, 0.1))
+                client.connect(str(sock_path))
+                if moment == 1:
+                    time.sleep(random.uniform(0, 0.05))
+                    proc.send_signal(sig)
+                    time.sleep(random.uniform(0, 0.2))
+                client.sendall(REQUEST.pack(RESTORE, 2**31 - 1))
+                if moment == 2:
+                    time.sleep(random.uniform(0, 0.2))
+                    proc.send_signal(sig)
+                answer = client.recv(16, socket.MSG_WAITALL)
+            except (FileNotFoundError, ConnectionRefusedError, BrokenPipeError, ConnectionResetError):
+                pass  # the daemon ended first: its socket is gone, or the connection was ended
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    log = out.rest()
+    assert log[-1] == "memcr: stopped", log
+    assert not [line for line in log if "Traceback" in line or "error" in line], log
+    assert answer in (None, b"") or RESPONSE.unpack(answer)[0] < 0, answer  # no such pid parked: refused
+    assert not folder.exists()
+
+
+def test_a_memcr_in_the_working_directory_is_not_what_the_idle_image_loads(tmp_path: Path) -> None:
+    """The idle image loads memcr from the folder the first image loaded it from, not from its working
+    directory, where whoever may write there could have put a package of that name."""
+    work = tmp_path / "work"
+    (work / "memcr").mkdir(parents=True)
+    (work / "memcr" / "__init__.py").write_text("raise SystemExit('a memcr from the working directory ran')\n")
+    sock_path = tmp_path / "d.sock"
+    # -P: the first image itself takes no module from there; memcr comes from PYTHONPATH, after where a plain
+    # `python -c` would put the working directory
+    argv = [sys.executable, "-P", "-m", "memcr", "-l", sock_path, "-d", tmp_path]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("listening on")
+        assert RESPONSE.unpack(_ask(sock_path, RESTORE, 2**31 - 1))[0] < 0  # served by memcr's own service
+        assert "memcr.service.idle" in " ".join(_cmdline(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    assert not [line for line in out.rest() if "working directory ran" in line]
+
+
+def test_a_daemon_whose_exec_fails_says_so_and_serves_from_its_first_image(tmp_path: Path, spawn) -> None:
+    sock_path = tmp_path / "d.sock"
+    program = "import sys; sys.executable = '/nonexistent/python'; from memcr.cli import main; main()"
+    argv = [sys.executable, "-c", program, "-l", str(sock_path), "-d", str(tmp_path)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("listening on")
+        warning = out.wait_for("warning: serving from the process that parsed the options")
+        assert "No such file or directory" in warning
+        target = spawn("pattern", 16, 2)
+        assert _ask(sock_path, CHECKPOINT, target.pid) == RESPONSE.pack(Answer.OK)
+        assert _ask(sock_path, RESTORE, target.pid) == RESPONSE.pack(Answer.OK)
+        assert target.verify() == 0
+        assert "memcr.service.idle" not in " ".join(_cmdline(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    assert out.rest()[-1] == "memcr: stopped"
+    assert not sock_path.exists()

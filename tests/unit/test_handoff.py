@@ -1,0 +1,68 @@
+"""The daemon's handoff to its idle image: every setting crosses exec as it was (memcr.service.handoff)."""
+
+from __future__ import annotations
+
+import dataclasses
+import marshal
+import os
+import socket
+from pathlib import Path
+
+from memcr.dump.codec import Coding
+from memcr.logs import Level, Logger
+from memcr.options import Options
+from memcr.service.handoff import Daemon, resumed, state
+from memcr.service.listener import Listener
+from memcr.service.peer import Scope
+from memcr_client.protocol import Address
+
+
+def _crossed(daemon: Daemon, listener: Listener, greeting: list[str]) -> tuple[Daemon, Listener, list[str]]:
+    """`daemon` and `listener` through the bytes exec would carry, and back."""
+    handed = marshal.loads(marshal.dumps(state(daemon, listener, greeting)))
+    back, back_listener = resumed(handed)
+    return back, back_listener, handed["greeting"]
+
+
+def test_every_setting_crosses_as_it_was(tmp_path: Path) -> None:
+    options = Options(
+        dump_dir=tmp_path / "dumps \udcff",  # a name that is not UTF-8 crosses too
+        socket_dir=tmp_path / "parasites",
+        socket_gid=1234,
+        netns=True,
+        proc_mem=True,
+        rss_file=True,
+        allow_async_io=True,
+        coding=Coding(compress="zstd", checksum=True, cipher="aes-128-cbc"),
+        lazy=True,
+        incremental=True,
+    )
+    defaults = Options()
+    # the test is worth what its values are: each differs from its default
+    assert all(getattr(options, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(Options))
+    daemon = Daemon(Address(path=tmp_path / "d.sock"), options, Logger(Level.ERROR, json_reports=True, service=True),
+                    gid=4321, timeout=7, json_reports=True, scope=Scope.OWN, allow_tracer=True)  # fmt: skip
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = Listener(sock, print, tmp_path / "d.sock", [tmp_path / "a", tmp_path / "a" / "b"], inherited=False)
+    back, back_listener, greeting = _crossed(daemon, listener, ["memcr: listening on x", "memcr: note"])
+    assert back[:2] == daemon[:2] and back[3:] == daemon[3:]
+    assert (back.log.level, back.log.json_reports, back.log.service) == (Level.ERROR, True, True)
+    assert (back_listener.path, back_listener.made, back_listener.inherited) == (listener.path, listener.made, False)
+    assert back_listener.fileno() == sock.fileno()
+    assert not os.get_inheritable(sock.fileno())
+    assert greeting == ["memcr: listening on x", "memcr: note"]
+    sock.detach()  # one descriptor, two socket objects: closed once
+    back_listener.sock.close()
+
+
+def test_a_tcp_daemon_with_the_defaults_crosses_too() -> None:
+    daemon = Daemon(Address(host="::1", port=5555), Options(), Logger(service=True), None, None, False, Scope.ANY,
+                    False)  # fmt: skip
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener = Listener(sock, print, inherited=True)
+    back, back_listener, _ = _crossed(daemon, listener, [])
+    assert back[:2] == daemon[:2] and back[3:] == daemon[3:]
+    assert (back_listener.path, back_listener.made, back_listener.inherited) == (None, [], True)
+    assert back_listener.sock.family == socket.AF_INET6
+    sock.detach()
+    back_listener.sock.close()
