@@ -141,3 +141,84 @@ def test_a_daemon_whose_exec_fails_says_so_and_serves_from_its_first_image(tmp_p
         reap(proc)
     assert out.rest()[-1] == "memcr: stopped"
     assert not sock_path.exists()
+
+
+# -- back to the idle image once nothing is held (--unload-after) --------------
+
+
+def test_the_service_unloads_only_once_nothing_is_held_and_serves_again(daemon, spawn) -> None:
+    d = daemon("--unload-after", "1")
+    target = spawn("pattern", 16, 2)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    time.sleep(2.5)  # parked: held
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    d.out.wait_for("the service unloads until the next request", timeout=30)
+    unloaded = len(d.out.seen)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK  # served again: the service loaded at the request
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    assert target.verify() == 0
+    d.out.wait_for("the service unloads until the next request", timeout=30)
+    assert d.terminate() == 0
+    log = d.out.rest()
+    assert [i for i, line in enumerate(log) if "the service unloads" in line] == [unloaded - 1, len(log) - 2], log
+    assert log[-1] == "memcr: stopped"
+    assert sum(f"pid {target.pid} restored" in line for line in log) == 2
+    assert any(f"pid {target.pid} restored" in line for line in log[:unloaded])  # the first wake, then the unload
+
+
+def test_a_kept_dump_holds_the_service_until_its_target_ends(daemon, spawn) -> None:
+    d = daemon("--unload-after", "1", "--incremental")
+    target = spawn("pattern", 16, 2)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    time.sleep(2.5)  # its dump kept for its next park: held
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    line = d.out.wait_for(f"pid {target.pid} checkpointed")
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    target.stop()  # (tracked, its VmFlags show it: its own check would fail) its end frees the kept dump
+    d.out.wait_for("the service unloads until the next request", timeout=30)
+    log = d.out.seen
+    assert [s for s in log if "unchanged since the last restore, in the kept dump already" in s], log  # re-parked
+    assert log.index(line) < len(log) - 1 and not [s for s in log[: log.index(line)] if "the service unloads" in s]
+    assert d.terminate() == 0
+
+
+def test_with_unload_after_0_the_service_stays_loaded(daemon, spawn) -> None:
+    d = daemon("--unload-after", "0")
+    target = spawn("pattern", 16, 2)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    assert d.code(RESTORE, target.pid) == Answer.OK
+    assert target.verify() == 0
+    time.sleep(11)  # past the default's 10 s
+    assert d.terminate() == 0
+    assert not [line for line in d.out.rest() if "the service unloads" in line]
+
+
+@pytest.mark.parametrize("run", range(16))
+def test_a_request_or_a_stop_as_the_service_unloads_is_never_lost(daemon, spawn, run: int) -> None:
+    """A request sent around the unload is answered, by the image before or after it; a stop sent then ends
+    the daemon cleanly. Half the runs send it at a random moment of the second around the unload, half within
+    40 ms of its line, logged just before the exec: while the idle image starts."""
+    d = daemon("--unload-after", "1")
+    target = spawn("pattern", 8, 2)
+    assert d.code(CHECKPOINT, target.pid) == Answer.OK
+    assert d.code(RESTORE, target.pid) == Answer.OK  # nothing held from now: the unload comes 1 s on
+    if run % 4 < 2:
+        time.sleep(random.uniform(0.6, 1.6))
+    else:
+        d.out.wait_for("the service unloads until the next request", timeout=30)
+        time.sleep(random.uniform(0, 0.04))
+    if run % 2:
+        d.proc.send_signal((signal.SIGTERM, signal.SIGINT)[run % 8 // 4])
+        assert d.proc.wait(RUN_TIMEOUT) == 0
+        log = d.out.rest()
+        assert log[-1] == "memcr: stopped", log
+        assert not Path(d.listen).exists()
+    else:
+        assert d.code(RESTORE, 2**31 - 1) == Answer.INVALID_PID
+        assert d.code(CHECKPOINT, target.pid) == Answer.OK
+        assert d.code(RESTORE, target.pid) == Answer.OK
+        assert d.terminate() == 0
+        log = d.out.rest()
+    assert not [line for line in log if "Traceback" in line or "error" in line], log
+    assert target.verify() == 0

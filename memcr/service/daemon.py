@@ -120,6 +120,14 @@ class _Checkpoint:
             self.service.registered.notify_all()
 
 
+class Unload(NamedTuple):
+    """--unload-after: after how many seconds with nothing held the daemon goes back to its idle image, and the
+    handoff it execs that image with."""
+
+    after: float
+    handoff: bytes
+
+
 class _Reason(threading.local):
     """Why the request this connection thread serves failed, in the words the daemon logged."""
 
@@ -130,7 +138,7 @@ class _Reason(threading.local):
 class Service:
     def __init__(self, address: Address, options: Options, log: Log, gid: int | None = None,
                  timeout: float | None = None, json_reports: bool = False,
-                 scope: Scope = Scope.ANY) -> None:  # fmt: skip
+                 scope: Scope = Scope.ANY, unload: Unload | None = None) -> None:  # fmt: skip
         self.address = address
         self.options = options
         self.log = log
@@ -156,6 +164,8 @@ class Service:
         self.registered = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.reason = _Reason()
+        self.unload = unload
+        self.held_since = time.monotonic()  # when the daemon last held a target, a request or a thread
 
     def refuse(self, message: str) -> None:
         """Log why a request is refused or failed; that line is also its reason, for a V2 client that asks."""
@@ -221,11 +231,16 @@ class Service:
                     "there the memory parking freed; give --incremental a folder on persistent storage (-d)",
                 )
 
-    def serve(self, listener: Listener) -> None:
-        """Serve on `listener` (started, greeted) until stopped; then close it and restore every target."""
+    def serve(self, listener: Listener) -> bool:
+        """Serve on `listener` (started, greeted) until stopped; then close it, restore every target, return False.
+
+        With `unload`, also until nothing was held for its seconds: then
+        True, the listener open, for the idle image to take it over.
+        """
         heap.tune(arenas=1)  # idle job threads stay cheap
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.idle_bound = max(1, min(MAX_IDLE, soft // IDLE_SHARE))
+        unloading = False
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(listener, selectors.EVENT_READ)
@@ -245,6 +260,9 @@ class Service:
                     self._start_handlers()
                     self._expire(selector)
                     self.kept.sweep()
+                    if self._unloading():
+                        unloading = True
+                        break
                     # with MAX_CONNECTIONS waiting for a thread, the next clients wait in the listen backlog, as
                     # they did for a thread: each holds a descriptor here, and those are for the checkpoints
                     if listening != (len(self.ready) < MAX_CONNECTIONS):
@@ -254,12 +272,29 @@ class Service:
                         else:
                             selector.unregister(listener)
         finally:
-            listener.close()  # its socket file and the folders made for it too
-            for conn in self.idle:
-                conn.close()  # none of them was read: their clients see the end, as of a daemon gone
-            for pending in self.ready:  # not answered: their clients see the end too, and nothing is started
-                _ended(pending)
-            self._shutdown()
+            if not unloading:
+                listener.close()  # its socket file and the folders made for it too
+                for conn in self.idle:
+                    conn.close()  # none of them was read: their clients see the end, as of a daemon gone
+                for pending in self.ready:  # not answered: their clients see the end too, and nothing is started
+                    _ended(pending)
+                self._shutdown()
+        return unloading
+
+    def _unloading(self) -> bool:
+        """Whether nothing was held for `unload`'s seconds: no target, kept dump, connection or other thread."""
+        if self.unload is None:
+            return False
+        with self.lock:
+            held = self.pids or self.groups or self.lingering or self.coming or self.connections
+        now = time.monotonic()
+        if held or self.idle or self.ready or len(self.kept) or threading.active_count() > 1:
+            self.held_since = now
+            return False
+        if now - self.held_since < self.unload.after:
+            return False
+        self.log(f"nothing held for {self.unload.after:g} s: the service unloads until the next request")
+        return True
 
     def _accept(self, listener: Listener, selector: selectors.BaseSelector) -> None:
         """Accept one connection into the selector, where it waits for its first bytes without a thread."""
@@ -774,11 +809,11 @@ def run(daemon: Daemon) -> None:
         listener.close()
         raise
     try:
-        idle.become(handed, listener.fileno())
+        idle.become(handed, listener.fileno(), lambda: False)
     except OSError as e:
         greeting.replay()
         logs.error(daemon.log, f"warning: serving from the process that parsed the options ({e}): it weighs more")
-    _serve(service, listener, lambda: False)
+    _serve(service, listener, lambda: False)  # exec failed: this image neither unloads
 
 
 def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
@@ -789,13 +824,22 @@ def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
     except BaseException:
         listener.close()
         raise
-    _serve(Service(*daemon[:7]), listener, stopped)
+    # back to the idle image once nothing is held: as handed over, without the first lines
+    unload = Unload(daemon.unload_after, marshal.dumps({**state, "greeting": []})) if daemon.unload_after else None
+    _serve(Service(*daemon[:7], unload=unload), listener, stopped)
 
 
 def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in idle.STOP_SIGNALS:
         signal.signal(sig, lambda *_: service.stop.set())
     if stopped():
         service.stop.set()
-    service.serve(listener)
+    while service.serve(listener):  # nothing held a while: back to the idle image
+        assert service.unload is not None
+        try:
+            idle.become(service.unload.handoff, listener.fileno(), service.stop.is_set)
+        except OSError as e:
+            logs.error(service.log, f"warning: the service stays loaded: exec failed ({e})")
+            service.unload = None
+        # here: a stop came first, which the next serve() carries out, or exec failed
     service.log("stopped")

@@ -23,7 +23,8 @@ from memcr_client.protocol import Address
 
 
 class Daemon(NamedTuple):
-    """A daemon's settings: Service's arguments, and whether a tracer may watch it (--allow-tracer)."""
+    """A daemon's settings: Service's arguments, whether a tracer may watch it (--allow-tracer), and after how
+    many seconds with nothing held it goes back to its idle image (--unload-after; 0: never)."""
 
     address: Address
     options: Options
@@ -33,6 +34,7 @@ class Daemon(NamedTuple):
     json_reports: bool
     scope: Scope
     allow_tracer: bool
+    unload_after: float
 
 
 def _path(path: Path | None) -> str | None:
@@ -56,6 +58,7 @@ def state(daemon: Daemon, listener: Listener, greeting: list[str]) -> dict[str, 
         "json_reports": daemon.json_reports,
         "scope": daemon.scope.value,
         "allow_tracer": daemon.allow_tracer,
+        "unload_after": daemon.unload_after,
         "listener": (listener.fileno(), _path(listener.path), [str(p) for p in listener.made], listener.inherited),
         "greeting": greeting,
     }
@@ -83,6 +86,7 @@ def resumed(state: dict[str, Any]) -> tuple[Daemon, Listener]:
         json_reports=state["json_reports"],
         scope=Scope(state["scope"]),
         allow_tracer=state["allow_tracer"],
+        unload_after=state["unload_after"],
     )
     fd, socket_path, made, inherited = state["listener"]
     os.set_inheritable(fd, False)

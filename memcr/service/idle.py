@@ -26,8 +26,12 @@ import os
 import select
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from memcr.system import libc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PR_SET_DUMPABLE = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -39,14 +43,19 @@ BOOT = (
 )
 
 
-def become(handoff: bytes, listener: int) -> None:
+def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
     """Exec the idle image with the `handoff` (memcr.service.handoff, marshalled) and the `listener` descriptor.
 
-    Returns only when exec failed, with the OSError raised and the
-    descriptors as they were: the caller then serves from this image.
+    The stop signals are blocked across exec: one that comes meanwhile
+    waits for the new image's handlers. Returns only when it did not
+    exec: a stop came first (`stopped`), or exec failed (OSError); the
+    signals and descriptors are then as they were.
     """
     fd = os.memfd_create("memcr-handoff")  # close-on-exec until made inheritable below
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        if stopped():
+            return
         os.write(fd, handoff)
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(listener, True)
@@ -57,9 +66,10 @@ def become(handoff: bytes, listener: int) -> None:
         # the first image's words last: `pgrep -f "memcr -l"` finds the daemon in either image
         argv = [sys.executable, *_interpreter_flags(), "-P", "-c", BOOT, root, str(fd), "memcr", *sys.argv[1:]]
         os.execv(sys.executable, argv)
-    finally:  # only when exec failed
+    finally:  # only when it did not exec
         os.set_inheritable(listener, False)
         os.close(fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _interpreter_flags() -> list[str]:
@@ -82,6 +92,7 @@ def main() -> None:
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda number, _frame: stopped.append(number))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # become() blocked them: one pending is served now
     if _undumpable():  # else memcr.service.daemon's harden() says what is wrong, and exits
         for line in state["greeting"]:
             _say(line)

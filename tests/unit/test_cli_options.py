@@ -111,6 +111,9 @@ def refused(outcome: Outcome, text: str) -> None:
         (["--cgroup", "a", "--client-scope", "any"], "--client-scope only applies to service mode (-l)"),
         (["-l", "9000", "--client-scope", "mine"], "'mine' is not one of 'any', 'own'"),
         (["-l", "9000", "-t", "0"], "-t/--timeout must be a positive number of seconds, not 0"),
+        (["-p", "1", "--unload-after", "5"], "--unload-after only applies to service mode (-l)"),
+        (["-l", "9000", "--unload-after", "-1"], "-1.0 is not in the range x>=0"),
+        (["-l", "9000", "--unload-after", "soon"], "'soon' is not a valid float"),
         (["-p", "1", "-G", "4321"], "-G/--parasite-socket-gid needs -S/--parasite-socket-dir"),
         (["-p", "1", "-S", "/tmp", "-G", "no-such-group-memcr"], "no group named 'no-such-group-memcr'"),
         (["-p", "1", "-z", "gzip"], "unknown compression 'gzip': choose one of lz4, zstd"),
@@ -175,6 +178,8 @@ def test_service_mode_starts_the_daemon(memcr: Callable[..., Outcome]) -> None:
     assert settings.options.coding.compress == "lz4" and settings.timeout == 5
     assert settings.scope is Scope.ANY  # the C memcr's model unless told otherwise
     assert memcr("-l", "9000", "--client-scope", "own").runs[0][1].scope is Scope.OWN
+    assert settings.unload_after == 10  # unloaded after 10 s with nothing held, unless told otherwise
+    assert memcr("-l", "9000", "--unload-after", "0").runs[0][1].unload_after == 0
 
 
 def test_allow_tracer_warns(memcr: Callable[..., Outcome]) -> None:
