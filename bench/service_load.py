@@ -3,7 +3,8 @@
 * idle RSS/USS/PSS of `memcr -l`, against the Python floor: the same
   interpreter (`-I`) sleeping, measured in the same run; idle is the
   image that waits for the first connection (memcr.service.idle), and
-  the figure once it has served, nothing parked, is shown beside it;
+  the figures once it has served, nothing parked, are shown beside it:
+  right away, and once it has gone back to that image (--unload-after);
 * its peak RSS (VmHWM) once 8 targets of 256 MiB come back lazily at once;
 * its USS and PSS with 1, 16 and 64 processes checkpointed: what the first
   checkpoint costs once (code and libraries loaded on first use), and what
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from memcr.cli import UNLOAD_AFTER
+from memcr.service.daemon import POLL
 from memcr_client import Client
 
 MIB = 2**20
@@ -155,6 +158,8 @@ def measure(target_bin: Path, directory: Path) -> dict:
         results["checkpoint_16x64mib_s"] = timing
         results["parallel_speedup"] = timing["sequential"] / timing["parallel"]
         results["lazy_8x256_peak_mib"] = _lazy_peak(client, target_bin, daemon.pid)
+        time.sleep(UNLOAD_AFTER + 2 * POLL)  # nothing held: the daemon goes back to its idle image
+        results["idle_after_unload"] = _memory(daemon.pid)
         return results
     finally:
         _kill(targets)
@@ -175,8 +180,10 @@ def print_table(r: dict) -> None:
           f"{'met' if peak <= LAZY_AIM_MIB else 'below'}")  # fmt: skip
     print(f"first checkpoint, once: USS +{r['first_checkpoint_uss_mib']:.2f} MiB (code loaded on first use)")
     after = r["idle_after_serving"]
+    unloaded = r["idle_after_unload"]
     print(f"idle again once it has served (nothing parked): USS {after['uss_mib']:.1f} MiB, "
-          f"RSS {after['rss_mib']:.1f} MiB")  # fmt: skip
+          f"RSS {after['rss_mib']:.1f} MiB; {UNLOAD_AFTER:g} s on, back in its idle image: "
+          f"USS {unloaded['uss_mib']:.1f} MiB, RSS {unloaded['rss_mib']:.1f} MiB")  # fmt: skip
     print(f"{'checkpointed':>14}{'USS MiB':>10}{'PSS MiB':>10}{'USS/process':>14}{'PSS/process':>14}{'aim':>6}")
     for count, m in r["checkpointed"].items():
         if count == 1:

@@ -26,12 +26,9 @@ import os
 import select
 import signal
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from memcr.system import libc
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 PR_SET_DUMPABLE = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
