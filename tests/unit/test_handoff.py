@@ -6,8 +6,11 @@ import dataclasses
 import marshal
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import memcr
 from memcr.dump.codec import Coding
 from memcr.logs import Level, Logger
 from memcr.options import Options
@@ -67,3 +70,18 @@ def test_a_tcp_daemon_with_the_defaults_crosses_too() -> None:
     assert back_listener.sock.family == socket.AF_INET6
     sock.detach()
     back_listener.sock.close()
+
+
+def test_the_idle_image_loads_nothing_it_does_not_use() -> None:
+    """What memcr.service.idle imports, the idle daemon weighs (bench/service_load.py): beyond what the
+    interpreter loads anyway, only ctypes (prctl), select and signal, and memcr's own few modules."""
+    program = (
+        "import sys; before = set(sys.modules); sys.path.insert(0, sys.argv[1]); import memcr.service.idle; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    root = Path(memcr.__file__).resolve().parent.parent
+    argv = [sys.executable, "-I", "-c", program, str(root)]
+    loaded = set(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split())
+    standard = {"_ctypes", "_struct", "struct", "ctypes", "ctypes._endian", "select", "signal", "collections.abc"}
+    own = {"memcr", "memcr.service", "memcr.service.idle", "memcr.system", "memcr.system.libc"}
+    assert "memcr.service.idle" in loaded and loaded <= standard | own | {"__future__"}
