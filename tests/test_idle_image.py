@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,10 @@ def _ask(sock_path: Path, cmd: int, pid: int) -> bytes:
         sock.settimeout(RUN_TIMEOUT)
         sock.connect(str(sock_path))
         sock.sendall(REQUEST.pack(cmd, pid))
-        return sock.recv(16, socket.MSG_WAITALL)
+        try:
+            return sock.recv(16, socket.MSG_WAITALL)
+        except ConnectionResetError:  # a listener closed with the connection in its backlog
+            return b""
 
 
 def test_the_daemon_serves_from_its_idle_image_with_every_option_it_was_given(daemon, spawn) -> None:
@@ -222,3 +226,88 @@ def test_a_request_or_a_stop_as_the_service_unloads_is_never_lost(daemon, spawn,
         log = d.out.rest()
     assert not [line for line in log if "Traceback" in line or "error" in line], log
     assert target.verify() == 0
+
+
+# -- the hostile review's findings ------------------------------------------------
+
+
+@pytest.mark.parametrize("run", range(12))
+def test_a_stop_while_the_daemon_starts_removes_its_socket_and_folders(tmp_path: Path, run: int) -> None:
+    """From the socket's making to the idle image's handlers: the first image's last steps, exec, the idle
+    image's start. A stop there killed the daemon and left its files; it now waits for the handlers. Every
+    other run probes the kernel for --lazy and --incremental after the socket is made, a longer first step."""
+    folder = tmp_path / "a" / "b"
+    sock_path = folder / "d.sock"
+    probes = ["--lazy", "--incremental"] if run % 4 >= 2 else []
+    proc = subprocess.Popen(memcr_argv("-l", sock_path, "-d", tmp_path, *probes), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not sock_path.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no socket"
+            time.sleep(0.0005)
+        time.sleep(random.uniform(0, 0.06))
+        proc.send_signal((signal.SIGTERM, signal.SIGINT)[run % 2])
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    log = Lines(proc.stdout).rest()
+    assert log[-1] == "memcr: stopped", log
+    assert not [line for line in log if "Traceback" in line or "Error" in line], log
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_socket_path_that_is_not_utf_8_is_said_and_served(tmp_path: Path) -> None:
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/n\xff"))
+    sock_path = folder / "d.sock"
+    proc = subprocess.Popen(memcr_argv("-l", sock_path, "-d", tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline()
+        assert listening == b"memcr: created the folder " + bytes(folder) + b" for the socket (mode 0755)\n"
+        assert proc.stdout.readline() == b"memcr: listening on " + bytes(sock_path) + b"\n"
+        assert RESPONSE.unpack(_ask(sock_path, RESTORE, 2**31 - 1))[0] == Answer.INVALID_PID
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    assert not os.path.lexists(folder)
+
+
+def _copied_memcr(tmp_path: Path) -> Path:
+    """memcr and its client copied to their own folder, which a test may change as an upgrade would."""
+    copy = tmp_path / "install"
+    for package in ("memcr", "memcr_client"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return copy
+
+
+@pytest.mark.parametrize("when", ["idle", "unloaded"])
+def test_an_upgrade_while_the_service_is_not_loaded_ends_the_daemon_cleanly(tmp_path: Path, spawn, when: str) -> None:
+    """memcr's files changed under a daemon that has not loaded its service (at start, or unloaded since): the
+    service of the new files with the settings of the old could not be trusted, so the daemon says so at the
+    next request and ends, its socket removed, for its supervisor to start it again."""
+    install = _copied_memcr(tmp_path)
+    sock_path = tmp_path / "d.sock"
+    argv = [sys.executable, "-P", "-m", "memcr", "-l", sock_path, "-d", tmp_path, "--unload-after", "1"]
+    env = {**os.environ, "PYTHONPATH": str(install)}
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for("listening on")
+        if when == "unloaded":
+            target = spawn("pattern", 8, 2)
+            assert _ask(sock_path, CHECKPOINT, target.pid) == RESPONSE.pack(Answer.OK)
+            assert _ask(sock_path, RESTORE, target.pid) == RESPONSE.pack(Answer.OK)
+            assert target.verify() == 0
+            out.wait_for("the service unloads until the next request")
+        with (install / "memcr" / "service" / "daemon.py").open("a") as changed:
+            changed.write("# the next version\n")
+        assert _ask(sock_path, RESTORE, 2**31 - 1) == b""  # ended without an answer
+        assert proc.wait(RUN_TIMEOUT) == 1
+    finally:
+        reap(proc)
+    said = out.rest()
+    assert "memcr: error: memcr's files changed since this daemon started (an upgrade?)" in said[-1], said
+    assert not sock_path.exists()

@@ -799,6 +799,9 @@ def _free_descriptors() -> int:
 
 def run(daemon: Daemon) -> None:
     """`memcr -l`: start, then serve from the idle image (memcr.service.idle), or from this one where exec fails."""
+    # a stop from the socket's making on waits for the handlers of the image that serves (_serve, idle.main):
+    # they remove the socket and its folders
+    signal.pthread_sigmask(signal.SIG_BLOCK, idle.STOP_SIGNALS)
     service = Service(*daemon[:7])
     listener = service.start()
     try:
@@ -820,7 +823,9 @@ def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
     """The daemon in its idle image, from its first connection on, or from a stop (`stopped`) that came first."""
     daemon, listener = handoff.resumed(state)
     try:
-        harden(daemon.allow_tracer)  # done by the idle image, but for the tracer check and the reason of a failure
+        # the idle image's undumpable again, or the reason why not; a tracer was refused at start (and exec
+        # keeps one), so root's debugger attached since is left alone, as before the images
+        harden(allow_tracer=True)
     except BaseException:
         listener.close()
         raise
@@ -832,6 +837,7 @@ def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
 def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) -> None:
     for sig in idle.STOP_SIGNALS:
         signal.signal(sig, lambda *_: service.stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, idle.STOP_SIGNALS)  # run() blocked them where exec failed
     if stopped():
         service.stop.set()
     while service.serve(listener):  # nothing held a while: back to the idle image

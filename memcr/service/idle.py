@@ -30,10 +30,15 @@ from collections.abc import Callable
 
 from memcr.system import libc
 
+TYPE_CHECKING = False  # typing itself, imported, would weigh about 0.9 MiB here
+if TYPE_CHECKING:
+    from typing import Any, TextIO
+
 PR_SET_DUMPABLE = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The image's program: the memcr package from the folder the first image loaded it from, whatever the working
 # directory holds (-P keeps that directory off sys.path).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the memcr package's folder
 BOOT = (
     "import sys\nif sys.argv[1] not in sys.path: sys.path.insert(0, sys.argv[1])\n"
     "import memcr.service.idle as i\ni.main()"
@@ -46,10 +51,10 @@ def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
     The stop signals are blocked across exec: one that comes meanwhile
     waits for the new image's handlers. Returns only when it did not
     exec: a stop came first (`stopped`), or exec failed (OSError); the
-    signals and descriptors are then as they were.
+    signal mask and the descriptors are then as they were.
     """
     fd = os.memfd_create("memcr-handoff")  # close-on-exec until made inheritable below
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         if stopped():
             return
@@ -57,16 +62,28 @@ def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(listener, True)
         os.set_inheritable(fd, True)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         sys.stdout.flush()
         sys.stderr.flush()
         # the first image's words last: `pgrep -f "memcr -l"` finds the daemon in either image
-        argv = [sys.executable, *_interpreter_flags(), "-P", "-c", BOOT, root, str(fd), "memcr", *sys.argv[1:]]
+        argv = [sys.executable, *_interpreter_flags(), "-P", "-c", BOOT, ROOT, str(fd), "memcr", *sys.argv[1:]]
         os.execv(sys.executable, argv)
     finally:  # only when it did not exec
         os.set_inheritable(listener, False)
         os.close(fd)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def fingerprint(folders: list[str]) -> list[tuple[str, int, int, int]]:
+    """Each Python file under `folders` with its inode, size and change time: a new install changes them."""
+    found = []
+    for folder in folders:
+        for top, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(top, name)
+                st = os.stat(path)
+                found.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return found
 
 
 def _interpreter_flags() -> list[str]:
@@ -82,17 +99,21 @@ def main() -> None:
     """The idle image's program: BOOT runs it with the memcr folder and the handoff's descriptor."""
     with os.fdopen(int(sys.argv[2]), "rb") as handoff:
         state = marshal.load(handoff)
+    # its name as the first image had it (`pgrep -x`, `killall`, the journal)
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(state["comm"])
     stopped = []
-    # A stop signal from now on is kept, to be served by the daemon once loaded; its byte on the wake-up pipe
-    # ends the wait.
+    # A stop signal is served from now on (become() blocked them until here), and kept to be served by the
+    # daemon once loaded; its byte on the wake-up pipe ends the wait.
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda number, _frame: stopped.append(number))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # become() blocked them: one pending is served now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _unchanged(state)  # this module's own version reads the state it was handed
     if _undumpable():  # else memcr.service.daemon's harden() says what is wrong, and exits
         for line in state["greeting"]:
-            _say(line)
+            _say(sys.stdout, line)
         waiting = select.poll()
         waiting.register(state["listener"][0], select.POLLIN)
         waiting.register(wake_read, select.POLLIN)
@@ -101,10 +122,31 @@ def main() -> None:
     signal.set_wakeup_fd(-1)
     os.close(wake_read)
     os.close(wake_write)
+    _unchanged(state)  # what loads now is the version that started the daemon
     from memcr.exits import run_or_exit
     from memcr.service import daemon  # the service, loaded now that it has work
 
     run_or_exit(lambda: daemon.resume(state, lambda: bool(stopped)))
+
+
+def _unchanged(state: dict[str, Any]) -> None:
+    """Go on only while memcr's files are those the first image read.
+
+    Changed (an upgrade), loading them could mix two versions: the daemon
+    ends, its socket removed; nothing is parked. A supervisor starts it
+    again.
+    """
+    if fingerprint(state["folders"]) == state["fingerprint"]:
+        return
+    _say(sys.stderr, "memcr: error: memcr's files changed since this daemon started (an upgrade?): it stops, "
+                     "to be started again with them (systemd's Restart=on-failure does)")  # fmt: skip
+    with contextlib.suppress(Exception):  # best effort: the socket's file and folders, as this version reads them
+        _, path, made, inherited = state["listener"]
+        if not inherited and path is not None:
+            os.unlink(path)
+            for folder in reversed(made):
+                os.rmdir(folder)
+    sys.exit(1)  # ExitCode.FAILED; memcr_client.protocol, which names it, may be of the other version
 
 
 def _undumpable() -> bool:
@@ -115,7 +157,7 @@ def _undumpable() -> bool:
     return True
 
 
-def _say(line: str) -> None:
-    """One start-up line on stdout, as memcr.logs.write does: a reader gone loses it, nothing else."""
+def _say(stream: TextIO, line: str) -> None:
+    """One line, as memcr.logs.write does: a reader gone loses it, nothing else; a path in it as its bytes."""
     with contextlib.suppress(OSError):
-        os.write(sys.stdout.fileno(), line.encode() + b"\n")
+        os.write(stream.fileno(), os.fsencode(line) + b"\n")
