@@ -311,3 +311,21 @@ def test_an_upgrade_while_the_service_is_not_loaded_ends_the_daemon_cleanly(tmp_
     said = out.rest()
     assert "memcr: error: memcr's files changed since this daemon started (an upgrade?)" in said[-1], said
     assert not sock_path.exists()
+
+
+def test_the_daemon_keeps_the_name_it_was_started_with(tmp_path: Path) -> None:
+    """`pgrep -x memcr`, `killall memcr` and the journal's _COMM find it in either image."""
+    sock_path = tmp_path / "d.sock"
+    script = Path(sys.executable).parent / "memcr"  # the console script `make install` puts beside the interpreter
+    proc = subprocess.Popen([script, "-l", sock_path, "-d", tmp_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        Lines(proc.stdout).wait_for("listening on")
+        comm = Path(f"/proc/{proc.pid}/comm")
+        assert "memcr.service.idle" in " ".join(_cmdline(proc.pid)) and comm.read_text() == "memcr\n"
+        assert RESPONSE.unpack(_ask(sock_path, RESTORE, 2**31 - 1))[0] == Answer.INVALID_PID
+        assert comm.read_text() == "memcr\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
