@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import math
 import os
 import platform
 import sys
@@ -243,6 +244,8 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
             raise UsageError("give the process to checkpoint with -p PID, or -l to serve (see memcr -h)")
         if pid <= 0:
             raise UsageError(f"-p/--pid must be a positive process id, not {pid}")
+    if unload_after is not None and not math.isfinite(unload_after):
+        raise UsageError(f"--unload-after must be a number of seconds (0: never), not {unload_after}")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"-t/--timeout must be a positive number of seconds, not {timeout}")
     if parasite_socket_gid is not None and parasite_socket_dir is None:

@@ -156,15 +156,19 @@ def test_the_service_unloads_only_once_nothing_is_held_and_serves_again(daemon, 
     assert d.code(CHECKPOINT, target.pid) == Answer.OK
     time.sleep(2.5)  # parked: held
     assert d.code(RESTORE, target.pid) == Answer.OK
+    words = _cmdline(d.proc.pid)
     d.out.wait_for("the service unloads until the next request", timeout=30)
     unloaded = len(d.out.seen)
     assert d.code(CHECKPOINT, target.pid) == Answer.OK  # served again: the service loaded at the request
     assert d.code(RESTORE, target.pid) == Answer.OK
     assert target.verify() == 0
     d.out.wait_for("the service unloads until the next request", timeout=30)
+    again = len(d.out.seen)
+    assert d.code(RESTORE, 2**31 - 1) == Answer.INVALID_PID  # served by the image the unload exec'd
+    assert _cmdline(d.proc.pid) == words  # each exec's command line the first one's, not longer each time
     assert d.terminate() == 0
     log = d.out.rest()
-    assert [i for i, line in enumerate(log) if "the service unloads" in line] == [unloaded - 1, len(log) - 2], log
+    assert [i for i, line in enumerate(log) if "the service unloads" in line] == [unloaded - 1, again - 1], log
     assert log[-1] == "memcr: stopped"
     assert sum(f"pid {target.pid} restored" in line for line in log) == 2
     assert any(f"pid {target.pid} restored" in line for line in log[:unloaded])  # the first wake, then the unload
@@ -283,34 +287,84 @@ def _copied_memcr(tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("when", ["idle", "unloaded"])
+def _from_copy(tmp_path: Path, install: Path, *args: object) -> tuple[subprocess.Popen[str], Lines, Path]:
+    """A daemon of the copy `install` (-P: its working directory's modules are not loaded), and its socket."""
+    sock_path = tmp_path / "d.sock"
+    argv = [sys.executable, "-P", "-m", "memcr", "-l", sock_path, "-d", tmp_path, *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(install)}
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Lines(proc.stdout)
+    try:
+        out.wait_for("listening on")
+    except BaseException:
+        reap(proc)
+        raise
+    return proc, out, sock_path
+
+
+def _upgrade(install: Path) -> None:
+    with (install / "memcr" / "service" / "daemon.py").open("a") as changed:
+        changed.write("# the next version\n")
+
+
+@pytest.mark.parametrize("when", ["idle", "unloaded", "stopped"])
 def test_an_upgrade_while_the_service_is_not_loaded_ends_the_daemon_cleanly(tmp_path: Path, spawn, when: str) -> None:
     """memcr's files changed under a daemon that has not loaded its service (at start, or unloaded since): the
     service of the new files with the settings of the old could not be trusted, so the daemon says so at the
-    next request and ends, its socket removed, for its supervisor to start it again."""
+    next request and ends, its socket removed, for its supervisor to start it again; or at a stop, as a stop."""
     install = _copied_memcr(tmp_path)
-    sock_path = tmp_path / "d.sock"
-    argv = [sys.executable, "-P", "-m", "memcr", "-l", sock_path, "-d", tmp_path, "--unload-after", "1"]
-    env = {**os.environ, "PYTHONPATH": str(install)}
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, out, sock_path = _from_copy(tmp_path, install, "--unload-after", 1)
     try:
-        out = Lines(proc.stdout)
-        out.wait_for("listening on")
         if when == "unloaded":
             target = spawn("pattern", 8, 2)
             assert _ask(sock_path, CHECKPOINT, target.pid) == RESPONSE.pack(Answer.OK)
             assert _ask(sock_path, RESTORE, target.pid) == RESPONSE.pack(Answer.OK)
             assert target.verify() == 0
             out.wait_for("the service unloads until the next request")
-        with (install / "memcr" / "service" / "daemon.py").open("a") as changed:
-            changed.write("# the next version\n")
-        assert _ask(sock_path, RESTORE, 2**31 - 1) == b""  # ended without an answer
-        assert proc.wait(RUN_TIMEOUT) == 1
+        _upgrade(install)
+        if when == "stopped":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            assert _ask(sock_path, RESTORE, 2**31 - 1) == b""  # ended without an answer
+        assert proc.wait(RUN_TIMEOUT) == (0 if when == "stopped" else 1)
     finally:
         reap(proc)
     said = out.rest()
-    assert "memcr: error: memcr's files changed since this daemon started (an upgrade?)" in said[-1], said
+    assert [line for line in said if "memcr: error: memcr's files changed since this daemon started" in line], said
+    assert said[-1] == "memcr: stopped" if when == "stopped" else "changed since" in said[-1]
     assert not sock_path.exists()
+
+
+def test_an_upgrade_while_the_service_is_loaded_keeps_it_loaded(tmp_path: Path, spawn) -> None:
+    """Its unload would exec the idle image of the new files: the daemon stays as it is, and says so."""
+    install = _copied_memcr(tmp_path)
+    proc, out, sock_path = _from_copy(tmp_path, install, "--unload-after", 1)
+    try:
+        target = spawn("pattern", 8, 2)
+        assert _ask(sock_path, CHECKPOINT, target.pid) == RESPONSE.pack(Answer.OK)
+        _upgrade(install)
+        assert _ask(sock_path, RESTORE, target.pid) == RESPONSE.pack(Answer.OK)
+        assert target.verify() == 0
+        out.wait_for("warning: memcr's files changed since this daemon started (an upgrade?): its service stays")
+        time.sleep(1.5)
+        assert _ask(sock_path, RESTORE, 2**31 - 1) == RESPONSE.pack(Answer.INVALID_PID)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RUN_TIMEOUT) == 0
+    finally:
+        reap(proc)
+    said = out.rest()
+    assert said[-1] == "memcr: stopped" and not [line for line in said if "the service unloads" in line], said
+
+
+def test_requests_answered_at_once_keep_the_service_loaded(daemon) -> None:
+    """A request the accept loop answers without a thread (here a RESTORE of a pid not parked) is being asked:
+    one every half second keeps a daemon that unloads after 2 s loaded."""
+    d = daemon("--unload-after", "2")
+    for _ in range(12):
+        assert d.code(RESTORE, 2**31 - 1) == Answer.INVALID_PID
+        time.sleep(0.5)
+    assert d.terminate() == 0
+    assert not [line for line in d.out.rest() if "the service unloads" in line]
 
 
 def test_the_daemon_keeps_the_name_it_was_started_with(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import resource
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -122,10 +123,11 @@ class _Checkpoint:
 
 class Unload(NamedTuple):
     """--unload-after: after how many seconds with nothing held the daemon goes back to its idle image, and the
-    handoff it execs that image with."""
+    handoff it execs that image with (marshalled, and as read)."""
 
     after: float
     handoff: bytes
+    state: dict[str, Any]
 
 
 class _Reason(threading.local):
@@ -293,6 +295,12 @@ class Service:
             return False
         if now - self.held_since < self.unload.after:
             return False
+        if not idle.unchanged(self.unload.state):
+            # the idle image would be of other files than this one's: it stays, the upgrade for the next start
+            logs.error(self.log, "warning: memcr's files changed since this daemon started (an upgrade?): its "
+                                 "service stays loaded; start the daemon again to run them")  # fmt: skip
+            self.unload = None
+            return False
         self.log(f"nothing held for {self.unload.after:g} s: the service unloads until the next request")
         return True
 
@@ -302,6 +310,7 @@ class Service:
             try:
                 conn, address = listener.accept()
                 self.out_of_descriptors = False
+                self.held_since = time.monotonic()  # asked: a request answered here at once counts too
                 break
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
@@ -812,7 +821,7 @@ def run(daemon: Daemon) -> None:
         listener.close()
         raise
     try:
-        idle.become(handed, listener.fileno(), lambda: False)
+        idle.become(handed, listener.fileno(), lambda: False, ["memcr", *sys.argv[1:]])
     except OSError as e:
         greeting.replay()
         logs.error(daemon.log, f"warning: serving from the process that parsed the options ({e}): it weighs more")
@@ -829,8 +838,9 @@ def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
     except BaseException:
         listener.close()
         raise
-    # back to the idle image once nothing is held: as handed over, without the first lines
-    unload = Unload(daemon.unload_after, marshal.dumps({**state, "greeting": []})) if daemon.unload_after else None
+    unload = None
+    if daemon.unload_after:  # back to the idle image once nothing is held: as handed over, without the first lines
+        unload = Unload(daemon.unload_after, marshal.dumps({**state, "greeting": []}), state)
     _serve(Service(*daemon[:7], unload=unload), listener, stopped)
 
 
@@ -843,7 +853,7 @@ def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) ->
     while service.serve(listener):  # nothing held a while: back to the idle image
         assert service.unload is not None
         try:
-            idle.become(service.unload.handoff, listener.fileno(), service.stop.is_set)
+            idle.become(service.unload.handoff, listener.fileno(), service.stop.is_set, service.unload.state["words"])
         except OSError as e:
             logs.error(service.log, f"warning: the service stays loaded: exec failed ({e})")
             service.unload = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,6 +69,7 @@ def state(daemon: Daemon, listener: Listener, greeting: list[str]) -> dict[str, 
         "listener": (listener.fileno(), _path(listener.path), [str(p) for p in listener.made], listener.inherited),
         "greeting": greeting,
         "comm": Path("/proc/self/comm").read_text().rstrip("\n"),
+        "words": ["memcr", *sys.argv[1:]],
         "folders": FOLDERS,
         "fingerprint": idle.fingerprint(FOLDERS),
     }

@@ -45,8 +45,11 @@ BOOT = (
 )
 
 
-def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
+def become(handoff: bytes, listener: int, stopped: Callable[[], bool], words: list[str]) -> None:
     """Exec the idle image with the `handoff` (memcr.service.handoff, marshalled) and the `listener` descriptor.
+
+    `words` end its command line: the first image's, so that `pgrep -f "memcr -l"` finds the daemon in
+    either image, each exec's the same.
 
     The stop signals are blocked across exec: one that comes meanwhile
     waits for the new image's handlers. Returns only when it did not
@@ -64,8 +67,7 @@ def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
         os.set_inheritable(fd, True)
         sys.stdout.flush()
         sys.stderr.flush()
-        # the first image's words last: `pgrep -f "memcr -l"` finds the daemon in either image
-        argv = [sys.executable, *_interpreter_flags(), "-P", "-c", BOOT, ROOT, str(fd), "memcr", *sys.argv[1:]]
+        argv = [sys.executable, *_interpreter_flags(), "-P", "-c", BOOT, ROOT, str(fd), *words]
         os.execv(sys.executable, argv)
     finally:  # only when it did not exec
         os.set_inheritable(listener, False)
@@ -73,17 +75,29 @@ def become(handoff: bytes, listener: int, stopped: Callable[[], bool]) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def fingerprint(folders: list[str]) -> list[tuple[str, int, int, int]]:
-    """Each Python file under `folders` with its inode, size and change time: a new install changes them."""
+def fingerprint(folders: list[str]) -> list[tuple[str, int, int, int, int]]:
+    """Each file under `folders` (sources, or the compiled modules of an install without them, the parasite's
+    blobs) but the interpreter's caches, with its inode, size, and change and modification times: a new
+    install changes them. A file that cannot be read is there with -1s, and so never found unchanged."""
     found = []
     for folder in folders:
         for top, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for name in sorted(f for f in files if f.endswith(".py")):
+            for name in sorted(files):
                 path = os.path.join(top, name)
-                st = os.stat(path)
-                found.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+                try:
+                    st = os.lstat(path)
+                except OSError:  # gone since the listing: being replaced
+                    found.append((path, -1, -1, -1, -1))
+                    continue
+                found.append((path, st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns))
     return found
+
+
+def unchanged(state: dict[str, Any]) -> bool:
+    """Whether memcr's files are those the first image read (an upgrade changes them)."""
+    now = fingerprint(state["folders"])
+    return -1 not in (entry[1] for entry in now) and now == state["fingerprint"]
 
 
 def _interpreter_flags() -> list[str]:
@@ -110,7 +124,7 @@ def main() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda number, _frame: stopped.append(number))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    _unchanged(state)  # this module's own version reads the state it was handed
+    _unchanged(state, stopped)  # this module's own version reads the state it was handed
     if _undumpable():  # else memcr.service.daemon's harden() says what is wrong, and exits
         for line in state["greeting"]:
             _say(sys.stdout, line)
@@ -122,30 +136,34 @@ def main() -> None:
     signal.set_wakeup_fd(-1)
     os.close(wake_read)
     os.close(wake_write)
-    _unchanged(state)  # what loads now is the version that started the daemon
+    _unchanged(state, stopped)  # what loads now is the version that started the daemon
     from memcr.exits import run_or_exit
     from memcr.service import daemon  # the service, loaded now that it has work
 
     run_or_exit(lambda: daemon.resume(state, lambda: bool(stopped)))
 
 
-def _unchanged(state: dict[str, Any]) -> None:
+def _unchanged(state: dict[str, Any], stopped: list[int]) -> None:
     """Go on only while memcr's files are those the first image read.
 
     Changed (an upgrade), loading them could mix two versions: the daemon
-    ends, its socket removed; nothing is parked. A supervisor starts it
-    again.
+    ends without them, its socket removed; nothing is parked. Asked to
+    stop, it has stopped (exit 0); else it failed (exit 1), and a
+    supervisor starts it again.
     """
-    if fingerprint(state["folders"]) == state["fingerprint"]:
+    if unchanged(state):
         return
-    _say(sys.stderr, "memcr: error: memcr's files changed since this daemon started (an upgrade?): it stops, "
-                     "to be started again with them (systemd's Restart=on-failure does)")  # fmt: skip
+    _say(sys.stderr, "memcr: error: memcr's files changed since this daemon started (an upgrade?): it ends "
+                     "without loading them, to be started again (systemd's Restart=on-failure does)")  # fmt: skip
     with contextlib.suppress(Exception):  # best effort: the socket's file and folders, as this version reads them
         _, path, made, inherited = state["listener"]
         if not inherited and path is not None:
             os.unlink(path)
             for folder in reversed(made):
                 os.rmdir(folder)
+    if stopped:
+        _say(sys.stdout, "memcr: stopped")
+        sys.exit(0)
     sys.exit(1)  # ExitCode.FAILED; memcr_client.protocol, which names it, may be of the other version
 
 

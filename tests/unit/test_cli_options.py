@@ -114,6 +114,8 @@ def refused(outcome: Outcome, text: str) -> None:
         (["-p", "1", "--unload-after", "5"], "--unload-after only applies to service mode (-l)"),
         (["-l", "9000", "--unload-after", "-1"], "-1.0 is not in the range x>=0"),
         (["-l", "9000", "--unload-after", "soon"], "'soon' is not a valid float"),
+        (["-l", "9000", "--unload-after", "nan"], "--unload-after must be a number of seconds (0: never), not nan"),
+        (["-l", "9000", "--unload-after", "inf"], "--unload-after must be a number of seconds (0: never), not inf"),
         (["-p", "1", "-G", "4321"], "-G/--parasite-socket-gid needs -S/--parasite-socket-dir"),
         (["-p", "1", "-S", "/tmp", "-G", "no-such-group-memcr"], "no group named 'no-such-group-memcr'"),
         (["-p", "1", "-z", "gzip"], "unknown compression 'gzip': choose one of lz4, zstd"),

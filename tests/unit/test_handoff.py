@@ -85,3 +85,24 @@ def test_the_idle_image_loads_nothing_it_does_not_use() -> None:
     standard = {"_ctypes", "_struct", "struct", "ctypes", "ctypes._endian", "select", "signal", "collections.abc"}
     own = {"memcr", "memcr.service", "memcr.service.idle", "memcr.system", "memcr.system.libc"}
     assert "memcr.service.idle" in loaded and loaded <= standard | own | {"__future__"}
+
+
+def test_the_fingerprint_sees_every_file_of_an_install_but_the_caches(tmp_path: Path) -> None:
+    from memcr.service.idle import fingerprint, unchanged
+
+    package = tmp_path / "memcr"
+    (package / "__pycache__").mkdir(parents=True)
+    for name in ("a.py", "b.pyc", "blob.bin", "__pycache__/a.cpython-311.pyc"):
+        (package / name).write_bytes(b"1")
+    (package / ".#a.py").symlink_to("nowhere")  # an editor's lock: a dangling link
+    state = {"folders": [str(package)], "fingerprint": fingerprint([str(package)])}
+    assert [os.path.basename(entry[0]) for entry in state["fingerprint"]] == [".#a.py", "a.py", "b.pyc", "blob.bin"]
+    (package / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"22")  # the interpreter's cache: not the install
+    assert unchanged(state)
+    for name in ("b.pyc", "blob.bin"):  # a module without its source, a parasite blob: replaced as installs do
+        before = state["fingerprint"]
+        (package / f"{name}.new").write_bytes(b"2")
+        os.replace(package / f"{name}.new", package / name)
+        assert not unchanged(state)
+        state["fingerprint"] = fingerprint([str(package)])
+        assert state["fingerprint"] != before
