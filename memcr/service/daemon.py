@@ -813,15 +813,16 @@ def run(daemon: Daemon) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, idle.STOP_SIGNALS)
     service = Service(*daemon[:7])
     listener = service.start()
+    words = ["memcr", *sys.argv[1:]]
     try:
         greeting = logs.Held(daemon.log)
         service.greet(listener, greeting)
-        handed = marshal.dumps(handoff.state(daemon, listener, greeting.lines))
+        handed = marshal.dumps(handoff.state(daemon, listener, greeting.lines, words))
     except BaseException:
         listener.close()
         raise
     try:
-        idle.become(handed, listener.fileno(), lambda: False, ["memcr", *sys.argv[1:]])
+        idle.become(handed, listener.fileno(), lambda: False, words)
     except OSError as e:
         greeting.replay()
         logs.error(daemon.log, f"warning: serving from the process that parsed the options ({e}): it weighs more")

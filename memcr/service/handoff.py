@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,8 +47,9 @@ def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def state(daemon: Daemon, listener: Listener, greeting: list[str]) -> dict[str, object]:
-    """The handoff of `daemon`, listening on `listener`, whose first lines (`greeting`) the idle image writes."""
+def state(daemon: Daemon, listener: Listener, greeting: list[str], words: list[str]) -> dict[str, object]:
+    """The handoff of `daemon`, listening on `listener`, whose first lines (`greeting`) the idle image writes;
+    `words` end each idle image's command line (memcr.service.idle.become)."""
     options, coding = daemon.options, daemon.options.coding
     return {
         "address": (_path(daemon.address.path), daemon.address.host, daemon.address.port),
@@ -69,7 +69,7 @@ def state(daemon: Daemon, listener: Listener, greeting: list[str]) -> dict[str, 
         "listener": (listener.fileno(), _path(listener.path), [str(p) for p in listener.made], listener.inherited),
         "greeting": greeting,
         "comm": Path("/proc/self/comm").read_text().rstrip("\n"),
-        "words": ["memcr", *sys.argv[1:]],
+        "words": words,
         "folders": FOLDERS,
         "fingerprint": idle.fingerprint(FOLDERS),
     }

@@ -1,4 +1,4 @@
-"""The daemon until its first connection: a small image that waits, and loads the service when work comes.
+"""The daemon while its service is not loaded: a small image that waits, and loads the service when work comes.
 
 `memcr -l` parses its options with click, checks them, makes its socket
 and finds what it will say at its start, all in its first image; then it
@@ -12,8 +12,9 @@ stop signals without a thread or a timer. The first connection, or a
 stop, loads memcr.service.daemon (`resume`), which serves or stops as a
 daemon started in one image would.
 
-Nothing is parked before the first request, so nothing can be lost in
-this image. Only the standard library's smallest parts and
+The service execs this image again once it has held nothing for
+--unload-after seconds (memcr.service.daemon `_serve`). Nothing is parked
+while this image runs, so nothing can be lost in it. Only the standard library's smallest parts and
 memcr.system.libc are imported here: what this module imports, the idle
 daemon weighs (`make bench`, bench/service_load.py).
 """
@@ -36,9 +37,9 @@ if TYPE_CHECKING:
 
 PR_SET_DUMPABLE = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the memcr package's folder
 # The image's program: the memcr package from the folder the first image loaded it from, whatever the working
 # directory holds (-P keeps that directory off sys.path).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the memcr package's folder
 BOOT = (
     "import sys\nif sys.argv[1] not in sys.path: sys.path.insert(0, sys.argv[1])\n"
     "import memcr.service.idle as i\ni.main()"
@@ -111,6 +112,7 @@ def _interpreter_flags() -> list[str]:
 
 def main() -> None:
     """The idle image's program: BOOT runs it with the memcr folder and the handoff's descriptor."""
+    hardened = _undumpable()  # first: exec made it dumpable; else memcr.service.daemon's harden() says why, and exits
     with os.fdopen(int(sys.argv[2]), "rb") as handoff:
         state = marshal.load(handoff)
     # its name as the first image had it (`pgrep -x`, `killall`, the journal)
@@ -125,7 +127,7 @@ def main() -> None:
         signal.signal(sig, lambda number, _frame: stopped.append(number))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _unchanged(state, stopped)  # this module's own version reads the state it was handed
-    if _undumpable():  # else memcr.service.daemon's harden() says what is wrong, and exits
+    if hardened:
         for line in state["greeting"]:
             _say(sys.stdout, line)
         waiting = select.poll()

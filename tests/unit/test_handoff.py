@@ -22,7 +22,7 @@ from memcr_client.protocol import Address
 
 def _crossed(daemon: Daemon, listener: Listener, greeting: list[str]) -> tuple[Daemon, Listener, list[str]]:
     """`daemon` and `listener` through the bytes exec would carry, and back."""
-    handed = marshal.loads(marshal.dumps(state(daemon, listener, greeting)))
+    handed = marshal.loads(marshal.dumps(state(daemon, listener, greeting, ["memcr", "-l", "x"])))
     back, back_listener = resumed(handed)
     return back, back_listener, handed["greeting"]
 
