@@ -395,6 +395,31 @@ def test_page_written_while_parked(spawn, memcr: Memcr, content: str) -> None:
     assert memcr.dumps() == []
 
 
+@pytest.mark.parametrize("where", ["dropped", "gap"])
+def test_a_sparse_mapping_s_page_written_while_parked(spawn, memcr: Memcr, where: str) -> None:
+    """Every 4th page present: the restore looks for refilled pages with one scan over each stretch of the
+    mapping, its gaps too (memcr.park.parked.SCAN_GAP). A dropped page written is found however far into the
+    stretch; a page of a gap, which held nothing and was never memcr's, is the writer's to keep."""
+    target = spawn("shapes", "anon:256:every-4:rw:nohuge")
+    [[_, address]] = target.said("shape")
+    page = int(address, 16) + (201 if where == "gap" else 200) * PAGE  # far into the stretch
+    session = memcr.interactive("-p", target.pid)
+    session.wait_prompt()
+    with open(f"/proc/{target.pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(page)
+        mem.write(b"written while parked")
+    code = session.press_enter()
+    if where == "dropped":
+        assert code == 6
+        assert "1 of the pages memcr dropped were written while" in session.stderr()
+        assert target.proc.wait(30) == -signal.SIGKILL
+        return
+    assert code == 0, session.stderr()
+    with open(f"/proc/{target.pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(page)
+        assert mem.read(20) == b"written while parked"  # not the target's pattern: its own check would fail
+
+
 FRAME = struct.Struct("<IIII")
 RECORD = struct.Struct("<IIQQQ")
 RUN = struct.Struct("<QQ")

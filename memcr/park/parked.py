@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from memcr.lazy.restore import LazyRestore
 
 RESERVE = 2  # descriptors a rollback may need: /proc reads
+SCAN_GAP = 32  # pages between two records that one PAGEMAP_SCAN of the dropped pages walks over rather than stop at
 
 Log = Callable[[str], None]
 
@@ -438,19 +439,23 @@ class Parked:
         page, read = self.pagemap.page_size, self.pagemap.reader(self.parasite)
         written = []
         zeroed: set[int] = set()
-        for span in self._spans(records):
+        # one scan a stretch of a mapping, its gaps too: a sparse heap's records are each a page or a few
+        for span in self._spans(records, gap=SCAN_GAP * page):
             start, last = span[0].addr, span[-1]
             anonymous = self._containing(start).anonymous
             # a read while parked (ps reading /proc/PID/cmdline, a debugger) maps the zero page there, which
             # no fault would replace in a lazy restore: counted too (zero_pfn 0), it makes the record eager
             found = scan.refilled(start, last.addr + last.length - start, anonymous, read, 0, self.pagemap.fd)
             starts = [r.addr for r in span]
-            # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
             for addr in found:
+                record = span[bisect.bisect_right(starts, addr) - 1]
+                if addr >= record.addr + record.length:
+                    continue  # in a gap: a page memcr left where it was
+                # khugepaged may fill a dropped page with zeros; the dump's bytes go over those
                 if self.frozen.read(addr, page).count(0) != page:
                     written.append(addr)
                 else:
-                    zeroed.add(starts[bisect.bisect_right(starts, addr) - 1])
+                    zeroed.add(record.addr)
         if written:
             raise WrittenWhileParked(
                 f"{len(written)} of the pages memcr dropped were written while pid {self.pid} was parked "
@@ -460,13 +465,17 @@ class Parked:
             )
         return zeroed
 
-    def _spans(self, records: list[Record]) -> list[list[Record]]:
-        """The records (in address order) in runs that follow each other without a gap, each in one mapping:
-        an incremental re-park's dump holds many small ones (memcr.park.incremental)."""
+    def _spans(self, records: list[Record], gap: int = 0) -> list[list[Record]]:
+        """The records (in address order) in runs each in one mapping, with at most `gap` bytes between two:
+        an incremental re-park's dump holds many small ones (memcr.park.incremental), a sparse heap's too."""
         spans: list[list[Record]] = []
         for record in records:
             last = spans[-1][-1] if spans else None
-            if last and last.addr + last.length == record.addr and self._containing(last.addr).end > record.addr:
+            if (
+                last
+                and 0 <= record.addr - (last.addr + last.length) <= gap
+                and self._containing(last.addr).end > record.addr
+            ):
                 spans[-1].append(record)
             else:
                 spans.append([record])
