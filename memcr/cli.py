@@ -280,7 +280,7 @@ def command(pid: int | None, tree: bool, cgroup: str | None, dump_dir: Path, par
         scope = Scope(client_scope or Scope.ANY.value)
         unload = UNLOAD_AFTER if unload_after is None else unload_after
         daemon.run(handoff.Daemon(Address.parse(listen), options, log, listen_gid, timeout, json_reports, scope,
-                                  allow_tracer, unload))  # fmt: skip
+                                  unload))  # fmt: skip
     elif cgroup is not None:
         from memcr.group.park import CgroupMembers
         from memcr.oneshot import interactive_group

@@ -29,8 +29,8 @@ FOLDERS = [os.path.abspath(package.__path__[0]) for package in (memcr, memcr_cli
 
 
 class Daemon(NamedTuple):
-    """A daemon's settings: Service's arguments, whether a tracer may watch it (--allow-tracer), and after how
-    many seconds with nothing held it goes back to its idle image (--unload-after; 0: never)."""
+    """A daemon's settings: Service's arguments, and after how many seconds with nothing held it goes back to
+    its idle image (--unload-after; 0: never)."""
 
     address: Address
     options: Options
@@ -39,7 +39,6 @@ class Daemon(NamedTuple):
     timeout: float | None
     json_reports: bool
     scope: Scope
-    allow_tracer: bool
     unload_after: float
 
 
@@ -64,7 +63,6 @@ def state(daemon: Daemon, listener: Listener, greeting: list[str], words: list[s
         "timeout": daemon.timeout,
         "json_reports": daemon.json_reports,
         "scope": daemon.scope.value,
-        "allow_tracer": daemon.allow_tracer,
         "unload_after": daemon.unload_after,
         "listener": (listener.fileno(), _path(listener.path), [str(p) for p in listener.made], listener.inherited),
         "greeting": greeting,
@@ -105,7 +103,6 @@ def resumed(state: dict[str, Any]) -> tuple[Daemon, Listener]:
             timeout=state["timeout"],
             json_reports=state["json_reports"],
             scope=Scope(state["scope"]),
-            allow_tracer=state["allow_tracer"],
             unload_after=state["unload_after"],
         )
     except BaseException:

@@ -44,7 +44,7 @@ def test_every_setting_crosses_as_it_was(tmp_path: Path) -> None:
     # the test is worth what its values are: each differs from its default
     assert all(getattr(options, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(Options))
     daemon = Daemon(Address(path=tmp_path / "d.sock"), options, Logger(Level.ERROR, json_reports=True, service=True),
-                    gid=4321, timeout=7, json_reports=True, scope=Scope.OWN, allow_tracer=True,
+                    gid=4321, timeout=7, json_reports=True, scope=Scope.OWN,
                     unload_after=2.5)  # fmt: skip
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener = Listener(sock, print, tmp_path / "d.sock", [tmp_path / "a", tmp_path / "a" / "b"], inherited=False)
@@ -61,7 +61,7 @@ def test_every_setting_crosses_as_it_was(tmp_path: Path) -> None:
 
 def test_a_tcp_daemon_with_the_defaults_crosses_too() -> None:
     daemon = Daemon(Address(host="::1", port=5555), Options(), Logger(service=True), None, None, False, Scope.ANY,
-                    False, 0)  # fmt: skip
+                    0)  # fmt: skip
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     listener = Listener(sock, print, inherited=True)
     back, back_listener, _ = _crossed(daemon, listener, [])
