@@ -11,6 +11,11 @@ checkpointed target, one pid or a group (a process tree or a cgroup, V2
 options 1000 and 1001), has one job (memcr.service.jobs) from its
 checkpoint to its restore; the daemon keeps the registry of which pid is
 whose.
+
+run() makes the socket and execs the daemon's small idle image
+(memcr.service.idle), which calls resume() at its first connection;
+serve() hands the socket back to that image once nothing has been held
+for --unload-after seconds.
 """
 
 from __future__ import annotations
