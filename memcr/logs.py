@@ -104,7 +104,7 @@ class Held(Logger):
 
     def replay(self) -> None:
         for line in self.lines:
-            write(self.stream, line)
+            super()._line(line)
 
 
 def always(log: Log, message: str) -> None:

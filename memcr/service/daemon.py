@@ -128,10 +128,9 @@ class _Checkpoint:
 
 class Unload(NamedTuple):
     """--unload-after: after how many seconds with nothing held the daemon goes back to its idle image, and the
-    handoff it execs that image with (marshalled, and as read)."""
+    handoff it execs that image with (memcr.service.handoff, as read; the first lines left out)."""
 
     after: float
-    handoff: bytes
     state: dict[str, Any]
 
 
@@ -816,7 +815,7 @@ def run(daemon: Daemon) -> None:
     # a stop from the socket's making on waits for the handlers of the image that serves (_serve, idle.main):
     # they remove the socket and its folders
     signal.pthread_sigmask(signal.SIG_BLOCK, idle.STOP_SIGNALS)
-    service = Service(*daemon[:7])
+    service = _service(daemon)
     listener = service.start()
     words = ["memcr", *sys.argv[1:]]
     try:
@@ -846,8 +845,13 @@ def resume(state: dict[str, Any], stopped: Callable[[], bool]) -> None:
         raise
     unload = None
     if daemon.unload_after:  # back to the idle image once nothing is held: as handed over, without the first lines
-        unload = Unload(daemon.unload_after, marshal.dumps({**state, "greeting": []}), state)
-    _serve(Service(*daemon[:7], unload=unload), listener, stopped)
+        unload = Unload(daemon.unload_after, {**state, "greeting": []})
+    _serve(_service(daemon, unload), listener, stopped)
+
+
+def _service(daemon: Daemon, unload: Unload | None = None) -> Service:
+    return Service(daemon.address, daemon.options, daemon.log, gid=daemon.gid, timeout=daemon.timeout,
+                   json_reports=daemon.json_reports, scope=daemon.scope, unload=unload)  # fmt: skip
 
 
 def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) -> None:
@@ -859,7 +863,8 @@ def _serve(service: Service, listener: Listener, stopped: Callable[[], bool]) ->
     while service.serve(listener):  # nothing held a while: back to the idle image
         assert service.unload is not None
         try:
-            idle.become(service.unload.handoff, listener.fileno(), service.stop.is_set, service.unload.state["words"])
+            state = service.unload.state
+            idle.become(marshal.dumps(state), listener.fileno(), service.stop.is_set, state["words"])
         except OSError as e:
             logs.error(service.log, f"warning: the service stays loaded: exec failed ({e})")
             service.unload = None
