@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from memcr.dump.codec import Coding
 from memcr.options import Cancel, Options
 from memcr.park.checkpoint import checkpoint
 from memcr.park.incremental import Kept
@@ -49,7 +50,8 @@ TRACKING_AIM = 1.05  # the target's write with tracking over without
 
 
 class _Target:
-    def __init__(self, binary: Path, size_mib: int) -> None:
+    def __init__(self, binary: Path, size_mib: int, run: int) -> None:
+        self.run = run
         self.proc = subprocess.Popen(
             [str(binary), str(size_mib), "7"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -59,7 +61,7 @@ class _Target:
 
     def write(self) -> float:
         """Microseconds the target took to write its 5 %."""
-        self.stdin.write(f"write {PERCENT}\n")
+        self.stdin.write(f"write {PERCENT} {self.run}\n")
         self.stdin.flush()
         return float(self.stdout.readline().split()[1])
 
@@ -148,17 +150,20 @@ def _round(target: _Target, options: Options, floor: Callable[[int], float]) -> 
     }
 
 
-def measure(directory: Path, size_mib: int = 1024, runs: int = 3) -> dict[str, float]:
-    """Medians over `runs` rounds, after a discarded warm-up round."""
+def measure(
+    directory: Path, size_mib: int = 1024, runs: int = 3, coding: Coding | None = None, run: int = 1
+) -> dict[str, float]:
+    """Medians over `runs` rounds, after a discarded warm-up round; dumps coded as `coding` (-z, -c, -e), the
+    target writing its pages in runs of `run` (1: each page at random)."""
     binary, scatter = directory / "rewriter", directory / "scatter"
     subprocess.run(
         ["gcc", "-O2", "-pthread", "-o", str(binary), str(ROOT / "tests" / "targets" / "rewriter.c")], check=True
     )
     subprocess.run(["gcc", "-O2", "-o", str(scatter), str(ROOT / "bench" / "scatter.c")], check=True)
-    target = _Target(binary, size_mib)
+    target = _Target(binary, size_mib, run)
     rounds = []
     try:
-        options = Options(dump_dir=directory)
+        options = Options(dump_dir=directory, coding=coding or Coding())
         for i in range(runs + 1):
             one = _round(target, options, lambda count: _floor_ms(scatter, directory, size_mib, count))
             if i:
@@ -168,14 +173,20 @@ def measure(directory: Path, size_mib: int = 1024, runs: int = 3) -> dict[str, f
         target.kill()
     figures = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     figures["size_mib"] = size_mib
+    figures["run"] = run
     return figures
 
 
-def print_table(r: dict[str, float]) -> None:
+def print_table(r: dict[str, float], coding: Coding | None = None) -> None:
     def verdict(met: bool) -> str:
         return "met" if met else "below"
 
-    print(f"\nincremental re-park, {r['size_mib']:.0f} MiB target writing {PERCENT} % of its pages between parks:")
+    in_runs = f" in runs of {r['run']:.0f}" if r.get("run", 1) > 1 else ""
+    print(
+        f"\nincremental re-park, {r['size_mib']:.0f} MiB target writing {PERCENT} % of its pages between parks"
+        f"{in_runs}"
+        f"{f', dumps coded {coding}' if coding and coding.framed else ''}:"
+    )
     print(
         f"  frozen {r['repark_frozen_ms']:.0f} ms against {r['full_frozen_ms']:.0f} ms for a full park: "
         f"{r['frozen_ratio']:.2f} (aim <= {FROZEN_AIM}) {verdict(r['frozen_ratio'] <= FROZEN_AIM)}"
@@ -208,6 +219,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.incremental", description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compress", choices=["lz4", "zstd"], help="as memcr's -z")
+    parser.add_argument("--checksum", action="store_true", help="as memcr's -c")
+    parser.add_argument("--cipher", help="as memcr's -e")
+    parser.add_argument("--run", type=int, default=1, help="pages the target writes in a row (1: each at random)")
     args = parser.parse_args()
+    coding = Coding(args.compress, args.checksum, args.cipher)
     with tempfile.TemporaryDirectory(prefix="memcr-bench-", dir="/var/tmp") as work:
-        print_table(measure(Path(work), args.size_mib, args.runs))
+        print_table(measure(Path(work), args.size_mib, args.runs, coding, args.run), coding)

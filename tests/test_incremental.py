@@ -27,12 +27,12 @@ OPS = ["none", "same", "dontneed", "mapover", "swap", "away", "mprotect", "fork"
 CODINGS = {"plain": [], "z-c": ["-z", "-c"], "e": ["-e"]}
 
 
-def _cycle(daemon, target, cycle: int, percent: int, op: str, lazy: bool = False) -> None:
+def _cycle(daemon, target, cycle: int, percent: int, op: str, lazy: bool = False, run: int = 1) -> None:
     assert daemon.code(CHECKPOINT, target.pid) == 0, f"cycle {cycle}: checkpoint failed"
     assert daemon.code(RESTORE, target.pid) == 0, f"cycle {cycle}: restore failed"
     if lazy:  # the target's VmFlags show memcr's lazy watch ("um") until every page is back
         daemon.out.wait_for(f"pid {target.pid}: lazy restore complete")
-    target.proc.stdin.write(f"cycle {cycle} {percent} {op}\n")
+    target.proc.stdin.write(f"cycle {cycle} {percent} {op} {run}\n")
     target.proc.stdin.flush()
     said = target.out.wait_for(f" {cycle}")
     assert said == f"done {cycle}", f"cycle {cycle} ({op}, {percent} %): {said}; {target.proc.stderr.read()}"
@@ -51,7 +51,10 @@ def test_a_hundred_cycles_stay_byte_exact(spawn, daemon, coding: str) -> None:
     d = daemon("--incremental", "--json", *CODINGS[coding])
     target = spawn("rewriter", MIB, seed, stdin=True)
     for cycle in range(CYCLES):
-        _cycle(d, target, cycle, rng.randint(1, 10), OPS[cycle % len(OPS)])
+        # a coded dump is added to where the target writes in a few places (incremental.scattered): mostly runs
+        # of 64 pages there, and every seventh cycle pages at random, after which the park is whole
+        run = 1 if coding == "plain" or cycle % 7 == 6 else 64
+        _cycle(d, target, cycle, rng.randint(1, 10), OPS[cycle % len(OPS)], run=run)
     assert d.code(CHECKPOINT, target.pid) == 0
     assert d.code(RESTORE, target.pid) == 0
     _quit(target)
@@ -62,17 +65,20 @@ def test_a_hundred_cycles_stay_byte_exact(spawn, daemon, coding: str) -> None:
     assert len(parks) == CYCLES + 1
     full = parks[0]["written_bytes"]
     assert full >= MIB << 20
-    if coding != "plain":
-        # a coded dump is written whole each time, and memcr says why
-        assert all(p["written_bytes"] == p["dump_bytes"] - 32 for p in parks), f"seed {seed}"
-        assert "the next park of pid" in log and "compressed, checksummed or encrypted" in log
-        return
     added = [p for p in parks[1:] if p["written_bytes"] < p["dump_bytes"] // 2]
-    assert len(added) >= CYCLES // 2, f"seed {seed}: only {len(added)} of {CYCLES} re-parks were incremental"
+    # a coded dump's frames are not written over: the old copies it keeps make it worn sooner
+    assert len(added) >= CYCLES // (2 if coding == "plain" else 3), (
+        f"seed {seed}: only {len(added)} of {CYCLES} re-parks were incremental"
+    )
     # each wrote what the target wrote: at most 10 % of its pages, and 1 MiB more where the operation maps anew
     assert max(p["written_bytes"] for p in added) < full * 0.2, f"seed {seed}"
-    # the folder never holds much more than the target's memory
-    assert max(r["kept_bytes"] for r in restores) < full * 1.3 + (2 << 20), f"seed {seed}"
+    # the folder never holds much more than the target's memory, as the last park written whole found it (its
+    # heap grows): a coded dump adds what the target wrote, and is written whole once 1/8 of it is old copies
+    last_whole = full
+    for park, restore in zip(parks, restores, strict=True):
+        if park["written_bytes"] >= park["dump_bytes"] - (64 << 10):
+            last_whole = park["dump_bytes"]
+        assert restore["kept_bytes"] < last_whole * 1.3 + (2 << 20), f"seed {seed}"
     assert "freed its kept dump" in log
 
 

@@ -4,7 +4,9 @@ A frame carries at most FRAME_PLAIN bytes of pages. Writing: compress (kept
 only when it saves space), then seal (AES-GCM, or AES-CBC then HMAC-SHA256
 for the CBC names; a fresh random IV per frame, the frame's place in the
 dump as associated data), then MD5 over the frame and its place, so a
-frame moved, swapped or replayed from elsewhere fails its checksum. Reading runs the layers
+frame moved, swapped or replayed from elsewhere fails its checksum. Its
+place: its address, and the epoch of the park that wrote it (an
+incremental re-park adds frames of its own to a kept dump, memcr.park.incremental). Reading runs the layers
 backwards and refuses a frame before any of its bytes are used.
 
 The keys are random per memcr process and live only in its memory, so a
@@ -13,6 +15,7 @@ dump can be read back by the process that wrote it and by nobody else.
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import threading
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
 FRAME_PLAIN = 1 << 20
 FRAME = struct.Struct("<IIII")  # plain length, stored length, flags, reserved
-AAD = struct.Struct("<IQII")  # pid, address of the frame's first byte, plain length, flags
+AAD = struct.Struct("<IQII")  # after the epoch: pid, address of the frame's first byte, plain length, flags
 DIGEST_LEN = 16
 F_COMPRESSED = 1
 F_ENCRYPTED = 2
@@ -242,8 +245,9 @@ class FrameCodec:
     def __init__(self, coding: Coding, pid: int) -> None:
         self.coding = coding
         self.pid = pid
-        # binds frames to this dump: the same process may dump the same pid again
-        self._dump_id = os.urandom(8)
+        # binds frames to the park that wrote them: the same process may dump the same pid again, and a kept
+        # dump holds frames of several parks, some for the same addresses
+        self.epoch = os.urandom(8)
         self._compressor: _Compressor | None = None
         if coding.compress:
             self._compressor = _Lz4() if coding.compress == "lz4" else _Zstd()
@@ -251,8 +255,14 @@ class FrameCodec:
         if coding.cipher:
             self._sealer = _Gcm(coding.cipher) if coding.cipher.endswith("gcm") else _CbcHmac(coding.cipher)
 
-    def _aad(self, addr: int, plain_len: int, flags: int) -> bytes:
-        return self._dump_id + AAD.pack(self.pid, addr, plain_len, flags)
+    def renewed(self) -> FrameCodec:
+        """The codec of the next park into the same dump: the same keys, frames of an epoch of their own."""
+        other = copy.copy(self)
+        other.epoch = os.urandom(8)
+        return other
+
+    def _aad(self, epoch: bytes, addr: int, plain_len: int, flags: int) -> bytes:
+        return epoch + AAD.pack(self.pid, addr, plain_len, flags)
 
     def slower_than_transfer(self, encoding: bool) -> bool:
         """Whether one core codes frames slower than memcr moves pages (about 1 GiB/s).
@@ -279,10 +289,10 @@ class FrameCodec:
         pieces: list[bytes | memoryview] = [data]
         if self._sealer:
             flags |= F_ENCRYPTED
-            pieces = list(self._sealer.seal(data, self._aad(addr, len(plain), flags)))
+            pieces = list(self._sealer.seal(data, self._aad(self.epoch, addr, len(plain), flags)))
         header = FRAME.pack(len(plain), sum(map(len, pieces)), flags, 0)
         if self.coding.checksum:
-            header += _md5(self._aad(addr, len(plain), flags), header, *pieces)
+            header += _md5(self._aad(self.epoch, addr, len(plain), flags), header, *pieces)
         return [header, *pieces]
 
     def _worth_compressing(self, plain: memoryview) -> bool:
@@ -305,16 +315,17 @@ class FrameCodec:
             raise DumpError("a frame of the dump does not match the dump's options")
         return plain_len, stored_len, flags
 
-    def decode(self, raw_header: bytes, stored: bytes, addr: int) -> bytes | memoryview:
-        """Check and unpack one frame; nothing unchecked gets out."""
+    def decode(self, raw_header: bytes, stored: bytes, addr: int, epoch: bytes) -> bytes | memoryview:
+        """Check and unpack one frame, written at `epoch` (that of the codec that wrote it); nothing unchecked
+        gets out."""
         plain_len, _, flags = self.parse_header(raw_header)
         if self.coding.checksum:
             header, digest = raw_header[: FRAME.size], raw_header[FRAME.size :]
-            if _md5(self._aad(addr, plain_len, flags), header, stored) != digest:
+            if _md5(self._aad(epoch, addr, plain_len, flags), header, stored) != digest:
                 raise DumpError("a frame of the dump fails its MD5 checksum: the dump is corrupt")
         data: bytes | memoryview = stored
         if self._sealer:
-            data = self._sealer.open(stored, self._aad(addr, plain_len, flags))
+            data = self._sealer.open(stored, self._aad(epoch, addr, plain_len, flags))
         if flags & F_COMPRESSED:
             assert self._compressor is not None
             try:

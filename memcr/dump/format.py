@@ -48,6 +48,7 @@ class Record:
     stored: int = 0  # bytes of its in the file (a framed run: its frames)
     written: int = 0  # page bytes handed over so far
     dropped: bool = False
+    skip: int = 0  # bytes of its first coded frame before its first (a part of a frame a re-park reused)
 
 
 class Group:
@@ -61,6 +62,7 @@ class Group:
         self.stored = 0  # payload bytes in the file
         self.filled = 0  # runs whose every byte is handed over
         self.ended = False  # all its page bytes are handed over
+        self.epoch = b""  # of the park that coded its frames (memcr.dump.codec)
 
     @property
     def header_size(self) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ class Frame(NamedTuple):
     offset: int  # where its stored bytes begin in the file
     stored: int  # how many bytes of it the file holds (plain: fewer than `length` in a record cut short)
     header: bytes = b""  # a coded frame's header, checked when it is decoded
+    skip: int = 0  # a coded frame's bytes before `addr` that are not its record's (memcr.park.incremental)
+    epoch: bytes = b""  # a coded frame's: of the park that wrote it (memcr.dump.codec)
 
 
 class Pages(ABC):
@@ -240,20 +243,31 @@ class PlainReader(DumpReader):
 
 
 class _Decoded(Pages):
-    """Frames of a coded dump, each decoded when asked for."""
+    """Frames of a coded dump, each decoded when asked for.
+
+    Each thread keeps the frame it decoded last: the records of a dump an
+    incremental re-park added to may take a frame in several parts, which
+    come one after another.
+    """
 
     def __init__(self, dump: FramedReader) -> None:
         self._dump = dump
+        self._last = threading.local()
 
     @contextlib.contextmanager
     def at(self, frame: Frame, start: int, length: int) -> Iterator[int]:
         if not 0 <= start <= start + length <= frame.length:
             raise MemcrError(f"internal error: no frame holds {frame.addr + start:#x}+{length:#x}")
-        data = self._dump.decode(frame)
-        if isinstance(data, memoryview):
-            data = data.tobytes()  # ctypes gives the address of bytes, not of a view
+        last = getattr(self._last, "frame", None)
+        if last is not None and last[0] == frame.offset:
+            data = last[1]
+        else:
+            decoded = self._dump.decode_whole(frame)
+            # ctypes gives the address of bytes, not of a view
+            data = decoded.tobytes() if isinstance(decoded, memoryview) else decoded
+            self._last.frame = frame.offset, data
         buffer = ctypes.c_char_p(data)
-        yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + start
+        yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + frame.skip + start
 
 
 class FramedReader(DumpReader):
@@ -285,18 +299,27 @@ class FramedReader(DumpReader):
         heap.release()  # the frame buffers
         return super().remove()
 
+    def rest(self) -> None:
+        """Let the decoding threads end (a kept dump waits for its next park); new ones start when needed."""
+        self._pool.shutdown()
+        self._pool = coding_pool(self.codec, encoding=False)
+
     def frames(self, record: Record, size: int) -> Iterator[Frame]:
+        """A record's frames; the first and the last may hold pages before and after it (`Record.skip`)."""
         offset, end, done = record.offset, record.offset + record.stored, 0
         head_len = FRAME.size + self.codec.digest_len
-        while done < record.length:
+        need = record.skip + record.length  # bytes of its frames, from the first one's first
+        while done < need:
             head = self._read_exact(offset, head_len, end)
             plain_len, stored_len, _ = self.codec.parse_header(head)
-            if offset + head_len + stored_len > end or done + plain_len > record.length:
+            low, high = max(done, record.skip), min(done + plain_len, need)
+            if offset + head_len + stored_len > end or low >= high:
                 break
-            yield Frame(record.addr + done, plain_len, offset + head_len, stored_len, head)
+            at = record.addr + low - record.skip
+            yield Frame(at, high - low, offset + head_len, stored_len, head, low - done, record.group.epoch)
             done += plain_len
             offset += head_len + stored_len
-        if done != record.length or offset != end:
+        if done < need or offset != end:
             raise self._damaged(f"has a damaged record at offset {record.offset}")
 
     def copy_size(self, wanted: int) -> int:
@@ -310,5 +333,12 @@ class FramedReader(DumpReader):
         yield _Decoded(self)
 
     def decode(self, frame: Frame) -> bytes | memoryview:
+        data = self.decode_whole(frame)
+        if frame.skip == 0 and len(data) == frame.length:
+            return data
+        return memoryview(data)[frame.skip : frame.skip + frame.length]
+
+    def decode_whole(self, frame: Frame) -> bytes | memoryview:
+        """All the pages of the coded frame `frame` lies in, checked."""
         stored = self._read_exact(frame.offset, frame.stored, frame.offset + frame.stored)
-        return self.codec.decode(frame.header, stored, frame.addr)
+        return self.codec.decode(frame.header, stored, frame.addr - frame.skip, frame.epoch)

@@ -214,9 +214,9 @@ class PlainWriter(Writer):
 class FramedWriter(Writer):
     """Pages in frames (compressed, checksummed, encrypted), coded on other cores while memcr moves bytes."""
 
-    def __init__(self, file: DumpFile, pid: int, page_size: int, coding: Coding) -> None:
+    def __init__(self, file: DumpFile, pid: int, page_size: int, coding: Coding, codec: FrameCodec) -> None:
         super().__init__(file, pid, page_size, coding)
-        self.codec = FrameCodec(coding, pid)
+        self.codec = codec
         self._pool: ThreadPoolExecutor = coding_pool(self.codec, encoding=True)
         # file writes in order: a group's header (no run), or a frame of one of its runs being coded from a buffer
         self._pending: deque[tuple[Group, Record | None, Future[list[bytes | memoryview]] | None, bytearray | None]] = (
@@ -226,6 +226,7 @@ class FramedWriter(Writer):
 
     def begin_group(self, runs: Sequence[tuple[int, int]]) -> Group:
         group = super().begin_group(runs)
+        group.epoch = self.codec.epoch
         self._pending.append((group, None, None, None))  # after the frames still being coded
         return group
 
@@ -278,7 +279,8 @@ class FramedWriter(Writer):
 
     def _reader(self, finished: bool) -> DumpReader:
         self._stop_pool()
-        return FramedReader(self.file, self._header, self.records, self.page_bytes, finished, self.codec)
+        records = sorted(self.records, key=lambda r: r.addr)  # included runs come first
+        return FramedReader(self.file, self._header, records, self.page_bytes, finished, self.codec)
 
     def close(self) -> str | None:
         self._stop_pool()
@@ -286,15 +288,17 @@ class FramedWriter(Writer):
 
 
 def open_writer(
-    directory: Path, pid: int, page_size: int, coding: Coding, kept: DumpFile | None = None
+    directory: Path, pid: int, page_size: int, coding: Coding, kept: DumpReader | None = None
 ) -> PlainWriter | FramedWriter:
-    """A writer of a new dump, or one that adds to `kept` (plain only: memcr.park.incremental)."""
+    """A writer of a new dump, or one that adds to `kept`, coded as it is (memcr.park.incremental)."""
+    if isinstance(kept, FramedReader):
+        return FramedWriter(kept.file, pid, page_size, coding, kept.codec.renewed())
     if kept is not None:
-        return PlainWriter(kept, pid, page_size, coding)
+        return PlainWriter(kept.file, pid, page_size, coding)
     file = DumpFile.create(directory, pid)
     try:
         if coding.framed:
-            return FramedWriter(file, pid, page_size, coding)
+            return FramedWriter(file, pid, page_size, coding, FrameCodec(coding, pid))
         return PlainWriter(file, pid, page_size, coding)
     except BaseException:
         file.remove()

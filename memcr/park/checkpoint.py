@@ -138,7 +138,9 @@ def _checkpoint(
             logs.error(log, f"warning: {problem}")
         kept = None
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
-    if kept is not None:
+    if kept is not None and kept.coded:  # a coded frame is not written over: nothing to copy before the freeze
+        kept = _unless_scattered(pid, kept, page_size, log)
+    elif kept is not None:
         _precopy(pid, kept, options, cancel, report, log)
     # smaps walks every page table (~15 ms per GiB): read it while the
     # target still runs; once frozen, it is confirmed before any drop
@@ -150,7 +152,7 @@ def _checkpoint(
     with contextlib.ExitStack() as opened:  # closed again unless the freeze succeeds
         reserve = Reserve()
         opened.callback(reserve.close)
-        writer = open_writer(options.dump_dir, pid, page_size, options.coding, kept.dump.file if kept else None)
+        writer = open_writer(options.dump_dir, pid, page_size, options.coding, kept.dump if kept else None)
         opened.callback(_discard, writer, log)
         pagemap = Pagemap(pid, page_size)
         opened.callback(pagemap.close)
@@ -219,11 +221,29 @@ def _precopy(pid: int, kept: Kept, options: Options, cancel: Cancel, report: Rep
         log(f"copying what pid {pid} changed stopped short ({copied.stopped}): the frozen park writes the rest")
 
 
+def _unless_scattered(pid: int, kept: Kept, page_size: int, log: Log) -> Kept | None:
+    """The coded kept dump, unless what the target wrote would cut it in too many pieces (incremental.scattered):
+    then closed, before the maps are read (as in _checkpoint)."""
+    fd = procfs.open_pagemap(pid)
+    if fd is None:  # the frozen park reads the page map itself, and says why it cannot
+        return kept
+    try:
+        why = incremental.scattered(kept, pid, fd, page_size)
+    finally:
+        os.close(fd)
+    if why is None:
+        return kept
+    log(f"writing the dump of pid {pid} whole, not only what changed: {why}")
+    if problem := kept.close():
+        logs.error(log, f"warning: {problem}")
+    return None
+
+
 def _unfit(kept: Kept, options: Options, page_size: int) -> str | None:
     """Why the kept dump cannot take this park's changes (None: it can)."""
     if options.allow_async_io:
         return "the kernel may write its memory without a trace (--allow-async-io)"
-    return incremental.stale(kept, options.dump_dir, options.coding.framed) or kept.worn(page_size)
+    return incremental.stale(kept, options.dump_dir, options.coding) or kept.worn(page_size)
 
 
 def _discard(writer: PlainWriter | FramedWriter, log: Log) -> None:
@@ -336,12 +356,12 @@ class _Stream:
         self, plan: Plan, confirmed: Future[None] | None, cancel: Cancel, progress: Progress | None, kept: Kept
     ) -> None:
         """As run, writing into the kept dump only the pages the target wrote since its restore (or that the dump
-        lacks); the rest the dump holds already. Pages it holds at their address are written over in place,
-        new ones appended (first), then the runs written over, in address order. Each run is dropped once its
-        pages are in the file, so that the target's thread frees pages while memcr writes the next."""
+        lacks); the rest the dump holds already. Pages it holds at their address are written over in place
+        (a plain dump's: a coded one's are appended with the new ones), new ones appended (first), then the
+        runs written over, in address order. Each run is dropped once its pages are in the file, so that the
+        target's thread frees pages while memcr writes the next."""
         fd = self.pagemap.fd
         assert fd is not None, "a kept dump is only made where memcr reads the page map"
-        assert isinstance(self.writer, PlainWriter), "a kept dump is plain (memcr.park.incremental.stale)"
         split = incremental.split(kept, plan, fd, self.ours)
         self.writer.include(split.reused)
         appended, over = sum(e.length for e in split.fresh), split.rewrite_bytes
@@ -367,6 +387,7 @@ class _Stream:
         waiting = deque(sorted(self.writer.records, key=lambda r: r.addr))
         with _Drops(self.parasite, confirmed) as drops:
             for batch in incremental.batches(split.rewrite, CHUNK, process_vm.IOV_MAX):
+                assert isinstance(self.writer, PlainWriter), "a coded dump is not written over (incremental.split)"
                 if cancel.cancelled:
                     raise Aborted(f"checkpoint of pid {pid} aborted: its pages were put back, it runs on", pid=pid)
                 written = self._write_over(self.writer, batch)

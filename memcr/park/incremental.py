@@ -20,7 +20,10 @@ dump's copy is then the target's page byte for byte); else with the
 target's bytes written over it. Pages the dump does not hold at their
 address are appended. The dump so keeps the runs of the park that wrote
 it whole, whatever the target writes: a doubt makes a page rewritten, never
-the reverse. Facts and measurements: docs/incremental.md.
+the reverse. A coded dump (-z, -c, -e) is not written over: its frames
+are read whole, so a re-park takes the parts of them the target did not
+write, and appends what it wrote, in frames of its own epoch. Facts and
+measurements: docs/incremental.md.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from memcr.dump.codec import Coding
 from memcr.dump.format import Record
-from memcr.dump.reader import DumpReader, PlainReader
+from memcr.dump.reader import WHOLE as WHOLE_FRAMES
+from memcr.dump.reader import DumpReader, FramedReader
 from memcr.engine import admission
 from memcr.engine.parasite import Parasite
 from memcr.engine.seize import Seizing
@@ -61,6 +66,10 @@ SPREAD = 4  # the file's size (holes included) at most this many times the pages
 FRAGMENTS = 1 / 4
 PIECES = 4
 SLACK = 1 << 20  # record headers and the padding that puts each payload on a page boundary
+# A coded dump's frames are never written over: a page the target wrote is appended, its old copy stays in a
+# frame the dump still takes other pages of. Each re-park so adds what the target wrote: the dump is written
+# whole once such old copies come to this fraction of its pages, sooner than GARBAGE.
+STALE_COPIES = 1 / 8
 
 
 class Untracked(MemcrError):
@@ -72,15 +81,18 @@ class Kept:
     """A restored target's dump, with the userfaultfd that has tracked the target's writes since.
 
     `index`: the runs of pages the dump holds, in address order; each was
-    put back from the dump and protected before the target ran again.
+    put back from the dump and protected before the target ran again. A
+    coded dump's lie each in one frame (`frames`: the plain bytes of each,
+    by its offset in the file).
     """
 
     pid: int
     start_time: int  # of the process, from /proc/PID/stat: a pid used again is another process
-    dump: PlainReader
+    dump: DumpReader
     index: list[Record]
     tracker: uffd.Userfaultfd
     base: int  # runs in the last dump written whole: the pieces the target's own layout makes
+    frames: dict[int, int] = dataclasses.field(default_factory=dict)
     # ranges a copy while the target ran protected again without their bytes reaching the dump (precopy)
     unvouched: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
@@ -93,6 +105,11 @@ class Kept:
             return self.dump.size
 
     @property
+    def coded(self) -> bool:
+        """Whether its pages are in coded frames (-z, -c, -e), which are never written over."""
+        return isinstance(self.dump, FramedReader)
+
+    @property
     def held(self) -> int:
         """Bytes of pages the dump still serves."""
         return sum(r.length for r in self.index)
@@ -102,16 +119,48 @@ class Kept:
         held, size = self.held, self.size
         if size - held > GARBAGE * held + SLACK:
             return f"the dump holds {(size - held) / 2**20:.1f} MiB no page needs any more"
+        if (framed := sum(self.frames.values())) - held > STALE_COPIES * held + SLACK:
+            return f"the dump's frames hold {(framed - held) / 2**20:.1f} MiB of pages no page needs any more"
         if self.dump.size > SPREAD * held + SLACK:
             return f"the dump's file has grown to {self.dump.size / 2**20:.1f} MiB, holes included"
-        if len(self.index) > max(64, PIECES * self.base, held // page_size * FRAGMENTS):
+        if len(self.index) > self.pieces_allowed(page_size):
             return f"the dump's pages lie in {len(self.index)} pieces, {self.base} when it was written whole"
         return None
+
+    def pieces_allowed(self, page_size: int) -> int:
+        """The pieces its index may hold. A restore works piece by piece, and decodes a coded dump's frame for
+        each: a coded dump's pieces are held to the runs of its last dump written whole, times PIECES."""
+        if self.coded:
+            return max(64, PIECES * self.base)
+        return max(64, PIECES * self.base, int(self.held // page_size * FRAGMENTS))
 
     def close(self) -> str | None:
         """Stop tracking and delete the dump; why it could not be deleted, or None. Never raises."""
         self.tracker.close()
         return self.dump.remove()
+
+
+def scattered(kept: Kept, pid: int, pagemap_fd: int, page_size: int) -> str | None:
+    """Why a re-park into a coded kept dump should write it whole (None: it may add to it), read while the target
+    runs: what the target wrote since its restore lies in so many places that the dump, added to, would lie in
+    more pieces than it may (`Kept.pieces_allowed`): each place cuts a piece of a frame in two, and adds one.
+    A target that writes in a few places (a heap's newest part, buffers) is re-parked at the cost of those."""
+    vmas = procfs.read_maps(pid)
+    ours = owned(kept, vmas)
+    starts = [r.addr for r in kept.index]
+    places = 0
+    for vma in vmas:
+        if (vma.start, vma.end) in ours and (held := _held(vma.start, vma.end, kept.index, starts)):
+            changed = _written(pagemap_fd, vma)
+            if changed is not None:  # else the frozen park takes the mapping whole: no piece is cut
+                places += sum(len(_within(changed, lo, hi)) for lo, hi, _ in held)
+    pieces, allowed = len(kept.index) + 2 * places, kept.pieces_allowed(page_size)
+    if pieces <= allowed:
+        return None
+    return (
+        f"it wrote in {places} places since its restore: its coded dump, added to, would lie in about {pieces} "
+        f"pieces, more than the {allowed} a restore reads as fast as the dump written whole"
+    )
 
 
 def trackable(vma: Vma) -> bool:
@@ -138,8 +187,6 @@ def track(
     Untracked when this target or kernel cannot: nothing changed then
     (a userfaultfd made and closed again), and the dump is not kept.
     """
-    if not isinstance(dump, PlainReader):
-        raise Untracked("its dump is compressed, checksummed or encrypted (-z, -c, -e), which cannot be added to")
     if not dump.finished:
         raise Untracked("its dump is not complete")
     if pagemap_fd is None:
@@ -168,7 +215,34 @@ def track(
         tracker.close()  # which stops the tracking of every mapping registered so far
         raise
     index = [r for r in dump.records if r.dropped]
-    return Kept(pid, start_time, dump, index, tracker, base or len(index))
+    frames: dict[int, int] = {}
+    if isinstance(dump, FramedReader):
+        index, frames = _by_frame(dump, index)
+        dump.rest()  # its threads are done: the next park codes on threads of its own
+    return Kept(pid, start_time, dump, index, tracker, base or len(index), frames=frames)
+
+
+def _by_frame(dump: FramedReader, records: list[Record]) -> tuple[list[Record], dict[int, int]]:
+    """A coded dump's runs cut at its frames' bounds, and each frame's plain bytes by its offset in the file: a
+    re-park takes parts of frames (`_clip`)."""
+    index, frames = [], {}
+    for record in records:
+        for frame in dump.frames(record, WHOLE_FRAMES):
+            head = len(frame.header)
+            index.append(
+                Record(
+                    frame.addr,
+                    frame.length,
+                    record.group,
+                    offset=frame.offset - head,
+                    stored=head + frame.stored,
+                    written=frame.length,
+                    dropped=True,
+                    skip=frame.skip,
+                )
+            )
+            frames[frame.offset - head] = dump.codec.parse_header(frame.header)[0]
+    return index, frames
 
 
 def _protect(tracker: uffd.Userfaultfd, pagemap_fd: int, vma: Vma) -> None:
@@ -281,12 +355,20 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
         for lo, hi, record in _held(extent.start, end, kept.index, starts):
             if lo > at:
                 _fresh(out, extent, at, lo)
-            if lo > extent.start:
-                out.continues.add(lo)
-            reused = _clip(record, lo, hi)
-            out.reused.append(reused)
-            for a, b in [(lo, hi)] if changed is None else _within(changed, lo, hi):
-                out.rewrite.append(Rewrite(a, b - a, reused.offset + a - lo, vma))
+            stale = [(lo, hi)] if changed is None else _within(changed, lo, hi)
+            if not kept.coded:
+                if lo > extent.start:
+                    out.continues.add(lo)
+                reused = _clip(record, lo, hi, coded=False)
+                out.reused.append(reused)
+                out.rewrite += [Rewrite(a, b - a, reused.offset + a - lo, vma) for a, b in stale]
+            else:  # a coded frame is never written over: what the target wrote is appended
+                for a, b in _between(stale, lo, hi):
+                    if a > extent.start:
+                        out.continues.add(a)
+                    out.reused.append(_clip(record, a, b, coded=True))
+                for a, b in stale:
+                    _fresh(out, extent, a, b)
             at = hi
         if at < end:
             _fresh(out, extent, at, end)
@@ -294,7 +376,11 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
 
 
 def garbage(kept: Kept, reused: list[Record]) -> list[tuple[int, int]]:
-    """(offset, length) in the file of the pages of the kept dump that no record of the new one serves."""
+    """(offset, length) in the file of the pages of the kept dump that no record of the new one serves; of a
+    coded dump, the frames no record takes a page of."""
+    if kept.coded:
+        taken = {r.offset for r in reused}
+        return sorted({(r.offset, r.stored) for r in kept.index if r.offset not in taken})
     served = sorted((r.offset, r.offset + r.length) for r in reused)
     starts = [lo for lo, _ in served]
     holes = []
@@ -519,18 +605,30 @@ def _within(changed: _Written, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def _clip(record: Record, lo: int, hi: int) -> Record:
-    """The part [lo, hi) of a plain record: where its pages lie in the same file."""
-    clipped = Record(lo, hi - lo, record.group)
-    clipped.offset = record.offset + (lo - record.addr)
-    clipped.stored = clipped.written = hi - lo
-    return clipped
+def _clip(record: Record, lo: int, hi: int, coded: bool) -> Record:
+    """The part [lo, hi) of a record: where its pages lie in the same file (`coded`: in the same frame)."""
+    if coded:
+        skip = record.skip + lo - record.addr
+        return Record(lo, hi - lo, record.group, record.offset, record.stored, hi - lo, skip=skip)
+    return Record(lo, hi - lo, record.group, record.offset + (lo - record.addr), hi - lo, hi - lo)
 
 
-def stale(kept: Kept, directory: Path, framed: bool) -> str | None:
-    """Why the kept dump cannot serve a park into `directory` at all (None: it may)."""
-    if framed:
-        return "this park compresses, checksums or encrypts its dump (-z, -c, -e), which memcr cannot add to"
+def _between(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) outside `ranges` (in order, within it)."""
+    out, at = [], lo
+    for a, b in ranges:
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < hi:
+        out.append((at, hi))
+    return out
+
+
+def stale(kept: Kept, directory: Path, coding: Coding) -> str | None:
+    """Why the kept dump cannot serve a park into `directory`, coded as `coding`, at all (None: it may)."""
+    if coding != (kept.dump.codec.coding if isinstance(kept.dump, FramedReader) else Coding()):
+        return "this park compresses, checksums or encrypts its dump (-z, -c, -e) otherwise than the kept one"
     if not _same_directory(directory, kept.dump.path.parent):
         return f"this park writes to {directory}, the kept dump is in {kept.dump.path.parent}"
     try:

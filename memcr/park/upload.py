@@ -96,7 +96,9 @@ def _batches(frames: list[Frame]) -> list[list[Frame]]:
     batches: list[list[Frame]] = []
     size = 0
     for frame in frames:
-        if not batches or size + frame.length > PIECE or len(batches[-1]) >= process_vm.IOV_MAX:
+        # the parts of one coded frame in one batch: a thread decodes the frame once (reader._Decoded)
+        parted = bool(batches) and batches[-1][-1].offset == frame.offset
+        if not batches or (size + frame.length > PIECE and not parted) or len(batches[-1]) >= process_vm.IOV_MAX:
             batches.append([])
             size = 0
         batches[-1].append(frame)

@@ -4,12 +4,15 @@
  * heap (0: the page must read zeros). Between parks it takes commands on
  * stdin, one a line:
  *
- *   cycle N PERCENT OP   check every page and its own state (signal sets,
+ *   cycle N PERCENT OP [RUN]
+ *                        check every page and its own state (signal sets,
  *                        dispositions, seccomp, threads, memory map and
  *                        VmFlags as they were before the park, "uw" aside:
  *                        memcr's write tracking shows there), then write a
  *                        new pattern over PERCENT % of the pages, chosen at
- *                        random, and do OP to a random part of the region:
+ *                        random (in runs of RUN pages, 1 by default: a heap
+ *                        written in places), and do OP to a random part of
+ *                        the region:
  *     none               nothing more
  *     same               write each byte of 64 pages back as it is (written,
  *                        unchanged)
@@ -25,8 +28,8 @@
  *                        same address with the same pattern
  *   then print "done N" (or "bad N ..." and exit 1 when a check failed),
  *   having recorded its state for the next check;
- *   write PERCENT        write a new pattern over PERCENT % of the pages, chosen at
- *                        random, and print "wrote MICROSECONDS" (the bench's figure
+ *   write PERCENT [RUN]  write a new pattern over PERCENT % of the pages, chosen at
+ *                        random (in runs of RUN pages), and print "wrote MICROSECONDS" (the bench's figure
  *                        of what tracking costs the app), checking nothing;
  *   quit                 check as above and exit 0.
  */
@@ -185,18 +188,21 @@ static void operate(const char *op)
 	}
 }
 
-static void rewrite(long percent)
+static void rewrite(long percent, long run)
 {
-	for (size_t n = pages * (size_t)percent / 100; n; n--) {
-		size_t page = next_random() % pages;
-		write_page(page_at(region, page), &keys[page]);
+	if (run < 1 || (size_t)run > pages)
+		run = 1;
+	for (size_t n = pages * (size_t)percent / 100 / (size_t)run; n; n--) {
+		size_t first = next_random() % (pages - (size_t)run + 1);
+		for (size_t page = first; page < first + (size_t)run; page++)
+			write_page(page_at(region, page), &keys[page]);
 	}
 }
 
 int main(int argc, char **argv)
 {
 	char line[256], op[32];
-	long cycle, percent;
+	long cycle, percent, run;
 
 	if (argc != 3) {
 		fprintf(stderr, "usage: rewriter MIB SEED\n");
@@ -217,16 +223,17 @@ int main(int argc, char **argv)
 		int quit = strncmp(line, "quit", 4) == 0;
 		struct timespec t0, t1;
 
-		if (sscanf(line, "write %ld", &percent) == 1) {
+		run = 1;
+		if (sscanf(line, "write %ld %ld", &percent, &run) >= 1) {
 			clock_gettime(CLOCK_MONOTONIC, &t0);
-			rewrite(percent);
+			rewrite(percent, run);
 			clock_gettime(CLOCK_MONOTONIC, &t1);
 			printf("wrote %ld\n", (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000);
 			fflush(stdout);
 			continue;
 		}
 
-		if (!quit && sscanf(line, "cycle %ld %ld %31s", &cycle, &percent, op) != 3) {
+		if (!quit && sscanf(line, "cycle %ld %ld %31s %ld", &cycle, &percent, op, &run) < 3) {
 			fprintf(stderr, "bad command: %s", line);
 			return 2;
 		}
@@ -240,7 +247,7 @@ int main(int argc, char **argv)
 		}
 		if (quit)
 			return 0;
-		rewrite(percent);
+		rewrite(percent, run);
 		operate(op);
 		take_state(&state_before);
 		printf("done %ld\n", cycle);

@@ -64,7 +64,7 @@ def test_round_trip(options: Coding) -> None:
     for label, plain in PLAINS.items():
         header, stored = encode(coder, plain)
         assert len(header) == FRAME.size + coder.digest_len
-        assert bytes(coder.decode(header, stored, ADDR)) == plain, label
+        assert bytes(coder.decode(header, stored, ADDR, coder.epoch)) == plain, label
 
 
 @pytest.mark.parametrize("compress", list(COMPRESSORS))
@@ -96,18 +96,23 @@ def test_any_flipped_byte_is_refused(options: Coding) -> None:
         damaged = bytearray(frame)
         damaged[at] ^= 0x40
         with pytest.raises(DumpError):
-            coder.decode(bytes(damaged[: len(header)]), bytes(damaged[len(header) :]), ADDR)
+            coder.decode(bytes(damaged[: len(header)]), bytes(damaged[len(header) :]), ADDR, coder.epoch)
 
 
 @pytest.mark.parametrize("options", [o for o in COMBINATIONS if protected(o)], ids=name)
 def test_frame_out_of_place_is_refused(options: Coding) -> None:
-    """Bound to its address and its dump: moved, or replayed into another dump, it fails."""
+    """Bound to its address, its dump and its park: moved, replayed into another dump, or taken for another park's
+    frame at the same address, it fails; the next park's codec reads it still."""
     coder = FrameCodec(options, PID)
     header, stored = encode(coder, text(4096))
     with pytest.raises(DumpError):
-        coder.decode(header, stored, ADDR + 4096)
+        coder.decode(header, stored, ADDR + 4096, coder.epoch)
     with pytest.raises(DumpError):
-        FrameCodec(options, PID).decode(header, stored, ADDR)
+        other = FrameCodec(options, PID)  # another dump of this memcr's
+        other.decode(header, stored, ADDR, other.epoch)
+    with pytest.raises(DumpError):
+        coder.decode(header, stored, ADDR, coder.renewed().epoch)  # another park's frame at the same address
+    assert bytes(coder.renewed().decode(header, stored, ADDR, coder.epoch)) == text(4096)
 
 
 @pytest.mark.parametrize("options", COMBINATIONS, ids=name)
@@ -116,7 +121,7 @@ def test_truncated_frame_is_refused(options: Coding) -> None:
     for plain in (text(8192), noise(8192)):
         header, stored = encode(coder, plain)
         with pytest.raises(DumpError):
-            coder.decode(header, stored[:-1], ADDR)
+            coder.decode(header, stored[:-1], ADDR, coder.epoch)
 
 
 @pytest.mark.parametrize("options", COMBINATIONS, ids=name)
@@ -137,18 +142,18 @@ def test_damaged_header_is_refused(options: Coding, field: tuple[int, int]) -> N
     index, value = field
     values[index] = value
     with pytest.raises(DumpError, match="damaged frame header"):
-        coder.decode(FRAME.pack(*values) + header[FRAME.size :], stored, ADDR)
+        coder.decode(FRAME.pack(*values) + header[FRAME.size :], stored, ADDR, coder.epoch)
 
 
 def test_frame_of_other_options_is_refused() -> None:
     sealed = FrameCodec(Coding(cipher="aes-256-gcm"), PID)
     header, stored = encode(sealed, text(4096))
     with pytest.raises(DumpError, match="does not match the dump's options"):
-        FrameCodec(Coding(), PID).decode(header, stored, ADDR)
+        FrameCodec(Coding(), PID).decode(header, stored, ADDR, b"")
     packed = FrameCodec(Coding(compress="lz4"), PID)
     header, stored = encode(packed, text(4096))
     with pytest.raises(DumpError, match="does not match the dump's options"):
-        FrameCodec(Coding(), PID).decode(header, stored, ADDR)
+        FrameCodec(Coding(), PID).decode(header, stored, ADDR, b"")
 
 
 def test_unprotected_compressed_garbage_is_refused() -> None:
@@ -157,7 +162,7 @@ def test_unprotected_compressed_garbage_is_refused() -> None:
         coder = FrameCodec(Coding(compress=compress), PID)
         header, stored = encode(coder, text(65536))
         with pytest.raises(DumpError):
-            coder.decode(header, os.urandom(len(stored)), ADDR)
+            coder.decode(header, os.urandom(len(stored)), ADDR, coder.epoch)
 
 
 @pytest.mark.parametrize(("given", "kept"), [("lz4", "lz4"), ("LZ4", "lz4"), ("Zstd", "zstd")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -14,6 +15,7 @@ from memcr.dump.format import HEADER, RECORD, check_directory, dump_path
 from memcr.dump.reader import DumpReader
 from memcr.dump.writer import FramedWriter, PlainWriter, open_writer
 from memcr.errors import DumpError, StorageError, TargetError
+from memcr.park import incremental
 
 PAGE = mmap.PAGESIZE
 PID = 4242
@@ -231,5 +233,69 @@ def test_many_runs_share_one_record(tmp_path: Path, name: str) -> None:
         if name == "plain":
             assert all(r.offset % PAGE == 0 for r in dump.records)
             assert dump.size <= data + 2 * PAGE + 16 * len(runs) + 3 * RECORD.size
+    finally:
+        dump.remove()
+
+
+@pytest.mark.parametrize("name", ["lz4+md5", "zstd+gcm", "cbc"])
+def test_a_coded_dump_added_to_serves_parts_of_its_frames(tmp_path: Path, name: str) -> None:
+    """What an incremental re-park does to a coded dump (memcr.park.incremental): the runs cut at the frames,
+    parts of them taken again, pages written since appended in frames of the new park's epoch; every byte
+    reads back from where it now lies, through the chunks and through the pages a copy maps."""
+    base = 0x7F0000000000
+    old = pages(3, 600)  # frames of 256, 256 and 88 pages
+    dump = write(tmp_path, CODINGS[name], {base: old})
+    index, frames = incremental._by_frame(dump, dump.verified_records())
+    assert [r.length // PAGE for r in index] == [256, 256, 88] and sorted(frames.values()) == [88 * PAGE] + [
+        FRAME_PLAIN
+    ] * 2
+    # pages 100 and 101 written since, 300..599 unmapped: the rest of the first two frames taken again
+    fresh = {base + 100 * PAGE: pages(4, 2)}
+    kept = incremental.Kept(PID, 0, dump, index, None, len(index), frames=frames)  # type: ignore[arg-type]
+    reused = [
+        incremental._clip(index[0], base, base + 100 * PAGE, coded=True),
+        incremental._clip(index[0], base + 102 * PAGE, base + 256 * PAGE, coded=True),
+        incremental._clip(index[1], base + 256 * PAGE, base + 300 * PAGE, coded=True),
+    ]
+    writer = open_writer(tmp_path, PID, PAGE, CODINGS[name], dump)
+    assert isinstance(writer, FramedWriter) and writer.codec.epoch != dump.codec.epoch  # type: ignore[attr-defined]
+    writer.include(reused)
+    for addr, data in fresh.items():
+        group = writer.begin_group([(addr, len(data))])
+        piece = writer.buffer(len(data))
+        piece[:] = data
+        writer.write_payload(group.runs[0], piece)
+        writer.end_group(group)
+    writer.flush()
+    for record in writer.completed() + reused:
+        record.dropped = True
+    again = writer.finish()
+    try:
+        back = read_back(again)
+        whole = b"".join(back[addr] for addr in sorted(back))
+        assert whole == old[: 100 * PAGE] + fresh[base + 100 * PAGE] + old[102 * PAGE : 300 * PAGE]
+        records = again.verified_records()
+        frames_read = [f for r in records for f in again.frames(r, FRAME_PLAIN)]
+        with again.readable(frames_read) as mapped:
+            for frame in frames_read:
+                with mapped.at(frame, 0, frame.length) as address:
+                    assert ctypes.string_at(address, frame.length) == whole[frame.addr - base :][: frame.length]
+        # the third frame no record takes a page of is the garbage; the first two are not
+        assert incremental.garbage(kept, reused) == [(index[2].offset, index[2].stored)]
+    finally:
+        again.remove()
+
+
+@pytest.mark.parametrize("name", ["lz4+md5", "zstd+gcm", "cbc"])
+def test_a_part_of_a_frame_past_its_end_is_refused(tmp_path: Path, name: str) -> None:
+    """An index whose part of a frame runs past it (memcr's own bug, or a file cut) names the damage."""
+    dump = write(tmp_path, CODINGS[name], {0x10000: pages(5, 3)})
+    try:
+        record = dump.verified_records()[0]
+        (piece,), _ = incremental._by_frame(dump, [record])
+        beyond = incremental._clip(piece, 0x10000 + PAGE, 0x10000 + 3 * PAGE, coded=True)
+        beyond.length += PAGE
+        with pytest.raises(DumpError, match="frame running past its record"):
+            list(dump.frames(beyond, FRAME_PLAIN))
     finally:
         dump.remove()

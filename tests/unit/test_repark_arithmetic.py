@@ -86,8 +86,8 @@ def test_the_garbage_is_every_old_page_no_new_record_serves() -> None:
     index = _index([(0x10000, 8 * P), (0x40000, 4 * P)])
     kept = incremental.Kept(1, 0, None, index, None, 0)  # type: ignore[arg-type]
     reused = [
-        incremental._clip(index[0], 0x10000 + 2 * P, 0x10000 + 5 * P),
-        incremental._clip(index[1], 0x40000, 0x40000 + P),
+        incremental._clip(index[0], 0x10000 + 2 * P, 0x10000 + 5 * P, coded=False),
+        incremental._clip(index[1], 0x40000, 0x40000 + P, coded=False),
     ]
     holes = incremental.garbage(kept, reused)
     base = 1 << 20

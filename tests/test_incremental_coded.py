@@ -1,0 +1,123 @@
+"""Incremental re-parks of coded dumps (`-z`, `-c`, `-e`; docs/incremental.md, "A coded dump").
+
+A coded frame is never written over: a re-park appends what the target
+wrote, in frames of its own epoch, and takes the rest of each old frame
+where it lies, unless the target wrote in so many places that the dump
+would be read slower (incremental.scattered). The target checks every
+page and its own state after each wake-up, eager or lazy; a frame altered
+behind memcr's back, its file's stamp put back, is never restored.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from memcr.dump.codec import Coding
+from memcr.errors import TargetKilled
+from memcr.options import Options
+from memcr.park import incremental
+from memcr.park.checkpoint import checkpoint
+from tests.conftest import CHECKPOINT, reports
+from tests.test_incremental import OPS, _quit
+
+CODINGS = {"z-c": ["-z", "-c"], "e": ["-e"], "zstd-cbc": ["-z", "zstd", "-e", "aes-128-cbc"]}
+
+
+@pytest.mark.parametrize("coding", list(CODINGS))
+def test_coded_re_parks_wake_byte_exact_eager_and_lazy(spawn, daemon, coding: str) -> None:
+    """Cycles at random: the target writes 1-10 % in runs of 1-64 pages and reshapes its memory; a third of the
+    wake-ups are lazy (from a dump a re-park added to), after which the next park is whole."""
+    from memcr_client import Client
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    d = daemon("--incremental", "--json", *CODINGS[coding])
+    target = spawn("rewriter", 32, seed, stdin=True)
+    lazies = 0
+    for cycle in range(15):
+        assert d.code(CHECKPOINT, target.pid) == 0, f"seed {seed}, cycle {cycle}: checkpoint failed"
+        lazy = cycle % 3 == 2
+        Client(d.listen).restore(target.pid, lazy=lazy)
+        if lazy:
+            lazies += 1
+            d.out.wait_for(f"pid {target.pid}: lazy restore complete")
+        percent, op, run = rng.randint(1, 10), rng.choice(OPS), rng.choice([16, 32, 64])
+        target.proc.stdin.write(f"cycle {cycle} {percent} {op} {run}\n")
+        target.proc.stdin.flush()
+        said = target.out.wait_for(f" {cycle}")
+        assert said == f"done {cycle}", f"seed {seed}, cycle {cycle} ({op}, {percent} %): {said}"
+    _quit(target)
+    assert d.terminate() == 0
+    parks = [r for r in reports("\n".join(d.out.rest())) if r["event"] == "checkpoint"]
+    added = [p for p in parks[1:] if p["written_bytes"] < p["dump_bytes"] // 2]
+    # every park after an eager restore may add (unless the target wrote in too many places); after a lazy one
+    # it is whole
+    assert len(added) >= 5, f"seed {seed}: {[(p['written_bytes'], p['dump_bytes']) for p in parks]}"
+    assert all(p["written_bytes"] < parks[0]["written_bytes"] * 0.3 for p in added), f"seed {seed}"
+    assert lazies == 5
+
+
+def test_a_target_that_writes_everywhere_is_re_parked_whole(spawn, daemon) -> None:
+    """Pages written at random, one here and one there: added to, the coded dump would lie in a piece per page,
+    and its wake-up would slow down. memcr writes it whole and says why; a target that writes in runs again is
+    re-parked at the cost of those."""
+    from memcr_client import Client
+
+    d = daemon("--incremental", "--json", "-c")
+    target = spawn("rewriter", 32, 8, stdin=True)
+    said = []
+    for run in (1, 64, 1, 64):
+        assert d.code(CHECKPOINT, target.pid) == 0
+        Client(d.listen).restore(target.pid)
+        d.out.wait_for("is kept for its next park")
+        target.proc.stdin.write(f"write 5 {run}\n")
+        target.proc.stdin.flush()
+        said.append(target.out.wait_for("wrote"))
+    assert d.code(CHECKPOINT, target.pid) == 0
+    Client(d.listen).restore(target.pid)
+    _quit(target)
+    assert d.terminate() == 0
+    log = "\n".join(d.out.rest())
+    parks = [r for r in reports(log) if r["event"] == "checkpoint"]
+    whole = [p["written_bytes"] >= p["dump_bytes"] - (64 << 10) for p in parks]
+    assert whole == [True, True, False, True, False], [(p["written_bytes"], p["dump_bytes"]) for p in parks]
+    assert log.count("places since its restore: its coded dump, added to, would lie in about") == 2
+
+
+def _kept(spawn, tmp_path, coding: Coding, seed: int) -> tuple[Options, object, incremental.Kept]:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    options = Options(dump_dir=dumps, coding=coding, incremental=True)
+    target = spawn("rewriter", 16, seed, stdin=True)
+    kept: list[incremental.Kept] = []
+    checkpoint(target.pid, options, print).restore(keep=kept.append)
+    return options, target, kept.pop()
+
+
+@pytest.mark.parametrize("coding", [Coding(checksum=True), Coding(cipher="aes-256-gcm")], ids=["c", "e"])
+def test_a_frame_altered_in_a_kept_dump_is_never_restored(spawn, tmp_path, coding: Coding) -> None:
+    """Someone flips a byte of a frame the next park takes parts of again, and puts the file's modification
+    time back: the stamp memcr compares is the same. The frame's checksum or authentication refuses it at the
+    restore, after its pages were dropped: the target is killed, as the cardinal rule wants."""
+    options, target, kept = _kept(spawn, tmp_path, coding, 21)
+    path = kept.dump.path
+    before = os.stat(path)
+    with path.open("r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 0x20]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    target.proc.stdin.write("write 1 16\n")
+    target.proc.stdin.flush()
+    assert target.out.wait_for("wrote").startswith("wrote")
+    said: list[str] = []
+    parked = checkpoint(target.pid, options, said.append, kept=kept)
+    assert any("unchanged since the last restore" in line for line in said), said
+    with pytest.raises(TargetKilled, match=r"checksum|authentication"):
+        parked.restore()
+    target.proc.wait(10)
+    assert not os.path.exists(f"/proc/{target.pid}")
