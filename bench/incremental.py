@@ -28,6 +28,7 @@ cache beforehand.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -83,7 +84,9 @@ def _frozen(report: Report) -> float:
 
 
 def _floor_ms(scatter: Path, directory: Path, size_mib: int, count: int) -> float:
-    """bench/scatter.c: milliseconds to write `count` pages in place, at random, into a clean file of the size."""
+    """bench/scatter.c: milliseconds to write `count` pages in place, at random, into a clean file of the size
+    (at most every page of it: a re-park written whole, as of a coded dump the target wrote all over)."""
+    count = min(count, (size_mib << 20) // os.sysconf("SC_PAGE_SIZE"))
     path = directory / "bench-scatter.dat"
     try:
         done = subprocess.run([str(scatter), str(path), str(size_mib), str(count)], capture_output=True, text=True)
