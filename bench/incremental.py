@@ -180,6 +180,19 @@ def measure(
     return figures
 
 
+def _flags(coding: Coding) -> str:
+    """The memcr options that code dumps so."""
+    return " ".join(
+        f
+        for f in (
+            coding.compress and f"-z {coding.compress}",
+            coding.checksum and "-c",
+            coding.cipher and f"-e {coding.cipher}",
+        )
+        if f
+    )
+
+
 def print_table(r: dict[str, float], coding: Coding | None = None) -> None:
     def verdict(met: bool) -> str:
         return "met" if met else "below"
@@ -188,7 +201,7 @@ def print_table(r: dict[str, float], coding: Coding | None = None) -> None:
     print(
         f"\nincremental re-park, {r['size_mib']:.0f} MiB target writing {PERCENT} % of its pages between parks"
         f"{in_runs}"
-        f"{f', dumps coded {coding}' if coding and coding.framed else ''}:"
+        f"{f', dumps coded ({_flags(coding)})' if coding and coding.framed else ''}:"
     )
     print(
         f"  frozen {r['repark_frozen_ms']:.0f} ms against {r['full_frozen_ms']:.0f} ms for a full park: "

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import app_memory, groups, incremental, intake, plot, service_load, sparse, wakeup
+from memcr.dump.codec import Coding
 from tests.conftest import reports
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +51,8 @@ ROOT = HERE.parent
 WRITE_CHUNK = 256 << 10
 READ_CHUNK = 1 << 20
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not in the mmap module of Python 3.11
+CODED_REPARK = Coding(checksum=True)  # the incremental figures once more, with -c
+CODED_REPARK_RUN = 64  # pages the app writes in a row then
 
 
 @dataclass
@@ -328,6 +331,12 @@ def main() -> int:
         )
         wake = None if args.no_wakeup else wakeup.measure(target_bin, directory, args.wake_runs)
         repark = incremental.measure(directory, args.incremental_mib, args.runs) if args.incremental_mib else None
+        # a coded dump is added to where the app writes in runs (a page here and there: written whole)
+        repark_coded = (
+            incremental.measure(directory, args.incremental_mib, args.runs, CODED_REPARK, CODED_REPARK_RUN)
+            if args.incremental_mib
+            else None
+        )
         sweep = {int(mib): sweep_point(target_bin, int(mib), directory, args)
                  for mib in args.sweep.split(",") if mib}  # fmt: skip
         facts = machine(directory)
@@ -343,6 +352,7 @@ def main() -> int:
     results["sparse"] = sparse_figures
     results["wakeup"] = wake
     results["incremental"] = repark
+    results["incremental_coded"] = repark_coded
     results["sweep"] = sweep
     results["machine"] = facts
     print_table(results)
@@ -358,6 +368,8 @@ def main() -> int:
         sparse.print_table(sparse_figures)
     if repark:
         incremental.print_table(repark)
+    if repark_coded:
+        incremental.print_table(repark_coded, CODED_REPARK)
     if wake:
         wakeup.print_table(wake)
         plot.wakeup_png(wake, args.wake_png)
