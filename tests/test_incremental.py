@@ -51,7 +51,7 @@ def test_a_hundred_cycles_stay_byte_exact(spawn, daemon, coding: str) -> None:
     d = daemon("--incremental", "--json", *CODINGS[coding])
     target = spawn("rewriter", MIB, seed, stdin=True)
     for cycle in range(CYCLES):
-        # a coded dump is added to where the target writes in a few places (incremental.scattered): mostly runs
+        # a coded dump is added to where the target writes in a few places (incremental.too_costly): mostly runs
         # of 64 pages there, and every seventh cycle pages at random, after which the park is whole
         run = 1 if coding == "plain" or cycle % 7 == 6 else 64
         _cycle(d, target, cycle, rng.randint(1, 10), OPS[cycle % len(OPS)], run=run)

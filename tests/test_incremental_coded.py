@@ -3,15 +3,17 @@
 A coded frame is never written over: a re-park appends what the target
 wrote, in frames of its own epoch, and takes the rest of each old frame
 where it lies, unless the target wrote in so many places that the dump
-would be read slower (incremental.scattered). The target checks every
+would be read slower (incremental.too_costly). The target checks every
 page and its own state after each wake-up, eager or lazy; a frame altered
 behind memcr's back, its file's stamp put back, is never restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,30 @@ def test_a_target_that_writes_everywhere_is_re_parked_whole(spawn, daemon) -> No
     assert log.count("places since its restore: its coded dump, added to, would lie in about") == 2
 
 
+@pytest.mark.parametrize("percent, run", [(50, 128), (100, 128), (150, 160)])
+def test_a_re_park_never_leaves_the_folder_much_fuller_than_the_target(spawn, daemon, percent, run) -> None:
+    """Long runs over most frames: each frame keeps a part the target did not write, and the old copies of the
+    rest. Added to, the dump would take up to twice the target's memory in the folder: memcr writes it whole
+    and says why; what is kept after each park stays within 1.3 times the target's memory."""
+    from memcr_client import Client
+
+    d = daemon("--incremental", "--json", "-c")
+    target = spawn("rewriter", 64, 13, stdin=True)
+    for _ in range(3):
+        assert d.code(CHECKPOINT, target.pid) == 0
+        Client(d.listen).restore(target.pid)
+        d.out.wait_for("is kept for its next park")
+        target.proc.stdin.write(f"write {percent} {run}\n")
+        target.proc.stdin.flush()
+        target.out.wait_for("wrote")
+    _quit(target)
+    assert d.terminate() == 0
+    log = "\n".join(d.out.rest())
+    restores = [r for r in reports(log) if r["event"] == "restore"]
+    assert max(r["kept_bytes"] for r in restores) < (64 << 20) * 1.3, [r["kept_bytes"] for r in restores]
+    assert "would hold old copies of" in log
+
+
 def _kept(spawn, tmp_path, coding: Coding, seed: int) -> tuple[Options, object, incremental.Kept]:
     dumps = tmp_path / "dumps"
     dumps.mkdir()
@@ -121,3 +147,38 @@ def test_a_frame_altered_in_a_kept_dump_is_never_restored(spawn, tmp_path, codin
         parked.restore()
     target.proc.wait(10)
     assert not os.path.exists(f"/proc/{target.pid}")
+
+
+def test_a_coded_dump_cut_short_before_the_tracking_leaves_nothing_behind(spawn, tmp_path) -> None:
+    """The dump is cut in half once every page is back, before memcr reads its frames to keep it: the restore
+    stands, memcr says it does not track, and no userfaultfd of memcr's is left watching the target's memory
+    (which would refuse the target's own with EBUSY)."""
+    options = Options(dump_dir=tmp_path, coding=Coding(checksum=True), incremental=True)
+    target = spawn("rewriter", 16, 3, stdin=True)
+    ours = _userfaultfds()
+    parked = checkpoint(target.pid, options, print)
+    path = parked.dump.path
+
+    def progress(done: int, total: int) -> None:
+        if done == total:
+            os.truncate(path, os.path.getsize(path) // 2)
+
+    kept: list[incremental.Kept] = []
+    parked.restore(progress=progress, keep=kept.append)
+    assert not kept
+    assert _userfaultfds() == ours
+    watched = [line for line in Path(f"/proc/{target.pid}/smaps").read_text().splitlines() if " uw" in line]
+    assert not watched, watched
+    target.proc.stdin.write("cycle 0 5 none 16\n")
+    target.proc.stdin.flush()
+    assert target.out.wait_for(" 0") == "done 0"
+    _quit(target)
+
+
+def _userfaultfds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]":
+                found.append(fd)
+    return found

@@ -245,9 +245,10 @@ class PlainReader(DumpReader):
 class _Decoded(Pages):
     """Frames of a coded dump, each decoded when asked for.
 
-    Each thread keeps the frame it decoded last: the records of a dump an
-    incremental re-park added to may take a frame in several parts, which
-    come one after another.
+    Each thread keeps the two frames it decoded last: the records of a
+    dump an incremental re-park added to may take a frame in several parts,
+    which come one after another in the file, and by address with a page of
+    a newer frame between two.
     """
 
     def __init__(self, dump: FramedReader) -> None:
@@ -258,14 +259,15 @@ class _Decoded(Pages):
     def at(self, frame: Frame, start: int, length: int) -> Iterator[int]:
         if not 0 <= start <= start + length <= frame.length:
             raise MemcrError(f"internal error: no frame holds {frame.addr + start:#x}+{length:#x}")
-        last = getattr(self._last, "frame", None)
-        if last is not None and last[0] == frame.offset:
-            data = last[1]
-        else:
+        last: dict[int, bytes] = self._last.__dict__.setdefault("frames", {})
+        data = last.get(frame.offset)
+        if data is None:
             decoded = self._dump.decode_whole(frame)
             # ctypes gives the address of bytes, not of a view
             data = decoded.tobytes() if isinstance(decoded, memoryview) else decoded
-            self._last.frame = frame.offset, data
+            if len(last) >= 2:
+                del last[next(iter(last))]
+            last[frame.offset] = data
         buffer = ctypes.c_char_p(data)
         yield (ctypes.cast(buffer, ctypes.c_void_p).value or 0) + frame.skip + start
 

@@ -139,7 +139,7 @@ def _checkpoint(
         kept = None
     report = Report(pid, page_size, rss_before=rss(preflight(pid, options)), options=options.reported())
     if kept is not None and kept.coded:  # a coded frame is not written over: nothing to copy before the freeze
-        kept = _unless_scattered(pid, kept, page_size, log)
+        kept = _unless_too_costly(pid, kept, page_size, log)
     elif kept is not None:
         _precopy(pid, kept, options, cancel, report, log)
     # smaps walks every page table (~15 ms per GiB): read it while the
@@ -221,14 +221,14 @@ def _precopy(pid: int, kept: Kept, options: Options, cancel: Cancel, report: Rep
         log(f"copying what pid {pid} changed stopped short ({copied.stopped}): the frozen park writes the rest")
 
 
-def _unless_scattered(pid: int, kept: Kept, page_size: int, log: Log) -> Kept | None:
-    """The coded kept dump, unless what the target wrote would cut it in too many pieces (incremental.scattered):
-    then closed, before the maps are read (as in _checkpoint)."""
+def _unless_too_costly(pid: int, kept: Kept, page_size: int, log: Log) -> Kept | None:
+    """The coded kept dump, unless adding what the target wrote to it would cost its restore or its folder too
+    much (incremental.too_costly): then closed, before the maps are read (as in _checkpoint)."""
     fd = procfs.open_pagemap(pid)
     if fd is None:  # the frozen park reads the page map itself, and says why it cannot
         return kept
     try:
-        why = incremental.scattered(kept, pid, fd, page_size)
+        why = incremental.too_costly(kept, pid, fd, page_size)
     finally:
         os.close(fd)
     if why is None:

@@ -117,11 +117,13 @@ class Kept:
     def worn(self, page_size: int) -> str | None:
         """Why the next park should write the dump anew, whole (None: it may add to it)."""
         held, size = self.held, self.size
-        if size - held > GARBAGE * held + SLACK:
-            return f"the dump holds {(size - held) / 2**20:.1f} MiB no page needs any more"
+        # what the file must hold for them: a coded dump's frames it takes a page of, as stored
+        live = sum({r.offset: r.stored for r in self.index}.values()) if self.coded else held
+        if size - live > GARBAGE * live + SLACK:
+            return f"the dump holds {(size - live) / 2**20:.1f} MiB no page needs any more"
         if (framed := sum(self.frames.values())) - held > STALE_COPIES * held + SLACK:
             return f"the dump's frames hold {(framed - held) / 2**20:.1f} MiB of pages no page needs any more"
-        if self.dump.size > SPREAD * held + SLACK:
+        if self.dump.size > SPREAD * live + SLACK:
             return f"the dump's file has grown to {self.dump.size / 2**20:.1f} MiB, holes included"
         if len(self.index) > self.pieces_allowed(page_size):
             return f"the dump's pages lie in {len(self.index)} pieces, {self.base} when it was written whole"
@@ -140,27 +142,45 @@ class Kept:
         return self.dump.remove()
 
 
-def scattered(kept: Kept, pid: int, pagemap_fd: int, page_size: int) -> str | None:
-    """Why a re-park into a coded kept dump should write it whole (None: it may add to it), read while the target
-    runs: what the target wrote since its restore lies in so many places that the dump, added to, would lie in
-    more pieces than it may (`Kept.pieces_allowed`): each place cuts a piece of a frame in two, and adds one.
-    A target that writes in a few places (a heap's newest part, buffers) is re-parked at the cost of those."""
+def too_costly(kept: Kept, pid: int, pagemap_fd: int, page_size: int) -> str | None:
+    """Why a re-park into a coded kept dump should write it whole (None: it may add to it), judged while the
+    target runs from what it wrote since its restore. Each place it wrote cuts a piece of a frame in two and adds
+    one: the dump must not lie in more pieces than it may (`Kept.pieces_allowed`), or its restore slows down.
+    And each page it wrote leaves its old copy in a frame the dump may still take other pages of: those old
+    copies must stay within STALE_COPIES of the pages the dump serves, or the folder fills (`Kept.worn` judges
+    the park after). A target that writes in a few places (a heap's newest part, buffers) is re-parked at the
+    cost of those."""
     vmas = procfs.read_maps(pid)
     ours = owned(kept, vmas)
     starts = [r.addr for r in kept.index]
-    places = 0
+    places = appended = 0
+    still: dict[int, int] = {}  # by frame (its offset): the bytes of it the dump will still take
     for vma in vmas:
-        if (vma.start, vma.end) in ours and (held := _held(vma.start, vma.end, kept.index, starts)):
-            changed = _written(pagemap_fd, vma)
-            if changed is not None:  # else the frozen park takes the mapping whole: no piece is cut
-                places += sum(len(_within(changed, lo, hi)) for lo, hi, _ in held)
+        held = _held(vma.start, vma.end, kept.index, starts)
+        if not held:
+            continue
+        # unwatched, or not to be told: the frozen park takes the mapping whole, without cutting a piece
+        changed = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
+        for lo, hi, record in held:
+            parts = [(lo, hi)] if changed is None else _within(changed, lo, hi)
+            places += 0 if changed is None else len(parts)
+            rewritten = sum(b - a for a, b in parts)
+            appended += rewritten
+            still[record.offset] = still.get(record.offset, 0) + (hi - lo) - rewritten
     pieces, allowed = len(kept.index) + 2 * places, kept.pieces_allowed(page_size)
-    if pieces <= allowed:
-        return None
-    return (
-        f"it wrote in {places} places since its restore: its coded dump, added to, would lie in about {pieces} "
-        f"pieces, more than the {allowed} a restore reads as fast as the dump written whole"
-    )
+    if pieces > allowed:
+        return (
+            f"it wrote in {places} places since its restore: its coded dump, added to, would lie in about {pieces} "
+            f"pieces, more than the {allowed} a restore reads as fast as the dump written whole"
+        )
+    old = sum(kept.frames[offset] - taken for offset, taken in still.items() if taken > 0)
+    served = sum(still.values()) + appended
+    if old > STALE_COPIES * served + SLACK:
+        return (
+            f"its coded dump, added to, would hold old copies of {old / 2**20:.1f} MiB of pages, more than an "
+            f"eighth of the {served / 2**20:.1f} MiB it serves"
+        )
+    return None
 
 
 def trackable(vma: Vma) -> bool:
@@ -194,6 +214,11 @@ def track(
     if any(link == "anon_inode:[userfaultfd]" for _, link in procfs.descriptor_links(pid)):
         # one userfaultfd may watch a mapping: memcr's would keep the target's own from registering its memory
         raise Untracked("it has a userfaultfd of its own, which may need its mappings")
+    index = [r for r in dump.records if r.dropped]
+    frames: dict[int, int] = {}
+    if isinstance(dump, FramedReader):  # read before anything is made: a dump cut short meanwhile changes nothing
+        index, frames = _by_frame(dump, index)
+        dump.rest()  # its threads are done: the next park codes on threads of its own
     made = parasite.userfaultfd(uffd.TRACK_FLAGS)
     if made in (-errno.EINVAL, -errno.ENOSYS):  # no userfaultfd, or none for user faults alone (Linux 5.11)
         raise Untracked(f"this kernel cannot track writes ({os.strerror(-made)})", errno=-made)
@@ -214,11 +239,6 @@ def track(
     except BaseException:
         tracker.close()  # which stops the tracking of every mapping registered so far
         raise
-    index = [r for r in dump.records if r.dropped]
-    frames: dict[int, int] = {}
-    if isinstance(dump, FramedReader):
-        index, frames = _by_frame(dump, index)
-        dump.rest()  # its threads are done: the next park codes on threads of its own
     return Kept(pid, start_time, dump, index, tracker, base or len(index), frames=frames)
 
 
