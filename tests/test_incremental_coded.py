@@ -182,3 +182,28 @@ def _userfaultfds() -> list[str]:
             if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]":
                 found.append(fd)
     return found
+
+
+def test_pages_given_back_are_not_counted_as_served(spawn, daemon) -> None:
+    """The target gives back 56 of its 64 MiB whole, and all but the first page of each of the 8 MiB left: a page
+    given back reads as written, but no park adds it. Counted as pages the dump serves, they hid the 8 MiB of old
+    copies the re-park would leave in frames it takes one page of: it is written whole."""
+    from memcr_client import Client
+
+    d = daemon("--incremental", "--json", "-c")
+    target = spawn("rewriter", 64, 14, stdin=True)
+    assert d.code(CHECKPOINT, target.pid) == 0
+    Client(d.listen).restore(target.pid)
+    d.out.wait_for("is kept for its next park")
+    for command in ("giveback 56 0", "giveback 64 1"):
+        target.proc.stdin.write(command + "\n")
+        target.proc.stdin.flush()
+        assert target.out.wait_for("gave") == "gave"
+    assert d.code(CHECKPOINT, target.pid) == 0
+    Client(d.listen).restore(target.pid)
+    _quit(target)
+    assert d.terminate() == 0
+    log = "\n".join(d.out.rest())
+    assert "would hold old copies of" in log
+    restores = [r for r in reports(log) if r["event"] == "restore"]
+    assert restores[-1]["kept_bytes"] < 4 << 20, restores

@@ -33,6 +33,7 @@ class Frame(NamedTuple):
     header: bytes = b""  # a coded frame's header, checked when it is decoded
     skip: int = 0  # a coded frame's bytes before `addr` that are not its record's (memcr.park.incremental)
     epoch: bytes = b""  # a coded frame's: of the park that wrote it (memcr.dump.codec)
+    whole: int = 0  # a coded frame's: the bytes of pages it decodes to, `length` and more (0: `length`)
 
 
 class Pages(ABC):
@@ -318,7 +319,7 @@ class FramedReader(DumpReader):
             if offset + head_len + stored_len > end or low >= high:
                 break
             at = record.addr + low - record.skip
-            yield Frame(at, high - low, offset + head_len, stored_len, head, low - done, record.group.epoch)
+            yield Frame(at, high - low, offset + head_len, stored_len, head, low - done, record.group.epoch, plain_len)
             done += plain_len
             offset += head_len + stored_len
         if done < need or offset != end:

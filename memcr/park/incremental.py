@@ -160,13 +160,17 @@ def too_costly(kept: Kept, pid: int, pagemap_fd: int, page_size: int) -> str | N
         if not held:
             continue
         # unwatched, or not to be told: the frozen park takes the mapping whole, without cutting a piece
-        changed = _written(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
+        written = _written_present(pagemap_fd, vma) if (vma.start, vma.end) in ours else None
         for lo, hi, record in held:
-            parts = [(lo, hi)] if changed is None else _within(changed, lo, hi)
-            places += 0 if changed is None else len(parts)
-            rewritten = sum(b - a for a, b in parts)
-            appended += rewritten
-            still[record.offset] = still.get(record.offset, 0) + (hi - lo) - rewritten
+            if written is None:
+                appended += hi - lo
+                continue
+            changed, present = written
+            parts = _within(changed, lo, hi)
+            places += len(parts)
+            # a page given back (MADV_DONTNEED) reads as written: the park neither takes its old copy nor adds it
+            appended += sum(b - a for a, b in _within(present, lo, hi))
+            still[record.offset] = still.get(record.offset, 0) + (hi - lo) - sum(b - a for a, b in parts)
     pieces, allowed = len(kept.index) + 2 * places, kept.pieces_allowed(page_size)
     if pieces > allowed:
         return (
@@ -578,6 +582,29 @@ def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
     except OSError:
         return None
     return _ranges(vma, found)
+
+
+def _written_present(pagemap_fd: int, vma: Vma) -> tuple[_Written, _Written] | None:
+    """The ranges of a watched `vma` the target wrote since its restore, and of those, the ones present; None
+    where memcr cannot tell."""
+    try:
+        found = pagemap.scan(
+            vma.start,
+            vma.end,
+            pagemap_fd,
+            flags=pagemap.CHECK_WPASYNC,
+            mask=pagemap.IS_WRITTEN,
+            wanted=pagemap.IS_WRITTEN | pagemap.IS_PRESENT,
+        )
+    except OSError:
+        return None
+    merged: list[tuple[int, int, int]] = []  # the scan cuts a written range where its pages' presence changes
+    for first, stop, _ in found:
+        if merged and merged[-1][1] == first:
+            merged[-1] = (merged[-1][0], stop, 0)
+        else:
+            merged.append((first, stop, 0))
+    return _ranges(vma, merged), _ranges(vma, [f for f in found if f[2] & pagemap.IS_PRESENT])
 
 
 def _with(written: _Written, more: list[tuple[int, int]], vma: Vma) -> _Written:

@@ -92,17 +92,18 @@ def _window(
 
 def _batches(frames: list[Frame]) -> list[list[Frame]]:
     """The frames in runs of about PIECE bytes, each written with one call: the pieces of an incremental
-    re-park's dump are often a page each (memcr.park.incremental)."""
+    re-park's dump are often a page each (memcr.park.incremental). A coded frame counts whole, as the batch
+    holds it decoded, and its parts go in one batch: a thread decodes it once (reader._Decoded)."""
     batches: list[list[Frame]] = []
     size = 0
     for frame in frames:
-        # the parts of one coded frame in one batch: a thread decodes the frame once (reader._Decoded)
         parted = bool(batches) and batches[-1][-1].offset == frame.offset
-        if not batches or (size + frame.length > PIECE and not parted) or len(batches[-1]) >= process_vm.IOV_MAX:
+        cost = 0 if parted else frame.whole or frame.length
+        if not batches or (size + cost > PIECE and not parted) or len(batches[-1]) >= process_vm.IOV_MAX:
             batches.append([])
             size = 0
         batches[-1].append(frame)
-        size += frame.length
+        size += cost
     return batches
 
 

@@ -31,6 +31,8 @@
  *   write PERCENT [RUN]  write a new pattern over PERCENT % of the pages, chosen at
  *                        random (in runs of RUN pages), and print "wrote MICROSECONDS" (the bench's figure
  *                        of what tracking costs the app), checking nothing;
+ *   giveback MIB KEEP    give back (MADV_DONTNEED) each of the first MIB MiB of
+ *                        the region but its first KEEP pages, print "gave";
  *   quit                 check as above and exit 0.
  */
 #define _GNU_SOURCE
@@ -233,6 +235,18 @@ int main(int argc, char **argv)
 			continue;
 		}
 
+		if (sscanf(line, "giveback %ld %ld", &percent, &run) == 2) {
+			for (size_t mib = 0; mib < (size_t)percent && (mib + 1) * chunk_pages <= pages; mib++) {
+				size_t keep = (size_t)run < chunk_pages ? (size_t)run : chunk_pages;
+				size_t first = mib * chunk_pages + keep;
+				size_t count = chunk_pages - keep;
+				must(madvise(page_at(region, first), count * page_bytes, MADV_DONTNEED) == 0, "madvise");
+				memset(&keys[first], 0, count * sizeof(*keys));
+			}
+			printf("gave\n");
+			fflush(stdout);
+			continue;
+		}
 		if (!quit && sscanf(line, "cycle %ld %ld %31s %ld", &cycle, &percent, op, &run) < 3) {
 			fprintf(stderr, "bad command: %s", line);
 			return 2;

@@ -104,6 +104,22 @@ def test_many_small_pieces_go_in_few_calls() -> None:
     assert _batches(big) == [[big[0]], [big[1]]]
 
 
+def test_a_batch_holds_about_a_piece_of_coded_frames_decoded() -> None:
+    """Parts of a page each of 1 MiB coded frames (a coded dump a re-park added to): each batch holds the frames
+    of its parts decoded, so it takes about PIECE bytes of frames, not of parts; the parts of one frame, in a
+    row, go in one batch."""
+    frame = 1 << 20
+    parts = [
+        Frame(frame * i + P * k, P, 2 * frame * i, frame, b"h", P * k, b"", frame) for i in range(64) for k in (3, 9)
+    ]
+    batches = _batches(parts)
+    assert [f for b in batches for f in b] == parts
+    assert all(len({f.offset for f in b}) <= PIECE // frame for b in batches)
+    holding = [{i for i, b in enumerate(batches) for f in b if f.offset == o} for o in {f.offset for f in parts}]
+    assert all(len(batch) == 1 for batch in holding)
+    assert len(batches) == 64 * frame // PIECE
+
+
 def test_a_short_copy_goes_on_where_it_stopped() -> None:
     pieces = [(100, 1000, 10), (200, 2000, 20), (300, 3000, 30)]
     assert process_vm._after(pieces, 0) == pieces
