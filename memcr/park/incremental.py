@@ -379,19 +379,19 @@ def split(kept: Kept, plan: Plan, pagemap_fd: int, ours: frozenset[tuple[int, in
         for lo, hi, record in _held(extent.start, end, kept.index, starts):
             if lo > at:
                 _fresh(out, extent, at, lo)
-            stale = [(lo, hi)] if changed is None else _within(changed, lo, hi)
+            wrote = [(lo, hi)] if changed is None else _within(changed, lo, hi)
             if not kept.coded:
                 if lo > extent.start:
                     out.continues.add(lo)
                 reused = _clip(record, lo, hi, coded=False)
                 out.reused.append(reused)
-                out.rewrite += [Rewrite(a, b - a, reused.offset + a - lo, vma) for a, b in stale]
+                out.rewrite += [Rewrite(a, b - a, reused.offset + a - lo, vma) for a, b in wrote]
             else:  # a coded frame is never written over: what the target wrote is appended
-                for a, b in _between(stale, lo, hi):
+                for a, b in _between(wrote, lo, hi):
                     if a > extent.start:
                         out.continues.add(a)
                     out.reused.append(_clip(record, a, b, coded=True))
-                for a, b in stale:
+                for a, b in wrote:
                     _fresh(out, extent, a, b)
             at = hi
         if at < end:
