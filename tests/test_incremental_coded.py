@@ -20,12 +20,15 @@ import pytest
 from memcr.dump.codec import Coding
 from memcr.errors import TargetKilled
 from memcr.options import Options
-from memcr.park import incremental
+from memcr.park import features, incremental
 from memcr.park.checkpoint import checkpoint
 from tests.conftest import CHECKPOINT, reports
 from tests.test_incremental import OPS, _quit
 
 CODINGS = {"z-c": ["-z", "-c"], "e": ["-e"], "zstd-cbc": ["-z", "zstd", "-e", "aes-128-cbc"]}
+pytestmark = pytest.mark.skipif(
+    not features.WRITE_TRACKING.present, reason="this kernel cannot track writes (Linux 6.7, arm64 6.10)"
+)
 
 
 @pytest.mark.parametrize("coding", list(CODINGS))
