@@ -10,7 +10,6 @@ behind memcr's back, its file's stamp put back, is never restored.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
@@ -22,8 +21,10 @@ from memcr.errors import TargetKilled
 from memcr.options import Options
 from memcr.park import features, incremental
 from memcr.park.checkpoint import checkpoint
+from memcr.system import procfs
 from tests.conftest import CHECKPOINT, reports
 from tests.test_incremental import OPS, _quit
+from tests.test_incremental_edges2 import _kept
 
 CODINGS = {"z-c": ["-z", "-c"], "e": ["-e"], "zstd-cbc": ["-z", "zstd", "-e", "aes-128-cbc"]}
 pytestmark = pytest.mark.skipif(
@@ -116,22 +117,12 @@ def test_a_re_park_never_leaves_the_folder_much_fuller_than_the_target(spawn, da
     assert "would hold old copies of" in log
 
 
-def _kept(spawn, tmp_path, coding: Coding, seed: int) -> tuple[Options, object, incremental.Kept]:
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    options = Options(dump_dir=dumps, coding=coding, incremental=True)
-    target = spawn("rewriter", 16, seed, stdin=True)
-    kept: list[incremental.Kept] = []
-    checkpoint(target.pid, options, print).restore(keep=kept.append)
-    return options, target, kept.pop()
-
-
 @pytest.mark.parametrize("coding", [Coding(checksum=True), Coding(cipher="aes-256-gcm")], ids=["c", "e"])
 def test_a_frame_altered_in_a_kept_dump_is_never_restored(spawn, tmp_path, coding: Coding) -> None:
     """Someone flips a byte of a frame the next park takes parts of again, and puts the file's modification
     time back: the stamp memcr compares is the same. The frame's checksum or authentication refuses it at the
     restore, after its pages were dropped: the target is killed, as the cardinal rule wants."""
-    options, target, kept = _kept(spawn, tmp_path, coding, 21)
+    _dumps, options, target, kept = _kept(spawn, tmp_path, 16, 21, coding)
     path = kept.dump.path
     before = os.stat(path)
     with path.open("r+b") as f:
@@ -179,12 +170,7 @@ def test_a_coded_dump_cut_short_before_the_tracking_leaves_nothing_behind(spawn,
 
 
 def _userfaultfds() -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]":
-                found.append(fd)
-    return found
+    return [fd for fd, link in procfs.descriptor_links(os.getpid()) if link == "anon_inode:[userfaultfd]"]
 
 
 def test_pages_given_back_are_not_counted_as_served(spawn, daemon) -> None:

@@ -128,11 +128,14 @@ def _written_after_the_copy(monkeypatch) -> None:
     monkeypatch.setattr(incremental, "precopy", lambda *args: incremental.Copied(0, 0.0, None))
 
 
-def _kept(spawn, tmp_path: Path, mib: int, seed: int) -> tuple[Path, Options, object, incremental.Kept]:
-    """A rewriter target parked and restored by the Python API, its dump kept: (folder, options, target, Kept)."""
+def _kept(
+    spawn, tmp_path: Path, mib: int, seed: int, coding: Coding | None = None
+) -> tuple[Path, Options, object, incremental.Kept]:
+    """A rewriter target parked and restored by the Python API, its dump (coded as `coding`) kept: (folder,
+    options, target, Kept)."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    options = Options(dump_dir=dumps, coding=Coding(), incremental=True)
+    options = Options(dump_dir=dumps, coding=coding or Coding(), incremental=True)
     target = spawn("rewriter", mib, seed, stdin=True)
     kept: list[incremental.Kept] = []
     checkpoint(target.pid, options, print).restore(keep=kept.append)

@@ -570,33 +570,15 @@ class _Written(NamedTuple):
 
 def _written(pagemap_fd: int, vma: Vma) -> _Written | None:
     """The ranges of a watched `vma` the target wrote since its restore; None where memcr cannot tell."""
-    try:
-        found = pagemap.scan(
-            vma.start,
-            vma.end,
-            pagemap_fd,
-            flags=pagemap.CHECK_WPASYNC,
-            mask=pagemap.IS_WRITTEN,
-            wanted=pagemap.IS_WRITTEN,
-        )
-    except OSError:
-        return None
-    return _ranges(vma, found)
+    found = _scan_written(pagemap_fd, vma, pagemap.IS_WRITTEN)
+    return None if found is None else _ranges(vma, found)
 
 
 def _written_present(pagemap_fd: int, vma: Vma) -> tuple[_Written, _Written] | None:
     """The ranges of a watched `vma` the target wrote since its restore, and of those, the ones present; None
     where memcr cannot tell."""
-    try:
-        found = pagemap.scan(
-            vma.start,
-            vma.end,
-            pagemap_fd,
-            flags=pagemap.CHECK_WPASYNC,
-            mask=pagemap.IS_WRITTEN,
-            wanted=pagemap.IS_WRITTEN | pagemap.IS_PRESENT,
-        )
-    except OSError:
+    found = _scan_written(pagemap_fd, vma, pagemap.IS_WRITTEN | pagemap.IS_PRESENT)
+    if found is None:
         return None
     merged: list[tuple[int, int, int]] = []  # the scan cuts a written range where its pages' presence changes
     for first, stop, _ in found:
@@ -605,6 +587,17 @@ def _written_present(pagemap_fd: int, vma: Vma) -> tuple[_Written, _Written] | N
         else:
             merged.append((first, stop, 0))
     return _ranges(vma, merged), _ranges(vma, [f for f in found if f[2] & pagemap.IS_PRESENT])
+
+
+def _scan_written(pagemap_fd: int, vma: Vma, wanted: int) -> list[tuple[int, int, int]] | None:
+    """The pages of a watched `vma` the target wrote since its restore, with their categories of `wanted`
+    (pagemap.scan); None where memcr cannot tell."""
+    try:
+        return pagemap.scan(
+            vma.start, vma.end, pagemap_fd, flags=pagemap.CHECK_WPASYNC, mask=pagemap.IS_WRITTEN, wanted=wanted
+        )
+    except OSError:
+        return None
 
 
 def _with(written: _Written, more: list[tuple[int, int]], vma: Vma) -> _Written:
