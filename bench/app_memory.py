@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from tests.apps.launch import RunningApp, compile_java, start_jvm, start_nginx, start_node, start_redis
 from tests.conftest import Lines, reap, reports
@@ -20,6 +21,17 @@ from tests.conftest import Lines, reap, reports
 ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+class AppFigures(TypedDict):
+    """One app's figures; before_kb and parked_kb hold FIELDS summed over its members."""
+
+    members: int
+    before_kb: dict[str, int]
+    parked_kb: dict[str, int]
+    kept_shared_with_others_kb: int
+    wake_ms: float
+    restore_ms: list[float]  # each member's memcr, from its restore report
 
 
 def status_kb(pids: list[int]) -> dict[str, int]:
@@ -32,7 +44,7 @@ def status_kb(pids: list[int]) -> dict[str, int]:
     return total
 
 
-def park_and_wake(app: RunningApp, dump_dir: Path) -> dict:
+def park_and_wake(app: RunningApp, dump_dir: Path) -> AppFigures:
     pids = app.members()
     before = status_kb(pids)
     sessions = [
@@ -70,7 +82,7 @@ def park_and_wake(app: RunningApp, dump_dir: Path) -> dict:
     }
 
 
-def measure() -> dict[str, dict]:
+def measure() -> dict[str, AppFigures]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="memcr-bench-apps-") as work:
         root = Path(work)
@@ -87,7 +99,7 @@ def measure() -> dict[str, dict]:
     return results
 
 
-def print_table(results: dict[str, dict]) -> None:
+def print_table(results: dict[str, AppFigures]) -> None:
     print(f"\n{'app':8}{'members':>8}{'RSS MiB':>9}{'parked':>8}{'file':>7}{'shmem':>7}{'shared':>8}{'wake ms':>9}"
           "   (parked: RSS while parked; file, shmem, shared: what of it stayed and why)")  # fmt: skip
     for name, r in results.items():

@@ -53,10 +53,10 @@ with socket.socket(socket.AF_UNIX) as listener:
 """
 
 
-def measure(target_bin: Path, directory: Path) -> dict:
+def measure(target_bin: Path, directory: Path) -> dict[str, float]:
     """The figures of the module docstring, as a dict (print_table shows them)."""
     _enough_descriptors(IDLE + 100)
-    results: dict = {}
+    results: dict[str, float] = {}
     targets = _start_targets(target_bin, 1, TARGET_MIB)
     pid = targets[0].pid
     try:
@@ -95,7 +95,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
     return results
 
 
-def print_table(r: dict) -> None:
+def print_table(r: dict[str, float]) -> None:
     if "v1_ratio" in r:
         verdict = "met" if r["v1_ratio"] <= LATENCY_AIM else "below"
         print(f"\nv1 request -> answer, median of {RUNS}: memcr-py {r['v1_ms']:.3f} ms, the C daemon "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def throughput_png(sweep: dict, path: Path) -> None:
+def throughput_png(sweep: dict[int, dict[str, float]], path: Path) -> None:
     """sweep: size MiB -> {checkpoint, restore, write_limit, read_limit} in MiB/s."""
     import matplotlib
 
@@ -34,7 +34,7 @@ def throughput_png(sweep: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def wakeup_png(results: dict, path: Path) -> None:
+def wakeup_png(results: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
     """results: size MiB -> {eager, lazy} -> {wake_p50, wake_p99, complete_p50} in ms."""
     import matplotlib
 

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import app_memory, groups, incremental, intake, plot, service_load, sparse, wakeup
 from memcr.dump.codec import Coding
@@ -77,7 +78,7 @@ def write_limit(target_bin: Path, size_mib: int, directory: Path) -> tuple[float
     size = size_mib << 20
     path = directory / "bench-limit.dat"
     ours, theirs = socket.socketpair()
-    sender = subprocess.Popen([target_bin, str(size_mib), "send"], stdin=theirs)
+    sender = subprocess.Popen([target_bin, str(size_mib), "send"], stdin=theirs.fileno())
     theirs.close()
     buf = memoryview(bytearray(WRITE_CHUNK))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -388,7 +389,8 @@ def one_core_codec_speeds(path: Path) -> dict[str, dict[str, float]]:
     variants = json.dumps([" ".join(v) for v in VARIANTS])
     argv = [sys.executable, "-m", "bench.codec_speed", str(path), variants]
     out = subprocess.run(argv, check=True, capture_output=True, cwd=ROOT)
-    return json.loads(out.stdout)
+    speeds: dict[str, dict[str, float]] = json.loads(out.stdout)
+    return speeds
 
 
 def sweep_point(target_bin: Path, size_mib: int, directory: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -410,7 +412,7 @@ def sweep_point(target_bin: Path, size_mib: int, directory: Path, args: argparse
     }
 
 
-def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list[MemcrRun]) -> dict:
+def summarise(size_mib: int, writes: list[float], reads: list[float], runs: list[MemcrRun]) -> dict[str, Any]:
     def mib_s(seconds: float) -> float:
         return size_mib / seconds
 
@@ -444,7 +446,7 @@ VARIANTS = [["-z", "lz4"], ["-z", "zstd"], ["-c"], ["-e"], ["-z", "zstd", "-c", 
 VARIANT_AIMS = {"-z lz4": 1.0, "-z zstd": 1.5, "-c": 1.5, "-e": 1.5}  # checkpoint time against plain
 
 
-def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict:
+def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict[str, float]:
     """Median times and dump size of a variant, and the median of its ratios to the plain run of each round."""
     out: dict[str, float] = {}
     for field in ("download_ms", "upload_ms", "dump_bytes", "peak_rss_mib"):
@@ -455,7 +457,7 @@ def compare(variant: list[MemcrRun], plain: list[MemcrRun]) -> dict:
     return out
 
 
-def print_table(r: dict) -> None:
+def print_table(r: dict[str, Any]) -> None:
     print(f"memcr bench: {r['size_mib']} MiB target, medians of {len(r['runs'])} rounds "
           "(a ratio: each run against its own round's limit or plain run)")  # fmt: skip
     print(f"{'':12}{'memcr MiB/s':>14}{'limit MiB/s':>14}{'ratio':>8}{'aim':>8}")

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -113,7 +114,7 @@ def _timed_checkpoints(client: Client, pids: list[int], parallel: bool) -> float
     return time.monotonic() - started
 
 
-def measure(target_bin: Path, directory: Path) -> dict:
+def measure(target_bin: Path, directory: Path) -> dict[str, Any]:
     sock = directory / "bench.sock"
     daemon = subprocess.Popen(
         [sys.executable, "-m", "memcr", "-l", str(sock), "-d", str(directory)],
@@ -126,7 +127,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
         daemon.stdout.readline()  # "listening on ..."
         client = Client(str(sock))
         idle = _memory(daemon.pid)
-        results: dict = {"idle": idle, "python_floor": _python_floor(), "checkpointed": {}}
+        results: dict[str, Any] = {"idle": idle, "python_floor": _python_floor(), "checkpointed": {}}
 
         targets = _start_targets(target_bin, 64, 4)
         done, first = 0, idle
@@ -167,7 +168,7 @@ def measure(target_bin: Path, directory: Path) -> dict:
         daemon.wait(timeout=120)
 
 
-def print_table(r: dict) -> None:
+def print_table(r: dict[str, Any]) -> None:
     idle = r["idle"]
     floor = r["python_floor"]
     print(f"\ndaemon idle: RSS {idle['rss_mib']:.1f} MiB, USS {idle['uss_mib']:.1f} MiB, PSS {idle['pss_mib']:.1f} MiB;"

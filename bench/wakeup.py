@@ -42,7 +42,9 @@ def _one(pid: int, ping: int, pong: int, lazy: bool, directory: Path) -> tuple[f
     return (woke - started) * 1000, (returned - started) * 1000
 
 
-def measure(target_bin: Path, directory: Path, runs: int = 10, sizes: tuple[int, ...] = SIZES) -> dict:
+def measure(
+    target_bin: Path, directory: Path, runs: int = 10, sizes: tuple[int, ...] = SIZES
+) -> dict[int, dict[str, dict[str, float]]]:
     """size MiB -> {eager, lazy} -> wake_p50, wake_p99, complete_p50 in ms."""
     results: dict[int, dict[str, dict[str, float]]] = {}
     for size in sizes:
@@ -75,7 +77,7 @@ def measure(target_bin: Path, directory: Path, runs: int = 10, sizes: tuple[int,
     return results
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict[int, dict[str, dict[str, float]]]) -> None:
     print("\nwake-up, ms (p50 / p99 over the runs; complete: every page back, memcr gone)")
     print(f"{'size':>8} {'eager wake':>16} {'lazy wake':>16} {'eager complete':>15} {'lazy complete':>14}")
     for size, r in sorted(results.items()):

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -71,7 +71,7 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 WALL = 0x40000000  # waitpid's __WALL: a traced thread's end too
 
 
-def reap(proc: subprocess.Popen) -> None:
+def reap(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
     """Kill a process if it still runs, and collect it.
 
     A target that a failed test left traced by this process (memcr run as
@@ -108,7 +108,7 @@ def _traced_by_us(pid: int) -> list[int]:
     return tids
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
     """Ask a process to end with `sig` and return its exit code; it is killed if it hangs."""
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -121,12 +121,13 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
 class Lines:
     """Lines of a child's pipe, read by a thread so waits can time out."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None  # a Popen's stdout: None unless it is a pipe
         self.seen: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
 
-    def _pump(self, stream) -> None:
+    def _pump(self, stream: IO[str]) -> None:
         for line in stream:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
@@ -272,7 +273,8 @@ class Interactive:
 
     def wait_report(self, event: str) -> dict[str, Any]:
         """With --json, where stdout holds the JSON lines alone (the prompt is in the log, on stderr)."""
-        return json.loads(self.out.wait_for(f'{{"event":"{event}"'))
+        report: dict[str, Any] = json.loads(self.out.wait_for(f'{{"event":"{event}"'))
+        return report
 
     def press_enter(self) -> int:
         assert self.proc.stdin is not None
@@ -311,7 +313,7 @@ class Memcr:
         return sorted(self.dump_dir.glob("pages-*.img"))
 
 
-def round_trip(target, memcr: Memcr, *args: object) -> str:
+def round_trip(target: Target, memcr: Memcr, *args: object) -> str:
     """memcr -p PID -n with args: exit 0, no dump left, and the target finds itself intact."""
     result = memcr.run("-p", target.pid, "-n", *args)
     assert result.returncode == 0, result.stderr
@@ -477,7 +479,7 @@ class Daemon:
     def code(self, cmd: int, pid: int) -> int:
         reply = self.request(cmd, pid)
         assert len(reply) == RESPONSE.size, reply
-        return RESPONSE.unpack(reply)[0]
+        return int(RESPONSE.unpack(reply)[0])
 
     def connect(self) -> socket.socket:
         if self.listen.isdigit():
@@ -493,7 +495,7 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator:
+def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
     dumps = tmp_path / "dumps"
     dumps.mkdir()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tests.conftest import Lines, reap
 
@@ -27,7 +28,7 @@ REQUEST_TIMEOUT = 60
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def http_get(port: int, path: str, timeout: float = REQUEST_TIMEOUT) -> bytes:
@@ -51,7 +52,7 @@ def resp(*args: str) -> bytes:
     return b"".join(out)
 
 
-def read_reply(stream) -> bytes:
+def read_reply(stream: IO[bytes]) -> bytes:
     line = stream.readline().rstrip(b"\r\n")
     if line[:1] == b"$":
         return stream.read(int(line[1:]) + 2)[:-2]
@@ -69,7 +70,7 @@ def redis_command(port: int, *args: str, timeout: float = REQUEST_TIMEOUT) -> by
 @dataclass
 class RunningApp:
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[str]
     work: Path
     members: Callable[[], list[int]]  # the pids to park
     ping: Callable[[], object]  # one small request
@@ -91,7 +92,7 @@ class RunningApp:
         reap(self.proc)
 
 
-def _wait_until(ready: Callable[[], object], what: str, proc: subprocess.Popen) -> None:
+def _wait_until(ready: Callable[[], object], what: str, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
@@ -104,7 +105,7 @@ def _wait_until(ready: Callable[[], object], what: str, proc: subprocess.Popen) 
             time.sleep(0.05)
 
 
-def _spawn(argv: list[str], work: Path) -> subprocess.Popen:
+def _spawn(argv: list[str], work: Path) -> subprocess.Popen[str]:
     stderr = (work / "stderr.log").open("w")
     try:
         return subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=stderr, text=True)
