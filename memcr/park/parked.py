@@ -106,6 +106,8 @@ class Parked:
         self.pagemap = pagemap
         self.vmas = vmas  # the planned mappings, in address order: where each record goes back
         self._starts = [v.start for v in vmas]
+        # looked up per record, and a dump an incremental park added to holds thousands
+        self._fillable = [_fillable(v) for v in vmas]
         self.reserve = reserve
         self.report = report
         self.log = log
@@ -217,7 +219,7 @@ class Parked:
                 raise uffd.Unavailable(
                     "memcr may not kill it (CAP_KILL), which it must be able to should a page fail to come back"
                 ) from None
-            ranges = sorted({(v.start, v.end) for v in map(self._containing, self._lazy_addrs())})
+            ranges = [(self.vmas[i].start, self.vmas[i].end) for i in sorted(set(map(self._index, self._lazy_addrs())))]
             if not ranges:
                 return None
             watched = uffd.Userfaultfd(self._new_userfaultfd(), self.pagemap.page_size)
@@ -237,9 +239,7 @@ class Parked:
         return [r.addr for r in self.dump.records if r.dropped and self._lazy(r)]
 
     def _lazy(self, record: Record) -> bool:
-        """userfaultfd serves private anonymous mappings; a read-only one is written through /proc/pid/mem."""
-        vma = self._containing(record.addr)
-        return vma.anonymous and vma.private and bool(vma.prot & mmap.PROT_WRITE) and "ht" not in vma.flags
+        return self._fillable[self._index(record.addr)]
 
     def _new_userfaultfd(self) -> int:
         """Made in the target: by the system call, or from memcr's /dev/userfaultfd where the target lacks the right."""
@@ -482,11 +482,14 @@ class Parked:
         return spans
 
     def _containing(self, addr: int) -> Vma:
-        """The mapping that holds addr, by bisection: a process may have 65530 mappings."""
+        return self.vmas[self._index(addr)]
+
+    def _index(self, addr: int) -> int:
+        """The place in `vmas` of the mapping that holds addr, by bisection: a process may have 65530 mappings."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i < 0 or addr >= self.vmas[i].end:
             raise MemcrError(f"no planned mapping holds {addr:#x}", pid=self.pid)
-        return self.vmas[i]
+        return i
 
     def _let_run(self) -> None:
         """End the parasite, remove every trace of memcr and let the target run."""
@@ -563,3 +566,9 @@ def _kill(frozen: FrozenProcess, injector: Injector | None) -> None:
         # process may signal itself: it runs kill(itself, SIGKILL) through the blob
         with contextlib.suppress(TargetGone):
             (injector or Injector(frozen, arch.blobs())).kill_process(procfs.ns_pid(frozen.pid))
+
+
+def _fillable(vma: Vma) -> bool:
+    """Whether userfaultfd may fill the mapping's pages: private anonymous ones (a read-only one is written through
+    /proc/pid/mem)."""
+    return vma.anonymous and vma.private and bool(vma.prot & mmap.PROT_WRITE) and "ht" not in vma.flags
