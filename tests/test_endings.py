@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import random
 import signal
 import socket
 import struct
@@ -327,6 +328,65 @@ def test_an_upload_failing_midway_is_rolled_back_through_the_parasite(spawn, lib
     with pytest.raises(OSError, match="injected"):
         handle.restore()
     monkeypatch.undo()
+    intact(target, dumps, blocked)
+
+
+@pytest.mark.parametrize("run", range(10))
+def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library, monkeypatch, run: int) -> None:
+    """A thread pool's submit() that raises because its thread could not start (a task limit) has queued the work
+    all the same, and _submit ran it here too: when a write then fails, the queued copy may still be writing in a
+    pool thread once the upload is over and the rollback lets the target run. No write may end after the upload.
+    Ten runs, the failure and the slow writes after it at random."""
+    rng = random.Random(run)
+    run_checkpoint, _, dumps = library
+    target = spawn("pattern", 16, 2)
+    blocked = target.status()["SigBlk"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # three decoding threads, not one
+    handle = run_checkpoint(target.pid, Coding(compress="lz4"))
+    assert isinstance(handle, parked.Parked)
+    failing_call, stall = rng.randint(1, 3), rng.uniform(0.02, 0.1)
+    lock, pool_calls, failed, ended = threading.Lock(), [0], threading.Event(), []
+    write, start, upload = process_vm.write_many, threading.Thread.start, parked.upload
+    starts = [0]
+
+    def starting(thread: threading.Thread) -> None:
+        if thread.name.startswith("memcr-codec"):
+            starts[0] += 1
+            if starts[0] == 2:
+                raise RuntimeError("can't start new thread (injected)")
+        start(thread)
+
+    def writing(pid: int, pieces: list[tuple[int, int, int]]) -> None:
+        if threading.current_thread().name.startswith("memcr-codec"):
+            with lock:
+                pool_calls[0] += 1
+                fail = pool_calls[0] == failing_call
+            if fail:
+                failed.set()
+                raise OSError(errno.EFAULT, "injected")
+        if failed.is_set():
+            time.sleep(stall)  # what is left goes slowly: a queued drain is still writing when the others end
+        write(pid, pieces)
+        with lock:
+            ended.append(time.monotonic())
+
+    def uploading(*args, **kwargs) -> None:
+        try:
+            upload(*args, **kwargs)
+        finally:
+            with lock:
+                ended.append(-time.monotonic())  # the upload's end, told apart by its sign
+
+    monkeypatch.setattr(threading.Thread, "start", starting)
+    monkeypatch.setattr(process_vm, "write_many", writing)
+    monkeypatch.setattr(parked, "upload", uploading)
+    with pytest.raises(OSError, match="injected"):
+        handle.restore()
+    monkeypatch.undo()
+    time.sleep(0.3)  # a write the upload did not wait for ends by now
+    first_upload_end = next(-t for t in ended if t < 0)
+    assert [t for t in ended if t > first_upload_end] == []
+    assert starts[0] >= 2 and failed.is_set()
     intact(target, dumps, blocked)
 
 

@@ -137,7 +137,7 @@ def mapped_libraries(pid: int, *parts: str) -> set[str]:
 def test_idle_daemon_loads_codecs_on_first_use(daemon, spawn) -> None:
     """The codecs and the cipher are not in an idle daemon's memory; its first -z/-e checkpoint loads them."""
     d = daemon("-z", "zstd", "-e")
-    # bz2 and lzma come with tempfile, which importlib.resources imports
+    # bz2 and lzma come with shutil and tempfile, which ctypes.util imports for python-ptrace: not idle either
     assert not mapped_libraries(d.proc.pid, "/zstandard/", "/lz4/", "/cryptography/", "_bz2", "_lzma")
     target = spawn("pattern", 32, 2)
     assert d.code(CHECKPOINT, target.pid) == OK

@@ -88,18 +88,58 @@ def _window(
             tally.add(sum(f.length for f in batch))
 
     def drain() -> None:
-        # every thread takes the next batch from one iterator (its next() is atomic under the GIL): a Future
-        # a batch cost more than the batch's own call
-        for batch in rest:
-            write(batch)
+        while (batch := handout.take()) is not None:
+            try:
+                write(batch)
+            finally:
+                handout.done()
 
     with _readable(dump, window, first) as pages:
         batches = _batches(window)
-        rest = iter(batches)
-        if first and batches:
-            # the first batch alone: a way that cannot work is found before anything is half done
-            _starting(lambda: write(next(rest)))
-        _all([_submit(pool, drain) for _ in range(workers if pool is not None else 1)])
+        rest = batches[1:] if first else batches
+        handout = _Handout(rest)
+        try:
+            if first and batches:
+                # the first batch alone: a way that cannot work is found before anything is half done
+                _starting(lambda: write(batches[0]))
+            threads = min(workers, len(rest)) if pool is not None else 1
+            _all([_submit(pool, drain) for _ in range(threads)])
+        finally:
+            handout.close()
+
+
+class _Handout:
+    """A window's batches, each to the thread that asks next, until the window closes.
+
+    One lock, not a Future a batch: that cost more than a batch's own
+    call. close() waits for the batches out to be written, so no write
+    outlives its window: after a failure the target may run again (the
+    rollback) while a drain the pool queued runs on, one whose submit()
+    raised because its thread could not start, and which _submit ran here
+    too.
+    """
+
+    def __init__(self, batches: list[list[Frame]]) -> None:
+        self._rest = iter(batches)
+        self._open = True
+        self._out = 0
+        self._settled = threading.Condition()
+
+    def take(self) -> list[Frame] | None:
+        with self._settled:
+            batch = next(self._rest, None) if self._open else None
+            self._out += batch is not None
+            return batch
+
+    def done(self) -> None:
+        with self._settled:
+            self._out -= 1
+            self._settled.notify_all()
+
+    def close(self) -> None:
+        with self._settled:
+            self._open = False
+            self._settled.wait_for(lambda: self._out == 0)
 
 
 def _batches(frames: list[Frame]) -> list[list[Frame]]:

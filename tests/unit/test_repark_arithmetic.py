@@ -105,20 +105,19 @@ def test_many_small_pieces_go_in_few_calls() -> None:
 
 
 def test_a_batch_holds_about_a_piece_of_coded_frames_decoded() -> None:
-    """Parts of a page each of 1 MiB coded frames (a coded dump a re-park added to): each batch holds the frames
-    of its parts decoded, so it takes about PIECE bytes of frames, not of parts; the parts of one frame, in a
-    row, go in one batch."""
-    frame = 1 << 20
+    """Parts of a page each of coded frames (a coded dump a re-park added to): each batch holds the frames of its
+    parts decoded, so it takes about PIECE bytes of frames, not of parts; the parts of one frame, in a row, go in
+    one batch."""
+    frame = PIECE // 4
     parts = [
         Frame(frame * i + P * k, P, 2 * frame * i, frame, b"h", P * k, b"", frame) for i in range(64) for k in (3, 9)
     ]
     batches = _batches(parts)
     assert [f for b in batches for f in b] == parts
-    per_batch = max(1, PIECE // frame)  # a frame larger than a piece goes alone
-    assert all(len({f.offset for f in b}) <= per_batch for b in batches)
+    assert all(len({f.offset for f in b}) <= PIECE // frame for b in batches)
     holding = [{i for i, b in enumerate(batches) for f in b if f.offset == o} for o in {f.offset for f in parts}]
     assert all(len(batch) == 1 for batch in holding)
-    assert len(batches) == 64 // per_batch
+    assert len(batches) == 64 * frame // PIECE
 
 
 def test_a_short_copy_goes_on_where_it_stopped() -> None:
