@@ -393,6 +393,33 @@ def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library
     intact(target, dumps, blocked)
 
 
+def test_a_coded_restore_with_no_thread_to_decode_on_goes_through_the_parasite(spawn, library, monkeypatch) -> None:
+    """No decoding thread can start (a task limit) and the kernel has no process_vm_writev: the frames are decoded
+    in memcr's own thread and go through the parasite's socket; the target comes back whole, not killed."""
+    run, _, dumps = library
+    target = spawn("pattern", 16, 2)
+    handle = run(target.pid, Coding(compress="lz4"))
+    assert isinstance(handle, parked.Parked)
+    start, refused = threading.Thread.start, []
+
+    def starting(thread: threading.Thread) -> None:
+        if thread.name.startswith("memcr-codec"):
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread (injected)")
+        start(thread)
+
+    def no_process_vm(pid: int, pieces: list[tuple[int, int, int]]) -> None:
+        raise process_vm.Unavailable("the kernel has no process_vm_writev (injected)", errno=errno.ENOSYS)
+
+    monkeypatch.setattr(threading.Thread, "start", starting)
+    monkeypatch.setattr(process_vm, "write_many", no_process_vm)
+    handle.restore()
+    monkeypatch.undo()
+    assert refused
+    assert target.running() and target.verify() == 0
+    assert list(dumps.glob("pages-*")) == []
+
+
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 
 

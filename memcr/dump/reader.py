@@ -291,11 +291,21 @@ class FramedReader(DumpReader):
     def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         decoding: deque[Future[bytes | memoryview]] = deque()
         for frame in self.frames(record, FRAME_PLAIN):
-            decoding.append(self._pool.submit(self.decode, frame))
+            decoding.append(self._decoding(frame))
             if len(decoding) > PIPELINE_DEPTH:
                 yield decoding.popleft().result()
         while decoding:
             yield decoding.popleft().result()
+
+    def _decoding(self, frame: Frame) -> Future[bytes | memoryview]:
+        """The frame, decoded on the pool; here where no thread could start for it (a task limit): a restore
+        that fails for want of a thread would kill the target. The pool may decode its queued copy as well."""
+        try:
+            return self._pool.submit(self.decode, frame)
+        except RuntimeError:
+            done: Future[bytes | memoryview] = Future()
+            done.set_result(self.decode(frame))
+            return done
 
     def remove(self) -> str | None:
         self._pool.shutdown(cancel_futures=True)
