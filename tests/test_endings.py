@@ -331,6 +331,23 @@ def test_an_upload_failing_midway_is_rolled_back_through_the_parasite(spawn, lib
     intact(target, dumps, blocked)
 
 
+def refuse_decoding_threads(monkeypatch, refused: Callable[[int], bool]) -> list[int]:
+    """Make the n-th decoding thread (from 1) fail to start where `refused(n)`, as under a task limit: the numbers
+    refused so far."""
+    start, tried, refusals = threading.Thread.start, [0], []
+
+    def starting(thread: threading.Thread) -> None:
+        if thread.name.startswith("memcr-codec"):
+            tried[0] += 1
+            if refused(tried[0]):
+                refusals.append(tried[0])
+                raise RuntimeError("can't start new thread (injected)")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", starting)
+    return refusals
+
+
 @pytest.mark.parametrize("run", range(10))
 def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library, monkeypatch, run: int) -> None:
     """A thread pool's submit() that raises because its thread could not start (a task limit) has queued the work
@@ -346,15 +363,7 @@ def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library
     assert isinstance(handle, parked.Parked)
     failing_call, stall = rng.randint(1, 3), rng.uniform(0.02, 0.1)
     lock, pool_calls, failed, ended = threading.Lock(), [0], threading.Event(), []
-    write, start, upload = process_vm.write_many, threading.Thread.start, parked.upload
-    starts, writes = [0], [0]
-
-    def starting(thread: threading.Thread) -> None:
-        if thread.name.startswith("memcr-codec"):
-            starts[0] += 1
-            if starts[0] == 2:
-                raise RuntimeError("can't start new thread (injected)")
-        start(thread)
+    write, upload, writes = process_vm.write_many, parked.upload, [0]
 
     def writing(pid: int, pieces: list[tuple[int, int, int]]) -> None:
         decoding = threading.current_thread().name.startswith("memcr-codec")
@@ -380,7 +389,7 @@ def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library
             with lock:
                 ended.append(-time.monotonic())  # the upload's end, told apart by its sign
 
-    monkeypatch.setattr(threading.Thread, "start", starting)
+    refusals = refuse_decoding_threads(monkeypatch, lambda n: n == 2)
     monkeypatch.setattr(process_vm, "write_many", writing)
     monkeypatch.setattr(parked, "upload", uploading)
     with pytest.raises(OSError, match="injected"):
@@ -389,7 +398,7 @@ def test_no_write_outlives_an_upload_whose_thread_could_not_start(spawn, library
     monkeypatch.undo()
     first_upload_end = next(-t for t in ended if t < 0)
     assert [t for t in ended if t > first_upload_end] == []
-    assert starts[0] >= 2
+    assert refusals == [2]
     intact(target, dumps, blocked)
 
 
@@ -400,22 +409,15 @@ def test_a_coded_restore_with_no_thread_to_decode_on_goes_through_the_parasite(s
     target = spawn("pattern", 16, 2)
     handle = run(target.pid, Coding(compress="lz4"))
     assert isinstance(handle, parked.Parked)
-    start, refused = threading.Thread.start, []
-
-    def starting(thread: threading.Thread) -> None:
-        if thread.name.startswith("memcr-codec"):
-            refused.append(thread.name)
-            raise RuntimeError("can't start new thread (injected)")
-        start(thread)
 
     def no_process_vm(pid: int, pieces: list[tuple[int, int, int]]) -> None:
         raise process_vm.Unavailable("the kernel has no process_vm_writev (injected)", errno=errno.ENOSYS)
 
-    monkeypatch.setattr(threading.Thread, "start", starting)
+    refusals = refuse_decoding_threads(monkeypatch, lambda n: True)
     monkeypatch.setattr(process_vm, "write_many", no_process_vm)
     handle.restore()
     monkeypatch.undo()
-    assert refused
+    assert refusals
     assert target.running() and target.verify() == 0
     assert list(dumps.glob("pages-*")) == []
 

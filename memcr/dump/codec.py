@@ -19,14 +19,15 @@ import copy
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from memcr.errors import DumpError, UsageError
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 FRAME_PLAIN = 1 << 20
 FRAME = struct.Struct("<IIII")  # plain length, stored length, flags, reserved
@@ -237,6 +238,27 @@ def coding_pool(codec: FrameCodec, encoding: bool) -> ThreadPoolExecutor:
     from concurrent.futures import ThreadPoolExecutor  # with logging, ~1 MiB the idle daemon need not hold
 
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcr-codec")
+
+
+T = TypeVar("T")
+
+
+def submit(pool: ThreadPoolExecutor | None, work: Callable[..., T], *args: object) -> Future[T]:
+    """Hand the work to a thread of `pool`; without a pool, or where no thread can be started (a task limit), do
+    it here. A submit() that raised for want of a thread has queued the work all the same: it may run there too."""
+    from concurrent.futures import Future
+
+    try:
+        if pool is not None:
+            return pool.submit(work, *args)
+    except RuntimeError:
+        pass
+    done: Future[T] = Future()
+    try:
+        done.set_result(work(*args))
+    except BaseException as e:
+        done.set_exception(e)
+    return done
 
 
 class FrameCodec:

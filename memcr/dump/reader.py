@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from memcr.dump.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool
+from memcr.dump.codec import FRAME, FRAME_PLAIN, FrameCodec, coding_pool, submit
 from memcr.dump.format import HEADER, RECORD, DumpFile, Record, end_record
 from memcr.errors import DumpError, MemcrError
 from memcr.system import heap, libc
@@ -291,21 +291,13 @@ class FramedReader(DumpReader):
     def chunks(self, record: Record) -> Iterator[bytes | memoryview]:
         decoding: deque[Future[bytes | memoryview]] = deque()
         for frame in self.frames(record, FRAME_PLAIN):
-            decoding.append(self._decoding(frame))
+            # decoded here where no thread could start for it (a task limit): a restore that failed for want of a
+            # thread would kill the target
+            decoding.append(submit(self._pool, self.decode, frame))
             if len(decoding) > PIPELINE_DEPTH:
                 yield decoding.popleft().result()
         while decoding:
             yield decoding.popleft().result()
-
-    def _decoding(self, frame: Frame) -> Future[bytes | memoryview]:
-        """The frame, decoded on the pool; here where no thread could start for it (a task limit): a restore
-        that fails for want of a thread would kill the target. The pool may decode its queued copy as well."""
-        try:
-            return self._pool.submit(self.decode, frame)
-        except RuntimeError:
-            done: Future[bytes | memoryview] = Future()
-            done.set_result(self.decode(frame))
-            return done
 
     def remove(self) -> str | None:
         self._pool.shutdown(cancel_futures=True)

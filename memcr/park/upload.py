@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from memcr.dump.codec import submit
 from memcr.dump.format import Record
 from memcr.dump.reader import DumpReader, Frame, Pages
 from memcr.errors import DumpError
@@ -103,7 +104,7 @@ def _window(
                 # the first batch alone: a way that cannot work is found before anything is half done
                 _starting(lambda: write(batches[0]))
             threads = min(workers, len(rest)) if pool is not None else 1
-            _all([_submit(pool, drain) for _ in range(threads)])
+            _all([submit(pool, drain) for _ in range(threads)])
         finally:
             handout.close()
 
@@ -115,7 +116,7 @@ class _Handout:
     call. close() waits for the batches out to be written, so no write
     outlives its window: after a failure the target may run again (the
     rollback) while a drain the pool queued runs on, one whose submit()
-    raised because its thread could not start, and which _submit ran here
+    raised because its thread could not start, and which submit() ran here
     too.
     """
 
@@ -180,22 +181,6 @@ def _starting(work: Callable[[], None]) -> None:
         raise
     except OSError as e:
         raise process_vm.Unavailable(f"process_vm_writev failed: {e.strerror}", errno=e.errno) from e
-
-
-def _submit(pool: ThreadPoolExecutor | None, work: Callable[..., None], *args: object) -> Future[None]:
-    """Hand the work to a thread; without a pool, or where no thread can be started (a task limit), do it here."""
-    try:
-        if pool is not None:
-            return pool.submit(work, *args)
-    except RuntimeError:
-        pass
-    done: Future[None] = Future()
-    try:
-        work(*args)
-        done.set_result(None)
-    except BaseException as e:
-        done.set_exception(e)
-    return done
 
 
 def _all(futures: list[Future[None]]) -> None:
